@@ -1,0 +1,371 @@
+"""The ``facedb`` command line: a thin layer where each command calls one FaceDB method.
+
+Output is a readable table by default; ``--json`` prints one JSON object per line. Errors print one line
+on stderr and exit non-zero, with no traceback (and no locals: probes are biometric data).
+Heavy modules (faiss, torch) are imported inside commands so that ``facedb --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+
+from .errors import FaceDBError, InvalidInputError
+
+if TYPE_CHECKING:
+    from .db import FaceDB
+
+app = typer.Typer(
+    help="facedb: a face-recognition identity database. Scores are cosine similarities (higher = more alike).",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class State:
+    def __init__(self, db: Path, json_out: bool) -> None:
+        self.db = db
+        self.json = json_out
+
+
+@app.callback()
+def _main(
+    ctx: typer.Context,
+    db: Annotated[
+        Path, typer.Option("--db", envvar="FACEDB_DB", help="Database directory.", show_default=True)
+    ] = Path("facedb-data"),
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per line, for scripts.")] = False,
+) -> None:
+    ctx.obj = State(db, json_out)
+
+
+def command(*args: Any, **kwargs: Any) -> Callable[[F], F]:
+    """``app.command`` that turns FaceDBError (and a few OS errors) into one line on stderr and exit 1."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*a: Any, **kw: Any) -> Any:
+            try:
+                return fn(*a, **kw)
+            except FaceDBError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(exc.exit_code) from None
+            except KeyboardInterrupt:
+                typer.echo("interrupted", err=True)
+                raise typer.Exit(130) from None
+
+        app.command(*args, **kwargs)(wrapper)
+        return fn
+
+    return decorate
+
+
+def _open(ctx: typer.Context, weights: Path | None = None) -> FaceDB:
+    from .db import FaceDB
+
+    return FaceDB.open(ctx.obj.db, weights=weights)
+
+
+def _emit(ctx: typer.Context, rows: Iterable[dict[str, Any]], columns: Sequence[str] | None = None) -> None:
+    """JSON lines with --json, else an aligned table of ``columns``."""
+    rows = list(rows)
+    if ctx.obj.json:
+        for row in rows:
+            typer.echo(json.dumps(row, ensure_ascii=False, default=str))
+        return
+    if not rows:
+        return
+    columns = list(columns or rows[0].keys())
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        if isinstance(v, (dict, list)):
+            return json.dumps(v, ensure_ascii=False)
+        return str(v)
+
+    table = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(columns)]
+    typer.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for t in table:
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(t, widths)).rstrip())
+
+
+def _emit_kv(ctx: typer.Context, obj: dict[str, Any]) -> None:
+    if ctx.obj.json:
+        typer.echo(json.dumps(obj, ensure_ascii=False, default=str))
+        return
+    width = max(len(k) for k in obj)
+    for k, v in obj.items():
+        shown = json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else ("-" if v is None else v)
+        typer.echo(f"{k.ljust(width)}  {shown}")
+
+
+def _parse_meta(pairs: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidInputError(f"--meta takes key=value, got {pair!r}")
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- commands
+@command()
+def init(
+    ctx: typer.Context,
+    model: Annotated[
+        str | None,
+        typer.Option(help="facenet-vggface2, facenet-casia, dlib-resnet, or your own id with --dim."),
+    ] = None,
+    dim: Annotated[int | None, typer.Option(help="Vector dimension, for a model facedb does not know.")] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="Decision threshold (cosine similarity); default: the model's.")
+    ] = None,
+    index: Annotated[str, typer.Option(help="Index kind.")] = "flat",
+    weights: Annotated[
+        Path | None, typer.Option(envvar="FACEDB_WEIGHTS", help="FaceNet weights file (.pt).")
+    ] = None,
+) -> None:
+    """Create a new, empty database."""
+    from .db import FaceDB
+    from .models import choose_default_model, spec_for
+
+    note = None
+    if model is None:
+        model, note = choose_default_model(weights)
+    spec = spec_for(model, dim)
+    thr = spec.threshold if threshold is None else threshold
+    source = spec.threshold_source if threshold is None else "given at init"
+    with FaceDB.create(ctx.obj.db, model_id=spec.id, dim=spec.dim, threshold=thr, threshold_source=source,
+                       index=index) as db:
+        info = {"created": str(db.root), "model_id": db.model_id, "dim": db.dim, "threshold": db.threshold,
+                "index_kind": db.index_kind}
+    if note:
+        typer.echo(note, err=True)
+    _emit_kv(ctx, info)
+
+
+@command()
+def people(ctx: typer.Context) -> None:
+    """List enrolled people."""
+    with _open(ctx) as db:
+        rows = [p.to_dict() for p in db.people()]
+    _emit(ctx, rows, ["name", "templates", "images", "external_id", "updated_at"])
+
+
+@command()
+def show(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Person's name.")]) -> None:
+    """Show one person."""
+    with _open(ctx) as db:
+        _emit_kv(ctx, db.person(name).to_dict())
+
+
+@command(name="add-person")
+def add_person(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Person's name (unique).")],
+    external_id: Annotated[str | None, typer.Option(help="Your system's id for them (unique).")] = None,
+    meta: Annotated[list[str] | None, typer.Option(help="key=value metadata; repeatable.")] = None,
+) -> None:
+    """Create a person with no templates yet."""
+    with _open(ctx) as db:
+        _emit_kv(ctx, db.add_person(name, external_id=external_id, metadata=_parse_meta(meta)).to_dict())
+
+
+@command()
+def remove(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Person's name.")]) -> None:
+    """Erase a person: templates, images and metadata, from the store and the index."""
+    with _open(ctx) as db:
+        n = db.remove_person(name)
+    _emit_kv(ctx, {"removed": name, "templates": n})
+
+
+@command()
+def rename(
+    ctx: typer.Context,
+    old: Annotated[str, typer.Argument(help="Current name.")],
+    new: Annotated[str, typer.Argument(help="New name.")],
+) -> None:
+    """Rename a person."""
+    with _open(ctx) as db:
+        _emit_kv(ctx, db.rename_person(old, new).to_dict())
+
+
+@command()
+def stats(ctx: typer.Context) -> None:
+    """Model, threshold, counts and index state."""
+    with _open(ctx) as db:
+        _emit_kv(ctx, db.stats())
+
+
+@command()
+def check(ctx: typer.Context) -> None:
+    """Verify the store's integrity and that the index agrees with it; exit 1 on any problem."""
+    with _open(ctx) as db:
+        report = db.check()
+    if ctx.obj.json:
+        typer.echo(json.dumps(report.to_dict()))
+    else:
+        for c in report.checks:
+            typer.echo(f"checked: {c}")
+        for p in report.problems:
+            typer.echo(f"PROBLEM: {p}")
+        typer.echo("ok" if report.ok else f"{len(report.problems)} problem(s)")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@command(name="rebuild-index")
+def rebuild_index(ctx: typer.Context) -> None:
+    """Rebuild the index from the store (it is also rebuilt by itself whenever found stale)."""
+    with _open(ctx) as db:
+        n = db.rebuild_index()
+    _emit_kv(ctx, {"indexed": n})
+
+
+WeightsOpt = Annotated[Path | None, typer.Option(envvar="FACEDB_WEIGHTS", help="FaceNet weights file (.pt).")]
+ThresholdOpt = Annotated[
+    float | None, typer.Option(help="Cosine similarity to accept at; default: the database's stored threshold.")
+]
+
+
+def _progress(total: int, label: str) -> tuple[Any, Callable[[int], None]]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="photo", desc=label, file=sys.stderr, disable=None, leave=False)
+
+    def update(done: int) -> None:
+        bar.update(done - bar.n)
+
+    return bar, update
+
+
+@command()
+def enroll(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Argument(help="Person's name (omit with --folder).")] = None,
+    photos: Annotated[list[Path] | None, typer.Argument(help="Photos of them, one face each.")] = None,
+    folder: Annotated[
+        Path | None, typer.Option(help="A folder with one sub-folder of photos per person (sub-folder = name).")
+    ] = None,
+    meta: Annotated[list[str] | None, typer.Option(help="key=value metadata for the person; repeatable.")] = None,
+    on_multiple: Annotated[
+        str, typer.Option(help="A photo with several faces: error (skip it), largest, or skip.")
+    ] = "error",
+    weights: WeightsOpt = None,
+) -> None:
+    """Enrol photos of a person, or a whole folder of people. Prints a summary; skipped photos say why."""
+    from .pipeline import list_folder
+
+    if folder is not None:
+        if name is not None or photos:
+            raise InvalidInputError("give either NAME PHOTO... or --folder DIR, not both")
+        batches = [(person, list(files)) for person, files in list_folder(folder)]
+    else:
+        if not name or not photos:
+            raise InvalidInputError("give NAME and at least one PHOTO, or --folder DIR")
+        batches = [(name, list(photos))]
+    total = sum(len(files) for _, files in batches)
+    with _open(ctx, weights=weights) as db:
+        bar, update = _progress(total, "enrolling")
+        try:
+            report = db.enroll_many(batches, on_multiple=on_multiple, metadata=_parse_meta(meta) or None,
+                                    progress=update)
+        finally:
+            bar.close()
+    if ctx.obj.json:
+        out = report.to_dict()
+        out.pop("template_ids")
+        typer.echo(json.dumps(out, ensure_ascii=False))
+    else:
+        for sk in report.skipped:
+            typer.echo(f"skipped  {sk.image}: {sk.reason}")
+        typer.echo(
+            f"people {len(report.people)}  photos {report.photos}  faces stored {report.faces_stored}  "
+            f"skipped {len(report.skipped)}"
+        )
+    if report.photos and not report.faces_stored:
+        raise typer.Exit(1)
+
+
+@command()
+def search(
+    ctx: typer.Context,
+    photos: Annotated[list[Path], typer.Argument(help="Photos to identify; every face in each.")],
+    k: Annotated[int, typer.Option("-k", "--top", help="Candidates per face.")] = 5,
+    threshold: ThresholdOpt = None,
+    weights: WeightsOpt = None,
+) -> None:
+    """Who is in these photos? One line per face; identity '-' (JSON null) means unknown."""
+    from .images import display_name
+
+    failed = 0
+    with _open(ctx, weights=weights) as db:
+        for photo in photos:
+            label = display_name(photo)
+            try:
+                matches = db.search(photo, k=k, threshold=threshold, name=label)
+            except FaceDBError as exc:
+                failed += 1
+                typer.echo(f"error: {exc}", err=True)
+                continue
+            if not matches:
+                if ctx.obj.json:
+                    typer.echo(json.dumps({"image": label, "faces": 0, "identity": None}, ensure_ascii=False))
+                else:
+                    typer.echo(f"{label}\tno face")
+                continue
+            for m in matches:
+                if ctx.obj.json:
+                    typer.echo(json.dumps(m.to_dict(), ensure_ascii=False))
+                else:
+                    sim = "-" if m.similarity is None else f"{m.similarity:.4f}"
+                    best = m.candidates[0].name if m.candidates else "-"
+                    typer.echo(f"{label}\t{m.identity or 'unknown'}\tsimilarity={sim}\tbest={best}\t"
+                               f"threshold={m.threshold:.4f}\tbox={m.box}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@command()
+def verify(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Who the photo is claimed to be.")],
+    photo: Annotated[Path, typer.Argument(help="The photo (its largest face is used).")],
+    threshold: ThresholdOpt = None,
+    weights: WeightsOpt = None,
+) -> None:
+    """Is this photo NAME? Prints yes or no and the score; exit 0 for yes, 2 for no."""
+    with _open(ctx, weights=weights) as db:
+        result = db.verify(photo, name, threshold)
+    if ctx.obj.json:
+        typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
+    else:
+        typer.echo(f"{'yes' if result.accepted else 'no'}\tsimilarity={result.similarity:.4f}\t"
+                   f"threshold={result.threshold:.4f}")
+    if not result.accepted:
+        raise typer.Exit(2)
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:  # `facedb people | head`
+        sys.stderr.close()
+
+
+if __name__ == "__main__":
+    main()

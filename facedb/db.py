@@ -1,0 +1,560 @@
+"""``FaceDB``: the one object users hold. It keeps the SQLite store (truth) and the vector index (derived
+cache) in step, and answers identify / verify.
+
+A database is a directory (created 0700) holding ``facedb.sqlite3`` and ``index.faiss`` (both 0600).
+
+Consistency rule: before answering, a FaceDB compares its index's generation with the store's and catches
+up (replaying the store's change log, or reloading / rebuilding the index). So a search that starts after
+an ``add``/``remove`` has returned - in this process or any other - sees its effect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import engine
+from .engine import Gallery
+from .errors import (
+    DatabaseError,
+    DatabaseExistsError,
+    FaceDBError,
+    InvalidInputError,
+    ModelMismatchError,
+    NoFaceError,
+)
+from .index import load_index, new_index, save_index
+from .records import CheckReport, EnrollReport, FaceMatch, Identification, Person, Skipped, Verification
+from .scores import as_unit_rows
+from .store import SCHEMA_VERSION, Store
+
+if TYPE_CHECKING:
+    from .images import PhotoSource
+    from .pipeline import FacePipeline
+
+STORE_FILE = "facedb.sqlite3"
+INDEX_FILE = "index.faiss"
+
+#: Save the index file when it lags the store by this many generations (or has no valid file). Between
+#: saves, opening replays the change log from the file's generation, which is cheap.
+SAVE_EVERY = 32
+
+#: How many stored templates ``check`` searches for to prove the index finds them.
+CHECK_PROBES = 64
+
+
+class FaceDB:
+    """An identity database. Open with :meth:`create` or :meth:`open`, preferably as a context manager.
+
+    Thread-safe: one lock serialises calls on the same object. For parallelism use one FaceDB per thread or
+    process (SQLite WAL lets many readers run beside one writer).
+    """
+
+    def __init__(self, root: Path, store: Store, readonly: bool = False, weights: Path | None = None) -> None:
+        self.root = root
+        self._weights = weights
+        self.store = store
+        self.readonly = readonly
+        self._gallery: Gallery | None = None
+        self._from_file = False  # the gallery came from a valid index file (so need not be saved at once)
+        self._lock = threading.RLock()
+
+    # ---------------------------------------------------------------- lifecycle
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        model_id: str,
+        dim: int,
+        threshold: float,
+        threshold_source: str = "model default",
+        index: str = "flat",
+    ) -> FaceDB:
+        """Create an empty database for vectors of ``model_id`` (``dim``-dimensional, unit length).
+
+        ``threshold`` is the default decision threshold, a cosine similarity (higher is stricter).
+        """
+        root = Path(path)
+        if not model_id:
+            raise InvalidInputError("model_id must be given")
+        if int(dim) < 1:
+            raise InvalidInputError("dim must be positive")
+        if not -1.0 <= float(threshold) <= 1.0:
+            raise InvalidInputError("threshold is a cosine similarity in [-1, 1]")
+        new_index(index, int(dim))  # validates the kind before anything is written
+        if (root / STORE_FILE).exists():
+            raise DatabaseExistsError(f"a facedb database already exists at {root}")
+        if root.exists() and not root.is_dir():
+            raise DatabaseError(f"{root} exists and is not a directory")
+        try:
+            root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DatabaseError(f"cannot create {root}: {exc.strerror}") from None
+        meta = {
+            "model_id": model_id,
+            "dim": str(int(dim)),
+            "metric": "cosine",
+            "threshold": repr(float(threshold)),
+            "threshold_source": threshold_source,
+            "index_kind": index,
+        }
+        return cls(root, Store.create(root / STORE_FILE, meta))
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        model_id: str | None = None,
+        readonly: bool = False,
+        weights: str | os.PathLike[str] | None = None,
+    ) -> FaceDB:
+        """Open an existing database. With ``model_id``, refuse (ModelMismatchError) a database of another model.
+
+        ``weights`` is the FaceNet weights file to use when this process loads the model.
+        """
+        root = Path(path)
+        store = Store.open(root / STORE_FILE, readonly=readonly)
+        db = cls(root, store, readonly=readonly, weights=Path(weights) if weights else None)
+        if model_id is not None and model_id != db.model_id:
+            store.close()
+            raise ModelMismatchError(
+                f"{root} holds {db.model_id!r} embeddings; refusing to use {model_id!r} with it"
+            )
+        return db
+
+    def close(self) -> None:
+        """Save the index if it is worth saving, then close the store."""
+        with self._lock:
+            if self.store is None:
+                return
+            try:
+                if self._gallery is not None and not self.readonly:
+                    self._maybe_save()
+            finally:
+                self.store.close()
+                self.store = None  # type: ignore[assignment]
+
+    def __enter__(self) -> FaceDB:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # --------------------------------------------------------------- settings
+    @property
+    def model_id(self) -> str:
+        return self.store.get_meta("model_id") or ""
+
+    @property
+    def dim(self) -> int:
+        return self.store.dim
+
+    @property
+    def threshold(self) -> float:
+        """The stored decision threshold: a cosine similarity; probes scoring ``>=`` it are accepted."""
+        return float(self.store.get_meta("threshold") or 0.0)
+
+    @property
+    def index_kind(self) -> str:
+        return self.store.get_meta("index_kind") or "flat"
+
+    def set_threshold(self, threshold: float, source: str, **calibration: Any) -> None:
+        """Store a new default threshold (cosine similarity) and a record of where it came from."""
+        if not -1.0 <= float(threshold) <= 1.0:
+            raise InvalidInputError("threshold is a cosine similarity in [-1, 1]")
+        items = {"threshold": repr(float(threshold)), "threshold_source": source}
+        if calibration:
+            items["calibration"] = json.dumps(calibration, sort_keys=True)
+        self.store.set_meta(items)
+
+    def check_model(self, model_id: str, dim: int) -> None:
+        """Raise ModelMismatchError unless ``model_id``/``dim`` are the database's."""
+        if model_id != self.model_id or int(dim) != self.dim:
+            raise ModelMismatchError(
+                f"this database holds {self.dim}-d {self.model_id!r} embeddings; "
+                f"got {int(dim)}-d {model_id!r} (create another database for that model)"
+            )
+
+    # ------------------------------------------------------------------ people
+    def add_person(
+        self, name: str, *, external_id: str | None = None, metadata: dict[str, Any] | None = None
+    ) -> Person:
+        with self._lock:
+            return self.store.add_person(name, external_id, metadata)
+
+    def person(self, name: str) -> Person:
+        with self._lock:
+            return self.store.person(name)
+
+    def people(self) -> list[Person]:
+        with self._lock:
+            return self.store.people()
+
+    def rename_person(self, old: str, new: str) -> Person:
+        with self._lock:
+            return self.store.rename_person(old, new)
+
+    def update_metadata(self, name: str, metadata: dict[str, Any]) -> Person:
+        with self._lock:
+            return self.store.update_metadata(name, metadata)
+
+    def remove_person(self, name: str) -> int:
+        """Erase a person: their templates, images and metadata leave the store and the index together.
+
+        Returns how many templates were removed. No later search can return them.
+        """
+        with self._lock:
+            ids = self.store.remove_person(name)
+            if self._gallery is not None:
+                self._sync()
+            return len(ids)
+
+    def add_embeddings(
+        self,
+        name: str,
+        vectors: object,
+        *,
+        model_id: str | None = None,
+        boxes: Sequence[Sequence[float] | None] | None = None,
+        det_scores: Sequence[float | None] | None = None,
+        image: dict[str, Any] | None = None,
+        create: bool = False,
+        metadata: dict[str, Any] | None = None,
+    ) -> list[int]:
+        """Store unit vectors ``(dim,)`` or ``(n, dim)`` as templates of ``name``; returns their ids.
+
+        ``model_id``, when given, must be the database's. With ``create`` the person is created if missing.
+        All rows are written in one transaction: all or nothing.
+        """
+        with self._lock:
+            if model_id is not None and model_id != self.model_id:
+                raise ModelMismatchError(
+                    f"this database holds {self.model_id!r} embeddings; refusing {model_id!r} ones"
+                )
+            x = as_unit_rows(vectors, self.dim)
+            ids = self.store.add_templates(
+                name, x, boxes=boxes, det_scores=det_scores, image=image, create_person=create, metadata=metadata
+            )
+            if self._gallery is not None:
+                self._sync()
+            return ids
+
+    # ---------------------------------------------------------------- queries
+    def identify(
+        self, vectors: object, k: int = 5, threshold: float | None = None
+    ) -> Identification | list[Identification]:
+        """Who is this? For a vector ``(dim,)`` one Identification; for ``(n, dim)`` a list of them.
+
+        Returns the top-k people by their best template similarity (cosine; higher is more similar), and the
+        decision: the best person if their similarity ``>= threshold`` (default: the stored one), else
+        unknown (``identity is None``). Fewer than k candidates come back when fewer people exist. The
+        whole batch goes to the index as one search.
+        """
+        single = np.ndim(vectors) == 1
+        x = as_unit_rows(vectors, self.dim)
+        if not isinstance(k, int) or k < 1:
+            raise InvalidInputError("k must be a positive integer")
+        with self._lock:
+            thr = self.threshold if threshold is None else float(threshold)
+            gallery = self._sync()
+            ranked = gallery.top_people(x, k)
+            names = self.store.names([pid for pairs in ranked for pid, _ in pairs])
+        out = [engine.decide(engine.candidates(pairs, names), thr) for pairs in ranked]
+        return out[0] if single else out
+
+    def verify(
+        self, probe: object, name: str, threshold: float | None = None, *, model: FacePipeline | None = None
+    ) -> Verification:
+        """Is this ``name``? 1:1: accepted iff the best similarity to their templates ``>= threshold``.
+
+        ``probe`` is a unit vector ``(dim,)``, or a photo (path, bytes, PIL image, HWC uint8 array), in which
+        the largest face is used (NoFaceError if there is none).
+        """
+        if isinstance(probe, np.ndarray) and probe.ndim == 1:
+            x = as_unit_rows(probe, self.dim)
+        else:
+            pipe = self.pipeline(model)
+            analysed = pipe.analyse(probe)  # type: ignore[arg-type]
+            if not analysed.faces:
+                raise NoFaceError(f"{analysed.photo.name}: no face found")
+            face = max(analysed.faces, key=lambda f: f.area)
+            x = pipe.embed([(analysed.photo, face)])
+        with self._lock:
+            thr = self.threshold if threshold is None else float(threshold)
+            person = self.store.person(name)
+            templates = self.store.person_vectors([person.id])[person.id]
+        if not len(templates):
+            raise InvalidInputError(f"{name!r} has no templates to verify against")
+        return engine.verify_scores(x[0], templates, name, thr)
+
+    # ------------------------------------------------------------------ photos
+    def pipeline(self, model: FacePipeline | None = None, *, weights: Path | None = None) -> FacePipeline:
+        """The face pipeline for this database's model: ``model`` if given (checked), else loaded once per process."""
+        if model is None:
+            from .pipeline import get_pipeline
+
+            model = get_pipeline(self.model_id, weights=weights or self._weights)
+        if model.model_id != self.model_id:
+            raise ModelMismatchError(
+                f"this database holds {self.model_id!r} embeddings; the model given is {model.model_id!r}"
+            )
+        return model
+
+    def enroll(
+        self,
+        name: str,
+        photos: Sequence[PhotoSource],
+        *,
+        model: FacePipeline | None = None,
+        on_multiple: str = "error",
+        metadata: dict[str, Any] | None = None,
+        progress: Any = None,
+    ) -> EnrollReport:
+        """Enrol photos of ``name`` (created if new): one face per photo, one transaction per photo.
+
+        A photo that fails (unreadable, no face, several faces under ``on_multiple="error"``, already
+        enrolled) is skipped with its reason and never stops the others. ``on_multiple``: ``error`` (skip
+        the photo), ``largest`` (enrol the largest face) or ``skip``.
+        """
+        return self.enroll_many([(name, list(photos))], model=model, on_multiple=on_multiple, metadata=metadata,
+                                progress=progress)
+
+    def enroll_many(
+        self,
+        batches: Sequence[tuple[str, Sequence[PhotoSource]]],
+        *,
+        model: FacePipeline | None = None,
+        on_multiple: str = "error",
+        metadata: dict[str, Any] | None = None,
+        progress: Any = None,
+        batch_size: int = 16,
+    ) -> EnrollReport:
+        """Enrol several people: ``[(name, photos), ...]``. Faces are embedded in batches across photos."""
+        from .images import display_name
+        from .pipeline import ON_MULTIPLE, choose_enrol_face
+
+        if on_multiple not in ON_MULTIPLE:
+            raise InvalidInputError(f"on_multiple must be one of {', '.join(ON_MULTIPLE)}")
+        pipe = self.pipeline(model)
+        report = EnrollReport()
+        work = [(name, src) for name, srcs in batches for src in srcs]
+        for start in range(0, len(work), batch_size):
+            ready = []
+            for name, src in work[start:start + batch_size]:
+                report.photos += 1
+                label = display_name(src) if isinstance(src, (str, os.PathLike)) else None
+                try:
+                    analysed = pipe.analyse(src, name=label)
+                except FaceDBError as exc:
+                    report.skipped.append(Skipped(label or "<photo>", str(exc)))
+                    continue
+                owner = self.store.image_owner(analysed.photo.sha256)
+                if owner is not None:
+                    report.skipped.append(Skipped(analysed.photo.name, f"already enrolled (as {owner!r})"))
+                    continue
+                chosen = choose_enrol_face(analysed.faces, on_multiple)
+                if isinstance(chosen, str):
+                    report.skipped.append(Skipped(analysed.photo.name, chosen))
+                    continue
+                ready.append((name, analysed.photo, chosen))
+            vectors = pipe.embed([(photo, face) for _, photo, face in ready]) if ready else []
+            for (name, photo, face), vec in zip(ready, vectors):
+                try:
+                    ids = self.add_embeddings(
+                        name, vec, boxes=[face.box], det_scores=[face.score], image=photo.record(),
+                        create=True, metadata=metadata,
+                    )
+                except (InvalidInputError, ModelMismatchError) as exc:
+                    report.skipped.append(Skipped(photo.name, str(exc)))
+                    continue
+                report.template_ids.extend(ids)
+                report.faces_stored += len(ids)
+                if name not in report.people:
+                    report.people.append(name)
+            if progress is not None:
+                progress(min(start + batch_size, len(work)))
+        return report
+
+    def search(
+        self,
+        photo: PhotoSource,
+        *,
+        model: FacePipeline | None = None,
+        k: int = 5,
+        threshold: float | None = None,
+        name: str | None = None,
+    ) -> list[FaceMatch]:
+        """Identify every face in a photo: one FaceMatch per face (an empty list when there is none)."""
+        pipe = self.pipeline(model)
+        analysed = pipe.analyse(photo, name=name)
+        if not analysed.faces:
+            return []
+        vectors = pipe.embed([(analysed.photo, f) for f in analysed.faces])
+        answers = self.identify(vectors, k=k, threshold=threshold)
+        assert isinstance(answers, list)
+        return [
+            FaceMatch(
+                image=analysed.photo.name, box=[round(c, 1) for c in face.box], det_score=round(face.score, 4),
+                identity=a.identity, similarity=a.similarity, distance=a.distance, threshold=a.threshold,
+                candidates=a.candidates,
+            )
+            for face, a in zip(analysed.faces, answers)
+        ]
+
+    # ------------------------------------------------------------------- index
+    def _stamp(self) -> dict[str, Any] | None:
+        raw = self.store.get_meta("index_stamp")
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            return None
+
+    def _sync(self) -> Gallery:
+        """The gallery, caught up with the store's current generation."""
+        if self._gallery is None:
+            self._gallery = self._load() or self._build()
+        elif self._gallery.generation != self.store.generation() and not self._catch_up(self._gallery):
+            self._gallery = self._build()
+        return self._gallery
+
+    def _catch_up(self, gallery: Gallery) -> bool:
+        changes = self.store.changes_since(gallery.generation)
+        if changes is None:
+            return False
+        current, added, removed = changes
+        gallery.remove(removed)
+        ids, pids, vectors = self.store.templates(added)
+        gallery.add(ids, pids, vectors)
+        gallery.generation = current
+        return True
+
+    def _load(self) -> Gallery | None:
+        stamp = self._stamp()
+        if not stamp or stamp.get("model_id") != self.model_id or stamp.get("dim") != self.dim:
+            return None
+        if stamp.get("kind") != self.index_kind:
+            return None
+        index = load_index(self.root / INDEX_FILE, stamp["kind"], self.dim, stamp.get("sha256", ""))
+        if index is None or len(index) != stamp.get("count"):
+            return None
+        gallery = Gallery(index, int(stamp["generation"]))
+        _, ids, pids = self.store.template_map()
+        held = index.ids()
+        pos = np.clip(np.searchsorted(ids, held), 0, max(len(ids) - 1, 0))
+        found = (ids[pos] == held) if len(ids) else np.zeros(len(held), dtype=bool)
+        # Templates removed since the file was written map to -1 until the catch-up removes them.
+        gallery.set_map(held, np.where(found, pids[pos] if len(ids) else -1, -1))
+        self._from_file = True
+        return gallery if self._catch_up(gallery) else None
+
+    def _build(self) -> Gallery:
+        gen, ids, pids, vectors = self.store.snapshot()
+        gallery = Gallery(new_index(self.index_kind, self.dim), gen)
+        gallery.add(ids, pids, vectors)
+        self._catch_up(gallery)  # writes that landed while we read
+        self._from_file = False
+        return gallery
+
+    def _maybe_save(self, force: bool = False) -> None:
+        if self._gallery is None or self.readonly:
+            return
+        stamp = self._stamp()
+        if not force and self._from_file and stamp is not None:
+            if 0 <= self._gallery.generation - int(stamp["generation"]) < SAVE_EVERY:
+                return
+        gallery = self._sync()
+        sha = save_index(gallery.index, self.root / INDEX_FILE)
+        self.store.set_meta(
+            {
+                "index_stamp": json.dumps(
+                    {
+                        "generation": gallery.generation,
+                        "count": len(gallery.index),
+                        "model_id": self.model_id,
+                        "dim": self.dim,
+                        "kind": gallery.index.kind,
+                        "sha256": sha,
+                    },
+                    sort_keys=True,
+                )
+            }
+        )
+        self._from_file = True
+        self.store.prune_changes(gallery.generation)
+
+    def save_index(self) -> None:
+        """Write the index file now (it is otherwise written on close when it lags the store)."""
+        with self._lock:
+            self._sync()
+            self._maybe_save(force=True)
+
+    def rebuild_index(self) -> int:
+        """Rebuild the index from the store and save it; returns the number of templates indexed."""
+        with self._lock:
+            self._gallery = self._build()
+            self._maybe_save(force=True)
+            return len(self._gallery.index)
+
+    # ------------------------------------------------------------ inspection
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            meta = self.store.all_meta()
+            stamp = self._stamp()
+            index_file = self.root / INDEX_FILE
+            calibration = json.loads(meta["calibration"]) if "calibration" in meta else None
+            return {
+                "path": str(self.root),
+                "model_id": meta.get("model_id"),
+                "dim": self.dim,
+                "metric": meta.get("metric"),
+                "threshold": self.threshold,
+                "threshold_source": meta.get("threshold_source"),
+                "calibration": calibration,
+                "index_kind": self.index_kind,
+                **self.store.counts(),
+                "generation": self.store.generation(),
+                "index_file_bytes": index_file.stat().st_size if index_file.exists() else 0,
+                "index_file_generation": stamp["generation"] if stamp else None,
+                "schema_version": SCHEMA_VERSION,
+                "created_at": meta.get("created_at"),
+            }
+
+    def check(self) -> CheckReport:
+        """Verify the store and that the index agrees with it exactly. See README "facedb check"."""
+        with self._lock:
+            checks, problems = self.store.check()
+            stamp = self._stamp()
+            if stamp is not None and (self.root / INDEX_FILE).exists():
+                checks.append("index file's SHA-256 matches its stamp (else it is rebuilt, not trusted)")
+                if load_index(self.root / INDEX_FILE, stamp["kind"], self.dim, stamp.get("sha256", "")) is None:
+                    problems.append("index file does not match its stamp; it will be rebuilt on next use")
+            gallery = self._sync()
+            gen, ids, pids = self.store.template_map()
+            checks.append("index holds exactly the stored templates, mapped to the right people")
+            held = np.sort(gallery.index.ids())
+            if gallery.generation == gen:
+                if len(held) != len(ids) or not np.array_equal(held, ids):
+                    problems.append(f"index holds {len(held)} templates, the store {len(ids)}")
+                elif len(ids) and not np.array_equal(gallery.person_of(ids), pids):
+                    problems.append("index maps some templates to the wrong person")
+            checks.append(f"up to {CHECK_PROBES} stored templates are found as their own best match")
+            if len(ids):
+                rng = np.random.default_rng(0)
+                sample = rng.choice(ids, size=min(CHECK_PROBES, len(ids)), replace=False)
+                sids, _, vecs = self.store.templates(sample)
+                ranked = gallery.top_people(vecs, 1)
+                missed = sum(1 for pairs in ranked if not pairs or pairs[0][1] < 1.0 - 1e-4)
+                if missed:
+                    problems.append(f"{missed} of {len(sids)} sampled templates are not found by the index")
+            return CheckReport(ok=not problems, checks=checks, problems=problems)

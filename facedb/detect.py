@@ -1,0 +1,83 @@
+"""Face detection with facenet-pytorch's MTCNN (its wheel ships the weights, so this runs offline).
+
+Returns every face with its box, score and 5 landmarks (left eye, right eye, nose, left and right mouth
+corner), all in the original image's pixel coordinates. Large photos are downscaled before detection
+(``max_side``) for speed; the boxes are mapped back.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .errors import ModelUnavailableError
+
+
+@dataclass(frozen=True)
+class Face:
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels
+    score: float  # MTCNN's output-stage probability, 0..1
+    landmarks: np.ndarray  # (5, 2) x, y
+
+    @property
+    def width(self) -> float:
+        return self.box[2] - self.box[0]
+
+    @property
+    def height(self) -> float:
+        return self.box[3] - self.box[1]
+
+    @property
+    def area(self) -> float:
+        return max(self.width, 0.0) * max(self.height, 0.0)
+
+
+class MTCNNDetector:
+    """MTCNN with facedb's settings.
+
+    * ``min_face_size``: smallest face searched for, in pixels of the (downscaled) image (MTCNN's minsize).
+    * ``min_score``: faces below this output-stage probability are dropped.
+    * ``max_side``: photos whose longer side exceeds it are downscaled before detection.
+    """
+
+    def __init__(self, min_face_size: int = 20, min_score: float = 0.90, max_side: int = 1280,
+                 device: str = "cpu") -> None:
+        try:
+            import torch
+            from facenet_pytorch import MTCNN
+        except ImportError as exc:
+            raise ModelUnavailableError(
+                f"face detection needs torch, torchvision and facenet-pytorch ({exc}); see README 'Install'"
+            ) from None
+        self.min_face_size = min_face_size
+        self.min_score = min_score
+        self.max_side = max_side
+        self.device = device
+        self._torch = torch
+        self._mtcnn = MTCNN(min_face_size=min_face_size, keep_all=True, select_largest=False, device=device)
+        self._lock = threading.Lock()
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        """Every face in an (H, W, 3) uint8 RGB image, highest score first."""
+        h, w = image.shape[:2]
+        scale = 1.0
+        if max(h, w) > self.max_side:
+            scale = self.max_side / max(h, w)
+            small = Image.fromarray(image).resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                                                  Image.BILINEAR)
+            image = np.asarray(small)
+        if min(image.shape[:2]) < 12:  # smaller than MTCNN's 12-pixel input window: nothing to find
+            return []
+        with self._lock, self._torch.inference_mode():
+            boxes, probs, points = self._mtcnn.detect(image, landmarks=True)
+        if boxes is None:
+            return []
+        faces = [
+            Face(tuple(float(c) / scale for c in box), float(p), np.asarray(pts, dtype=np.float64) / scale)
+            for box, p, pts in zip(boxes, probs, points)
+            if p is not None and p >= self.min_score
+        ]
+        return sorted(faces, key=lambda f: -f.score)

@@ -1,0 +1,59 @@
+"""The exception hierarchy. Every error facedb raises on purpose is a FaceDBError.
+
+The CLI turns any of these into one line on stderr and a non-zero exit; anything else is a bug.
+"""
+
+from __future__ import annotations
+
+
+class FaceDBError(Exception):
+    """Base class of every error facedb raises on purpose."""
+
+    exit_code = 1
+
+
+class DatabaseError(FaceDBError):
+    """The database is missing, is not a facedb database, or cannot be written."""
+
+
+class DatabaseExistsError(DatabaseError):
+    """`init` was asked to create a database where one already exists."""
+
+
+class PersonNotFoundError(FaceDBError, KeyError):
+    """No person of that name is enrolled."""
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return str(self.args[0]) if self.args else "person not found"
+
+
+class DuplicatePersonError(FaceDBError):
+    """A person of that name (or external id) already exists."""
+
+
+class ModelMismatchError(FaceDBError):
+    """Vectors or a model that differ from the model (or dimension) the database was created with."""
+
+
+class InvalidVectorError(FaceDBError, ValueError):
+    """A vector of the wrong shape, with NaN/inf, or not of unit length."""
+
+
+class InvalidInputError(FaceDBError, ValueError):
+    """An argument that is not acceptable: an empty name, bad metadata, k < 1, ..."""
+
+
+class ImageError(FaceDBError):
+    """A file or buffer that cannot be used as a photo. The message names the file."""
+
+
+class NoFaceError(FaceDBError):
+    """No face was found in a photo that needed one."""
+
+
+class MultipleFacesError(FaceDBError):
+    """Enrolment found more than one face and the policy is `error`."""
+
+
+class ModelUnavailableError(FaceDBError):
+    """A model or its weights cannot be loaded; the message says how to get them."""

@@ -1,0 +1,149 @@
+"""Loading photos: path, bytes, PIL image or HWC uint8 RGB array -> RGB uint8 array + provenance.
+
+Refusals are ImageError naming the file: not an image, truncated, or more pixels than ``max_pixels``
+(decompression bombs; checked from the header, before decoding). EXIF orientation is applied; greyscale,
+palette, RGBA (over white), CMYK and 16-bit images become 8-bit RGB; an animated image gives its first frame.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import ImageError
+
+#: Default pixel cap (width x height); the FACEDB_MAX_PIXELS setting overrides it.
+DEFAULT_MAX_PIXELS = 50_000_000
+#: Files larger than this are refused before being read (a 50 MP JPEG is ~30 MB).
+MAX_FILE_BYTES = 200 * 1024 * 1024
+
+PhotoSource = Union[str, os.PathLike, bytes, "Image.Image", np.ndarray]
+
+
+@dataclass(frozen=True)
+class Photo:
+    """A decoded photo: ``pixels`` is (H, W, 3) uint8 RGB. ``sha256`` identifies the source bytes."""
+
+    pixels: np.ndarray
+    sha256: str
+    name: str
+    size: int
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    def record(self) -> dict[str, object]:
+        """The store's row for this image."""
+        return {"sha256": self.sha256, "path": self.name, "size": self.size,
+                "width": self.width, "height": self.height}
+
+
+def max_pixels() -> int:
+    try:
+        return int(os.environ.get("FACEDB_MAX_PIXELS", DEFAULT_MAX_PIXELS))
+    except ValueError:
+        return DEFAULT_MAX_PIXELS
+
+
+def display_name(path: str | os.PathLike[str]) -> str:
+    """A printable file name, even for names that are not valid UTF-8."""
+    return os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im)
+    return im.convert("RGB")
+
+
+def _decode(data: bytes, name: str, cap: int) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            if w < 1 or h < 1:
+                raise ImageError(f"{name}: image has no pixels")
+            if w * h > cap:
+                raise ImageError(f"{name}: {w}x{h} pixels is over the limit of {cap} (FACEDB_MAX_PIXELS)")
+            if getattr(im, "n_frames", 1) > 1:
+                im.seek(0)
+            im.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{name}: refused as a decompression bomb") from None
+    except Exception as exc:  # PIL raises many types for broken files; all mean "not a usable image"
+        raise ImageError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from None
+    try:
+        im = ImageOps.exif_transpose(im) or im
+    except Exception:  # corrupt EXIF: keep the pixels as stored
+        pass
+    try:
+        return np.ascontiguousarray(np.asarray(_to_rgb(im), dtype=np.uint8))
+    except Exception as exc:
+        raise ImageError(f"{name}: cannot convert to RGB ({type(exc).__name__}: {exc})") from None
+
+
+def load_photo(source: PhotoSource, *, name: str | None = None, cap: int | None = None) -> Photo:
+    """Decode ``source`` into a Photo, or raise ImageError naming it."""
+    cap = max_pixels() if cap is None else cap
+    if isinstance(source, np.ndarray):
+        arr = source
+        label = name or "<array>"
+        if arr.dtype != np.uint8 or not ((arr.ndim == 3 and arr.shape[2] == 3) or arr.ndim == 2):
+            raise ImageError(f"{label}: arrays must be HxWx3 (RGB) or HxW uint8, got {arr.dtype} {arr.shape}")
+        if arr.ndim == 2:
+            arr = np.repeat(arr[:, :, None], 3, axis=2)
+        if arr.shape[0] * arr.shape[1] > cap or 0 in arr.shape:
+            raise ImageError(f"{label}: {arr.shape[1]}x{arr.shape[0]} pixels is not accepted")
+        arr = np.ascontiguousarray(arr)
+        return Photo(arr, hashlib.sha256(arr.tobytes()).hexdigest(), label, arr.nbytes)
+    if isinstance(source, Image.Image):
+        label = name or "<PIL image>"
+        if source.size[0] * source.size[1] > cap:
+            raise ImageError(f"{label}: {source.size[0]}x{source.size[1]} pixels is over the limit of {cap}")
+        arr = np.ascontiguousarray(np.asarray(_to_rgb(source), dtype=np.uint8))
+        return Photo(arr, hashlib.sha256(arr.tobytes()).hexdigest(), label, arr.nbytes)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        label = name or "<bytes>"
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        label = name or display_name(path)
+        try:
+            if path.stat().st_size > MAX_FILE_BYTES:
+                raise ImageError(f"{label}: file is larger than {MAX_FILE_BYTES} bytes")
+            data = path.read_bytes()
+        except ImageError:
+            raise
+        except OSError as exc:
+            raise ImageError(f"{label}: cannot read ({exc.strerror or exc})") from None
+    else:
+        raise ImageError(f"cannot load a photo from {type(source).__name__}")
+    if not data:
+        raise ImageError(f"{label}: empty file")
+    pixels = _decode(data, label, cap)
+    return Photo(pixels, hashlib.sha256(data).hexdigest(), label, len(data))

@@ -1,0 +1,123 @@
+"""Photo -> faces -> aligned crops -> embeddings. Models load lazily, once per process.
+
+After a fork, torch (and faiss) can deadlock in the child, so any parallelism around this module must use
+the ``spawn`` start method or threads.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .detect import Face, MTCNNDetector
+from .errors import FaceDBError
+from .images import Photo, PhotoSource, load_photo
+from .models import Embedder, load_embedder
+
+ON_MULTIPLE = ("error", "largest", "skip")
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    min_face_size: int = 20
+    min_score: float = 0.90
+    max_side: int = 1280
+    device: str = "cpu"
+
+
+@dataclass
+class Analysed:
+    photo: Photo
+    faces: list[Face]
+
+
+class FacePipeline:
+    """A detector and an embedder used together. Build once, reuse (both are thread-safe)."""
+
+    def __init__(self, embedder: Embedder, settings: DetectorSettings | None = None,
+                 detector: MTCNNDetector | None = None) -> None:
+        self.embedder = embedder
+        self.settings = settings or DetectorSettings()
+        self._detector = detector
+
+    @property
+    def model_id(self) -> str:
+        return self.embedder.model_id
+
+    @property
+    def detector(self) -> MTCNNDetector:
+        if self._detector is None:
+            s = self.settings
+            self._detector = _detector(s)
+        return self._detector
+
+    def analyse(self, source: PhotoSource, name: str | None = None) -> Analysed:
+        """Decode and detect (ImageError for a bad photo)."""
+        photo = load_photo(source, name=name)
+        return Analysed(photo, self.detector.detect(photo.pixels))
+
+    def embed(self, items: list[tuple[Photo, Face]]) -> np.ndarray:
+        """Align each (photo, face) and embed all of them in one batched call: (n, dim) unit rows."""
+        crops = [self.embedder.align(photo.pixels, face) for photo, face in items]
+        return self.embedder.embed(crops)
+
+
+_LOCK = threading.Lock()
+_EMBEDDERS: dict[tuple[str, str, str], Embedder] = {}
+_DETECTORS: dict[DetectorSettings, MTCNNDetector] = {}
+
+
+def _detector(settings: DetectorSettings) -> MTCNNDetector:
+    with _LOCK:
+        if settings not in _DETECTORS:
+            _DETECTORS[settings] = MTCNNDetector(settings.min_face_size, settings.min_score, settings.max_side,
+                                                 settings.device)
+        return _DETECTORS[settings]
+
+
+def get_pipeline(
+    model_id: str, *, weights: Path | None = None, settings: DetectorSettings | None = None
+) -> FacePipeline:
+    """The process-wide pipeline for ``model_id`` (loaded on first use, then reused)."""
+    settings = settings or DetectorSettings()
+    weights = weights or (Path(os.environ["FACEDB_WEIGHTS"]) if os.environ.get("FACEDB_WEIGHTS") else None)
+    key = (model_id, str(weights or ""), settings.device)
+    with _LOCK:
+        if key not in _EMBEDDERS:
+            _EMBEDDERS[key] = load_embedder(model_id, weights=weights, device=settings.device)
+        embedder = _EMBEDDERS[key]
+    return FacePipeline(embedder, settings)
+
+
+def choose_enrol_face(faces: list[Face], on_multiple: str) -> Face | str:
+    """The face to enrol from a photo, or the reason to skip it."""
+    if not faces:
+        return "no face found"
+    if len(faces) == 1:
+        return faces[0]
+    if on_multiple == "largest":
+        return max(faces, key=lambda f: f.area)
+    if on_multiple == "skip":
+        return f"{len(faces)} faces found (skipped by --on-multiple skip)"
+    return f"{len(faces)} faces found; enrolment needs one (use --on-multiple largest)"
+
+
+def list_folder(folder: Path) -> list[tuple[str, list[Path]]]:
+    """(person, photos) for each sub-folder of ``folder``: one level, sorted, hidden files skipped.
+
+    Symbolic links to folders are not followed (no loops); links to files are.
+    """
+    if not folder.is_dir():
+        raise FaceDBError(f"{folder} is not a folder")
+    out = []
+    for sub in sorted(folder.iterdir()):
+        if sub.name.startswith(".") or sub.is_symlink() or not sub.is_dir():
+            continue
+        files = sorted(p for p in sub.iterdir() if not p.name.startswith(".") and p.is_file())
+        if files:
+            out.append((sub.name, files))
+    return out
