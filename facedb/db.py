@@ -125,10 +125,9 @@ class FaceDB:
         store = Store.open(root / STORE_FILE, readonly=readonly)
         db = cls(root, store, readonly=readonly, weights=Path(weights) if weights else None)
         if model_id is not None and model_id != db.model_id:
+            held = db.model_id
             store.close()
-            raise ModelMismatchError(
-                f"{root} holds {db.model_id!r} embeddings; refusing to use {model_id!r} with it"
-            )
+            raise ModelMismatchError(f"{root} holds {held!r} embeddings; refusing to use {model_id!r} with it")
         return db
 
     def close(self) -> None:
@@ -534,12 +533,17 @@ class FaceDB:
         """Verify the store and that the index agrees with it exactly. See README "facedb check"."""
         with self._lock:
             checks, problems = self.store.check()
-            stamp = self._stamp()
-            if stamp is not None and (self.root / INDEX_FILE).exists():
-                checks.append("index file's SHA-256 matches its stamp (else it is rebuilt, not trusted)")
-                if load_index(self.root / INDEX_FILE, stamp["kind"], self.dim, stamp.get("sha256", "")) is None:
-                    problems.append("index file does not match its stamp; it will be rebuilt on next use")
             gallery = self._sync()
+            stamp = self._stamp()
+            file_ok = stamp is not None and load_index(
+                self.root / INDEX_FILE, stamp["kind"], self.dim, stamp.get("sha256", "")
+            ) is not None
+            if file_ok:
+                checks.append("index file's SHA-256 matches its stamp")
+            elif not self.readonly:
+                # The file is a cache: a missing or damaged one is healed, not a problem of the data.
+                self._maybe_save(force=True)
+                checks.append("index file was missing or did not match its stamp: rebuilt from the store and saved")
             gen, ids, pids = self.store.template_map()
             checks.append("index holds exactly the stored templates, mapped to the right people")
             held = np.sort(gallery.index.ids())

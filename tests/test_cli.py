@@ -1,0 +1,173 @@
+"""Every CLI command through typer's CliRunner: exit codes, JSON output, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import facedb.pipeline
+from facedb import FaceDB
+from facedb.cli import app
+
+from .conftest import FakeEmbedder, face_image
+
+runner = CliRunner()
+
+RED, GREEN, BLUE, GREY = (200, 40, 40), (40, 200, 40), (40, 40, 200), (120, 120, 120)
+
+
+def run(db, *args, ok=True):
+    result = runner.invoke(app, ["--db", str(db), *args])
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def jlines(result):
+    return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+
+
+@pytest.fixture
+def fake_cli(monkeypatch, fake_pipeline):
+    """CLI wired to the test-double face pipeline (colour tiles as faces)."""
+    monkeypatch.setattr(facedb.pipeline, "get_pipeline", lambda *a, **k: fake_pipeline)
+    return fake_pipeline
+
+
+def photo(path, colours, seed=0):
+    Image.fromarray(face_image(colours, seed)).save(path)
+    return path
+
+
+def test_help_does_not_import_torch_or_faiss():
+    code = "import sys; from facedb.cli import app; import facedb; assert 'faiss' not in sys.modules; " \
+           "assert 'torch' not in sys.modules; print('clean')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "clean" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "facedb.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "enroll" in out.stdout
+
+
+def test_core_commands(tmp_path):
+    db = tmp_path / "db"
+    res = run(db, "--json", "init", "--model", "my-model", "--dim", "8", "--threshold", "0.7")
+    info = jlines(res)[0]
+    assert info["model_id"] == "my-model" and info["dim"] == 8 and info["threshold"] == 0.7
+    assert run(db, "init", "--model", "my-model", "--dim", "8", ok=False).exit_code == 1
+    run(db, "add-person", "Ann", "--meta", "team=red", "--external-id", "E1")
+    run(db, "add-person", "Bob")
+    with FaceDB.open(db) as d:
+        v = np.eye(8, dtype=np.float32)
+        d.add_embeddings("Ann", v[:2])
+        d.add_embeddings("Bob", v[2:3])
+    people = jlines(run(db, "--json", "people"))
+    assert [(p["name"], p["templates"]) for p in people] == [("Ann", 2), ("Bob", 1)]
+    assert "Ann" in run(db, "people").stdout
+    shown = jlines(run(db, "--json", "show", "Ann"))[0]
+    assert shown["metadata"] == {"team": "red"} and shown["external_id"] == "E1"
+    assert jlines(run(db, "--json", "rename", "Bob", "Robert"))[0]["name"] == "Robert"
+    stats = jlines(run(db, "--json", "stats"))[0]
+    assert (stats["people"], stats["templates"], stats["model_id"]) == (2, 3, "my-model")
+    assert jlines(run(db, "--json", "check"))[0]["ok"] is True
+    assert "ok" in run(db, "check").stdout
+    assert jlines(run(db, "--json", "rebuild-index"))[0]["indexed"] == 3
+    assert jlines(run(db, "--json", "remove", "Ann"))[0] == {"removed": "Ann", "templates": 2}
+    assert [p["name"] for p in jlines(run(db, "--json", "people"))] == ["Robert"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["show", "nobody"], "no person named 'nobody'"),
+        (["remove", "nobody"], "no person named 'nobody'"),
+        (["rename", "nobody", "x"], "no person named 'nobody'"),
+        (["add-person", ""], "non-empty"),
+        (["add-person", "A", "--meta", "novalue"], "key=value"),
+    ],
+)
+def test_errors_are_one_line_with_nonzero_exit(tmp_path, args, message):
+    db = tmp_path / "db"
+    run(db, "init", "--model", "m", "--dim", "4")
+    res = run(db, *args, ok=False)
+    assert res.exit_code == 1
+    assert message in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.output
+
+
+def test_missing_database_and_unknown_model(tmp_path):
+    res = run(tmp_path / "nope", "stats", ok=False)
+    assert res.exit_code == 1 and "no facedb database" in res.stderr
+    res = run(tmp_path / "db", "init", "--model", "mystery", ok=False)
+    assert res.exit_code == 1 and "unknown model" in res.stderr
+
+
+def test_db_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("FACEDB_DB", str(tmp_path / "envdb"))
+    assert runner.invoke(app, ["init", "--model", "m", "--dim", "4"]).exit_code == 0
+    assert (tmp_path / "envdb" / "facedb.sqlite3").exists()
+
+
+def test_enroll_search_verify_remove_with_test_double(tmp_path, fake_cli):
+    db = tmp_path / "db"
+    run(db, "init", "--model", FakeEmbedder.model_id, "--dim", str(FakeEmbedder.dim), "--threshold", "0.8")
+    folder = tmp_path / "people"
+    for name, colour in (("red", RED), ("green", GREEN)):
+        (folder / name).mkdir(parents=True)
+        for i in range(2):
+            photo(folder / name / f"{i}.png", [colour], seed=i)
+    (folder / "green" / "broken.jpg").write_bytes(b"not an image")
+    photo(folder / "green" / "two.png", [GREEN, RED], seed=9)
+    photo(folder / "green" / "none.png", [])
+    report = jlines(run(db, "--json", "enroll", "--folder", str(folder)))[0]
+    assert report["people"] == ["green", "red"] and report["faces_stored"] == 4 and report["photos"] == 7
+    reasons = {s["image"].rsplit("/", 1)[-1]: s["reason"] for s in report["skipped"]}
+    assert set(reasons) == {"broken.jpg", "two.png", "none.png"}
+    assert "not a readable image" in reasons["broken.jpg"] and "2 faces" in reasons["two.png"]
+    assert "no face" in reasons["none.png"]
+    # the same photos again: skipped as already enrolled, nothing stored twice
+    again = jlines(run(db, "--json", "enroll", "red", str(folder / "red" / "0.png"), ok=False))[0]
+    assert again["faces_stored"] == 0 and "already enrolled" in again["skipped"][0]["reason"]
+
+    probe = photo(tmp_path / "probe.png", [RED, BLUE], seed=42)
+    empty = photo(tmp_path / "empty.png", [])
+    rows = jlines(run(db, "--json", "search", str(probe), str(empty), "-k", "2"))
+    faces = [r for r in rows if r.get("faces") != 0]
+    assert [r["identity"] for r in faces] == ["red", None]
+    for r in faces:
+        assert set(r) >= {"image", "box", "det_score", "identity", "similarity", "distance", "candidates"}
+        assert len(r["candidates"]) == 2
+        assert r["distance"] == pytest.approx(2 - 2 * r["similarity"], abs=1e-6)
+    assert any(r.get("faces") == 0 for r in rows)
+    assert "unknown" in run(db, "search", str(probe)).stdout
+
+    redprobe = photo(tmp_path / "redprobe.png", [RED], seed=77)
+    assert jlines(run(db, "--json", "verify", "red", str(redprobe)))[0]["accepted"] is True
+    res = run(db, "--json", "verify", "green", str(redprobe), ok=False)
+    assert res.exit_code == 2 and jlines(res)[0]["accepted"] is False
+
+    run(db, "remove", "red")
+    rows = jlines(run(db, "--json", "search", str(redprobe)))
+    assert rows[0]["identity"] is None and all(c["name"] != "red" for c in rows[0]["candidates"])
+
+
+def test_enroll_on_multiple_largest(tmp_path, fake_cli):
+    db = tmp_path / "db"
+    run(db, "init", "--model", FakeEmbedder.model_id, "--dim", str(FakeEmbedder.dim))
+    two = photo(tmp_path / "two.png", [GREY, BLUE])
+    out = jlines(run(db, "--json", "enroll", "x", str(two), "--on-multiple", "largest"))[0]
+    assert out["faces_stored"] == 1
+    res = run(db, "enroll", "y", str(two), "--on-multiple", "bogus", ok=False)
+    assert res.exit_code == 1 and "on_multiple" in res.stderr
+
+
+def test_enroll_with_wrong_model_is_refused(tmp_path, fake_cli):
+    db = tmp_path / "db"
+    run(db, "init", "--model", "other", "--dim", "32")
+    res = run(db, "enroll", "x", str(photo(tmp_path / "a.png", [RED])), ok=False)
+    assert res.exit_code == 1 and "fake-colour" in res.stderr
