@@ -249,6 +249,24 @@ class FaceDB:
                 self._sync()
             return ids
 
+    def add_embeddings_many(
+        self, items: Sequence[tuple[str, object]], *, model_id: str | None = None, create: bool = True
+    ) -> int:
+        """Bulk import: ``[(name, vectors), ...]`` in one transaction (all or nothing); returns templates added."""
+        with self._lock:
+            if model_id is not None and model_id != self.model_id:
+                raise ModelMismatchError(
+                    f"this database holds {self.model_id!r} embeddings; refusing {model_id!r} ones"
+                )
+            checked = [(name, as_unit_rows(vectors, self.dim)) for name, vectors in items]
+            added = 0
+            with self.store.write():
+                for name, x in checked:
+                    added += len(self.store.add_templates(name, x, create_person=create))
+            if self._gallery is not None:
+                self._sync()
+            return added
+
     # ---------------------------------------------------------------- queries
     def identify(
         self, vectors: object, k: int = 5, threshold: float | None = None

@@ -87,18 +87,22 @@ def _decode(data: bytes, name: str, cap: int) -> np.ndarray:
             if w < 1 or h < 1:
                 raise ImageError(f"{name}: image has no pixels")
             if w * h > cap:
-                raise ImageError(f"{name}: {w}x{h} pixels is over the limit of {cap} (FACEDB_MAX_PIXELS)")
+                raise ImageError(
+                    f"{name}: {w}x{h} pixels is over the limit of {cap} (FACEDB_MAX_PIXELS; decompression bomb?)"
+                )
             if getattr(im, "n_frames", 1) > 1:
                 im.seek(0)
             im.load()
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{name}: refused as a decompression bomb") from None
+        raise ImageError(f"{name}: more pixels than PIL's own limit, over the limit for a photo; refused") from None
     except Exception as exc:  # PIL raises many types for broken files; all mean "not a usable image"
         raise ImageError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from None
     try:
-        im = ImageOps.exif_transpose(im) or im
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            im = ImageOps.exif_transpose(im) or im
     except Exception:  # corrupt EXIF: keep the pixels as stored
         pass
     try:
