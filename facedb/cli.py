@@ -48,8 +48,8 @@ def _main(
     ctx.obj = State(db, json_out)
 
 
-def command(*args: Any, **kwargs: Any) -> Callable[[F], F]:
-    """``app.command`` that turns FaceDBError (and a few OS errors) into one line on stderr and exit 1."""
+def command(*args: Any, group: typer.Typer | None = None, **kwargs: Any) -> Callable[[F], F]:
+    """``app.command`` (or ``group.command``) that turns FaceDBError into one line on stderr and exit 1."""
 
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
@@ -63,7 +63,7 @@ def command(*args: Any, **kwargs: Any) -> Callable[[F], F]:
                 typer.echo("interrupted", err=True)
                 raise typer.Exit(130) from None
 
-        app.command(*args, **kwargs)(wrapper)
+        (group or app).command(*args, **kwargs)(wrapper)
         return fn
 
     return decorate
@@ -358,6 +358,163 @@ def verify(
                    f"threshold={result.threshold:.4f}")
     if not result.accepted:
         raise typer.Exit(2)
+
+
+eval_app = typer.Typer(help="Measure accuracy: LFW verification, open-set identification.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+def _data_root() -> Path:
+    import os
+
+    return Path(os.environ.get("FACEDB_TEST_DATA", "../shared/facedata"))
+
+
+def _eval_pipeline(ctx: typer.Context, model: str | None, weights: Path | None) -> Any:
+    from .pipeline import get_pipeline
+
+    if model is None:
+        from .db import STORE_FILE
+
+        if (ctx.obj.db / STORE_FILE).exists():
+            with _open(ctx) as db:
+                model = db.model_id
+        else:
+            from .models import choose_default_model
+
+            model, note = choose_default_model(weights)
+            if note:
+                typer.echo(note, err=True)
+    return get_pipeline(model, weights=weights)
+
+
+def _photo_progress(label: str) -> tuple[Any, Callable[[int], None]]:
+    from tqdm import tqdm
+
+    bar = tqdm(unit="photo", desc=label, file=sys.stderr, disable=None, leave=False)
+    return bar, lambda done: bar.update(done - bar.n)
+
+
+ModelOpt = Annotated[str | None, typer.Option(help="Model id; default: the database's, else the default model.")]
+PairsOpt = Annotated[
+    Path | None, typer.Option(help="LFW pairs file; default: $FACEDB_TEST_DATA/lfw_protocol/pairs.txt.")
+]
+LfwOpt = Annotated[Path | None, typer.Option(help="LFW photo folder; default: $FACEDB_TEST_DATA/lfw_deepfunneled.")]
+
+
+@command("lfw", group=eval_app)
+def eval_lfw(
+    ctx: typer.Context,
+    pairs: PairsOpt = None,
+    lfw: LfwOpt = None,
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    flip: Annotated[bool, typer.Option(help="Average each embedding with its mirror image's.")] = False,
+    plot: Annotated[Path | None, typer.Option(help="Write ROC and score histograms to this PNG.")] = None,
+) -> None:
+    """LFW verification: 10-fold accuracy, TAR at FAR 1e-2/1e-3/1e-4, EER (through facedb's own pipeline)."""
+    from .evaluate import run_lfw
+
+    pairs = pairs or _data_root() / "lfw_protocol" / "pairs.txt"
+    if not pairs.is_file():
+        raise InvalidInputError(f"no pairs file at {pairs} (give --pairs, or set FACEDB_TEST_DATA)")
+    pipe = _eval_pipeline(ctx, model, weights)
+    bar, update = _photo_progress("embedding")
+    try:
+        report = run_lfw(pairs, lfw or _data_root() / "lfw_deepfunneled", pipe, flip=flip, progress=update,
+                         plot=plot)
+    finally:
+        bar.close()
+    _emit_kv(ctx, report)
+
+
+@command("identify", group=eval_app)
+def eval_identify(
+    ctx: typer.Context,
+    folder: Annotated[Path | None, typer.Option(help="One sub-folder per person; default: LFW.")] = None,
+    enrol: Annotated[int, typer.Option(help="Photos enrolled per person.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the random split.")] = 0,
+    half: Annotated[str | None, typer.Option(help="Use only half 'a' or 'b' of the people (split by person).")] = None,
+    check_calibration: Annotated[
+        bool, typer.Option(help="With --half: calibrate FPIR 1% on the other half, measure FPIR on this one.")
+    ] = False,
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    flip: Annotated[bool, typer.Option(help="Average each embedding with its mirror image's.")] = False,
+) -> None:
+    """Open-set identification: rank-1/5 and DIR at FPIR 1% and 0.1%, through a real temporary facedb."""
+    import tempfile
+
+    from .evaluate import run_identify
+
+    if half not in (None, "a", "b"):
+        raise typer.BadParameter("--half is a or b")
+    pipe = _eval_pipeline(ctx, model, weights)
+    bar, update = _photo_progress("embedding")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            report = run_identify(folder or _data_root() / "lfw_deepfunneled", pipe, Path(tmp), enrol=enrol,
+                                  seed=seed, half=half, flip=flip, progress=update,
+                                  calibrate_on_other_half=check_calibration)
+        finally:
+            bar.close()
+    _emit_kv(ctx, report)
+
+
+@command()
+def calibrate(
+    ctx: typer.Context,
+    far: Annotated[float | None, typer.Option(help="Target false accept rate, 1:1 (e.g. 1e-3).")] = None,
+    fpir: Annotated[float | None, typer.Option(help="Target false positive identification rate, 1:N.")] = None,
+    pairs: PairsOpt = None,
+    lfw: LfwOpt = None,
+    folder: Annotated[Path | None, typer.Option(help="Labelled folder (one sub-folder per person).")] = None,
+    gallery_size: Annotated[
+        int | None, typer.Option(help="With --fpir: gallery size to calibrate for; default: people enrolled now.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
+    dry_run: Annotated[bool, typer.Option(help="Measure and print; do not store the threshold.")] = False,
+    weights: WeightsOpt = None,
+) -> None:
+    """Choose the threshold for a target FAR (1:1) or FPIR (1:N) from labelled data and store it."""
+    import tempfile
+    from datetime import datetime, timezone
+
+    from .evaluate import calibrate_far_folder, calibrate_far_pairs, calibrate_fpir_folder
+
+    if (far is None) == (fpir is None):
+        raise InvalidInputError("give exactly one of --far or --fpir")
+    rate = far if far is not None else fpir
+    assert rate is not None
+    if not 0 < rate < 1:
+        raise InvalidInputError("the target rate is a fraction in (0, 1), e.g. 1e-3")
+    with _open(ctx, weights=weights) as db:
+        pipe = db.pipeline()
+        bar, update = _photo_progress("embedding")
+        try:
+            if far is not None and folder is None:
+                rec = calibrate_far_pairs(pairs or _data_root() / "lfw_protocol" / "pairsDevTrain.txt",
+                                          lfw or _data_root() / "lfw_deepfunneled", pipe, far, progress=update)
+            elif far is not None:
+                assert folder is not None
+                rec = calibrate_far_folder(folder, pipe, far, seed=seed, progress=update)
+            else:
+                assert fpir is not None
+                size = gallery_size if gallery_size is not None else max(db.stats()["people"], 1)
+                with tempfile.TemporaryDirectory() as tmp:
+                    rec = calibrate_fpir_folder(folder or _data_root() / "lfw_deepfunneled", pipe, fpir, size,
+                                                Path(tmp), seed=seed, progress=update)
+        finally:
+            bar.close()
+        rec["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        if not rec.get("resolvable", True):
+            typer.echo("warning: too few impostor comparisons to resolve that rate; the threshold sits just above "
+                       "the highest impostor score", err=True)
+        if not dry_run:
+            db.set_threshold(float(rec["threshold"]), f"calibrated: {rec['target']} {rate:g} on {rec['source']}",
+                             **rec)
+        rec["stored"] = not dry_run
+    _emit_kv(ctx, rec)
 
 
 def main() -> None:

@@ -169,7 +169,12 @@ def lfw_path(lfw_dir: Path, name: str, number: str) -> Path:
 def read_pairs(pairs_file: Path, lfw_dir: Path) -> list[Pair]:
     """LFW pairs files: a header line (``folds count`` or ``count``), then ``name i j`` (same person) or
     ``name1 i name2 j`` (different people). ``pairs.txt`` has 10 folds of count same + count different."""
-    lines = [ln.split() for ln in pairs_file.read_text().splitlines() if ln.strip()]
+    try:
+        lines = [ln.split() for ln in pairs_file.read_text().splitlines() if ln.strip()]
+    except OSError as exc:
+        raise FaceDBError(f"cannot read pairs file {pairs_file}: {exc.strerror or exc}") from None
+    if not lines:
+        raise FaceDBError(f"{pairs_file} is empty")
     header, rows = lines[0], lines[1:]
     per_fold = 2 * int(header[-1])
     pairs = []
@@ -240,3 +245,303 @@ def eer(genuine: np.ndarray, impostor: np.ndarray) -> tuple[float, float]:
     far = 1.0 - np.searchsorted(imp, cand, side="left") / len(imp)
     i = int(np.argmin(np.abs(far - frr)))
     return float((far[i] + frr[i]) / 2), float(cand[i])
+
+
+# ------------------------------------------------------------------------------------------ LFW verification
+def lfw_report(scores: np.ndarray, same: np.ndarray, folds: np.ndarray,
+               fars: Sequence[float] = (1e-2, 1e-3, 1e-4)) -> dict[str, object]:
+    """10-fold accuracy (when there are folds), TAR at each FAR over all pairs, and the EER."""
+    genuine, impostor = scores[same], scores[~same]
+    out: dict[str, object] = {"pairs": int(len(scores)), "genuine_pairs": int(same.sum()),
+                              "impostor_pairs": int((~same).sum())}
+    if len(np.unique(folds)) > 1:
+        out.update(ten_fold_accuracy(scores, same, folds))
+    else:
+        thr = best_threshold(scores, same)
+        out.update({"accuracy": float(np.mean((scores >= thr) == same)), "best_threshold": thr})
+    for far in fars:
+        tar, thr = tar_at_far(genuine, impostor, far)
+        out[f"tar_at_far_{far:g}"] = tar
+        out[f"threshold_at_far_{far:g}"] = thr
+        out[f"far_{far:g}_resolvable"] = bool(far * len(impostor) >= 1)
+    out["eer"], out["eer_threshold"] = eer(genuine, impostor)
+    return out
+
+
+def score_pairs(pairs: Sequence[Pair], embedded: Embedded, index: dict[Path, int]) -> np.ndarray:
+    a = embedded.vectors[[index[p.a] for p in pairs]]
+    b = embedded.vectors[[index[p.b] for p in pairs]]
+    return np.nan_to_num(np.sum(a * b, axis=1), nan=-1.0)  # an unreadable photo rejects its pairs
+
+
+# ---------------------------------------------------------------------------------- open-set identification
+@dataclass
+class Split:
+    """Who is enrolled with which photos, and the genuine and impostor probes."""
+
+    gallery: dict[str, list[int]]  # person -> indices of enrolled photos
+    genuine: list[tuple[str, int]]  # (person, photo index)
+    impostor: list[int]  # photo indices of people not enrolled
+
+
+def identify_split(labels: Sequence[str], enrol: int, rng: np.random.Generator,
+                   people: set[str] | None = None) -> Split:
+    """Enrol ``enrol`` random photos of each person with more than ``enrol`` photos; their other photos are
+    genuine probes; every photo of the other people is an impostor probe. ``people`` restricts to a subset."""
+    by_person: dict[str, list[int]] = {}
+    for i, name in enumerate(labels):
+        if people is None or name in people:
+            by_person.setdefault(name, []).append(i)
+    split = Split({}, [], [])
+    for name in sorted(by_person):
+        idx = by_person[name]
+        if len(idx) > enrol:
+            chosen = set(rng.choice(idx, enrol, replace=False).tolist())
+            split.gallery[name] = sorted(chosen)
+            split.genuine += [(name, i) for i in idx if i not in chosen]
+        else:
+            split.impostor += idx
+    return split
+
+
+def open_set_scores(db_root: Path, vectors: np.ndarray, split: Split, model_id: str,
+                    k: int = 5) -> tuple[list[list[tuple[str, float]]], list[float]]:
+    """Enrol the split's gallery into a new facedb at ``db_root`` (real store and index), then identify
+    every probe. Returns (top-k (name, similarity) per genuine probe, best similarity per impostor probe)."""
+    from .db import FaceDB
+
+    dim = vectors.shape[1]
+    with FaceDB.create(db_root, model_id=model_id, dim=dim, threshold=1.0) as db:
+        db.add_embeddings_many([(name, vectors[idx]) for name, idx in split.gallery.items()])
+        gen_answers = db.identify(vectors[[i for _, i in split.genuine]], k=k) if split.genuine else []
+        imp_answers = db.identify(vectors[split.impostor], k=1) if split.impostor else []
+    genuine = [[(c.name, c.similarity) for c in a.candidates] for a in gen_answers]
+    impostor = [a.candidates[0].similarity for a in imp_answers]
+    return genuine, impostor
+
+
+def open_set_report(split: Split, genuine: list[list[tuple[str, float]]], impostor: list[float],
+                    fpirs: Sequence[float] = (1e-2, 1e-3)) -> dict[str, object]:
+    """Rank-1/5, and DIR (probe's own identity at rank 1 with score >= t) at the t giving each FPIR."""
+    truth = [name for name, _ in split.genuine]
+    rank1 = np.array([bool(c) and c[0][0] == t for c, t in zip(genuine, truth)])
+    rank5 = np.array([t in [n for n, _ in c[:5]] for c, t in zip(genuine, truth)])
+    top = np.array([c[0][1] if c else -1.0 for c in genuine])
+    imp = np.asarray(impostor)
+    out: dict[str, object] = {
+        "gallery_people": len(split.gallery),
+        "gallery_templates": sum(len(v) for v in split.gallery.values()),
+        "genuine_probes": len(genuine),
+        "impostor_probes": len(imp),
+        "rank1": float(rank1.mean()) if len(rank1) else None,
+        "rank5": float(rank5.mean()) if len(rank5) else None,
+    }
+    for fpir in fpirs:
+        if len(imp) == 0:
+            continue
+        t = threshold_at_far(imp, fpir)
+        out[f"threshold_at_fpir_{fpir:g}"] = t
+        out[f"dir_at_fpir_{fpir:g}"] = float(np.mean(rank1 & (top >= t))) if len(top) else None
+        out[f"fpir_{fpir:g}_resolvable"] = bool(fpir * len(imp) >= 1)
+    return out
+
+
+def fpir_at(impostor: Sequence[float], threshold: float) -> float:
+    """Share of impostor probes whose best similarity reaches ``threshold`` (false positive identification)."""
+    imp = np.asarray(impostor)
+    return float(np.mean(imp >= threshold)) if len(imp) else float("nan")
+
+
+def labelled_folder(folder: Path) -> tuple[list[Path], list[str]]:
+    """(photo paths, person labels) of a folder with one sub-folder per person."""
+    from .pipeline import list_folder
+
+    paths: list[Path] = []
+    labels: list[str] = []
+    for name, files in list_folder(folder):
+        paths += files
+        labels += [name] * len(files)
+    return paths, labels
+
+
+# ------------------------------------------------------------------------------------------------- plots
+def plot_verification(genuine: np.ndarray, impostor: np.ndarray, threshold: float, out: Path, title: str) -> None:
+    """ROC (TAR against FAR, log scale) and genuine/impostor histograms with the threshold marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    thr = np.unique(np.concatenate([genuine, impostor]))[::-1]
+    tar = np.searchsorted(np.sort(genuine), thr, side="left")
+    tar = 1 - tar / len(genuine)
+    far = 1 - np.searchsorted(np.sort(impostor), thr, side="left") / len(impostor)
+    ax1.plot(np.maximum(far, 1e-5), tar)
+    ax1.set_xscale("log")
+    ax1.set_xlabel("false accept rate")
+    ax1.set_ylabel("true accept rate")
+    ax1.set_title("ROC")
+    ax1.grid(True, which="both", alpha=0.3)
+    bins = np.linspace(min(genuine.min(), impostor.min()), 1.0, 80)
+    ax2.hist(impostor, bins=bins, alpha=0.6, label=f"impostor ({len(impostor)})", density=True)
+    ax2.hist(genuine, bins=bins, alpha=0.6, label=f"genuine ({len(genuine)})", density=True)
+    ax2.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.3f}")
+    ax2.set_xlabel("cosine similarity (higher = more alike)")
+    ax2.legend()
+    ax2.set_title("score distributions")
+    fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- high-level runs (CLI targets)
+def _embed(paths: Sequence[Path], pipeline: FacePipeline, flip: bool, progress: Callable[[int], None] | None,
+           use_cache: bool) -> Embedded:
+    cache = None
+    if use_cache:
+        suffix = "-flip" if flip else ""
+        cache = EmbeddingCache(pipeline.model_id + suffix, pipeline.embedder.dim)
+    return embed_photos(paths, pipeline, cache=cache, flip=flip, progress=progress)
+
+
+def run_lfw(pairs_file: Path, lfw_dir: Path, pipeline: FacePipeline, *, flip: bool = False,
+            progress: Callable[[int], None] | None = None, use_cache: bool = True,
+            plot: Path | None = None) -> dict[str, object]:
+    """LFW verification through the real pipeline: 10-fold accuracy, TAR@FAR, EER."""
+    pairs = read_pairs(pairs_file, lfw_dir)
+    unique = sorted({p.a for p in pairs} | {p.b for p in pairs})
+    embedded = _embed(unique, pipeline, flip, progress, use_cache)
+    index = {p: i for i, p in enumerate(unique)}
+    scores = score_pairs(pairs, embedded, index)
+    same = np.array([p.same for p in pairs])
+    folds = np.array([p.fold for p in pairs])
+    report = lfw_report(scores, same, folds)
+    report.update({"model_id": pipeline.model_id, "pairs_file": pairs_file.name, "flip": flip,
+                   "photos": len(unique), "detection_misses": int((~embedded.found).sum()),
+                   "unreadable": len(embedded.unreadable)})
+    if plot is not None:
+        thr = float(report["threshold_at_far_0.001"])  # type: ignore[arg-type]
+        plot_verification(scores[same], scores[~same], thr, plot,
+                          f"{pipeline.model_id} on LFW {pairs_file.name} (threshold at FAR 1e-3)")
+        report["plot"] = str(plot)
+    return report
+
+
+def run_identify(folder: Path, pipeline: FacePipeline, work_dir: Path, *, enrol: int = 1, seed: int = 0,
+                 half: str | None = None, flip: bool = False, progress: Callable[[int], None] | None = None,
+                 use_cache: bool = True, calibrate_on_other_half: bool = False) -> dict[str, object]:
+    """Open-set identification on a labelled folder (see ``identify_split``), through a real facedb.
+
+    ``half`` ("a" or "b") keeps only one half of the people (a seeded split by person). With
+    ``calibrate_on_other_half`` the FPIR-1% threshold is chosen on the other half and its FPIR measured on
+    this one: the "calibration holds" check.
+    """
+    paths, labels = labelled_folder(folder)
+    embedded = _embed(paths, pipeline, flip, progress, use_cache)
+    ok = ~np.isnan(embedded.vectors).any(axis=1)
+    paths = [p for p, good in zip(paths, ok) if good]
+    labels = [lab for lab, good in zip(labels, ok) if good]
+    vectors = embedded.vectors[ok]
+    names = sorted(set(labels))
+    perm = np.random.default_rng(seed + 1).permutation(len(names))
+    halves = {"a": {names[i] for i in perm[: len(names) // 2]}, "b": {names[i] for i in perm[len(names) // 2:]}}
+    people = halves[half] if half else None
+    split = identify_split(labels, enrol, np.random.default_rng(seed), people)
+    genuine, impostor = open_set_scores(work_dir / "eval-db", vectors, split, pipeline.model_id)
+    report = open_set_report(split, genuine, impostor)
+    report.update({"model_id": pipeline.model_id, "folder": str(folder), "enrol": enrol, "seed": seed,
+                   "half": half, "flip": flip, "detection_misses": int((~embedded.found).sum())})
+    if calibrate_on_other_half and half:
+        other = "b" if half == "a" else "a"
+        split2 = identify_split(labels, enrol, np.random.default_rng(seed), halves[other])
+        _, impostor2 = open_set_scores(work_dir / "eval-db-other", vectors, split2, pipeline.model_id)
+        t = threshold_at_far(np.asarray(impostor2), 1e-2)
+        report.update({
+            "calibrated_on_half": other,
+            "calibrated_gallery_people": len(split2.gallery),
+            "calibrated_threshold_fpir_0.01": t,
+            "fpir_measured_at_calibrated_threshold": fpir_at(impostor, t),
+        })
+    return report
+
+
+def calibrate_far_pairs(pairs_file: Path, lfw_dir: Path, pipeline: FacePipeline, far: float, *,
+                        progress: Callable[[int], None] | None = None) -> dict[str, object]:
+    """The 1:1 threshold for ``far`` from the impostor pairs of an LFW-format pairs file."""
+    pairs = read_pairs(pairs_file, lfw_dir)
+    unique = sorted({p.a for p in pairs} | {p.b for p in pairs})
+    embedded = _embed(unique, pipeline, False, progress, True)
+    scores = score_pairs(pairs, embedded, {p: i for i, p in enumerate(unique)})
+    same = np.array([p.same for p in pairs])
+    t = threshold_at_far(scores[~same], far)
+    return {"threshold": t, "target": "far", "target_rate": far, "source": f"LFW {pairs_file.name}",
+            "impostor_pairs": int((~same).sum()), "genuine_pairs": int(same.sum()),
+            "tar_at_threshold": float(np.mean(scores[same] >= t)), "model_id": pipeline.model_id,
+            "resolvable": bool(far * (~same).sum() >= 1)}
+
+
+def calibrate_far_folder(folder: Path, pipeline: FacePipeline, far: float, *, seed: int = 0,
+                         max_impostor_pairs: int = 2_000_000,
+                         progress: Callable[[int], None] | None = None) -> dict[str, object]:
+    """The 1:1 threshold for ``far`` from a labelled folder: all genuine pairs, and up to
+    ``max_impostor_pairs`` random pairs of photos of different people."""
+    paths, labels = labelled_folder(folder)
+    embedded = _embed(paths, pipeline, False, progress, True)
+    ok = ~np.isnan(embedded.vectors).any(axis=1)
+    x = embedded.vectors[ok]
+    lab = np.array(labels)[ok]
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, len(x), max_impostor_pairs)
+    b = rng.integers(0, len(x), max_impostor_pairs)
+    diff = lab[a] != lab[b]
+    impostor = np.sum(x[a[diff]] * x[b[diff]], axis=1)
+    genuine = []
+    for name in np.unique(lab):
+        idx = np.flatnonzero(lab == name)
+        if len(idx) > 1:
+            s = x[idx] @ x[idx].T
+            genuine.append(s[np.triu_indices(len(idx), 1)])
+    gen = np.concatenate(genuine) if genuine else np.zeros(0)
+    t = threshold_at_far(impostor, far)
+    return {"threshold": t, "target": "far", "target_rate": far, "source": f"folder {folder}",
+            "impostor_pairs": int(len(impostor)), "genuine_pairs": int(len(gen)),
+            "tar_at_threshold": float(np.mean(gen >= t)) if len(gen) else None, "model_id": pipeline.model_id,
+            "resolvable": bool(far * len(impostor) >= 1)}
+
+
+def calibrate_fpir_folder(folder: Path, pipeline: FacePipeline, fpir: float, gallery_size: int | None,
+                          work_dir: Path, *, enrol: int = 1, seed: int = 0,
+                          progress: Callable[[int], None] | None = None) -> dict[str, object]:
+    """The 1:N threshold for ``fpir`` at a gallery of ``gallery_size`` people, simulated on a labelled folder:
+    ``gallery_size`` people (of those with more than ``enrol`` photos) are enrolled, every photo of everyone
+    else probes as an impostor; the threshold is the best-match similarity exceeded by at most ``fpir`` of them.
+    """
+    paths, labels = labelled_folder(folder)
+    embedded = _embed(paths, pipeline, False, progress, True)
+    ok = ~np.isnan(embedded.vectors).any(axis=1)
+    vectors = embedded.vectors[ok]
+    labels = [lab for lab, good in zip(labels, ok) if good]
+    counts: dict[str, int] = {}
+    for lab in labels:
+        counts[lab] = counts.get(lab, 0) + 1
+    eligible = sorted(n for n, c in counts.items() if c > enrol)
+    rng = np.random.default_rng(seed)
+    size = len(eligible) if gallery_size is None else min(gallery_size, len(eligible))
+    gallery_people = set(rng.choice(eligible, size, replace=False).tolist()) if size else set()
+    split = Split({}, [], [])
+    for name in sorted(gallery_people):
+        idx = [i for i, lab in enumerate(labels) if lab == name]
+        chosen = sorted(rng.choice(idx, enrol, replace=False).tolist())
+        split.gallery[name] = chosen
+        split.genuine += [(name, i) for i in idx if i not in chosen]
+    split.impostor = [i for i, lab in enumerate(labels) if lab not in gallery_people]
+    genuine, impostor = open_set_scores(work_dir / "calibrate-db", vectors, split, pipeline.model_id)
+    report = open_set_report(split, genuine, impostor, fpirs=(fpir,))
+    t = threshold_at_far(np.asarray(impostor), fpir)
+    return {"threshold": t, "target": "fpir", "target_rate": fpir, "source": f"folder {folder}",
+            "gallery_size": len(split.gallery), "impostor_probes": len(impostor),
+            "genuine_probes": len(genuine), "dir_at_threshold": report.get(f"dir_at_fpir_{fpir:g}"),
+            "model_id": pipeline.model_id, "resolvable": bool(fpir * len(impostor) >= 1)}

@@ -71,7 +71,7 @@ def test_identify_matches_brute_force_oracle(gallery, rng):
 
 
 def test_single_vector_gives_single_answer_and_batch_equals_singles(gallery, rng):
-    db, names, vecs = gallery
+    db, _names, _vecs = gallery
     probes = unit_rows(rng, 5, DIM)
     batch = db.identify(probes, k=3)
     singles = [db.identify(p, k=3) for p in probes]
@@ -229,7 +229,7 @@ def _templates_and_answers(db, probes):
 
 @pytest.mark.parametrize("damage", ["delete", "truncate", "garbage", "stale"])
 def test_index_is_rebuilt_when_file_is_missing_damaged_or_stale(gallery, rng, damage):
-    db, names, vecs = gallery
+    db, _names, _vecs = gallery
     probes = unit_rows(rng, 20, DIM)
     db.save_index()
     root = db.root

@@ -31,13 +31,14 @@ def png_header_only(w: int, h: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "LA"])
 def test_modes_become_rgb(mode):
     im = rgb().convert(mode) if mode != "I;16" else Image.fromarray(
-        (np.arange(24 * 32, dtype=np.uint16).reshape(24, 32) * 80))
+        np.arange(24 * 32, dtype=np.uint16).reshape(24, 32) * 80)
     fmt = "TIFF" if mode in ("CMYK", "I;16") else "PNG"
     photo = load_photo(encode(im, fmt), name="x")
     assert photo.pixels.dtype == np.uint8 and photo.pixels.shape == (24, 32, 3)

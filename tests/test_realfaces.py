@@ -48,7 +48,7 @@ def dlib_pipeline():
 def test_mtcnn_finds_one_face_in_lfw_photos_and_none_in_blank(lfw):
     need("facenet_pytorch")
     from facedb.images import load_photo
-    from facedb.pipeline import _detector, DetectorSettings
+    from facedb.pipeline import DetectorSettings, _detector
 
     det = _detector(DetectorSettings())
     for rel in ONE_FACE:
@@ -68,7 +68,7 @@ def test_large_photos_are_downscaled_and_boxes_stay_in_original_pixels(lfw):
     from PIL import Image
 
     from facedb.images import load_photo
-    from facedb.pipeline import _detector, DetectorSettings
+    from facedb.pipeline import DetectorSettings, _detector
 
     small = load_photo(lfw / ONE_FACE[0]).pixels
     big = np.asarray(Image.fromarray(small).resize((1000, 1000), Image.BILINEAR))

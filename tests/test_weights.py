@@ -17,7 +17,7 @@ PAYLOAD = bytes(range(256)) * 4096  # 1 MiB of test bytes standing in for a weig
 class Handler(http.server.BaseHTTPRequestHandler):
     mode = "good"
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         body = PAYLOAD
         if self.mode == "wrong":
             body = PAYLOAD[::-1]
