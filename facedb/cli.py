@@ -314,6 +314,8 @@ def search(
 
     failed = 0
     with _open(ctx, weights=weights) as db:
+        if threshold is None and (warning := db.calibration_warning()):
+            typer.echo(f"warning: {warning}", err=True)
         for photo in photos:
             label = display_name(photo)
             try:

@@ -524,6 +524,25 @@ class FaceDB:
             return len(self._gallery.index)
 
     # ------------------------------------------------------------ inspection
+    def calibration_warning(self) -> str | None:
+        """A warning when the gallery has grown well past (over 2x) the size the threshold was calibrated for.
+
+        In 1:N search the chance that some stranger scores above the threshold grows with the gallery, so a
+        threshold calibrated for FPIR at N people admits more false matches at 10 N.
+        """
+        raw = self.store.get_meta("calibration")
+        if not raw:
+            return None
+        cal = json.loads(raw)
+        size = cal.get("gallery_size")
+        if cal.get("target") != "fpir" or not size:
+            return None
+        people = self.store.counts()["people"]
+        if people > 2 * int(size):
+            return (f"the threshold was calibrated for FPIR {cal.get('target_rate')} at {size} people; the "
+                    f"gallery now has {people}: recalibrate (`facedb calibrate --fpir ...`)")
+        return None
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
             meta = self.store.all_meta()
@@ -545,6 +564,7 @@ class FaceDB:
                 "index_file_generation": stamp["generation"] if stamp else None,
                 "schema_version": SCHEMA_VERSION,
                 "created_at": meta.get("created_at"),
+                "warnings": [w for w in [self.calibration_warning()] if w],
             }
 
     def check(self) -> CheckReport:

@@ -284,3 +284,22 @@ def test_add_is_atomic_when_a_row_fails(tmp_path, rng):
         with pytest.raises(InvalidInputError):
             db.add_embeddings("a", unit_rows(rng, 3, DIM), boxes=[[0, 0, 1, 1]])  # 1 box for 3 vectors
         assert db.stats()["templates"] == 0
+
+
+def test_stored_threshold_is_used_and_growth_past_calibration_warns(tmp_path, rng):
+    with make_db(tmp_path / "db", threshold=0.99) as db:
+        v = unit_rows(rng, 1, DIM)
+        db.add_embeddings("a", v, create=True)
+        probe = v[0] + 0.4 * unit_rows(rng, 1, DIM)[0]
+        probe /= np.linalg.norm(probe)
+        sim = db.identify(probe, k=1).similarity
+        assert db.identify(probe, k=1).identity is None  # 0.99 is stricter than this probe
+        db.set_threshold(sim - 0.01, "calibrated: fpir 0.01 on test", target="fpir", target_rate=0.01,
+                         gallery_size=2)
+        assert db.identify(probe, k=1).identity == "a" and db.identify(probe, k=1).threshold == sim - 0.01
+        stats = db.stats()
+        assert stats["calibration"]["gallery_size"] == 2 and stats["warnings"] == []
+        db.add_embeddings_many([(f"p{i}", unit_rows(rng, 1, DIM)) for i in range(5)])
+        assert "recalibrate" in db.calibration_warning()
+        with pytest.raises(InvalidInputError):
+            db.set_threshold(1.5, "nonsense")
