@@ -362,6 +362,53 @@ def verify(
         raise typer.Exit(2)
 
 
+def _since(value: str | None) -> str | None:
+    """'2026-11-28T10:00', '90m', '24h', '7d' -> an ISO 8601 UTC time."""
+    from datetime import datetime, timedelta, timezone
+
+    if value is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if value[-1:] in units and value[:-1].replace(".", "", 1).isdigit():
+        when = datetime.now(timezone.utc) - timedelta(seconds=float(value[:-1]) * units[value[-1]])
+    else:
+        try:
+            when = datetime.fromisoformat(value)
+        except ValueError:
+            raise InvalidInputError(f"--since takes an ISO time or an age like 24h or 7d, got {value!r}") from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@command()
+def audit(
+    ctx: typer.Context,
+    since: Annotated[str | None, typer.Option(help="ISO time (UTC if no zone) or an age: 90m, 24h, 7d.")] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many records.")] = None,
+) -> None:
+    """Read the audit trail of decisions (identity '-' / null = unknown), oldest first."""
+    with _open(ctx) as db:
+        rows = db.audit(_since(since), limit)
+    _emit(ctx, rows, ["time", "operation", "identity", "similarity", "threshold", "image_sha256"])
+
+
+@command(name="audit-settings")
+def audit_settings(
+    ctx: typer.Context,
+    enable: Annotated[bool | None, typer.Option("--enable/--disable", help="Switch the trail on or off.")] = None,
+    retention_days: Annotated[float | None, typer.Option(help="Keep records this many days (0 = forever).")] = None,
+    store_embeddings: Annotated[
+        bool | None,
+        typer.Option("--store-embeddings/--no-store-embeddings", help="Also store each probe's embedding."),
+    ] = None,
+) -> None:
+    """Show or change the audit trail's settings."""
+    with _open(ctx) as db:
+        _emit_kv(ctx, db.configure_audit(enabled=enable, retention_days=retention_days,
+                                         store_embeddings=store_embeddings))
+
+
 eval_app = typer.Typer(help="Measure accuracy: LFW verification, open-set identification.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 

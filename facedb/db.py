@@ -32,7 +32,7 @@ from .errors import (
 )
 from .index import load_index, new_index, save_index
 from .records import CheckReport, EnrollReport, FaceMatch, Identification, Person, Skipped, Verification
-from .scores import as_unit_rows
+from .scores import as_unit_rows, to_blob
 from .store import SCHEMA_VERSION, Store
 
 if TYPE_CHECKING:
@@ -176,6 +176,7 @@ class FaceDB:
         if calibration:
             items["calibration"] = json.dumps(calibration, sort_keys=True)
         self.store.set_meta(items)
+        self._audit("calibrate", [{"threshold": float(threshold), "detail": {"source": source}}])
 
     def check_model(self, model_id: str, dim: int) -> None:
         """Raise ModelMismatchError unless ``model_id``/``dim`` are the database's."""
@@ -202,7 +203,9 @@ class FaceDB:
 
     def rename_person(self, old: str, new: str) -> Person:
         with self._lock:
-            return self.store.rename_person(old, new)
+            person = self.store.rename_person(old, new)
+        self._audit("rename", [{"identity": new, "detail": {"from": old}}])
+        return person
 
     def update_metadata(self, name: str, metadata: dict[str, Any]) -> Person:
         with self._lock:
@@ -217,7 +220,8 @@ class FaceDB:
             ids = self.store.remove_person(name)
             if self._gallery is not None:
                 self._sync()
-            return len(ids)
+        self._audit("remove", [{"identity": name, "detail": {"templates": len(ids)}}])
+        return len(ids)
 
     def add_embeddings(
         self,
@@ -280,6 +284,14 @@ class FaceDB:
         """
         single = np.ndim(vectors) == 1
         x = as_unit_rows(vectors, self.dim)
+        out = self._identify(x, k, threshold)
+        self._audit("identify", [
+            {"identity": a.identity, "similarity": a.similarity, "threshold": a.threshold, "vector": v}
+            for a, v in zip(out, x)
+        ])
+        return out[0] if single else out
+
+    def _identify(self, x: np.ndarray, k: int, threshold: float | None) -> list[Identification]:
         if not isinstance(k, int) or k < 1:
             raise InvalidInputError("k must be a positive integer")
         with self._lock:
@@ -287,8 +299,7 @@ class FaceDB:
             gallery = self._sync()
             ranked = gallery.top_people(x, k)
             names = self.store.names([pid for pairs in ranked for pid, _ in pairs])
-        out = [engine.decide(engine.candidates(pairs, names), thr) for pairs in ranked]
-        return out[0] if single else out
+        return [engine.decide(engine.candidates(pairs, names), thr) for pairs in ranked]
 
     def verify(
         self, probe: object, name: str, threshold: float | None = None, *, model: FacePipeline | None = None
@@ -298,6 +309,7 @@ class FaceDB:
         ``probe`` is a unit vector ``(dim,)``, or a photo (path, bytes, PIL image, HWC uint8 array), in which
         the largest face is used (NoFaceError if there is none).
         """
+        sha = None
         if isinstance(probe, np.ndarray) and probe.ndim == 1:
             x = as_unit_rows(probe, self.dim)
         else:
@@ -307,13 +319,18 @@ class FaceDB:
                 raise NoFaceError(f"{analysed.photo.name}: no face found")
             face = max(analysed.faces, key=lambda f: f.area)
             x = pipe.embed([(analysed.photo, face)])
+            sha = analysed.photo.sha256
         with self._lock:
             thr = self.threshold if threshold is None else float(threshold)
             person = self.store.person(name)
             templates = self.store.person_vectors([person.id])[person.id]
         if not len(templates):
             raise InvalidInputError(f"{name!r} has no templates to verify against")
-        return engine.verify_scores(x[0], templates, name, thr)
+        result = engine.verify_scores(x[0], templates, name, thr)
+        self._audit("verify", [{"image_sha256": sha, "identity": name if result.accepted else None,
+                                "similarity": result.similarity, "threshold": thr, "detail": {"claimed": name},
+                                "vector": x[0]}])
+        return result
 
     # ------------------------------------------------------------------ photos
     def pipeline(self, model: FacePipeline | None = None, *, weights: Path | None = None) -> FacePipeline:
@@ -397,6 +414,8 @@ class FaceDB:
                     continue
                 report.template_ids.extend(ids)
                 report.faces_stored += len(ids)
+                self._audit("enroll", [{"image_sha256": photo.sha256, "identity": name,
+                                        "detail": {"templates": len(ids)}}])
                 if name not in report.people:
                     report.people.append(name)
             if progress is not None:
@@ -418,8 +437,12 @@ class FaceDB:
         if not analysed.faces:
             return []
         vectors = pipe.embed([(analysed.photo, f) for f in analysed.faces])
-        answers = self.identify(vectors, k=k, threshold=threshold)
-        assert isinstance(answers, list)
+        answers = self._identify(vectors, k, threshold)
+        self._audit("search", [
+            {"image_sha256": analysed.photo.sha256, "identity": a.identity, "similarity": a.similarity,
+             "threshold": a.threshold, "detail": {"box": [round(c, 1) for c in face.box]}, "vector": v}
+            for face, a, v in zip(analysed.faces, answers, vectors)
+        ])
         return [
             FaceMatch(
                 image=analysed.photo.name, box=[round(c, 1) for c in face.box], det_score=round(face.score, 4),
@@ -428,6 +451,58 @@ class FaceDB:
             )
             for face, a in zip(analysed.faces, answers)
         ]
+
+    # ------------------------------------------------------------------- audit
+    def configure_audit(
+        self, *, enabled: bool | None = None, retention_days: float | None = None,
+        store_embeddings: bool | None = None,
+    ) -> dict[str, Any]:
+        """Switch the audit trail on or off, set its retention (days; 0 = keep forever), and whether probe
+        embeddings are stored with each decision (off by default: they are biometric data)."""
+        items: dict[str, str] = {}
+        if enabled is not None:
+            items["audit_enabled"] = "1" if enabled else "0"
+        if retention_days is not None:
+            if retention_days < 0:
+                raise InvalidInputError("retention_days must be >= 0 (0 keeps records forever)")
+            items["audit_retention_days"] = repr(float(retention_days))
+        if store_embeddings is not None:
+            items["audit_store_embeddings"] = "1" if store_embeddings else "0"
+        if items:
+            self.store.set_meta(items)
+        return self.audit_settings()
+
+    def audit_settings(self) -> dict[str, Any]:
+        meta = self.store.all_meta()
+        return {
+            "enabled": meta.get("audit_enabled", "1") == "1",
+            "retention_days": float(meta.get("audit_retention_days", "90")),
+            "store_embeddings": meta.get("audit_store_embeddings", "0") == "1",
+        }
+
+    def audit(self, since: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """The audit trail from ``since`` (ISO 8601 UTC time) on, oldest first."""
+        with self._lock:
+            return self.store.audit(since, limit)
+
+    def _audit(self, operation: str, records: list[dict[str, Any]]) -> None:
+        """Append decisions to the audit trail: time, operation, image hash, identity (None = unknown),
+        similarity, threshold, model. The probe's embedding only when configured to."""
+        if self.readonly or not records:
+            return
+        settings = self.audit_settings()
+        if not settings["enabled"]:
+            return
+        keep = settings["retention_days"] or None
+        rows = []
+        for rec in records:
+            vector = rec.pop("vector", None)
+            rec.update(operation=operation, model_id=self.model_id)
+            if settings["store_embeddings"] and vector is not None:
+                rec["embedding"] = to_blob(vector)
+            rows.append(rec)
+        with self._lock:
+            self.store.append_audit(rows, keep)
 
     # ------------------------------------------------------------------- index
     def _stamp(self) -> dict[str, Any] | None:

@@ -80,6 +80,24 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX changes_generation ON changes(generation);
     """,
+    """
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        time TEXT NOT NULL,
+        operation TEXT NOT NULL,
+        image_sha256 TEXT,
+        identity TEXT,
+        similarity REAL,
+        threshold REAL,
+        model_id TEXT NOT NULL,
+        detail TEXT,
+        embedding BLOB
+    );
+    CREATE INDEX audit_time ON audit(time);
+    INSERT OR IGNORE INTO meta (key, value) VALUES ('audit_enabled', '1');
+    INSERT OR IGNORE INTO meta (key, value) VALUES ('audit_retention_days', '90');
+    INSERT OR IGNORE INTO meta (key, value) VALUES ('audit_store_embeddings', '0');
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -124,6 +142,7 @@ class Store:
         self.path = path
         self.conn = conn
         self.db = sqlite_utils.Database(conn)
+        self._audit_conn: sqlite3.Connection | None = None
         self.dim = int(self.get_meta("dim", "0"))
 
     # ------------------------------------------------------------------ opening
@@ -208,6 +227,8 @@ class Store:
             self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
+        if self._audit_conn is not None:
+            self._audit_conn.close()
         self.conn.close()
 
     # ------------------------------------------------------------ transactions
@@ -570,6 +591,63 @@ class Store:
         if crossed:
             problems.append(f"{crossed} templates belong to a person other than their image's")
         return checks, problems
+
+    # ------------------------------------------------------------------- audit
+    def _audit_connection(self) -> sqlite3.Connection:
+        # Decisions are logged on every search, so their commits must not cost an fsync each: a connection of
+        # their own with synchronous=NORMAL (in WAL mode that survives a process crash; a power cut can lose
+        # the last records before the next checkpoint). Templates and people stay synchronous=FULL.
+        if self._audit_conn is None:
+            conn = self._connect(self.path, readonly=False)
+            conn.execute("PRAGMA synchronous = NORMAL")
+            self._audit_conn = conn
+        return self._audit_conn
+
+    def append_audit(self, rows: Sequence[dict[str, Any]], retention_days: float | None) -> None:
+        """Append decision records (one transaction) and drop those older than the retention period."""
+        if not rows:
+            return
+        now = utcnow()
+        conn = self._audit_connection()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise DatabaseError(f"{self.path}: cannot write the audit trail ({exc})") from None
+        try:
+            conn.executemany(
+                "INSERT INTO audit (time, operation, image_sha256, identity, similarity, threshold, model_id, "
+                "detail, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(now, r["operation"], r.get("image_sha256"), r.get("identity"), r.get("similarity"),
+                  r.get("threshold"), r["model_id"], json.dumps(r["detail"]) if r.get("detail") else None,
+                  r.get("embedding")) for r in rows],
+            )
+            if retention_days is not None:
+                cutoff = datetime.fromtimestamp(
+                    datetime.now(timezone.utc).timestamp() - retention_days * 86400, timezone.utc
+                ).isoformat(timespec="milliseconds")
+                conn.execute("DELETE FROM audit WHERE time < ?", (cutoff,))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK")
+            raise DatabaseError(f"{self.path}: cannot write the audit trail ({exc})") from None
+
+    def audit(self, since: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """Audit records at or after ``since`` (ISO 8601, UTC), oldest first."""
+        sql = "SELECT id, time, operation, image_sha256, identity, similarity, threshold, model_id, detail, " \
+              "embedding IS NOT NULL FROM audit WHERE time >= ? ORDER BY id"
+        params: list[Any] = [since or ""]
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        keys = ("id", "time", "operation", "image_sha256", "identity", "similarity", "threshold", "model_id",
+                "detail", "has_embedding")
+        out = []
+        for row in self.conn.execute(sql, params):
+            rec = dict(zip(keys, row))
+            rec["detail"] = json.loads(rec["detail"]) if rec["detail"] else None
+            rec["has_embedding"] = bool(rec["has_embedding"])
+            out.append(rec)
+        return out
 
     def vacuum(self) -> None:
         """Rewrite the file, dropping free pages, then truncate the WAL (so no removed bytes linger)."""

@@ -171,3 +171,41 @@ def test_enroll_with_wrong_model_is_refused(tmp_path, fake_cli):
     run(db, "init", "--model", "other", "--dim", "32")
     res = run(db, "enroll", "x", str(photo(tmp_path / "a.png", [RED])), ok=False)
     assert res.exit_code == 1 and "fake-colour" in res.stderr
+
+
+def test_audit_trail(tmp_path, fake_cli):
+    db = tmp_path / "db"
+    run(db, "init", "--model", FakeEmbedder.model_id, "--dim", str(FakeEmbedder.dim), "--threshold", "0.8")
+    run(db, "enroll", "red", str(photo(tmp_path / "r.png", [RED])))
+    probe = photo(tmp_path / "probe.png", [RED, BLUE], seed=3)
+    run(db, "search", str(probe))
+    run(db, "verify", "red", str(probe))
+    rows = jlines(run(db, "--json", "audit"))
+    ops = [r["operation"] for r in rows]
+    assert ops == ["enroll", "search", "search", "verify"]
+    searches = [r for r in rows if r["operation"] == "search"]
+    assert [r["identity"] for r in searches] == ["red", None]  # unknown is recorded as null
+    assert all(r["model_id"] == FakeEmbedder.model_id and r["threshold"] == 0.8 for r in searches)
+    assert all(len(r["image_sha256"]) == 64 and r["has_embedding"] is False for r in rows)
+    assert jlines(run(db, "--json", "audit", "--since", "1h"))[0]["operation"] == "enroll"
+    assert jlines(run(db, "--json", "audit", "--since", "2999-01-01")) == []
+    assert run(db, "audit", "--since", "yesterday-ish", ok=False).exit_code == 1
+
+    settings = jlines(run(db, "--json", "audit-settings", "--store-embeddings", "--retention-days", "30"))[0]
+    assert settings == {"enabled": True, "retention_days": 30.0, "store_embeddings": True}
+    run(db, "search", str(probe))
+    assert jlines(run(db, "--json", "audit"))[-1]["has_embedding"] is True
+    run(db, "audit-settings", "--disable")
+    before = len(jlines(run(db, "--json", "audit")))
+    run(db, "search", str(probe))
+    assert len(jlines(run(db, "--json", "audit"))) == before
+
+
+def test_audit_retention_drops_old_records(tmp_path):
+    with FaceDB.create(tmp_path / "db", model_id="m", dim=4, threshold=0.5) as d:
+        d.add_embeddings("a", np.eye(4, dtype=np.float32)[:1], create=True)
+        d.identify(np.eye(4, dtype=np.float32)[0])
+        d.store.conn.execute("UPDATE audit SET time = '2000-01-01T00:00:00.000+00:00'")
+        d.configure_audit(retention_days=1)
+        d.identify(np.eye(4, dtype=np.float32)[1])
+        assert [r["operation"] for r in d.audit()] == ["identify"]

@@ -303,3 +303,18 @@ def test_stored_threshold_is_used_and_growth_past_calibration_warns(tmp_path, rn
         assert "recalibrate" in db.calibration_warning()
         with pytest.raises(InvalidInputError):
             db.set_threshold(1.5, "nonsense")
+
+
+def test_older_schema_is_migrated_on_open(tmp_path, rng):
+    with make_db(tmp_path / "db") as db:
+        db.add_embeddings("a", unit_rows(rng, 1, DIM), create=True)
+        conn = db.store.conn
+        conn.execute("DROP TABLE audit")
+        conn.execute("DELETE FROM meta WHERE key LIKE 'audit_%'")
+        conn.execute("PRAGMA user_version = 1")
+    with FaceDB.open(tmp_path / "db") as db:
+        assert db.store.conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.audit_settings()["enabled"] is True
+        db.identify(unit_rows(rng, 1, DIM)[0])
+        assert [r["operation"] for r in db.audit()] == ["identify"]
+        assert db.person("a").templates == 1

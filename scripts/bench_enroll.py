@@ -1,0 +1,93 @@
+"""Enrolment throughput: end to end (decode -> detect -> align -> embed -> store -> index) against the raw
+embedder on pre-aligned crops, and the detector alone. Prints a table and writes JSON.
+
+    python scripts/bench_enroll.py [--model dlib-resnet] [--photos 200] [--weights FILE]
+
+FaceNet with --weights random runs randomly initialised InceptionResnetV1 weights: the same computation as
+the published weights (which cannot be downloaded here), so its speed, not its accuracy, is representative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+from facedb import FaceDB
+from facedb.pipeline import get_pipeline, list_folder
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="dlib-resnet")
+    ap.add_argument("--weights", default=None, help="FaceNet weights file, or 'random'")
+    ap.add_argument("--photos", type=int, default=200)
+    ap.add_argument("--folder", type=Path, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    folder = args.folder or Path(os.environ.get("FACEDB_TEST_DATA", "../shared/facedata")) / "lfw_deepfunneled"
+    people = list_folder(folder)
+    photos = [p for _, files in people for p in files][: args.photos]
+    weights = None
+    tmp = tempfile.TemporaryDirectory()
+    if args.weights == "random":
+        import torch
+        from facenet_pytorch import InceptionResnetV1
+
+        weights = Path(tmp.name) / "random.pt"
+        torch.save(InceptionResnetV1().state_dict(), weights)
+    elif args.weights:
+        weights = Path(args.weights)
+    from facedb.pipeline import DetectorSettings
+
+    pipe = get_pipeline(args.model, weights=weights, settings=DetectorSettings(device=args.device))
+    pipe.analyse(photos[0])  # load the models before timing
+
+    t = time.perf_counter()
+    analysed = [pipe.analyse(p) for p in photos]
+    detect_s = time.perf_counter() - t
+    items = [(a.photo, a.faces[0]) for a in analysed if a.faces]
+    crops = [pipe.embedder.align(p.pixels, f) for p, f in items]
+    t = time.perf_counter()
+    pipe.embedder.embed(crops)
+    embed_s = time.perf_counter() - t
+
+    root = Path(tmp.name) / "db"
+    by_person: dict[str, list[Path]] = {}
+    for name, files in people:
+        for f in files:
+            if f in set(photos):
+                by_person.setdefault(name, []).append(f)
+    with FaceDB.create(root, model_id=pipe.model_id, dim=pipe.embedder.dim, threshold=0.5) as db:
+        t = time.perf_counter()
+        report = db.enroll_many(list(by_person.items()), model=pipe, on_multiple="largest")
+        db.save_index()
+        e2e_s = time.perf_counter() - t
+    res = {
+        "model": pipe.model_id,
+        "device": args.device,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "photos": len(photos),
+        "faces_stored": report.faces_stored,
+        "detect_photos_per_s": len(photos) / detect_s,
+        "raw_embed_faces_per_s": len(crops) / embed_s,
+        "end_to_end_photos_per_s": len(photos) / e2e_s,
+        "end_to_end_faces_per_s": report.faces_stored / e2e_s,
+    }
+    res["end_to_end_share_of_raw_embedder"] = res["end_to_end_faces_per_s"] / res["raw_embed_faces_per_s"]
+    out = args.out or Path(f"bench-results/enroll-{pipe.model_id.split('-')[0]}-{args.device}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    width = max(len(k) for k in res)
+    for k, v in res.items():
+        print(f"{k.ljust(width)}  {v:.3f}" if isinstance(v, float) else f"{k.ljust(width)}  {v}")
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
