@@ -1,0 +1,245 @@
+"""Reliability drills used by the tests and by ``scripts/soak_concurrency.py`` / ``scripts/crash_drill.py``.
+
+* ``run_concurrency``: reader processes search continuously while a writer enrols and removes people; counts
+  errors and any result naming a person whose removal had returned before that search started.
+* ``run_crash_drill``: a writer process is killed with SIGKILL at random moments during add, remove, reindex
+  and calibrate; after each kill the database must pass ``check`` and hold exactly what was acknowledged.
+
+Processes are started with ``spawn`` (after torch or faiss are loaded, a forked child can hang). Vectors are
+synthetic unit vectors: these drills test the database, not a model.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DIM = 32
+MODEL = "soak-synthetic"
+
+
+def person_vectors(name: str, n: int = 2) -> np.ndarray:
+    """Deterministic unit vectors for a person name (the same in every process)."""
+    seed = int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little") ^ len(name)
+    x = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _reader(root: str, seconds: float, victims: list[str], out: str, seed: int) -> None:
+    from .db import FaceDB
+
+    rng = np.random.default_rng(seed)
+    records: list[tuple[float, list[str]]] = []
+    errors: list[str] = []
+    deadline = time.time() + seconds
+    with FaceDB.open(root) as db:
+        while time.time() < deadline:
+            name = victims[int(rng.integers(len(victims)))]
+            probe = person_vectors(name)[0]
+            started = time.time()
+            try:
+                ans = db.identify(probe, k=3)
+                records.append((started, [c.name for c in ans.candidates]))
+            except Exception as exc:  # every error counts; the drill must see 0
+                errors.append(f"{type(exc).__name__}: {exc}")
+    Path(out).write_text(json.dumps({"records": records, "errors": errors}))
+
+
+def _writer(root: str, seconds: float, victims: list[str], out: str) -> None:
+    from .db import FaceDB
+
+    removed: dict[str, float] = {}
+    errors: list[str] = []
+    added = 0
+    deadline = time.time() + seconds
+    with FaceDB.open(root) as db:
+        i = 0
+        while time.time() < deadline:
+            try:
+                db.add_embeddings(f"new-{i}", person_vectors(f"new-{i}"), create=True)
+                added += 1
+                if i < len(victims):
+                    db.remove_person(victims[i])
+                    removed[victims[i]] = time.time()  # after it returned
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+            i += 1
+            time.sleep(0.01)
+    Path(out).write_text(json.dumps({"removed": removed, "errors": errors, "added": added}))
+
+
+def run_concurrency(seconds: float = 5.0, readers: int = 4, people: int = 200) -> dict[str, Any]:
+    """Run the concurrent readers + writer drill on a fresh database; returns the counts."""
+    from .db import FaceDB
+
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = str(Path(tmp) / "db")
+        names = [f"person-{i}" for i in range(people)]
+        with FaceDB.create(root, model_id=MODEL, dim=DIM, threshold=0.5) as db:
+            db.add_embeddings_many([(n, person_vectors(n)) for n in names])
+            db.save_index()
+        victims = names[: people // 2]
+        procs = []
+        outs = []
+        for r in range(readers):
+            out = str(Path(tmp) / f"reader-{r}.json")
+            outs.append(out)
+            procs.append(ctx.Process(target=_reader, args=(root, seconds, victims, out, r)))
+        wout = str(Path(tmp) / "writer.json")
+        procs.append(ctx.Process(target=_writer, args=(root, seconds, victims, wout)))
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(seconds + 120)
+        crashed = [p.exitcode for p in procs if p.exitcode != 0]
+        w = json.loads(Path(wout).read_text()) if Path(wout).exists() else {"removed": {}, "errors": ["missing"]}
+        searches = 0
+        stale = 0
+        errors = list(w["errors"])
+        for out in outs:
+            if not Path(out).exists():
+                errors.append("reader produced no report")
+                continue
+            r = json.loads(Path(out).read_text())
+            errors += r["errors"]
+            searches += len(r["records"])
+            for started, names_found in r["records"]:
+                stale += sum(1 for n in names_found if n in w["removed"] and w["removed"][n] < started)
+        with FaceDB.open(root) as db:
+            ok = db.check().ok
+    return {"seconds": seconds, "readers": readers, "searches": searches, "errors": len(errors),
+            "error_samples": errors[:3], "removed_people": len(w["removed"]), "added_people": w.get("added", 0),
+            "results_naming_removed_people": stale, "crashed_processes": len(crashed), "check_ok": ok}
+
+
+# ------------------------------------------------------------------------------------------ crash drill
+def crash_writer(root: str, journal: str, seed: int) -> None:
+    """Loop forever doing writes; journal 'begin <op> <arg>' before and 'done <op> <arg>' after each (fsynced)."""
+    from .db import FaceDB
+
+    rng = np.random.default_rng(seed)
+
+    def note(log: Any, line: str) -> None:
+        log.write(line + "\n")
+        log.flush()
+        os.fsync(log.fileno())
+
+    with FaceDB.open(root) as db, open(journal, "a") as log:
+        i = 0
+        while True:
+            op = ("add", "add", "remove", "reindex", "calibrate")[int(rng.integers(5))]
+            if op == "add":
+                arg = f"s{seed}-{i}"
+            elif op == "remove":
+                alive = [p.name for p in db.people()]
+                if not alive:
+                    continue
+                arg = alive[int(rng.integers(len(alive)))]
+            elif op == "calibrate":
+                arg = str(round(float(rng.uniform(0.3, 0.9)), 4))
+            else:
+                arg = "-"
+            note(log, f"begin {op} {arg}")
+            if op == "add":
+                db.add_embeddings(arg, person_vectors(arg, 3), create=True)
+            elif op == "remove":
+                db.remove_person(arg)
+            elif op == "reindex":
+                db.rebuild_index()
+            else:
+                db.set_threshold(float(arg), "drill")
+            note(log, f"done {op} {arg}")
+            i += 1
+
+
+def _expected(journal: Path) -> tuple[set[str], set[str], set[str], tuple[str, str] | None]:
+    """(acknowledged present, acknowledged removed, allowed thresholds, the op in flight at the kill)."""
+    present: set[str] = set()
+    gone: set[str] = set()
+    thresholds = {"0.5"}
+    pending = None
+    for line in journal.read_text().splitlines():
+        parts = line.split()
+        if len(parts) != 3:
+            continue  # a line cut by the kill
+        kind, op, arg = parts
+        if kind == "begin":
+            pending = (op, arg)
+            continue
+        pending = None
+        if op == "add":
+            present.add(arg)
+            gone.discard(arg)
+        elif op == "remove":
+            present.discard(arg)
+            gone.add(arg)
+        elif op == "calibrate":
+            thresholds = {arg}
+    if pending and pending[0] == "calibrate":
+        thresholds.add(pending[1])  # committed or not: both are acceptable
+    return present, gone, thresholds, pending
+
+
+def run_crash_drill(kills: int = 200, seed: int = 0, min_delay: float = 0.8, max_delay: float = 2.0
+                    ) -> dict[str, Any]:
+    """Kill a writer ``kills`` times at random moments; verify the database after each kill."""
+    from .db import FaceDB
+
+    rng = np.random.default_rng(seed)
+    failures: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = str(Path(tmp) / "db")
+        journal = Path(tmp) / "journal.txt"
+        journal.touch()
+        FaceDB.create(root, model_id=MODEL, dim=DIM, threshold=0.5).close()
+        for k in range(kills):
+            proc = subprocess.Popen(
+                [sys.executable, "-c", f"from facedb.soak import crash_writer; crash_writer({root!r}, "
+                 f"{str(journal)!r}, {k})"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            )
+            time.sleep(float(rng.uniform(min_delay, max_delay)))  # the writer needs ~0.7 s to start
+            if proc.poll() is not None:
+                failures.append(f"kill {k}: writer exited by itself: {proc.stderr.read().decode()[-300:]}")
+                continue
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            proc.stderr.close()
+            present, gone, thresholds, pending = _expected(journal)
+            with FaceDB.open(root) as db:
+                report = db.check()
+                if not report.ok:
+                    failures.append(f"kill {k}: check failed: {report.problems}")
+                names = {p.name for p in db.people()}
+                in_flight = pending[1] if pending else None
+                missing = present - names - ({in_flight} if pending and pending[0] == "remove" else set())
+                if missing:
+                    failures.append(f"kill {k}: acknowledged adds missing: {sorted(missing)[:3]}")
+                back = gone & names
+                if back:
+                    failures.append(f"kill {k}: acknowledged removals present: {sorted(back)[:3]}")
+                for p in names:
+                    if db.person(p).templates != 3:  # all or nothing, in flight or not
+                        failures.append(f"kill {k}: {p} has {db.person(p).templates} templates, not 3")
+                if repr(db.threshold) not in thresholds and str(db.threshold) not in thresholds:
+                    failures.append(f"kill {k}: threshold {db.threshold} is none of {sorted(thresholds)}")
+                for v in gone:
+                    ans = db.identify(person_vectors(v, 3)[0], k=5)
+                    if any(c.name == v for c in ans.candidates):
+                        failures.append(f"kill {k}: removed {v} still found")
+        with FaceDB.open(root) as db:
+            people = len(db.people())
+        acknowledged = sum(1 for ln in journal.read_text().splitlines() if ln.startswith("done "))
+    return {"kills": kills, "failures": len(failures), "failure_samples": failures[:5], "people_at_end": people,
+            "operations_acknowledged": acknowledged}
