@@ -228,6 +228,14 @@ def check(ctx: typer.Context) -> None:
         raise typer.Exit(1)
 
 
+@command()
+def vacuum(ctx: typer.Context) -> None:
+    """Compact the database so no byte of removed people's templates remains in its files."""
+    with _open(ctx) as db:
+        db.vacuum()
+        _emit_kv(ctx, {"vacuumed": str(db.root)})
+
+
 @command(name="rebuild-index")
 def rebuild_index(ctx: typer.Context) -> None:
     """Rebuild the index from the store (it is also rebuilt by itself whenever found stale)."""

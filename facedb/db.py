@@ -598,6 +598,16 @@ class FaceDB:
             self._maybe_save(force=True)
             return len(self._gallery.index)
 
+    def vacuum(self) -> None:
+        """Compact the store and rewrite the index file, so that no byte of a removed template remains in any
+        file of the database (``remove`` already zeroes freed SQLite pages; this also drops them, truncates the
+        write-ahead log and replaces the index file)."""
+        with self._lock:
+            self.store.vacuum()
+            self._sync()
+            self._maybe_save(force=True)
+            self.store.vacuum()  # the stamp update above went through the WAL: truncate it again
+
     # ------------------------------------------------------------ inspection
     def calibration_warning(self) -> str | None:
         """A warning when the gallery has grown well past (over 2x) the size the threshold was calibrated for.

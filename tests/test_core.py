@@ -318,3 +318,47 @@ def test_older_schema_is_migrated_on_open(tmp_path, rng):
         db.identify(unit_rows(rng, 1, DIM)[0])
         assert [r["operation"] for r in db.audit()] == ["identify"]
         assert db.person("a").templates == 1
+
+
+def test_no_byte_of_a_removed_template_remains_after_vacuum(tmp_path, rng):
+    root = tmp_path / "db"
+    with make_db(root) as db:
+        keep = unit_rows(rng, 3, DIM)
+        gone = unit_rows(rng, 4, DIM)
+        db.add_embeddings("keep", keep, create=True)
+        db.add_embeddings("gone", gone, create=True)
+        db.identify(keep[0])
+        db.save_index()
+
+        def files_hold(vectors):
+            blobs = [np.asarray(v, dtype="<f4").tobytes() for v in vectors]
+            data = [f.read_bytes() for f in root.iterdir() if f.is_file()]
+            return [any(b in d for d in data) for b in blobs]
+
+        assert all(files_hold(gone))  # the scan does find templates that are there
+        db.remove_person("gone")
+        db.vacuum()
+        assert not any(files_hold(gone))
+        assert all(files_hold(keep))
+        assert db.identify(keep[0]).identity == "keep" and db.check().ok
+
+
+def test_full_disk_leaves_the_database_unchanged(tmp_path, rng):
+    with make_db(tmp_path / "db") as db:
+        db.add_embeddings("a", unit_rows(rng, 1, DIM), create=True)
+        before = (db.stats()["templates"], db.stats()["generation"])
+        pages = db.store.conn.execute("PRAGMA page_count").fetchone()[0]
+        db.store.conn.execute(f"PRAGMA max_page_count = {pages}")  # SQLite now answers "disk is full"
+        with pytest.raises(DatabaseError, match="full"):
+            db.add_embeddings_many([(f"p{i}", unit_rows(rng, 20, DIM)) for i in range(50)])
+        assert (db.stats()["templates"], db.stats()["generation"]) == before
+        assert db.check().ok
+
+
+def test_readonly_open_refuses_writes_cleanly(tmp_path, rng):
+    with make_db(tmp_path / "db") as db:
+        db.add_embeddings("a", unit_rows(rng, 1, DIM), create=True)
+    with FaceDB.open(tmp_path / "db", readonly=True) as db:
+        assert db.identify(unit_rows(rng, 1, DIM)[0], k=1).candidates[0].name == "a"
+        with pytest.raises(DatabaseError):
+            db.add_person("b")
