@@ -134,7 +134,9 @@ def init(
     threshold: Annotated[
         float | None, typer.Option(help="Decision threshold (cosine similarity); default: the model's.")
     ] = None,
-    index: Annotated[str, typer.Option(help="Index kind.")] = "flat",
+    index: Annotated[
+        str, typer.Option(help="Index kind: flat (exact), flat16, hnsw, ivf, ivfpq, or auto (by gallery size).")
+    ] = "flat",
     weights: Annotated[
         Path | None, typer.Option(envvar="FACEDB_WEIGHTS", help="FaceNet weights file (.pt).")
     ] = None,
@@ -234,6 +236,26 @@ def vacuum(ctx: typer.Context) -> None:
     with _open(ctx) as db:
         db.vacuum()
         _emit_kv(ctx, {"vacuumed": str(db.root)})
+
+
+@command()
+def reindex(
+    ctx: typer.Context,
+    index: Annotated[str, typer.Option(help="flat, flat16, hnsw, ivf, ivfpq, or auto.")],
+    nprobe: Annotated[int | None, typer.Option(help="IVF: lists searched per probe.")] = None,
+    nlist: Annotated[int | None, typer.Option(help="IVF: number of lists (default ~2 sqrt(n)).")] = None,
+    ef_search: Annotated[int | None, typer.Option(help="HNSW: search breadth.")] = None,
+    ef_construction: Annotated[int | None, typer.Option(help="HNSW: build breadth.")] = None,
+    m: Annotated[int | None, typer.Option("--m", help="HNSW: links per node.")] = None,
+) -> None:
+    """Change the index kind and its settings, and rebuild it from the store."""
+    params = {k: v for k, v in {"nprobe": nprobe, "nlist": nlist, "ef_search": ef_search,
+                                "ef_construction": ef_construction, "M": m}.items() if v is not None}
+    with _open(ctx) as db:
+        try:
+            _emit_kv(ctx, db.reindex(index, params))
+        except ValueError as exc:
+            raise InvalidInputError(str(exc)) from None
 
 
 @command(name="rebuild-index")

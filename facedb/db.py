@@ -30,7 +30,7 @@ from .errors import (
     ModelMismatchError,
     NoFaceError,
 )
-from .index import load_index, new_index, save_index
+from .index import TOMBSTONE_LIMIT, auto_kind, check_kind, load_index, new_index, save_index
 from .records import CheckReport, EnrollReport, FaceMatch, Identification, Person, Skipped, Verification
 from .scores import as_unit_rows, to_blob
 from .store import SCHEMA_VERSION, Store
@@ -89,7 +89,10 @@ class FaceDB:
             raise InvalidInputError("dim must be positive")
         if not -1.0 <= float(threshold) <= 1.0:
             raise InvalidInputError("threshold is a cosine similarity in [-1, 1]")
-        new_index(index, int(dim))  # validates the kind before anything is written
+        try:
+            check_kind(index)
+        except ValueError as exc:
+            raise InvalidInputError(str(exc)) from None
         if (root / STORE_FILE).exists():
             raise DatabaseExistsError(f"a facedb database already exists at {root}")
         if root.exists() and not root.is_dir():
@@ -297,9 +300,26 @@ class FaceDB:
         with self._lock:
             thr = self.threshold if threshold is None else float(threshold)
             gallery = self._sync()
-            ranked = gallery.top_people(x, k)
+            if gallery.index.exact:
+                ranked = gallery.top_people(x, k)
+            else:
+                ranked = self._rescore(x, gallery.top_people(x, k + max(5, k), max_rounds=2), k)
             names = self.store.names([pid for pairs in ranked for pid, _ in pairs])
         return [engine.decide(engine.candidates(pairs, names), thr) for pairs in ranked]
+
+    def _rescore(
+        self, x: np.ndarray, ranked: list[list[tuple[int, float]]], k: int
+    ) -> list[list[tuple[int, float]]]:
+        """Replace approximate scores by each candidate person's exact best similarity over all of their
+        stored templates, re-rank, keep k: an approximate index may miss a person, never change a score."""
+        people = sorted({pid for pairs in ranked for pid, _ in pairs})
+        vectors = self.store.person_vectors(people)
+        out = []
+        for q, pairs in zip(x, ranked):
+            exact = [(pid, float(np.max(vectors[pid] @ q))) for pid, _ in pairs if len(vectors.get(pid, ()))]
+            exact.sort(key=lambda p: -p[1])
+            out.append(exact[:k])
+        return out
 
     def verify(
         self, probe: object, name: str, threshold: float | None = None, *, model: FacePipeline | None = None
@@ -512,13 +532,36 @@ class FaceDB:
         except ValueError:
             return None
 
+    def _index_params(self) -> dict[str, Any]:
+        raw = self.store.get_meta("index_params")
+        return json.loads(raw) if raw else {}
+
+    def _kind_for(self, n: int) -> str:
+        kind = self.index_kind
+        return auto_kind(n, self.dim) if kind == "auto" else kind
+
     def _sync(self) -> Gallery:
-        """The gallery, caught up with the store's current generation."""
+        """The gallery, caught up with the store's current generation (rebuilt when it must be)."""
         if self._gallery is None:
             self._gallery = self._load() or self._build()
         elif self._gallery.generation != self.store.generation() and not self._catch_up(self._gallery):
             self._gallery = self._build()
+        if self._rebuild_reason(self._gallery):
+            self._gallery = self._build()
         return self._gallery
+
+    def _rebuild_reason(self, gallery: Gallery) -> str | None:
+        """Why the index should be rebuilt now: too many tombstones, an IVF trained on a much smaller gallery,
+        or ``auto`` now choosing another kind."""
+        n = len(gallery)
+        if gallery.dead() > max(64, TOMBSTONE_LIMIT * len(gallery.index)):
+            return "tombstones"
+        trained = gallery.index.params.get("trained_on")
+        if trained is not None and n > 4 * max(int(trained), 256):
+            return "retrain"
+        if self._kind_for(n) != gallery.index.kind:
+            return "kind"
+        return None
 
     def _catch_up(self, gallery: Gallery) -> bool:
         changes = self.store.changes_since(gallery.generation)
@@ -532,28 +575,37 @@ class FaceDB:
         return True
 
     def _load(self) -> Gallery | None:
+        """The index file, if its stamp and SHA-256 match, brought level with the store by a full diff of ids
+        (so any staleness is repaired, however old the file)."""
         stamp = self._stamp()
         if not stamp or stamp.get("model_id") != self.model_id or stamp.get("dim") != self.dim:
             return None
-        if stamp.get("kind") != self.index_kind:
+        if stamp.get("params_of") != self.store.get_meta("index_params", "{}"):
             return None
-        index = load_index(self.root / INDEX_FILE, stamp["kind"], self.dim, stamp.get("sha256", ""))
+        index = load_index(self.root / INDEX_FILE, stamp["kind"], self.dim, stamp.get("sha256", ""),
+                           stamp.get("params"))
         if index is None or len(index) != stamp.get("count"):
             return None
-        gallery = Gallery(index, int(stamp["generation"]))
-        _, ids, pids = self.store.template_map()
+        with self.store.read():
+            gen, ids, pids = self.store.template_map()
         held = index.ids()
-        pos = np.clip(np.searchsorted(ids, held), 0, max(len(ids) - 1, 0))
-        found = (ids[pos] == held) if len(ids) else np.zeros(len(held), dtype=bool)
-        # Templates removed since the file was written map to -1 until the catch-up removes them.
-        gallery.set_map(held, np.where(found, pids[pos] if len(ids) else -1, -1))
-        self._from_file = True
-        return gallery if self._catch_up(gallery) else None
+        in_index = np.isin(ids, held)
+        dead = held[~np.isin(held, ids)]
+        index.remove(dead)  # removed since the file was written (tombstones for HNSW)
+        gallery = Gallery(index, gen)
+        gallery.set_map(ids[in_index], pids[in_index])
+        new_ids, new_pids, vectors = self.store.templates(ids[~in_index])
+        gallery.add(new_ids, new_pids, vectors)
+        gallery.generation = gen
+        self._from_file = len(dead) == 0 and not len(new_ids)
+        return gallery
 
     def _build(self) -> Gallery:
         gen, ids, pids, vectors = self.store.snapshot()
-        gallery = Gallery(new_index(self.index_kind, self.dim), gen)
+        kind = self._kind_for(len(ids))
+        gallery = Gallery(new_index(kind, self.dim, self._index_params(), train=vectors), gen)
         gallery.add(ids, pids, vectors)
+        del vectors
         self._catch_up(gallery)  # writes that landed while we read
         self._from_file = False
         return gallery
@@ -566,6 +618,8 @@ class FaceDB:
             if 0 <= self._gallery.generation - int(stamp["generation"]) < SAVE_EVERY:
                 return
         gallery = self._sync()
+        if gallery.dead():  # never write removed templates to disk: drop the tombstones first
+            self._gallery = gallery = self._build()
         sha = save_index(gallery.index, self.root / INDEX_FILE)
         self.store.set_meta(
             {
@@ -576,6 +630,8 @@ class FaceDB:
                         "model_id": self.model_id,
                         "dim": self.dim,
                         "kind": gallery.index.kind,
+                        "params": gallery.index.params,
+                        "params_of": self.store.get_meta("index_params", "{}"),
                         "sha256": sha,
                     },
                     sort_keys=True,
@@ -597,6 +653,19 @@ class FaceDB:
             self._gallery = self._build()
             self._maybe_save(force=True)
             return len(self._gallery.index)
+
+    def reindex(self, kind: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Change the index kind (flat, flat16, hnsw, ivf, ivfpq or auto) and its parameters, and rebuild."""
+        try:
+            check_kind(kind)
+        except ValueError as exc:
+            raise InvalidInputError(str(exc)) from None
+        with self._lock:
+            self.store.set_meta({"index_kind": kind, "index_params": json.dumps(params or {}, sort_keys=True)})
+            n = self.rebuild_index()
+            assert self._gallery is not None
+            return {"index_kind": kind, "built": self._gallery.index.kind, "params": self._gallery.index.params,
+                    "indexed": n}
 
     def vacuum(self) -> None:
         """Compact the store and rewrite the index file, so that no byte of a removed template remains in any
@@ -643,6 +712,8 @@ class FaceDB:
                 "threshold_source": meta.get("threshold_source"),
                 "calibration": calibration,
                 "index_kind": self.index_kind,
+                "index_built": stamp.get("kind") if stamp else None,
+                "index_params": stamp.get("params") if stamp else None,
                 **self.store.counts(),
                 "generation": self.store.generation(),
                 "index_file_bytes": index_file.stat().st_size if index_file.exists() else 0,
@@ -669,18 +740,23 @@ class FaceDB:
                 checks.append("index file was missing or did not match its stamp: rebuilt from the store and saved")
             gen, ids, pids = self.store.template_map()
             checks.append("index holds exactly the stored templates, mapped to the right people")
-            held = np.sort(gallery.index.ids())
+            held = gallery.index.ids()
             if gallery.generation == gen:
-                if len(held) != len(ids) or not np.array_equal(held, ids):
-                    problems.append(f"index holds {len(held)} templates, the store {len(ids)}")
+                live = gallery.live_ids()
+                if len(live) != len(ids) or not np.array_equal(live, ids) or not np.isin(ids, held).all():
+                    problems.append(f"index holds {len(live)} live templates, the store {len(ids)}")
                 elif len(ids) and not np.array_equal(gallery.person_of(ids), pids):
                     problems.append("index maps some templates to the wrong person")
+                if gallery.dead():
+                    checks.append(f"{gallery.dead()} removed templates await compaction (HNSW tombstones)")
             checks.append(f"up to {CHECK_PROBES} stored templates are found as their own best match")
             if len(ids):
                 rng = np.random.default_rng(0)
                 sample = rng.choice(ids, size=min(CHECK_PROBES, len(ids)), replace=False)
                 sids, _, vecs = self.store.templates(sample)
                 ranked = gallery.top_people(vecs, 1)
+                if not gallery.index.exact:
+                    ranked = self._rescore(vecs, gallery.top_people(vecs, 6, max_rounds=2), 1)
                 missed = sum(1 for pairs in ranked if not pairs or pairs[0][1] < 1.0 - 1e-4)
                 if missed:
                     problems.append(f"{missed} of {len(sids)} sampled templates are not found by the index")

@@ -56,6 +56,13 @@ class Gallery:
         keep = ~np.isin(self._ids, present)
         self._ids, self._pids = self._ids[keep], self._pids[keep]
 
+    def dead(self) -> int:
+        """Index entries that map to no person (HNSW tombstones)."""
+        return len(self.index) - len(self._ids)
+
+    def live_ids(self) -> np.ndarray:
+        return self._ids
+
     def person_of(self, ids: np.ndarray) -> np.ndarray:
         """Person id of each template id; -1 for ids not in the gallery (FAISS padding included)."""
         pos = np.searchsorted(self._ids, ids)
@@ -65,12 +72,15 @@ class Gallery:
         found = self._ids[pos] == ids
         return np.where(found, self._pids[pos], -1)
 
-    def top_people(self, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
+    def top_people(
+        self, queries: np.ndarray, k: int, max_rounds: int | None = None
+    ) -> list[list[tuple[int, float]]]:
         """For each query row, up to k (person id, best similarity) pairs, best first.
 
         Searches the index for more templates than k, and widens the search for the queries whose
         templates came from fewer than k distinct people, until k people are found or the gallery is
-        exhausted; so on an exact index the result is exactly the top-k people.
+        exhausted (or ``max_rounds`` widenings, for approximate indexes); so on an exact index the result is
+        exactly the top-k people.
         """
         m = len(queries)
         results: list[list[tuple[int, float]]] = [[] for _ in range(m)]
@@ -79,6 +89,7 @@ class Gallery:
             return results
         pending = np.arange(m)
         kk = min(total, max(4 * k, 16))
+        rounds = 0
         while len(pending):
             sims, ids = self.index.search(queries[pending], kk)
             pids = self.person_of(ids)
@@ -90,12 +101,13 @@ class Gallery:
                         people[int(pid)] = float(sim)
                         if len(people) == k:
                             break
-                if len(people) < k and kk < total:
+                if len(people) < k and kk < total and (max_rounds is None or rounds < max_rounds):
                     still.append(int(q))
                 else:
                     results[q] = list(people.items())
             pending = np.array(still, dtype=np.int64)
             kk = min(total, kk * 4)
+            rounds += 1
         return results
 
 

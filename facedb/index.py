@@ -1,21 +1,46 @@
 """Vector indexes: the only module that imports faiss.
 
-An index is a cache derived from the store: ID-mapped (FAISS ids are template ids), searched by inner
-product on unit vectors (= cosine similarity), rebuildable from SQLite at any time. Files are written
-atomically (temporary file, fsync, rename) and identified by their SHA-256, which the store records: a file
-whose hash does not match is never handed to ``faiss.deserialize_index`` (FAISS can crash on crafted input).
+An index is a cache derived from the store: keyed by template id, searched by inner product on unit vectors
+(= cosine similarity), rebuildable from SQLite at any time. Files are written atomically (temporary file,
+fsync, rename) and identified by their SHA-256, which the store records: a file whose hash does not match is
+never handed to ``faiss.deserialize_index`` (FAISS can crash on crafted input).
+
+Kinds (``facedb init --index`` / ``facedb reindex --index``):
+
+=========  ===========================================  =========  ==============  ===============
+kind       FAISS structure                              scores     can miss?       removal
+=========  ===========================================  =========  ==============  ===============
+flat       IDMap2(FlatIP), float32                      exact      no              remove_ids
+flat16     IDMap2(ScalarQuantizer fp16)                 ~1e-3      rarely          remove_ids
+hnsw       IDMap2(HNSWFlat, M), efSearch                exact      yes             tombstones
+ivf        IVFFlat(nlist), nprobe, trained on the data  exact      yes             remove_ids
+ivfpq      IVFPQ(nlist, dim/8 bytes), nprobe            ~0.05      yes             remove_ids
+=========  ===========================================  =========  ==============  ===============
+
+The query engine re-scores every candidate person exactly from the store for all kinds but ``flat``, so an
+approximate index can miss a person but never changes a score. HNSW cannot remove vectors: removed ids stay in
+the graph as tombstones, filtered out (they map to no person), and the index is rebuilt when they pass
+``TOMBSTONE_LIMIT`` of it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import faiss
 import numpy as np
+
+#: Share of an index's entries that may be tombstones (removed, not yet dropped) before it is rebuilt.
+TOMBSTONE_LIMIT = 0.10
+
+#: A flat index answers batches of at least this many probes with numpy's GEMM (its OpenBLAS is faster than
+#: the one bundled with faiss-cpu; measured in scripts/bench_search.py).
+GEMM_MIN_BATCH = 16
 
 
 class VectorIndex(Protocol):
@@ -23,6 +48,8 @@ class VectorIndex(Protocol):
 
     kind: str
     dim: int
+    exact: bool  # scores are exact and nothing is missed
+    params: dict[str, Any]
 
     def __len__(self) -> int: ...
 
@@ -31,24 +58,25 @@ class VectorIndex(Protocol):
     def remove(self, ids: np.ndarray) -> None: ...
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(similarities, ids), each (m, k'), best first, k' = min(k, len(self)); no padding."""
+        """(similarities, ids), each (m, k'), best first, k' = min(k, len(self)); -1 ids are padding."""
         ...
 
     def ids(self) -> np.ndarray:
-        """Every template id held, as int64."""
+        """Every template id held (tombstones included), as int64."""
         ...
 
     def to_bytes(self) -> bytes: ...
 
 
-class FlatIndex:
-    """Exact search: FAISS ``IndexIDMap2(IndexFlatIP)``."""
+class _Faiss:
+    kind = "?"
+    exact = False
 
-    kind = "flat"
-
-    def __init__(self, dim: int, index: faiss.Index | None = None) -> None:
+    def __init__(self, dim: int, index: faiss.Index, params: dict[str, Any]) -> None:
         self.dim = dim
-        self._index = index if index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self._index = index
+        self.params = params
+        self.tombstones = 0
 
     def __len__(self) -> int:
         return int(self._index.ntotal)
@@ -63,13 +91,15 @@ class FlatIndex:
         if len(ids):
             self._index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
 
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, len(self))
         if k == 0:
             m = len(queries)
             return np.zeros((m, 0), dtype=np.float32), np.zeros((m, 0), dtype=np.int64)
-        sims, ids = self._index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        return sims, ids
+        return self._search(queries, k)
 
     def ids(self) -> np.ndarray:
         return faiss.vector_to_array(self._index.id_map).astype(np.int64)
@@ -77,22 +107,178 @@ class FlatIndex:
     def to_bytes(self) -> bytes:
         return faiss.serialize_index(self._index).tobytes()
 
+    def configure(self) -> None:
+        """Apply search-time parameters (they are not all kept in FAISS's serialised form)."""
+
+
+class FlatIndex(_Faiss):
+    """Exact search over float32 vectors. Batches go through numpy's GEMM on a zero-copy view of the
+    FAISS storage; single probes through FAISS."""
+
+    kind = "flat"
+    exact = True
+
     @classmethod
-    def from_bytes(cls, data: bytes, dim: int) -> FlatIndex:
-        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-        if index.d != dim:
-            raise ValueError(f"index has dimension {index.d}, expected {dim}")
-        return cls(dim, index)
+    def new(cls, dim: int, params: dict[str, Any]) -> FlatIndex:
+        return cls(dim, faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), params)
+
+    def _matrix(self) -> np.ndarray:
+        inner = faiss.downcast_index(self._index.index)
+        n = len(self)
+        return faiss.rev_swig_ptr(inner.get_xb(), n * self.dim).reshape(n, self.dim)
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if len(queries) < GEMM_MIN_BATCH:
+            return super()._search(queries, k)
+        x = self._matrix()
+        id_map = faiss.vector_to_array(self._index.id_map)
+        sims = np.empty((len(queries), k), dtype=np.float32)
+        rows = np.empty((len(queries), k), dtype=np.int64)
+        block = 256  # probes per GEMM: keeps the (block, n) score matrix within ~1 GB at n = 1M
+        for start in range(0, len(queries), block):
+            q = np.ascontiguousarray(queries[start:start + block], dtype=np.float32)
+            s = q @ x.T
+            top = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < s.shape[1] else np.tile(
+                np.arange(s.shape[1]), (len(q), 1))
+            top_s = np.take_along_axis(s, top, axis=1)
+            order = np.argsort(-top_s, axis=1, kind="stable")
+            sims[start:start + len(q)] = np.take_along_axis(top_s, order, axis=1)
+            rows[start:start + len(q)] = np.take_along_axis(top, order, axis=1)
+        return sims, id_map[rows]
 
 
-INDEX_KINDS: dict[str, type[FlatIndex]] = {"flat": FlatIndex}
+class Flat16Index(_Faiss):
+    kind = "flat16"
+
+    @classmethod
+    def new(cls, dim: int, params: dict[str, Any]) -> Flat16Index:
+        sq = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+        return cls(dim, faiss.IndexIDMap2(sq), params)
 
 
-def new_index(kind: str, dim: int) -> VectorIndex:
+class HNSWIndex(_Faiss):
+    kind = "hnsw"
+
+    @classmethod
+    def new(cls, dim: int, params: dict[str, Any]) -> HNSWIndex:
+        params = {"M": 32, "ef_construction": 200, "ef_search": 128, **params}
+        inner = faiss.IndexHNSWFlat(dim, int(params["M"]), faiss.METRIC_INNER_PRODUCT)
+        inner.hnsw.efConstruction = int(params["ef_construction"])
+        index = cls(dim, faiss.IndexIDMap2(inner), params)
+        index.configure()
+        return index
+
+    def configure(self) -> None:
+        faiss.downcast_index(self._index.index).hnsw.efSearch = int(self.params.get("ef_search", 128))
+
+    def remove(self, ids: np.ndarray) -> None:
+        # HNSW graphs cannot drop nodes: the ids stay as tombstones, which map to no person (filtered by
+        # the engine) until the index is rebuilt.
+        self.tombstones += len(ids)
+
+
+def _nlist_for(n: int) -> int:
+    return int(min(65536, max(16, 2 ** round(math.log2(max(1.0, 2 * math.sqrt(max(n, 1))))))))
+
+
+class IVFIndex(_Faiss):
+    kind = "ivf"
+
+    @classmethod
+    def new(cls, dim: int, params: dict[str, Any], train: np.ndarray | None = None) -> IVFIndex:
+        n = 0 if train is None else len(train)
+        params = {"nlist": _nlist_for(n), "nprobe": 16, **params}
+        if cls.kind == "ivfpq" and "pq_nbits" not in params:
+            # 8-bit codebooks need ~10k training vectors (FAISS wants 39 per centroid); fewer bits below that
+            params["pq_nbits"] = 8 if n >= 256 * 39 else int(min(8, max(4, math.log2(max(n, 16) / 39))))
+        nlist = int(params["nlist"])
+        if train is None or len(train) < nlist:
+            nlist = max(1, min(nlist, 0 if train is None else len(train)))
+            params["nlist"] = max(nlist, 1)
+        quantizer = faiss.IndexFlatIP(dim)
+        inner = cls._make(dim, quantizer, params)
+        index = cls(dim, inner, params)
+        index._quantizer = quantizer  # keep it alive beside the IVF index that points to it
+        index._train(train)
+        index.configure()
+        return index
+
+    @staticmethod
+    def _make(dim: int, quantizer: faiss.Index, params: dict[str, Any]) -> faiss.Index:
+        return faiss.IndexIVFFlat(quantizer, dim, int(params["nlist"]), faiss.METRIC_INNER_PRODUCT)
+
+    def _train(self, train: np.ndarray | None) -> None:
+        n = 0 if train is None else len(train)
+        need = max(int(self.params["nlist"]), 2 ** int(self.params.get("pq_nbits", 0)))
+        sample = train if train is not None else np.zeros((0, self.dim), dtype=np.float32)
+        if n < need:
+            # Too few vectors to train on (a new or tiny gallery): pad with random directions; the index is
+            # retrained once the gallery outgrows this (see trained_on).
+            pad = np.random.default_rng(0).standard_normal((need - n, self.dim))
+            pad = (pad / np.linalg.norm(pad, axis=1, keepdims=True)).astype(np.float32)
+            sample = np.concatenate([sample, pad])
+        cap = 64 * int(self.params["nlist"])  # FAISS wants >= 39 points per centroid; more only costs time
+        if len(sample) > cap:
+            sample = train[np.random.default_rng(0).choice(len(train), cap, replace=False)]
+        self._index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        self.params["trained_on"] = n
+
+    def configure(self) -> None:
+        self._index.nprobe = int(self.params.get("nprobe", 16))
+
+    def ids(self) -> np.ndarray:
+        invlists = self._index.invlists
+        out = [
+            faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy()
+            for i in range(self._index.nlist)
+            if invlists.list_size(i)
+        ]
+        return np.concatenate(out).astype(np.int64) if out else np.zeros(0, dtype=np.int64)
+
+
+class IVFPQIndex(IVFIndex):
+    kind = "ivfpq"
+
+    @staticmethod
+    def _make(dim: int, quantizer: faiss.Index, params: dict[str, Any]) -> faiss.Index:
+        m = int(params.setdefault("pq_m", max(1, dim // 8)))
+        nbits = int(params.setdefault("pq_nbits", 8))
+        return faiss.IndexIVFPQ(quantizer, dim, int(params["nlist"]), m, nbits, faiss.METRIC_INNER_PRODUCT)
+
+
+INDEX_KINDS: dict[str, type[_Faiss]] = {
+    "flat": FlatIndex, "flat16": Flat16Index, "hnsw": HNSWIndex, "ivf": IVFIndex, "ivfpq": IVFPQIndex,
+}
+TRAINED_KINDS = ("ivf", "ivfpq")
+
+
+def auto_kind(n: int, dim: int) -> str:
+    """The index kind ``auto`` picks for ``n`` templates: exact below 50,000; IVF (exact scores, removable,
+    identity found for 100% of probes at 1M in our measurements) above; IVF-PQ when float32 vectors would
+    take more than 8 GiB."""
+    if n < 50_000:
+        return "flat"
+    if n * dim * 4 > 8 * 2**30:
+        return "ivfpq"
+    return "ivf"
+
+
+def check_kind(kind: str) -> None:
+    """ValueError unless ``kind`` is an index kind (or auto)."""
+    if kind != "auto" and kind not in INDEX_KINDS:
+        raise ValueError(f"unknown index kind {kind!r}; known: {', '.join(INDEX_KINDS)}, auto")
+
+
+def new_index(kind: str, dim: int, params: dict[str, Any] | None = None,
+              train: np.ndarray | None = None) -> VectorIndex:
     try:
-        return INDEX_KINDS[kind](dim)
+        cls = INDEX_KINDS[kind]
     except KeyError:
-        raise ValueError(f"unknown index kind {kind!r}; known: {', '.join(INDEX_KINDS)}") from None
+        raise ValueError(f"unknown index kind {kind!r}; known: {', '.join(INDEX_KINDS)}, auto") from None
+    params = dict(params or {})
+    if issubclass(cls, IVFIndex):
+        return cls.new(dim, params, train)
+    return cls.new(dim, params)  # type: ignore[attr-defined,no-any-return]
 
 
 def write_atomic(path: Path, data: bytes) -> str:
@@ -123,15 +309,23 @@ def save_index(index: VectorIndex, path: Path) -> str:
     return write_atomic(path, index.to_bytes())
 
 
-def load_index(path: Path, kind: str, dim: int, sha256: str) -> VectorIndex | None:
+def load_index(path: Path, kind: str, dim: int, sha256: str, params: dict[str, Any] | None = None
+               ) -> VectorIndex | None:
     """The index in ``path`` if its SHA-256 is ``sha256`` and it parses; None otherwise (rebuild)."""
     try:
         data = path.read_bytes()
     except OSError:
         return None
-    if hashlib.sha256(data).hexdigest() != sha256:
+    if hashlib.sha256(data).hexdigest() != sha256 or kind not in INDEX_KINDS:
         return None
     try:
-        return INDEX_KINDS[kind].from_bytes(data, dim)
+        raw = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
     except Exception:  # a file FAISS cannot parse is a stale cache, not an error
         return None
+    if raw.d != dim:
+        return None
+    if kind in TRAINED_KINDS and not isinstance(raw, faiss.IndexIVF):
+        return None
+    index = INDEX_KINDS[kind](dim, raw, dict(params or {}))
+    index.configure()
+    return index

@@ -1,0 +1,129 @@
+"""Every index kind against the exact oracle: approximate kinds may miss a person, never change a score;
+removal works for all of them (HNSW through tombstones); the file round-trips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from facedb import FaceDB, InvalidInputError
+
+from .conftest import unit_rows
+
+DIM = 48
+KINDS = ["flat", "flat16", "hnsw", "ivf", "ivfpq"]
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(11)
+    centres = unit_rows(rng, 400, DIM)
+    items = []
+    for p, c in enumerate(centres):
+        t = c + 0.08 * rng.standard_normal((3, DIM))
+        items.append((f"p{p:03d}", (t / np.linalg.norm(t, axis=1, keepdims=True)).astype(np.float32)))
+    probes = centres[:120] + 0.08 * rng.standard_normal((120, DIM))
+    probes = (probes / np.linalg.norm(probes, axis=1, keepdims=True)).astype(np.float32)
+    return items, probes
+
+
+def exact_person_scores(items, q):
+    return {name: float(np.max(v @ q)) for name, v in items}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_scores_are_exact_and_identities_found(tmp_path, data, kind):
+    items, probes = data
+    with FaceDB.create(tmp_path / "db", model_id="m", dim=DIM, threshold=0.5) as db:
+        db.add_embeddings_many(items)
+        info = db.reindex(kind, {"nprobe": 8} if kind.startswith("ivf") else {})
+        assert info["built"] == kind and info["indexed"] == 1200
+        answers = db.identify(probes, k=3)
+        right = 0
+        for i, (q, ans) in enumerate(zip(probes, answers)):
+            truth = exact_person_scores(items, q)
+            for c in ans.candidates:  # never an approximate score
+                assert c.similarity == pytest.approx(truth[c.name], abs=1e-5)
+            assert [c.similarity for c in ans.candidates] == sorted((c.similarity for c in ans.candidates),
+                                                                     reverse=True)
+            right += ans.identity == f"p{i:03d}"
+        assert right >= 114  # >= 95% of genuine probes find their person
+        assert db.check().ok
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_removal_for_every_kind_survives_save_and_reload(tmp_path, data, kind):
+    items, probes = data
+    root = tmp_path / "db"
+    with FaceDB.create(root, model_id="m", dim=DIM, threshold=0.5) as db:
+        db.add_embeddings_many(items)
+        db.reindex(kind)
+        for i in range(10):
+            db.remove_person(f"p{i:03d}")
+        for q in probes[:10]:
+            assert all(not c.name.startswith("p00") for c in db.identify(q, k=5).candidates)
+        assert db.check().ok
+        db.save_index()
+    with FaceDB.open(root) as db:
+        assert db.stats()["index_built"] == kind
+        for q in probes[:10]:
+            assert all(not c.name.startswith("p00") for c in db.identify(q, k=5).candidates)
+        assert db.identify(probes[50], k=1).identity == "p050"
+        assert db.check().ok
+
+
+def test_hnsw_tombstones_never_reach_disk_and_trigger_compaction(tmp_path, data):
+    items, probes = data
+    root = tmp_path / "db"
+    with FaceDB.create(root, model_id="m", dim=DIM, threshold=0.5, index="hnsw") as db:
+        db.add_embeddings_many(items)
+        db.identify(probes[0])
+        db.remove_person("p000")
+        assert db._gallery.dead() == 3  # tombstones in memory
+        db.save_index()  # writes a compacted graph
+        assert db._gallery.dead() == 0 and len(db._gallery.index) == 1197
+        for i in range(1, 60):  # 177 more tombstones: past 10% of the index, the graph is rebuilt
+            db.remove_person(f"p{i:03d}")
+        db.identify(probes[100])
+        index_size = len(db._gallery.index)
+        assert index_size < 1197 and db._gallery.dead() <= 0.1 * index_size
+        assert index_size - db._gallery.dead() == 1200 - 3 * 60
+
+
+def test_auto_picks_flat_for_small_galleries_and_says_so(tmp_path, data):
+    items, _ = data
+    with FaceDB.create(tmp_path / "db", model_id="m", dim=DIM, threshold=0.5, index="auto") as db:
+        db.add_embeddings_many(items)
+        db.save_index()
+        stats = db.stats()
+        assert stats["index_kind"] == "auto" and stats["index_built"] == "flat"
+
+
+def test_ivf_records_its_training_size_and_is_retrained_when_outgrown(tmp_path, data):
+    items, probes = data
+    with FaceDB.create(tmp_path / "db", model_id="m", dim=DIM, threshold=0.5, index="ivf") as db:
+        db.add_embeddings_many(items[:50])
+        db.identify(probes[0])
+        assert db._gallery.index.params["trained_on"] == 150
+        db.add_embeddings_many(items[50:])  # 1200 > 4 x max(150, 256): retrained on the next search
+        db.identify(probes[0])
+        assert db._gallery.index.params["trained_on"] == 1200
+
+
+def test_unknown_kind_is_refused(tmp_path):
+    with pytest.raises(InvalidInputError):
+        FaceDB.create(tmp_path / "db", model_id="m", dim=4, threshold=0.5, index="annoy")
+    with FaceDB.create(tmp_path / "db2", model_id="m", dim=4, threshold=0.5) as db, pytest.raises(InvalidInputError):
+        db.reindex("annoy")
+
+
+def test_flat_gemm_batch_path_equals_faiss_single_path(tmp_path, data):
+    items, probes = data
+    with FaceDB.create(tmp_path / "db", model_id="m", dim=DIM, threshold=0.5) as db:
+        db.add_embeddings_many(items)
+        batch = db.identify(probes[:40], k=4)  # >= GEMM_MIN_BATCH: numpy GEMM
+        singles = [db.identify(q, k=4) for q in probes[:40]]  # FAISS
+        for a, b in zip(batch, singles):
+            assert [c.name for c in a.candidates] == [c.name for c in b.candidates]
+            np.testing.assert_allclose([c.similarity for c in a.candidates], [c.similarity for c in b.candidates],
+                                       atol=1e-5)
