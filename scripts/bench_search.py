@@ -1,0 +1,181 @@
+"""Search at scale: every index kind at N templates, beside the peers' own search approaches.
+
+Data (stated, synthetic, face-like): P = N/5 identities x 5 templates, 512-d unit vectors. Each identity has
+a random centre; templates and genuine probes are the centre plus Gaussian noise scaled so that two samples of
+one identity have cosine ~0.70 and two identities ~0.00 (FaceNet-like same/different statistics). Probes:
+--queries genuine probes (fresh samples of enrolled identities) and half as many impostors (random vectors).
+Decisions use threshold 0.5.
+
+For each kind: build time, index file size and bytes per template, open time (open + first answer, no
+rebuild), single-probe p50/p99, batch QPS (64 probes a call), recall@1 against exact search (same top person),
+identity-correct@1 (genuine probes), and the share of accept/reject decisions identical to exact search.
+Peers on the same data: deepface's ``find`` (a Python loop computing a cosine distance per stored
+representation) and face_recognition's ``face_distance`` (numpy over a Python list of encodings).
+
+    python scripts/bench_search.py --sizes 10000 100000 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from facedb import FaceDB
+
+SAME_COS = 0.70
+THRESHOLD = 0.5
+
+
+def synth(n: int, dim: int, queries: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    people = n // 5
+    sigma = np.sqrt(1 / SAME_COS - 1)
+    centres = rng.standard_normal((people, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+
+    def sample(c: np.ndarray) -> np.ndarray:
+        x = c + (sigma / np.sqrt(dim)) * rng.standard_normal(c.shape).astype(np.float32)
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+    templates = sample(np.repeat(centres[:, None, :], 5, axis=1))
+    truth = rng.choice(people, queries, replace=False)
+    genuine = sample(centres[truth])
+    impostor = rng.standard_normal((queries // 2, dim)).astype(np.float32)
+    impostor /= np.linalg.norm(impostor, axis=1, keepdims=True)
+    return templates, truth, genuine, impostor
+
+
+def memory_bandwidth_gbs() -> float:
+    x = np.ones(256 * 2**20 // 4, dtype=np.float32)  # 256 MiB
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        float(x.sum())
+        best = max(best, x.nbytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def timed(fn, reps: int) -> list[float]:
+    out = []
+    for i in range(reps):
+        t = time.perf_counter()
+        fn(i)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def peers(templates: np.ndarray, probes: np.ndarray, reps: int) -> dict[str, float]:
+    """Per-probe seconds of the peers' search loops over the same stored vectors."""
+    flat = templates.reshape(-1, templates.shape[-1])
+    as_list = [v for v in flat]  # how both keep representations: one array per face
+
+    def deepface_find(i: int) -> None:  # deepface: for each stored representation, a cosine distance
+        q = probes[i]
+        best = 2.0
+        for v in as_list:
+            d = 1 - float(np.dot(v, q) / (np.linalg.norm(v) * np.linalg.norm(q)))
+            best = min(best, d)
+
+    def face_distance(i: int) -> None:  # face_recognition.face_distance(list, probe)
+        np.linalg.norm(np.array(as_list) - probes[i], axis=1).argmin()
+
+    return {
+        "deepface_loop_ms": float(np.median(timed(deepface_find, reps))) * 1e3,
+        "face_recognition_face_distance_ms": float(np.median(timed(face_distance, reps))) * 1e3,
+    }
+
+
+def decisions(answers) -> list[str | None]:
+    return [a.identity for a in answers]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--kinds", nargs="+", default=["flat", "flat16", "hnsw", "ivf", "ivfpq"])
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--peer-reps", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path("bench-results/search.json"))
+    ap.add_argument("--workdir", type=Path, default=None)
+    args = ap.parse_args()
+    bw = memory_bandwidth_gbs()
+    results: dict[str, object] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                                  "memory_read_gbs": bw, "runs": []}
+    print(f"memory read bandwidth {bw:.1f} GB/s")
+    header = (f"{'N':>8} {'kind':7} {'build s':>8} {'B/tmpl':>7} {'open s':>7} {'p50 ms':>7} {'p99 ms':>7} "
+              f"{'QPS(64)':>8} {'rec@1':>6} {'id@1':>6} {'same dec':>8}")
+    for n in args.sizes:
+        templates, truth, genuine, impostor = synth(n, args.dim, args.queries)
+        people = templates.shape[0]
+        probes = np.concatenate([genuine, impostor])
+        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+            root = Path(tmp) / "db"
+            t = time.perf_counter()
+            with FaceDB.create(root, model_id="synthetic", dim=args.dim, threshold=THRESHOLD) as db:
+                db.configure_audit(enabled=False)  # a benchmark's probes are not decisions to keep
+                for start in range(0, people, 20_000):
+                    stop = min(people, start + 20_000)
+                    db.add_embeddings_many([(f"id{i}", templates[i]) for i in range(start, stop)])
+            import_s = time.perf_counter() - t
+            exact = None
+            print(f"\nN = {n:,} templates ({people:,} identities); store import {import_s:.1f} s")
+            print(header)
+            for kind in args.kinds:
+                with FaceDB.open(root) as db:
+                    t = time.perf_counter()
+                    db.reindex(kind)
+                    build_s = time.perf_counter() - t
+                size = (root / "index.faiss").stat().st_size
+                t = time.perf_counter()
+                db = FaceDB.open(root)
+                db.identify(probes[0], k=5)
+                open_s = time.perf_counter() - t
+                assert db._from_file, "opened without a rebuild"
+                single = timed(lambda i, db=db, probes=probes: db.identify(probes[i], k=5), len(probes))
+                t = time.perf_counter()
+                answers = []
+                for s in range(0, len(probes), 64):
+                    answers += db.identify(probes[s:s + 64], k=5)
+                qps = len(probes) / (time.perf_counter() - t)
+                db.close()
+                top1 = [a.candidates[0].name if a.candidates else None for a in answers]
+                if exact is None:
+                    exact = {"top1": top1, "dec": decisions(answers)}
+                g = len(genuine)  # recall@1 on genuine probes: impostors have no meaningful nearest person
+                rec1 = float(np.mean([a == b for a, b in zip(top1[:g], exact["top1"][:g])]))
+                idc = float(np.mean([top1[i] == f"id{truth[i]}" for i in range(len(genuine))]))
+                same = float(np.mean([a == b for a, b in zip(decisions(answers), exact["dec"])]))
+                p50, p99 = np.percentile(np.array(single) * 1e3, [50, 99])
+                row = {"n": n, "kind": kind, "build_s": build_s, "file_bytes": size, "bytes_per_template": size / n,
+                       "open_s": open_s, "p50_ms": p50, "p99_ms": p99, "batch64_qps": qps, "recall_at_1": rec1,
+                       "identity_correct_at_1": idc, "same_decision_as_exact": same, "import_s": import_s}
+                if kind == "flat":
+                    floor_ms = n * args.dim * 4 / (bw * 1e9) * 1e3
+                    row["bandwidth_floor_ms"] = floor_ms
+                    row["p50_over_floor"] = p50 / floor_ms
+                    row["gbs_reached"] = n * args.dim * 4 / (p50 / 1e3) / 1e9
+                results["runs"].append(row)  # type: ignore[union-attr]
+                print(f"{n:>8} {kind:7} {build_s:8.1f} {size / n:7.0f} {open_s:7.2f} {p50:7.2f} {p99:7.2f} "
+                      f"{qps:8.0f} {rec1:6.3f} {idc:6.3f} {same:8.4f}")
+                if kind == "flat":
+                    print(f"{'':>8} flat p50 is {row['p50_over_floor']:.2f}x the memory-bandwidth floor "
+                          f"({row['bandwidth_floor_ms']:.2f} ms; {row['gbs_reached']:.1f} GB/s reached)")
+        pr = peers(templates, probes, args.peer_reps)
+        pr["n"] = n
+        results.setdefault("peers", []).append(pr)  # type: ignore[union-attr]
+        print(f"{'':>8} peers per probe: deepface loop {pr['deepface_loop_ms']:.1f} ms, "
+              f"face_recognition face_distance {pr['face_recognition_face_distance_ms']:.1f} ms")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
