@@ -146,6 +146,12 @@ def init(
     from .models import choose_default_model, spec_for
 
     note = None
+    if weights is not None and (model is None or model.startswith("facenet")):
+        from .models.facenet import model_id_for
+        from .models.weights import resolve_weights
+
+        # the weights name the model: the published file keeps its id, any other gets facenet-custom-<hash>
+        model = model_id_for(resolve_weights("facenet-vggface2", explicit=weights), model or "facenet-vggface2")
     if model is None:
         model, note = choose_default_model(weights)
     spec = spec_for(model, dim)
@@ -594,6 +600,55 @@ def calibrate(
                              **rec)
         rec["stored"] = not dry_run
     _emit_kv(ctx, rec)
+
+
+@command()
+def train(
+    ctx: typer.Context,
+    folder: Annotated[Path, typer.Option(help="Labelled photos: one sub-folder per person.")],
+    out: Annotated[Path, typer.Option(help="Where to write the trained weights (.pt).")],
+    loss: Annotated[str, typer.Option(help="triplet or softmax.")] = "triplet",
+    mining: Annotated[str, typer.Option(help="Triplet mining: semi-hard or batch-hard.")] = "semi-hard",
+    embedding_size: Annotated[int, typer.Option(help="128 as in the paper, 512 as in the released weights.")] = 128,
+    init_from: Annotated[str, typer.Option("--init", help="random, vggface2, casia-webface, or a .pt file.")
+                         ] = "random",
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 10,
+    steps: Annotated[int, typer.Option(help="Batches per epoch.")] = 100,
+    people_per_batch: Annotated[int, typer.Option(help="P: people in a batch.")] = 16,
+    faces_per_person: Annotated[int, typer.Option(help="K: faces per person in a batch.")] = 4,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    center_loss: Annotated[float, typer.Option(help="Centre-loss weight (softmax only).")] = 0.0,
+    val_fraction: Annotated[float, typer.Option(help="Share of people held out for validation.")] = 0.1,
+    minutes: Annotated[float | None, typer.Option(help="Stop after this many minutes.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    resume: Annotated[bool, typer.Option(help="Continue from OUT.ckpt.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for the split and batches.")] = 0,
+) -> None:
+    """Train or fine-tune a FaceNet embedding (triplet loss with online mining, or softmax)."""
+    from .evaluate import cache_dir
+    from .train.data import cache_name, prepare_crops, split_by_person
+    from .train.loop import TrainConfig
+    from .train.loop import train as run_training
+
+    bar, update = _photo_progress("aligning")
+    try:
+        crops, labels, names = prepare_crops(folder, cache_dir() / "train-crops" / cache_name(folder),
+                                             progress=update)
+    finally:
+        bar.close()
+    _, val_mask = split_by_person(labels, val_fraction, seed)
+    typer.echo(f"{len(crops)} faces of {len(names)} people; {int(val_mask.sum())} faces of held-out people "
+               "for validation", err=True)
+    cfg = TrainConfig(loss=loss, mining=mining, embedding_size=embedding_size, init=init_from, epochs=epochs,
+                      steps_per_epoch=steps, people_per_batch=people_per_batch, faces_per_person=faces_per_person,
+                      lr=lr, center_loss=center_loss, device=device, seed=seed, minutes=minutes)
+    result = run_training(crops, labels, val_mask, cfg, out, resume=resume, log=lambda m: typer.echo(m, err=True))
+    from .models.facenet import model_id_for
+
+    result["model_id"] = model_id_for(out, "facenet-vggface2")
+    result["use_with"] = f"facedb init --model facenet --weights {out}"
+    result["history"] = result["history"][-1]
+    _emit_kv(ctx, result)
 
 
 def main() -> None:

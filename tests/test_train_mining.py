@@ -77,7 +77,7 @@ def test_semi_hard_fallback_when_all_negatives_are_closer():
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     labels = torch.tensor([0, 0, 1, 2])
     trip = semi_hard_triplets(pairwise_sq_dists(torch.from_numpy(x)), labels)
-    row = [t for t in trip.tolist() if t[:2] == [0, 1]][0]
+    row = next(t for t in trip.tolist() if t[:2] == [0, 1])
     assert row[2] == 3  # the farthest negative: the least hard of the hard ones
 
 

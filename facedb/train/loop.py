@@ -1,0 +1,244 @@
+"""The training loop: InceptionResnetV1 (any embedding size) trained with triplet loss (semi-hard or
+batch-hard mining) or softmax cross-entropy with optional centre loss; Adam with L2 weight decay; validation
+accuracy on held-out people each epoch; resumable checkpoints; weights written atomically; a PNG curve.
+
+The network, optimiser and data are parameters, so a small network can exercise the same loop in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import FaceDBError
+from .data import augment, pk_batches
+from .mining import triplet_loss
+
+
+@dataclass
+class TrainConfig:
+    loss: str = "triplet"  # triplet | softmax
+    mining: str = "semi-hard"  # semi-hard | batch-hard (triplet only)
+    margin: float = 0.2
+    embedding_size: int = 128
+    init: str = "random"  # random | vggface2 | casia-webface | a weights file
+    epochs: int = 10
+    steps_per_epoch: int = 50
+    people_per_batch: int = 16
+    faces_per_person: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 5e-4  # the paper's L2 weight regularisation, through Adam's weight decay
+    center_loss: float = 0.0  # weight of the centre loss (softmax only; Sandberg used ~0.01)
+    device: str = "cpu"
+    seed: int = 0
+    minutes: float | None = None  # stop after this much wall time (GPU comparisons of equal duration)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def build_model(cfg: TrainConfig) -> torch.nn.Module:
+    """InceptionResnetV1 with a ``cfg.embedding_size`` bottleneck, from random weights or FaceNet's."""
+    from facenet_pytorch import InceptionResnetV1
+
+    net = InceptionResnetV1(pretrained=None, classify=False)
+    if cfg.init != "random":
+        from ..models.weights import resolve_weights
+
+        path = Path(cfg.init) if Path(cfg.init).is_file() else resolve_weights(
+            {"vggface2": "facenet-vggface2", "casia-webface": "facenet-casia"}.get(cfg.init, cfg.init))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        state = {k: v for k, v in state.items() if not k.startswith("logits.")}
+        if cfg.embedding_size != state["last_linear.weight"].shape[0]:
+            state = {k: v for k, v in state.items() if not k.startswith(("last_linear.", "last_bn."))}
+        net.load_state_dict(state, strict=False)
+    if cfg.embedding_size != 512:
+        net.last_linear = torch.nn.Linear(1792, cfg.embedding_size, bias=False)
+        net.last_bn = torch.nn.BatchNorm1d(cfg.embedding_size, eps=0.001, momentum=0.1, affine=True)
+    return net
+
+
+def _tensor(batch: np.ndarray, device: str) -> torch.Tensor:
+    x = torch.from_numpy((batch.astype(np.float32) - 127.5) / 128.0).permute(0, 3, 1, 2)
+    return x.to(device)
+
+
+def embed_all(net: torch.nn.Module, crops: np.ndarray, device: str, batch: int = 64) -> np.ndarray:
+    net.eval()
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(crops), batch):
+            out.append(F.normalize(net(_tensor(crops[s:s + batch], device)), dim=1).float().cpu().numpy())
+    net.train()
+    return np.concatenate(out) if out else np.zeros((0, 1), dtype=np.float32)
+
+
+def pair_accuracy(emb: np.ndarray, labels: np.ndarray, rng: np.random.Generator, max_pairs: int = 3000
+                  ) -> float:
+    """Accuracy at the best threshold on balanced genuine/impostor pairs of the validation people."""
+    from ..evaluate import best_threshold
+
+    n = len(labels)
+    a = rng.integers(0, n, max_pairs * 8)
+    b = rng.integers(0, n, max_pairs * 8)
+    ok = a != b
+    a, b = a[ok], b[ok]
+    same = labels[a] == labels[b]
+    gen = np.flatnonzero(same)[:max_pairs]
+    imp = np.flatnonzero(~same)[: max(len(gen), 1)]
+    sel = np.concatenate([gen, imp])
+    scores = np.sum(emb[a[sel]] * emb[b[sel]], axis=1)
+    y = same[sel]
+    if y.all() or not y.any():
+        return float("nan")
+    t = best_threshold(scores, y)
+    return float(np.mean((scores >= t) == y))
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def train(
+    crops: np.ndarray,
+    labels: np.ndarray,
+    val_mask: np.ndarray,
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    net: torch.nn.Module | None = None,
+    resume: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train on ``crops[~val_mask]``, validate on ``crops[val_mask]`` (other people), write ``out``.
+
+    ``out`` receives the embedding network's state dict (loadable with ``--weights``); ``out.ckpt`` the
+    resumable checkpoint; ``out.png`` the curves. Returns the history.
+    """
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = cfg.device
+    net = net if net is not None else build_model(cfg)
+    train_idx = np.flatnonzero(~val_mask)
+    train_y = labels[train_idx]
+    classes = {int(y): i for i, y in enumerate(np.unique(train_y))}
+    head = None
+    centers = None
+    params = list(net.parameters())
+    emb_size = cfg.embedding_size
+    if cfg.loss == "softmax":
+        net.classify = True  # InceptionResnetV1 then returns self.logits(prelogits): make that identity
+        net.logits = torch.nn.Identity()
+        head = torch.nn.Linear(emb_size, len(classes))
+        params += list(head.parameters())
+        if cfg.center_loss > 0:
+            centers = torch.zeros(len(classes), emb_size, device=device)
+    elif cfg.loss != "triplet":
+        raise FaceDBError(f"loss is triplet or softmax, not {cfg.loss!r}")
+    net.to(device).train()
+    if head is not None:
+        head.to(device)
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ckpt = out.with_suffix(out.suffix + ".ckpt")
+    start_epoch = 0
+    history: list[dict[str, float]] = []
+    if resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        if head is not None and state.get("head"):
+            head.load_state_dict(state["head"])
+        start_epoch = int(state["epoch"])
+        history = json.loads(state["history"])
+        log(f"resumed from {ckpt} at epoch {start_epoch}")
+    batches = pk_batches(train_y, cfg.people_per_batch, cfg.faces_per_person, rng)
+    val_rng = np.random.default_rng(cfg.seed + 1)
+    started = time.monotonic()
+
+    def validate() -> float:
+        return pair_accuracy(embed_all(net, crops[val_mask], device), labels[val_mask], val_rng)
+
+    if not history:
+        history.append({"epoch": 0, "loss": float("nan"), "active": float("nan"), "val_acc": validate(),
+                        "seconds": 0.0})
+        log(f"epoch 0: validation accuracy {history[0]['val_acc']:.4f}")
+    for epoch in range(start_epoch, cfg.epochs):
+        losses, actives = [], []
+        for _ in range(cfg.steps_per_epoch):
+            idx = train_idx[next(batches)]
+            x = _tensor(augment(crops[idx], rng), device)
+            y = torch.as_tensor(labels[idx], device=device)
+            out_t = net(x)
+            if cfg.loss == "triplet":
+                loss, active, _ = triplet_loss(F.normalize(out_t, dim=1), y, cfg.margin, cfg.mining)
+            else:
+                assert head is not None
+                target = torch.as_tensor([classes[int(v)] for v in labels[idx]], device=device)
+                loss = F.cross_entropy(head(out_t), target)
+                active = float((head(out_t).argmax(1) == target).float().mean())  # train accuracy
+                if centers is not None:
+                    diff = out_t - centers[target]
+                    loss = loss + cfg.center_loss * (diff**2).sum(1).mean() / 2
+                    with torch.no_grad():  # centres follow their class means (alpha = 0.5)
+                        centers.index_add_(0, target, -0.5 * diff.detach() / len(target))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            actives.append(active)
+            if cfg.minutes is not None and time.monotonic() - started > cfg.minutes * 60:
+                break
+        row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "active": float(np.mean(actives)),
+               "val_acc": validate(), "seconds": time.monotonic() - started}
+        history.append(row)
+        label = "active triplets" if cfg.loss == "triplet" else "train accuracy"
+        log(f"epoch {epoch + 1}: loss {row['loss']:.4f}, {label} {row['active']:.3f}, "
+            f"validation accuracy {row['val_acc']:.4f}")
+        _save_atomic({"net": net.state_dict(), "opt": opt.state_dict(),
+                      "head": head.state_dict() if head is not None else {}, "epoch": epoch + 1,
+                      "history": json.dumps(history), "config": json.dumps({**asdict(cfg), "history": []})}, ckpt)
+        if cfg.minutes is not None and time.monotonic() - started > cfg.minutes * 60:
+            break
+    weights = {k: v for k, v in net.state_dict().items() if not k.startswith("logits.")}
+    _save_atomic(weights, out)
+    plot_history(history, out.with_suffix(".png"), f"{cfg.loss} ({cfg.mining if cfg.loss == 'triplet' else ''})")
+    return {"history": history, "weights": str(out), "checkpoint": str(ckpt)}
+
+
+def plot_history(history: list[dict[str, float]], path: Path, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(ep[1:], [h["loss"] for h in history[1:]], "o-", label="training loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    ax2.plot(ep, [h["val_acc"] for h in history], "s-", color="tab:green", label="validation accuracy")
+    ax2.set_ylabel("validation pair accuracy")
+    fig.legend(loc="upper right")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
