@@ -147,11 +147,13 @@ def init(
 
     note = None
     if weights is not None and (model is None or model.startswith("facenet")):
-        from .models.facenet import model_id_for
+        from .models.facenet import embedding_dim, model_id_for
         from .models.weights import resolve_weights
 
         # the weights name the model: the published file keeps its id, any other gets facenet-custom-<hash>
         model = model_id_for(resolve_weights("facenet-vggface2", explicit=weights), model or "facenet-vggface2")
+        if model.startswith("facenet-custom-"):
+            dim = embedding_dim(weights)
     if model is None:
         model, note = choose_default_model(weights)
     spec = spec_for(model, dim)

@@ -55,6 +55,20 @@ def model_id_for(weights: Path, requested: str) -> str:
     return f"facenet-custom-{digest[:12]}"
 
 
+def embedding_dim(weights: Path) -> int:
+    """The embedding size of an InceptionResnetV1 state dict (512 for the published weights)."""
+    import torch
+
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelUnavailableError(f"cannot read FaceNet weights {weights}: {exc}") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else {}
+    if "last_bn.weight" not in state:
+        raise ModelUnavailableError(f"{weights} is not an InceptionResnetV1 state dict")
+    return int(state["last_bn.weight"].shape[0])
+
+
 class FaceNet:
     dim = 512
 
