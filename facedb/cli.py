@@ -559,6 +559,9 @@ def calibrate(
     gallery_size: Annotated[
         int | None, typer.Option(help="With --fpir: gallery size to calibrate for; default: people enrolled now.")
     ] = None,
+    people: Annotated[
+        Path | None, typer.Option(help="With --folder: only the people named in this LFW people file.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed for sampling.")] = 0,
     dry_run: Annotated[bool, typer.Option(help="Measure and print; do not store the threshold.")] = False,
     weights: WeightsOpt = None,
@@ -584,7 +587,10 @@ def calibrate(
                                           lfw or _data_root() / "lfw_deepfunneled", pipe, far, progress=update)
             elif far is not None:
                 assert folder is not None
-                rec = calibrate_far_folder(folder, pipe, far, seed=seed, progress=update)
+                from .evaluate import read_people
+
+                rec = calibrate_far_folder(folder, pipe, far, seed=seed, progress=update,
+                                           people=read_people(people) if people else None)
             else:
                 assert fpir is not None
                 size = gallery_size if gallery_size is not None else max(db.stats()["people"], 1)

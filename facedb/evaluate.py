@@ -352,16 +352,26 @@ def fpir_at(impostor: Sequence[float], threshold: float) -> float:
     return float(np.mean(imp >= threshold)) if len(imp) else float("nan")
 
 
-def labelled_folder(folder: Path) -> tuple[list[Path], list[str]]:
-    """(photo paths, person labels) of a folder with one sub-folder per person."""
+def labelled_folder(folder: Path, people: set[str] | None = None) -> tuple[list[Path], list[str]]:
+    """(photo paths, person labels) of a folder with one sub-folder per person (only ``people``, if given)."""
     from .pipeline import list_folder
 
     paths: list[Path] = []
     labels: list[str] = []
     for name, files in list_folder(folder):
-        paths += files
-        labels += [name] * len(files)
+        if people is None or name in people:
+            paths += files
+            labels += [name] * len(files)
     return paths, labels
+
+
+def read_people(people_file: Path) -> set[str]:
+    """Names from an LFW people file (``peopleDevTrain.txt``: a count line, then ``name count`` lines)."""
+    try:
+        rows = [ln.split() for ln in people_file.read_text().splitlines() if ln.strip()]
+    except OSError as exc:
+        raise FaceDBError(f"cannot read {people_file}: {exc.strerror or exc}") from None
+    return {r[0] for r in rows if len(r) == 2 and not r[0].isdigit()}
 
 
 # ------------------------------------------------------------------------------------------------- plots
@@ -483,12 +493,12 @@ def calibrate_far_pairs(pairs_file: Path, lfw_dir: Path, pipeline: FacePipeline,
             "resolvable": bool(far * (~same).sum() >= 1)}
 
 
-def calibrate_far_folder(folder: Path, pipeline: FacePipeline, far: float, *, seed: int = 0,
-                         max_impostor_pairs: int = 2_000_000,
-                         progress: Callable[[int], None] | None = None) -> dict[str, object]:
-    """The 1:1 threshold for ``far`` from a labelled folder: all genuine pairs, and up to
-    ``max_impostor_pairs`` random pairs of photos of different people."""
-    paths, labels = labelled_folder(folder)
+def folder_pair_scores(folder: Path, pipeline: FacePipeline, *, people: set[str] | None = None,
+                       max_impostor_pairs: int = 2_000_000, seed: int = 0,
+                       progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(genuine, impostor) similarities from a labelled folder: every pair of photos of one person, and up
+    to ``max_impostor_pairs`` random pairs of photos of different people."""
+    paths, labels = labelled_folder(folder, people)
     embedded = _embed(paths, pipeline, False, progress, True)
     ok = ~np.isnan(embedded.vectors).any(axis=1)
     x = embedded.vectors[ok]
@@ -504,7 +514,15 @@ def calibrate_far_folder(folder: Path, pipeline: FacePipeline, far: float, *, se
         if len(idx) > 1:
             s = x[idx] @ x[idx].T
             genuine.append(s[np.triu_indices(len(idx), 1)])
-    gen = np.concatenate(genuine) if genuine else np.zeros(0)
+    return (np.concatenate(genuine) if genuine else np.zeros(0)), impostor
+
+
+def calibrate_far_folder(folder: Path, pipeline: FacePipeline, far: float, *, seed: int = 0,
+                         max_impostor_pairs: int = 2_000_000, people: set[str] | None = None,
+                         progress: Callable[[int], None] | None = None) -> dict[str, object]:
+    """The 1:1 threshold for ``far`` from a labelled folder (see ``folder_pair_scores``)."""
+    gen, impostor = folder_pair_scores(folder, pipeline, people=people, max_impostor_pairs=max_impostor_pairs,
+                                       seed=seed, progress=progress)
     t = threshold_at_far(impostor, far)
     return {"threshold": t, "target": "far", "target_rate": far, "source": f"folder {folder}",
             "impostor_pairs": int(len(impostor)), "genuine_pairs": int(len(gen)),
