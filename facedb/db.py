@@ -14,6 +14,7 @@ import json
 import os
 import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -403,43 +404,62 @@ class FaceDB:
         pipe = self.pipeline(model)
         report = EnrollReport()
         work = [(name, src) for name, srcs in batches for src in srcs]
-        for start in range(0, len(work), batch_size):
-            ready = []
-            for name, src in work[start:start + batch_size]:
-                report.photos += 1
+        chunks = [work[i:i + batch_size] for i in range(0, len(work), batch_size)]
+
+        def prepare(chunk: list[tuple[str, Any]]) -> tuple[list[tuple[str, Any, Any, np.ndarray]], list[Skipped]]:
+            """Decode, detect, choose and align one chunk (no database access: runs beside the embedder)."""
+            ready, skipped = [], []
+            for name, src in chunk:
                 label = display_name(src) if isinstance(src, (str, os.PathLike)) else None
                 try:
                     analysed = pipe.analyse(src, name=label)
                 except FaceDBError as exc:
-                    report.skipped.append(Skipped(label or "<photo>", str(exc)))
-                    continue
-                owner = self.store.image_owner(analysed.photo.sha256)
-                if owner is not None:
-                    report.skipped.append(Skipped(analysed.photo.name, f"already enrolled (as {owner!r})"))
+                    skipped.append(Skipped(label or "<photo>", str(exc)))
                     continue
                 chosen = choose_enrol_face(analysed.faces, on_multiple)
                 if isinstance(chosen, str):
-                    report.skipped.append(Skipped(analysed.photo.name, chosen))
+                    skipped.append(Skipped(analysed.photo.name, chosen))
                     continue
-                ready.append((name, analysed.photo, chosen))
-            vectors = pipe.embed([(photo, face) for _, photo, face in ready]) if ready else []
-            for (name, photo, face), vec in zip(ready, vectors):
-                try:
-                    ids = self.add_embeddings(
-                        name, vec, boxes=[face.box], det_scores=[face.score], image=photo.record(),
-                        create=True, metadata=metadata,
-                    )
-                except (InvalidInputError, ModelMismatchError) as exc:
-                    report.skipped.append(Skipped(photo.name, str(exc)))
-                    continue
-                report.template_ids.extend(ids)
-                report.faces_stored += len(ids)
-                self._audit("enroll", [{"image_sha256": photo.sha256, "identity": name,
-                                        "detail": {"templates": len(ids)}}])
-                if name not in report.people:
-                    report.people.append(name)
-            if progress is not None:
-                progress(min(start + batch_size, len(work)))
+                ready.append((name, analysed.photo, chosen, pipe.embedder.align(analysed.photo.pixels, chosen)))
+            return ready, skipped
+
+        # Pipelined: a worker thread decodes and detects chunk i+1 while this thread embeds and stores chunk i
+        # (torch, dlib and numpy release the GIL). Threads, not processes: a forked torch can hang.
+        done = 0
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(prepare, chunks[0]) if chunks else None
+            for i, chunk in enumerate(chunks):
+                assert pending is not None
+                ready, skipped = pending.result()
+                pending = pool.submit(prepare, chunks[i + 1]) if i + 1 < len(chunks) else None
+                report.photos += len(chunk)
+                report.skipped.extend(skipped)
+                fresh = []
+                for item in ready:
+                    owner = self.store.image_owner(item[1].sha256)
+                    if owner is not None:
+                        report.skipped.append(Skipped(item[1].name, f"already enrolled (as {owner!r})"))
+                    else:
+                        fresh.append(item)
+                vectors = pipe.embedder.embed([crop for *_, crop in fresh]) if fresh else []
+                for (name, photo, face, _), vec in zip(fresh, vectors):
+                    try:
+                        ids = self.add_embeddings(
+                            name, vec, boxes=[face.box], det_scores=[face.score], image=photo.record(),
+                            create=True, metadata=metadata,
+                        )
+                    except (InvalidInputError, ModelMismatchError) as exc:
+                        report.skipped.append(Skipped(photo.name, str(exc)))
+                        continue
+                    report.template_ids.extend(ids)
+                    report.faces_stored += len(ids)
+                    self._audit("enroll", [{"image_sha256": photo.sha256, "identity": name,
+                                            "detail": {"templates": len(ids)}}])
+                    if name not in report.people:
+                        report.people.append(name)
+                done += len(chunk)
+                if progress is not None:
+                    progress(done)
         return report
 
     def search(
