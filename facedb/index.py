@@ -198,11 +198,13 @@ class IVFIndex(_Faiss):
     @classmethod
     def new(cls, dim: int, params: dict[str, Any], train: np.ndarray | None = None) -> IVFIndex:
         n = 0 if train is None else len(train)
-        params = {"nlist": _nlist_for(n), "nprobe": 16, **params}
+        nlist = int(params.get("nlist", _nlist_for(n)))
+        # nprobe: 1/32 of the lists, at least 16: the recall / speed trade measured in scripts/bench_search.py
+        # (README "Performance"); raise it with `facedb reindex --index ivf --nprobe N`
+        params = {"nlist": nlist, "nprobe": max(16, nlist // 32), **params}
         if cls.kind == "ivfpq" and "pq_nbits" not in params:
             # 8-bit codebooks need ~10k training vectors (FAISS wants 39 per centroid); fewer bits below that
             params["pq_nbits"] = 8 if n >= 256 * 39 else int(min(8, max(4, math.log2(max(n, 16) / 39))))
-        nlist = int(params["nlist"])
         if train is None or len(train) < nlist:
             nlist = max(1, min(nlist, 0 if train is None else len(train)))
             params["nlist"] = max(nlist, 1)
