@@ -1,14 +1,14 @@
 """Search at scale: every index kind at N templates, beside the peers' own search approaches.
 
 Data (stated, synthetic, face-like): P = N/5 identities x 5 templates, 512-d unit vectors. Face embeddings are
-not isotropic: their variance is concentrated in ~100 directions, so two different people have cosine ~0 with
-a spread of ~0.1 (not 1/sqrt(512) = 0.044). Centres are drawn from a Gaussian whose variances fall as
+not isotropic: identities spread over ~100 dominant directions, so two different people have cosine ~0 with a
+spread of ~0.1 (not 1/sqrt(512) = 0.044). Identity centres are drawn from a Gaussian whose variances fall as
 (i + 1)^-0.8 over the 512 axes (effective dimension ~110, different-identity cosine 0.00 +- 0.10); templates and
-genuine probes are the centre plus noise of the same shape, scaled so two samples of one identity have cosine
-~0.70 (FaceNet-like statistics; the script prints the measured ones). `--isotropic` draws everything
-isotropically instead (harder for approximate indexes: no structure to cluster). Probes: --queries genuine
-probes (fresh samples of enrolled identities) and half as many impostors (fresh identities). Decisions use
-threshold 0.5.
+genuine probes are the centre plus isotropic noise (pose, light, age: spread over all directions), scaled so
+two samples of one identity have cosine ~0.70 (FaceNet-like statistics; the script prints the measured ones).
+`--isotropic` draws the centres isotropically too (harder for approximate indexes: no structure to cluster).
+Probes: --queries genuine probes (fresh samples of enrolled identities) and half as many impostors (fresh
+identities). Decisions use threshold 0.5.
 
 For each kind: build time, index file size and bytes per template, open time (open + first answer, no
 rebuild), single-probe p50/p99, batch QPS (64 probes a call), recall@1 against exact search (same top person),
@@ -50,11 +50,14 @@ def synth(n: int, dim: int, queries: int, seed: int = 0, isotropic: bool = False
     def unit(x: np.ndarray) -> np.ndarray:
         return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
+    def noise(shape: tuple[int, ...]) -> np.ndarray:
+        return rng.standard_normal((*shape, dim)).astype(np.float32) / np.float32(np.sqrt(dim))
+
     centres = unit(draw((people,)))
-    templates = unit(centres[:, None, :] + sigma * draw((people, 5)))
+    templates = unit(centres[:, None, :] + sigma * noise((people, 5)))
     truth = rng.choice(people, queries, replace=False)
-    genuine = unit(centres[truth] + sigma * draw((queries,)))
-    impostor = unit(unit(draw((queries // 2,))) + sigma * draw((queries // 2,)))
+    genuine = unit(centres[truth] + sigma * noise((queries,)))
+    impostor = unit(unit(draw((queries // 2,))) + sigma * noise((queries // 2,)))
     return templates, truth, genuine, impostor
 
 
