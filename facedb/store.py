@@ -235,21 +235,29 @@ class Store:
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
         """One write transaction, holding SQLite's write lock from its start. Nested use joins the outer one."""
-        if self.conn.in_transaction:
+        with self._transaction(self.conn, "write"):
+            yield
+
+    @contextlib.contextmanager
+    def _transaction(self, conn: sqlite3.Connection, what: str) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT on ``conn``; any failure rolls back and surfaces as DatabaseError."""
+        if conn.in_transaction:
             yield
             return
         try:
-            self.conn.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
-            raise DatabaseError(f"{self.path}: cannot write ({exc})") from None
+            raise DatabaseError(f"{self.path}: cannot {what} ({exc})") from None
         try:
             yield
-            self.conn.execute("COMMIT")
+            conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            self._rollback()
-            raise DatabaseError(f"{self.path}: write failed, nothing was changed ({exc})") from None
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise DatabaseError(f"{self.path}: {what} failed, nothing was changed ({exc})") from None
         except BaseException:
-            self._rollback()
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
 
     def _rollback(self) -> None:
@@ -611,11 +619,7 @@ class Store:
             return
         now = utcnow()
         conn = self._audit_connection()
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
-            raise DatabaseError(f"{self.path}: cannot write the audit trail ({exc})") from None
-        try:
+        with self._transaction(conn, "write the audit trail"):
             conn.executemany(
                 "INSERT INTO audit (time, operation, image_sha256, identity, similarity, threshold, model_id, "
                 "detail, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -628,10 +632,6 @@ class Store:
                     datetime.now(timezone.utc).timestamp() - retention_days * 86400, timezone.utc
                 ).isoformat(timespec="milliseconds")
                 conn.execute("DELETE FROM audit WHERE time < ?", (cutoff,))
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            conn.execute("ROLLBACK")
-            raise DatabaseError(f"{self.path}: cannot write the audit trail ({exc})") from None
 
     def audit(self, since: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
         """Audit records at or after ``since`` (ISO 8601, UTC), oldest first."""
