@@ -189,7 +189,8 @@ class HNSWIndex(_Faiss):
 
 
 def _nlist_for(n: int) -> int:
-    return int(min(65536, max(16, 2 ** round(math.log2(max(1.0, 2 * math.sqrt(max(n, 1))))))))
+    """About 4 sqrt(n) lists (a power of two): 4,096 at 1M templates."""
+    return int(min(65536, max(16, 2 ** round(math.log2(max(1.0, 4 * math.sqrt(max(n, 1))))))))
 
 
 class IVFIndex(_Faiss):
@@ -199,9 +200,9 @@ class IVFIndex(_Faiss):
     def new(cls, dim: int, params: dict[str, Any], train: np.ndarray | None = None) -> IVFIndex:
         n = 0 if train is None else len(train)
         nlist = int(params.get("nlist", _nlist_for(n)))
-        # nprobe: 1/32 of the lists, at least 16: the recall / speed trade measured in scripts/bench_search.py
-        # (README "Performance"); raise it with `facedb reindex --index ivf --nprobe N`
-        params = {"nlist": nlist, "nprobe": max(16, nlist // 32), **params}
+        # nprobe: 1/256 of the lists, at least 16 (16 of 4,096 at 1M): the recall / speed trade measured in
+        # scripts/bench_search.py (README "Performance"); raise it with `facedb reindex --index ivf --nprobe N`
+        params = {"nlist": nlist, "nprobe": max(16, nlist // 256), **params}
         if cls.kind == "ivfpq" and "pq_nbits" not in params:
             # 8-bit codebooks need ~10k training vectors (FAISS wants 39 per centroid); fewer bits below that
             params["pq_nbits"] = 8 if n >= 256 * 39 else int(min(8, max(4, math.log2(max(n, 16) / 39))))
@@ -230,7 +231,7 @@ class IVFIndex(_Faiss):
             pad = np.random.default_rng(0).standard_normal((need - n, self.dim))
             pad = (pad / np.linalg.norm(pad, axis=1, keepdims=True)).astype(np.float32)
             sample = np.concatenate([sample, pad])
-        cap = 64 * int(self.params["nlist"])  # FAISS wants >= 39 points per centroid; more only costs time
+        cap = 40 * int(self.params["nlist"])  # FAISS wants >= 39 points per centroid; more only costs time
         if len(sample) > cap:
             sample = train[np.random.default_rng(0).choice(len(train), cap, replace=False)]
         self._index.train(np.ascontiguousarray(sample, dtype=np.float32))
