@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +21,19 @@ from .models import Embedder, load_embedder
 ON_MULTIPLE = ("error", "largest", "skip")
 
 
+def _default_device() -> str:
+    return os.environ.get("FACEDB_DEVICE", "cpu")
+
+
 @dataclass(frozen=True)
 class DetectorSettings:
+    """Detection settings; ``device`` (``cpu`` or ``cuda``, default ``$FACEDB_DEVICE`` or cpu) also places the
+    embedder."""
+
     min_face_size: int = 20
     min_score: float = 0.90
     max_side: int = 1280
-    device: str = "cpu"
+    device: str = field(default_factory=_default_device)
 
 
 @dataclass
