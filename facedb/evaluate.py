@@ -408,8 +408,9 @@ def plot_verification(genuine: np.ndarray, impostor: np.ndarray, threshold: floa
 
 
 # ----------------------------------------------------------------------------- high-level runs (CLI targets)
-def _embed(paths: Sequence[Path], pipeline: FacePipeline, flip: bool, progress: Callable[[int], None] | None,
-           use_cache: bool) -> Embedded:
+def embed_cached(paths: Sequence[Path], pipeline: FacePipeline, flip: bool,
+                 progress: Callable[[int], None] | None, use_cache: bool) -> Embedded:
+    """``embed_photos`` with the evaluation cache of the pipeline's model (a separate one with ``flip``)."""
     cache = None
     if use_cache:
         suffix = "-flip" if flip else ""
@@ -423,7 +424,7 @@ def run_lfw(pairs_file: Path, lfw_dir: Path, pipeline: FacePipeline, *, flip: bo
     """LFW verification through the real pipeline: 10-fold accuracy, TAR@FAR, EER."""
     pairs = read_pairs(pairs_file, lfw_dir)
     unique = sorted({p.a for p in pairs} | {p.b for p in pairs})
-    embedded = _embed(unique, pipeline, flip, progress, use_cache)
+    embedded = embed_cached(unique, pipeline, flip, progress, use_cache)
     index = {p: i for i, p in enumerate(unique)}
     scores = score_pairs(pairs, embedded, index)
     same = np.array([p.same for p in pairs])
@@ -450,7 +451,7 @@ def run_identify(folder: Path, pipeline: FacePipeline, work_dir: Path, *, enrol:
     this one: the "calibration holds" check.
     """
     paths, labels = labelled_folder(folder)
-    embedded = _embed(paths, pipeline, flip, progress, use_cache)
+    embedded = embed_cached(paths, pipeline, flip, progress, use_cache)
     ok = ~np.isnan(embedded.vectors).any(axis=1)
     paths = [p for p, good in zip(paths, ok) if good]
     labels = [lab for lab, good in zip(labels, ok) if good]
@@ -483,7 +484,7 @@ def calibrate_far_pairs(pairs_file: Path, lfw_dir: Path, pipeline: FacePipeline,
     """The 1:1 threshold for ``far`` from the impostor pairs of an LFW-format pairs file."""
     pairs = read_pairs(pairs_file, lfw_dir)
     unique = sorted({p.a for p in pairs} | {p.b for p in pairs})
-    embedded = _embed(unique, pipeline, False, progress, True)
+    embedded = embed_cached(unique, pipeline, False, progress, True)
     scores = score_pairs(pairs, embedded, {p: i for i, p in enumerate(unique)})
     same = np.array([p.same for p in pairs])
     t = threshold_at_far(scores[~same], far)
@@ -499,7 +500,7 @@ def folder_pair_scores(folder: Path, pipeline: FacePipeline, *, people: set[str]
     """(genuine, impostor) similarities from a labelled folder: every pair of photos of one person, and up
     to ``max_impostor_pairs`` random pairs of photos of different people."""
     paths, labels = labelled_folder(folder, people)
-    embedded = _embed(paths, pipeline, False, progress, True)
+    embedded = embed_cached(paths, pipeline, False, progress, True)
     ok = ~np.isnan(embedded.vectors).any(axis=1)
     x = embedded.vectors[ok]
     lab = np.array(labels)[ok]
@@ -538,7 +539,7 @@ def calibrate_fpir_folder(folder: Path, pipeline: FacePipeline, fpir: float, gal
     else probes as an impostor; the threshold is the best-match similarity exceeded by at most ``fpir`` of them.
     """
     paths, labels = labelled_folder(folder)
-    embedded = _embed(paths, pipeline, False, progress, True)
+    embedded = embed_cached(paths, pipeline, False, progress, True)
     ok = ~np.isnan(embedded.vectors).any(axis=1)
     vectors = embedded.vectors[ok]
     labels = [lab for lab, good in zip(labels, ok) if good]

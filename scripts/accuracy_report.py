@@ -59,7 +59,7 @@ def main() -> int:
     dev_train = ev.run_lfw(proto / "pairsDevTrain.txt", lfw, pipe, flip=args.flip)
     dev_test_pairs = ev.read_pairs(proto / "pairsDevTest.txt", lfw)
     uniq = sorted({p.a for p in dev_test_pairs} | {p.b for p in dev_test_pairs})
-    emb = ev._embed(uniq, pipe, args.flip, None, True)
+    emb = ev.embed_cached(uniq, pipe, args.flip, None, True)
     scores = ev.score_pairs(dev_test_pairs, emb, {p: i for i, p in enumerate(uniq)})
     same = np.array([p.same for p in dev_test_pairs])
     t_pairs = float(dev_train["threshold_at_far_0.001"])  # type: ignore[arg-type]
@@ -115,7 +115,7 @@ def main() -> int:
 def levers(lfw: Path, pipe, flip: bool) -> dict[str, object]:
     """Template aggregation with 2 enrolled photos (people with >= 3), and enrolment quality gates."""
     paths, labels = ev.labelled_folder(lfw)
-    emb = ev._embed(paths, pipe, flip, None, True)
+    emb = ev.embed_cached(paths, pipe, flip, None, True)
     x = emb.vectors
     lab = np.array(labels)
     rng = np.random.default_rng(0)
