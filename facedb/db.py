@@ -44,7 +44,7 @@ STORE_FILE = "facedb.sqlite3"
 INDEX_FILE = "index.faiss"
 
 #: Save the index file when it lags the store by this many generations (or has no valid file). Between
-#: saves, opening replays the change log from the file's generation, which is cheap.
+#: saves, opening levels the file with the store by a diff of template ids, adding only what is new.
 SAVE_EVERY = 32
 
 #: How many stored templates ``check`` searches for to prove the index finds them.
