@@ -615,6 +615,9 @@ def train(
     ctx: typer.Context,
     folder: Annotated[Path, typer.Option(help="Labelled photos: one sub-folder per person.")],
     out: Annotated[Path, typer.Option(help="Where to write the trained weights (.pt).")],
+    people: Annotated[
+        Path | None, typer.Option(help="Only the people named in this LFW people file (e.g. peopleDevTrain.txt).")
+    ] = None,
     loss: Annotated[str, typer.Option(help="triplet or softmax.")] = "triplet",
     mining: Annotated[str, typer.Option(help="Triplet mining: semi-hard or batch-hard.")] = "semi-hard",
     embedding_size: Annotated[int, typer.Option(help="128 as in the paper, 512 as in the released weights.")] = 128,
@@ -633,15 +636,16 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed for the split and batches.")] = 0,
 ) -> None:
     """Train or fine-tune a FaceNet embedding (triplet loss with online mining, or softmax)."""
-    from .evaluate import cache_dir
+    from .evaluate import cache_dir, read_people
     from .train.data import cache_name, prepare_crops, split_by_person
     from .train.loop import TrainConfig
     from .train.loop import train as run_training
 
+    only = read_people(people) if people else None
     bar, update = _photo_progress("aligning")
     try:
-        crops, labels, names = prepare_crops(folder, cache_dir() / "train-crops" / cache_name(folder),
-                                             progress=update)
+        crops, labels, names = prepare_crops(folder, cache_dir() / "train-crops" / cache_name(folder, only),
+                                             progress=update, people=only)
     finally:
         bar.close()
     _, val_mask = split_by_person(labels, val_fraction, seed)

@@ -18,7 +18,7 @@ from ..models.facenet import IMAGE_SIZE, crop_face
 
 
 def prepare_crops(folder: Path, cache: Path | None = None, progress: Callable[[int], None] | None = None,
-                  min_photos: int = 1) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                  min_photos: int = 1, people: set[str] | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(crops uint8 (n, 160, 160, 3), labels int (n,), person names) for every photo with a face.
 
     The face is the one nearest the photo's centre; photos without one are skipped. With ``cache`` (an .npz
@@ -30,7 +30,7 @@ def prepare_crops(folder: Path, cache: Path | None = None, progress: Callable[[i
     if cache is not None and cache.is_file():
         with np.load(cache, allow_pickle=False) as z:
             return z["crops"], z["labels"], [str(n) for n in z["names"]]
-    paths, labels = labelled_folder(folder)
+    paths, labels = labelled_folder(folder, people)
     counts: dict[str, int] = {}
     for lab in labels:
         counts[lab] = counts.get(lab, 0) + 1
@@ -62,8 +62,9 @@ def prepare_crops(folder: Path, cache: Path | None = None, progress: Callable[[i
     return out
 
 
-def cache_name(folder: Path) -> str:
-    return hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16] + ".npz"
+def cache_name(folder: Path, people: set[str] | None = None) -> str:
+    key = str(folder.resolve()) + "\n" + "\n".join(sorted(people or ()))
+    return hashlib.sha256(key.encode()).hexdigest()[:16] + ".npz"
 
 
 def split_by_person(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
