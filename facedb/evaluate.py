@@ -418,21 +418,45 @@ def embed_cached(paths: Sequence[Path], pipeline: FacePipeline, flip: bool,
     return embed_photos(paths, pipeline, cache=cache, flip=flip, progress=progress)
 
 
+@dataclass
+class PairScores:
+    """Similarity of every pair of an LFW-format pairs file, with its label and fold."""
+
+    scores: np.ndarray
+    same: np.ndarray
+    folds: np.ndarray
+    embedded: Embedded  # of the file's distinct photos
+
+
+def pair_scores(pairs_file: Path, lfw_dir: Path, pipeline: FacePipeline, *, flip: bool = False,
+                progress: Callable[[int], None] | None = None, use_cache: bool = True) -> PairScores:
+    pairs = read_pairs(pairs_file, lfw_dir)
+    unique = sorted({p.a for p in pairs} | {p.b for p in pairs})
+    embedded = embed_cached(unique, pipeline, flip, progress, use_cache)
+    scores = score_pairs(pairs, embedded, {p: i for i, p in enumerate(unique)})
+    return PairScores(scores, np.array([p.same for p in pairs]), np.array([p.fold for p in pairs]), embedded)
+
+
+def folder_embeddings(folder: Path, pipeline: FacePipeline, *, people: set[str] | None = None,
+                      flip: bool = False, progress: Callable[[int], None] | None = None,
+                      use_cache: bool = True) -> tuple[np.ndarray, list[str], int]:
+    """(vectors, labels, detection misses) of a labelled folder's readable photos."""
+    paths, labels = labelled_folder(folder, people)
+    embedded = embed_cached(paths, pipeline, flip, progress, use_cache)
+    ok = ~np.isnan(embedded.vectors).any(axis=1)
+    return embedded.vectors[ok], [lab for lab, good in zip(labels, ok) if good], int((~embedded.found).sum())
+
+
 def run_lfw(pairs_file: Path, lfw_dir: Path, pipeline: FacePipeline, *, flip: bool = False,
             progress: Callable[[int], None] | None = None, use_cache: bool = True,
             plot: Path | None = None) -> dict[str, object]:
     """LFW verification through the real pipeline: 10-fold accuracy, TAR@FAR, EER."""
-    pairs = read_pairs(pairs_file, lfw_dir)
-    unique = sorted({p.a for p in pairs} | {p.b for p in pairs})
-    embedded = embed_cached(unique, pipeline, flip, progress, use_cache)
-    index = {p: i for i, p in enumerate(unique)}
-    scores = score_pairs(pairs, embedded, index)
-    same = np.array([p.same for p in pairs])
-    folds = np.array([p.fold for p in pairs])
-    report = lfw_report(scores, same, folds)
+    ps = pair_scores(pairs_file, lfw_dir, pipeline, flip=flip, progress=progress, use_cache=use_cache)
+    scores, same = ps.scores, ps.same
+    report = lfw_report(scores, same, ps.folds)
     report.update({"model_id": pipeline.model_id, "pairs_file": pairs_file.name, "flip": flip,
-                   "photos": len(unique), "detection_misses": int((~embedded.found).sum()),
-                   "unreadable": len(embedded.unreadable)})
+                   "photos": len(ps.embedded.vectors), "detection_misses": int((~ps.embedded.found).sum()),
+                   "unreadable": len(ps.embedded.unreadable)})
     if plot is not None:
         thr = float(report["threshold_at_far_0.001"])  # type: ignore[arg-type]
         plot_verification(scores[same], scores[~same], thr, plot,
@@ -450,12 +474,8 @@ def run_identify(folder: Path, pipeline: FacePipeline, work_dir: Path, *, enrol:
     ``calibrate_on_other_half`` the FPIR-1% threshold is chosen on the other half and its FPIR measured on
     this one: the "calibration holds" check.
     """
-    paths, labels = labelled_folder(folder)
-    embedded = embed_cached(paths, pipeline, flip, progress, use_cache)
-    ok = ~np.isnan(embedded.vectors).any(axis=1)
-    paths = [p for p, good in zip(paths, ok) if good]
-    labels = [lab for lab, good in zip(labels, ok) if good]
-    vectors = embedded.vectors[ok]
+    vectors, labels, misses = folder_embeddings(folder, pipeline, flip=flip, progress=progress,
+                                                use_cache=use_cache)
     names = sorted(set(labels))
     perm = np.random.default_rng(seed + 1).permutation(len(names))
     halves = {"a": {names[i] for i in perm[: len(names) // 2]}, "b": {names[i] for i in perm[len(names) // 2:]}}
@@ -464,7 +484,7 @@ def run_identify(folder: Path, pipeline: FacePipeline, work_dir: Path, *, enrol:
     genuine, impostor = open_set_scores(work_dir / "eval-db", vectors, split, pipeline.model_id)
     report = open_set_report(split, genuine, impostor)
     report.update({"model_id": pipeline.model_id, "folder": str(folder), "enrol": enrol, "seed": seed,
-                   "half": half, "flip": flip, "detection_misses": int((~embedded.found).sum())})
+                   "half": half, "flip": flip, "detection_misses": misses})
     if calibrate_on_other_half and half:
         other = "b" if half == "a" else "a"
         split2 = identify_split(labels, enrol, np.random.default_rng(seed), halves[other])
@@ -482,11 +502,8 @@ def run_identify(folder: Path, pipeline: FacePipeline, work_dir: Path, *, enrol:
 def calibrate_far_pairs(pairs_file: Path, lfw_dir: Path, pipeline: FacePipeline, far: float, *,
                         progress: Callable[[int], None] | None = None) -> dict[str, object]:
     """The 1:1 threshold for ``far`` from the impostor pairs of an LFW-format pairs file."""
-    pairs = read_pairs(pairs_file, lfw_dir)
-    unique = sorted({p.a for p in pairs} | {p.b for p in pairs})
-    embedded = embed_cached(unique, pipeline, False, progress, True)
-    scores = score_pairs(pairs, embedded, {p: i for i, p in enumerate(unique)})
-    same = np.array([p.same for p in pairs])
+    ps = pair_scores(pairs_file, lfw_dir, pipeline, progress=progress)
+    scores, same = ps.scores, ps.same
     t = threshold_at_far(scores[~same], far)
     return {"threshold": t, "target": "far", "target_rate": far, "source": f"LFW {pairs_file.name}",
             "impostor_pairs": int((~same).sum()), "genuine_pairs": int(same.sum()),
@@ -499,11 +516,8 @@ def folder_pair_scores(folder: Path, pipeline: FacePipeline, *, people: set[str]
                        progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(genuine, impostor) similarities from a labelled folder: every pair of photos of one person, and up
     to ``max_impostor_pairs`` random pairs of photos of different people."""
-    paths, labels = labelled_folder(folder, people)
-    embedded = embed_cached(paths, pipeline, False, progress, True)
-    ok = ~np.isnan(embedded.vectors).any(axis=1)
-    x = embedded.vectors[ok]
-    lab = np.array(labels)[ok]
+    x, labels, _ = folder_embeddings(folder, pipeline, people=people, progress=progress)
+    lab = np.array(labels)
     rng = np.random.default_rng(seed)
     a = rng.integers(0, len(x), max_impostor_pairs)
     b = rng.integers(0, len(x), max_impostor_pairs)
@@ -538,11 +552,7 @@ def calibrate_fpir_folder(folder: Path, pipeline: FacePipeline, fpir: float, gal
     ``gallery_size`` people (of those with more than ``enrol`` photos) are enrolled, every photo of everyone
     else probes as an impostor; the threshold is the best-match similarity exceeded by at most ``fpir`` of them.
     """
-    paths, labels = labelled_folder(folder)
-    embedded = embed_cached(paths, pipeline, False, progress, True)
-    ok = ~np.isnan(embedded.vectors).any(axis=1)
-    vectors = embedded.vectors[ok]
-    labels = [lab for lab, good in zip(labels, ok) if good]
+    vectors, labels, _ = folder_embeddings(folder, pipeline, progress=progress)
     counts: dict[str, int] = {}
     for lab in labels:
         counts[lab] = counts.get(lab, 0) + 1

@@ -57,11 +57,8 @@ def main() -> int:
 
     # 2. 1:1 calibration holds
     dev_train = ev.run_lfw(proto / "pairsDevTrain.txt", lfw, pipe, flip=args.flip)
-    dev_test_pairs = ev.read_pairs(proto / "pairsDevTest.txt", lfw)
-    uniq = sorted({p.a for p in dev_test_pairs} | {p.b for p in dev_test_pairs})
-    emb = ev.embed_cached(uniq, pipe, args.flip, None, True)
-    scores = ev.score_pairs(dev_test_pairs, emb, {p: i for i, p in enumerate(uniq)})
-    same = np.array([p.same for p in dev_test_pairs])
+    dev_test = ev.pair_scores(proto / "pairsDevTest.txt", lfw, pipe, flip=args.flip)
+    scores, same = dev_test.scores, dev_test.same
     t_pairs = float(dev_train["threshold_at_far_0.001"])  # type: ignore[arg-type]
     gen_tr, imp_tr = ev.folder_pair_scores(lfw, pipe, people=ev.read_people(proto / "peopleDevTrain.txt"))
     gen_te, imp_te = ev.folder_pair_scores(lfw, pipe, people=ev.read_people(proto / "peopleDevTest.txt"), seed=1)
@@ -114,9 +111,7 @@ def main() -> int:
 
 def levers(lfw: Path, pipe, flip: bool) -> dict[str, object]:
     """Template aggregation with 2 enrolled photos (people with >= 3), and enrolment quality gates."""
-    paths, labels = ev.labelled_folder(lfw)
-    emb = ev.embed_cached(paths, pipe, flip, None, True)
-    x = emb.vectors
+    x, labels, _ = ev.folder_embeddings(lfw, pipe, flip=flip)
     lab = np.array(labels)
     rng = np.random.default_rng(0)
     names = sorted(set(labels))
