@@ -26,7 +26,6 @@ from .engine import Gallery
 from .errors import (
     DatabaseError,
     DatabaseExistsError,
-    FaceDBError,
     InvalidInputError,
     ModelMismatchError,
     NoFaceError,
@@ -38,7 +37,7 @@ from .store import SCHEMA_VERSION, Store
 
 if TYPE_CHECKING:
     from .images import PhotoSource
-    from .pipeline import FacePipeline
+    from .pipeline import FacePipeline, Prepared
 
 STORE_FILE = "facedb.sqlite3"
 INDEX_FILE = "index.faiss"
@@ -313,11 +312,18 @@ class FaceDB:
     ) -> list[list[tuple[int, float]]]:
         """Replace approximate scores by each candidate person's exact best similarity over all of their
         stored templates, re-rank, keep k: an approximate index may miss a person, never change a score."""
-        people = sorted({pid for pairs in ranked for pid, _ in pairs})
-        vectors = self.store.person_vectors(people)
+        if len(ranked) > 256:  # bounds the (people x probes) score matrix below
+            return [r for s in range(0, len(ranked), 256) for r in self._rescore(x[s:s + 256], ranked[s:s + 256], k)]
+        pids, vectors = self.store.person_vectors([pid for pairs in ranked for pid, _ in pairs])
+        if not len(pids):
+            return [[] for _ in ranked]
+        people, starts = np.unique(pids, return_index=True)  # rows come grouped by person, sorted
+        best = np.maximum.reduceat(vectors @ x.T, starts, axis=0)  # (people, queries): best template each
         out = []
-        for q, pairs in zip(x, ranked):
-            exact = [(pid, float(np.max(vectors[pid] @ q))) for pid, _ in pairs if len(vectors.get(pid, ()))]
+        for j, pairs in enumerate(ranked):
+            rows = np.searchsorted(people, [pid for pid, _ in pairs])
+            exact = [(pid, float(best[r, j])) for (pid, _), r in zip(pairs, rows)
+                     if r < len(people) and people[r] == pid]
             exact.sort(key=lambda p: -p[1])
             out.append(exact[:k])
         return out
@@ -344,7 +350,7 @@ class FaceDB:
         with self._lock:
             thr = self.threshold if threshold is None else float(threshold)
             person = self.store.person(name)
-            templates = self.store.person_vectors([person.id])[person.id]
+            _, templates = self.store.person_vectors([person.id])
         if not len(templates):
             raise InvalidInputError(f"{name!r} has no templates to verify against")
         result = engine.verify_scores(x[0], templates, name, thr)
@@ -394,73 +400,76 @@ class FaceDB:
         metadata: dict[str, Any] | None = None,
         progress: Any = None,
         batch_size: int = 16,
+        workers: int = 0,
     ) -> EnrollReport:
-        """Enrol several people: ``[(name, photos), ...]``. Faces are embedded in batches across photos."""
-        from .images import display_name
-        from .pipeline import ON_MULTIPLE, choose_enrol_face
+        """Enrol several people: ``[(name, photos), ...]``. Faces are embedded in batches across photos.
+
+        Decoding and detection run beside the embedder: in one thread by default, or in ``workers`` spawned
+        processes (true parallelism; worth it from ~64 photos, see ``pipeline.auto_workers``; a script doing
+        this must guard its entry point with ``if __name__ == "__main__":``). Processes need the database's
+        own pipeline, so ``workers`` is ignored when ``model`` is given.
+        """
+        from .pipeline import ON_MULTIPLE, prepare, preparer_pool, worker_prepare
 
         if on_multiple not in ON_MULTIPLE:
             raise InvalidInputError(f"on_multiple must be one of {', '.join(ON_MULTIPLE)}")
+        if not isinstance(workers, int) or workers < 0:
+            raise InvalidInputError("workers must be an integer >= 0")
         pipe = self.pipeline(model)
         report = EnrollReport()
         work = [(name, src) for name, srcs in batches for src in srcs]
         chunks = [work[i:i + batch_size] for i in range(0, len(work), batch_size)]
-
-        def prepare(chunk: list[tuple[str, Any]]) -> tuple[list[tuple[str, Any, Any, np.ndarray]], list[Skipped]]:
-            """Decode, detect, choose and align one chunk (no database access: runs beside the embedder)."""
-            ready, skipped = [], []
-            for name, src in chunk:
-                label = display_name(src) if isinstance(src, (str, os.PathLike)) else None
-                try:
-                    analysed = pipe.analyse(src, name=label)
-                except FaceDBError as exc:
-                    skipped.append(Skipped(label or "<photo>", str(exc)))
-                    continue
-                chosen = choose_enrol_face(analysed.faces, on_multiple)
-                if isinstance(chosen, str):
-                    skipped.append(Skipped(analysed.photo.name, chosen))
-                    continue
-                ready.append((name, analysed.photo, chosen, pipe.embedder.align(analysed.photo.pixels, chosen)))
-            return ready, skipped
-
-        # Pipelined: a worker thread decodes and detects chunk i+1 while this thread embeds and stores chunk i
-        # (torch, dlib and numpy release the GIL). Threads, not processes: a forked torch can hang.
+        if workers and model is None:
+            pool = preparer_pool(workers, self.model_id, self._weights, pipe.settings)
+            submit = lambda chunk: pool.submit(worker_prepare, chunk, on_multiple)  # noqa: E731
+            ahead = 2 * workers  # chunks in flight: keeps every worker busy, bounds memory
+        else:
+            # A thread decodes and detects the next chunk while this one embeds and stores (torch and numpy
+            # release the GIL; dlib does not, hence the processes above).
+            pool = ThreadPoolExecutor(max_workers=1)
+            submit = lambda chunk: pool.submit(prepare, pipe, chunk, on_multiple)  # noqa: E731
+            ahead = 1
         done = 0
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(prepare, chunks[0]) if chunks else None
+        with pool:
+            pending = [submit(c) for c in chunks[:ahead]]
             for i, chunk in enumerate(chunks):
-                assert pending is not None
-                ready, skipped = pending.result()
-                pending = pool.submit(prepare, chunks[i + 1]) if i + 1 < len(chunks) else None
+                ready, skipped = pending.pop(0).result()
+                if i + ahead < len(chunks):
+                    pending.append(submit(chunks[i + ahead]))
                 report.photos += len(chunk)
                 report.skipped.extend(skipped)
-                fresh = []
-                for item in ready:
-                    owner = self.store.image_owner(item[1].sha256)
-                    if owner is not None:
-                        report.skipped.append(Skipped(item[1].name, f"already enrolled (as {owner!r})"))
-                    else:
-                        fresh.append(item)
-                vectors = pipe.embedder.embed([crop for *_, crop in fresh]) if fresh else []
-                for (name, photo, face, _), vec in zip(fresh, vectors):
-                    try:
-                        ids = self.add_embeddings(
-                            name, vec, boxes=[face.box], det_scores=[face.score], image=photo.record(),
-                            create=True, metadata=metadata,
-                        )
-                    except (InvalidInputError, ModelMismatchError) as exc:
-                        report.skipped.append(Skipped(photo.name, str(exc)))
-                        continue
-                    report.template_ids.extend(ids)
-                    report.faces_stored += len(ids)
-                    self._audit("enroll", [{"image_sha256": photo.sha256, "identity": name,
-                                            "detail": {"templates": len(ids)}}])
-                    if name not in report.people:
-                        report.people.append(name)
+                self._store_prepared(ready, pipe, metadata, report)
                 done += len(chunk)
                 if progress is not None:
                     progress(done)
         return report
+
+    def _store_prepared(self, ready: list[Prepared], pipe: FacePipeline, metadata: dict[str, Any] | None,
+                        report: EnrollReport) -> None:
+        """Embed prepared photos in one batch and store each in its own transaction (skipping duplicates)."""
+        fresh = []
+        for item in ready:
+            owner = self.store.image_owner(item.sha256)
+            if owner is not None:
+                report.skipped.append(Skipped(item.label, f"already enrolled (as {owner!r})"))
+            else:
+                fresh.append(item)
+        vectors = pipe.embedder.embed([item.crop for item in fresh]) if fresh else []
+        for item, vec in zip(fresh, vectors):
+            try:
+                ids = self.add_embeddings(
+                    item.name, vec, boxes=[item.face.box], det_scores=[item.face.score], image=item.image,
+                    create=True, metadata=metadata,
+                )
+            except (InvalidInputError, ModelMismatchError) as exc:
+                report.skipped.append(Skipped(item.label, str(exc)))
+                continue
+            report.template_ids.extend(ids)
+            report.faces_stored += len(ids)
+            self._audit("enroll", [{"image_sha256": item.sha256, "identity": item.name,
+                                    "detail": {"templates": len(ids)}}])
+            if item.name not in report.people:
+                report.people.append(item.name)
 
     def search(
         self,
@@ -512,8 +521,8 @@ class FaceDB:
             self.store.set_meta(items)
         return self.audit_settings()
 
-    def audit_settings(self) -> dict[str, Any]:
-        meta = self.store.all_meta()
+    def audit_settings(self, meta: dict[str, str] | None = None) -> dict[str, Any]:
+        meta = self.store.all_meta() if meta is None else meta
         return {
             "enabled": meta.get("audit_enabled", "1") == "1",
             "retention_days": float(meta.get("audit_retention_days", "90")),
@@ -530,14 +539,15 @@ class FaceDB:
         similarity, threshold, model. The probe's embedding only when configured to."""
         if self.readonly or not records:
             return
-        settings = self.audit_settings()
+        meta = self.store.all_meta()  # one read per decision batch: this runs on every query
+        settings = self.audit_settings(meta)
         if not settings["enabled"]:
             return
         keep = settings["retention_days"] or None
         rows = []
         for rec in records:
             vector = rec.pop("vector", None)
-            rec.update(operation=operation, model_id=self.model_id)
+            rec.update(operation=operation, model_id=meta.get("model_id", ""))
             if settings["store_embeddings"] and vector is not None:
                 rec["embedding"] = to_blob(vector)
             rows.append(rec)

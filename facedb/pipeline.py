@@ -1,13 +1,15 @@
 """Photo -> faces -> aligned crops -> embeddings. Models load lazily, once per process.
 
 After a fork, torch (and faiss) can deadlock in the child, so any parallelism around this module must use
-the ``spawn`` start method or threads.
+the ``spawn`` start method or threads. ``prepare`` (decode, detect, choose, align) is what enrolment runs in
+worker processes beside the embedder: dlib's embedder holds the GIL, so a thread cannot overlap with it.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,8 +17,9 @@ import numpy as np
 
 from .detect import Face, MTCNNDetector
 from .errors import FaceDBError
-from .images import Photo, PhotoSource, load_photo
+from .images import Photo, PhotoSource, display_name, load_photo
 from .models import Embedder, load_embedder
+from .records import Skipped
 
 ON_MULTIPLE = ("error", "largest", "skip")
 
@@ -111,6 +114,87 @@ def choose_enrol_face(faces: list[Face], on_multiple: str) -> Face | str:
     if on_multiple == "skip":
         return f"{len(faces)} faces found (skipped by --on-multiple skip)"
     return f"{len(faces)} faces found; enrolment needs one (use --on-multiple largest)"
+
+
+@dataclass
+class Prepared:
+    """A photo ready to embed: the person it enrols, the store's image row (no pixels: this crosses process
+    boundaries), the chosen face and its aligned crop."""
+
+    name: str
+    image: dict[str, object]
+    face: Face
+    crop: np.ndarray
+
+    @property
+    def sha256(self) -> str:
+        return str(self.image["sha256"])
+
+    @property
+    def label(self) -> str:
+        return str(self.image["path"])
+
+
+def prepare(pipe: FacePipeline, items: list[tuple[str, PhotoSource]], on_multiple: str
+            ) -> tuple[list[Prepared], list[Skipped]]:
+    """Decode, detect, choose the face and align, for each (person, photo); no database access. A photo that
+    fails is skipped with its reason."""
+    ready, skipped = [], []
+    for name, src in items:
+        label = display_name(src) if isinstance(src, (str, os.PathLike)) else None
+        try:
+            analysed = pipe.analyse(src, name=label)
+        except FaceDBError as exc:
+            skipped.append(Skipped(label or "<photo>", str(exc)))
+            continue
+        chosen = choose_enrol_face(analysed.faces, on_multiple)
+        if isinstance(chosen, str):
+            skipped.append(Skipped(analysed.photo.name, chosen))
+            continue
+        crop = pipe.embedder.align(analysed.photo.pixels, chosen)
+        ready.append(Prepared(name, analysed.photo.record(), chosen, crop))
+    return ready, skipped
+
+
+def auto_workers(photos: int, device: str = "cpu") -> int:
+    """Detection processes ``enroll`` starts by default: none for small jobs (starting one costs ~2-4 s,
+    loading torch and the models) or on a GPU (detection runs there in the pipelining thread); else one
+    fewer than the CPU cores (the embedder has the remaining one), at most 4."""
+    if device != "cpu" or photos < 64:
+        return 0
+    return max(1, min(4, (os.cpu_count() or 1) - 1))
+
+
+_WORKER_PIPELINE: FacePipeline | None = None
+
+
+def _worker_start(model_id: str, weights: str | None, settings: DetectorSettings) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one core per worker process: the parallelism is across processes
+    global _WORKER_PIPELINE
+    _WORKER_PIPELINE = get_pipeline(model_id, weights=Path(weights) if weights else None, settings=settings)
+
+
+def worker_prepare(items: list[tuple[str, PhotoSource]], on_multiple: str
+                    ) -> tuple[list[Prepared], list[Skipped]]:
+    assert _WORKER_PIPELINE is not None, "worker not started"
+    return prepare(_WORKER_PIPELINE, items, on_multiple)
+
+
+def preparer_pool(workers: int, model_id: str, weights: Path | None, settings: DetectorSettings
+                  ) -> ProcessPoolExecutor:
+    """A pool of ``workers`` spawned processes running ``worker_prepare`` (each loads the models once).
+
+    Spawned, not forked (see the module docstring); so, as with any spawned multiprocessing, a script using
+    it must guard its entry point with ``if __name__ == "__main__":``."""
+    import multiprocessing
+
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start,
+        initargs=(model_id, str(weights) if weights else None, settings),
+    )
+
 
 
 def list_folder(folder: Path) -> list[tuple[str, list[Path]]]:

@@ -497,18 +497,21 @@ class Store:
                 blobs.append(r[2])
         return np.array(out_ids, dtype=np.int64), np.array(out_pids, dtype=np.int64), self._vectors(blobs)
 
-    def person_vectors(self, person_ids: Sequence[int]) -> dict[int, np.ndarray]:
-        """Every stored vector of each person: {person id: (n, dim)}."""
-        out: dict[int, list[bytes]] = {int(p): [] for p in person_ids}
-        keys = list(out)
+    def person_vectors(self, person_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Every stored vector of the given people, grouped by person: (person id of each row, sorted; vectors
+        ``(m, dim)``). One query and one buffer, since the query engine calls this for every probe."""
+        keys = sorted({int(p) for p in person_ids})
+        pids: list[int] = []
+        blobs: list[bytes] = []
         for start in range(0, len(keys), 900):
             chunk = keys[start:start + 900]
             marks = ",".join("?" * len(chunk))
             for pid, blob in self.conn.execute(
-                f"SELECT person_id, vector FROM embeddings WHERE person_id IN ({marks})", chunk
+                f"SELECT person_id, vector FROM embeddings WHERE person_id IN ({marks}) ORDER BY person_id", chunk
             ):
-                out[pid].append(blob)
-        return {pid: self._vectors(blobs) for pid, blobs in out.items()}
+                pids.append(pid)
+                blobs.append(blob)
+        return np.array(pids, dtype=np.int64), self._vectors(blobs)
 
     def names(self, person_ids: Sequence[int]) -> dict[int, str]:
         keys = sorted({int(p) for p in person_ids})

@@ -127,3 +127,18 @@ def test_flat_gemm_batch_path_equals_faiss_single_path(tmp_path, data):
             assert [c.name for c in a.candidates] == [c.name for c in b.candidates]
             np.testing.assert_allclose([c.similarity for c in a.candidates], [c.similarity for c in b.candidates],
                                        atol=1e-5)
+
+
+def test_large_batches_are_rescored_in_chunks_with_the_same_answers(tmp_path, data):
+    items, probes = data
+    many = np.concatenate([probes, probes, probes])  # 360 probes: more than one rescoring chunk
+    with FaceDB.create(tmp_path / "db", model_id="m", dim=DIM, threshold=0.5, index="ivf") as db:
+        db.add_embeddings_many(items)
+        one_by_one = [db.identify(q, k=3) for q in probes]
+        batched = db.identify(many, k=3)
+    assert len(batched) == 360
+    for i, ans in enumerate(batched):
+        ref = one_by_one[i % 120]
+        assert [c.name for c in ans.candidates] == [c.name for c in ref.candidates]
+        assert [c.similarity for c in ans.candidates] == pytest.approx([c.similarity for c in ref.candidates],
+                                                                       abs=1e-6)

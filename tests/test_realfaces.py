@@ -192,3 +192,28 @@ def test_cli_end_to_end_on_real_photos(tmp_path, lfw, dlib_pipeline):
     assert all(r["identity"] != "Tony_Blair" and all(c["name"] != "Tony_Blair" for c in r["candidates"])
                for r in rows)
     assert json.loads(cli("--json", "check").stdout)["ok"] is True
+
+
+def test_detection_processes_store_what_the_thread_stores(tmp_path, lfw, dlib_pipeline):
+    """Enrolment with a detection process gives the same templates, boxes and skip reasons as with the
+    in-process thread (and an unreadable file is skipped, not fatal, in the worker too)."""
+    photos = [lfw / rel for rel in ONE_FACE]
+    bad = tmp_path / "not-a-photo.jpg"
+    bad.write_bytes(b"not an image")
+    batches = [("bush", photos[:4]), ("powell", [*photos[4:7], bad]), ("blair", photos[7:])]
+    spec = MODELS["dlib-resnet"]
+    stored = {}
+    for workers in (0, 1):
+        root = tmp_path / f"db{workers}"
+        with FaceDB.create(root, model_id=spec.id, dim=spec.dim, threshold=spec.threshold) as db:
+            report = db.enroll_many(batches, workers=workers, batch_size=3)
+            assert report.photos == 9 and report.faces_stored == 8
+            assert [s.reason for s in report.skipped] and "not-a-photo.jpg" in report.skipped[0].image
+            rows = db.store.conn.execute(
+                "SELECT p.name, i.sha256, e.vector FROM embeddings e JOIN people p ON p.id = e.person_id "
+                "JOIN images i ON i.id = e.image_id ORDER BY i.sha256").fetchall()
+            stored[workers] = rows
+    assert [r[:2] for r in stored[0]] == [r[:2] for r in stored[1]]
+    a = np.frombuffer(b"".join(r[2] for r in stored[0]), dtype="<f4")
+    b = np.frombuffer(b"".join(r[2] for r in stored[1]), dtype="<f4")
+    assert np.allclose(a, b, atol=1e-4)  # one torch thread in the worker: detection sums may round apart
