@@ -303,18 +303,25 @@ class FaceDB:
             if gallery.index.exact:
                 ranked = gallery.top_people(x, k)
             else:
-                ranked = self._rescore(x, gallery.top_people(x, k + max(5, k), max_rounds=2), k)
+                ranked = self._rescore(gallery, x, gallery.top_people(x, k + max(5, k), max_rounds=2), k)
             names = self.store.names([pid for pairs in ranked for pid, _ in pairs])
         return [engine.decide(engine.candidates(pairs, names), thr) for pairs in ranked]
 
     def _rescore(
-        self, x: np.ndarray, ranked: list[list[tuple[int, float]]], k: int
+        self, gallery: Gallery, x: np.ndarray, ranked: list[list[tuple[int, float]]], k: int
     ) -> list[list[tuple[int, float]]]:
         """Replace approximate scores by each candidate person's exact best similarity over all of their
-        stored templates, re-rank, keep k: an approximate index may miss a person, never change a score."""
+        stored templates, re-rank, keep k: an approximate index may miss a person, never change a score.
+
+        The vectors come from the index where it holds them bit for bit (hnsw, ivf), else from the store."""
         if len(ranked) > 256:  # bounds the (people x probes) score matrix below
-            return [r for s in range(0, len(ranked), 256) for r in self._rescore(x[s:s + 256], ranked[s:s + 256], k)]
-        pids, vectors = self.store.person_vectors([pid for pairs in ranked for pid, _ in pairs])
+            return [r for s in range(0, len(ranked), 256)
+                    for r in self._rescore(gallery, x[s:s + 256], ranked[s:s + 256], k)]
+        wanted = [pid for pairs in ranked for pid, _ in pairs]
+        pids, ids = gallery.person_templates(wanted)
+        vectors = gallery.index.exact_vectors(ids)
+        if vectors is None:
+            pids, vectors = self.store.person_vectors(wanted)
         if not len(pids):
             return [[] for _ in ranked]
         people, starts = np.unique(pids, return_index=True)  # rows come grouped by person, sorted
@@ -789,7 +796,7 @@ class FaceDB:
                 sids, _, vecs = self.store.templates(sample)
                 ranked = gallery.top_people(vecs, 1)
                 if not gallery.index.exact:
-                    ranked = self._rescore(vecs, gallery.top_people(vecs, 6, max_rounds=2), 1)
+                    ranked = self._rescore(gallery, vecs, gallery.top_people(vecs, 6, max_rounds=2), 1)
                 missed = sum(1 for pairs in ranked if not pairs or pairs[0][1] < 1.0 - 1e-4)
                 if missed:
                     problems.append(f"{missed} of {len(sids)} sampled templates are not found by the index")

@@ -28,6 +28,7 @@ class Gallery:
         self.generation = generation
         self._ids = np.zeros(0, dtype=np.int64)  # sorted template ids
         self._pids = np.zeros(0, dtype=np.int64)  # person id of each
+        self._by_person: tuple[np.ndarray, np.ndarray] | None = None  # (person ids, template ids), by person
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -40,12 +41,14 @@ class Gallery:
         all_pids = np.concatenate([self._pids, np.asarray(person_ids, dtype=np.int64)])
         order = np.argsort(all_ids, kind="stable")
         self._ids, self._pids = all_ids[order], all_pids[order]
+        self._by_person = None
 
     def set_map(self, ids: np.ndarray, person_ids: np.ndarray) -> None:
         """Attach the person map to an index loaded from a file (which holds the vectors already)."""
         order = np.argsort(ids, kind="stable")
         self._ids = np.asarray(ids, dtype=np.int64)[order]
         self._pids = np.asarray(person_ids, dtype=np.int64)[order]
+        self._by_person = None
 
     def remove(self, ids: Sequence[int]) -> None:
         ids = np.asarray(ids, dtype=np.int64)
@@ -55,6 +58,7 @@ class Gallery:
         self.index.remove(present)
         keep = ~np.isin(self._ids, present)
         self._ids, self._pids = self._ids[keep], self._pids[keep]
+        self._by_person = None
 
     def dead(self) -> int:
         """Index entries that map to no person (HNSW tombstones)."""
@@ -71,6 +75,17 @@ class Gallery:
             return np.full(ids.shape, -1, dtype=np.int64)
         found = self._ids[pos] == ids
         return np.where(found, self._pids[pos], -1)
+
+    def person_templates(self, person_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Every live template of the given people: (person id of each, sorted; template ids)."""
+        if self._by_person is None:  # rebuilt on the first query after a change: O(n log n), ~0.1 s at 1M
+            order = np.argsort(self._pids, kind="stable")
+            self._by_person = (self._pids[order], self._ids[order])
+        pids, ids = self._by_person
+        wanted = np.unique(np.asarray(person_ids, dtype=np.int64))
+        lo, hi = np.searchsorted(pids, wanted, "left"), np.searchsorted(pids, wanted, "right")
+        rows = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)]) if len(wanted) else np.zeros(0, int)
+        return pids[rows], ids[rows]
 
     def top_people(
         self, queries: np.ndarray, k: int, max_rounds: int | None = None

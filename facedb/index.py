@@ -17,10 +17,11 @@ ivf        IVFFlat(nlist), nprobe, trained on the data  exact      yes          
 ivfpq      IVFPQ(nlist, dim/8 bytes), nprobe            ~0.05      yes             remove_ids
 =========  ===========================================  =========  ==============  ===============
 
-The query engine re-scores every candidate person exactly from the store for all kinds but ``flat``, so an
-approximate index can miss a person but never changes a score. HNSW cannot remove vectors: removed ids stay in
-the graph as tombstones, filtered out (they map to no person), and the index is rebuilt when they pass
-``TOMBSTONE_LIMIT`` of it.
+The query engine re-scores every candidate person exactly, from all of their stored vectors, for all kinds but
+``flat``, so an approximate index can miss a person but never changes a score. Kinds that hold the float32
+vectors (hnsw, ivf) hand them back by id (``exact_vectors``); for the others they are read from the store.
+HNSW cannot remove vectors: removed ids stay in the graph as tombstones, filtered out (they map to no person),
+and the index is rebuilt when they pass ``TOMBSTONE_LIMIT`` of it.
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ class VectorIndex(Protocol):
 
     def ids(self) -> np.ndarray:
         """Every template id held (tombstones included), as int64."""
+        ...
+
+    def exact_vectors(self, ids: np.ndarray) -> np.ndarray | None:
+        """The stored float32 vectors of live ``ids`` (``(len(ids), dim)``), bit for bit as added; None when the
+        index keeps only approximations (the caller then reads the store)."""
         ...
 
     def to_bytes(self) -> bytes: ...
@@ -115,6 +121,9 @@ class _Faiss:
     def ids(self) -> np.ndarray:
         return faiss.vector_to_array(self._index.id_map).astype(np.int64)
 
+    def exact_vectors(self, ids: np.ndarray) -> np.ndarray | None:
+        return None
+
     def to_bytes(self) -> bytes:
         return faiss.serialize_index(self._index).tobytes()
 
@@ -138,6 +147,9 @@ class FlatIndex(_Faiss):
         n = len(self)
         return faiss.rev_swig_ptr(inner.get_xb(), n * self.dim).reshape(n, self.dim)
 
+    def exact_vectors(self, ids: np.ndarray) -> np.ndarray | None:
+        return _reconstruct(self._index, ids, self.dim)
+
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if len(queries) < GEMM_MIN_BATCH:
             return super()._search(queries, k)
@@ -156,6 +168,12 @@ class FlatIndex(_Faiss):
             sims[start:start + len(q)] = np.take_along_axis(top_s, order, axis=1)
             rows[start:start + len(q)] = np.take_along_axis(top, order, axis=1)
         return sims, id_map[rows]
+
+
+def _reconstruct(index: faiss.Index, ids: np.ndarray, dim: int) -> np.ndarray:
+    if not len(ids):
+        return np.zeros((0, dim), dtype=np.float32)
+    return index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
 
 
 class Flat16Index(_Faiss):
@@ -181,6 +199,9 @@ class HNSWIndex(_Faiss):
 
     def configure(self) -> None:
         faiss.downcast_index(self._index.index).hnsw.efSearch = int(self.params.get("ef_search", 128))
+
+    def exact_vectors(self, ids: np.ndarray) -> np.ndarray | None:
+        return _reconstruct(self._index, ids, self.dim)  # HNSWFlat keeps the float32 vectors
 
     def remove(self, ids: np.ndarray) -> None:
         # HNSW graphs cannot drop nodes: the ids stay as tombstones, which map to no person (filtered by
@@ -239,6 +260,15 @@ class IVFIndex(_Faiss):
 
     def configure(self) -> None:
         self._index.nprobe = int(self.params.get("nprobe", 16))
+        if self.keeps_vectors and self._index.direct_map.type != faiss.DirectMap.Hashtable:
+            # id -> list position, so candidates' vectors are re-read from memory, not SQLite (measured:
+            # the store's B-tree lookups cost more than the search itself at 1M); ~50 B per template
+            self._index.set_direct_map_type(faiss.DirectMap.Hashtable)
+
+    keeps_vectors = True  # IVFFlat lists hold the float32 vectors themselves
+
+    def exact_vectors(self, ids: np.ndarray) -> np.ndarray | None:
+        return _reconstruct(self._index, ids, self.dim) if self.keeps_vectors else None
 
     def ids(self) -> np.ndarray:
         invlists = self._index.invlists
@@ -252,6 +282,7 @@ class IVFIndex(_Faiss):
 
 class IVFPQIndex(IVFIndex):
     kind = "ivfpq"
+    keeps_vectors = False  # PQ codes only: exact scores come from the store
 
     @staticmethod
     def _make(dim: int, quantizer: faiss.Index, params: dict[str, Any]) -> faiss.Index:

@@ -142,3 +142,31 @@ def test_large_batches_are_rescored_in_chunks_with_the_same_answers(tmp_path, da
         assert [c.name for c in ans.candidates] == [c.name for c in ref.candidates]
         assert [c.similarity for c in ans.candidates] == pytest.approx([c.similarity for c in ref.candidates],
                                                                        abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_rescoring_vectors_from_the_index_are_the_stored_ones_bit_for_bit(tmp_path, data, kind):
+    items, _ = data
+    root = tmp_path / "db"
+    with FaceDB.create(root, model_id="m", dim=DIM, threshold=0.5, index=kind) as db:
+        db.add_embeddings_many(items[:100])
+        db.remove_person("p003")
+        db.identify(items[0][1][0])  # builds and catches the index up
+        db.save_index()
+    with FaceDB.open(root) as db:
+        db.identify(items[0][1][0])
+        gallery = db._gallery
+        ids, _, vectors = db.store.templates(range(1, 400))
+        assert db._from_file and len(ids) == 297
+        held = gallery.index.exact_vectors(ids)
+        assert held is not None and held.tobytes() == vectors.tobytes()
+        pids, tids = gallery.person_templates([1, 5, 5, 4])  # person 4 (p003) is gone
+        assert list(pids) == [1, 1, 1, 5, 5, 5] and set(tids) == set(db.store.templates(tids)[0])
+
+
+def test_compressed_kinds_leave_exact_vectors_to_the_store(tmp_path, data):
+    items, _ = data
+    with FaceDB.create(tmp_path / "db", model_id="m", dim=DIM, threshold=0.5, index="ivfpq") as db:
+        db.add_embeddings_many(items[:50])
+        db.identify(items[0][1][0])
+        assert db._gallery.index.exact_vectors(np.array([1, 2])) is None
