@@ -115,11 +115,7 @@ def embed_photos(
         if not pending:
             return
         crops = [pipeline.embedder.align(px, face) for _, _, px, face, _ in pending]
-        vecs = pipeline.embedder.embed(crops)
-        if flip:
-            mirrored = pipeline.embedder.embed([np.ascontiguousarray(c[:, ::-1]) for c in crops])
-            vecs = vecs + mirrored
-            vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+        vecs = pipeline.embed_crops(crops, flip)
         for (i, sha, _, _, ok), v in zip(pending, vecs):
             out[i], found[i] = v, ok
             if cache is not None:
@@ -499,24 +495,24 @@ def run_identify(folder: Path, pipeline: FacePipeline, work_dir: Path, *, enrol:
     return report
 
 
-def calibrate_far_pairs(pairs_file: Path, lfw_dir: Path, pipeline: FacePipeline, far: float, *,
+def calibrate_far_pairs(pairs_file: Path, lfw_dir: Path, pipeline: FacePipeline, far: float, *, flip: bool = False,
                         progress: Callable[[int], None] | None = None) -> dict[str, object]:
     """The 1:1 threshold for ``far`` from the impostor pairs of an LFW-format pairs file."""
-    ps = pair_scores(pairs_file, lfw_dir, pipeline, progress=progress)
+    ps = pair_scores(pairs_file, lfw_dir, pipeline, flip=flip, progress=progress)
     scores, same = ps.scores, ps.same
     t = threshold_at_far(scores[~same], far)
     return {"threshold": t, "target": "far", "target_rate": far, "source": f"LFW {pairs_file.name}",
             "impostor_pairs": int((~same).sum()), "genuine_pairs": int(same.sum()),
-            "tar_at_threshold": float(np.mean(scores[same] >= t)), "model_id": pipeline.model_id,
+            "tar_at_threshold": float(np.mean(scores[same] >= t)), "model_id": pipeline.model_id, "flip": flip,
             "resolvable": bool(far * (~same).sum() >= 1)}
 
 
 def folder_pair_scores(folder: Path, pipeline: FacePipeline, *, people: set[str] | None = None,
-                       max_impostor_pairs: int = 2_000_000, seed: int = 0,
+                       max_impostor_pairs: int = 2_000_000, seed: int = 0, flip: bool = False,
                        progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(genuine, impostor) similarities from a labelled folder: every pair of photos of one person, and up
     to ``max_impostor_pairs`` random pairs of photos of different people."""
-    x, labels, _ = folder_embeddings(folder, pipeline, people=people, progress=progress)
+    x, labels, _ = folder_embeddings(folder, pipeline, people=people, flip=flip, progress=progress)
     lab = np.array(labels)
     rng = np.random.default_rng(seed)
     a = rng.integers(0, len(x), max_impostor_pairs)
@@ -533,26 +529,26 @@ def folder_pair_scores(folder: Path, pipeline: FacePipeline, *, people: set[str]
 
 
 def calibrate_far_folder(folder: Path, pipeline: FacePipeline, far: float, *, seed: int = 0,
-                         max_impostor_pairs: int = 2_000_000, people: set[str] | None = None,
+                         max_impostor_pairs: int = 2_000_000, people: set[str] | None = None, flip: bool = False,
                          progress: Callable[[int], None] | None = None) -> dict[str, object]:
     """The 1:1 threshold for ``far`` from a labelled folder (see ``folder_pair_scores``)."""
     gen, impostor = folder_pair_scores(folder, pipeline, people=people, max_impostor_pairs=max_impostor_pairs,
-                                       seed=seed, progress=progress)
+                                       seed=seed, flip=flip, progress=progress)
     t = threshold_at_far(impostor, far)
     return {"threshold": t, "target": "far", "target_rate": far, "source": f"folder {folder}",
             "impostor_pairs": int(len(impostor)), "genuine_pairs": int(len(gen)),
             "tar_at_threshold": float(np.mean(gen >= t)) if len(gen) else None, "model_id": pipeline.model_id,
-            "resolvable": bool(far * len(impostor) >= 1)}
+            "flip": flip, "resolvable": bool(far * len(impostor) >= 1)}
 
 
 def calibrate_fpir_folder(folder: Path, pipeline: FacePipeline, fpir: float, gallery_size: int | None,
-                          work_dir: Path, *, enrol: int = 1, seed: int = 0,
+                          work_dir: Path, *, enrol: int = 1, seed: int = 0, flip: bool = False,
                           progress: Callable[[int], None] | None = None) -> dict[str, object]:
     """The 1:N threshold for ``fpir`` at a gallery of ``gallery_size`` people, simulated on a labelled folder:
     ``gallery_size`` people (of those with more than ``enrol`` photos) are enrolled, every photo of everyone
     else probes as an impostor; the threshold is the best-match similarity exceeded by at most ``fpir`` of them.
     """
-    vectors, labels, _ = folder_embeddings(folder, pipeline, progress=progress)
+    vectors, labels, _ = folder_embeddings(folder, pipeline, flip=flip, progress=progress)
     counts: dict[str, int] = {}
     for lab in labels:
         counts[lab] = counts.get(lab, 0) + 1
@@ -573,4 +569,4 @@ def calibrate_fpir_folder(folder: Path, pipeline: FacePipeline, fpir: float, gal
     return {"threshold": t, "target": "fpir", "target_rate": fpir, "source": f"folder {folder}",
             "gallery_size": len(split.gallery), "impostor_probes": len(impostor),
             "genuine_probes": len(genuine), "dir_at_threshold": report.get(f"dir_at_fpir_{fpir:g}"),
-            "model_id": pipeline.model_id, "resolvable": bool(fpir * len(impostor) >= 1)}
+            "model_id": pipeline.model_id, "flip": flip, "resolvable": bool(fpir * len(impostor) >= 1)}

@@ -70,10 +70,18 @@ class FacePipeline:
         photo = load_photo(source, name=name)
         return Analysed(photo, self.detector.detect(photo.pixels))
 
-    def embed(self, items: list[tuple[Photo, Face]]) -> np.ndarray:
+    def embed(self, items: list[tuple[Photo, Face]], flip: bool = False) -> np.ndarray:
         """Align each (photo, face) and embed all of them in one batched call: (n, dim) unit rows."""
-        crops = [self.embedder.align(photo.pixels, face) for photo, face in items]
-        return self.embedder.embed(crops)
+        return self.embed_crops([self.embedder.align(photo.pixels, face) for photo, face in items], flip)
+
+    def embed_crops(self, crops: list[np.ndarray], flip: bool = False) -> np.ndarray:
+        """(n, dim) unit rows for aligned crops. With ``flip`` (test-time augmentation), each row is the
+        renormalised mean of the crop's and its mirror image's embedding: one batch of 2n crops."""
+        if not flip or not crops:
+            return self.embedder.embed(crops)
+        both = self.embedder.embed(crops + [np.ascontiguousarray(c[:, ::-1]) for c in crops])
+        vecs = both[: len(crops)] + both[len(crops):]
+        return (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
 
 
 _LOCK = threading.Lock()

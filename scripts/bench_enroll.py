@@ -31,6 +31,9 @@ def main() -> None:
     ap.add_argument("--photos", type=int, default=200)
     ap.add_argument("--folder", type=Path, default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                    help="flip test-time augmentation, in the databases and the raw embedder alike (default: on, "
+                         "as in new databases)")
     ap.add_argument("--workers", type=int, default=None, help="detection processes; default: as `facedb enroll`")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -59,7 +62,7 @@ def main() -> None:
     items = [(a.photo, a.faces[0]) for a in analysed if a.faces]
     crops = [pipe.embedder.align(p.pixels, f) for p, f in items]
     t = time.perf_counter()
-    pipe.embedder.embed(crops)
+    pipe.embed_crops(crops, flip=args.flip)
     embed_s = time.perf_counter() - t
 
     by_person: dict[str, list[Path]] = {}
@@ -73,7 +76,7 @@ def main() -> None:
     def end_to_end(n_workers: int) -> tuple[float, int]:
         """Seconds and faces stored for one enrolment into a fresh database (process start-up included)."""
         root = Path(tmp.name) / f"db-{n_workers}"
-        FaceDB.create(root, model_id=pipe.model_id, dim=pipe.embedder.dim, threshold=0.5).close()
+        FaceDB.create(root, model_id=pipe.model_id, dim=pipe.embedder.dim, threshold=0.5, flip=args.flip).close()
         with FaceDB.open(root, weights=weights) as db:
             t = time.perf_counter()
             report = db.enroll_many(list(by_person.items()), on_multiple="largest", workers=n_workers)
@@ -85,6 +88,7 @@ def main() -> None:
     res = {
         "model": pipe.model_id,
         "device": args.device,
+        "flip": args.flip,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "photos": len(photos),
         "faces_stored": faces,

@@ -53,12 +53,12 @@ def main() -> int:
     if note:
         print(note)
     spec = spec_for(model_id)
+    threshold, source = spec.default_threshold(flip=True)  # new databases embed with flip augmentation
     tmp = tempfile.TemporaryDirectory()
     root = args.db or Path(tmp.name) / "db"
-    print(f"database {root}  model {spec.id} ({spec.dim}-d)  threshold {spec.threshold:.3f} ({spec.threshold_source})")
+    print(f"database {root}  model {spec.id} ({spec.dim}-d)  threshold {threshold:.3f} ({source})")
     pipe = get_pipeline(spec.id)
-    with FaceDB.create(root, model_id=spec.id, dim=spec.dim, threshold=spec.threshold,
-                       threshold_source=spec.threshold_source) as db:
+    with FaceDB.create(root, model_id=spec.id, dim=spec.dim, threshold=threshold, threshold_source=source) as db:
         t = time.perf_counter()
         report = db.enroll_many([(n, f[: args.enrol]) for n, f in pick], model=pipe, on_multiple="largest")
         dt = time.perf_counter() - t

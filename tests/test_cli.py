@@ -209,3 +209,29 @@ def test_audit_retention_drops_old_records(tmp_path):
         d.configure_audit(retention_days=1)
         d.identify(np.eye(4, dtype=np.float32)[1])
         assert [r["operation"] for r in d.audit()] == ["identify"]
+
+
+def test_flip_is_a_database_setting_used_for_enrol_and_search(tmp_path, fake_cli):
+    """With flip (the default) a template is the renormalised mean of the crop's and its mirror's embedding;
+    with --no-flip the crop's alone. Both ways the database's own setting is applied, and stats shows it."""
+    from facedb.images import load_photo
+
+    src = photo(tmp_path / "red.png", [RED], seed=3)
+    face = fake_cli.detector.detect(load_photo(src).pixels)[0]
+    crop = fake_cli.embedder.align(load_photo(src).pixels, face)
+    plain = fake_cli.embedder.embed([crop])[0]
+    mirrored = fake_cli.embedder.embed([np.ascontiguousarray(crop[:, ::-1])])[0]
+    assert plain @ mirrored < 0.999  # the mirror image really embeds differently
+    expected = {True: (plain + mirrored) / np.linalg.norm(plain + mirrored), False: plain}
+    for flip in (True, False):
+        db = tmp_path / f"db-{flip}"
+        args = ["init", "--model", FakeEmbedder.model_id, "--dim", str(FakeEmbedder.dim)]
+        info = jlines(run(db, "--json", *args, *([] if flip else ["--no-flip"])))[0]
+        assert info["flip"] is flip
+        run(db, "enroll", "red", str(src))
+        with FaceDB.open(db) as d:
+            assert d.stats()["flip"] is flip
+            stored = d.store.person_vectors([d.person("red").id])[1][0]
+        assert np.allclose(stored, expected[flip], atol=1e-6)
+        hit = jlines(run(db, "--json", "search", str(src)))[0]  # the same photo finds itself exactly
+        assert hit["identity"] == "red" and hit["similarity"] == pytest.approx(1.0, abs=1e-5)

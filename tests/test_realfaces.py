@@ -94,7 +94,8 @@ def test_dlib_identifies_lfw_people_and_rejects_strangers(tmp_path, lfw, dlib_pi
     chosen = [pool[i] for i in rng.choice(len(pool), 40, replace=False)]
     enrolled, strangers = chosen[:20], chosen[20:]
     spec = MODELS["dlib-resnet"]
-    with FaceDB.create(tmp_path / "db", model_id=spec.id, dim=spec.dim, threshold=spec.threshold) as db:
+    threshold, _ = spec.default_threshold(flip=True)
+    with FaceDB.create(tmp_path / "db", model_id=spec.id, dim=spec.dim, threshold=threshold) as db:
         for person in enrolled:
             report = db.enroll(person.name, [sorted(person.glob("*.jpg"))[0]], model=dlib_pipeline,
                                    on_multiple="largest")
@@ -205,7 +206,8 @@ def test_detection_processes_store_what_the_thread_stores(tmp_path, lfw, dlib_pi
     stored = {}
     for workers in (0, 1):
         root = tmp_path / f"db{workers}"
-        with FaceDB.create(root, model_id=spec.id, dim=spec.dim, threshold=spec.threshold) as db:
+        threshold, _ = spec.default_threshold(flip=True)
+        with FaceDB.create(root, model_id=spec.id, dim=spec.dim, threshold=threshold) as db:
             report = db.enroll_many(batches, workers=workers, batch_size=3)
             assert report.photos == 9 and report.faces_stored == 8
             assert [s.reason for s in report.skipped] and "not-a-photo.jpg" in report.skipped[0].image

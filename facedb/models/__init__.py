@@ -22,6 +22,14 @@ class ModelSpec:
     dim: int
     threshold: float  # cosine similarity; accept iff similarity >= threshold
     threshold_source: str
+    flip_threshold: float | None = None  # the same, for embeddings with flip test-time augmentation
+    flip_threshold_source: str = ""
+
+    def default_threshold(self, flip: bool) -> tuple[float, str]:
+        """(threshold, where it came from) for embeddings made with or without flip augmentation."""
+        if flip and self.flip_threshold is not None:
+            return self.flip_threshold, self.flip_threshold_source
+        return self.threshold, self.threshold_source
 
 
 MODELS: dict[str, ModelSpec] = {
