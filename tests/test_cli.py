@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import facedb.pipeline
-from facedb import FaceDB
+from facedb import FaceDB, InvalidInputError
 from facedb.cli import app
 
 from .conftest import FakeEmbedder, face_image
@@ -235,3 +235,20 @@ def test_flip_is_a_database_setting_used_for_enrol_and_search(tmp_path, fake_cli
         assert np.allclose(stored, expected[flip], atol=1e-6)
         hit = jlines(run(db, "--json", "search", str(src)))[0]  # the same photo finds itself exactly
         assert hit["identity"] == "red" and hit["similarity"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_enrolment_workers_default_and_validation(tmp_path, monkeypatch, fake_cli):
+    from facedb.pipeline import auto_workers
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert auto_workers(63) == 0 and auto_workers(64) == 4 and auto_workers(500, "cuda") == 0
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert auto_workers(1000) == 1
+    db = tmp_path / "db"
+    run(db, "init", "--model", FakeEmbedder.model_id, "--dim", str(FakeEmbedder.dim))
+    src = photo(tmp_path / "red.png", [RED])
+    assert run(db, "enroll", "red", str(src), "--workers", "-1", ok=False).exit_code == 2
+    with FaceDB.open(db) as d:
+        assert d.stats()["templates"] == 0  # refused before anything was stored
+        with pytest.raises(InvalidInputError):
+            d.enroll_many([("red", [src])], workers=-2)
