@@ -1,6 +1,6 @@
 """Every accuracy figure in the README, through facedb's own pipeline, for one model.
 
-    python scripts/accuracy_report.py [--model dlib-resnet] [--flip] [--out bench-results/accuracy-dlib.json]
+    python scripts/accuracy_report.py [--model dlib-resnet] [--flip] [--out bench-results/accuracy-dlib-flip.json]
 
 1. LFW verification, pairs.txt: 10-fold accuracy, TAR at FAR 1e-2/1e-3/1e-4, EER; ROC + histograms PNG.
 2. 1:1 calibration holds: threshold for FAR 1e-3 from pairsDevTrain (official) and from all people of
@@ -60,8 +60,10 @@ def main() -> int:
     dev_test = ev.pair_scores(proto / "pairsDevTest.txt", lfw, pipe, flip=args.flip)
     scores, same = dev_test.scores, dev_test.same
     t_pairs = float(dev_train["threshold_at_far_0.001"])  # type: ignore[arg-type]
-    gen_tr, imp_tr = ev.folder_pair_scores(lfw, pipe, people=ev.read_people(proto / "peopleDevTrain.txt"))
-    gen_te, imp_te = ev.folder_pair_scores(lfw, pipe, people=ev.read_people(proto / "peopleDevTest.txt"), seed=1)
+    gen_tr, imp_tr = ev.folder_pair_scores(lfw, pipe, people=ev.read_people(proto / "peopleDevTrain.txt"),
+                                           flip=args.flip)
+    gen_te, imp_te = ev.folder_pair_scores(lfw, pipe, people=ev.read_people(proto / "peopleDevTest.txt"), seed=1,
+                                           flip=args.flip)
     t_people = ev.threshold_at_far(imp_tr, 1e-3)
     out["calibration_1to1"] = {
         "pairs_threshold_far_1e-3": t_pairs,
