@@ -312,11 +312,11 @@ def enroll(
         int | None,
         typer.Option(min=0, envvar="FACEDB_ENROLL_WORKERS",
                      help="Detection processes beside the embedder; 0 = a thread. Default: cores - 1 for 64+ "
-                          "photos on CPU, else 0."),
+                          "photos with dlib on CPU, else 0."),
     ] = None,
 ) -> None:
     """Enrol photos of a person, or a whole folder of people. Prints a summary; skipped photos say why."""
-    from .pipeline import DetectorSettings, auto_workers, list_folder
+    from .pipeline import list_folder
 
     if folder is not None:
         if name is not None or photos:
@@ -327,8 +327,6 @@ def enroll(
             raise InvalidInputError("give NAME and at least one PHOTO, or --folder DIR")
         batches = [(name, list(photos))]
     total = sum(len(files) for _, files in batches)
-    if workers is None:
-        workers = auto_workers(total, DetectorSettings().device)
     with _open(ctx, weights=weights) as db:
         bar, update = _progress(total, "enrolling")
         try:

@@ -421,24 +421,27 @@ class FaceDB:
         metadata: dict[str, Any] | None = None,
         progress: Any = None,
         batch_size: int = 16,
-        workers: int = 0,
+        workers: int | None = 0,
     ) -> EnrollReport:
         """Enrol several people: ``[(name, photos), ...]``. Faces are embedded in batches across photos.
 
         Decoding and detection run beside the embedder: in one thread by default, or in ``workers`` spawned
         processes (true parallelism; worth it from ~64 photos, see ``pipeline.auto_workers``; a script doing
         this must guard its entry point with ``if __name__ == "__main__":``). Processes need the database's
-        own pipeline, so ``workers`` is ignored when ``model`` is given.
+        own pipeline, so ``workers`` is ignored when ``model`` is given. ``workers=None``: as many as
+        ``pipeline.auto_workers`` says for this job and model (what ``facedb enroll`` does).
         """
-        from .pipeline import ON_MULTIPLE, prepare, preparer_pool, worker_prepare
+        from .pipeline import ON_MULTIPLE, auto_workers, prepare, preparer_pool, worker_prepare
 
         if on_multiple not in ON_MULTIPLE:
             raise InvalidInputError(f"on_multiple must be one of {', '.join(ON_MULTIPLE)}")
-        if not isinstance(workers, int) or workers < 0:
+        if workers is not None and (not isinstance(workers, int) or workers < 0):
             raise InvalidInputError("workers must be an integer >= 0")
         pipe = self.pipeline(model)
         report = EnrollReport()
         work = [(name, src) for name, srcs in batches for src in srcs]
+        if workers is None:
+            workers = auto_workers(len(work), pipe.settings.device, getattr(pipe.embedder, "holds_gil", False))
         chunks = [work[i:i + batch_size] for i in range(0, len(work), batch_size)]
         if workers and model is None:
             pool = preparer_pool(workers, self.model_id, self._weights, pipe.settings)

@@ -71,7 +71,7 @@ def main() -> None:
         for f in files:
             if f in chosen:
                 by_person.setdefault(name, []).append(f)
-    workers = auto_workers(len(photos), args.device) if args.workers is None else args.workers
+    workers = auto_workers(len(photos), args.device, pipe.embedder.holds_gil) if args.workers is None else args.workers
 
     def end_to_end(n_workers: int) -> tuple[float, int]:
         """Seconds and faces stored for one enrolment into a fresh database (process start-up included)."""

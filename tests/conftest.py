@@ -39,6 +39,7 @@ class FakeEmbedder:
 
     model_id = "fake-colour"
     dim = 32
+    holds_gil = False
 
     def __init__(self, noise: float = 0.05) -> None:
         self.noise = noise

@@ -242,6 +242,7 @@ def test_enrolment_workers_default_and_validation(tmp_path, monkeypatch, fake_cl
 
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     assert auto_workers(63) == 0 and auto_workers(64) == 4 and auto_workers(500, "cuda") == 0
+    assert auto_workers(500, "cpu", holds_gil=False) == 0  # torch models: their threads use the cores
     monkeypatch.setattr("os.cpu_count", lambda: 2)
     assert auto_workers(1000) == 1
     db = tmp_path / "db"

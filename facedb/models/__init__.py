@@ -65,6 +65,9 @@ class Embedder(Protocol):
 
     model_id: str
     dim: int
+    #: True when ``embed`` keeps Python's GIL (dlib): detection can then only overlap with it in another
+    #: process. False for torch models, whose threads already use every core.
+    holds_gil: bool
 
     def align(self, image: np.ndarray, face: object) -> np.ndarray: ...
 

@@ -36,6 +36,7 @@ def model_file(name: str) -> Path:
 class DlibResNet:
     model_id = "dlib-resnet"
     dim = 128
+    holds_gil = True
 
     def __init__(self) -> None:
         try:

@@ -71,6 +71,7 @@ def embedding_dim(weights: Path) -> int:
 
 class FaceNet:
     dim = 512
+    holds_gil = False
 
     def __init__(self, model_id: str, module: object, device: str) -> None:
         import torch
