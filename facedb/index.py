@@ -210,8 +210,11 @@ class HNSWIndex(_Faiss):
 
 
 def _nlist_for(n: int) -> int:
-    """About 4 sqrt(n) lists (a power of two): 4,096 at 1M templates."""
-    return int(min(65536, max(16, 2 ** round(math.log2(max(1.0, 4 * math.sqrt(max(n, 1))))))))
+    """About 4 sqrt(n) lists (a power of two): 4,096 at 1M templates; at most n / 39 (FAISS's k-means wants 39
+    training points per centroid), at least 16."""
+    lists = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(max(n, 1)))))
+    cap = 2 ** math.floor(math.log2(max(1.0, n / 39)))
+    return int(min(65536, max(16, min(lists, cap))))
 
 
 class IVFIndex(_Faiss):
