@@ -29,6 +29,7 @@ class Gallery:
         self._ids = np.zeros(0, dtype=np.int64)  # sorted template ids
         self._pids = np.zeros(0, dtype=np.int64)  # person id of each
         self._by_person: tuple[np.ndarray, np.ndarray] | None = None  # (person ids, template ids), by person
+        self._per_person = 1  # templates per person, rounded up; computed with _by_person
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -76,12 +77,22 @@ class Gallery:
         found = self._ids[pos] == ids
         return np.where(found, self._pids[pos], -1)
 
-    def person_templates(self, person_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Every live template of the given people: (person id of each, sorted; template ids)."""
+    def templates_per_person(self) -> int:
+        """Templates per person in the gallery, rounded up (1 when empty)."""
+        self._person_order()
+        return self._per_person
+
+    def _person_order(self) -> tuple[np.ndarray, np.ndarray]:
         if self._by_person is None:  # rebuilt on the first query after a change: O(n log n), ~0.1 s at 1M
             order = np.argsort(self._pids, kind="stable")
             self._by_person = (self._pids[order], self._ids[order])
-        pids, ids = self._by_person
+            people = int(np.count_nonzero(np.diff(self._by_person[0]))) + 1 if len(order) else 0
+            self._per_person = max(1, -(-len(order) // max(people, 1)))
+        return self._by_person
+
+    def person_templates(self, person_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Every live template of the given people: (person id of each, sorted; template ids)."""
+        pids, ids = self._person_order()
         wanted = np.unique(np.asarray(person_ids, dtype=np.int64))
         lo, hi = np.searchsorted(pids, wanted, "left"), np.searchsorted(pids, wanted, "right")
         rows = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)]) if len(wanted) else np.zeros(0, int)
@@ -103,7 +114,9 @@ class Gallery:
         if total == 0 or m == 0:
             return results
         pending = np.arange(m)
-        kk = min(total, max(4 * k, 16))
+        # Enough templates for k people at the gallery's templates per person (a person's templates cluster
+        # together, so fewer would mostly come back from k/t people and need a second search).
+        kk = min(total, max(4 * k, 16, 2 * k * self.templates_per_person()))
         rounds = 0
         while len(pending):
             sims, ids = self.index.search(queries[pending], kk)

@@ -160,6 +160,9 @@ class Store:
                 # page (half the file wasted); 16 KiB pages hold seven.
                 conn.execute("PRAGMA page_size = 16384")
             conn.execute("PRAGMA busy_timeout = 30000")
+            # 64 MiB of page cache (SQLite's default is 2 MiB): approximate indexes re-score every answer from
+            # the stored vectors, and the people asked about again and again should stay in memory.
+            conn.execute("PRAGMA cache_size = -65536")
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA secure_delete = ON")
             if not readonly:
