@@ -255,7 +255,9 @@ def reindex(
     ctx: typer.Context,
     index: Annotated[str, typer.Option(help="flat, flat16, hnsw, ivf, ivfpq, or auto.")],
     nprobe: Annotated[int | None, typer.Option(help="IVF: lists searched per probe.")] = None,
-    nlist: Annotated[int | None, typer.Option(help="IVF: number of lists (default ~2 sqrt(n)).")] = None,
+    nlist: Annotated[
+        int | None, typer.Option(help="IVF: number of lists (default ~4 sqrt(n), a power of two, at most n/39).")
+    ] = None,
     ef_search: Annotated[int | None, typer.Option(help="HNSW: search breadth.")] = None,
     ef_construction: Annotated[int | None, typer.Option(help="HNSW: build breadth.")] = None,
     m: Annotated[int | None, typer.Option("--m", help="HNSW: links per node.")] = None,
