@@ -15,6 +15,7 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from .engine import Gallery
 from .errors import (
     DatabaseError,
     DatabaseExistsError,
+    FaceDBError,
     InvalidInputError,
     ModelMismatchError,
     NoFaceError,
@@ -457,7 +459,11 @@ class FaceDB:
         with pool:
             pending = [submit(c) for c in chunks[:ahead]]
             for i, chunk in enumerate(chunks):
-                ready, skipped = pending.pop(0).result()
+                try:
+                    ready, skipped = pending.pop(0).result()
+                except BrokenProcessPool as exc:  # a worker was killed (out of memory?): stop, keep what is stored
+                    raise FaceDBError(f"a detection worker process died ({exc}); photos enrolled so far are "
+                                      f"kept (enrol again to finish: enrolled photos are skipped)") from None
                 if i + ahead < len(chunks):
                     pending.append(submit(chunks[i + ahead]))
                 report.photos += len(chunk)

@@ -185,8 +185,8 @@ def _worker_start(model_id: str, weights: str | None, settings: DetectorSettings
     _WORKER_PIPELINE = get_pipeline(model_id, weights=Path(weights) if weights else None, settings=settings)
 
 
-def worker_prepare(items: list[tuple[str, PhotoSource]], on_multiple: str
-                    ) -> tuple[list[Prepared], list[Skipped]]:
+def worker_prepare(items: list[tuple[str, PhotoSource]], on_multiple: str) -> tuple[list[Prepared], list[Skipped]]:
+    """``prepare`` in a worker process, with the pipeline its initializer loaded."""
     assert _WORKER_PIPELINE is not None, "worker not started"
     return prepare(_WORKER_PIPELINE, items, on_multiple)
 
@@ -203,7 +203,6 @@ def preparer_pool(workers: int, model_id: str, weights: Path | None, settings: D
         max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start,
         initargs=(model_id, str(weights) if weights else None, settings),
     )
-
 
 
 def list_folder(folder: Path) -> list[tuple[str, list[Path]]]:
