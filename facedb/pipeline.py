@@ -18,7 +18,7 @@ import numpy as np
 from .detect import Face, MTCNNDetector
 from .errors import FaceDBError
 from .images import Photo, PhotoSource, display_name, load_photo
-from .models import Embedder, load_embedder
+from .models import Embedder, load_embedder, single_threaded
 from .records import Skipped
 
 ON_MULTIPLE = ("error", "largest", "skip")
@@ -178,9 +178,7 @@ _WORKER_PIPELINE: FacePipeline | None = None
 
 
 def _worker_start(model_id: str, weights: str | None, settings: DetectorSettings) -> None:
-    import torch
-
-    torch.set_num_threads(1)  # one core per worker process: the parallelism is across processes
+    single_threaded()  # one core per worker process: the parallelism is across processes
     global _WORKER_PIPELINE
     _WORKER_PIPELINE = get_pipeline(model_id, weights=Path(weights) if weights else None, settings=settings)
 

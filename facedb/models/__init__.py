@@ -90,6 +90,13 @@ def spec_for(model_id: str, dim: int | None = None) -> ModelSpec:
     return ModelSpec(model_id, int(dim), 0.5, "uncalibrated: your own model; run `facedb calibrate`")
 
 
+def single_threaded() -> None:
+    """Limit this process's torch to one thread (for worker processes that share the cores with others)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def choose_default_model(weights: Path | None = None) -> tuple[str, str | None]:
     """FaceNet-VGGFace2 when its weights can be had (file, cache or download), else dlib-resnet.
 
