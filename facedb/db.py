@@ -334,9 +334,10 @@ class FaceDB:
             return [r for s in range(0, len(ranked), 256)
                     for r in self._rescore(gallery, x[s:s + 256], ranked[s:s + 256], k)]
         wanted = [pid for pairs in ranked for pid, _ in pairs]
-        pids, ids = gallery.person_templates(wanted)
-        vectors = gallery.index.exact_vectors(ids)
-        if vectors is None:
+        if gallery.index.keeps_vectors:
+            pids, ids = gallery.person_templates(wanted)
+            vectors = gallery.index.exact_vectors(ids)
+        else:
             pids, vectors = self.store.person_vectors(wanted)
         if not len(pids):
             return [[] for _ in ranked]
@@ -604,7 +605,8 @@ class FaceDB:
     def _sync(self, meta: dict[str, str] | None = None) -> Gallery:
         """The gallery, caught up with the store's current generation (rebuilt when it must be). ``meta``: the
         settings, if the caller has just read them."""
-        generation = int(meta.get("generation") or 0) if meta is not None else self.store.generation()
+        meta = self.store.all_meta() if meta is None else meta
+        generation = int(meta.get("generation") or 0)
         if self._gallery is None:
             self._gallery = self._load() or self._build()
         elif self._gallery.generation != generation and not self._catch_up(self._gallery):
@@ -613,7 +615,7 @@ class FaceDB:
             self._gallery = self._build()
         return self._gallery
 
-    def _rebuild_reason(self, gallery: Gallery, meta: dict[str, str] | None = None) -> str | None:
+    def _rebuild_reason(self, gallery: Gallery, meta: dict[str, str]) -> str | None:
         """Why the index should be rebuilt now: too many tombstones, an IVF trained on a much smaller gallery,
         or ``auto`` now choosing another kind."""
         n = len(gallery)

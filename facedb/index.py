@@ -52,6 +52,7 @@ class VectorIndex(Protocol):
     kind: str
     dim: int
     exact: bool  # scores are exact and nothing is missed
+    keeps_vectors: bool  # holds the float32 vectors themselves, bit for bit (see exact_vectors)
     params: dict[str, Any]
 
     def __len__(self) -> int: ...
@@ -69,8 +70,8 @@ class VectorIndex(Protocol):
         ...
 
     def exact_vectors(self, ids: np.ndarray) -> np.ndarray | None:
-        """The stored float32 vectors of live ``ids`` (``(len(ids), dim)``), bit for bit as added; None when the
-        index keeps only approximations (the caller then reads the store)."""
+        """The stored float32 vectors of live ``ids`` (``(len(ids), dim)``), bit for bit as added; None unless
+        ``keeps_vectors`` (the index holds only approximations: the caller reads the store)."""
         ...
 
     def to_bytes(self) -> bytes: ...
@@ -79,6 +80,7 @@ class VectorIndex(Protocol):
 class _Faiss:
     kind = "?"
     exact = False
+    keeps_vectors = False
 
     def __init__(self, dim: int, index: faiss.Index, params: dict[str, Any]) -> None:
         self.dim = dim
@@ -122,7 +124,11 @@ class _Faiss:
         return faiss.vector_to_array(self._index.id_map).astype(np.int64)
 
     def exact_vectors(self, ids: np.ndarray) -> np.ndarray | None:
-        return None
+        if not self.keeps_vectors:
+            return None
+        if not len(ids):
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self._index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
 
     def to_bytes(self) -> bytes:
         return faiss.serialize_index(self._index).tobytes()
@@ -137,6 +143,7 @@ class FlatIndex(_Faiss):
 
     kind = "flat"
     exact = True
+    keeps_vectors = True
 
     @classmethod
     def new(cls, dim: int, params: dict[str, Any]) -> FlatIndex:
@@ -146,9 +153,6 @@ class FlatIndex(_Faiss):
         inner = faiss.downcast_index(self._index.index)
         n = len(self)
         return faiss.rev_swig_ptr(inner.get_xb(), n * self.dim).reshape(n, self.dim)
-
-    def exact_vectors(self, ids: np.ndarray) -> np.ndarray | None:
-        return _reconstruct(self._index, ids, self.dim)
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if len(queries) < GEMM_MIN_BATCH:
@@ -170,12 +174,6 @@ class FlatIndex(_Faiss):
         return sims, id_map[rows]
 
 
-def _reconstruct(index: faiss.Index, ids: np.ndarray, dim: int) -> np.ndarray:
-    if not len(ids):
-        return np.zeros((0, dim), dtype=np.float32)
-    return index.reconstruct_batch(np.ascontiguousarray(ids, dtype=np.int64))
-
-
 class Flat16Index(_Faiss):
     kind = "flat16"
 
@@ -187,6 +185,7 @@ class Flat16Index(_Faiss):
 
 class HNSWIndex(_Faiss):
     kind = "hnsw"
+    keeps_vectors = True  # HNSWFlat stores the float32 vectors
 
     @classmethod
     def new(cls, dim: int, params: dict[str, Any]) -> HNSWIndex:
@@ -199,9 +198,6 @@ class HNSWIndex(_Faiss):
 
     def configure(self) -> None:
         faiss.downcast_index(self._index.index).hnsw.efSearch = int(self.params.get("ef_search", 128))
-
-    def exact_vectors(self, ids: np.ndarray) -> np.ndarray | None:
-        return _reconstruct(self._index, ids, self.dim)  # HNSWFlat keeps the float32 vectors
 
     def remove(self, ids: np.ndarray) -> None:
         # HNSW graphs cannot drop nodes: the ids stay as tombstones, which map to no person (filtered by
@@ -219,6 +215,7 @@ def _nlist_for(n: int) -> int:
 
 class IVFIndex(_Faiss):
     kind = "ivf"
+    keeps_vectors = True  # IVFFlat lists hold the float32 vectors themselves
 
     @classmethod
     def new(cls, dim: int, params: dict[str, Any], train: np.ndarray | None = None) -> IVFIndex:
@@ -265,10 +262,6 @@ class IVFIndex(_Faiss):
             # the store's B-tree lookups cost more than the search itself at 1M); ~50 B per template
             self._index.set_direct_map_type(faiss.DirectMap.Hashtable)
 
-    keeps_vectors = True  # IVFFlat lists hold the float32 vectors themselves
-
-    def exact_vectors(self, ids: np.ndarray) -> np.ndarray | None:
-        return _reconstruct(self._index, ids, self.dim) if self.keeps_vectors else None
 
     def ids(self) -> np.ndarray:
         invlists = self._index.invlists
