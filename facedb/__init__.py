@@ -15,16 +15,28 @@ from .errors import (
     InvalidVectorError,
     ModelMismatchError,
     ModelUnavailableError,
-    MultipleFacesError,
     NoFaceError,
     PersonNotFoundError,
 )
-from .records import Candidate, CheckReport, Identification, Person, Verification
+from .records import (
+    AuditRecord,
+    Candidate,
+    CheckReport,
+    EnrollReport,
+    FaceMatch,
+    Identification,
+    IndexState,
+    Person,
+    Skipped,
+    Stats,
+    Template,
+    Verification,
+)
 
 if TYPE_CHECKING:
     from .db import FaceDB
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str) -> Any:
@@ -37,22 +49,28 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "AuditRecord",
     "Candidate",
     "CheckReport",
     "DatabaseError",
     "DatabaseExistsError",
     "DuplicatePersonError",
+    "EnrollReport",
     "FaceDB",
     "FaceDBError",
+    "FaceMatch",
     "Identification",
     "ImageError",
+    "IndexState",
     "InvalidInputError",
     "InvalidVectorError",
     "ModelMismatchError",
     "ModelUnavailableError",
-    "MultipleFacesError",
     "NoFaceError",
     "Person",
     "PersonNotFoundError",
+    "Skipped",
+    "Stats",
+    "Template",
     "Verification",
 ]

@@ -18,9 +18,18 @@ from .errors import ModelUnavailableError
 
 @dataclass(frozen=True)
 class Face:
-    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels
+    """One detected face. ``box`` (x1, y1, x2, y2) and ``landmarks`` ((5, 2) x, y) are in the photo's pixel
+    frame, clipped to it (what is reported and stored); ``raw_box`` is the detector's own box, which can reach
+    past the edges for a face at the border (what aligners use, padding the crop)."""
+
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels, within the photo
     score: float  # MTCNN's output-stage probability, 0..1
-    landmarks: np.ndarray  # (5, 2) x, y
+    landmarks: np.ndarray  # (5, 2) x, y, within the photo
+    raw_box: tuple[float, float, float, float] | None = None  # the detector's box, possibly past the edges
+
+    @property
+    def align_box(self) -> tuple[float, float, float, float]:
+        return self.raw_box if self.raw_box is not None else self.box
 
     @property
     def width(self) -> float:
@@ -76,8 +85,17 @@ class MTCNNDetector:
         if boxes is None:
             return []
         faces = [
-            Face(tuple(float(c) / scale for c in box), float(p), np.asarray(pts, dtype=np.float64) / scale)
+            in_frame(tuple(float(c) / scale for c in box), float(p), np.asarray(pts, dtype=np.float64) / scale, w, h)
             for box, p, pts in zip(boxes, probs, points)
             if p is not None and p >= self.min_score
         ]
         return sorted(faces, key=lambda f: -f.score)
+
+
+def in_frame(box: tuple[float, ...], score: float, landmarks: np.ndarray, width: int, height: int) -> Face:
+    """A Face whose box and landmarks are clipped to a ``width`` x ``height`` photo (keeping the raw box)."""
+    x1, y1, x2, y2 = box
+    clipped = (min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width),
+               min(max(y2, 0.0), height))
+    pts = np.column_stack([np.clip(landmarks[:, 0], 0, width), np.clip(landmarks[:, 1], 0, height)])
+    return Face(clipped, score, pts, (x1, y1, x2, y2))

@@ -1,6 +1,7 @@
 """The exception hierarchy. Every error facedb raises on purpose is a FaceDBError.
 
-The CLI turns any of these into one line on stderr and a non-zero exit; anything else is a bug.
+The CLI turns any of these into one line on stderr and exit status 2; the service into a JSON error with the
+HTTP status of its class. Anything else escaping is a bug.
 """
 
 from __future__ import annotations
@@ -49,10 +50,6 @@ class ImageError(FaceDBError):
 
 class NoFaceError(FaceDBError):
     """No face was found in a photo that needed one."""
-
-
-class MultipleFacesError(FaceDBError):
-    """Enrolment found more than one face and the policy is `error`."""
 
 
 class ModelUnavailableError(FaceDBError):

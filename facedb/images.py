@@ -1,8 +1,13 @@
-"""Loading photos: path, bytes, PIL image or HWC uint8 RGB array -> RGB uint8 array + provenance.
+"""Loading photos: path, bytes, binary file object, PIL image or HWC uint8 RGB array -> RGB uint8 array +
+provenance. Every form gives the same pixels for the same picture.
 
-Refusals are ImageError naming the file: not an image, truncated, or more pixels than ``max_pixels``
-(decompression bombs; checked from the header, before decoding). EXIF orientation is applied; greyscale,
-palette, RGBA (over white), CMYK and 16-bit images become 8-bit RGB; an animated image gives its first frame.
+Refusals are ImageError naming the file and saying why: not an image, truncated, more pixels than
+``max_pixels`` (decompression bombs; checked from the header, before decoding), or a pixel format whose
+brightness scale cannot be known. EXIF orientation is applied, to PIL images too. Conversions to 8-bit RGB:
+greyscale, palette, RGBA / LA / PA (composited over white), CMYK, YCbCr, HSV as Pillow converts them; 16-bit
+and 32-bit integer greyscale scaled from their range (0..65535 when any value passes 255); 32-bit float
+greyscale read as 0..1 when every value lies in [0, 1], else as 0..255 when every value lies there (anything
+else is refused); LAB is refused (no conversion without a colour profile). An animated image gives its first frame.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -25,7 +30,7 @@ DEFAULT_MAX_PIXELS = 50_000_000
 #: Files larger than this are refused before being read (a 50 MP JPEG is ~30 MB).
 MAX_FILE_BYTES = 200 * 1024 * 1024
 
-PhotoSource = Union[str, os.PathLike, bytes, "Image.Image", np.ndarray]
+PhotoSource = Union[str, os.PathLike, bytes, BinaryIO, "Image.Image", np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -63,19 +68,43 @@ def display_name(path: str | os.PathLike[str]) -> str:
     return os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def _to_rgb(im: Image.Image, name: str) -> Image.Image:
+    """8-bit RGB, or ImageError saying why a mode cannot be converted faithfully."""
     if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if arr.max() > 255 else 255.0
+        if arr.size and arr.min() < 0:
+            raise ImageError(f"{name}: 32-bit integer pixels with negative values: no brightness scale to read")
+        top = 255.0 if not arr.size or arr.max() <= 255 else 65535.0
+        if arr.size and arr.max() > 65535:
+            raise ImageError(f"{name}: 32-bit integer pixels above 65535: no brightness scale to read")
         im = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     elif im.mode == "F":
         arr = np.asarray(im, dtype=np.float64)
-        im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        if not np.isfinite(arr).all():
+            raise ImageError(f"{name}: floating-point pixels with NaN or infinity")
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if lo < 0 or hi > 255:
+            raise ImageError(f"{name}: floating-point pixels outside [0, 255] ({lo:g} to {hi:g}): no brightness "
+                             "scale to read")
+        scale = 255.0 if hi <= 1.0 else 1.0  # [0, 1] is the usual float convention
+        im = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), "L")
+    elif im.mode == "LAB":
+        raise ImageError(f"{name}: CIELAB pixels cannot be converted to RGB without a colour profile")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
         im = im.convert("RGBA")
         white = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im = Image.alpha_composite(white, im)
     return im.convert("RGB")
+
+
+def _oriented(im: Image.Image) -> Image.Image:
+    """``im`` turned upright by its EXIF Orientation (a corrupt EXIF block leaves the pixels as stored)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ImageOps.exif_transpose(im) or im
+    except Exception:
+        return im
 
 
 def _decode(data: bytes, name: str, cap: int) -> np.ndarray:
@@ -99,14 +128,11 @@ def _decode(data: bytes, name: str, cap: int) -> np.ndarray:
         raise ImageError(f"{name}: more pixels than PIL's own limit, over the limit for a photo; refused") from None
     except Exception as exc:  # PIL raises many types for broken files; all mean "not a usable image"
         raise ImageError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from None
+    im = _oriented(im)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            im = ImageOps.exif_transpose(im) or im
-    except Exception:  # corrupt EXIF: keep the pixels as stored
-        pass
-    try:
-        return np.ascontiguousarray(np.asarray(_to_rgb(im), dtype=np.uint8))
+        return np.ascontiguousarray(np.asarray(_to_rgb(im, name), dtype=np.uint8))
+    except ImageError:
+        raise
     except Exception as exc:
         raise ImageError(f"{name}: cannot convert to RGB ({type(exc).__name__}: {exc})") from None
 
@@ -129,11 +155,27 @@ def load_photo(source: PhotoSource, *, name: str | None = None, cap: int | None 
         label = name or "<PIL image>"
         if source.size[0] * source.size[1] > cap:
             raise ImageError(f"{label}: {source.size[0]}x{source.size[1]} pixels is over the limit of {cap}")
-        arr = np.ascontiguousarray(np.asarray(_to_rgb(source), dtype=np.uint8))
+        try:
+            arr = np.ascontiguousarray(np.asarray(_to_rgb(_oriented(source), label), dtype=np.uint8))
+        except ImageError:
+            raise
+        except Exception as exc:
+            raise ImageError(f"{label}: cannot convert to RGB ({type(exc).__name__}: {exc})") from None
         return Photo(arr, hashlib.sha256(arr.tobytes()).hexdigest(), label, arr.nbytes)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         label = name or "<bytes>"
+    elif hasattr(source, "read"):  # a binary file object (an upload, an open file)
+        own = getattr(source, "name", None)
+        label = name or (display_name(own) if isinstance(own, (str, bytes)) and own else "<file>")
+        try:
+            data = source.read(MAX_FILE_BYTES + 1)
+        except (OSError, ValueError) as exc:
+            raise ImageError(f"{label}: cannot read ({exc})") from None
+        if not isinstance(data, bytes):
+            raise ImageError(f"{label}: not a binary file (open it with 'rb')")
+        if len(data) > MAX_FILE_BYTES:
+            raise ImageError(f"{label}: file is larger than {MAX_FILE_BYTES} bytes")
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         label = name or display_name(path)

@@ -1,27 +1,34 @@
-"""Photo -> faces -> aligned crops -> embeddings. Models load lazily, once per process.
+"""Photo -> faces -> aligned crops -> embeddings, and the scheduling of that work for many photos.
 
-After a fork, torch (and faiss) can deadlock in the child, so any parallelism around this module must use
-the ``spawn`` start method or threads. ``prepare`` (decode, detect, choose, align) is what enrolment runs in
-worker processes beside the embedder: dlib's embedder holds the GIL, so a thread cannot overlap with it.
+One path serves enrolment, evaluation and training: :func:`prepare` decodes a photo, detects faces, picks one
+by a :class:`FaceChoice` rule and aligns it; :meth:`FacePipeline.embed_crops` embeds the crops in a batch.
+:func:`prepared_chunks` runs ``prepare`` beside the embedder: in a thread, or in spawned worker processes
+(dlib's embedder holds Python's GIL, so a thread cannot overlap with it).
+
+Models load lazily, once per process. After a fork torch (and faiss) can deadlock in the child, so any
+parallelism around this module uses the ``spawn`` start method or threads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .detect import Face, MTCNNDetector
-from .errors import FaceDBError
-from .images import Photo, PhotoSource, display_name, load_photo
+from .errors import FaceDBError, InvalidInputError
+from .images import MAX_FILE_BYTES, Photo, PhotoSource, display_name, load_photo
 from .models import Embedder, load_embedder, single_threaded
 from .records import Skipped
-
-ON_MULTIPLE = ("error", "largest", "skip")
 
 
 def _default_device() -> str:
@@ -39,20 +46,97 @@ class DetectorSettings:
     device: str = field(default_factory=_default_device)
 
 
+class FaceChoice(str, Enum):
+    """Which face of a photo to use when a photo must give exactly one."""
+
+    ERROR = "error"  # several faces: skip the photo and say so (enrolment's default)
+    LARGEST = "largest"  # the largest face
+    SKIP = "skip"  # several faces: skip the photo quietly
+    CENTRAL = "central"  # the face nearest the centre (evaluation sets centre the labelled person)
+
+
+#: The choices ``enroll --on-multiple`` offers (kept for callers of the older tuple).
+ON_MULTIPLE = (FaceChoice.ERROR.value, FaceChoice.LARGEST.value, FaceChoice.SKIP.value)
+
+
+def face_choice(value: str | FaceChoice) -> FaceChoice:
+    """``value`` as a FaceChoice, or InvalidInputError listing the choices."""
+    try:
+        return FaceChoice(value)
+    except ValueError:
+        raise InvalidInputError(f"the face choice is one of {', '.join(c.value for c in FaceChoice)}") from None
+
+
+def choose_face(faces: list[Face], rule: FaceChoice, width: int, height: int) -> Face | str:
+    """The face to use from a photo's detections, or the reason to skip the photo."""
+    if not faces:
+        return "no face found"
+    if rule is FaceChoice.CENTRAL:
+        cx, cy = width / 2, height / 2
+        return min(faces, key=lambda f: ((f.box[0] + f.box[2]) / 2 - cx) ** 2 + ((f.box[1] + f.box[3]) / 2 - cy) ** 2)
+    if len(faces) == 1:
+        return faces[0]
+    if rule is FaceChoice.LARGEST:
+        return max(faces, key=lambda f: f.area)
+    if rule is FaceChoice.SKIP:
+        return f"{len(faces)} faces found (skipped by --on-multiple skip)"
+    return f"{len(faces)} faces found; enrolment needs one (use --on-multiple largest)"
+
+
 @dataclass
 class Analysed:
     photo: Photo
     faces: list[Face]
 
 
+@dataclass
+class Prepared:
+    """A photo ready to embed: its caller's ``key`` (the person it enrols, or an index), the store's image row
+    (no pixels: this crosses process boundaries), the chosen face and its aligned crop."""
+
+    key: Any
+    image: dict[str, object]
+    face: Face
+    crop: np.ndarray
+
+    @property
+    def name(self) -> str:
+        return str(self.key)
+
+    @property
+    def sha256(self) -> str:
+        return str(self.image["sha256"])
+
+    @property
+    def label(self) -> str:
+        return str(self.image["path"])
+
+
+@dataclass
+class Unprepared:
+    """A photo that gave no face to embed, with its caller's ``key`` and why."""
+
+    key: Any
+    skipped: Skipped
+    sha256: str | None = None
+
+
+Outcome = Prepared | Unprepared
+
+
 class FacePipeline:
-    """A detector and an embedder used together. Build once, reuse (both are thread-safe)."""
+    """A detector and an embedder used together. Build once, reuse (both are thread-safe).
+
+    ``weights`` is remembered so that worker processes can load the same model (see :func:`prepared_chunks`).
+    """
 
     def __init__(self, embedder: Embedder, settings: DetectorSettings | None = None,
-                 detector: MTCNNDetector | None = None) -> None:
+                 detector: MTCNNDetector | None = None, *, weights: Path | None = None) -> None:
         self.embedder = embedder
         self.settings = settings or DetectorSettings()
         self._detector = detector
+        self.weights = weights
+        self.spawnable = False  # True when built by get_pipeline: a worker process can rebuild it by id
 
     @property
     def model_id(self) -> str:
@@ -61,8 +145,7 @@ class FacePipeline:
     @property
     def detector(self) -> MTCNNDetector:
         if self._detector is None:
-            s = self.settings
-            self._detector = _detector(s)
+            self._detector = get_detector(self.settings)
         return self._detector
 
     def analyse(self, source: PhotoSource, name: str | None = None) -> Analysed:
@@ -83,13 +166,19 @@ class FacePipeline:
         vecs = both[: len(crops)] + both[len(crops):]
         return (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
 
+    def prepare(self, items: Sequence[tuple[Any, PhotoSource]], choice: FaceChoice = FaceChoice.ERROR
+                ) -> list[Outcome]:
+        return prepare(self.detector, self.embedder.align, items, choice)
+
 
 _LOCK = threading.Lock()
 _EMBEDDERS: dict[tuple[str, str, str], Embedder] = {}
 _DETECTORS: dict[DetectorSettings, MTCNNDetector] = {}
 
 
-def _detector(settings: DetectorSettings) -> MTCNNDetector:
+def get_detector(settings: DetectorSettings | None = None) -> MTCNNDetector:
+    """The process-wide MTCNN detector for ``settings`` (loaded on first use)."""
+    settings = settings or DetectorSettings()
     with _LOCK:
         if settings not in _DETECTORS:
             _DETECTORS[settings] = MTCNNDetector(settings.min_face_size, settings.min_score, settings.max_side,
@@ -108,60 +197,52 @@ def get_pipeline(
         if key not in _EMBEDDERS:
             _EMBEDDERS[key] = load_embedder(model_id, weights=weights, device=settings.device)
         embedder = _EMBEDDERS[key]
-    return FacePipeline(embedder, settings)
+    pipe = FacePipeline(embedder, settings, weights=weights)
+    pipe.spawnable = True
+    return pipe
 
 
-def choose_enrol_face(faces: list[Face], on_multiple: str) -> Face | str:
-    """The face to enrol from a photo, or the reason to skip it."""
-    if not faces:
-        return "no face found"
-    if len(faces) == 1:
-        return faces[0]
-    if on_multiple == "largest":
-        return max(faces, key=lambda f: f.area)
-    if on_multiple == "skip":
-        return f"{len(faces)} faces found (skipped by --on-multiple skip)"
-    return f"{len(faces)} faces found; enrolment needs one (use --on-multiple largest)"
+def _label(src: PhotoSource) -> str | None:
+    return display_name(src) if isinstance(src, (str, os.PathLike)) else None
 
 
-@dataclass
-class Prepared:
-    """A photo ready to embed: the person it enrols, the store's image row (no pixels: this crosses process
-    boundaries), the chosen face and its aligned crop."""
-
-    name: str
-    image: dict[str, object]
-    face: Face
-    crop: np.ndarray
-
-    @property
-    def sha256(self) -> str:
-        return str(self.image["sha256"])
-
-    @property
-    def label(self) -> str:
-        return str(self.image["path"])
-
-
-def prepare(pipe: FacePipeline, items: list[tuple[str, PhotoSource]], on_multiple: str
-            ) -> tuple[list[Prepared], list[Skipped]]:
-    """Decode, detect, choose the face and align, for each (person, photo); no database access. A photo that
-    fails is skipped with its reason."""
-    ready, skipped = [], []
-    for name, src in items:
-        label = display_name(src) if isinstance(src, (str, os.PathLike)) else None
+def prepare(detector: Any, align: Callable[[np.ndarray, Face], np.ndarray],
+            items: Sequence[tuple[Any, PhotoSource]], choice: FaceChoice = FaceChoice.ERROR) -> list[Outcome]:
+    """Decode, detect, choose the face (``choice``) and align, for each (key, photo), in order; no database
+    access. A photo that fails gives an :class:`Unprepared` with its reason and never stops the others."""
+    out: list[Outcome] = []
+    for key, src in items:
+        label = _label(src)
         try:
-            analysed = pipe.analyse(src, name=label)
+            photo = load_photo(src, name=label)
         except FaceDBError as exc:
-            skipped.append(Skipped(label or "<photo>", str(exc)))
+            out.append(Unprepared(key, Skipped(label or "<photo>", str(exc))))
             continue
-        chosen = choose_enrol_face(analysed.faces, on_multiple)
+        chosen = choose_face(detector.detect(photo.pixels), choice, photo.width, photo.height)
         if isinstance(chosen, str):
-            skipped.append(Skipped(analysed.photo.name, chosen))
+            out.append(Unprepared(key, Skipped(photo.name, chosen), photo.sha256))
             continue
-        crop = pipe.embedder.align(analysed.photo.pixels, chosen)
-        ready.append(Prepared(name, analysed.photo.record(), chosen, crop))
-    return ready, skipped
+        out.append(Prepared(key, photo.record(), chosen, align(photo.pixels, chosen)))
+    return out
+
+
+def source_sha256(src: PhotoSource) -> str | None:
+    """The SHA-256 that :func:`images.load_photo` will give ``src``, computed without decoding it (files and
+    bytes only; None where it cannot be known before decoding, or the file cannot be read)."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return hashlib.sha256(bytes(src)).hexdigest()
+    if isinstance(src, (str, os.PathLike)):
+        try:
+            if os.path.getsize(src) > MAX_FILE_BYTES:
+                return None
+            h = hashlib.sha256()
+            with open(src, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            return h.hexdigest()
+        except OSError:
+            return None
+    return None
 
 
 def auto_workers(photos: int, device: str = "cpu", holds_gil: bool = True) -> int:
@@ -183,38 +264,161 @@ def _worker_start(model_id: str, weights: str | None, settings: DetectorSettings
     _WORKER_PIPELINE = get_pipeline(model_id, weights=Path(weights) if weights else None, settings=settings)
 
 
-def worker_prepare(items: list[tuple[str, PhotoSource]], on_multiple: str) -> tuple[list[Prepared], list[Skipped]]:
+def _worker_prepare(items: list[tuple[Any, PhotoSource]], choice: FaceChoice) -> list[Outcome]:
     """``prepare`` in a worker process, with the pipeline its initializer loaded."""
     assert _WORKER_PIPELINE is not None, "worker not started"
-    return prepare(_WORKER_PIPELINE, items, on_multiple)
+    return _WORKER_PIPELINE.prepare(items, choice)
 
 
-def preparer_pool(workers: int, model_id: str, weights: Path | None, settings: DetectorSettings
-                  ) -> ProcessPoolExecutor:
-    """A pool of ``workers`` spawned processes running ``worker_prepare`` (each loads the models once).
-
-    Spawned, not forked (see the module docstring); so, as with any spawned multiprocessing, a script using
-    it must guard its entry point with ``if __name__ == "__main__":``."""
+def _process_pool(workers: int, pipe: FacePipeline) -> ProcessPoolExecutor:
     import multiprocessing
 
     return ProcessPoolExecutor(
         max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start,
-        initargs=(model_id, str(weights) if weights else None, settings),
+        initargs=(pipe.model_id, str(pipe.weights) if pipe.weights else None, pipe.settings),
     )
 
 
-def list_folder(folder: Path) -> list[tuple[str, list[Path]]]:
-    """(person, photos) for each sub-folder of ``folder``: one level, sorted, hidden files skipped.
+def prepared_chunks(
+    pipe: FacePipeline,
+    work: Sequence[tuple[Any, PhotoSource]],
+    choice: FaceChoice = FaceChoice.ERROR,
+    *,
+    workers: int | None = 0,
+    batch_size: int = 16,
+    known: Callable[[str], str | None] | None = None,
+) -> Iterator[list[Outcome]]:
+    """``prepare`` over ``work`` in chunks of ``batch_size``, in order, running ahead of the consumer (who
+    embeds and stores one chunk while the next is detected).
 
-    Symbolic links to folders are not followed (no loops); links to files are.
+    ``workers``: 0 = one thread; N = N spawned processes (each loads the models once; worth it from ~64
+    photos with an embedder that holds the GIL; a script using them must guard its entry point with
+    ``if __name__ == "__main__":``); None = :func:`auto_workers`. Processes need a pipeline that
+    :func:`get_pipeline` built (``spawnable``); otherwise the thread is used.
+
+    ``known(sha256)``: a reason to skip a photo already enrolled, checked from the file's hash *before*
+    detection, so re-running a folder costs a read and a hash per photo, not a detection.
+
+    Interrupting the consumer (KeyboardInterrupt) cancels the work not started and does not wait for the
+    work running in processes: they are terminated.
     """
+    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
+        raise InvalidInputError("workers must be an integer >= 0")
+    if workers is None:
+        workers = auto_workers(len(work), pipe.settings.device, getattr(pipe.embedder, "holds_gil", False))
+    if not pipe.spawnable:
+        workers = 0
+    chunks = [list(work[i:i + batch_size]) for i in range(0, len(work), batch_size)]
+    pool: Executor
+    if workers:
+        pool = _process_pool(workers, pipe)
+        run = lambda items: pool.submit(_worker_prepare, items, choice)  # noqa: E731
+        ahead = 2 * workers  # chunks in flight: keeps every worker busy, bounds memory
+    else:
+        # A thread decodes and detects the next chunk while this one embeds and stores (torch and numpy
+        # release the GIL; dlib does not, hence the processes above).
+        pool = ThreadPoolExecutor(max_workers=1)
+        run = lambda items: pool.submit(pipe.prepare, items, choice)  # noqa: E731
+        ahead = 1
+
+    def submit(chunk: list[tuple[Any, PhotoSource]]) -> tuple[list[Outcome | None], Future[list[Outcome]] | None]:
+        """Skip known photos now; send the rest to the pool. Returns the chunk's slots (None = pending)."""
+        slots: list[Outcome | None] = []
+        todo = []
+        for key, src in chunk:
+            sha = source_sha256(src) if known is not None else None
+            reason = known(sha) if known is not None and sha is not None else None
+            if reason is not None:
+                slots.append(Unprepared(key, Skipped(_label(src) or "<photo>", reason), sha))
+            else:
+                slots.append(None)
+                todo.append((key, src))
+        return slots, (run(todo) if todo else None)
+
+    pending: list[tuple[list[Outcome | None], Future[list[Outcome]] | None]] = []
+    try:
+        pending = [submit(c) for c in chunks[:ahead]]
+        for i in range(len(chunks)):
+            slots, future = pending.pop(0)
+            try:
+                results = iter(future.result()) if future is not None else iter(())
+            except BrokenProcessPool as exc:  # a worker was killed (out of memory?): stop, keep what is stored
+                raise FaceDBError(f"a detection worker process died ({exc}); photos enrolled so far are kept "
+                                  f"(enrol again to finish: enrolled photos are skipped)") from None
+            if i + ahead < len(chunks):
+                pending.append(submit(chunks[i + ahead]))
+            yield [slot if slot is not None else next(results) for slot in slots]
+    finally:
+        for _, future in pending:
+            if future is not None:
+                future.cancel()
+        if isinstance(pool, ProcessPoolExecutor):
+            for proc in list(getattr(pool, "_processes", {}).values()):  # do not wait for running chunks
+                proc.terminate()
+        pool.shutdown(wait=not isinstance(pool, ProcessPoolExecutor), cancel_futures=True)
+
+
+@dataclass
+class FolderLayout:
+    """What :func:`list_folder` found: the people (sub-folder name, its photos), and every entry that does not
+    fit the layout, with why (photos directly in the folder, nested folders, empty person folders, ...)."""
+
+    people: list[tuple[str, list[Path]]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def photos(self) -> int:
+        return sum(len(files) for _, files in self.people)
+
+
+def list_folder(folder: Path) -> FolderLayout:
+    """The people in a folder laid out as ``folder/<person name>/<photos>``: one level, sorted, hidden files
+    skipped; person names are the sub-folder names (NFC-normalised by the store). Symbolic links to folders
+    are not followed (no loops); links to files are.
+
+    Raises InvalidInputError when ``folder`` is not a folder, or when nothing in it fits the layout (e.g.
+    photos placed directly in it, the layout face_recognition uses), saying what was found instead.
+    """
+    folder = Path(folder)
     if not folder.is_dir():
-        raise FaceDBError(f"{folder} is not a folder")
-    out = []
+        raise InvalidInputError(f"{display_name(folder)} is not a folder")
+    layout = FolderLayout()
+    loose = 0
     for sub in sorted(folder.iterdir()):
-        if sub.name.startswith(".") or sub.is_symlink() or not sub.is_dir():
+        if sub.name.startswith("."):
             continue
-        files = sorted(p for p in sub.iterdir() if not p.name.startswith(".") and p.is_file())
+        shown = display_name(sub.name)
+        if sub.is_symlink() and sub.is_dir():
+            layout.problems.append(f"{shown}/: a link to a folder, not followed")
+            continue
+        if not sub.is_dir():
+            loose += 1
+            continue
+        files, nested = [], []
+        for p in sorted(sub.iterdir()):
+            if p.name.startswith("."):
+                continue
+            (files if p.is_file() else nested).append(p)
+        for n in nested:
+            layout.problems.append(f"{shown}/{display_name(n.name)}/: a folder inside a person's folder, ignored "
+                                   "(one level only)")
         if files:
-            out.append((sub.name, files))
-    return out
+            layout.people.append((sub.name, files))
+        else:
+            layout.problems.append(f"{shown}/: no photos")
+    if loose:
+        layout.problems.append(f"{loose} file(s) directly in {display_name(folder)}: ignored (photos go in one "
+                               "sub-folder per person, named after them)")
+    if not layout.people:
+        found = "; ".join(layout.problems) or "it is empty"
+        raise InvalidInputError(f"{display_name(folder)} has no person folders with photos ({found}); expected "
+                                f"{display_name(folder)}/<person name>/<photo files>")
+    return layout
+
+
+__all__ = [
+    "ON_MULTIPLE", "Analysed", "DetectorSettings", "FaceChoice", "FacePipeline", "FolderLayout", "Outcome",
+    "Prepared", "Unprepared", "auto_workers", "choose_face", "face_choice", "get_detector", "get_pipeline",
+    "list_folder", "prepare", "prepared_chunks", "source_sha256",
+]
+

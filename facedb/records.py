@@ -11,6 +11,13 @@ class _Record:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
+    def __getitem__(self, key: str) -> Any:
+        """``record["field"]``, for code written when these were dicts."""
+        try:
+            return self.to_dict()[key]
+        except KeyError:
+            raise KeyError(key) from None
+
 
 @dataclass(frozen=True)
 class Person(_Record):
@@ -36,6 +43,7 @@ class Candidate(_Record):
     person_id: int
     similarity: float
     distance: float
+    external_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,7 @@ class Identification(_Record):
     distance: float | None
     threshold: float
     candidates: list[Candidate] = field(default_factory=list)
+    external_id: str | None = None  # the decided person's id in your system, if they have one
 
     @property
     def is_unknown(self) -> bool:
@@ -87,6 +96,7 @@ class FaceMatch(_Record):
     distance: float | None
     threshold: float
     candidates: list[Candidate]
+    external_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,10 +107,109 @@ class Skipped(_Record):
 
 @dataclass
 class EnrollReport(_Record):
-    """What an enrolment did: the people touched, photos tried, faces stored, and each photo skipped with why."""
+    """What an enrolment did: the people touched, photos tried, faces stored, each photo skipped with why, and
+    warnings about photos stored (a face that also matches another enrolled person)."""
 
     people: list[str] = field(default_factory=list)
     photos: int = 0
     faces_stored: int = 0
     skipped: list[Skipped] = field(default_factory=list)
     template_ids: list[int] = field(default_factory=list)
+    warnings: list[Skipped] = field(default_factory=list)
+
+    @property
+    def only_known(self) -> bool:
+        """Nothing was stored because every photo was already enrolled (re-running a folder): not a failure."""
+        return self.faces_stored == 0 and bool(self.skipped) and all(
+            s.reason.startswith("already enrolled") for s in self.skipped)
+
+
+@dataclass(frozen=True)
+class Template(_Record):
+    """One stored template: a unit vector of the database's model (``(dim,)`` float32, cosine-comparable),
+    the person it belongs to, and where it came from (image SHA-256 and face box, when enrolled from a photo)."""
+
+    id: int
+    person: str
+    person_id: int
+    vector: Any  # numpy float32 (dim,)
+    image_sha256: str | None = None
+    box: list[float] | None = None
+    det_score: float | None = None
+    created_at: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["vector"] = [float(v) for v in self.vector]
+        return out
+
+
+@dataclass(frozen=True)
+class IndexState(_Record):
+    """What the vector index holds now: the kind asked for and the kind built, its parameters, the store
+    generation it reflects, live entries and tombstones, and its persisted copy (file or remote)."""
+
+    kind: str
+    built: str | None
+    params: dict[str, Any] | None
+    generation: int | None
+    entries: int
+    live: int
+    tombstones: int
+    loaded: bool
+    from_file: bool
+    persisted_generation: int | None
+    persisted_bytes: int
+    backend: str
+
+
+@dataclass(frozen=True)
+class Stats(_Record):
+    path: str
+    model_id: str
+    dim: int
+    metric: str
+    flip: bool
+    threshold: float
+    threshold_source: str
+    calibration: dict[str, Any] | None
+    index_kind: str
+    index_built: str | None
+    index_params: dict[str, Any] | None
+    people: int
+    images: int
+    templates: int
+    people_with_one_template: int
+    generation: int
+    index_file_bytes: int
+    index_file_generation: int | None
+    schema_version: int
+    created_at: str | None
+    audit: dict[str, Any]
+    warnings: list[str]
+
+
+@dataclass(frozen=True)
+class ReindexReport(_Record):
+    index_kind: str
+    built: str
+    params: dict[str, Any]
+    indexed: int
+
+
+@dataclass(frozen=True)
+class AuditRecord(_Record):
+    """One entry of the audit trail: when, what operation, who asked (``actor``: a CLI user, an API key id),
+    the photo's SHA-256, the decided identity (None = unknown), the score and threshold, and details."""
+
+    id: int
+    time: str
+    operation: str
+    actor: str | None
+    image_sha256: str | None
+    identity: str | None
+    similarity: float | None
+    threshold: float | None
+    model_id: str
+    detail: dict[str, Any] | None
+    has_embedding: bool

@@ -28,13 +28,6 @@ def distance_to_similarity(sq_l2: float | np.ndarray) -> float | np.ndarray:
     return 1.0 - sq_l2 / 2.0
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows of ``x`` scaled to unit length, as float32. Zero rows stay zero (and fail validation)."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
-
-
 def as_unit_rows(vectors: object, dim: int) -> np.ndarray:
     """Validate ``vectors`` (shape ``(dim,)`` or ``(n, dim)``) and return a C-contiguous float32 ``(n, dim)``.
 

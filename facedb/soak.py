@@ -66,7 +66,7 @@ def _writer(root: str, seconds: float, victims: list[str], out: str) -> None:
         i = 0
         while time.time() < deadline:
             try:
-                db.add_embeddings(f"new-{i}", person_vectors(f"new-{i}"), create=True)
+                db.add_templates(f"new-{i}", person_vectors(f"new-{i}"), create=True)
                 added += 1
                 if i < len(victims):
                     db.remove_person(victims[i])
@@ -87,7 +87,7 @@ def run_concurrency(seconds: float = 5.0, readers: int = 4, people: int = 200) -
         root = str(Path(tmp) / "db")
         names = [f"person-{i}" for i in range(people)]
         with FaceDB.create(root, model_id=MODEL, dim=DIM, threshold=0.5) as db:
-            db.add_embeddings_many([(n, person_vectors(n)) for n in names])
+            db.add_templates_many([(n, person_vectors(n)) for n in names])
             db.save_index()
         victims = names[: people // 2]
         procs = []
@@ -152,7 +152,7 @@ def crash_writer(root: str, journal: str, seed: int) -> None:
                 arg = "-"
             note(log, f"begin {op} {arg}")
             if op == "add":
-                db.add_embeddings(arg, person_vectors(arg, 3), create=True)
+                db.add_templates(arg, person_vectors(arg, 3), create=True)
             elif op == "remove":
                 db.remove_person(arg)
             elif op == "reindex":

@@ -1,6 +1,16 @@
 """The SQLite store: the source of truth for people, images, templates and settings.
 
-This is the only module that talks to SQLite (through sqlite-utils). Choices, and why:
+This is the only module that talks to SQLite. Choices, and why:
+
+* sqlite-utils is used where it is the clearer code: inserting rows from dicts (``insert``, ``insert_all``),
+  upserting settings (``upsert_all``), reading rows as dicts (``rows_where``). Hot paths (the vectors the query
+  engine re-scores, the change log, bulk snapshots) use plain SQL on the same connection, because they need
+  one statement and raw blobs, not dicts. Schema changes are numbered SQL scripts (below) applied in one
+  transaction and tracked in ``PRAGMA user_version``: sqlite-utils has no migration system of its own, and a
+  versioned list is what lets a database from any earlier release open in this one.
+* Names are compared as people read them: every name is normalised to Unicode NFC where it enters (enrol,
+  add, rename, remove, show, verify; folder names too), so "José" typed and "José" from a macOS folder (NFD)
+  are one person.
 
 * WAL journal, ``synchronous=FULL``: readers never block the writer, and a transaction that returned is on disk
   even across a power cut, not only a process crash.
@@ -19,7 +29,8 @@ import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+import unicodedata
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -34,13 +45,14 @@ from .errors import (
     InvalidInputError,
     PersonNotFoundError,
 )
-from .records import Person
+from .records import Person, Template
 from .scores import UNIT_TOLERANCE, from_blob, to_blob
 
 FORMAT = "facedb"
 
-#: Versioned migrations: entry i takes the schema from version i to i + 1 (PRAGMA user_version).
-MIGRATIONS: list[str] = [
+#: Versioned migrations: entry i takes the schema from version i to i + 1 (PRAGMA user_version). An entry is
+#: an SQL script, or a function of the connection for changes SQL cannot express.
+MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     """
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     CREATE TABLE people (
@@ -98,6 +110,14 @@ MIGRATIONS: list[str] = [
     INSERT OR IGNORE INTO meta (key, value) VALUES ('audit_retention_days', '90');
     INSERT OR IGNORE INTO meta (key, value) VALUES ('audit_store_embeddings', '0');
     """,
+    # 3: who asked (a CLI user, an API key id) beside every audit record, and indexes for its filters
+    """
+    ALTER TABLE audit ADD COLUMN actor TEXT;
+    CREATE INDEX audit_operation ON audit(operation, time);
+    CREATE INDEX audit_actor ON audit(actor, time);
+    """,
+    # 4: names as people read them (NFC)
+    lambda conn: _normalise_stored_names(conn),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -112,7 +132,28 @@ def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _check_name(name: object) -> str:
+def normalise_name(name: object) -> str:
+    """A name as people read it: Unicode NFC (a typed "é" and a macOS file name's "e" + accent are equal)."""
+    if not isinstance(name, str):
+        raise InvalidInputError("a person's name must be a string")
+    return unicodedata.normalize("NFC", name)
+
+
+def _normalise_stored_names(conn: sqlite3.Connection) -> None:
+    """Migration 4: store names in NFC. A name whose NFC form another person already has is left as it was
+    (two people, shown alike); ``facedb check`` reports them, to be merged by an operator."""
+    rows = conn.execute("SELECT id, name FROM people").fetchall()
+    taken = {name for _, name in rows}
+    for pid, name in rows:
+        nfc = unicodedata.normalize("NFC", name)
+        if nfc != name and nfc not in taken:
+            conn.execute("UPDATE people SET name = ? WHERE id = ?", (nfc, pid))
+            taken.discard(name)
+            taken.add(nfc)
+
+
+def check_name(name: object) -> str:
+    name = normalise_name(name) if isinstance(name, str) else name
     if not isinstance(name, str) or not name.strip():
         raise InvalidInputError("a person's name must be a non-empty string")
     if len(name) > MAX_NAME_LENGTH:
@@ -122,6 +163,12 @@ def _check_name(name: object) -> str:
     if name != name.strip():
         raise InvalidInputError("a person's name may not start or end with white space")
     return name
+
+
+def _like(query: str) -> str:
+    """A LIKE pattern matching names that contain ``query`` literally (its % and _ escaped)."""
+    escaped = normalise_name(query).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
 
 
 def _check_metadata(metadata: object) -> str:
@@ -135,6 +182,15 @@ def _check_metadata(metadata: object) -> str:
         raise InvalidInputError(f"metadata is not JSON-serialisable: {exc}") from None
 
 
+def _apply(conn: sqlite3.Connection, step: str | Callable[[sqlite3.Connection], None]) -> None:
+    if callable(step):
+        step(conn)
+        return
+    for statement in step.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
 class Store:
     """One SQLite database file. Use :meth:`create` or :meth:`open`; close with :meth:`close`."""
 
@@ -143,6 +199,8 @@ class Store:
         self.conn = conn
         self.db = sqlite_utils.Database(conn)
         self._audit_conn: sqlite3.Connection | None = None
+        self.readonly = False
+        self.version = SCHEMA_VERSION
         self.dim = int(self.get_meta("dim", "0"))
 
     # ------------------------------------------------------------------ opening
@@ -184,10 +242,8 @@ class Store:
             os.umask(old_umask)
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for script in MIGRATIONS:
-                for statement in script.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+            for step in MIGRATIONS:
+                _apply(conn, step)
             now = utcnow()
             rows = {"format": FORMAT, "created_at": now, "generation": "0", "changes_floor": "0", **meta}
             conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", list(rows.items()))
@@ -217,16 +273,17 @@ class Store:
             conn.close()
             raise DatabaseError(f"{path} has schema version {version}; this facedb knows up to {SCHEMA_VERSION}")
         store = cls(path, conn)
+        store.readonly = readonly
+        store.version = version
         if version < SCHEMA_VERSION and not readonly:
             store._migrate(version)
+            store.version = SCHEMA_VERSION
         return store
 
     def _migrate(self, version: int) -> None:
         with self.write():
-            for script in MIGRATIONS[version:]:
-                for statement in script.split(";"):
-                    if statement.strip():
-                        self.conn.execute(statement)
+            for step in MIGRATIONS[version:]:
+                _apply(self.conn, step)
             self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -279,6 +336,14 @@ class Store:
         finally:
             self._rollback()
 
+    def _rows_in(self, sql: str, keys: Sequence[Any], *before: Any) -> Iterator[tuple[Any, ...]]:
+        """Rows of ``sql`` (holding one ``{marks}`` for an ``IN (...)`` list) for every key, in chunks that stay
+        under SQLite's bound-parameter limit; ``before`` are parameters that come ahead of the list."""
+        keys = list(keys)
+        for start in range(0, len(keys), 900):
+            chunk = keys[start:start + 900]
+            yield from self.conn.execute(sql.format(marks=",".join("?" * len(chunk))), [*before, *chunk])
+
     # -------------------------------------------------------------------- meta
     def get_meta(self, key: str, default: str | None = None) -> str | None:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -317,22 +382,51 @@ class Store:
         )
 
     def person(self, name: str) -> Person:
+        name = normalise_name(name)
         row = self.conn.execute(self._PERSON_SQL + " WHERE p.name = ?", (name,)).fetchone()
         if row is None:
             raise PersonNotFoundError(f"no person named {name!r}")
         return self._person(row)
 
-    def people(self) -> list[Person]:
-        return [self._person(r) for r in self.conn.execute(self._PERSON_SQL + " ORDER BY p.name").fetchall()]
+    def people(self, query: str | None = None, limit: int | None = None, offset: int = 0) -> list[Person]:
+        """People by name; ``query`` keeps those whose name or external id contains it (case-insensitive)."""
+        sql, params = self._PERSON_SQL, []
+        if query:
+            sql += " WHERE p.name LIKE ? ESCAPE '\\' OR p.external_id LIKE ? ESCAPE '\\'"
+            params += [_like(query)] * 2
+        sql += " ORDER BY p.name"
+        if limit is not None:
+            sql += " LIMIT ? OFFSET ?"
+            params += [int(limit), int(offset)]
+        return [self._person(r) for r in self.conn.execute(sql, params).fetchall()]
+
+    def count_people(self, query: str | None = None) -> int:
+        if not query:
+            return int(self.conn.execute("SELECT COUNT(*) FROM people").fetchone()[0])
+        return int(self.conn.execute("SELECT COUNT(*) FROM people WHERE name LIKE ? ESCAPE '\\' OR external_id "
+                                     "LIKE ? ESCAPE '\\'", [_like(query)] * 2).fetchone()[0])
+
+    def person_by_id(self, person_id: int) -> Person:
+        row = self.conn.execute(self._PERSON_SQL + " WHERE p.id = ?", (int(person_id),)).fetchone()
+        if row is None:
+            raise PersonNotFoundError(f"no person with id {person_id}")
+        return self._person(row)
+
+    def person_by_external_id(self, external_id: str) -> Person:
+        row = self.conn.execute(self._PERSON_SQL + " WHERE p.external_id = ?", (external_id,)).fetchone()
+        if row is None:
+            raise PersonNotFoundError(f"no person with external id {external_id!r}")
+        return self._person(row)
 
     def _person_id(self, name: str) -> int:
+        name = normalise_name(name)
         row = self.conn.execute("SELECT id FROM people WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise PersonNotFoundError(f"no person named {name!r}")
         return int(row[0])
 
     def _insert_person(self, name: str, external_id: str | None, metadata: dict[str, Any] | None) -> int:
-        name = _check_name(name)
+        name = check_name(name)
         meta_json = _check_metadata(metadata)
         if external_id is not None and (not isinstance(external_id, str) or not external_id):
             raise InvalidInputError("external_id must be a non-empty string")
@@ -356,7 +450,7 @@ class Store:
         return self.person(name)
 
     def rename_person(self, old: str, new: str) -> Person:
-        new = _check_name(new)
+        new = check_name(new)
         with self.write():
             pid = self._person_id(old)
             if old != new and self.conn.execute("SELECT 1 FROM people WHERE name = ?", (new,)).fetchone():
@@ -364,19 +458,35 @@ class Store:
             self.conn.execute("UPDATE people SET name = ?, updated_at = ? WHERE id = ?", (new, utcnow(), pid))
         return self.person(new)
 
-    def update_metadata(self, name: str, metadata: dict[str, Any]) -> Person:
-        """Merge ``metadata`` into the person's metadata (a key set to None is deleted)."""
-        _check_metadata(metadata)
+    def update_person(self, name: str, *, metadata: dict[str, Any] | None = None, replace: bool = False,
+                      external_id: str | None = None, clear_external_id: bool = False) -> Person:
+        """Change a person's metadata (merged in, a key set to None is deleted; all of it with ``replace``)
+        and/or external id, in one transaction."""
+        if metadata is not None:
+            _check_metadata(metadata)
+        if external_id is not None and (not isinstance(external_id, str) or not external_id):
+            raise InvalidInputError("external_id must be a non-empty string")
         with self.write():
             pid = self._person_id(name)
-            current = json.loads(self.conn.execute("SELECT metadata FROM people WHERE id = ?", (pid,)).fetchone()[0])
-            current.update(metadata)
-            current = {k: v for k, v in current.items() if v is not None}
-            self.conn.execute(
-                "UPDATE people SET metadata = ?, updated_at = ? WHERE id = ?",
-                (_check_metadata(current), utcnow(), pid),
-            )
+            fields: dict[str, Any] = {"updated_at": utcnow()}
+            if metadata is not None:
+                current = {} if replace else json.loads(
+                    self.conn.execute("SELECT metadata FROM people WHERE id = ?", (pid,)).fetchone()[0])
+                current.update(metadata)
+                fields["metadata"] = _check_metadata({k: v for k, v in current.items() if v is not None})
+            if external_id is not None:
+                other = self.conn.execute("SELECT id FROM people WHERE external_id = ?", (external_id,)).fetchone()
+                if other is not None and other[0] != pid:
+                    raise DuplicatePersonError(f"external id {external_id!r} is already used")
+                fields["external_id"] = external_id
+            elif clear_external_id:
+                fields["external_id"] = None
+            self.db["people"].update(pid, fields)
         return self.person(name)
+
+    def update_metadata(self, name: str, metadata: dict[str, Any]) -> Person:
+        """Merge ``metadata`` into the person's metadata (a key set to None is deleted)."""
+        return self.update_person(name, metadata=metadata)
 
     def remove_person(self, name: str) -> list[int]:
         """Delete the person with their images and templates in one transaction; returns the template ids."""
@@ -386,6 +496,46 @@ class Store:
             # Cascades to images and embeddings; secure_delete zeroes the freed pages.
             self.conn.execute("DELETE FROM people WHERE id = ?", (pid,))
             self._bump_generation([], ids)
+        return ids
+
+    def remove_template(self, template_id: int) -> str:
+        """Delete one template (and its photo's row once the photo has no template left); returns the name of
+        the person it belonged to (who stays enrolled, possibly with no templates)."""
+        with self.write():
+            row = self.conn.execute(
+                "SELECT e.image_id, p.name FROM embeddings e JOIN people p ON p.id = e.person_id WHERE e.id = ?",
+                (int(template_id),)).fetchone()
+            if row is None:
+                raise InvalidInputError(f"no template with id {template_id}")
+            image_id, name = row
+            self.conn.execute("DELETE FROM embeddings WHERE id = ?", (int(template_id),))
+            if image_id is not None and not self.conn.execute(
+                    "SELECT 1 FROM embeddings WHERE image_id = ?", (image_id,)).fetchone():
+                self.conn.execute("DELETE FROM images WHERE id = ?", (image_id,))
+            self.conn.execute("UPDATE people SET updated_at = ? WHERE name = ?", (utcnow(), name))
+            self._bump_generation([], [int(template_id)])
+        return str(name)
+
+    def merge_people(self, source: str, target: str) -> list[int]:
+        """Move every template and photo of ``source`` to ``target`` and delete ``source`` (its metadata is
+        merged under the target's: the target's keys win), in one transaction; returns the moved template ids.
+        The index sees each moved template removed and added again under its new person."""
+        with self.write():
+            src, dst = self._person_id(source), self._person_id(target)
+            if src == dst:
+                raise InvalidInputError("a person cannot be merged into themselves")
+            ids = [r[0] for r in self.conn.execute("SELECT id FROM embeddings WHERE person_id = ?", (src,))]
+            meta_src, meta_dst = (json.loads(self.conn.execute("SELECT metadata FROM people WHERE id = ?",
+                                                               (p,)).fetchone()[0]) for p in (src, dst))
+            self.conn.execute("UPDATE embeddings SET person_id = ? WHERE person_id = ?", (dst, src))
+            self.conn.execute("UPDATE images SET person_id = ? WHERE person_id = ?", (dst, src))
+            self.conn.execute("DELETE FROM people WHERE id = ?", (src,))
+            self.conn.execute("UPDATE people SET metadata = ?, updated_at = ? WHERE id = ?",
+                              (_check_metadata({**meta_src, **meta_dst}), utcnow(), dst))
+            gen = self.generation() + 1
+            self.conn.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (str(gen),))
+            self.conn.executemany("INSERT INTO changes (generation, embedding_id, op) VALUES (?, ?, ?)",
+                                  [(gen, i, op) for i in ids for op in ("remove", "add")])
         return ids
 
     # --------------------------------------------------------------- templates
@@ -485,45 +635,44 @@ class Store:
 
     def templates(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids, person ids, vectors) of the templates among ``ids`` that still exist, in id order."""
-        out_ids: list[int] = []
-        out_pids: list[int] = []
-        blobs: list[bytes] = []
-        ids = [int(i) for i in ids]
-        for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit
-            chunk = ids[start:start + 900]
-            marks = ",".join("?" * len(chunk))
-            for r in self.conn.execute(
-                f"SELECT id, person_id, vector FROM embeddings WHERE id IN ({marks}) ORDER BY id", chunk
-            ):
-                out_ids.append(r[0])
-                out_pids.append(r[1])
-                blobs.append(r[2])
-        return np.array(out_ids, dtype=np.int64), np.array(out_pids, dtype=np.int64), self._vectors(blobs)
+        rows = sorted(self._rows_in("SELECT id, person_id, vector FROM embeddings WHERE id IN ({marks})",
+                                    [int(i) for i in ids]))
+        return (np.array([r[0] for r in rows], dtype=np.int64), np.array([r[1] for r in rows], dtype=np.int64),
+                self._vectors([r[2] for r in rows]))
 
     def person_vectors(self, person_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Every stored vector of the given people, grouped by person: (person id of each row, sorted; vectors
-        ``(m, dim)``). One query and one buffer, since the query engine calls this for every probe."""
-        keys = sorted({int(p) for p in person_ids})
-        pids: list[int] = []
-        blobs: list[bytes] = []
-        for start in range(0, len(keys), 900):
-            chunk = keys[start:start + 900]
-            marks = ",".join("?" * len(chunk))
-            for pid, blob in self.conn.execute(
-                f"SELECT person_id, vector FROM embeddings WHERE person_id IN ({marks}) ORDER BY person_id", chunk
-            ):
-                pids.append(pid)
-                blobs.append(blob)
-        return np.array(pids, dtype=np.int64), self._vectors(blobs)
+        ``(m, dim)``). One query and one buffer per 900 people, since the query engine calls this per probe."""
+        rows = list(self._rows_in(
+            "SELECT person_id, vector FROM embeddings WHERE person_id IN ({marks}) ORDER BY person_id",
+            sorted({int(p) for p in person_ids})))
+        return np.array([r[0] for r in rows], dtype=np.int64), self._vectors([r[1] for r in rows])
 
-    def names(self, person_ids: Sequence[int]) -> dict[int, str]:
-        keys = sorted({int(p) for p in person_ids})
-        out: dict[int, str] = {}
-        for start in range(0, len(keys), 900):
-            chunk = keys[start:start + 900]
-            marks = ",".join("?" * len(chunk))
-            out.update(self.conn.execute(f"SELECT id, name FROM people WHERE id IN ({marks})", chunk).fetchall())
-        return out
+    def names(self, person_ids: Sequence[int]) -> dict[int, tuple[str, str | None]]:
+        """{person id: (name, external id)} for the people among ``person_ids`` that exist."""
+        return {pid: (name, ext) for pid, name, ext in self._rows_in(
+            "SELECT id, name, external_id FROM people WHERE id IN ({marks})", sorted({int(p) for p in person_ids}))}
+
+    def iter_templates(self, person: str | None = None, batch: int = 4096) -> Iterator[Template]:
+        """Every stored template (of ``person`` only, if given), in id order, with its person and photo; read in
+        batches of ``batch`` rows, each batch a consistent snapshot."""
+        where, params = "", []
+        if person is not None:
+            where, params = "WHERE e.person_id = ?", [self._person_id(person)]
+        last = 0
+        while True:
+            rows = self.conn.execute(
+                f"SELECT e.id, p.name, e.person_id, e.vector, i.sha256, e.box, e.det_score, e.created_at "
+                f"FROM embeddings e JOIN people p ON p.id = e.person_id LEFT JOIN images i ON i.id = e.image_id "
+                f"{where} {'AND' if where else 'WHERE'} e.id > ? ORDER BY e.id LIMIT ?",
+                [*params, last, batch]).fetchall()
+            if not rows:
+                return
+            for r in rows:
+                yield Template(id=r[0], person=r[1], person_id=r[2], vector=from_blob(r[3], self.dim),
+                               image_sha256=r[4], box=json.loads(r[5]) if r[5] else None, det_score=r[6],
+                               created_at=r[7])
+            last = rows[-1][0]
 
     def changes_since(self, generation: int) -> tuple[int, list[int], list[int]] | None:
         """(current generation, template ids added, ids removed) since ``generation``, net of each other.
@@ -537,10 +686,10 @@ class Store:
             added: set[int] = set()
             removed: set[int] = set()
             for tid, op in self.conn.execute(
-                "SELECT embedding_id, op FROM changes WHERE generation > ? ORDER BY generation", (generation,)
+                "SELECT embedding_id, op FROM changes WHERE generation > ? ORDER BY generation, rowid", (generation,)
             ):
                 if op == "add":
-                    added.add(tid)
+                    added.add(tid)  # a re-add after a remove (a merge) leaves the id in both: remove, then add
                 elif tid in added:
                     added.discard(tid)  # added and removed since: never seen by the caller
                 else:
@@ -564,6 +713,12 @@ class Store:
             "images": one("SELECT COUNT(*) FROM images").fetchone()[0],
             "templates": one("SELECT COUNT(*) FROM embeddings").fetchone()[0],
         }
+
+    def people_with_templates(self, at_most: int) -> int:
+        """How many people have between 1 and ``at_most`` templates (enrolment advice: one is fragile)."""
+        return int(self.conn.execute(
+            "SELECT COUNT(*) FROM (SELECT person_id FROM embeddings INDEXED BY embeddings_person GROUP BY person_id "
+            "HAVING COUNT(*) <= ?)", (int(at_most),)).fetchone()[0])
 
     def check(self) -> tuple[list[str], list[str]]:
         """(checks run, problems found) on the store alone."""
@@ -606,6 +761,14 @@ class Store:
         ).fetchone()[0]
         if crossed:
             problems.append(f"{crossed} templates belong to a person other than their image's")
+        checks.append("no two people's names are the same text in another Unicode form (NFC)")
+        seen: dict[str, str] = {}
+        for (name,) in self.conn.execute("SELECT name FROM people"):
+            nfc = unicodedata.normalize("NFC", name)
+            if nfc in seen:
+                problems.append(f"two people are named {nfc!r} in different Unicode forms: merge them "
+                                f"(`facedb merge`)")
+            seen[nfc] = name
         return checks, problems
 
     # ------------------------------------------------------------------- audit
@@ -620,18 +783,25 @@ class Store:
         return self._audit_conn
 
     def append_audit(self, rows: Sequence[dict[str, Any]], retention_days: float | None) -> None:
-        """Append decision records (one transaction) and drop those older than the retention period."""
+        """Append decision records (one transaction) and drop those older than the retention period.
+
+        Written through a connection of its own, read-write even when this store was opened read-only (a door
+        reader's decisions are logged too); DatabaseError when the file cannot be written, so that no decision
+        is answered without its record."""
         if not rows:
+            return
+        if self.version < 2:  # a read-only open of a database made before the audit trail existed
             return
         now = utcnow()
         conn = self._audit_connection()
+        cols = ["time", "operation", "image_sha256", "identity", "similarity", "threshold", "model_id", "detail",
+                "embedding"] + (["actor"] if self.version >= 3 else [])
         with self._transaction(conn, "write the audit trail"):
             conn.executemany(
-                "INSERT INTO audit (time, operation, image_sha256, identity, similarity, threshold, model_id, "
-                "detail, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO audit ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                 [(now, r["operation"], r.get("image_sha256"), r.get("identity"), r.get("similarity"),
                   r.get("threshold"), r["model_id"], json.dumps(r["detail"]) if r.get("detail") else None,
-                  r.get("embedding")) for r in rows],
+                  r.get("embedding"), *([r.get("actor")] if self.version >= 3 else [])) for r in rows],
             )
             if retention_days is not None:
                 cutoff = datetime.fromtimestamp(
@@ -639,16 +809,31 @@ class Store:
                 ).isoformat(timespec="milliseconds")
                 conn.execute("DELETE FROM audit WHERE time < ?", (cutoff,))
 
-    def audit(self, since: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
-        """Audit records at or after ``since`` (ISO 8601, UTC), oldest first."""
-        sql = "SELECT id, time, operation, image_sha256, identity, similarity, threshold, model_id, detail, " \
-              "embedding IS NOT NULL FROM audit WHERE time >= ? ORDER BY id"
+    def audit(self, since: str | None = None, limit: int | None = None, *, until: str | None = None,
+              operation: str | None = None, actor: str | None = None, offset: int = 0) -> list[dict[str, Any]]:
+        """Audit records at or after ``since`` and before ``until`` (ISO 8601, UTC), of one operation and one
+        actor if given, oldest first, paged by ``limit`` / ``offset``."""
+        if self.version < 2:
+            return []
+        where = ["time >= ?"]
         params: list[Any] = [since or ""]
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(int(limit))
-        keys = ("id", "time", "operation", "image_sha256", "identity", "similarity", "threshold", "model_id",
-                "detail", "has_embedding")
+        if until is not None:
+            where.append("time < ?")
+            params.append(until)
+        if operation is not None:
+            where.append("operation = ?")
+            params.append(operation)
+        if actor is not None and self.version >= 3:
+            where.append("actor = ?")
+            params.append(actor)
+        actor_col = "actor" if self.version >= 3 else "NULL"
+        sql = (f"SELECT id, time, operation, {actor_col}, image_sha256, identity, similarity, threshold, model_id, "
+               f"detail, embedding IS NOT NULL FROM audit WHERE {' AND '.join(where)} ORDER BY id")
+        if limit is not None or offset:
+            sql += " LIMIT ? OFFSET ?"
+            params += [-1 if limit is None else int(limit), int(offset)]
+        keys = ("id", "time", "operation", "actor", "image_sha256", "identity", "similarity", "threshold",
+                "model_id", "detail", "has_embedding")
         out = []
         for row in self.conn.execute(sql, params):
             rec = dict(zip(keys, row))

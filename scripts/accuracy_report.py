@@ -53,16 +53,16 @@ def main() -> int:
     print(f"LFW pairs.txt: accuracy {rep['accuracy_mean']:.4f} +- {rep['accuracy_std']:.4f}; "
           f"TAR@FAR1e-2 {rep['tar_at_far_0.01']:.4f}, 1e-3 {rep['tar_at_far_0.001']:.4f}, "
           f"1e-4 {rep['tar_at_far_0.0001']:.4f} (resolvable: {rep['far_0.0001_resolvable']}); "
-          f"EER {rep['eer']:.4f}; detection misses {rep['detection_misses']}/{rep['photos']}")
+          f"EER {rep['eer']:.4f}; failures to acquire {rep['failures_to_acquire']}/{rep['photos']}")
 
     # 2. 1:1 calibration holds
     dev_train = ev.run_lfw(proto / "pairsDevTrain.txt", lfw, pipe, flip=args.flip)
     dev_test = ev.pair_scores(proto / "pairsDevTest.txt", lfw, pipe, flip=args.flip)
     scores, same = dev_test.scores, dev_test.same
     t_pairs = float(dev_train["threshold_at_far_0.001"])  # type: ignore[arg-type]
-    gen_tr, imp_tr = ev.folder_pair_scores(lfw, pipe, people=ev.read_people(proto / "peopleDevTrain.txt"),
+    gen_tr, imp_tr, _ = ev.folder_pair_scores(lfw, pipe, people=ev.read_people(proto / "peopleDevTrain.txt"),
                                            flip=args.flip)
-    gen_te, imp_te = ev.folder_pair_scores(lfw, pipe, people=ev.read_people(proto / "peopleDevTest.txt"), seed=1,
+    gen_te, imp_te, _ = ev.folder_pair_scores(lfw, pipe, people=ev.read_people(proto / "peopleDevTest.txt"), seed=1,
                                            flip=args.flip)
     t_people = ev.threshold_at_far(imp_tr, 1e-3)
     out["calibration_1to1"] = {

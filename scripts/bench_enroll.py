@@ -39,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ["FACEDB_DEVICE"] = args.device  # the databases' own pipelines run there too
     folder = args.folder or Path(os.environ.get("FACEDB_TEST_DATA", "../shared/facedata")) / "lfw_deepfunneled"
-    people = list_folder(folder)
+    people = list_folder(folder).people
     photos = [p for _, files in people for p in files][: args.photos]
     weights = None
     tmp = tempfile.TemporaryDirectory()

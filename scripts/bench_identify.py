@@ -53,7 +53,7 @@ def main() -> None:
         t = time.perf_counter()
         with FaceDB.create(root, model_id="synthetic", dim=args.dim, threshold=0.5) as db:
             for start in range(0, people, 5000):
-                db.add_embeddings_many([(f"p{i}", templates[i]) for i in range(start, min(people, start + 5000))])
+                db.add_templates_many([(f"p{i}", templates[i]) for i in range(start, min(people, start + 5000))])
             res["import_s"] = time.perf_counter() - t
             t = time.perf_counter()
             db.rebuild_index()

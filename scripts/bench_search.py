@@ -139,7 +139,7 @@ def main() -> None:
                 db.configure_audit(enabled=False)  # a benchmark's probes are not decisions to keep
                 for start in range(0, people, 20_000):
                     stop = min(people, start + 20_000)
-                    db.add_embeddings_many([(f"id{i}", templates[i]) for i in range(start, stop)])
+                    db.add_templates_many([(f"id{i}", templates[i]) for i in range(start, stop)])
             import_s = time.perf_counter() - t
             exact = None
             print(f"\nN = {n:,} templates ({people:,} identities); store import {import_s:.1f} s")
@@ -154,7 +154,7 @@ def main() -> None:
                 db = FaceDB.open(root)
                 db.identify(probes[0], k=5)
                 open_s = time.perf_counter() - t
-                assert db._from_file, "opened without a rebuild"
+                assert db.index_state().from_file, "opened without a rebuild"
                 for w in warmup:  # steady state, as a running service would be: caches filled, code paths hot
                     db.identify(w, k=5)
                 single = timed(lambda i, db=db, probes=probes: db.identify(probes[i], k=5), len(probes))

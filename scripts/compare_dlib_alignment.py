@@ -16,7 +16,7 @@ import numpy as np
 from facedb import evaluate as ev
 from facedb.detect import Face
 from facedb.images import load_photo
-from facedb.pipeline import get_pipeline
+from facedb.pipeline import FaceChoice, choose_face, get_pipeline
 
 
 def main() -> None:
@@ -38,11 +38,15 @@ def main() -> None:
     hog_found = 0
     for path in unique:
         photo = load_photo(path)
-        m = ev.central_face(pipe.detector.detect(photo.pixels), photo.width, photo.height)
-        m = m or ev.fallback_face(photo.width, photo.height)
+        m = choose_face(pipe.detector.detect(photo.pixels), FaceChoice.CENTRAL, photo.width, photo.height)
+        if isinstance(m, str):  # MTCNN found no face: a centred box of half the side, as LFW centres the face
+            side = min(photo.width, photo.height) / 2
+            x1, y1 = (photo.width - side) / 2, (photo.height - side) / 2
+            m = Face((x1, y1, x1 + side, y1 + side), 0.0, np.zeros((5, 2)))
         rects = hog(photo.pixels, 1)
         faces = [Face((r.left(), r.top(), r.right(), r.bottom()), 1.0, np.zeros((5, 2))) for r in rects]
-        h = ev.central_face(faces, photo.width, photo.height)
+        h = choose_face(faces, FaceChoice.CENTRAL, photo.width, photo.height)
+        h = None if isinstance(h, str) else h
         hog_found += h is not None
         crops = [pipe.embedder.align(photo.pixels, m), pipe.embedder.align(photo.pixels, h or m)]
         a, b = pipe.embedder.embed(crops)

@@ -21,7 +21,7 @@ import numpy as np
 from facedb import evaluate as ev
 from facedb.images import load_photo
 from facedb.models.facenet import crop_face
-from facedb.pipeline import get_pipeline
+from facedb.pipeline import FaceChoice, choose_face, get_pipeline
 
 
 def quality(pixels: np.ndarray, face) -> tuple[float, float, float, float]:
@@ -49,8 +49,8 @@ def main() -> None:
     q = np.full((len(paths), 4), np.nan)
     for i, p in enumerate(paths):
         photo = load_photo(p)
-        face = ev.central_face(pipe.detector.detect(photo.pixels), photo.width, photo.height)
-        if face is not None:
+        face = choose_face(pipe.detector.detect(photo.pixels), FaceChoice.CENTRAL, photo.width, photo.height)
+        if not isinstance(face, str):
             q[i] = quality(photo.pixels, face)
     blur_min = np.nanquantile(q[:, 2], args.blur_quantile)
     passes = (q[:, 0] >= args.min_size) & (q[:, 1] >= args.min_score) & (q[:, 2] >= blur_min) & (

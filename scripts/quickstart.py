@@ -43,7 +43,7 @@ def main() -> int:
         print(f"no photo folder at {folder}: pass FOLDER (one sub-folder per person)", file=sys.stderr)
         return 2
     rng = np.random.default_rng(args.seed)
-    everyone = list_folder(folder)
+    everyone = list_folder(folder).people
     eligible = [(n, f) for n, f in everyone if len(f) > args.enrol]
     others = [(n, f) for n, f in everyone if len(f) <= args.enrol]
     pick = [eligible[i] for i in sorted(rng.choice(len(eligible), min(args.people, len(eligible)), replace=False))]

@@ -59,13 +59,13 @@ def test_core_commands(tmp_path):
     res = run(db, "--json", "init", "--model", "my-model", "--dim", "8", "--threshold", "0.7")
     info = jlines(res)[0]
     assert info["model_id"] == "my-model" and info["dim"] == 8 and info["threshold"] == 0.7
-    assert run(db, "init", "--model", "my-model", "--dim", "8", ok=False).exit_code == 1
+    assert run(db, "init", "--model", "my-model", "--dim", "8", ok=False).exit_code == 2
     run(db, "add-person", "Ann", "--meta", "team=red", "--external-id", "E1")
     run(db, "add-person", "Bob")
     with FaceDB.open(db) as d:
         v = np.eye(8, dtype=np.float32)
-        d.add_embeddings("Ann", v[:2])
-        d.add_embeddings("Bob", v[2:3])
+        d.add_templates("Ann", v[:2])
+        d.add_templates("Bob", v[2:3])
     people = jlines(run(db, "--json", "people"))
     assert [(p["name"], p["templates"]) for p in people] == [("Ann", 2), ("Bob", 1)]
     assert "Ann" in run(db, "people").stdout
@@ -95,16 +95,16 @@ def test_errors_are_one_line_with_nonzero_exit(tmp_path, args, message):
     db = tmp_path / "db"
     run(db, "init", "--model", "m", "--dim", "4")
     res = run(db, *args, ok=False)
-    assert res.exit_code == 1
+    assert res.exit_code == 2  # errors exit 2; 1 is kept for a negative answer (verify: no)
     assert message in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.output
 
 
 def test_missing_database_and_unknown_model(tmp_path):
     res = run(tmp_path / "nope", "stats", ok=False)
-    assert res.exit_code == 1 and "no facedb database" in res.stderr
+    assert res.exit_code == 2 and "no facedb database" in res.stderr
     res = run(tmp_path / "db", "init", "--model", "mystery", ok=False)
-    assert res.exit_code == 1 and "unknown model" in res.stderr
+    assert res.exit_code == 2 and "unknown model" in res.stderr
 
 
 def test_db_from_environment(tmp_path, monkeypatch):
@@ -149,7 +149,7 @@ def test_enroll_search_verify_remove_with_test_double(tmp_path, fake_cli):
     redprobe = photo(tmp_path / "redprobe.png", [RED], seed=77)
     assert jlines(run(db, "--json", "verify", "red", str(redprobe)))[0]["accepted"] is True
     res = run(db, "--json", "verify", "green", str(redprobe), ok=False)
-    assert res.exit_code == 2 and jlines(res)[0]["accepted"] is False
+    assert res.exit_code == 1 and jlines(res)[0]["accepted"] is False  # a rejected claim exits 1
 
     run(db, "remove", "red")
     rows = jlines(run(db, "--json", "search", str(redprobe)))
@@ -163,14 +163,14 @@ def test_enroll_on_multiple_largest(tmp_path, fake_cli):
     out = jlines(run(db, "--json", "enroll", "x", str(two), "--on-multiple", "largest"))[0]
     assert out["faces_stored"] == 1
     res = run(db, "enroll", "y", str(two), "--on-multiple", "bogus", ok=False)
-    assert res.exit_code == 1 and "on_multiple" in res.stderr
+    assert res.exit_code == 2 and "on-multiple" in res.stderr
 
 
 def test_enroll_with_wrong_model_is_refused(tmp_path, fake_cli):
     db = tmp_path / "db"
     run(db, "init", "--model", "other", "--dim", "32")
     res = run(db, "enroll", "x", str(photo(tmp_path / "a.png", [RED])), ok=False)
-    assert res.exit_code == 1 and "fake-colour" in res.stderr
+    assert res.exit_code == 2 and "fake-colour" in res.stderr
 
 
 def test_audit_trail(tmp_path, fake_cli):
@@ -189,10 +189,10 @@ def test_audit_trail(tmp_path, fake_cli):
     assert all(len(r["image_sha256"]) == 64 and r["has_embedding"] is False for r in rows)
     assert jlines(run(db, "--json", "audit", "--since", "1h"))[0]["operation"] == "enroll"
     assert jlines(run(db, "--json", "audit", "--since", "2999-01-01")) == []
-    assert run(db, "audit", "--since", "yesterday-ish", ok=False).exit_code == 1
+    assert run(db, "audit", "--since", "yesterday-ish", ok=False).exit_code == 2
 
     settings = jlines(run(db, "--json", "audit-settings", "--store-embeddings", "--retention-days", "30"))[0]
-    assert settings == {"enabled": True, "retention_days": 30.0, "store_embeddings": True}
+    assert settings == {"enabled": True, "retention_days": 30.0, "store_probes": True}
     run(db, "search", str(probe))
     assert jlines(run(db, "--json", "audit"))[-1]["has_embedding"] is True
     run(db, "audit-settings", "--disable")
@@ -203,7 +203,7 @@ def test_audit_trail(tmp_path, fake_cli):
 
 def test_audit_retention_drops_old_records(tmp_path):
     with FaceDB.create(tmp_path / "db", model_id="m", dim=4, threshold=0.5) as d:
-        d.add_embeddings("a", np.eye(4, dtype=np.float32)[:1], create=True)
+        d.add_templates("a", np.eye(4, dtype=np.float32)[:1], create=True)
         d.identify(np.eye(4, dtype=np.float32)[0])
         d.store.conn.execute("UPDATE audit SET time = '2000-01-01T00:00:00.000+00:00'")
         d.configure_audit(retention_days=1)

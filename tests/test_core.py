@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from facedb import (
     PersonNotFoundError,
 )
 from facedb.db import INDEX_FILE, STORE_FILE
+from facedb.store import SCHEMA_VERSION
 
 from .conftest import unit_rows
 
@@ -36,7 +39,7 @@ def gallery(tmp_path, rng):
     for p in range(300):
         n = int(rng.integers(1, 20))
         v = unit_rows(rng, n, DIM)
-        db.add_embeddings(f"person-{p:03d}", v, create=True)
+        db.add_templates(f"person-{p:03d}", v, create=True)
         names += [f"person-{p:03d}"] * n
         vecs.append(v)
     yield db, np.array(names), np.concatenate(vecs)
@@ -95,8 +98,8 @@ def test_k_larger_than_people_returns_fewer_and_no_padding(tmp_path, rng):
     with make_db(tmp_path / "db") as db:
         assert db.identify(unit_rows(rng, 1, DIM)[0], k=5).candidates == []
         assert db.identify(unit_rows(rng, 1, DIM)[0], k=5).identity is None
-        db.add_embeddings("a", unit_rows(rng, 3, DIM), create=True)
-        db.add_embeddings("b", unit_rows(rng, 1, DIM), create=True)
+        db.add_templates("a", unit_rows(rng, 3, DIM), create=True)
+        db.add_templates("b", unit_rows(rng, 1, DIM), create=True)
         ans = db.identify(unit_rows(rng, 1, DIM)[0], k=10)
         assert sorted(c.name for c in ans.candidates) == ["a", "b"]
         assert all(c.person_id > 0 for c in ans.candidates)
@@ -105,7 +108,7 @@ def test_k_larger_than_people_returns_fewer_and_no_padding(tmp_path, rng):
 def test_unknown_is_an_answer(tmp_path, rng):
     with make_db(tmp_path / "db", threshold=0.9) as db:
         v = unit_rows(rng, 1, DIM)
-        db.add_embeddings("alice", v, create=True)
+        db.add_templates("alice", v, create=True)
         far = unit_rows(rng, 1, DIM)[0]
         ans = db.identify(far, k=1)
         assert ans.is_unknown and ans.candidates[0].name == "alice"
@@ -120,21 +123,21 @@ def test_invalid_vectors_are_refused_and_change_nothing(tmp_path, rng):
         bad_nan = unit_rows(rng, 1, DIM)
         bad_nan[0, 3] = np.nan
         with pytest.raises(InvalidVectorError):
-            db.add_embeddings("a", bad_nan)
+            db.add_templates("a", bad_nan)
         with pytest.raises(InvalidVectorError):
-            db.add_embeddings("a", unit_rows(rng, 1, DIM) * 2)
+            db.add_templates("a", unit_rows(rng, 1, DIM) * 2)
         with pytest.raises(InvalidVectorError):
-            db.add_embeddings("a", np.zeros((2, 2, DIM), dtype=np.float32))
+            db.add_templates("a", np.zeros((2, 2, DIM), dtype=np.float32))
         with pytest.raises(ModelMismatchError):
-            db.add_embeddings("a", unit_rows(rng, 1, DIM + 1))
+            db.add_templates("a", unit_rows(rng, 1, DIM + 1))
         with pytest.raises(ModelMismatchError):
-            db.add_embeddings("a", unit_rows(rng, 1, DIM), model_id="other-model")
+            db.add_templates("a", unit_rows(rng, 1, DIM), model_id="other-model")
         with pytest.raises(InvalidVectorError):
             db.identify(np.full(DIM, np.inf, dtype=np.float32))
         with pytest.raises(InvalidInputError):
             db.identify(unit_rows(rng, 1, DIM)[0], k=0)
         with pytest.raises(PersonNotFoundError):
-            db.add_embeddings("nobody", unit_rows(rng, 1, DIM))
+            db.add_templates("nobody", unit_rows(rng, 1, DIM))
         assert db.stats()["generation"] == gen and db.stats()["templates"] == 0
 
 
@@ -181,7 +184,7 @@ def test_people_rename_duplicates_and_metadata(tmp_path, rng):
         with pytest.raises(InvalidInputError):
             db.add_person("Cy", metadata=["not", "a", "dict"])  # type: ignore[arg-type]
         v = unit_rows(rng, 1, DIM)
-        db.add_embeddings("Bob", v)
+        db.add_templates("Bob", v)
         db.rename_person("Bob", "Robert")
         assert db.identify(v[0], k=1).identity == "Robert"
         assert [p.name for p in db.people()] == ["Ann", "Robert"]
@@ -217,9 +220,9 @@ def test_remove_is_erasure_from_search(gallery, rng):
 
 def test_ids_are_never_reused(tmp_path, rng):
     with make_db(tmp_path / "db") as db:
-        first = db.add_embeddings("a", unit_rows(rng, 3, DIM), create=True)
+        first = db.add_templates("a", unit_rows(rng, 3, DIM), create=True)
         db.remove_person("a")
-        second = db.add_embeddings("a", unit_rows(rng, 3, DIM), create=True)
+        second = db.add_templates("a", unit_rows(rng, 3, DIM), create=True)
         assert min(second) > max(first)
 
 
@@ -237,8 +240,8 @@ def test_index_is_rebuilt_when_file_is_missing_damaged_or_stale(gallery, rng, da
     if damage == "stale":
         # A write that lands while the index file is not saved (another process, or a crash before close).
         with FaceDB.open(root) as other:
-            other.add_embeddings("late-arrival", extra, create=True)
-            other._gallery = None  # never loaded: nothing saved on close
+            other.add_templates("late-arrival", extra, create=True)
+            other.close(save_index=False)  # nothing saved on close
     expected = _templates_and_answers(db, probes) if damage != "stale" else None
     db.close()
     path = root / INDEX_FILE
@@ -262,7 +265,7 @@ def test_index_is_rebuilt_when_file_is_missing_damaged_or_stale(gallery, rng, da
 
 def test_check_reports_a_corrupted_template(tmp_path, rng):
     with make_db(tmp_path / "db") as db:
-        db.add_embeddings("a", unit_rows(rng, 2, DIM), create=True)
+        db.add_templates("a", unit_rows(rng, 2, DIM), create=True)
         assert db.check().ok
         db.store.conn.execute("UPDATE embeddings SET vector = zeroblob(?) WHERE id = 1", (4 * DIM,))
         report = db.check()
@@ -271,7 +274,7 @@ def test_check_reports_a_corrupted_template(tmp_path, rng):
 
 def test_files_are_private(tmp_path, rng):
     with make_db(tmp_path / "db") as db:
-        db.add_embeddings("a", unit_rows(rng, 2, DIM), create=True)
+        db.add_templates("a", unit_rows(rng, 2, DIM), create=True)
         db.save_index()
     assert (tmp_path / "db").stat().st_mode & 0o777 == 0o700
     for f in (tmp_path / "db").iterdir():
@@ -282,14 +285,14 @@ def test_add_is_atomic_when_a_row_fails(tmp_path, rng):
     with make_db(tmp_path / "db") as db:
         db.add_person("a")
         with pytest.raises(InvalidInputError):
-            db.add_embeddings("a", unit_rows(rng, 3, DIM), boxes=[[0, 0, 1, 1]])  # 1 box for 3 vectors
+            db.add_templates("a", unit_rows(rng, 3, DIM), boxes=[[0, 0, 1, 1]])  # 1 box for 3 vectors
         assert db.stats()["templates"] == 0
 
 
 def test_stored_threshold_is_used_and_growth_past_calibration_warns(tmp_path, rng):
     with make_db(tmp_path / "db", threshold=0.99) as db:
         v = unit_rows(rng, 1, DIM)
-        db.add_embeddings("a", v, create=True)
+        db.add_templates("a", v, create=True)
         probe = v[0] + 0.4 * unit_rows(rng, 1, DIM)[0]
         probe /= np.linalg.norm(probe)
         sim = db.identify(probe, k=1).similarity
@@ -299,7 +302,7 @@ def test_stored_threshold_is_used_and_growth_past_calibration_warns(tmp_path, rn
         assert db.identify(probe, k=1).identity == "a" and db.identify(probe, k=1).threshold == sim - 0.01
         stats = db.stats()
         assert stats["calibration"]["gallery_size"] == 2 and stats["warnings"] == []
-        db.add_embeddings_many([(f"p{i}", unit_rows(rng, 1, DIM)) for i in range(5)])
+        db.add_templates_many([(f"p{i}", unit_rows(rng, 1, DIM)) for i in range(5)])
         assert "recalibrate" in db.calibration_warning()
         with pytest.raises(InvalidInputError):
             db.set_threshold(1.5, "nonsense")
@@ -307,13 +310,13 @@ def test_stored_threshold_is_used_and_growth_past_calibration_warns(tmp_path, rn
 
 def test_older_schema_is_migrated_on_open(tmp_path, rng):
     with make_db(tmp_path / "db") as db:
-        db.add_embeddings("a", unit_rows(rng, 1, DIM), create=True)
+        db.add_templates("a", unit_rows(rng, 1, DIM), create=True)
         conn = db.store.conn
         conn.execute("DROP TABLE audit")
         conn.execute("DELETE FROM meta WHERE key LIKE 'audit_%'")
         conn.execute("PRAGMA user_version = 1")
     with FaceDB.open(tmp_path / "db") as db:
-        assert db.store.conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert db.audit_settings()["enabled"] is True
         db.identify(unit_rows(rng, 1, DIM)[0])
         assert [r["operation"] for r in db.audit()] == ["identify"]
@@ -325,8 +328,8 @@ def test_no_byte_of_a_removed_template_remains_after_vacuum(tmp_path, rng):
     with make_db(root) as db:
         keep = unit_rows(rng, 3, DIM)
         gone = unit_rows(rng, 4, DIM)
-        db.add_embeddings("keep", keep, create=True)
-        db.add_embeddings("gone", gone, create=True)
+        db.add_templates("keep", keep, create=True)
+        db.add_templates("gone", gone, create=True)
         db.identify(keep[0])
         db.save_index()
 
@@ -345,20 +348,51 @@ def test_no_byte_of_a_removed_template_remains_after_vacuum(tmp_path, rng):
 
 def test_full_disk_leaves_the_database_unchanged(tmp_path, rng):
     with make_db(tmp_path / "db") as db:
-        db.add_embeddings("a", unit_rows(rng, 1, DIM), create=True)
+        db.add_templates("a", unit_rows(rng, 1, DIM), create=True)
         before = (db.stats()["templates"], db.stats()["generation"])
         pages = db.store.conn.execute("PRAGMA page_count").fetchone()[0]
         db.store.conn.execute(f"PRAGMA max_page_count = {pages}")  # SQLite now answers "disk is full"
         with pytest.raises(DatabaseError, match="full"):
-            db.add_embeddings_many([(f"p{i}", unit_rows(rng, 20, DIM)) for i in range(50)])
+            db.add_templates_many([(f"p{i}", unit_rows(rng, 20, DIM)) for i in range(50)])
         assert (db.stats()["templates"], db.stats()["generation"]) == before
         assert db.check().ok
 
 
 def test_readonly_open_refuses_writes_cleanly(tmp_path, rng):
     with make_db(tmp_path / "db") as db:
-        db.add_embeddings("a", unit_rows(rng, 1, DIM), create=True)
+        db.add_templates("a", unit_rows(rng, 1, DIM), create=True)
     with FaceDB.open(tmp_path / "db", readonly=True) as db:
         assert db.identify(unit_rows(rng, 1, DIM)[0], k=1).candidates[0].name == "a"
         with pytest.raises(DatabaseError):
             db.add_person("b")
+
+
+def test_a_database_made_by_the_previous_release_opens_and_is_migrated(tmp_path):
+    """tests/data/v2-db was written by facedb 0.1 (schema 2): a person named in NFD, one removed, an audit trail
+    and a saved index. Opened read-only it answers without changing the schema (and still logs the decision);
+    opened normally it is migrated: the audit trail gains its actor column, names become NFC, and the saved
+    index is used as it is."""
+    import shutil
+    import unicodedata
+
+    from facedb.store import SCHEMA_VERSION
+
+    root = tmp_path / "db"
+    shutil.copytree(Path(__file__).parent / "data" / "v2-db", root)
+    os.chmod(root, 0o700)
+    probe_name = "José Martí"
+    with FaceDB.open(root, readonly=True) as db:
+        assert db.store.version == 2
+        assert db.identify(np.eye(8, dtype=np.float32)[0], k=1).candidates
+        assert len(db.audit()) == 3 and db.audit()[-1].actor is None
+    with FaceDB.open(root) as db:
+        assert db.store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        names = [p.name for p in db.people()]
+        assert names == ["Ann", probe_name] and unicodedata.is_normalized("NFC", names[1])
+        assert db.person("Jose\u0301 Marti\u0301").metadata == {"badge": "17"}  # either spelling finds him
+        ann = next(db.templates("Ann")).vector
+        assert db.identify(ann, k=1).identity == "Ann"
+        state = db.index_state()
+        assert state.from_file and state.live == 4
+        assert [r.operation for r in db.audit()] == ["identify", "remove", "identify", "identify"]
+        assert db.audit()[-1].actor and db.check().ok

@@ -84,7 +84,7 @@ def test_a_file_that_is_not_a_facedb(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "facedb.sqlite3").write_bytes(np.random.default_rng(0).bytes(8192))
     res = runner.invoke(app, ["--db", str(tmp_path / "x"), "stats"])
-    assert res.exit_code == 1 and "not a database" in res.stderr and "Traceback" not in res.output
+    assert res.exit_code == 2 and "not a database" in res.stderr and "Traceback" not in res.output
 
 
 WORDS = ["init", "people", "show", "remove", "rename", "stats", "check", "enroll", "search", "verify",
@@ -100,7 +100,8 @@ FUZZ_INPUTS = 250
 def test_fuzz_cli_arguments(db, args):
     before = snapshot(db)
     res = runner.invoke(app, ["--db", str(db), *args])
-    # typer/click usage errors exit 2, facedb's own errors 1, verify's "no" 2; never an uncaught exception
+    # usage errors and facedb's own errors exit 2, a negative answer (verify: no; check: problems) 1; never an
+    # uncaught exception
     assert res.exit_code in (0, 1, 2), (args, res.output)
     assert res.exception is None or isinstance(res.exception, SystemExit), (args, repr(res.exception))
     if res.exit_code != 0 and args[:1] not in (["rename"], ["remove"], ["add-person"], ["enroll"]):

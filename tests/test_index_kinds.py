@@ -35,7 +35,7 @@ def exact_person_scores(items, q):
 def test_scores_are_exact_and_identities_found(tmp_path, data, kind):
     items, probes = data
     with FaceDB.create(tmp_path / "db", model_id="m", dim=DIM, threshold=0.5) as db:
-        db.add_embeddings_many(items)
+        db.add_templates_many(items)
         info = db.reindex(kind, {"nprobe": 8} if kind.startswith("ivf") else {})
         assert info["built"] == kind and info["indexed"] == 1200
         answers = db.identify(probes, k=3)
@@ -56,7 +56,7 @@ def test_removal_for_every_kind_survives_save_and_reload(tmp_path, data, kind):
     items, probes = data
     root = tmp_path / "db"
     with FaceDB.create(root, model_id="m", dim=DIM, threshold=0.5) as db:
-        db.add_embeddings_many(items)
+        db.add_templates_many(items)
         db.reindex(kind)
         for i in range(10):
             db.remove_person(f"p{i:03d}")
@@ -76,24 +76,24 @@ def test_hnsw_tombstones_never_reach_disk_and_trigger_compaction(tmp_path, data)
     items, probes = data
     root = tmp_path / "db"
     with FaceDB.create(root, model_id="m", dim=DIM, threshold=0.5, index="hnsw") as db:
-        db.add_embeddings_many(items)
+        db.add_templates_many(items)
         db.identify(probes[0])
         db.remove_person("p000")
-        assert db._gallery.dead() == 3  # tombstones in memory
+        assert db.index_state().tombstones == 3  # tombstones in memory
         db.save_index()  # writes a compacted graph
-        assert db._gallery.dead() == 0 and len(db._gallery.index) == 1197
+        assert db.index_state().tombstones == 0 and db.index_state().entries == 1197
         for i in range(1, 60):  # 177 more tombstones: past 10% of the index, the graph is rebuilt
             db.remove_person(f"p{i:03d}")
         db.identify(probes[100])
-        index_size = len(db._gallery.index)
-        assert index_size < 1197 and db._gallery.dead() <= 0.1 * index_size
-        assert index_size - db._gallery.dead() == 1200 - 3 * 60
+        index_size = db.index_state().entries
+        assert index_size < 1197 and db.index_state().tombstones <= 0.1 * index_size
+        assert index_size - db.index_state().tombstones == 1200 - 3 * 60
 
 
 def test_auto_picks_flat_for_small_galleries_and_says_so(tmp_path, data):
     items, _ = data
     with FaceDB.create(tmp_path / "db", model_id="m", dim=DIM, threshold=0.5, index="auto") as db:
-        db.add_embeddings_many(items)
+        db.add_templates_many(items)
         db.save_index()
         stats = db.stats()
         assert stats["index_kind"] == "auto" and stats["index_built"] == "flat"
@@ -102,12 +102,12 @@ def test_auto_picks_flat_for_small_galleries_and_says_so(tmp_path, data):
 def test_ivf_records_its_training_size_and_is_retrained_when_outgrown(tmp_path, data):
     items, probes = data
     with FaceDB.create(tmp_path / "db", model_id="m", dim=DIM, threshold=0.5, index="ivf") as db:
-        db.add_embeddings_many(items[:50])
+        db.add_templates_many(items[:50])
         db.identify(probes[0])
-        assert db._gallery.index.params["trained_on"] == 150
-        db.add_embeddings_many(items[50:])  # 1200 > 4 x max(150, 256): retrained on the next search
+        assert db.index_state().params["trained_on"] == 150
+        db.add_templates_many(items[50:])  # 1200 > 4 x max(150, 256): retrained on the next search
         db.identify(probes[0])
-        assert db._gallery.index.params["trained_on"] == 1200
+        assert db.index_state().params["trained_on"] == 1200
 
 
 def test_unknown_kind_is_refused(tmp_path):
@@ -120,7 +120,7 @@ def test_unknown_kind_is_refused(tmp_path):
 def test_flat_gemm_batch_path_equals_faiss_single_path(tmp_path, data):
     items, probes = data
     with FaceDB.create(tmp_path / "db", model_id="m", dim=DIM, threshold=0.5) as db:
-        db.add_embeddings_many(items)
+        db.add_templates_many(items)
         batch = db.identify(probes[:40], k=4)  # >= GEMM_MIN_BATCH: numpy GEMM
         singles = [db.identify(q, k=4) for q in probes[:40]]  # FAISS
         for a, b in zip(batch, singles):
@@ -133,7 +133,7 @@ def test_large_batches_are_rescored_in_chunks_with_the_same_answers(tmp_path, da
     items, probes = data
     many = np.concatenate([probes, probes, probes])  # 360 probes: more than one rescoring chunk
     with FaceDB.create(tmp_path / "db", model_id="m", dim=DIM, threshold=0.5, index="ivf") as db:
-        db.add_embeddings_many(items)
+        db.add_templates_many(items)
         one_by_one = [db.identify(q, k=3) for q in probes]
         batched = db.identify(many, k=3)
     assert len(batched) == 360
@@ -149,15 +149,15 @@ def test_rescoring_vectors_from_the_index_are_the_stored_ones_bit_for_bit(tmp_pa
     items, _ = data
     root = tmp_path / "db"
     with FaceDB.create(root, model_id="m", dim=DIM, threshold=0.5, index=kind) as db:
-        db.add_embeddings_many(items[:100])
+        db.add_templates_many(items[:100])
         db.remove_person("p003")
         db.identify(items[0][1][0])  # builds and catches the index up
         db.save_index()
     with FaceDB.open(root) as db:
         db.identify(items[0][1][0])
-        gallery = db._gallery
+        gallery = db.keeper.gallery
         ids, _, vectors = db.store.templates(range(1, 400))
-        assert db._from_file and len(ids) == 297
+        assert db.index_state().from_file and len(ids) == 297
         held = gallery.index.exact_vectors(ids)
         assert held is not None and held.tobytes() == vectors.tobytes()
         pids, tids = gallery.person_templates([1, 5, 5, 4])  # person 4 (p003) is gone
@@ -167,6 +167,6 @@ def test_rescoring_vectors_from_the_index_are_the_stored_ones_bit_for_bit(tmp_pa
 def test_compressed_kinds_leave_exact_vectors_to_the_store(tmp_path, data):
     items, _ = data
     with FaceDB.create(tmp_path / "db", model_id="m", dim=DIM, threshold=0.5, index="ivfpq") as db:
-        db.add_embeddings_many(items[:50])
+        db.add_templates_many(items[:50])
         db.identify(items[0][1][0])
-        assert db._gallery.index.exact_vectors(np.array([1, 2])) is None
+        assert db.keeper.gallery.index.exact_vectors(np.array([1, 2])) is None

@@ -1,13 +1,18 @@
 """Face embedding models behind one small protocol, and the registry of known models.
 
-Importing this module is cheap: torch and dlib are imported only when a model is loaded.
-Each model's default threshold lives here, in one unit (cosine similarity of unit vectors), with where it
-came from. ``facedb calibrate`` replaces it per database with one measured for your target error rate.
+Importing this module is cheap: torch and dlib are imported only when a model is loaded. Each model is
+registered once (:func:`register`) with its spec (id, dimension, default threshold in one unit, the cosine
+similarity of unit vectors, and where that threshold came from) and a loader; adding a model is one
+``register`` call. :func:`resolve_model` is the one place that turns what a user asked for (a model id, a
+weights file, a dimension) into a spec. ``facedb calibrate`` replaces the default threshold per database with
+one measured for your target error rate.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -24,36 +29,13 @@ class ModelSpec:
     threshold_source: str
     flip_threshold: float | None = None  # the same, for embeddings with flip test-time augmentation
     flip_threshold_source: str = ""
+    needs_weights: bool = False  # a weights file must be found (FaceNet) before a database can use it
 
     def default_threshold(self, flip: bool) -> tuple[float, str]:
         """(threshold, where it came from) for embeddings made with or without flip augmentation."""
         if flip and self.flip_threshold is not None:
             return self.flip_threshold, self.flip_threshold_source
         return self.threshold, self.threshold_source
-
-
-MODELS: dict[str, ModelSpec] = {
-    # Calibrated here for FAR 1e-3 (1:1) on 1.99M impostor pairs of LFW's peopleDevTrain.txt people, through
-    # facedb's own pipeline (MTCNN, dlib 5-point chip); on the disjoint peopleDevTest people it gave FAR 9.0e-4
-    # and TAR 93.0% (`python scripts/accuracy_report.py`). With flip augmentation, as new databases embed:
-    # 0.929, FAR 8.6e-4 and TAR 94.7% there (`... --flip`). See README "Accuracy".
-    "dlib-resnet": ModelSpec(
-        "dlib-resnet", 128, 0.926, "calibrated: FAR 1e-3 (1:1) on LFW peopleDevTrain, MTCNN + dlib chip",
-        0.929, "calibrated: FAR 1e-3 (1:1) on LFW peopleDevTrain, MTCNN + dlib chip, flip",
-    ),
-    # The FaceNet weights cannot be downloaded where facedb's numbers were measured, so these two are not
-    # measured by us: 0.40 = squared L2 1.20, near the best LFW threshold reported for Sandberg's 20180402
-    # model in his validate_on_lfw runs. Calibrate (`facedb calibrate`) before relying on it.
-    "facenet-vggface2": ModelSpec(
-        "facenet-vggface2", 512, 0.40, "provisional: squared-L2 1.2 from Sandberg's LFW validation; not calibrated"
-    ),
-    "facenet-casia": ModelSpec(
-        "facenet-casia", 512, 0.40, "provisional: squared-L2 1.2 from Sandberg's LFW validation; not calibrated"
-    ),
-}
-
-DEFAULT_MODEL = "facenet-vggface2"
-OFFLINE_MODEL = "dlib-resnet"
 
 
 class Embedder(Protocol):
@@ -74,6 +56,42 @@ class Embedder(Protocol):
     def embed(self, crops: list[np.ndarray]) -> np.ndarray: ...
 
 
+Loader = Callable[[str, "Path | None", str], Embedder]  # (model id, weights file, device) -> Embedder
+
+
+@dataclass(frozen=True)
+class _Family:
+    """Model ids sharing a prefix (``facenet-custom-<hash>``): the spec is made per id."""
+
+    prefix: str
+    spec: Callable[[str, int | None], ModelSpec]
+    loader: Loader = field(compare=False)
+
+
+MODELS: dict[str, ModelSpec] = {}
+_LOADERS: dict[str, Loader] = {}
+_FAMILIES: list[_Family] = []
+
+
+def register(spec: ModelSpec, loader: Loader) -> None:
+    """Make a model known by id: ``facedb init --model ID`` then works, and so does enrolment from photos."""
+    MODELS[spec.id] = spec
+    _LOADERS[spec.id] = loader
+
+
+def register_family(prefix: str, spec: Callable[[str, int | None], ModelSpec], loader: Loader) -> None:
+    """Make every model id starting with ``prefix`` known (ids derived from a weights file's hash)."""
+    _FAMILIES.append(_Family(prefix, spec, loader))
+
+
+def _family(model_id: str) -> _Family | None:
+    return next((f for f in _FAMILIES if model_id.startswith(f.prefix)), None)
+
+
+DEFAULT_MODEL = "facenet-vggface2"
+OFFLINE_MODEL = "dlib-resnet"
+
+
 def spec_for(model_id: str, dim: int | None = None) -> ModelSpec:
     """The spec of a known model, or of your own model id when ``dim`` is given (threshold 0.5, uncalibrated)."""
     if model_id in MODELS:
@@ -81,20 +99,53 @@ def spec_for(model_id: str, dim: int | None = None) -> ModelSpec:
         if dim is not None and dim != spec.dim:
             raise InvalidInputError(f"{model_id} gives {spec.dim}-d vectors, not {dim}-d")
         return spec
-    if model_id.startswith("facenet-custom-"):
-        return ModelSpec(model_id, dim or 512, 0.40, "provisional: FaceNet default; calibrate")
+    if (family := _family(model_id)) is not None:
+        return family.spec(model_id, dim)
     if dim is None:
         raise InvalidInputError(
             f"unknown model {model_id!r}: use one of {', '.join(MODELS)}, or give --dim for your own vectors"
         )
+    if int(dim) < 1:
+        raise InvalidInputError("dim must be positive")
     return ModelSpec(model_id, int(dim), 0.5, "uncalibrated: your own model; run `facedb calibrate`")
 
 
-def single_threaded() -> None:
-    """Limit this process's torch to one thread (for worker processes that share the cores with others)."""
-    import torch
+def load_embedder(model_id: str, *, weights: Path | None = None, device: str = "cpu") -> Embedder:
+    """Load a model by id. ``weights`` (FaceNet only) is an explicit weights file."""
+    configure_threads()
+    loader = _LOADERS.get(model_id) or ((f := _family(model_id)) and f.loader)
+    if not loader:
+        raise ModelUnavailableError(f"facedb cannot compute {model_id!r} embeddings itself; add vectors through "
+                                    "the API")
+    return loader(model_id, weights, device)
 
-    torch.set_num_threads(1)
+
+def resolve_model(model_id: str | None, *, weights: Path | None = None, dim: int | None = None,
+                  check_weights: bool = True) -> tuple[ModelSpec, str | None]:
+    """(spec, note for the user or None) for what was asked: a model id, a weights file, a dimension.
+
+    A weights file names the model: the published file keeps its id, any other gets
+    ``facenet-custom-<hash>`` with the dimension read from it. No model id: FaceNet-VGGFace2 when its weights
+    can be had, else dlib-resnet (the note says why). ``check_weights``: for a model that needs weights, fail
+    now (ModelUnavailableError saying where to put the file) rather than leave a database that can neither
+    enrol nor search.
+    """
+    note = None
+    if weights is not None and (model_id is None or model_id.startswith("facenet")):
+        from .facenet import embedding_dim, model_id_for
+        from .weights import resolve_weights
+
+        model_id = model_id_for(resolve_weights("facenet-vggface2", explicit=weights), model_id or DEFAULT_MODEL)
+        if model_id.startswith("facenet-custom-"):
+            dim = embedding_dim(weights)
+    if model_id is None:
+        model_id, note = choose_default_model(weights)
+    spec = spec_for(model_id, dim)
+    if check_weights and spec.needs_weights and weights is None:
+        from .weights import resolve_weights
+
+        resolve_weights(spec.id)  # raises with the message that says where to put the file
+    return spec, note
 
 
 def choose_default_model(weights: Path | None = None) -> tuple[str, str | None]:
@@ -125,14 +176,69 @@ def _dlib_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("dlib", "face_recognition_models"))
 
 
-def load_embedder(model_id: str, *, weights: Path | None = None, device: str = "cpu") -> Embedder:
-    """Load a model by id. ``weights`` (FaceNet only) is an explicit weights file."""
-    if model_id == "dlib-resnet":
-        from .dlib_resnet import DlibResNet
+#: torch's intra-op threads for detection and FaceNet: ``FACEDB_THREADS``, else this. torch's own default (one
+#: per core) lets MTCNN's many small operations thrash when other processes share the cores: measured on a
+#: busy 2-core machine, 1.0-4.6 s a photo against 0.2-0.3 s with one thread; on an idle one, see README
+#: "Performance" for one thread against all cores.
+DEFAULT_THREADS = 1
 
-        return DlibResNet()
-    if model_id in ("facenet-vggface2", "facenet-casia") or model_id.startswith("facenet-custom-"):
-        from .facenet import FaceNet
 
-        return FaceNet.load(model_id, weights=weights, device=device)
-    raise ModelUnavailableError(f"facedb cannot compute {model_id!r} embeddings itself; add vectors through the API")
+def configure_threads() -> int:
+    """Set torch's thread count from ``FACEDB_THREADS`` (default :data:`DEFAULT_THREADS`; 0 = torch's own
+    default of one per core) if torch is installed; returns the count in force (0 = untouched)."""
+    raw = os.environ.get("FACEDB_THREADS", "").strip()
+    try:
+        n = int(raw) if raw else DEFAULT_THREADS
+    except ValueError:
+        raise InvalidInputError(f"FACEDB_THREADS must be a whole number, got {raw!r}") from None
+    if n < 0:
+        raise InvalidInputError("FACEDB_THREADS must be >= 0")
+    if n:
+        try:
+            import torch
+        except ImportError:
+            return 0
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+    return n
+
+
+def single_threaded() -> None:
+    """Limit this process's torch to one thread (for worker processes that share the cores with others)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------------------------------ the known models
+def _load_dlib(model_id: str, weights: Path | None, device: str) -> Embedder:
+    from .dlib_resnet import DlibResNet
+
+    return DlibResNet()
+
+
+def _load_facenet(model_id: str, weights: Path | None, device: str) -> Embedder:
+    from .facenet import FaceNet
+
+    return FaceNet.load(model_id, weights=weights, device=device)
+
+
+# Calibrated here for FAR 1e-3 (1:1) on 1.99M impostor pairs of LFW's peopleDevTrain.txt people, through
+# facedb's own pipeline (MTCNN, dlib 5-point chip); on the disjoint peopleDevTest people it gave FAR 9.0e-4
+# and TAR 93.0% (`python scripts/accuracy_report.py`). With flip augmentation, as new databases embed:
+# 0.929, FAR 8.6e-4 and TAR 94.7% there (`... --flip`). See README "Accuracy".
+register(ModelSpec(
+    "dlib-resnet", 128, 0.926, "calibrated: FAR 1e-3 (1:1) on LFW peopleDevTrain, MTCNN + dlib chip",
+    0.929, "calibrated: FAR 1e-3 (1:1) on LFW peopleDevTrain, MTCNN + dlib chip, flip",
+), _load_dlib)
+# The FaceNet weights cannot be downloaded where facedb's numbers were measured, so these two are not
+# measured by us: 0.40 = squared L2 1.20, near the best LFW threshold reported for Sandberg's 20180402
+# model in his validate_on_lfw runs. Calibrate (`facedb calibrate`) before relying on it.
+for _id in ("facenet-vggface2", "facenet-casia"):
+    register(ModelSpec(_id, 512, 0.40, "provisional: squared-L2 1.2 from Sandberg's LFW validation; not calibrated",
+                       needs_weights=True), _load_facenet)
+register_family(
+    "facenet-custom-",
+    lambda model_id, dim: ModelSpec(model_id, dim or 512, 0.40, "provisional: FaceNet default; calibrate"),
+    _load_facenet,
+)

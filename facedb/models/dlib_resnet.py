@@ -49,7 +49,7 @@ class DlibResNet:
         self._lock = threading.Lock()
 
     def align(self, image: np.ndarray, face: object) -> np.ndarray:
-        x1, y1, x2, y2 = face.box  # type: ignore[attr-defined]
+        x1, y1, x2, y2 = face.align_box  # type: ignore[attr-defined]
         rect = self._dlib.rectangle(int(round(x1)), int(round(y1)), int(round(x2)), int(round(y2)))
         shape = self._shape(image, rect)
         return np.asarray(self._dlib.get_face_chip(image, shape, size=CHIP_SIZE, padding=CHIP_PADDING))

@@ -57,16 +57,31 @@ def model_id_for(weights: Path, requested: str) -> str:
 
 def embedding_dim(weights: Path) -> int:
     """The embedding size of an InceptionResnetV1 state dict (512 for the published weights)."""
+
+    state = read_state_dict(weights)
+    if "last_bn.weight" not in state:
+        raise ModelUnavailableError(f"{weights} is not a FaceNet (InceptionResnetV1) state dict")
+    return int(state["last_bn.weight"].shape[0])
+
+
+def read_state_dict(path: Path) -> dict[str, object]:
+    """The tensors of a FaceNet weights file, read without running any code from it (``weights_only``).
+
+    Anything else (a pickled model object, a checkpoint with code, not a torch file at all) is refused with
+    ModelUnavailableError; torch's own message is not passed on, because it suggests loading unsafely."""
     import torch
 
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelUnavailableError(f"cannot read FaceNet weights {weights}: {exc}") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else {}
-    if "last_bn.weight" not in state:
-        raise ModelUnavailableError(f"{weights} is not an InceptionResnetV1 state dict")
-    return int(state["last_bn.weight"].shape[0])
+        raise ModelUnavailableError(
+            f"{path} is not a FaceNet state dict that can be read safely ({type(exc).__name__}): give the "
+            "weights as a state dict (a mapping of parameter names to tensors, as published)") from None
+    if isinstance(state, dict) and "state_dict" in state:  # facedb training checkpoints
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ModelUnavailableError(f"{path} is not a FaceNet state dict (a mapping of parameter names to tensors)")
+    return state
 
 
 class FaceNet:
@@ -97,13 +112,7 @@ class FaceNet:
         actual = model_id_for(path, requested) if weights is not None else model_id
         if model_id.startswith("facenet-custom-") and actual != model_id:
             raise ModelMismatchError(f"{path} is {actual}, not {model_id}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ModelUnavailableError(f"cannot read FaceNet weights {path}: {exc}") from None
-        if isinstance(state, dict) and "state_dict" in state:  # facedb training checkpoints
-            state = state["state_dict"]
-        state = {k: v for k, v in state.items() if not k.startswith("logits.")}
+        state = {k: v for k, v in read_state_dict(path).items() if not k.startswith("logits.")}
         net = InceptionResnetV1(pretrained=None, classify=False)
         embedding_size = state.get("last_linear.weight")
         if embedding_size is not None and embedding_size.shape[0] != 512:
@@ -112,7 +121,8 @@ class FaceNet:
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise ModelUnavailableError(f"{path} is not an InceptionResnetV1 state dict: {str(exc)[:200]}") from None
+            raise ModelUnavailableError(f"{path} is not a FaceNet (InceptionResnetV1) state dict: "
+                                        f"{str(exc).splitlines()[0][:200]}") from None
         net.eval().to(device)
         if device == "cpu":
             net = net.to(memory_format=torch.channels_last)
@@ -121,7 +131,7 @@ class FaceNet:
         return emb
 
     def align(self, image: np.ndarray, face: object) -> np.ndarray:
-        return crop_face(image, face.box)  # type: ignore[attr-defined]
+        return crop_face(image, face.align_box)  # type: ignore[attr-defined]
 
     def embed(self, crops: list[np.ndarray]) -> np.ndarray:
         """(n, 160, 160, 3) uint8 crops -> (n, dim) float32 unit rows."""

@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import ModelUnavailableError
+from ..fsio import write_atomic
 
 RELEASE_URL = "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/"
 
@@ -58,11 +59,10 @@ def sha256_file(path: Path) -> str:
 
 def download(url: str, dest: Path, sha256: str, *, timeout: float = 30.0, progress: bool = True) -> Path:
     """Download ``url`` to ``dest`` if its SHA-256 is ``sha256``; atomic, no partial file on any failure."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    h = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+
+    def fetch(out: BinaryIO) -> None:
+        h = hashlib.sha256()
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
             bar = None
             if progress:
@@ -78,20 +78,16 @@ def download(url: str, dest: Path, sha256: str, *, timeout: float = 30.0, progre
                     bar.update(len(chunk))
             if bar is not None:
                 bar.close()
-            if total is not None and got != total:
-                raise ModelUnavailableError(f"download of {url} broke off after {got} of {total} bytes")
-            out.flush()
-            os.fsync(out.fileno())
+        if total is not None and got != total:
+            raise ModelUnavailableError(f"download of {url} broke off after {got} of {total} bytes")
         if h.hexdigest() != sha256:
-            raise ModelUnavailableError(
-                f"download of {url} has SHA-256 {h.hexdigest()}, expected {sha256}; not used"
-            )
-        os.replace(tmp, dest)
+            raise ModelUnavailableError(f"download of {url} has SHA-256 {h.hexdigest()}, expected {sha256}; not used")
+
+    try:
+        write_atomic(dest, fetch)
         return dest
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         raise ModelUnavailableError(f"cannot download {url}: {getattr(exc, 'reason', exc)}") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def resolve_weights(

@@ -5,15 +5,13 @@ small random crops."""
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import FaceDBError
-from ..images import load_photo
+from ..fsio import write_atomic
 from ..models.facenet import IMAGE_SIZE, crop_face
 
 
@@ -24,8 +22,8 @@ def prepare_crops(folder: Path, cache: Path | None = None, progress: Callable[[i
     The face is the one nearest the photo's centre; photos without one are skipped. With ``cache`` (an .npz
     path) the result is saved once and reused (loaded without pickle).
     """
-    from ..evaluate import central_face, labelled_folder
-    from ..pipeline import DetectorSettings, _detector
+    from ..evaluate import labelled_folder
+    from ..pipeline import FaceChoice, Prepared, get_detector, prepare
 
     if cache is not None and cache.is_file():
         with np.load(cache, allow_pickle=False) as z:
@@ -34,31 +32,25 @@ def prepare_crops(folder: Path, cache: Path | None = None, progress: Callable[[i
     counts: dict[str, int] = {}
     for lab in labels:
         counts[lab] = counts.get(lab, 0) + 1
-    detector = _detector(DetectorSettings())
+    detector = get_detector()
     names = sorted(n for n, c in counts.items() if c >= min_photos)
     index = {n: i for i, n in enumerate(names)}
     crops, ys = [], []
-    for i, (path, lab) in enumerate(zip(paths, labels)):
-        if lab in index:
-            try:
-                photo = load_photo(path)
-            except FaceDBError:
-                continue
-            face = central_face(detector.detect(photo.pixels), photo.width, photo.height)
-            if face is not None:
-                crops.append(crop_face(photo.pixels, face.box))
-                ys.append(index[lab])
+    wanted = [(lab, path) for path, lab in zip(paths, labels) if lab in index]
+    for start in range(0, len(wanted), 32):
+        # the same decode / detect / choose path as enrolment, with the face nearest the centre
+        for outcome in prepare(detector, lambda px, face: crop_face(px, face.align_box), wanted[start:start + 32],
+                               FaceChoice.CENTRAL):
+            if isinstance(outcome, Prepared):
+                crops.append(outcome.crop)
+                ys.append(index[outcome.key])
         if progress is not None:
-            progress(i + 1)
+            progress(min(start + 32, len(wanted)))
     if not crops:
         raise FaceDBError(f"no faces found under {folder}")
     out = (np.stack(crops), np.array(ys, dtype=np.int64), names)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npz")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, crops=out[0], labels=out[1], names=np.array(names))
-        os.replace(tmp, cache)
+        write_atomic(cache, lambda f: np.savez(f, crops=out[0], labels=out[1], names=np.array(names)))
     return out
 
 

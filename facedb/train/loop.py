@@ -8,8 +8,6 @@ The network, optimiser and data are parameters, so a small network can exercise 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import FaceDBError
+from ..fsio import write_atomic
 from .data import augment, pk_batches
 from .mining import triplet_loss
 
@@ -105,14 +104,7 @@ def pair_accuracy(emb: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def train(

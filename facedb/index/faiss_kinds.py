@@ -1,9 +1,8 @@
-"""Vector indexes: the only module that imports faiss.
+"""The FAISS index backend: the only module that imports faiss.
 
-An index is a cache derived from the store: keyed by template id, searched by inner product on unit vectors
-(= cosine similarity), rebuildable from SQLite at any time. Files are written atomically (temporary file,
-fsync, rename) and identified by their SHA-256, which the store records: a file whose hash does not match is
-never handed to ``faiss.deserialize_index`` (FAISS can crash on crafted input).
+The index persists as one file, ``index.faiss`` in the database directory, written atomically
+(``fsio.write_atomic``) and identified by its SHA-256, which the store records in the index stamp: a file whose
+hash does not match is never handed to FAISS's reader (FAISS can crash on crafted input).
 
 Kinds (``facedb init --index`` / ``facedb reindex --index``):
 
@@ -21,7 +20,7 @@ The query engine re-scores every candidate person exactly, from all of their sto
 ``flat``, so an approximate index can miss a person but never changes a score. Kinds that hold the float32
 vectors (hnsw, ivf) hand them back by id (``exact_vectors``); for the others they are read from the store.
 HNSW cannot remove vectors: removed ids stay in the graph as tombstones, filtered out (they map to no person),
-and the index is rebuilt when they pass ``TOMBSTONE_LIMIT`` of it.
+and the keeper rebuilds the index when they pass ``keeper.TOMBSTONE_LIMIT`` of it.
 """
 
 from __future__ import annotations
@@ -29,52 +28,23 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import faiss
 import numpy as np
 
-_OMP_THREADS = faiss.omp_get_max_threads()
+from ..fsio import write_atomic
+from . import IndexPlace, VectorIndex
 
-#: Share of an index's entries that may be tombstones (removed, not yet dropped) before it is rebuilt.
-TOMBSTONE_LIMIT = 0.10
+#: The file the FAISS backend keeps in a database directory.
+INDEX_FILE = "index.faiss"
+
+_OMP_THREADS = faiss.omp_get_max_threads()
 
 #: A flat index answers batches of at least this many probes with numpy's GEMM (its OpenBLAS is faster than
 #: the one bundled with faiss-cpu; measured in scripts/bench_search.py).
 GEMM_MIN_BATCH = 16
-
-
-class VectorIndex(Protocol):
-    """What the query engine needs from an index. Scores are cosine similarities, higher is closer."""
-
-    kind: str
-    dim: int
-    exact: bool  # scores are exact and nothing is missed
-    keeps_vectors: bool  # holds the float32 vectors themselves, bit for bit (see exact_vectors)
-    params: dict[str, Any]
-
-    def __len__(self) -> int: ...
-
-    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None: ...
-
-    def remove(self, ids: np.ndarray) -> None: ...
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(similarities, ids), each (m, k'), best first, k' = min(k, len(self)); -1 ids are padding."""
-        ...
-
-    def ids(self) -> np.ndarray:
-        """Every template id held (tombstones included), as int64."""
-        ...
-
-    def exact_vectors(self, ids: np.ndarray) -> np.ndarray | None:
-        """The stored float32 vectors of live ``ids`` (``(len(ids), dim)``), bit for bit as added; None unless
-        ``keeps_vectors`` (the index holds only approximations: the caller reads the store)."""
-        ...
-
-    def to_bytes(self) -> bytes: ...
 
 
 class _Faiss:
@@ -119,6 +89,33 @@ class _Faiss:
             m = len(queries)
             return np.zeros((m, 0), dtype=np.float32), np.zeros((m, 0), dtype=np.int64)
         return self._search(queries, k)
+
+    def range_search(self, queries: np.ndarray, min_similarity: float) -> list[tuple[np.ndarray, np.ndarray]]:
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if not len(self):
+            return [(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)) for _ in q]
+        # FAISS keeps inner products strictly above the radius: step just below the threshold.
+        radius = float(np.nextafter(np.float32(min_similarity), np.float32(-np.inf)))
+        try:
+            lims, sims, ids = self._index.range_search(q, radius)
+        except RuntimeError:  # kinds without a range search (fast-scan PQ): widen a k-NN search instead
+            return [self._range_by_knn(row[None, :], min_similarity) for row in q]
+        out = []
+        for i in range(len(q)):
+            s, d = sims[lims[i]:lims[i + 1]], ids[lims[i]:lims[i + 1]].astype(np.int64)
+            keep = s >= min_similarity
+            order = np.argsort(-s[keep], kind="stable")
+            out.append((d[keep][order], s[keep][order]))
+        return out
+
+    def _range_by_knn(self, q: np.ndarray, min_similarity: float) -> tuple[np.ndarray, np.ndarray]:
+        k = 64
+        while True:
+            sims, ids = self.search(q, k)
+            if sims.shape[1] < k or (sims.shape[1] and sims[0, -1] < min_similarity):
+                keep = (sims[0] >= min_similarity) & (ids[0] >= 0)
+                return ids[0][keep].astype(np.int64), sims[0][keep]
+            k *= 4
 
     def ids(self) -> np.ndarray:
         return faiss.vector_to_array(self._index.id_map).astype(np.int64)
@@ -207,10 +204,10 @@ class HNSWIndex(_Faiss):
 
 def _nlist_for(n: int) -> int:
     """About 4 sqrt(n) lists (a power of two): 4,096 at 1M templates; at most n / 39 (FAISS's k-means wants 39
-    training points per centroid), at least 16."""
+    training points per centroid), at least 1."""
     lists = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(max(n, 1)))))
     cap = 2 ** math.floor(math.log2(max(1.0, n / 39)))
-    return int(min(65536, max(16, min(lists, cap))))
+    return int(min(65536, max(1, min(lists, cap))))
 
 
 class IVFIndex(_Faiss):
@@ -241,15 +238,17 @@ class IVFIndex(_Faiss):
 
     def _train(self, train: np.ndarray | None) -> None:
         n = 0 if train is None else len(train)
-        need = max(int(self.params["nlist"]), 2 ** int(self.params.get("pq_nbits", 0)))
+        # FAISS's k-means wants 39 points per centroid (coarse lists, and 2**nbits PQ centroids per sub-space)
+        need = 39 * max(int(self.params["nlist"]), 2 ** int(self.params.get("pq_nbits", 0)))
         sample = train if train is not None else np.zeros((0, self.dim), dtype=np.float32)
         if n < need:
-            # Too few vectors to train on (a new or tiny gallery): pad with random directions; the index is
-            # retrained once the gallery outgrows this (see trained_on).
+            # Too few vectors to train on (a new or tiny gallery, or more lists asked for than the gallery can
+            # fill): pad with random directions, so FAISS has what it needs and prints no warning; the index
+            # is retrained once the gallery outgrows this (see trained_on).
             pad = np.random.default_rng(0).standard_normal((need - n, self.dim))
             pad = (pad / np.linalg.norm(pad, axis=1, keepdims=True)).astype(np.float32)
             sample = np.concatenate([sample, pad])
-        cap = 40 * int(self.params["nlist"])  # FAISS wants >= 39 points per centroid; more only costs time
+        cap = max(40 * int(self.params["nlist"]), need)  # FAISS wants >= 39 points per centroid; more costs time
         if len(sample) > cap:
             sample = train[np.random.default_rng(0).choice(len(train), cap, replace=False)]
         self._index.train(np.ascontiguousarray(sample, dtype=np.float32))
@@ -299,23 +298,6 @@ INDEX_KINDS: dict[str, type[_Faiss]] = {
 TRAINED_KINDS = ("ivf", "ivfpq")
 
 
-def auto_kind(n: int, dim: int) -> str:
-    """The index kind ``auto`` picks for ``n`` templates: exact below 50,000; IVF (exact scores, removable,
-    identity found for 100% of probes at 1M in our measurements) above; IVF-PQ when float32 vectors would
-    take more than 8 GiB."""
-    if n < 50_000:
-        return "flat"
-    if n * dim * 4 > 8 * 2**30:
-        return "ivfpq"
-    return "ivf"
-
-
-def check_kind(kind: str) -> None:
-    """ValueError unless ``kind`` is an index kind (or auto)."""
-    if kind != "auto" and kind not in INDEX_KINDS:
-        raise ValueError(f"unknown index kind {kind!r}; known: {', '.join(INDEX_KINDS)}, auto")
-
-
 def new_index(kind: str, dim: int, params: dict[str, Any] | None = None,
               train: np.ndarray | None = None) -> VectorIndex:
     try:
@@ -326,34 +308,6 @@ def new_index(kind: str, dim: int, params: dict[str, Any] | None = None,
     if issubclass(cls, IVFIndex):
         return cls.new(dim, params, train)
     return cls.new(dim, params)  # type: ignore[attr-defined,no-any-return]
-
-
-def write_atomic(path: Path, data: bytes) -> str:
-    """Write ``data`` to ``path`` atomically (readers see the old file or the new one, never a mix).
-
-    Returns the SHA-256 of what was written. The file is created 0600.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return hashlib.sha256(data).hexdigest()
-
-
-def save_index(index: VectorIndex, path: Path) -> str:
-    """Save ``index`` atomically; returns the file's SHA-256 for the store's stamp."""
-    return write_atomic(path, index.to_bytes())
 
 
 def load_index(path: Path, kind: str, dim: int, sha256: str, params: dict[str, Any] | None = None
@@ -390,3 +344,50 @@ def load_index(path: Path, kind: str, dim: int, sha256: str, params: dict[str, A
     index = INDEX_KINDS[kind](dim, raw, dict(params or {}))
     index.configure()
     return index
+
+
+class FaissBackend:
+    """The FAISS kinds, persisted as ``index.faiss`` beside the store."""
+
+    name = "faiss"
+    kinds = tuple(INDEX_KINDS)
+    write_through = False
+
+    @staticmethod
+    def path(place: IndexPlace) -> Path:
+        return place.root / INDEX_FILE
+
+    def new(self, kind: str, dim: int, params: dict[str, Any], train: np.ndarray | None,
+            place: IndexPlace) -> VectorIndex:
+        return new_index(kind, dim, params, train)
+
+    def load(self, place: IndexPlace, stamp: dict[str, Any], dim: int) -> VectorIndex | None:
+        return load_index(self.path(place), str(stamp.get("kind")), dim, str(stamp.get("sha256", "")),
+                          stamp.get("params"))
+
+    def save(self, index: VectorIndex, place: IndexPlace) -> dict[str, Any]:
+        assert isinstance(index, _Faiss)
+        return {"sha256": write_atomic(self.path(place), index.to_bytes())}
+
+    def verify(self, place: IndexPlace, stamp: dict[str, Any], dim: int) -> bool:
+        return _sha256_of(self.path(place)) == stamp.get("sha256")
+
+    def persisted_bytes(self, place: IndexPlace) -> int:
+        try:
+            return self.path(place).stat().st_size
+        except OSError:
+            return 0
+
+    def discard(self, place: IndexPlace) -> None:
+        self.path(place).unlink(missing_ok=True)
+
+
+def _sha256_of(path: Path) -> str | None:
+    try:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        return h.hexdigest()
+    except OSError:
+        return None

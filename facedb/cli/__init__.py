@@ -1,0 +1,225 @@
+"""The ``facedb`` command line: a thin layer where each command calls one FaceDB method.
+
+Output is a readable table by default; ``--json`` prints one JSON object per line. ``--db`` and ``--json`` are
+accepted before or after the command's name. Errors print one line on stderr, with no traceback (and no
+locals: probes are biometric data).
+
+Exit status: **0** success (or "yes"), **1** a negative answer (``verify``: the claim is rejected; ``check``:
+problems found; ``search``: some photo could not be searched), **2** an error (bad input or usage, missing
+database, unreadable photo...), 130 interrupted. The same convention as ``grep``.
+
+Heavy modules (faiss, torch) are imported inside commands so that ``facedb --help`` is instant. Commands live
+in one module per area (people, photos, admin, evaluation); a new interface area adds a module and imports it
+at the bottom of this file.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+
+from ..errors import FaceDBError, InvalidInputError
+
+if TYPE_CHECKING:
+    from ..db import FaceDB
+
+app = typer.Typer(
+    help="facedb: a face-recognition identity database. Scores are cosine similarities (higher = more alike). "
+         "Exit status: 0 ok / yes, 1 a negative answer (verify: no; check: problems), 2 an error.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Exit status of an error (FaceDBError, or a usage error from click).
+EXIT_ERROR = 2
+#: Exit status of a negative answer.
+EXIT_NO = 1
+
+
+class State:
+    def __init__(self, db: Path, json_out: bool, quiet: bool = False) -> None:
+        self.db = db
+        self.json = json_out
+        self.quiet = quiet
+
+
+@app.callback()
+def _main(
+    ctx: typer.Context,
+    db: Annotated[
+        Path, typer.Option("--db", envvar="FACEDB_DB", help="Database directory.", show_default=True)
+    ] = Path("facedb-data"),
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per line, for scripts.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress reports on stderr.")] = False,
+) -> None:
+    ctx.obj = State(db, json_out, quiet)
+
+
+# Options every command also accepts after its name (`facedb search x.jpg --json --db D`), as sqlite-utils
+# and llm users expect; given there, they override the ones before the command.
+_LOCAL = [
+    inspect.Parameter("_db_after", inspect.Parameter.KEYWORD_ONLY, default=None,
+                      annotation=Annotated[Path | None, typer.Option("--db", help="Database directory.",
+                                                                     show_default=False)]),
+    inspect.Parameter("_json_after", inspect.Parameter.KEYWORD_ONLY, default=False,
+                      annotation=Annotated[bool, typer.Option("--json", help="One JSON object per line.")]),
+    inspect.Parameter("_quiet_after", inspect.Parameter.KEYWORD_ONLY, default=False,
+                      annotation=Annotated[bool, typer.Option("--quiet", "-q", help="No progress reports.")]),
+]
+
+
+def command(*args: Any, group: typer.Typer | None = None, **kwargs: Any) -> Callable[[F], F]:
+    """``app.command`` (or ``group.command``) that accepts ``--db``/``--json``/``--quiet`` after the command's
+    name and turns FaceDBError into one line on stderr and exit status 2."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*a: Any, _db_after: Path | None = None, _json_after: bool = False, _quiet_after: bool = False,
+                    **kw: Any) -> Any:
+            ctx = kw.get("ctx") or next((x for x in a if isinstance(x, typer.Context)), None)
+            root = ctx.find_root() if ctx is not None else None
+            if root is not None and root.obj is not None:
+                if _db_after is not None:
+                    root.obj.db = _db_after
+                root.obj.json = root.obj.json or _json_after
+                root.obj.quiet = root.obj.quiet or _quiet_after
+            try:
+                return fn(*a, **kw)
+            except FaceDBError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(EXIT_ERROR) from None
+            except KeyboardInterrupt:
+                typer.echo("interrupted", err=True)
+                raise typer.Exit(130) from None
+
+        sig = inspect.signature(fn, eval_str=True)
+        wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *_LOCAL])  # type: ignore[attr-defined]
+        (group or app).command(*args, **kwargs)(wrapper)
+        return fn
+
+    return decorate
+
+
+def state(ctx: typer.Context) -> State:
+    return ctx.find_root().obj  # type: ignore[no-any-return]
+
+
+def open_db(ctx: typer.Context, weights: Path | None = None, readonly: bool = False) -> FaceDB:
+    from ..audit import default_actor
+    from ..db import FaceDB
+
+    return FaceDB.open(state(ctx).db, weights=weights, readonly=readonly, actor=default_actor("cli"))
+
+
+def emit(ctx: typer.Context, rows: Iterable[dict[str, Any]], columns: Sequence[str] | None = None) -> None:
+    """JSON lines with --json, else an aligned table of ``columns``."""
+    rows = list(rows)
+    if state(ctx).json:
+        for row in rows:
+            typer.echo(json.dumps(row, ensure_ascii=False, default=str))
+        return
+    if not rows:
+        return
+    columns = list(columns or rows[0].keys())
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        if isinstance(v, (dict, list)):
+            return json.dumps(v, ensure_ascii=False)
+        return str(v)
+
+    table = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(columns)]
+    typer.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for t in table:
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(t, widths)).rstrip())
+
+
+def emit_kv(ctx: typer.Context, obj: dict[str, Any]) -> None:
+    if state(ctx).json:
+        typer.echo(json.dumps(obj, ensure_ascii=False, default=str))
+        return
+    width = max(len(k) for k in obj)
+    for k, v in obj.items():
+        shown = json.dumps(v, ensure_ascii=False) if isinstance(v, (dict, list)) else ("-" if v is None else v)
+        typer.echo(f"{k.ljust(width)}  {shown}")
+
+
+def parse_meta(pairs: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidInputError(f"--meta takes key=value, got {pair!r}")
+        out[key] = value
+    return out
+
+
+class Progress:
+    """Progress on stderr: a bar on a terminal; when stderr is not a terminal (a log file, a pipe), one line
+    every few seconds, so long jobs are not silent; nothing with --quiet."""
+
+    def __init__(self, ctx: typer.Context, label: str, total: int | None = None, unit: str = "photo",
+                 every: float = 5.0) -> None:
+        import time
+
+        self._time = time.monotonic
+        self.label, self.total, self.unit, self.every = label, total, unit, every
+        self.quiet = state(ctx).quiet
+        self.tty = sys.stderr.isatty()
+        self._bar: Any = None
+        self._start = self._last = self._time()
+        self.done = 0
+        if not self.quiet and self.tty:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit=unit, desc=label, file=sys.stderr, leave=False)
+
+    def __call__(self, done: int) -> None:
+        self.done = done
+        if self._bar is not None:
+            self._bar.update(done - self._bar.n)
+        elif not self.quiet and not self.tty and self._time() - self._last >= self.every:
+            self._last = self._time()
+            rate = done / max(self._last - self._start, 1e-9)
+            of = f"/{self.total}" if self.total else ""
+            typer.echo(f"{self.label}: {done}{of} {self.unit}s, {rate:.1f}/s", err=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif not self.quiet and not self.tty and self.done:
+            elapsed = self._time() - self._start
+            typer.echo(f"{self.label}: {self.done} {self.unit}s done in {elapsed:.0f} s", err=True)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:  # `facedb people | head`
+        sys.stderr.close()
+
+
+from . import admin, evaluation, people, photos  # noqa: E402,F401  (the commands register themselves)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Commands that create, inspect and maintain a database: init, stats, check, vacuum, reindex, rebuild-index,
+audit, audit-settings."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import InvalidInputError
+from . import EXIT_NO, command, emit, emit_kv, open_db, state
+
+
+class IndexKind(str, Enum):
+    """Index kinds ``init``/``reindex`` offer (the FAISS backend's, and ``auto``)."""
+
+    flat = "flat"
+    flat16 = "flat16"
+    hnsw = "hnsw"
+    ivf = "ivf"
+    ivfpq = "ivfpq"
+    auto = "auto"
+
+
+WeightsOpt = Annotated[Path | None, typer.Option(envvar="FACEDB_WEIGHTS", help="FaceNet weights file (.pt).")]
+
+
+@command()
+def init(
+    ctx: typer.Context,
+    model: Annotated[
+        str | None,
+        typer.Option(help="facenet-vggface2, facenet-casia, dlib-resnet, or your own id with --dim."),
+    ] = None,
+    dim: Annotated[int | None, typer.Option(min=1, help="Vector dimension, for a model facedb does not know.")] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="Decision threshold (cosine similarity); default: the model's.")
+    ] = None,
+    index: Annotated[IndexKind, typer.Option(help="Index kind: flat (exact), flat16, hnsw, ivf, ivfpq, or auto "
+                                                  "(by gallery size).")] = IndexKind.flat,
+    weights: WeightsOpt = None,
+    flip: Annotated[
+        bool, typer.Option(help="Embed photos with flip test-time augmentation (2x embedding time; more accurate).")
+    ] = True,
+    force: Annotated[bool, typer.Option(help="Create the database even if the model's weights cannot be found "
+                                              "now (it cannot enrol or search photos until they are).")] = False,
+) -> None:
+    """Create a new, empty database."""
+    from ..db import FaceDB
+    from ..models import resolve_model
+
+    spec, note = resolve_model(model, weights=weights, dim=dim, check_weights=not force)
+    thr, source = spec.default_threshold(flip)
+    if threshold is not None:
+        thr, source = threshold, "given at init"
+    with FaceDB.create(state(ctx).db, model_id=spec.id, dim=spec.dim, threshold=thr, threshold_source=source,
+                       index=index.value, flip=flip) as db:
+        info = {"created": str(db.root), "model_id": db.model_id, "dim": db.dim, "threshold": db.threshold,
+                "flip": db.flip, "index_kind": db.index_kind}
+    if note:
+        typer.echo(note, err=True)
+    emit_kv(ctx, info)
+
+
+@command()
+def stats(ctx: typer.Context) -> None:
+    """Model, threshold and its provenance, counts, index state, warnings."""
+    with open_db(ctx, readonly=True) as db:
+        emit_kv(ctx, db.stats().to_dict())
+
+
+@command()
+def check(ctx: typer.Context) -> None:
+    """Verify the store's integrity and that the index agrees with it; exit 1 on any problem."""
+    with open_db(ctx) as db:
+        report = db.check()
+    if state(ctx).json:
+        typer.echo(json.dumps(report.to_dict()))
+    else:
+        for c in report.checks:
+            typer.echo(f"checked: {c}")
+        for p in report.problems:
+            typer.echo(f"PROBLEM: {p}")
+        typer.echo("ok" if report.ok else f"{len(report.problems)} problem(s)")
+    if not report.ok:
+        raise typer.Exit(EXIT_NO)
+
+
+@command()
+def vacuum(ctx: typer.Context) -> None:
+    """Compact the database so no byte of removed people's templates remains in its files."""
+    with open_db(ctx) as db:
+        db.vacuum()
+        emit_kv(ctx, {"vacuumed": str(db.root)})
+
+
+@command()
+def reindex(
+    ctx: typer.Context,
+    index: Annotated[IndexKind, typer.Option(help="flat, flat16, hnsw, ivf, ivfpq, or auto.")],
+    nprobe: Annotated[int | None, typer.Option(min=1, help="IVF: lists searched per probe.")] = None,
+    nlist: Annotated[
+        int | None, typer.Option(min=1, help="IVF: number of lists (default ~4 sqrt(n), a power of two, at most "
+                                             "n/39).")
+    ] = None,
+    ef_search: Annotated[int | None, typer.Option(min=1, help="HNSW: search breadth.")] = None,
+    ef_construction: Annotated[int | None, typer.Option(min=1, help="HNSW: build breadth.")] = None,
+    m: Annotated[int | None, typer.Option("--m", min=2, help="HNSW: links per node.")] = None,
+) -> None:
+    """Change the index kind and its settings, and rebuild it from the store."""
+    params = {k: v for k, v in {"nprobe": nprobe, "nlist": nlist, "ef_search": ef_search,
+                                "ef_construction": ef_construction, "M": m}.items() if v is not None}
+    with open_db(ctx) as db:
+        try:
+            emit_kv(ctx, db.reindex(index.value, params).to_dict())
+        except ValueError as exc:
+            raise InvalidInputError(str(exc)) from None
+
+
+@command(name="rebuild-index")
+def rebuild_index(ctx: typer.Context) -> None:
+    """Rebuild the index from the store (it is also rebuilt by itself whenever found stale)."""
+    with open_db(ctx) as db:
+        n = db.rebuild_index()
+    emit_kv(ctx, {"indexed": n})
+
+
+def since_time(value: str | None, option: str = "--since") -> str | None:
+    """'2026-11-28T10:00', '90m', '24h', '7d' -> an ISO 8601 UTC time."""
+    from datetime import datetime, timedelta, timezone
+
+    if value is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if value[-1:] in units and value[:-1].replace(".", "", 1).isdigit():
+        when = datetime.now(timezone.utc) - timedelta(seconds=float(value[:-1]) * units[value[-1]])
+    else:
+        try:
+            when = datetime.fromisoformat(value)
+        except ValueError:
+            raise InvalidInputError(f"{option} takes an ISO time or an age like 24h or 7d, got {value!r}") from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@command()
+def audit(
+    ctx: typer.Context,
+    since: Annotated[str | None, typer.Option(help="ISO time (UTC if no zone) or an age: 90m, 24h, 7d.")] = None,
+    until: Annotated[str | None, typer.Option(help="Before this time (ISO, or an age).")] = None,
+    operation: Annotated[str | None, typer.Option(help="Only this operation (identify, search, verify, enroll, "
+                                                       "remove, ...).")] = None,
+    actor: Annotated[str | None, typer.Option(help="Only what this actor asked (cli:USER, key:ID).")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="At most this many records.")] = None,
+    offset: Annotated[int, typer.Option(min=0, help="Skip this many records first.")] = 0,
+) -> None:
+    """Read the audit trail of decisions (identity '-' / null = unknown), oldest first."""
+    with open_db(ctx, readonly=True) as db:
+        rows = [r.to_dict() for r in db.audit(since_time(since), limit, until=since_time(until, "--until"),
+                                              operation=operation, actor=actor, offset=offset)]
+    emit(ctx, rows, ["time", "operation", "actor", "identity", "similarity", "threshold", "image_sha256"])
+
+
+@command(name="audit-settings")
+def audit_settings(
+    ctx: typer.Context,
+    enable: Annotated[bool | None, typer.Option("--enable/--disable", help="Switch the trail on or off.")] = None,
+    retention_days: Annotated[float | None, typer.Option(help="Keep records this many days (0 = forever).")] = None,
+    store_probes: Annotated[
+        bool | None,
+        typer.Option("--store-probes/--no-store-probes", "--store-embeddings/--no-store-embeddings",
+                     help="Also store each probe's embedding (biometric data; off by default)."),
+    ] = None,
+) -> None:
+    """Show or change the audit trail's settings."""
+    with open_db(ctx) as db:
+        emit_kv(ctx, db.configure_audit(enabled=enable, retention_days=retention_days,
+                                        store_probes=store_probes).to_dict())

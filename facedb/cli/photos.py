@@ -1,0 +1,237 @@
+"""Commands on photos: enroll, search, verify, detect."""
+
+from __future__ import annotations
+
+import csv
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..errors import FaceDBError, InvalidInputError
+from . import EXIT_ERROR, EXIT_NO, Progress, command, open_db, parse_meta, state
+from .admin import WeightsOpt
+
+ThresholdOpt = Annotated[
+    float | None, typer.Option(help="Cosine similarity to accept at, in [-1, 1]; default: the database's stored "
+                                    "threshold.")
+]
+
+
+class OnMultiple(str, Enum):
+    error = "error"
+    largest = "largest"
+    skip = "skip"
+
+
+class OnOtherMatch(str, Enum):
+    warn = "warn"
+    refuse = "refuse"
+    allow = "allow"
+
+
+def read_people_meta(path: Path) -> dict[str, dict[str, Any]]:
+    """Per-person metadata from a CSV file (a ``name`` column, the other columns become metadata; an
+    ``external_id`` column is kept as metadata too) or a JSON object ``{name: {key: value}}``."""
+    from ..store import normalise_name
+
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"cannot read {path}: {exc}") from None
+    if path.suffix.lower() == ".json":
+        try:
+            raw = json.loads(text)
+        except ValueError as exc:
+            raise InvalidInputError(f"{path} is not JSON: {exc}") from None
+        if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+            raise InvalidInputError(f"{path} must hold a JSON object of {{name: {{key: value}}}}")
+        return {normalise_name(k): v for k, v in raw.items()}
+    rows = list(csv.DictReader(text.splitlines()))
+    if not rows or "name" not in rows[0]:
+        raise InvalidInputError(f"{path} must be a CSV file with a 'name' column (or a .json file)")
+    return {normalise_name(r.pop("name")): {k: v for k, v in r.items() if k and v not in (None, "")} for r in rows}
+
+
+@command()
+def enroll(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Argument(help="Person's name (omit with --folder).")] = None,
+    photos: Annotated[list[Path] | None, typer.Argument(help="Photos of them, one face each.")] = None,
+    folder: Annotated[
+        Path | None, typer.Option(help="A folder with one sub-folder of photos per person (sub-folder = name).")
+    ] = None,
+    meta: Annotated[list[str] | None, typer.Option(help="key=value metadata for every person; repeatable.")] = None,
+    people_meta: Annotated[Path | None, typer.Option(help="Per-person metadata: a CSV file with a 'name' column, "
+                                                          "or JSON {name: {key: value}}.")] = None,
+    on_multiple: Annotated[OnMultiple, typer.Option(help="A photo with several faces: error (skip it and say "
+                                                         "so), largest, or skip.")] = OnMultiple.error,
+    on_other_match: Annotated[OnOtherMatch, typer.Option(help="A face that matches another enrolled person: warn "
+                                                              "(enrol anyway), refuse, or allow.")] = OnOtherMatch.warn,
+    weights: WeightsOpt = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(min=0, envvar="FACEDB_ENROLL_WORKERS",
+                     help="Detection processes beside the embedder; 0 = a thread. Default: cores - 1 for 64+ "
+                          "photos with dlib on CPU, else 0."),
+    ] = None,
+) -> None:
+    """Enrol photos of a person, or a whole folder of people. Prints a summary; skipped photos say why.
+
+    Photos already enrolled are recognised by their bytes and skipped before detection, so re-running a folder
+    is quick and exits 0. Ctrl-C stops promptly and prints what was stored (each photo is its own transaction).
+    """
+    from ..pipeline import list_folder
+    from ..store import normalise_name
+
+    problems: list[str] = []
+    if folder is not None:
+        if name is not None or photos:
+            raise InvalidInputError("give either NAME PHOTO... or --folder DIR, not both")
+        layout = list_folder(folder)
+        problems = layout.problems
+        batches = [(person, list(files)) for person, files in layout.people]
+    else:
+        if not name or not photos:
+            raise InvalidInputError("give NAME and at least one PHOTO, or --folder DIR")
+        batches = [(name, list(photos))]
+    per_person = read_people_meta(people_meta) if people_meta else {}
+    unknown = set(per_person) - {normalise_name(n) for n, _ in batches}
+    if unknown:
+        problems.append(f"--people-meta names {len(unknown)} people with no photos here: "
+                        f"{', '.join(sorted(unknown)[:5])}")
+    for p in problems:
+        typer.echo(f"warning: {p}", err=True)
+    total = sum(len(files) for _, files in batches)
+    interrupted = False
+    with open_db(ctx, weights=weights) as db, Progress(ctx, "enrolling", total) as progress:
+        try:
+            report = db.enroll_many(batches, on_multiple=on_multiple.value, on_other_match=on_other_match.value,
+                                    metadata=parse_meta(meta) or None, people_metadata=per_person,
+                                    progress=progress, workers=workers)
+        except KeyboardInterrupt as exc:
+            report = getattr(exc, "report", None)
+            if report is None:
+                raise
+            interrupted = True
+    stored_people = set(report.people)
+    empty = [n for n, _ in batches if normalise_name(n) not in stored_people]
+    if state(ctx).json:
+        out = report.to_dict()
+        out.pop("template_ids")
+        out.update(people_without_photos_stored=empty, layout_problems=problems, interrupted=interrupted)
+        typer.echo(json.dumps(out, ensure_ascii=False))
+    else:
+        for sk in report.skipped:
+            typer.echo(f"skipped  {sk.image}: {sk.reason}")
+        for w in report.warnings:
+            typer.echo(f"warning  {w.image}: {w.reason}")
+        if empty and folder is not None:
+            typer.echo(f"no photo stored for {len(empty)} people: {', '.join(empty[:10])}"
+                       f"{' ...' if len(empty) > 10 else ''}")
+        typer.echo(
+            f"{'interrupted: ' if interrupted else ''}people {len(report.people)}  photos {report.photos}  "
+            f"faces stored {report.faces_stored}  skipped {len(report.skipped)}  warnings {len(report.warnings)}"
+        )
+    if interrupted:
+        raise typer.Exit(130)
+    if report.photos and not report.faces_stored and not report.only_known:
+        raise typer.Exit(EXIT_ERROR)
+
+
+@command()
+def search(
+    ctx: typer.Context,
+    photos: Annotated[list[Path], typer.Argument(help="Photos to identify; every face in each.")],
+    k: Annotated[int, typer.Option("-k", "--top", min=1, help="Candidates per face.")] = 5,
+    threshold: ThresholdOpt = None,
+    weights: WeightsOpt = None,
+) -> None:
+    """Who is in these photos? One line per face: the identity or 'unknown' (JSON null), then the candidates.
+    Exit 1 if some photo could not be searched."""
+    from ..images import display_name
+    from ..settings import check_threshold
+
+    if threshold is not None:
+        check_threshold(threshold)
+    failed = 0
+    with open_db(ctx, weights=weights) as db:
+        if threshold is None and (warning := db.calibration_warning()):
+            typer.echo(f"warning: {warning}", err=True)
+        for photo in photos:
+            label = display_name(photo)
+            try:
+                matches = db.search(photo, k=k, threshold=threshold, name=label)
+            except FaceDBError as exc:
+                failed += 1
+                typer.echo(f"error: {exc}", err=True)
+                continue
+            if not matches:
+                if state(ctx).json:
+                    typer.echo(json.dumps({"image": label, "faces": 0, "identity": None}, ensure_ascii=False))
+                else:
+                    typer.echo(f"{label}\tno face")
+                continue
+            for m in matches:
+                if state(ctx).json:
+                    typer.echo(json.dumps(m.to_dict(), ensure_ascii=False))
+                    continue
+                sim = "-" if m.similarity is None else f"{m.similarity:.4f}"
+                ext = f" [{m.external_id}]" if m.external_id else ""
+                cands = ", ".join(f"{c.name} {c.similarity:.4f}" for c in m.candidates)
+                typer.echo(f"{label}\t{m.identity or 'unknown'}{ext}\tsimilarity={sim}\tthreshold={m.threshold:.4f}"
+                           f"\tbox={m.box}\tcandidates: {cands or '-'}")
+    if failed:
+        raise typer.Exit(EXIT_NO)
+
+
+@command()
+def verify(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Who the photo is claimed to be.")],
+    photo: Annotated[Path, typer.Argument(help="The photo (its largest face is used).")],
+    threshold: ThresholdOpt = None,
+    weights: WeightsOpt = None,
+) -> None:
+    """Is this photo NAME? Prints yes or no and the score. Exit 0 for yes, 1 for no, 2 for an error."""
+    with open_db(ctx, weights=weights) as db:
+        result = db.verify(photo, name, threshold)
+    if state(ctx).json:
+        typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
+    else:
+        typer.echo(f"{'yes' if result.accepted else 'no'}\tsimilarity={result.similarity:.4f}\t"
+                   f"threshold={result.threshold:.4f}")
+    if not result.accepted:
+        raise typer.Exit(EXIT_NO)
+
+
+@command()
+def detect(
+    ctx: typer.Context,
+    photos: Annotated[list[Path], typer.Argument(help="Photos to look for faces in.")],
+    weights: WeightsOpt = None,
+) -> None:
+    """Faces in photos: box, detector score and 5 landmarks each (no identification, nothing recorded)."""
+    from ..images import display_name
+
+    failed = 0
+    with open_db(ctx, weights=weights) as db:
+        for photo in photos:
+            label = display_name(photo)
+            try:
+                faces = db.detect(photo, name=label)
+            except FaceDBError as exc:
+                failed += 1
+                typer.echo(f"error: {exc}", err=True)
+                continue
+            for f in faces:
+                row = {"image": label, "box": [round(c, 1) for c in f.box], "det_score": round(f.score, 4),
+                       "landmarks": [[round(float(x), 1), round(float(y), 1)] for x, y in f.landmarks]}
+                typer.echo(json.dumps(row) if state(ctx).json else
+                           f"{label}\tbox={row['box']}\tscore={row['det_score']}")
+            if not faces and not state(ctx).json:
+                typer.echo(f"{label}\tno face")
+    if failed:
+        raise typer.Exit(EXIT_NO)

@@ -1,0 +1,231 @@
+"""Contract checks every implementation must pass: the store, an index backend (each of its kinds), and the
+query engine over that backend. Each check builds its own data, compares with a brute-force numpy oracle, and
+raises AssertionError naming what broke.
+
+They live in the package (not only in ``tests/``) so that a backend developed elsewhere runs the same checks:
+``facedb.contracts.check_index_backend(my_backend, "mykind", tmp_dir)``. facedb's own test suite runs them for
+every registered kind (``tests/test_contracts.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import engine
+from .gallery import Gallery
+from .index import IndexBackend, IndexPlace
+
+if TYPE_CHECKING:
+    from .store import Store
+
+
+def unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def clustered(rng: np.random.Generator, people: int, per: int, dim: int, noise: float = 0.35
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors, person of each): ``per`` noisy unit vectors around each of ``people`` random centres."""
+    centres = unit_rows(rng, people, dim)
+    pids = np.repeat(np.arange(1, people + 1), per)
+    x = centres[pids - 1] + noise * rng.standard_normal((len(pids), dim)).astype(np.float32) / np.sqrt(dim)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), pids.astype(np.int64)
+
+
+def _oracle_top(x: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    sims = q @ x.T
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(sims, order, axis=1), ids[order]
+
+
+def check_index_backend(backend: IndexBackend, kind: str, root: Path, *, dim: int = 32, n: int = 600,
+                        seed: int = 0, min_recall: float | None = None) -> None:
+    """The :class:`~facedb.index.IndexBackend` / :class:`~facedb.index.VectorIndex` contract for one kind.
+
+    Checks: search against a numpy oracle (exact kinds: the same ids and scores; approximate ones: for probes
+    near a stored vector, the true nearest among the 10 returned for at least ``min_recall`` of them, default
+    0.9, which is what the engine's exact re-scoring needs; their scores may be coarse); removal (no
+    removed id is ever returned, by search or range search); range search against the oracle; ``ids`` and
+    ``exact_vectors`` (bit for bit where ``keeps_vectors``); save, verify and load give the same answers;
+    a tampered or missing persisted copy is not loaded; ``discard`` removes it.
+    """
+    rng = np.random.default_rng(seed)
+    x, _ = clustered(rng, n // 6, 6, dim)
+    ids = np.arange(1000, 1000 + len(x), dtype=np.int64) * 3  # sparse, large ids: never positions
+    q = unit_rows(rng, 12, dim)
+    q = np.concatenate([q, x[:: len(x) // 12][:12] + 0.05 * unit_rows(rng, 12, dim)])
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    near = np.arange(len(q)) >= 12
+    place = IndexPlace(root)
+    index = backend.new(kind, dim, {}, x, place)
+    assert index.kind == kind and index.dim == dim, "kind and dim are what was asked"
+    assert len(index) == 0, "a new index is empty"
+    index.add(ids, x)
+    assert len(index) == len(ids), "len counts what was added"
+    assert np.array_equal(np.sort(index.ids()), np.sort(ids)), "ids() returns every id added"
+    floor = 0.9 if min_recall is None else min_recall
+
+    def check_search(index: object, live: np.ndarray, xs: np.ndarray, what: str) -> None:
+        sims, got = index.search(q, 10)  # type: ignore[attr-defined]
+        assert sims.shape == got.shape == (len(q), min(10, len(index))), f"{what}: search shape"  # type: ignore[arg-type]
+        want_s, want = _oracle_top(xs, live, q, 10)
+        assert np.all(np.diff(sims, axis=1) <= 1e-6), f"{what}: results come best first"
+        valid = got >= 0
+        if index.tombstones:  # type: ignore[attr-defined]  # removed ids may come back; the engine drops them
+            valid &= np.isin(got, live)
+            sims, got = np.where(valid, sims, -2.0), np.where(valid, got, -1)
+        assert np.isin(got[valid], live).all(), f"{what}: only live ids are returned"
+        if index.exact:  # type: ignore[attr-defined]
+            assert np.array_equal(got, want) or np.allclose(sims, want_s, atol=1e-5), f"{what}: exact top-10"
+            np.testing.assert_allclose(sims, want_s, atol=1e-5, err_msg=f"{what}: exact scores")
+        else:  # judged on the probes that have a clear nearest (near-copies), the engine's real case
+            recall = np.mean([w[0] in g for g, w in zip(got[near], want[near])])
+            assert recall >= floor, f"{what}: the true nearest is among 10 candidates for {recall:.0%} of probes"
+            assert np.isfinite(sims[valid]).all(), f"{what}: finite scores"
+
+    check_search(index, ids, x, "fresh")
+    gone = ids[::7]
+    index.remove(gone)
+    keep = ~np.isin(ids, gone)
+    live, xl = ids[keep], x[keep]
+    check_search(index, live, xl, "after removal")
+    for (rid, rs), qq in zip(index.range_search(q, 0.5), q):
+        assert not np.isin(rid, gone).any() or index.tombstones, "range search returns no removed id"
+        rid_live = rid[np.isin(rid, live)]
+        truth = live[xl @ qq >= 0.5]
+        assert np.all(rs >= 0.5 - 1e-6), "range search keeps the threshold"
+        if index.exact:  # approximate kinds may miss some, as their search does (with coarse scores, many)
+            assert set(rid_live.tolist()) == set(truth.tolist()), "exact range search finds all of them"
+    if index.keeps_vectors:
+        got = index.exact_vectors(live[:50])
+        assert got is not None and got.tobytes() == xl[:50].tobytes(), "exact_vectors are the added ones, bit for bit"
+    else:
+        assert index.exact_vectors(live[:5]) is None, "an index without exact vectors says so"
+    fields = backend.save(index, place)
+    stamp = {**fields, "kind": kind, "params": index.params, "count": len(index)}
+    assert backend.verify(place, stamp, dim), "a saved copy verifies against its stamp"
+    assert backend.persisted_bytes(place) >= 0
+    loaded = backend.load(place, stamp, dim)
+    assert loaded is not None, "a saved copy loads"
+    assert len(loaded) == len(index), "the loaded copy holds what was saved"
+    a_s, a_i = index.search(q, 10)
+    b_s, b_i = loaded.search(q, 10)
+    live_a = np.isin(a_i, live)
+    assert np.array_equal(np.where(live_a, a_i, -1), np.where(np.isin(b_i, live), b_i, -1)) or \
+        np.allclose(a_s, b_s, atol=1e-5), "the loaded copy answers as the saved one"
+    if backend.persisted_bytes(place):
+        bad = dict(stamp, sha256="0" * 64) if "sha256" in stamp else dict(stamp, count=-1)
+        assert not backend.verify(place, bad, dim) or backend.load(place, bad, dim) is None, \
+            "a copy that does not match its stamp is not trusted"
+    backend.discard(place)
+    assert backend.persisted_bytes(place) == 0, "discard removes the persisted copy"
+    assert backend.load(place, stamp, dim) is None, "nothing loads after discard"
+
+
+def check_engine(backend: IndexBackend, kind: str, root: Path, *, dim: int = 32, seed: int = 1) -> None:
+    """The query engine over one index kind, against a brute-force oracle of per-person best scores: the
+    top-k people and their scores are exact (approximate kinds: every score returned is exact and the right
+    person is first for near-copies of stored templates), and decisions follow the threshold."""
+    rng = np.random.default_rng(seed)
+    x, pids = clustered(rng, 120, 5, dim, noise=0.6)
+    ids = np.arange(1, len(x) + 1, dtype=np.int64)
+    gallery = Gallery(backend.new(kind, dim, {}, x, IndexPlace(root)), 0)
+    gallery.add(ids, pids, x)
+    names = {int(p): (f"p{p}", None) for p in np.unique(pids)}
+
+    def fetch(people: object) -> tuple[np.ndarray, np.ndarray]:
+        wanted = np.unique(np.asarray(people, dtype=np.int64))
+        rows = np.flatnonzero(np.isin(pids, wanted))
+        order = np.argsort(pids[rows], kind="stable")
+        return pids[rows][order], x[rows][order]
+
+    q = x[rng.choice(len(x), 30, replace=False)] + 0.02 * rng.standard_normal((30, dim)).astype(np.float32)
+    q = np.concatenate([q, unit_rows(rng, 10, dim)])
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    answers = engine.identify(gallery, q, 5, 0.8, fetch, lambda p: {i: names[int(i)] for i in p})
+    sims = q @ x.T
+    for row, ans in enumerate(answers):
+        best: dict[int, float] = {}
+        for p, s in zip(pids, sims[row]):
+            best[int(p)] = max(best.get(int(p), -2.0), float(s))
+        truth = sorted(best.items(), key=lambda kv: -kv[1])[:5]
+        for c in ans.candidates:
+            assert abs(c.similarity - best[c.person_id]) < 1e-5, "every candidate's score is its exact best"
+        if gallery.index.exact:
+            assert [c.person_id for c in ans.candidates] == [p for p, _ in truth], "exact top-5 people"
+        elif row < 30:
+            assert ans.candidates and ans.candidates[0].person_id == truth[0][0], "near-copies find their person"
+        if ans.candidates:
+            top = ans.candidates[0]
+            assert (ans.identity == top.name) == (top.similarity >= 0.8), "accepted iff at or above the threshold"
+    gallery.remove(ids[pids == pids[0]])
+    after = engine.identify(gallery, x[:1], 5, 0.8, fetch, lambda p: {i: names[int(i)] for i in p})[0]
+    assert all(c.person_id != pids[0] for c in after.candidates), "a removed person is never a candidate"
+    found = engine.neighbours(gallery, x[10:11], 0.99)[0]
+    assert 11 in found[0].tolist() or not gallery.index.exact, "range search finds a template's own copy"
+
+
+def check_store(open_store: Callable[[Path], Store], root: Path, *, dim: int = 8, seed: int = 2) -> None:
+    """The store contract: every write bumps the generation and logs its template ids, and replaying the log
+    from any generation reproduces the store's own id -> person map (adds, removals, a merge, a template
+    removal); names are one person whatever their Unicode form; a failing write changes nothing; templates read
+    back bit for bit. ``open_store(path)`` creates a store for ``dim``-d vectors at ``path``."""
+    from .errors import DuplicatePersonError, InvalidInputError
+
+    rng = np.random.default_rng(seed)
+    store = open_store(root / "contract.sqlite3")
+    try:
+        seen: dict[int, tuple[dict[int, int], int]] = {}  # generation -> (id -> person map, generation)
+
+        def snap() -> None:
+            gen, ids, pids = store.template_map()
+            seen[gen] = ({int(i): int(p) for i, p in zip(ids, pids)}, gen)
+
+        snap()
+        vectors: dict[int, np.ndarray] = {}
+        for name in ("ann", "bob", "José", "dora"):
+            v = unit_rows(rng, 3, dim)
+            for i, vec in zip(store.add_templates(name, v, create_person=True), v):
+                vectors[i] = vec
+            snap()
+        assert store.person("Jose\u0301").name == "José", "NFC and NFD spellings are one person"
+        try:
+            store.add_person("Jose\u0301")
+            raise AssertionError("a second person with the same name in another Unicode form was accepted")
+        except DuplicatePersonError:
+            pass
+        gen = store.generation()
+        try:
+            store.add_templates("ann", unit_rows(rng, 2, dim), boxes=[[0, 0, 1, 1]])
+            raise AssertionError("a write with one box for two vectors was accepted")
+        except InvalidInputError:
+            pass
+        assert store.generation() == gen, "a failed write does not bump the generation"
+        store.remove_person("bob")
+        snap()
+        first = next(iter(store.iter_templates("ann"))).id
+        assert store.remove_template(first) == "ann"
+        snap()
+        moved = store.merge_people("dora", "ann")
+        assert len(moved) == 3 and store.person("ann").templates == 5, "a merge moves every template"
+        snap()
+        final_gen, ids, pids = store.template_map()
+        final = {int(i): int(p) for i, p in zip(ids, pids)}
+        for gen, (state, _) in seen.items():
+            changes = store.changes_since(gen)
+            assert changes is not None, "the log reaches back to every generation since creation"
+            current, added, removed = changes
+            assert current == final_gen
+            replayed = {i: p for i, p in state.items() if i not in set(removed)}
+            a_ids, a_pids, _ = store.templates(added)
+            replayed.update({int(i): int(p) for i, p in zip(a_ids, a_pids)})
+            assert replayed == final, f"replaying the log from generation {gen} gives the store's map"
+        for t in store.iter_templates():
+            assert t.vector.tobytes() == vectors[t.id].astype("<f4").tobytes(), "templates read back bit for bit"
+    finally:
+        store.close()

@@ -1,0 +1,186 @@
+"""A database's settings as typed values, parsed once per call from the store's ``meta`` table.
+
+On disk the settings are text rows of ``meta`` (key, value), so that any SQLite tool can read them and old
+databases keep working: a key that is missing takes the default of the version that introduced it (a database
+made before flip augmentation existed has ``flip`` off; one made before the audit trail has it on).
+:meth:`Settings.parse` is the only place that turns those strings into values.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InvalidInputError
+
+
+def check_threshold(value: object, what: str = "threshold") -> float:
+    """``value`` as a decision threshold: a cosine similarity in [-1, 1] (higher is stricter). The one
+    validation every entry point (API, CLI, service) uses; InvalidInputError otherwise."""
+    try:
+        t = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"{what} must be a number (a cosine similarity in [-1, 1])") from None
+    if not -1.0 <= t <= 1.0:  # also refuses NaN
+        raise InvalidInputError(f"{what} is a cosine similarity in [-1, 1], got {value!r}")
+    return t
+
+
+def check_k(value: object) -> int:
+    """``value`` as a number of candidates: a positive integer; InvalidInputError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInputError("k must be a positive integer")
+    return value
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Where a stored threshold came from (``facedb calibrate``).
+
+    ``target`` is ``far`` (1:1 false accept rate) or ``fpir`` (1:N false positive identification rate) at
+    ``target_rate``; ``gallery_size`` is the number of enrolled people an FPIR threshold was calibrated for;
+    ``details`` keeps every other measured figure (comparisons, TAR / DIR at the threshold, data source, date).
+    """
+
+    target: str
+    target_rate: float
+    threshold: float
+    source: str = ""
+    date: str | None = None
+    gallery_size: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    _FIELDS = ("target", "target_rate", "threshold", "source", "date", "gallery_size")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Calibration:
+        size = raw.get("gallery_size")
+        return cls(
+            target=str(raw.get("target", "")),
+            target_rate=float(raw.get("target_rate") or 0.0),
+            threshold=float(raw.get("threshold") or 0.0),
+            source=str(raw.get("source", "")),
+            date=raw.get("date"),
+            gallery_size=int(size) if size else None,
+            details={k: v for k, v in raw.items() if k not in cls._FIELDS},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.details)
+        out.update({"target": self.target, "target_rate": self.target_rate, "threshold": self.threshold,
+                    "source": self.source, "date": self.date, "gallery_size": self.gallery_size})
+        return out
+
+    def __getitem__(self, key: str) -> Any:  # older code read the record as a dict
+        return self.to_dict()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.to_dict().get(key, default)
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """The audit trail: on or off, how many days records are kept (0 = forever), and whether each probe's
+    embedding is stored with its decision (off by default: it is biometric data)."""
+
+    enabled: bool = True
+    retention_days: float = 90.0
+    store_probes: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "retention_days": self.retention_days, "store_probes": self.store_probes}
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "store_embeddings":  # the older name
+            key = "store_probes"
+        return self.to_dict()[key]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a call needs to know about its database, read in one query."""
+
+    model_id: str
+    dim: int
+    threshold: float
+    threshold_source: str = ""
+    metric: str = "cosine"
+    flip: bool = False
+    index_kind: str = "flat"
+    index_params: dict[str, Any] = field(default_factory=dict)
+    index_params_raw: str = "{}"  # as stored: the index stamp records exactly this text
+    index_stamp: dict[str, Any] | None = None
+    calibration: Calibration | None = None
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    generation: int = 0
+    created_at: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)  # keys other collaborators own (encryption, keys...)
+
+    @classmethod
+    def parse(cls, meta: dict[str, str]) -> Settings:
+        def js(key: str) -> Any:
+            raw = meta.get(key)
+            if not raw:
+                return None
+            try:
+                return json.loads(raw)
+            except ValueError:
+                return None
+
+        cal = js("calibration")
+        known = {"model_id", "dim", "threshold", "threshold_source", "metric", "flip", "index_kind", "index_params",
+                 "index_stamp", "calibration", "audit_enabled", "audit_retention_days", "audit_store_embeddings",
+                 "generation", "created_at"}
+        return cls(
+            model_id=meta.get("model_id", ""),
+            dim=int(meta.get("dim") or 0),
+            threshold=float(meta.get("threshold") or 0.0),
+            threshold_source=meta.get("threshold_source", ""),
+            metric=meta.get("metric", "cosine"),
+            flip=meta.get("flip") == "1",
+            index_kind=meta.get("index_kind") or "flat",
+            index_params=js("index_params") or {},
+            index_params_raw=meta.get("index_params", "{}"),
+            index_stamp=js("index_stamp"),
+            calibration=Calibration.from_dict(cal) if isinstance(cal, dict) else None,
+            audit=AuditSettings(
+                enabled=meta.get("audit_enabled", "1") == "1",
+                retention_days=float(meta.get("audit_retention_days", "90")),
+                store_probes=meta.get("audit_store_embeddings", "0") == "1",
+            ),
+            generation=int(meta.get("generation") or 0),
+            created_at=meta.get("created_at"),
+            extra={k: v for k, v in meta.items() if k not in known},
+        )
+
+    @staticmethod
+    def initial(model_id: str, dim: int, threshold: float, threshold_source: str, index_kind: str,
+                flip: bool) -> dict[str, str]:
+        """The ``meta`` rows of a new database."""
+        return {"model_id": model_id, "dim": str(int(dim)), "metric": "cosine", "threshold": repr(float(threshold)),
+                "threshold_source": threshold_source, "index_kind": index_kind, "flip": "1" if flip else "0"}
+
+    @staticmethod
+    def threshold_rows(threshold: float, source: str, calibration: Calibration | None) -> dict[str, str]:
+        rows = {"threshold": repr(float(threshold)), "threshold_source": source}
+        if calibration is not None:
+            rows["calibration"] = json.dumps(calibration.to_dict(), sort_keys=True)
+        return rows
+
+    @staticmethod
+    def audit_rows(enabled: bool | None, retention_days: float | None, store_probes: bool | None) -> dict[str, str]:
+        rows: dict[str, str] = {}
+        if enabled is not None:
+            rows["audit_enabled"] = "1" if enabled else "0"
+        if retention_days is not None:
+            if not retention_days >= 0:
+                raise InvalidInputError("retention_days must be >= 0 (0 keeps records forever)")
+            rows["audit_retention_days"] = repr(float(retention_days))
+        if store_probes is not None:
+            rows["audit_store_embeddings"] = "1" if store_probes else "0"
+        return rows
+
+    @staticmethod
+    def index_rows(kind: str, params: dict[str, Any]) -> dict[str, str]:
+        return {"index_kind": kind, "index_params": json.dumps(params or {}, sort_keys=True)}
