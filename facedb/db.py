@@ -648,6 +648,7 @@ class FaceDB:
             if not before.get("database_id"):
                 rows["database_id"] = secrets.token_hex(16)  # a database made before remote indexes existed
             self._given_options.update(_secrets_of(options))
+            old_place, old_kind = self.keeper.place, (self.settings().index_stamp or {}).get("kind")
             self.store.set_meta(rows)
             self.keeper.place = replace(self.keeper.place, options=self._index_options())
             try:
@@ -657,8 +658,23 @@ class FaceDB:
                 self.keeper.place = replace(self.keeper.place, options=self._index_options())
                 self.keeper.gallery = None
                 raise
+            self._drop_moved(old_kind, old_place, kind)
             return ReindexReport(index_kind=kind, built=gallery.index.kind, params=gallery.index.params,
                                  indexed=len(gallery.index))
+
+    def _drop_moved(self, old_kind: str | None, old_place: Any, kind: str) -> None:
+        """After a remote index moved to another place of the same kind (another collection or server), drop
+        the one it left, so that no template stays behind there (a move to another kind is the keeper's)."""
+        if old_kind != kind or old_kind is None or not backend_for(old_kind).write_through:
+            return
+        keys = ("milvus_uri", "milvus_collection")
+        if all(old_place.options.get(k) == self.keeper.place.options.get(k) for k in keys):
+            return
+        try:
+            backend_for(old_kind).discard(old_place)
+        except IndexUnavailableError as exc:
+            warnings.warn(f"the index moved, but its former collection could not be dropped (drop it by hand): {exc}",
+                          stacklevel=3)
 
     def vacuum(self) -> None:
         """Compact the store and rewrite the index's persisted copy, so that no byte of a removed template

@@ -221,7 +221,12 @@ class IndexKeeper:
         if not force and self.from_file and stamp is not None:
             if 0 <= self.gallery.generation - int(stamp.get("generation", -1)) < SAVE_EVERY:
                 return
-        gallery = self.current(settings)
+        try:
+            gallery = self.current(settings)
+        except IndexUnavailableError:
+            if force or self._backend is None or not self._backend.write_through:
+                raise
+            return  # on close: a write-through engine records its own generation; nothing here to save
         if gallery.index.tombstones:  # drop the tombstones first
             self.gallery = gallery = self._build(settings)
         assert self._backend is not None

@@ -289,9 +289,12 @@ def test_reindex_moves_to_milvus_and_back(tmp_path, lite):
         assert not (tmp_path / "db" / "index.faiss").exists(), "the FAISS file is gone"
         assert len(held(lite, "moved")[0]) == len(x)
         assert db.identify(x[0], k=1).identity == "p1"
+        db.reindex("milvus", index_options={"milvus_collection": "renamed"})
+        assert not MilvusClient(lite).has_collection("moved"), "a move to another collection drops the old one"
+        assert len(held(lite, "renamed")[0]) == len(x)
         db.reindex("ivf")
         assert (tmp_path / "db" / "index.faiss").exists()
-        assert not MilvusClient(lite).has_collection("moved"), "moving back drops the collection"
+        assert not MilvusClient(lite).has_collection("renamed"), "moving back drops the collection"
         assert db.identify(x[0], k=1).identity == "p1"
 
 

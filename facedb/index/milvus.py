@@ -442,6 +442,11 @@ class MilvusBackend:
         if index.name == index.alias:
             return
         client, uri = index._client, index.uri
+        with _engine(uri, f"flushing collection {index.physical!r}"):
+            # Seal what the build wrote, so that it is indexed before anyone searches it (Milvus Lite searched
+            # its unsealed rows at ~1 s a query at 10k x 512 here, its sealed HNSW segments at ~10 ms). Once per
+            # rebuild; ordinary writes are never flushed (Milvus advises against frequent flushes).
+            client.flush(index.physical, timeout=TIMEOUT_S)
         info = _describe(client, uri, index.alias)
         old = None if info is None else str(info["collection_name"])
         with _engine(uri, f"pointing alias {index.alias!r} at {index.physical!r}"):
