@@ -290,7 +290,7 @@ class IndexKeeper:
         checks.append("index holds exactly the stored templates, mapped to the right people")
         held = gallery.index.ids()
         if self._backend is not None and self._backend.write_through and gallery.generation == gen:
-            held = self._level_engine(gallery, held, ids, pids, checks)
+            held = self._level_engine(gallery, held, ids, checks)
         if gallery.generation == gen:
             live = gallery.live_ids()
             if len(live) != len(ids) or not np.array_equal(live, ids) or not np.isin(ids, held).all():
@@ -301,8 +301,7 @@ class IndexKeeper:
                 checks.append(f"{gallery.dead()} removed templates await compaction (HNSW tombstones)")
         return checks, problems
 
-    def _level_engine(self, gallery: Gallery, held: np.ndarray, ids: np.ndarray, pids: np.ndarray,
-                      checks: list[str]) -> np.ndarray:
+    def _level_engine(self, gallery: Gallery, held: np.ndarray, ids: np.ndarray, checks: list[str]) -> np.ndarray:
         """Write-through engines (``check``): entries the store no longer holds, and stored templates the engine
         lacks (a write that never reached it), are deleted and written now by a writable process (the engine is
         a cache, as a damaged index file is); a read-only one only reports them. Returns the ids held after."""

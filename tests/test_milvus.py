@@ -18,13 +18,13 @@ from typer.testing import CliRunner
 
 pytest.importorskip("pymilvus", reason="pymilvus is not installed (pip install 'facedb[milvus]')")
 
-from pymilvus import MilvusClient, MilvusException  # noqa: E402
+from pymilvus import MilvusClient, MilvusException
 
-from facedb import FaceDB  # noqa: E402
-from facedb.cli import app  # noqa: E402
-from facedb.contracts import clustered  # noqa: E402
-from facedb.errors import IndexBehindWarning, IndexUnavailableError, InvalidInputError, ModelMismatchError  # noqa: E402
-from facedb.index import IndexPlace, backend_for  # noqa: E402
+from facedb import FaceDB
+from facedb.cli import app
+from facedb.contracts import clustered
+from facedb.errors import IndexBehindWarning, IndexUnavailableError, InvalidInputError, ModelMismatchError
+from facedb.index import IndexPlace, backend_for
 
 DIM = 32
 
@@ -142,7 +142,7 @@ def test_unreachable_engine_keeps_the_write_and_the_next_open_catches_up(tmp_pat
             db.add_templates("late", x[18:21], create=True)
         assert any(issubclass(w.category, IndexBehindWarning) for w in caught)
         assert db.store.person("late").templates == 3, "the store (the truth) kept the write"
-        with pytest.raises(IndexUnavailableError, match="127.0.0.1:9"):
+        with pytest.raises(IndexUnavailableError, match=r"127\.0\.0\.1:9"):
             db.identify(x[19])
     monkeypatch.delenv("FACEDB_MILVUS_URI")
     with FaceDB.open(tmp_path / "db") as db:
@@ -258,7 +258,7 @@ def test_foreign_collections_are_refused_and_nothing_is_left_behind(tmp_path, li
 
 
 def test_unreachable_server_and_refused_token_are_clear_errors(tmp_path, lite, monkeypatch):
-    with pytest.raises(IndexUnavailableError, match="127.0.0.1:9.*connecting"):
+    with pytest.raises(IndexUnavailableError, match=r"127\.0\.0\.1:9.*connecting"):
         make(tmp_path / "a", "http://127.0.0.1:9")
     assert not (tmp_path / "a").exists()
     import facedb.index.milvus as mv
@@ -273,6 +273,41 @@ def test_unreachable_server_and_refused_token_are_clear_errors(tmp_path, lite, m
                              env={"FACEDB_MILVUS_TOKEN": "root:wrong"})
     assert res.exit_code == 2 and "FACEDB_MILVUS_TOKEN" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_milvus_lite_held_by_another_process_is_a_clear_error(tmp_path, lite):
+    """Milvus Lite serves one process at a time: a second one gets a one-line error saying so (the CLI: exit 2,
+    no traceback), and nothing is written to the store."""
+    import subprocess
+    import sys
+
+    x, pids = gallery()
+    with make(tmp_path / "db", lite) as db:
+        enrol(db, x, pids)
+    from milvus_lite.server_manager import server_manager_instance
+
+    server_manager_instance.release_server(lite)  # this process lets go of it
+    import facedb.index.milvus as mv
+
+    mv._CLIENTS.clear()
+    holder = subprocess.Popen([sys.executable, "-c", f"from pymilvus import MilvusClient; import time; "
+                               f"MilvusClient({lite!r}).list_collections(); print('held', flush=True); "
+                               f"time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        res = CliRunner().invoke(app, ["--db", str(tmp_path / "db"), "check"])
+        assert res.exit_code == 2 and "one process at a time" in res.stderr, res.output
+        assert "Traceback" not in res.output
+        with FaceDB.open(tmp_path / "db") as db:
+            gen = db.store.generation()
+            with pytest.raises(IndexUnavailableError, match="one process at a time"):
+                db.identify(x[0])
+            assert db.store.generation() == gen
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
 
 
 def test_reindex_moves_to_milvus_and_back(tmp_path, lite):

@@ -75,8 +75,10 @@ CONSISTENCY = "Strong"
 MAX_TOPK = 16384
 #: Rows per insert / upsert / delete request: 4,096 x 512-d float32 is 8 MiB, under gRPC's 64 MiB limit.
 WRITE_ROWS = 4096
-#: Seconds each call may take before it is an IndexUnavailableError.
+#: Seconds each call may take before it is an IndexUnavailableError; loading, flushing and creating a collection
+#: (which waits for its index) may take minutes on a large gallery.
 TIMEOUT_S = 60.0
+SLOW_TIMEOUT_S = 1800.0
 #: Galleries built at this size or more get IVF_FLAT instead of HNSW (cheaper to build, less memory).
 HNSW_UP_TO = 2_000_000
 FORMAT = "facedb-templates-1"
@@ -92,7 +94,16 @@ class _NoLiteTimestampNote(logging.Filter):
         return not str(record.msg).startswith("failed to get mvccTs")
 
 
+class _NoLiteLockTraceback(logging.Filter):
+    """Milvus Lite logs a traceback when its .db is locked by another process; the IndexUnavailableError raised
+    here already says so in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to start MilvusLite server")
+
+
 logging.getLogger("pymilvus.client.iterator.query_iterator").addFilter(_NoLiteTimestampNote())
+logging.getLogger("milvus_lite.server_manager").addFilter(_NoLiteLockTraceback())
 
 _CLIENTS: dict[tuple[str, str], MilvusClient] = {}
 _CLIENTS_LOCK = threading.Lock()
@@ -249,8 +260,8 @@ class MilvusIndex:
     def _present(self, ids: np.ndarray) -> np.ndarray:
         """Which of ``ids`` the collection holds now."""
         found: list[int] = []
-        for s in range(0, len(ids), MAX_TOPK):
-            chunk = [int(i) for i in ids[s:s + MAX_TOPK]]
+        for s in range(0, len(ids), WRITE_ROWS):  # keeps each filter expression short (~40 KB)
+            chunk = [int(i) for i in ids[s:s + WRITE_ROWS]]
             rows = self._call("reading ids", self._client.query, self.name, filter=f"id in {chunk}",
                               output_fields=["id"], consistency_level=CONSISTENCY)
             found += [int(r["id"]) for r in rows]
@@ -404,7 +415,7 @@ class MilvusBackend:
                  _P + "params": json.dumps(chosen, sort_keys=True), _P + "generation": "-1"}
         with _engine(uri, f"creating collection {physical!r}"):
             client.create_collection(physical, schema=schema, index_params=build, consistency_level=CONSISTENCY,
-                                     properties=props, timeout=TIMEOUT_S)
+                                     properties=props, timeout=SLOW_TIMEOUT_S)
         return MilvusIndex(client, uri, alias, physical, dim, chosen, readonly=False, published=False)
 
     def load(self, place: IndexPlace, stamp: dict[str, Any], dim: int) -> VectorIndex | None:
@@ -421,7 +432,7 @@ class MilvusBackend:
         with _engine(uri, f"loading collection {physical!r}"):
             state = str(client.get_load_state(physical, timeout=TIMEOUT_S).get("state", ""))
             if not state.endswith("Loaded"):  # a restarted server (or Milvus Lite) may hold it released
-                client.load_collection(physical, timeout=TIMEOUT_S)
+                client.load_collection(physical, timeout=SLOW_TIMEOUT_S)
         generation = int(props.get(_P + "generation", "-1"))
         index = MilvusIndex(client, uri, alias, physical, dim, json.loads(props.get(_P + "params", "{}")),
                             readonly=place.readonly, published=True,
@@ -446,7 +457,7 @@ class MilvusBackend:
             # Seal what the build wrote, so that it is indexed before anyone searches it (Milvus Lite searched
             # its unsealed rows at ~1 s a query at 10k x 512 here, its sealed HNSW segments at ~10 ms). Once per
             # rebuild; ordinary writes are never flushed (Milvus advises against frequent flushes).
-            client.flush(index.physical, timeout=TIMEOUT_S)
+            client.flush(index.physical, timeout=SLOW_TIMEOUT_S)
         info = _describe(client, uri, index.alias)
         old = None if info is None else str(info["collection_name"])
         with _engine(uri, f"pointing alias {index.alias!r} at {index.physical!r}"):
