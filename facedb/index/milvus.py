@@ -128,8 +128,9 @@ def _explain(uri: str, what: str, exc: BaseException) -> str:
     if any(w in low for w in ("auth", "credential", "token", "password", "permission", "privilege", "denied")):
         text += f" (wrong or missing token? set {TOKEN_ENV} to 'user:password' or an API key)"
     elif uri.endswith(".db"):
-        text += (" (Milvus Lite serves one process at a time: is another process using this database? Use a "
-                 "Milvus server for several processes)") if "open local" in low else ""
+        text += (" (Milvus Lite could not open it: it serves one process at a time, so another process may be "
+                 "using it (use a Milvus server for several processes), or the path is not a Milvus Lite "
+                 "directory)") if "open local" in low else ""
     elif any(w in low for w in ("connect", "unavailable", "deadline", "timeout")):
         text += " (is the server running and reachable from here?)"
     return text
