@@ -168,6 +168,16 @@ class IndexKeeper:
         if index is None or (not backend.write_through and len(index) != stamp.get("count")):
             return None
         self._backend = backend
+        reflects = getattr(index, "reflects", None)
+        if backend.write_through and not self.readonly and reflects is not None \
+                and int(reflects) > self.store.generation():
+            # The engine has seen writes this store never had: this is an older copy of the store (a replica's,
+            # or a restored backup). Levelling the shared engine to it would undo the writer's work.
+            raise IndexUnavailableError(
+                f"the index engine reflects store generation {reflects}, this store is at {self.store.generation()}: "
+                "an older copy of the store must be opened read-only (a read replica: `facedb --read-only`, "
+                "FaceDB.open(readonly=True)); if this store really is the truth now (restored from a backup), run "
+                "`facedb rebuild-index` to rebuild the index from it")
         if backend.write_through and self._replay(index, len(ids)):
             gallery = Gallery(index, gen)
             gallery.set_map(ids, pids)

@@ -227,6 +227,43 @@ def test_read_only_open_never_writes_and_answers_as_of_its_store(tmp_path, lite)
     assert set(p1) <= set(before[0])
 
 
+def copy_store(src: Path, dst: Path) -> None:
+    """A consistent snapshot of a database's store, as a replica host would receive it."""
+    import sqlite3
+
+    dst.mkdir(mode=0o700)
+    with sqlite3.connect(src / "facedb.sqlite3") as a, sqlite3.connect(dst / "facedb.sqlite3") as b:
+        a.backup(b)
+
+
+def test_an_older_copy_of_the_store_never_levels_the_collection_back(tmp_path, lite):
+    """A replica's copy (or a restored backup) is behind the collection: opened writable it is refused (it
+    would delete the writer's newer templates); read-only (CLI --read-only) it answers as of the copy and writes
+    nothing; `rebuild-index` makes it the truth when it really is (a restored backup)."""
+    x, pids = gallery()
+    with make(tmp_path / "db", lite) as db:
+        enrol(db, x[:18], pids[:18])
+    copy_store(tmp_path / "db", tmp_path / "copy")
+    with FaceDB.open(tmp_path / "db") as db:  # the writer moves on
+        db.add_templates("late", x[18:21], create=True)
+        db.remove_person("p1")
+    after = held(lite)
+    with FaceDB.open(tmp_path / "copy") as stale, pytest.raises(IndexUnavailableError, match="read-only"):
+        stale.identify(x[0])
+    assert held(lite) == after
+    runner = CliRunner()
+    res = runner.invoke(app, ["--read-only", "--db", str(tmp_path / "copy"), "--json", "check"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["ok"], res.output
+    with FaceDB.open(tmp_path / "copy", readonly=True) as replica:
+        assert replica.identify(x[0], k=1).identity == "p1", "as of its copy, p1 is still enrolled"
+        assert all(c.name != "late" for c in replica.identify(x[19], k=3).candidates), "late is not in its copy"
+    assert held(lite) == after, "the replica wrote nothing to the collection"
+    res = runner.invoke(app, ["--db", str(tmp_path / "copy"), "rebuild-index"])
+    assert res.exit_code == 0, res.output
+    with FaceDB.open(tmp_path / "copy", readonly=True) as restored:
+        assert held(lite)[0] == restored.store.template_map()[1].tolist(), "rebuilt from the copy, explicitly"
+
+
 def test_read_only_open_cannot_build_a_missing_collection(tmp_path, lite):
     x, pids = gallery()
     with make(tmp_path / "db", lite) as db:
