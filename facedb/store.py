@@ -118,6 +118,10 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     """,
     # 4: names as people read them (NFC)
     lambda conn: _normalise_stored_names(conn),
+    # 5: the decision rule; databases made before it keep their fixed threshold until told otherwise
+    """
+    INSERT OR IGNORE INTO meta (key, value) VALUES ('decision_rule', 'fixed');
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -246,7 +250,8 @@ class Store:
                 _apply(conn, step)
             now = utcnow()
             rows = {"format": FORMAT, "created_at": now, "generation": "0", "changes_floor": "0", **meta}
-            conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", list(rows.items()))
+            # a new database's own settings win over the defaults migrations write for older ones
+            conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", list(rows.items()))
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
