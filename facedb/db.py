@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import shutil
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -26,8 +29,15 @@ import numpy as np
 from . import engine
 from .audit import AuditTrail, acting_as, default_actor
 from .decision import ImpostorModel, predicted_fpir
-from .errors import DatabaseError, DatabaseExistsError, InvalidInputError, ModelMismatchError, NoFaceError
-from .index import check_kind
+from .errors import (
+    DatabaseError,
+    DatabaseExistsError,
+    IndexUnavailableError,
+    InvalidInputError,
+    ModelMismatchError,
+    NoFaceError,
+)
+from .index import backend_for, check_kind
 from .keeper import IndexKeeper
 from .records import (
     AuditRecord,
@@ -44,7 +54,7 @@ from .records import (
     Verification,
 )
 from .scores import as_unit_rows
-from .settings import AuditSettings, Calibration, Settings, check_k, check_threshold
+from .settings import AuditSettings, Calibration, Settings, check_index_options, check_k, check_threshold
 from .store import SCHEMA_VERSION, Store
 
 if TYPE_CHECKING:
@@ -69,21 +79,31 @@ class FaceDB:
     """
 
     def __init__(self, root: Path, store: Store, readonly: bool = False, weights: Path | None = None,
-                 model: FacePipeline | None = None, actor: str | None = None) -> None:
+                 model: FacePipeline | None = None, actor: str | None = None,
+                 index_options: dict[str, Any] | None = None) -> None:
         self.root = root
         self.store = store
         self.readonly = readonly
         self._weights = weights
         self._model = model
         self._lock = threading.RLock()
-        self.keeper = IndexKeeper(store, root, readonly=readonly)
+        self._given_options = dict(index_options or {})
+        self.keeper = IndexKeeper(store, root, readonly=readonly, options=self._index_options())
         self.trail = AuditTrail(store, actor or default_actor())
+
+    def _index_options(self) -> dict[str, Any]:
+        """What an index backend needs to find its engine: the stored options (a Milvus URI and collection),
+        the database's model and id (so a shared collection is never another database's), and the options
+        given to this process (a token, or a URI override): those are never stored."""
+        s = self.settings()
+        return {**s.index_options, "model_id": s.model_id, "database_id": s.database_id, **self._given_options}
 
     # ---------------------------------------------------------------------------------------------- lifecycle
     @classmethod
     def create(cls, path: str | os.PathLike[str], *, model_id: str, dim: int, threshold: float,
                threshold_source: str = "model default", index: str = "flat", flip: bool = True,
-               impostors: ImpostorModel | None = None, actor: str | None = None) -> FaceDB:
+               impostors: ImpostorModel | None = None, actor: str | None = None,
+               index_options: dict[str, Any] | None = None) -> FaceDB:
         """Create an empty database for vectors of ``model_id`` (``dim``-dimensional, unit length).
 
         ``threshold`` is the default (1:1) decision threshold, a cosine similarity (higher is stricter).
@@ -93,6 +113,10 @@ class FaceDB:
         photos are embedded as the mean of the face's and its mirror image's embedding (flip test-time
         augmentation, at twice the embedding cost; README "Accuracy"). Fixed for the database's life, since
         templates made both ways should not be compared; it does not affect vectors added directly.
+        ``index_options``: for ``index="milvus"``, ``milvus_uri`` (required) and ``milvus_collection`` (stored),
+        and ``milvus_token`` (used by this object only, never stored; else FACEDB_MILVUS_TOKEN). A remote
+        index is created at once, so an unreachable server or a refused token (IndexUnavailableError) or a
+        collection of another model (ModelMismatchError) leaves no database behind.
         """
         root = Path(path)
         if not model_id:
@@ -101,31 +125,50 @@ class FaceDB:
             raise InvalidInputError("dim must be a positive integer")
         threshold = check_threshold(threshold)
         check_kind(index)
+        options = dict(index_options or {})
+        rows = _option_rows(index, options)
         if (root / STORE_FILE).exists():
             raise DatabaseExistsError(f"a facedb database already exists at {root}")
         if root.exists() and not root.is_dir():
             raise DatabaseError(f"{root} exists and is not a directory")
+        made = not root.exists()
         try:
             root.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise DatabaseError(f"cannot create {root}: {exc.strerror}") from None
-        meta = Settings.initial(model_id, dim, threshold, threshold_source, index, flip, impostors)
-        return cls(root, Store.create(root / STORE_FILE, meta), actor=actor)
+        meta = {**Settings.initial(model_id, dim, threshold, threshold_source, index, flip, impostors), **rows,
+                "database_id": secrets.token_hex(16)}
+        db = cls(root, Store.create(root / STORE_FILE, meta), actor=actor, index_options=_secrets_of(options))
+        if index != "auto" and backend_for(index).write_through:
+            try:  # create the remote collection now: a bad URI, token or collection fails init, not a later enrol
+                db.keeper.rebuild(db.settings())
+            except BaseException:
+                db.close(save_index=False)
+                for name in (STORE_FILE, STORE_FILE + "-wal", STORE_FILE + "-shm"):
+                    (root / name).unlink(missing_ok=True)
+                if made:
+                    shutil.rmtree(root, ignore_errors=True)
+                raise
+        return db
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, model_id: str | None = None, readonly: bool = False,
              weights: str | os.PathLike[str] | None = None, model: FacePipeline | None = None,
-             actor: str | None = None) -> FaceDB:
+             actor: str | None = None, index_options: dict[str, Any] | None = None) -> FaceDB:
         """Open an existing database. With ``model_id``, refuse (ModelMismatchError) a database of another model.
 
         ``weights``: the FaceNet weights file to use when this process loads the model; ``model``: a face
         pipeline to use for photos (checked against the database's model); ``actor``: who the audit trail
         records as asking, when no :meth:`acting_as` block says otherwise (default ``local:<user>``).
-        ``readonly``: nothing in the gallery can be changed (decisions are still written to the audit trail).
+        ``readonly``: nothing in the gallery can be changed (decisions are still written to the audit trail), and
+        a remote index engine is never written to (see README "Scale-out" for read replicas).
+        ``index_options``: for a Milvus index, ``milvus_token`` and/or ``milvus_uri`` for this object only
+        (default: FACEDB_MILVUS_TOKEN, FACEDB_MILVUS_URI, else the stored URI); never stored.
         """
         root = Path(path)
         store = Store.open(root / STORE_FILE, readonly=readonly)
-        db = cls(root, store, readonly=readonly, weights=Path(weights) if weights else None, actor=actor)
+        db = cls(root, store, readonly=readonly, weights=Path(weights) if weights else None, actor=actor,
+                 index_options=_secrets_of(dict(index_options or {}), uri_too=True))
         try:
             if model_id is not None:
                 db._same_model(model_id, db.dim)
@@ -366,10 +409,14 @@ class FaceDB:
         threshold = None if threshold is None else check_threshold(threshold)
         with self._lock:
             settings = self.settings()
-            gallery = self.keeper.current(settings)
-            thr, rule = (threshold, "given") if threshold is not None else settings.rule.threshold(
-                settings.threshold, len(gallery))
-            return engine.identify(gallery, x, k, thr, self._fetch(gallery), self.store.names, rule), settings
+            try:
+                gallery = self.keeper.current(settings)
+                thr, rule = (threshold, "given") if threshold is not None else settings.rule.threshold(
+                    settings.threshold, len(gallery))
+                return engine.identify(gallery, x, k, thr, self._fetch(gallery), self.store.names, rule), settings
+            except IndexUnavailableError:
+                self.keeper.gallery = None  # a remote engine failed (or its collection was dropped): reopen next time
+                raise
 
     def identify(self, vectors: object, k: int = 5,
                  threshold: float | None = None) -> Identification | list[Identification]:
@@ -615,14 +662,47 @@ class FaceDB:
         with self._lock:
             return len(self.keeper.rebuild(self.settings()).index)
 
-    def reindex(self, kind: str, params: dict[str, Any] | None = None) -> ReindexReport:
-        """Change the index kind (see ``facedb.index.index_kinds()``, or auto) and its parameters, and rebuild."""
+    def reindex(self, kind: str, params: dict[str, Any] | None = None,
+                index_options: dict[str, Any] | None = None) -> ReindexReport:
+        """Change the index kind (see ``facedb.index.index_kinds()``, or auto) and its parameters, and rebuild.
+        ``index_options``: where a remote kind keeps it (``milvus_uri``, ``milvus_collection``; stored) and its
+        ``milvus_token`` (not stored). If the rebuild fails (an unreachable server...), the database keeps its
+        former index settings."""
         check_kind(kind)
+        options = dict(index_options or {})
         with self._lock:
-            self.store.set_meta(Settings.index_rows(kind, params or {}))
-            gallery = self.keeper.rebuild(self.settings())
+            before = self.store.all_meta()
+            rows = {**Settings.index_rows(kind, params or {}), **_option_rows(kind, options, self.settings())}
+            if not before.get("database_id"):
+                rows["database_id"] = secrets.token_hex(16)  # a database made before remote indexes existed
+            self._given_options.update(_secrets_of(options))
+            old_place, old_kind = self.keeper.place, (self.settings().index_stamp or {}).get("kind")
+            self.store.set_meta(rows)
+            self.keeper.place = replace(self.keeper.place, options=self._index_options())
+            try:
+                gallery = self.keeper.rebuild(self.settings())
+            except BaseException:
+                self.store.set_meta({k: before.get(k, "") for k in rows})
+                self.keeper.place = replace(self.keeper.place, options=self._index_options())
+                self.keeper.gallery = None
+                raise
+            self._drop_moved(old_kind, old_place, kind)
             return ReindexReport(index_kind=kind, built=gallery.index.kind, params=gallery.index.params,
                                  indexed=len(gallery.index))
+
+    def _drop_moved(self, old_kind: str | None, old_place: Any, kind: str) -> None:
+        """After a remote index moved to another place of the same kind (another collection or server), drop
+        the one it left, so that no template stays behind there (a move to another kind is the keeper's)."""
+        if old_kind != kind or old_kind is None or not backend_for(old_kind).write_through:
+            return
+        keys = ("milvus_uri", "milvus_collection")
+        if all(old_place.options.get(k) == self.keeper.place.options.get(k) for k in keys):
+            return
+        try:
+            backend_for(old_kind).discard(old_place)
+        except IndexUnavailableError as exc:
+            warnings.warn(f"the index moved, but its former collection could not be dropped (drop it by hand): {exc}",
+                          stacklevel=3)
 
     def vacuum(self) -> None:
         """Compact the store and rewrite the index's persisted copy, so that no byte of a removed template
@@ -715,3 +795,25 @@ class FaceDB:
                 if missed:
                     problems.append(f"{missed} of {len(sids)} sampled templates are not found by the index")
             return CheckReport(ok=not problems, checks=checks, problems=problems)
+
+
+def _option_rows(kind: str, options: dict[str, Any], settings: Settings | None = None) -> dict[str, str]:
+    """The ``meta`` rows for a kind's index options (validated; never the token). A remote kind needs a URI,
+    given now or stored before."""
+    rows = check_index_options(options)
+    if kind == "milvus":
+        if "milvus_uri" not in rows and not (settings and settings.index_options.get("milvus_uri")):
+            raise InvalidInputError("the milvus index needs a URI: --milvus-uri http://host:19530 (a server or "
+                                    "cluster) or a path ending in .db (Milvus Lite)")
+        if "milvus_collection" not in rows and not (settings and settings.index_options.get("milvus_collection")):
+            rows["milvus_collection"] = check_index_options({"milvus_collection": "facedb"})["milvus_collection"]
+    return rows
+
+
+def _secrets_of(options: dict[str, Any], uri_too: bool = False) -> dict[str, Any]:
+    """The options a process holds but never stores: the token (and, at open, a URI override)."""
+    keep = ("milvus_token", "milvus_uri") if uri_too else ("milvus_token",)
+    out = {k: v for k, v in options.items() if k in keep and v}
+    if "milvus_uri" in out:
+        out["milvus_uri"] = check_index_options({"milvus_uri": out["milvus_uri"]})["milvus_uri"]
+    return out

@@ -52,5 +52,16 @@ class NoFaceError(FaceDBError):
     """No face was found in a photo that needed one."""
 
 
+class IndexUnavailableError(FaceDBError):
+    """The vector index's engine cannot be used: a Milvus server that cannot be reached or refuses the
+    credentials, an optional client library that is not installed, or a collection that belongs to something
+    else (another facedb database, or not facedb at all). The message names the engine and what to do."""
+
+
+class IndexBehindWarning(UserWarning):
+    """A write reached the store (the truth) but not the shared index engine; the engine records the
+    generation it reflects, so the next process that opens it replays the store's change log."""
+
+
 class ModelUnavailableError(FaceDBError):
     """A model or its weights cannot be loaded; the message says how to get them."""

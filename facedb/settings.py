@@ -9,8 +9,11 @@ made before flip augmentation existed has ``flip`` off; one made before the audi
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .decision import RULES, ImpostorModel, Rule
 from .errors import InvalidInputError
@@ -33,6 +36,45 @@ def check_k(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidInputError("k must be a positive integer")
     return value
+
+
+#: ``meta`` keys saying where a remote index engine keeps the index (``facedb init --index milvus``). Never a
+#: credential: the token comes from the environment (FACEDB_MILVUS_TOKEN), so the database file never holds it.
+INDEX_OPTION_KEYS = ("milvus_uri", "milvus_collection")
+DEFAULT_MILVUS_COLLECTION = "facedb"
+_COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
+
+
+def check_index_options(options: dict[str, Any]) -> dict[str, str]:
+    """The ``meta`` rows for index options, validated: a Milvus URI is ``http(s)://host:port`` (a server or a
+    cluster's proxy), ``tcp://`` or ``unix://``, or a path ending in ``.db`` (Milvus Lite, made absolute so that
+    it does not depend on the current directory); credentials inside the URI are refused (they would land in
+    the database file). A collection name is what Milvus accepts: a letter or underscore, then letters, digits
+    and underscores (at most 100). InvalidInputError otherwise."""
+    rows: dict[str, str] = {}
+    uri = options.get("milvus_uri")
+    if uri is not None:
+        uri = str(uri).strip()
+        parts = urlsplit(uri)
+        if parts.scheme in ("http", "https", "tcp", "unix", "grpc"):
+            if parts.username or parts.password:
+                raise InvalidInputError("put Milvus credentials in FACEDB_MILVUS_TOKEN, not in the URI (the URI is "
+                                        "stored in the database file)")
+            if parts.scheme != "unix" and not parts.hostname:
+                raise InvalidInputError(f"Milvus URI {uri!r} names no host")
+        elif uri.endswith(".db") and "://" not in uri:
+            uri = str(Path(uri).expanduser().resolve())
+        else:
+            raise InvalidInputError(f"Milvus URI {uri!r}: give http(s)://host:19530 for a server or cluster, or a "
+                                    "path ending in .db for Milvus Lite")
+        rows["milvus_uri"] = uri
+    name = options.get("milvus_collection")
+    if name is not None:
+        if not _COLLECTION_NAME.fullmatch(str(name)):
+            raise InvalidInputError(f"Milvus collection name {name!r}: a letter or underscore, then letters, digits "
+                                    "or underscores (at most 100)")
+        rows["milvus_collection"] = str(name)
+    return rows
 
 
 @dataclass(frozen=True)
@@ -112,6 +154,8 @@ class Settings:
     index_params: dict[str, Any] = field(default_factory=dict)
     index_params_raw: str = "{}"  # as stored: the index stamp records exactly this text
     index_stamp: dict[str, Any] | None = None
+    index_options: dict[str, str] = field(default_factory=dict)  # where a remote engine keeps it (no secrets)
+    database_id: str | None = None  # a random id given at creation: binds a shared index collection to this store
     calibration: Calibration | None = None
     audit: AuditSettings = field(default_factory=AuditSettings)
     generation: int = 0
@@ -133,7 +177,8 @@ class Settings:
         cal = js("calibration")
         known = {"model_id", "dim", "threshold", "threshold_source", "metric", "flip", "index_kind", "index_params",
                  "index_stamp", "calibration", "audit_enabled", "audit_retention_days", "audit_store_embeddings",
-                 "generation", "created_at", "decision_rule", "decision_target", "impostor_model"}
+                 "generation", "created_at", "decision_rule", "decision_target", "impostor_model",
+                 "database_id", *INDEX_OPTION_KEYS}
         impostors = None
         if meta.get("impostor_model"):
             try:
@@ -151,6 +196,8 @@ class Settings:
             index_params=js("index_params") or {},
             index_params_raw=meta.get("index_params", "{}"),
             index_stamp=js("index_stamp"),
+            index_options={k: meta[k] for k in INDEX_OPTION_KEYS if meta.get(k)},
+            database_id=meta.get("database_id") or None,
             calibration=Calibration.from_dict(cal) if isinstance(cal, dict) else None,
             audit=AuditSettings(
                 enabled=meta.get("audit_enabled", "1") == "1",

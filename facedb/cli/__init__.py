@@ -47,10 +47,11 @@ EXIT_NO = 1
 
 
 class State:
-    def __init__(self, db: Path, json_out: bool, quiet: bool = False) -> None:
+    def __init__(self, db: Path, json_out: bool, quiet: bool = False, read_only: bool = False) -> None:
         self.db = db
         self.json = json_out
         self.quiet = quiet
+        self.read_only = read_only
 
 
 @app.callback()
@@ -61,8 +62,12 @@ def _main(
     ] = Path("facedb-data"),
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per line, for scripts.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress reports on stderr.")] = False,
+    read_only: Annotated[bool, typer.Option(
+        "--read-only", envvar="FACEDB_READ_ONLY",
+        help="Open the database read-only: nothing in the gallery changes and a shared index engine is never "
+             "written to (a read replica's copy of the store; decisions still go to its audit trail).")] = False,
 ) -> None:
-    ctx.obj = State(db, json_out, quiet)
+    ctx.obj = State(db, json_out, quiet, read_only)
 
 
 # Options every command also accepts after its name (`facedb search x.jpg --json --db D`), as sqlite-utils
@@ -118,7 +123,8 @@ def open_db(ctx: typer.Context, weights: Path | None = None, readonly: bool = Fa
     from ..audit import default_actor
     from ..db import FaceDB
 
-    return FaceDB.open(state(ctx).db, weights=weights, readonly=readonly, actor=default_actor("cli"))
+    return FaceDB.open(state(ctx).db, weights=weights, readonly=readonly or state(ctx).read_only,
+                       actor=default_actor("cli"))
 
 
 def emit(ctx: typer.Context, rows: Iterable[dict[str, Any]], columns: Sequence[str] | None = None) -> None:

@@ -15,14 +15,36 @@ from . import EXIT_NO, command, emit, emit_kv, open_db, state
 
 
 class IndexKind(str, Enum):
-    """Index kinds ``init``/``reindex`` offer (the FAISS backend's, and ``auto``)."""
+    """Index kinds ``init``/``reindex`` offer (the FAISS backend's, Milvus, and ``auto``)."""
 
     flat = "flat"
     flat16 = "flat16"
     hnsw = "hnsw"
     ivf = "ivf"
     ivfpq = "ivfpq"
+    milvus = "milvus"
     auto = "auto"
+
+
+MilvusUriOpt = Annotated[str | None, typer.Option(
+    envvar="FACEDB_MILVUS_URI", help="--index milvus: http(s)://host:19530 (a Milvus server or cluster) or a path "
+                                     "ending in .db (Milvus Lite, one process). Stored in the database.")]
+MilvusCollectionOpt = Annotated[str | None, typer.Option(
+    help="--index milvus: the collection (alias) name, one per database; default facedb. Stored in the database.")]
+MilvusTokenOpt = Annotated[str | None, typer.Option(
+    envvar="FACEDB_MILVUS_TOKEN", show_envvar=True,
+    help="--index milvus: 'user:password' or an API key, for this command only (never stored: every later command "
+         "reads FACEDB_MILVUS_TOKEN). Prefer the environment variable to the option.")]
+
+
+def milvus_options(index: IndexKind, uri: str | None, collection: str | None, token: str | None) -> dict[str, str]:
+    """The index options the Milvus flags give (none unless the kind is milvus)."""
+    if index is not IndexKind.milvus:
+        if collection is not None:
+            raise InvalidInputError("--milvus-collection goes with --index milvus")
+        return {}
+    given = {"milvus_uri": uri, "milvus_collection": collection, "milvus_token": token}
+    return {k: v for k, v in given.items() if v}
 
 
 class Rule(str, Enum):
@@ -46,14 +68,18 @@ def init(
     threshold: Annotated[
         float | None, typer.Option(help="Decision threshold (cosine similarity); default: the model's.")
     ] = None,
-    index: Annotated[IndexKind, typer.Option(help="Index kind: flat (exact), flat16, hnsw, ivf, ivfpq, or auto "
-                                                  "(by gallery size).")] = IndexKind.flat,
+    index: Annotated[IndexKind, typer.Option(help="Index kind: flat (exact), flat16, hnsw, ivf, ivfpq, milvus (a "
+                                                  "Milvus collection: see --milvus-uri), or auto (by gallery "
+                                                  "size).")] = IndexKind.flat,
     weights: WeightsOpt = None,
     flip: Annotated[
         bool, typer.Option(help="Embed photos with flip test-time augmentation (2x embedding time; more accurate).")
     ] = True,
     force: Annotated[bool, typer.Option(help="Create the database even if the model's weights cannot be found "
                                               "now (it cannot enrol or search photos until they are).")] = False,
+    milvus_uri: MilvusUriOpt = None,
+    milvus_collection: MilvusCollectionOpt = None,
+    milvus_token: MilvusTokenOpt = None,
     rule: Annotated[Rule | None, typer.Option(help="Decision rule: gallery (the 1:N threshold follows the gallery "
                                                    "size to hold FPIR at 1%; the default when the model ships an "
                                                    "impostor model) or fixed.")] = None,
@@ -62,6 +88,7 @@ def init(
     from ..db import FaceDB
     from ..models import resolve_model
 
+    options = milvus_options(index, milvus_uri, milvus_collection, milvus_token)
     spec, note = resolve_model(model, weights=weights, dim=dim, check_weights=not force)
     if rule is None:
         rule = Rule.gallery if spec.impostor_model(flip) is not None else Rule.fixed
@@ -73,10 +100,10 @@ def init(
         raise InvalidInputError(f"{spec.id} ships no impostor model for the gallery rule: use --rule fixed and "
                                 "calibrate (`facedb calibrate --far ... --folder DIR` builds one from your photos)")
     with FaceDB.create(state(ctx).db, model_id=spec.id, dim=spec.dim, threshold=thr, threshold_source=source,
-                       index=index.value, flip=flip, impostors=impostors) as db:
+                       index=index.value, flip=flip, impostors=impostors, index_options=options) as db:
         s = db.settings()
         info = {"created": str(db.root), "model_id": db.model_id, "dim": db.dim, "threshold": db.threshold,
-                "flip": db.flip, "index_kind": db.index_kind, "decision_rule": s.rule.kind}
+                "flip": db.flip, "index_kind": db.index_kind, "decision_rule": s.rule.kind, **s.index_options}
     if note:
         typer.echo(note, err=True)
     emit_kv(ctx, info)
@@ -117,7 +144,7 @@ def vacuum(ctx: typer.Context) -> None:
 @command()
 def reindex(
     ctx: typer.Context,
-    index: Annotated[IndexKind, typer.Option(help="flat, flat16, hnsw, ivf, ivfpq, or auto.")],
+    index: Annotated[IndexKind, typer.Option(help="flat, flat16, hnsw, ivf, ivfpq, milvus, or auto.")],
     nprobe: Annotated[int | None, typer.Option(min=1, help="IVF: lists searched per probe.")] = None,
     nlist: Annotated[
         int | None, typer.Option(min=1, help="IVF: number of lists (default ~4 sqrt(n), a power of two, at most "
@@ -126,13 +153,18 @@ def reindex(
     ef_search: Annotated[int | None, typer.Option(min=1, help="HNSW: search breadth.")] = None,
     ef_construction: Annotated[int | None, typer.Option(min=1, help="HNSW: build breadth.")] = None,
     m: Annotated[int | None, typer.Option("--m", min=2, help="HNSW: links per node.")] = None,
+    milvus_uri: MilvusUriOpt = None,
+    milvus_collection: MilvusCollectionOpt = None,
+    milvus_token: MilvusTokenOpt = None,
 ) -> None:
-    """Change the index kind and its settings, and rebuild it from the store."""
+    """Change the index kind and its settings, and rebuild it from the store (moving to Milvus fills the
+    collection; moving back to a FAISS kind drops it)."""
     params = {k: v for k, v in {"nprobe": nprobe, "nlist": nlist, "ef_search": ef_search,
                                 "ef_construction": ef_construction, "M": m}.items() if v is not None}
+    options = milvus_options(index, milvus_uri, milvus_collection, milvus_token)
     with open_db(ctx) as db:
         try:
-            emit_kv(ctx, db.reindex(index.value, params).to_dict())
+            emit_kv(ctx, db.reindex(index.value, params, options).to_dict())
         except ValueError as exc:
             raise InvalidInputError(str(exc)) from None
 
