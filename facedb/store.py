@@ -41,9 +41,12 @@ import sqlite_utils
 from .errors import (
     DatabaseError,
     DatabaseExistsError,
+    DuplicateError,
     DuplicatePersonError,
     InvalidInputError,
+    NotFoundError,
     PersonNotFoundError,
+    TemplateNotFoundError,
 )
 from .records import Person, Template
 from .scores import UNIT_TOLERANCE, from_blob, to_blob
@@ -118,6 +121,26 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     """,
     # 4: names as people read them (NFC)
     lambda conn: _normalise_stored_names(conn),
+    # 5: the service's API keys (only a hash of each key) and webhooks (facedb/keys.py, facedb/hooks.py)
+    """
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        name TEXT,
+        scope TEXT NOT NULL CHECK (scope IN ('identify', 'enroll', 'admin')),
+        key_hash TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        revoked_at TEXT
+    );
+    CREATE UNIQUE INDEX api_keys_live_name ON api_keys(name) WHERE revoked_at IS NULL;
+    CREATE TABLE webhooks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        url TEXT NOT NULL,
+        events TEXT NOT NULL,
+        secret TEXT NOT NULL,
+        key_id TEXT REFERENCES api_keys(id),
+        created_at TEXT NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -506,7 +529,7 @@ class Store:
                 "SELECT e.image_id, p.name FROM embeddings e JOIN people p ON p.id = e.person_id WHERE e.id = ?",
                 (int(template_id),)).fetchone()
             if row is None:
-                raise InvalidInputError(f"no template with id {template_id}")
+                raise TemplateNotFoundError(f"no template with id {template_id}")
             image_id, name = row
             self.conn.execute("DELETE FROM embeddings WHERE id = ?", (int(template_id),))
             if image_id is not None and not self.conn.execute(
@@ -841,6 +864,89 @@ class Store:
             rec["has_embedding"] = bool(rec["has_embedding"])
             out.append(rec)
         return out
+
+    # ------------------------------------------------------------ API keys and webhooks (the service's)
+    _KEY_COLUMNS = "id, name, scope, key_hash, created_at, revoked_at"
+    _HOOK_COLUMNS = "id, url, events, secret, key_id, created_at"
+
+    def _need_version(self, version: int, what: str) -> None:
+        if self.version < version:
+            raise DatabaseError(f"{self.path} predates {what}: open it once writable to upgrade it")
+
+    def add_api_key(self, key_id: str, name: str | None, scope: str, key_hash: str) -> dict[str, Any]:
+        """Store a new API key (its hash only); DuplicateError when a live key already has ``name``."""
+        self._need_version(5, "API keys")
+        row = {"id": key_id, "name": name, "scope": scope, "key_hash": key_hash, "created_at": utcnow(),
+               "revoked_at": None}
+        with self.write():
+            if name is not None and self.conn.execute(
+                    "SELECT 1 FROM api_keys WHERE name = ? AND revoked_at IS NULL", (name,)).fetchone():
+                raise DuplicateError(f"a key named {name!r} already exists (revoke it first)")
+            self.conn.execute("INSERT INTO api_keys (id, name, scope, key_hash, created_at, revoked_at) "
+                              "VALUES (:id, :name, :scope, :key_hash, :created_at, :revoked_at)", row)
+        return row
+
+    def api_key(self, key_id: str) -> dict[str, Any] | None:
+        """The key row with id ``key_id`` (revoked or not), or None."""
+        if self.version < 5:
+            return None
+        row = self.conn.execute(f"SELECT {self._KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        return dict(zip(self._KEY_COLUMNS.split(", "), row)) if row else None
+
+    def api_keys(self) -> list[dict[str, Any]]:
+        """Every key row, oldest first (revoked ones too: they stay, so the audit trail's actors resolve)."""
+        if self.version < 5:
+            return []
+        rows = self.conn.execute(f"SELECT {self._KEY_COLUMNS} FROM api_keys ORDER BY created_at, id").fetchall()
+        return [dict(zip(self._KEY_COLUMNS.split(", "), r)) for r in rows]
+
+    def revoke_api_key(self, ref: str) -> dict[str, Any]:
+        """Revoke the key whose id is ``ref``, or the live key named ``ref``; returns its row. NotFoundError if
+        there is none; revoking a revoked key changes nothing."""
+        self._need_version(5, "API keys")
+        with self.write():
+            row = self.conn.execute(f"SELECT {self._KEY_COLUMNS} FROM api_keys WHERE id = ?", (ref,)).fetchone()
+            if row is None:
+                row = self.conn.execute(f"SELECT {self._KEY_COLUMNS} FROM api_keys WHERE name = ? "
+                                        "AND revoked_at IS NULL", (ref,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no API key with id or name {ref!r}")
+            key = dict(zip(self._KEY_COLUMNS.split(", "), row))
+            if key["revoked_at"] is None:
+                key["revoked_at"] = utcnow()
+                self.conn.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", (key["revoked_at"], key["id"]))
+        return key
+
+    def add_webhook(self, url: str, events: Sequence[str], secret: str, key_id: str | None) -> dict[str, Any]:
+        """Store a webhook (for one key's requests, or database-wide when ``key_id`` is None)."""
+        self._need_version(5, "webhooks")
+        row = {"url": url, "events": ",".join(events), "secret": secret, "key_id": key_id, "created_at": utcnow()}
+        with self.write():
+            if key_id is not None and not self.conn.execute(
+                    "SELECT 1 FROM api_keys WHERE id = ? AND revoked_at IS NULL", (key_id,)).fetchone():
+                raise NotFoundError(f"no live API key with id {key_id!r}")
+            cur = self.conn.execute("INSERT INTO webhooks (url, events, secret, key_id, created_at) "
+                                    "VALUES (:url, :events, :secret, :key_id, :created_at)", row)
+            row["id"] = int(cur.lastrowid)
+        return row
+
+    def webhooks(self) -> list[dict[str, Any]]:
+        """Every webhook row (with its secret), oldest first."""
+        if self.version < 5:
+            return []
+        rows = self.conn.execute(f"SELECT {self._HOOK_COLUMNS} FROM webhooks ORDER BY id").fetchall()
+        return [dict(zip(self._HOOK_COLUMNS.split(", "), r)) for r in rows]
+
+    def remove_webhook(self, hook_id: int) -> dict[str, Any]:
+        """Delete a webhook; returns its row. NotFoundError if there is none."""
+        self._need_version(5, "webhooks")
+        with self.write():
+            row = self.conn.execute(f"SELECT {self._HOOK_COLUMNS} FROM webhooks WHERE id = ?",
+                                    (int(hook_id),)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no webhook with id {hook_id}")
+            self.conn.execute("DELETE FROM webhooks WHERE id = ?", (int(hook_id),))
+        return dict(zip(self._HOOK_COLUMNS.split(", "), row))
 
     def vacuum(self) -> None:
         """Rewrite the file, dropping free pages, then truncate the WAL (so no removed bytes linger)."""

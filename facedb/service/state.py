@@ -1,0 +1,119 @@
+"""What a service worker holds for its whole life: the open database, the model, the loaded index, the webhook
+dispatcher, and whether it is ready.
+
+Loading happens on a thread started at start-up, so that ``/health`` answers at once while ``/ready`` says 503
+until the model and the index are in memory; every other route answers 503 NotReadyError until then.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..audit import default_actor
+from ..errors import InvalidInputError, ModelUnavailableError, NotReadyError
+from ..hooks import Dispatcher, Sender
+from .config import ServiceSettings
+
+if TYPE_CHECKING:
+    from ..db import FaceDB
+    from ..pipeline import FacePipeline
+
+log = logging.getLogger("facedb.service")
+
+
+class ServiceState:
+    """One worker's resident database, model and index. ``model``: a face pipeline to use instead of loading
+    the database's (tests pass a test double); ``sender``: how webhooks are posted (default: httpx)."""
+
+    def __init__(self, settings: ServiceSettings, *, model: FacePipeline | None = None,
+                 sender: Sender | None = None) -> None:
+        self.settings = settings
+        self._given_model = model
+        self._sender = sender
+        self.db: FaceDB | None = None
+        self.pipeline: FacePipeline | None = None
+        self.model_id: str | None = None
+        self.ready = False
+        self.error: str | None = None
+        self.loaded = threading.Event()
+        self.dispatcher: Dispatcher | None = None
+        self.pid = os.getpid()
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        if self._sender is None:
+            from .delivery import http_sender
+
+            self._sender = http_sender(self.settings.hook_timeout)
+        s = self.settings
+        self.dispatcher = Dispatcher(self._hooks, self._sender, fold_window=s.fold_window,
+                                     max_attempts=s.hook_attempts, backoff=s.hook_backoff)
+        threading.Thread(target=self._load, name="facedb-load", daemon=True).start()
+
+    def _hooks(self) -> list[Any]:
+        return self.db.webhooks() if self.db is not None else []
+
+    def _load(self) -> None:
+        from ..db import FaceDB
+
+        try:
+            db = FaceDB.open(self.settings.db, weights=self.settings.weights, actor=default_actor("service"))
+            self.model_id = db.model_id
+            self.pipeline = self._load_model(db)
+            db.load_index()
+            self.db = db
+            self.ready = True
+            log.info("facedb service ready: %s, model %s%s", self.settings.db, db.model_id,
+                     "" if self.pipeline else " (vectors only)")
+        except Exception as exc:  # stay up, not ready, and say why on /ready
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.error("facedb service cannot start: %s", self.error)
+        finally:
+            self.loaded.set()
+
+    def _load_model(self, db: FaceDB) -> FacePipeline | None:
+        """The face pipeline, loaded and warmed; None for a database of vectors from a model facedb cannot
+        run (its photo routes then answer 503, its vector routes work)."""
+        if self._given_model is not None:
+            return db.pipeline(self._given_model)  # checks it is the database's model
+        from ..models import spec_for
+
+        try:
+            spec_for(db.model_id)
+        except InvalidInputError:
+            return None
+        pipe = db.pipeline()
+        pipe.detector.detect(np.zeros((64, 64, 3), dtype=np.uint8))  # load MTCNN's weights now, not on a request
+        return pipe
+
+    def stop(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.close(timeout=2.0)
+        self.loaded.wait(timeout=30)
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+        self.ready = False
+
+    # ------------------------------------------------------------------------------------------ for routes
+    def ready_db(self) -> FaceDB:
+        """The database, or NotReadyError while loading (or after a failed start)."""
+        if not self.ready or self.db is None:
+            raise NotReadyError("the service is starting (loading the model and the index); retry shortly"
+                                if self.error is None else "the service could not start; see its log")
+        return self.db
+
+    def photo_model(self) -> FacePipeline:
+        if self.pipeline is None:
+            raise ModelUnavailableError(f"facedb cannot compute {self.model_id!r} embeddings itself: this database "
+                                        "takes vectors (use the /vector routes)")
+        return self.pipeline
+
+    def publish(self, event: str, data: dict[str, Any], *, key_id: str | None, subject: str | None) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.publish(event, data, key_id=key_id, subject=subject)
