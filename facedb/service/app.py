@@ -140,5 +140,10 @@ def app_from_env() -> FastAPI:
     """The app as ``facedb serve`` configures it, through ``FACEDB_*`` variables (uvicorn ``--factory``)."""
     import logging
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s")
+    log = logging.getLogger("facedb")  # facedb's own messages beside uvicorn's, not every library's
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     return create_app(ServiceSettings.from_env())

@@ -24,6 +24,7 @@ from ..errors import (
     FaceDBError,
     ImageError,
     InvalidInputError,
+    InvalidVectorError,
     ModelMismatchError,
     ModelUnavailableError,
     NoFaceError,
@@ -42,7 +43,8 @@ STATUS: list[tuple[type[FaceDBError], int]] = [
     (DuplicateError, 409),  # DuplicatePersonError, a key name in use
     (ModelMismatchError, 409),
     (DatabaseExistsError, 409),
-    (InvalidInputError, 400),  # InvalidVectorError too
+    (InvalidInputError, 400),
+    (InvalidVectorError, 400),
     (ImageError, 400),
     (AuthenticationError, 401),
     (PermissionDeniedError, 403),
