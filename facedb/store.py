@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import threading
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
@@ -222,6 +223,9 @@ class Store:
         self.conn = conn
         self.db = sqlite_utils.Database(conn)
         self._audit_conn: sqlite3.Connection | None = None
+        # The audit connection is shared by every thread using this store, and FaceDB records some decisions
+        # outside its own lock (so that a search does not wait for another's record): one transaction at a time.
+        self._audit_lock = threading.Lock()
         self.readonly = False
         self.version = SCHEMA_VERSION
         self.dim = int(self.get_meta("dim", "0"))
@@ -815,6 +819,10 @@ class Store:
             return
         if self.version < 2:  # a read-only open of a database made before the audit trail existed
             return
+        with self._audit_lock:
+            self._append_audit(rows, retention_days)
+
+    def _append_audit(self, rows: Sequence[dict[str, Any]], retention_days: float | None) -> None:
         now = utcnow()
         conn = self._audit_connection()
         cols = ["time", "operation", "image_sha256", "identity", "similarity", "threshold", "model_id", "detail",

@@ -558,3 +558,31 @@ def test_settings_from_environment_round_trip(tmp_path):
         ServiceSettings.from_env({"FACEDB_PORT": "eighty"})
     with pytest.raises(InvalidInputError):
         ServiceSettings(workers=0)
+
+
+def test_one_facedb_shared_by_many_threads_writes_every_audit_record(tmp_path):
+    """Found by the two-worker test: identify records its decision outside the FaceDB's lock, so threads of one
+    service worker shared the audit connection and one failed with "cannot start a transaction within a
+    transaction". Every concurrent decision must be answered and recorded."""
+    rng = np.random.default_rng(0)
+    with FaceDB.create(tmp_path / "db", model_id="m", dim=8, threshold=0.5) as db:
+        db.add_templates("Ann", np.eye(8, dtype=np.float32)[:1], create=True)
+        errors = []
+
+        def work(seed):
+            local = np.random.default_rng(seed)
+            for _ in range(150):
+                try:
+                    v = local.standard_normal(8).astype(np.float32)
+                    db.identify(v / np.linalg.norm(v))
+                    db.note("read-people")
+                except Exception as exc:  # every error counts
+                    errors.append(repr(exc))
+
+        threads = [threading.Thread(target=work, args=(int(rng.integers(1 << 30)),)) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert len(db.audit(operation="identify")) == len(db.audit(operation="read-people")) == 900
