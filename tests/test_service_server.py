@@ -94,6 +94,7 @@ def test_two_workers_enrol_through_one_identify_through_the_other_at_once(tmp_pa
     assert check_cli(db).returncode == 0
 
 
+@pytest.mark.slow
 def test_kill9_a_worker_during_enrolments_loses_nothing_acknowledged(tmp_path):
     db = tmp_path / "db"
     keys = make_db(db, model_id="vec-test", dim=DIM, threshold=0.9)

@@ -137,7 +137,8 @@ def enroll_vectors(name: str, body: Vectors, caller: Annotated[Caller, Depends(E
     import numpy as np
 
     try:
-        vectors = np.asarray(body.vectors, dtype=np.float32)
+        with np.errstate(over="ignore"):
+            vectors = np.asarray(body.vectors, dtype=np.float32)
     except ValueError:
         raise InvalidInputError("'vectors' must be a list of equally long lists of numbers") from None
     if vectors.ndim != 2 or not len(vectors):

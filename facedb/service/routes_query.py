@@ -67,7 +67,8 @@ def identify_vector(body: VectorIdentify, caller: Annotated[Caller, Depends(IDEN
     if (body.vector is None) == (body.vectors is None):
         raise InvalidInputError("give either 'vector' or 'vectors'")
     try:
-        probes = np.asarray(body.vectors if body.vectors is not None else [body.vector], dtype=np.float32)
+        with np.errstate(over="ignore"):  # 1e39 becomes inf, which the unit-vector check then refuses
+            probes = np.asarray(body.vectors if body.vectors is not None else [body.vector], dtype=np.float32)
     except ValueError:  # ragged lists
         probes = np.zeros(0, dtype=np.float32)
     if probes.ndim != 2:
@@ -93,7 +94,8 @@ def verify_photo(photo: Annotated[UploadFile, File(description="The photo; its l
 
 @router.post("/verify/vector", summary="Is this vector the claimed person? 1:1 on your own embeddings.")
 def verify_vector(body: VectorVerify, caller: Annotated[Caller, Depends(IDENTIFY)]) -> dict[str, Any]:
-    vector = np.asarray(body.vector, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        vector = np.asarray(body.vector, dtype=np.float32)
     with caller as db:
         result = db.verify(vector, body.person, body.threshold)
     _verified(caller, result)

@@ -43,9 +43,17 @@ class ServiceState:
         self.loaded = threading.Event()
         self.dispatcher: Dispatcher | None = None
         self.pid = os.getpid()
+        self._users = 0
+        self._users_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
+        """Start loading (once: a second start-up of the same app, as test clients do, shares the first)."""
+        with self._users_lock:
+            self._users += 1
+            if self._users > 1:
+                return
+        self.error = None
         if self._sender is None:
             from .delivery import http_sender
 
@@ -92,6 +100,10 @@ class ServiceState:
         return pipe
 
     def stop(self) -> None:
+        with self._users_lock:
+            self._users -= 1
+            if self._users > 0:
+                return
         if self.dispatcher is not None:
             self.dispatcher.close(timeout=2.0)
         self.loaded.wait(timeout=30)
