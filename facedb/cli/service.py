@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -55,9 +54,8 @@ def serve(
 ) -> None:
     """Run the HTTP API (FastAPI on uvicorn; OpenAPI at /docs). Needs `pip install 'facedb[service]'`."""
     try:
-        import uvicorn
-
         import facedb.service.app  # noqa: F401  (fastapi and httpx present)
+        from facedb.service.server import run
     except ImportError as exc:
         raise FaceDBError(f"the service needs its extra: pip install 'facedb[service]' ({exc.name} is missing)"
                           ) from None
@@ -72,9 +70,7 @@ def serve(
     if not _loopback(host):
         typer.echo(f"warning: listening on {host}, beyond this machine: facedb speaks plain HTTP; put TLS in a "
                    "reverse proxy in front of it", err=True)
-    os.environ.update(settings.to_env())
-    uvicorn.run("facedb.service.app:app_from_env", factory=True, host=host, port=port, workers=workers,
-                log_level=log_level, server_header=False, timeout_graceful_shutdown=10)
+    run(settings, log_level)
 
 
 @command(name="create", group=keys_app)
