@@ -347,7 +347,7 @@ def test_identify_photo_one_answer_per_face_and_audited(svc):
         ident_id = next(k.id for k in d.api_keys() if k.name == "identify-key")
         searches = d.audit(operation="search")
     assert [(s.identity, s.actor) for s in searches[:2]] == [("Ann", f"key:{ident_id}"), (None, f"key:{ident_id}")]
-    for bad in ({"k": "0"}, {"k": "x"}, {"threshold": "2"}, {"threshold": "nan"}):
+    for bad in ({"k": "0"}, {"k": "x"}, {"k": str(10**9)}, {"threshold": "2"}, {"threshold": "nan"}):
         assert_error(client.post("/v1/identify", files={"photo": ("d.png", png([RED], 9))}, data=bad,
                                  headers=hdr(keys["identify"])), 400)
     assert_error(client.post("/v1/identify", files={"photo": ("d.png", b"GIF89a broken")},
@@ -358,6 +358,7 @@ def test_identify_photo_one_answer_per_face_and_audited(svc):
 
 def test_identify_vector_single_and_batch(svc):
     client, keys, _ = svc
+    E0 = np.eye(32)[0].tolist()
     h = hdr(keys["enroll"])
     client.post("/v1/people/Ann/vectors", json={"vectors": [np.eye(32)[0].tolist()]}, headers=h)
     one = client.post("/v1/identify/vector", json={"vector": np.eye(32)[0].tolist(), "k": 1}, headers=h).json()
@@ -365,6 +366,7 @@ def test_identify_vector_single_and_batch(svc):
     many = client.post("/v1/identify/vector", json={"vectors": np.eye(32)[:2].tolist()}, headers=h).json()
     assert [a["identity"] for a in many["results"]] == ["Ann", None]
     assert_error(client.post("/v1/identify/vector", json={}, headers=h), 400)
+    assert_error(client.post("/v1/identify/vector", json={"vector": E0, "k": 10**9}, headers=h), 400)
     assert_error(client.post("/v1/identify/vector", json={"vector": [1.0] + [0.0] * 31, "vectors": [[1.0]]},
                              headers=h), 400)
     assert_error(client.post("/v1/identify/vector", json={"vectors": [[1.0], [1.0, 0.0]]}, headers=h), 400)

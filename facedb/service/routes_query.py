@@ -17,7 +17,10 @@ from .auth import IDENTIFY, Caller
 
 router = APIRouter(prefix="/v1", tags=["decisions"])
 
-KForm = Annotated[int, Form(description="Candidates per face (top-k people).")]
+#: The most candidates one answer lists: a bound on the work (and memory) one request can ask for.
+MAX_K = 1000
+
+KForm = Annotated[int, Form(ge=1, le=MAX_K, description="Candidates per face (top-k people).")]
 ThresholdForm = Annotated[float | None, Form(description="Cosine similarity to accept at, in [-1, 1]; default: "
                                                          "the database's stored threshold.")]
 
@@ -26,7 +29,7 @@ class VectorIdentify(BaseModel):
     model_config = ConfigDict(extra="forbid")
     vector: list[float] | None = Field(None, description="One probe: a unit vector of the database's dimension.")
     vectors: list[list[float]] | None = Field(None, description="Several probes, searched as one batch.")
-    k: int = Field(5, description="Candidates per probe.")
+    k: int = Field(5, ge=1, le=MAX_K, description="Candidates per probe.")
     threshold: float | None = Field(None, description="Cosine similarity to accept at; default: the stored one.")
 
 
