@@ -309,6 +309,9 @@ class Store:
 
     def _migrate(self, version: int) -> None:
         with self.write():
+            # Read again under the write lock: another process (a second service worker) may have migrated
+            # since this one looked, and a step must never run twice.
+            version = max(version, self.conn.execute("PRAGMA user_version").fetchone()[0])
             for step in MIGRATIONS[version:]:
                 _apply(self.conn, step)
             self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

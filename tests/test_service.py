@@ -224,6 +224,9 @@ def test_people_create_list_show_update_rename_remove(svc):
                        headers=h)
     assert upd.status_code == 200
     assert_error(client.patch("/v1/people/Ann", json={}, headers=h), 400)
+    client.patch("/v1/people/P0", json={"metadata": {"x": 1}}, headers=h)
+    cleared = client.patch("/v1/people/P0", json={"replace_metadata": True}, headers=h)  # replace with nothing
+    assert cleared.status_code == 200 and cleared.json()["metadata"] == {}
     assert client.post("/v1/people/Ann/rename", json={"new_name": "Ann B"}, headers=h).json()["name"] == "Ann B"
     assert_error(client.post("/v1/people/Ann B/rename", json={"new_name": "P0"}, headers=h), 409)
     with FaceDB.open(db, readonly=True) as d:
@@ -588,3 +591,18 @@ def test_one_facedb_shared_by_many_threads_writes_every_audit_record(tmp_path):
             t.join()
         assert errors == []
         assert len(db.audit(operation="identify")) == len(db.audit(operation="read-people")) == 900
+
+
+def test_a_migration_done_meanwhile_by_another_process_is_not_run_twice(tmp_path):
+    """Found while writing `serve`: two workers opening a database of the previous release at once both read
+    its old version, and the second to take the write lock re-ran the migrations the first had just applied
+    ("table api_keys already exists"). A store that read version 0 and migrates now must do nothing."""
+    from facedb.store import SCHEMA_VERSION, Store
+
+    path = tmp_path / "db"
+    FaceDB.create(path, model_id="m", dim=4, threshold=0.5).close()
+    store = Store.open(path / "facedb.sqlite3")
+    store._migrate(0)  # what a process that looked before another migrated does
+    assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert store.api_keys() == [] and store.counts()["people"] == 0
+    store.close()

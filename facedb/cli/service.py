@@ -64,7 +64,8 @@ def serve(
     settings = ServiceSettings(db=state(ctx).db, host=host, port=port, workers=workers, max_upload_mb=max_upload_mb,
                                cors_origins=tuple(o.strip() for o in cors_origins.split(",") if o.strip()),
                                fold_window=fold_window, weights=weights)
-    with open_db(ctx, readonly=True) as db:  # a missing or foreign database fails here, not in every worker
+    # a missing or foreign database fails here, not in every worker; an older one is migrated here, once
+    with open_db(ctx) as db:
         if not db.api_keys():
             typer.echo("note: no API key exists yet: make one with `facedb keys create --scope admin`", err=True)
     if not _loopback(host):

@@ -175,9 +175,9 @@ def update_person(name: str, body: PersonUpdate, caller: Annotated[Caller, Depen
     if body.external_id is not None and body.clear_external_id:
         raise InvalidInputError("give external_id or clear_external_id, not both")
     with caller as db:
-        return db.update_person(name, metadata=body.metadata if body.metadata is not None or body.replace_metadata
-                                else None, replace_metadata=body.replace_metadata, external_id=body.external_id,
-                                clear_external_id=body.clear_external_id).to_dict()
+        metadata = body.metadata if body.metadata is not None else ({} if body.replace_metadata else None)
+        return db.update_person(name, metadata=metadata, replace_metadata=body.replace_metadata,
+                                external_id=body.external_id, clear_external_id=body.clear_external_id).to_dict()
 
 
 @router.delete("/people/{name:path}", summary="Erase a person: templates, photos' records and metadata, from the "
