@@ -124,7 +124,7 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     lambda conn: _normalise_stored_names(conn),
     # 5: the service's API keys (only a hash of each key) and webhooks (facedb/keys.py, facedb/hooks.py)
     """
-    CREATE TABLE api_keys (
+    CREATE TABLE IF NOT EXISTS api_keys (
         id TEXT PRIMARY KEY,
         name TEXT,
         scope TEXT NOT NULL CHECK (scope IN ('identify', 'enroll', 'admin')),
@@ -132,8 +132,8 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
         created_at TEXT NOT NULL,
         revoked_at TEXT
     );
-    CREATE UNIQUE INDEX api_keys_live_name ON api_keys(name) WHERE revoked_at IS NULL;
-    CREATE TABLE webhooks (
+    CREATE UNIQUE INDEX IF NOT EXISTS api_keys_live_name ON api_keys(name) WHERE revoked_at IS NULL;
+    CREATE TABLE IF NOT EXISTS webhooks (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         url TEXT NOT NULL,
         events TEXT NOT NULL,

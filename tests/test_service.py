@@ -282,6 +282,9 @@ def test_enrol_with_nothing_usable_is_422_with_the_report_and_changes_nothing(sv
     r = enrol(client, keys["enroll"], "Cat", blank_png(), b"junk")
     body = assert_error(r, 422, "NothingEnrolled")
     assert [s["image"] for s in body["report"]["skipped"]] == ["Cat-0.png", "Cat-1.png"]
+    with FaceDB.open(db, readonly=True) as d:
+        assert d.audit(operation="enroll-skipped")[0].identity == "Cat"
+    before = snapshot(db)
     assert_error(enrol(client, keys["enroll"], "Cat", png([GREY]), create="false"), 404, "PersonNotFoundError")
     assert_error(enrol(client, keys["enroll"], "Cat", png([GREY]), metadata="[1]"), 400)
     assert_error(enrol(client, keys["enroll"], "Cat", png([GREY]), on_multiple="all"), 400)
@@ -350,6 +353,7 @@ def test_identify_photo_one_answer_per_face_and_audited(svc):
         ident_id = next(k.id for k in d.api_keys() if k.name == "identify-key")
         searches = d.audit(operation="search")
     assert [(s.identity, s.actor) for s in searches[:2]] == [("Ann", f"key:{ident_id}"), (None, f"key:{ident_id}")]
+    assert searches[-1].detail == {"faces": 0} and len(searches) == 4  # a photo with no face is recorded too
     for bad in ({"k": "0"}, {"k": "x"}, {"k": str(10**9)}, {"threshold": "2"}, {"threshold": "nan"}):
         assert_error(client.post("/v1/identify", files={"photo": ("d.png", png([RED], 9))}, data=bad,
                                  headers=hdr(keys["identify"])), 400)

@@ -78,7 +78,8 @@ def audit(caller: Annotated[Caller, Depends(ADMIN)],
 
 @router.get("/settings", summary="The decision threshold and its source, the audit trail's settings, the model.")
 def get_settings(caller: Annotated[Caller, Depends(ADMIN)]) -> dict[str, Any]:
-    with caller:
+    with caller as db:
+        db.note("read-settings")
         return _settings(caller)
 
 

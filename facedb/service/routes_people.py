@@ -119,6 +119,9 @@ def enroll_photos(name: str, photos: Annotated[list[UploadFile], File(descriptio
             db.person(name)  # PersonNotFoundError (404) before any photo is looked at
         report = db.enroll(name, sources, model=caller.state.photo_model(), on_multiple=on_multiple.value,
                            on_other_match=on_other_match.value, metadata=meta, workers=0)
+        if not report.faces_stored:  # FaceDB records each stored photo: record the request that stored none
+            db.note("enroll-skipped", identity=name, detail={"photos": report.photos,
+                                                             "reasons": [s.reason for s in report.skipped][:20]})
     out = report.to_dict()
     if report.faces_stored:
         caller.publish("person.enrolled", {"person": report.people[0], "faces_stored": report.faces_stored,

@@ -4,6 +4,7 @@ door event (webhooks), queued after the answer is made: delivery never delays it
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Any
 
 import numpy as np
@@ -60,6 +61,8 @@ def identify_photo(photo: Annotated[UploadFile, File(description="The photo (JPE
     source = uploads.read(photo)
     with caller as db:
         faces = db.search(source, model=caller.state.photo_model(), k=k, threshold=threshold, name=source.name)
+        if not faces:  # FaceDB records one row per face: record the question that had none
+            db.note("search", image_sha256=hashlib.sha256(source.getvalue()).hexdigest(), detail={"faces": 0})
     for face in faces:
         _identified(caller, face, {"box": face.box, "det_score": face.det_score})  # type: ignore[arg-type]
     return {"faces": [f.to_dict() for f in faces]}
