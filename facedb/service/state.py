@@ -14,14 +14,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import keys
 from ..audit import default_actor
 from ..errors import InvalidInputError, ModelUnavailableError, NotReadyError
 from ..hooks import Dispatcher, Sender
+from ..keys import ApiKey
 from .config import ServiceSettings
 
 if TYPE_CHECKING:
     from ..db import FaceDB
     from ..pipeline import FacePipeline
+    from ..store import Store
 
 log = logging.getLogger("facedb.service")
 
@@ -42,6 +45,7 @@ class ServiceState:
         self.error: str | None = None
         self.loaded = threading.Event()
         self.dispatcher: Dispatcher | None = None
+        self.key_store: Store | None = None
         self.pid = os.getpid()
         self._users = 0
         self._users_lock = threading.Lock()
@@ -74,6 +78,10 @@ class ServiceState:
             self.model_id = db.model_id
             self.pipeline = self._load_model(db)
             db.load_index()
+            from ..db import STORE_FILE
+            from ..store import Store
+
+            self.key_store = Store.open(db.root / STORE_FILE, readonly=True)  # see authenticate()
             self.db = db
             self.ready = True
             log.info("facedb service ready: %s, model %s%s", self.settings.db, db.model_id,
@@ -110,6 +118,9 @@ class ServiceState:
         if self.db is not None:
             self.db.close()
             self.db = None
+        if self.key_store is not None:
+            self.key_store.close()
+            self.key_store = None
         self.ready = False
 
     # ------------------------------------------------------------------------------------------ for routes
@@ -119,6 +130,14 @@ class ServiceState:
             raise NotReadyError("the service is starting (loading the model and the index); retry shortly"
                                 if self.error is None else "the service could not start; see its log")
         return self.db
+
+    def authenticate(self, presented: str | None) -> ApiKey:
+        """The live key ``presented`` is (AuthenticationError otherwise), read through this worker's own
+        read-only connection, used only by the event loop's thread: no wait on the FaceDB's lock, which a long
+        call (check, an enrolment's write) may hold."""
+        if self.key_store is None:
+            raise NotReadyError("the service is starting; retry shortly")
+        return keys.authenticate(self.key_store, presented)
 
     def photo_model(self) -> FacePipeline:
         if self.pipeline is None:
