@@ -282,6 +282,9 @@ def test_enrol_with_nothing_usable_is_422_with_the_report_and_changes_nothing(sv
     r = enrol(client, keys["enroll"], "Cat", blank_png(), b"junk")
     body = assert_error(r, 422, "NothingEnrolled")
     assert [s["image"] for s in body["report"]["skipped"]] == ["Cat-0.png", "Cat-1.png"]
+    junk = assert_error(enrol(client, keys["enroll"], "Cat", b"hello, a text file"), 422)
+    # found by the newcomer check: the name was said twice and Pillow's message showed a memory address
+    assert junk["message"].count("Cat-0.png") == 1 and " at 0x" not in str(junk)
     with FaceDB.open(db, readonly=True) as d:
         assert d.audit(operation="enroll-skipped")[0].identity == "Cat"
     before = snapshot(db)

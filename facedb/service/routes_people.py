@@ -130,8 +130,9 @@ def enroll_photos(name: str, photos: Annotated[list[UploadFile], File(descriptio
     if report.only_known:
         return JSONResponse(out, status_code=200)
     first = report.skipped[0] if report.skipped else None
-    raise NothingEnrolled(f"no photo was enrolled ({first.image}: {first.reason})" if first else
-                          "no photo was enrolled", out)
+    reason = "" if first is None else first.reason if first.reason.startswith(first.image) else \
+        f"{first.image}: {first.reason}"
+    raise NothingEnrolled(f"no photo was enrolled ({reason})" if reason else "no photo was enrolled", out)
 
 
 @router.post("/people/{name:path}/vectors", status_code=201,
