@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
@@ -101,11 +102,11 @@ def create_app(settings: ServiceSettings, *, model: Any = None, sender: Sender |
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.start()
+        await run_in_threadpool(state.start)  # the worker takes connections once this has loaded everything
         try:
             yield
         finally:
-            state.stop()
+            await run_in_threadpool(state.stop)
 
     app = FastAPI(title="facedb", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.facedb = state

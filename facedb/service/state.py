@@ -1,8 +1,10 @@
 """What a service worker holds for its whole life: the open database, the model, the loaded index, the webhook
 dispatcher, and whether it is ready.
 
-Loading happens on a thread started at start-up, so that ``/health`` answers at once while ``/ready`` says 503
-until the model and the index are in memory; every other route answers 503 NotReadyError until then.
+Loading happens during the worker's start-up, before it takes its first connection: with several workers a
+restarted one (after a crash) takes no request until its model and index are in memory, so callers never see
+it half-loaded; with one, connections wait until it is ready. A worker that could not load stays up answering
+503 (``/ready`` says it failed; its log says why).
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ class ServiceState:
 
     # ------------------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
-        """Start loading (once: a second start-up of the same app, as test clients do, shares the first)."""
+        """Load the database, model and index (once: a second start-up of the same app, as test clients do,
+        shares the first). Blocking: run it off the event loop."""
         with self._users_lock:
             self._users += 1
             if self._users > 1:
@@ -65,7 +68,7 @@ class ServiceState:
         s = self.settings
         self.dispatcher = Dispatcher(self._hooks, self._sender, fold_window=s.fold_window,
                                      max_attempts=s.hook_attempts, backoff=s.hook_backoff)
-        threading.Thread(target=self._load, name="facedb-load", daemon=True).start()
+        self._load()
 
     def _hooks(self) -> list[Any]:
         return self.db.webhooks() if self.db is not None else []
