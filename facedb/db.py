@@ -58,7 +58,9 @@ from .settings import AuditSettings, Calibration, Settings, check_index_options,
 from .store import SCHEMA_VERSION, Store
 
 if TYPE_CHECKING:
+    from .hooks import Webhook
     from .images import PhotoSource
+    from .keys import ApiKey
     from .pipeline import FaceChoice, FacePipeline, Outcome
 
 STORE_FILE = "facedb.sqlite3"
@@ -644,11 +646,93 @@ class FaceDB:
         with self._lock:
             return self.trail.read(since, limit, until=until, operation=operation, actor=actor, offset=offset)
 
+    def note(self, operation: str, *, identity: str | None = None, detail: dict[str, Any] | None = None,
+             image_sha256: str | None = None) -> None:
+        """Append one audit record for something an interface did that FaceDB does not record by itself (a
+        read over HTTP, a refused request), by the current actor."""
+        with self._lock:
+            self.trail.record(operation, [{"identity": identity, "detail": detail, "image_sha256": image_sha256}],
+                              self.settings())
+
+    # ------------------------------------------------------------------------------ API keys and webhooks
+    def create_api_key(self, scope: str, name: str | None = None) -> tuple[ApiKey, str]:
+        """Make an API key for the service (scope ``identify``, ``enroll`` or ``admin``); returns its record and
+        the key itself, which is stored nowhere (only its hash). See ``facedb/keys.py``."""
+        from . import keys
+
+        with self._lock:
+            key, secret = keys.create(self.store, scope, name)
+            self.trail.record("key-create", [{"detail": {"key": key.id, "scope": key.scope, "name": key.name}}],
+                              self.settings())
+            return key, secret
+
+    def api_keys(self) -> list[ApiKey]:
+        """Every API key, revoked ones too, oldest first (never the keys themselves)."""
+        from .keys import ApiKey
+
+        with self._lock:
+            return [ApiKey.from_row(r) for r in self.store.api_keys()]
+
+    def revoke_api_key(self, ref: str) -> ApiKey:
+        """Revoke a key by id or by name (NotFoundError if none); its next request is refused, in every process."""
+        from .keys import ApiKey
+
+        with self._lock:
+            key = ApiKey.from_row(self.store.revoke_api_key(ref))
+            self.trail.record("key-revoke", [{"detail": {"key": key.id, "name": key.name}}], self.settings())
+            return key
+
+    def authenticate(self, presented: str | None) -> ApiKey:
+        """The live key ``presented`` is, or AuthenticationError (saying nothing about why)."""
+        from . import keys
+
+        with self._lock:
+            return keys.authenticate(self.store, presented)
+
+    def add_webhook(self, url: str, events: str | Sequence[str], *, key_id: str | None = None,
+                    secret: str | None = None) -> Webhook:
+        """Register a webhook for ``events`` (names or a comma-separated string; see ``facedb/hooks.py``), for
+        one key's requests or (``key_id`` None) the whole database. The signing secret is made unless given;
+        it is on the returned record (``.secret``) and not in its ``to_dict()``."""
+        from .hooks import Webhook, check_events, check_url, new_secret
+
+        url, names = check_url(url), check_events(events)
+        if secret is not None and (not isinstance(secret, str) or len(secret) < 16):
+            raise InvalidInputError("a webhook secret is at least 16 characters")
+        with self._lock:
+            hook = Webhook.from_row(self.store.add_webhook(url, names, secret or new_secret(), key_id))
+            self.trail.record("hook-add", [{"detail": {"hook": hook.id, "url": url, "events": names,
+                                                       "key": key_id}}], self.settings())
+            return hook
+
+    def webhooks(self) -> list[Webhook]:
+        """Every webhook, with its secret on the record."""
+        from .hooks import Webhook
+
+        with self._lock:
+            return [Webhook.from_row(r) for r in self.store.webhooks()]
+
+    def remove_webhook(self, hook_id: int) -> Webhook:
+        from .hooks import Webhook
+
+        with self._lock:
+            hook = Webhook.from_row(self.store.remove_webhook(hook_id))
+            self.trail.record("hook-remove", [{"detail": {"hook": hook.id, "url": hook.url}}], self.settings())
+            return hook
+
     # -------------------------------------------------------------------------------------------------- index
     def index_state(self) -> IndexState:
         """What the vector index holds now (kind, generation, entries, tombstones, persisted copy)."""
         with self._lock:
             return self.keeper.describe(self.settings())
+
+    def load_index(self) -> IndexState:
+        """Bring the index into memory now, level with the store (a service does this at start-up, so that
+        its first query does not pay for it)."""
+        with self._lock:
+            settings = self.settings()
+            self.keeper.current(settings)
+            return self.keeper.describe(settings)
 
     def save_index(self) -> None:
         """Persist the index now (it is otherwise saved on close when it lags the store)."""

@@ -21,14 +21,22 @@ class DatabaseExistsError(DatabaseError):
     """`init` was asked to create a database where one already exists."""
 
 
-class PersonNotFoundError(FaceDBError, KeyError):
+class NotFoundError(FaceDBError):
+    """What was named does not exist (a person, a template, an API key, a webhook)."""
+
+
+class DuplicateError(FaceDBError):
+    """A name that must be unique is already taken."""
+
+
+class PersonNotFoundError(NotFoundError, KeyError):
     """No person of that name is enrolled."""
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message
         return str(self.args[0]) if self.args else "person not found"
 
 
-class DuplicatePersonError(FaceDBError):
+class DuplicatePersonError(DuplicateError):
     """A person of that name (or external id) already exists."""
 
 
@@ -42,6 +50,10 @@ class InvalidVectorError(FaceDBError, ValueError):
 
 class InvalidInputError(FaceDBError, ValueError):
     """An argument that is not acceptable: an empty name, bad metadata, k < 1, ..."""
+
+
+class TemplateNotFoundError(NotFoundError, InvalidInputError):
+    """No template has that id (an InvalidInputError too, which is what older releases raised)."""
 
 
 class ImageError(FaceDBError):
@@ -65,3 +77,19 @@ class IndexBehindWarning(UserWarning):
 
 class ModelUnavailableError(FaceDBError):
     """A model or its weights cannot be loaded; the message says how to get them."""
+
+
+class AuthenticationError(FaceDBError):
+    """No API key, an unknown one or a revoked one (the message never says which)."""
+
+
+class PermissionDeniedError(FaceDBError):
+    """A valid API key whose scope does not allow the operation."""
+
+
+class RequestTooLargeError(InvalidInputError):
+    """A request body (an upload) over the configured size limit."""
+
+
+class NotReadyError(FaceDBError):
+    """The service has not finished loading its model and index yet; retry shortly."""

@@ -250,7 +250,11 @@ def get_pipeline(
 
 
 def _label(src: PhotoSource) -> str | None:
-    return display_name(src) if isinstance(src, (str, os.PathLike)) else None
+    """A photo's name for reports: its path, or a file object's ``name`` (an upload's file name)."""
+    if isinstance(src, (str, os.PathLike)):
+        return display_name(src)
+    own = getattr(src, "name", None) if hasattr(src, "read") else None
+    return display_name(own) if isinstance(own, str) and own else None
 
 
 #: Crop mode pads a photo by this share of its longer side on every side before detection: a tight face crop
