@@ -23,6 +23,7 @@ from ..errors import (
     DuplicateError,
     FaceDBError,
     ImageError,
+    IndexUnavailableError,
     InvalidInputError,
     InvalidVectorError,
     ModelMismatchError,
@@ -50,6 +51,7 @@ STATUS: list[tuple[type[FaceDBError], int]] = [
     (PermissionDeniedError, 403),
     (NoFaceError, 422),
     (NotReadyError, 503),
+    (IndexUnavailableError, 503),  # the vector engine (Milvus) cannot be reached: retry later
     (ModelUnavailableError, 503),
     (DatabaseError, 503),  # cannot write (locked past the timeout, disk full, read-only)
     (FaceDBError, 500),
