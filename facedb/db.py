@@ -5,9 +5,12 @@ Rooms: the store (``store.py``, SQLite: the truth), the index keeper (``keeper.p
 kept level with the store), the query engine (``engine.py``: candidates, exact re-scoring, the decision), the
 face pipeline (``pipeline.py``: photos to templates) and the audit trail (``audit.py``).
 
-A database is a directory (created 0700) holding ``facedb.sqlite3`` and the index's persisted copy (both 0600).
+A database is a directory (created 0700) holding ``facedb.sqlite3`` and the index's persisted copy (both 0600),
+and for an encrypted database its keyring ``facedb.keys`` (see ``protect.py`` and ``encryption.py``).
 Consistency rule: before answering, a FaceDB brings its index to the store's generation (see ``keeper.py``), so a
 search that starts after an ``add``/``remove`` has returned - in this process or any other - sees its effect.
+Erasure rule: when ``remove_person``/``remove_template``/``merge_people`` returns, no file of the directory holds
+a byte of what it removed (the index file is rewritten if it held them, the WAL is checkpointed and truncated).
 """
 
 from __future__ import annotations
@@ -23,9 +26,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import engine
+from . import encryption, engine
 from .audit import AuditTrail, acting_as, default_actor
-from .errors import DatabaseError, DatabaseExistsError, InvalidInputError, ModelMismatchError, NoFaceError
+from .errors import (
+    DatabaseError,
+    DatabaseExistsError,
+    ErasureWarning,
+    InvalidInputError,
+    ModelMismatchError,
+    NoFaceError,
+)
 from .index import check_kind
 from .keeper import IndexKeeper
 from .records import (
@@ -47,8 +57,10 @@ from .settings import AuditSettings, Calibration, Settings, check_k, check_thres
 from .store import SCHEMA_VERSION, Store
 
 if TYPE_CHECKING:
+    from .encryption import ConversionReport
     from .images import PhotoSource
     from .pipeline import FaceChoice, FacePipeline, Outcome
+    from .protect import FileCipher, Protection
 
 STORE_FILE = "facedb.sqlite3"
 INDEX_FILE = "index.faiss"  # the FAISS backend's file (facedb.index.faiss_kinds.INDEX_FILE)
@@ -68,27 +80,34 @@ class FaceDB:
     """
 
     def __init__(self, root: Path, store: Store, readonly: bool = False, weights: Path | None = None,
-                 model: FacePipeline | None = None, actor: str | None = None) -> None:
+                 model: FacePipeline | None = None, actor: str | None = None,
+                 protection: Protection | None = None) -> None:
         self.root = root
         self.store = store
         self.readonly = readonly
         self._weights = weights
         self._model = model
         self._lock = threading.RLock()
-        self.keeper = IndexKeeper(store, root, readonly=readonly)
+        self.protection = protection
+        options = {"cipher": protection.index_cipher()} if protection is not None else {}
+        self.keeper = IndexKeeper(store, root, readonly=readonly, options=options)
         self.trail = AuditTrail(store, actor or default_actor())
 
     # ---------------------------------------------------------------------------------------------- lifecycle
     @classmethod
     def create(cls, path: str | os.PathLike[str], *, model_id: str, dim: int, threshold: float,
                threshold_source: str = "model default", index: str = "flat", flip: bool = True,
-               actor: str | None = None) -> FaceDB:
+               actor: str | None = None, encrypt: bool = False, key: object = None) -> FaceDB:
         """Create an empty database for vectors of ``model_id`` (``dim``-dimensional, unit length).
 
         ``threshold`` is the default decision threshold, a cosine similarity (higher is stricter). ``flip``:
         photos are embedded as the mean of the face's and its mirror image's embedding (flip test-time
         augmentation, at twice the embedding cost; README "Accuracy"). Fixed for the database's life, since
         templates made both ways should not be compared; it does not affect vectors added directly.
+
+        ``encrypt`` (or a ``key``): the database is encrypted at rest (README "Protecting templates") under the
+        key-encryption key ``key`` (a string, bytes or a ``facedb.protect.KeySource``; default ``$FACEDB_KEY``;
+        KeyMissingError when there is none).
         """
         root = Path(path)
         if not model_id:
@@ -106,13 +125,27 @@ class FaceDB:
         except OSError as exc:
             raise DatabaseError(f"cannot create {root}: {exc.strerror}") from None
         meta = Settings.initial(model_id, dim, threshold, threshold_source, index, flip)
-        return cls(root, Store.create(root / STORE_FILE, meta), actor=actor)
+        protection = None
+        if encrypt or key is not None:
+            encryption.discard_keyring(root)  # one left by a creation that died before its store existed
+            protection = encryption.create_keyring(root, key)
+        try:
+            store = Store.create(root / STORE_FILE, meta, key=protection.store_key() if protection else None)
+        except BaseException:
+            if protection is not None:
+                encryption.discard_keyring(root)
+            raise
+        return cls(root, store, actor=actor, protection=protection)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, model_id: str | None = None, readonly: bool = False,
              weights: str | os.PathLike[str] | None = None, model: FacePipeline | None = None,
-             actor: str | None = None) -> FaceDB:
+             actor: str | None = None, key: object = None) -> FaceDB:
         """Open an existing database. With ``model_id``, refuse (ModelMismatchError) a database of another model.
+
+        ``key``: an encrypted database's key-encryption key (a string, bytes or a ``facedb.protect.KeySource``;
+        default ``$FACEDB_KEY``): KeyMissingError without one, WrongKeyError for another, TamperedError when the
+        ciphertext fails authentication; nothing is changed then. Ignored for a plain database.
 
         ``weights``: the FaceNet weights file to use when this process loads the model; ``model``: a face
         pipeline to use for photos (checked against the database's model); ``actor``: who the audit trail
@@ -120,18 +153,60 @@ class FaceDB:
         ``readonly``: nothing in the gallery can be changed (decisions are still written to the audit trail).
         """
         root = Path(path)
-        store = Store.open(root / STORE_FILE, readonly=readonly)
-        db = cls(root, store, readonly=readonly, weights=Path(weights) if weights else None, actor=actor)
+        if not (root / STORE_FILE).is_file():
+            raise DatabaseError(f"no facedb database at {root / STORE_FILE} (create one with `facedb init`)")
+        protection = encryption.unlock(root, key, readonly)
+        store = Store.open(root / STORE_FILE, readonly=readonly, key=protection.store_key() if protection else None)
+        db = cls(root, store, readonly=readonly, weights=Path(weights) if weights else None, actor=actor,
+                 protection=protection)
         try:
+            if not readonly and store.erasure_pending():  # a removal whose erasure a crash interrupted
+                db._erase()
             if model_id is not None:
                 db._same_model(model_id, db.dim)
             if model is not None:
                 db.pipeline(model)
-        except ModelMismatchError:
+        except BaseException:
             store.close()
             raise
         db._model = model
         return db
+
+    # --------------------------------------------------------------------------------------------- protection
+    @property
+    def encrypted(self) -> bool:
+        """Whether this database is encrypted at rest (README "Protecting templates")."""
+        return self.protection is not None
+
+    def cache_cipher(self) -> FileCipher | None:
+        """The cipher for files outside the database that hold vectors made for it (evaluation caches), or None
+        for a plain database."""
+        return self.protection.cache_cipher() if self.protection is not None else None
+
+    @classmethod
+    def encrypt(cls, path: str | os.PathLike[str], *, key: object = None) -> ConversionReport:
+        """Convert the plain database at ``path`` to an encrypted one under ``key`` (default ``$FACEDB_KEY``),
+        atomically: the plain files are overwritten and deleted. Needs the database closed everywhere else
+        (DatabaseError otherwise, nothing changed)."""
+        db = cls.open(path)
+        try:
+            return encryption.encrypt_existing(Path(path), key, db)
+        finally:
+            db.close(save_index=False)
+
+    @classmethod
+    def rotate_key(cls, path: str | os.PathLike[str], *, key: object = None, new_key: object = None,
+                   reencrypt: bool = False) -> ConversionReport:
+        """Re-wrap the data key under ``new_key`` (default ``$FACEDB_NEW_KEY``; fast); with ``reencrypt``, also
+        re-encrypt everything under a new data key (needs the database closed everywhere else). ``key`` is the
+        key in use. Wrong or missing keys change nothing."""
+        if not reencrypt:
+            return encryption.rotate_key(Path(path), key, new_key)
+        db = cls.open(path, key=key)
+        try:
+            return encryption.rotate_key(Path(path), key, new_key, reencrypt=True, opened=db)
+        finally:
+            db.close(save_index=False)
 
     def close(self, *, save_index: bool = True) -> None:
         """Save the index if it is worth saving (not with ``save_index=False``), then close the store."""
@@ -253,19 +328,37 @@ class FaceDB:
         Returns how many templates were removed. No later search can return them.
         """
         with self._lock:
-            ids = self.store.remove_person(name)
+            with self._erasing():
+                ids = self.store.remove_person(name)
             settings = self.settings()
-            self.keeper.after_write(settings)
             self.trail.record("remove", [{"identity": name, "detail": {"templates": len(ids)}}], settings)
             return len(ids)
+
+    @contextlib.contextmanager
+    def _erasing(self) -> Iterator[None]:
+        """A removal's transaction, marked ``erase_pending`` in it; once committed, its erasure from every file."""
+        with self.store.write():
+            yield
+            self.store.set_meta({"erase_pending": "1"})
+        self.keeper.after_write(self.settings())
+        self._erase()
+
+    def _erase(self) -> None:
+        """Rewrite the index file if it holds removed templates, then checkpoint and truncate the WAL."""
+        self.keeper.erase(self.settings())
+        if not self.store.truncate_wal():
+            warnings.warn(ErasureWarning(
+                f"{self.root}: other processes kept reading old snapshots, so the write-ahead log still holds the "
+                "removed rows (encrypted if the database is); the next removal or `facedb vacuum` truncates it"),
+                stacklevel=3)
 
     def merge_people(self, source: str, target: str) -> int:
         """Move every template and photo of ``source`` to ``target`` and delete ``source`` (one person enrolled
         under two names); returns the templates moved."""
         with self._lock:
-            ids = self.store.merge_people(source, target)
+            with self._erasing():
+                ids = self.store.merge_people(source, target)
             settings = self.settings()
-            self.keeper.after_write(settings)
             self.trail.record("merge", [{"identity": target, "detail": {"from": source, "templates": len(ids)}}],
                               settings)
             return len(ids)
@@ -323,9 +416,9 @@ class FaceDB:
     def remove_template(self, template_id: int) -> str:
         """Erase one template (a wrong photo); returns the person it belonged to, who stays enrolled."""
         with self._lock:
-            name = self.store.remove_template(template_id)
+            with self._erasing():
+                name = self.store.remove_template(template_id)
             settings = self.settings()
-            self.keeper.after_write(settings)
             self.trail.record("remove-template", [{"identity": name, "detail": {"template": int(template_id)}}],
                               settings)
             return name
@@ -598,9 +691,10 @@ class FaceDB:
                                  indexed=len(gallery.index))
 
     def vacuum(self) -> None:
-        """Compact the store and rewrite the index's persisted copy, so that no byte of a removed template
-        remains in any file of the database (``remove`` already zeroes freed SQLite pages; this also drops
-        them, truncates the write-ahead log and replaces the index file)."""
+        """Compact the store (drop its free pages, so the file shrinks) and rewrite the index's persisted copy.
+        Erasure no longer needs it: ``remove`` already leaves no byte of the removed templates in any file
+        (zeroed pages, rewritten index file, truncated WAL). What it still does: give the space back, and
+        truncate a WAL that readers kept from being truncated at a removal (an ErasureWarning said so)."""
         with self._lock:
             self.store.vacuum()
             settings = self.settings()
@@ -638,13 +732,27 @@ class FaceDB:
                 people_with_one_template=self.store.people_with_templates(1), generation=s.generation,
                 index_file_bytes=state.persisted_bytes, index_file_generation=state.persisted_generation,
                 schema_version=SCHEMA_VERSION, created_at=s.created_at, audit=s.audit.to_dict(),
-                warnings=[w for w in [self.calibration_warning(s)] if w])
+                warnings=[w for w in [self.calibration_warning(s)] if w],
+                encrypted=self.encrypted,
+                key_version=self.protection.key_version if self.protection else None,
+                data_key_version=self.protection.data_key_version if self.protection else None,
+                plaintext_files=encryption.plaintext_files(self.root, self.encrypted))
 
     def check(self) -> CheckReport:
         """Verify the store, that the index agrees with it exactly, and that the query path finds stored
         templates as their own best match. See README "facedb check"."""
         with self._lock:
             checks, problems = self.store.check()
+            if self.protection is not None:
+                checks.append(f"encrypted at rest (key version {self.protection.key_version}, data key version "
+                              f"{self.protection.data_key_version}): no plain-text file in the database directory")
+                problems += [f"plain-text file in an encrypted database: {f}"
+                             for f in encryption.plaintext_files(self.root, True)]
+            else:
+                checks.append("not encrypted: the database's files hold templates in plain text (`facedb encrypt`)")
+            checks.append("no removal awaits its erasure from the files")
+            if self.store.erasure_pending():
+                problems.append("a removal's erasure from the index file did not finish (open it writable)")
             settings = self.settings()
             more_checks, more_problems = self.keeper.verify(settings)
             checks += more_checks

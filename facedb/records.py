@@ -187,6 +187,10 @@ class Stats(_Record):
     created_at: str | None
     audit: dict[str, Any]
     warnings: list[str]
+    encrypted: bool = False
+    key_version: int | None = None  # bumped by every key rotation
+    data_key_version: int | None = None  # bumped by every re-encryption (a new data key)
+    plaintext_files: list[str] = field(default_factory=list)  # files readable without the key, and why
 
 
 @dataclass(frozen=True)
