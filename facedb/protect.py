@@ -270,9 +270,6 @@ class DataKey:
     def file_cipher(self, purpose: str = "index") -> FileCipher:
         return FileCipher(hkdf(self.secret, b"facedb file cipher " + purpose.encode()), purpose)
 
-    def fingerprint(self) -> str:
-        """A short public id of this key (names evaluation caches made under it): reveals nothing of it."""
-        return hmac.new(self.secret, b"facedb key fingerprint", hashlib.sha256).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -411,6 +408,11 @@ class FileCipher:
 
     def __repr__(self) -> str:
         return f"FileCipher({self.purpose!r})"
+
+    @property
+    def key_id(self) -> str:
+        """A short public id of this cipher's key (names files made under it; reveals nothing of the key)."""
+        return hmac.new(self._key, b"facedb key id", hashlib.sha256).hexdigest()[:16]
 
     def _aead(self, file_id: bytes) -> Any:
         return _crypto().AESGCM(hkdf(self._key, b"facedb file " + self.purpose.encode(), salt=file_id))

@@ -47,6 +47,8 @@ def init(
     ] = True,
     force: Annotated[bool, typer.Option(help="Create the database even if the model's weights cannot be found "
                                               "now (it cannot enrol or search photos until they are).")] = False,
+    encrypt: Annotated[bool, typer.Option(help="Encrypt it at rest under the key from --key-file, --key-command or "
+                                                "$FACEDB_KEY (README \"Protecting templates\").")] = False,
 ) -> None:
     """Create a new, empty database."""
     from ..db import FaceDB
@@ -56,10 +58,16 @@ def init(
     thr, source = spec.default_threshold(flip)
     if threshold is not None:
         thr, source = threshold, "given at init"
+    key = state(ctx).key() if encrypt else None
+    if encrypt and key is None:
+        from ..errors import KeyMissingError
+
+        raise KeyMissingError("--encrypt needs a key: --key-file, --key-command or $FACEDB_KEY (`facedb genkey` "
+                              "makes one)")
     with FaceDB.create(state(ctx).db, model_id=spec.id, dim=spec.dim, threshold=thr, threshold_source=source,
-                       index=index.value, flip=flip) as db:
+                       index=index.value, flip=flip, encrypt=encrypt, key=key) as db:
         info = {"created": str(db.root), "model_id": db.model_id, "dim": db.dim, "threshold": db.threshold,
-                "flip": db.flip, "index_kind": db.index_kind}
+                "flip": db.flip, "index_kind": db.index_kind, "encrypted": db.encrypted}
     if note:
         typer.echo(note, err=True)
     emit_kv(ctx, info)
