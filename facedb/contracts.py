@@ -44,7 +44,8 @@ def _oracle_top(x: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int) -> tuple[
 
 
 def check_index_backend(backend: IndexBackend, kind: str, root: Path, *, dim: int = 32, n: int = 600,
-                        seed: int = 0, min_recall: float | None = None) -> None:
+                        seed: int = 0, min_recall: float | None = None,
+                        options: dict[str, object] | None = None) -> None:
     """The :class:`~facedb.index.IndexBackend` / :class:`~facedb.index.VectorIndex` contract for one kind.
 
     Checks: search against a numpy oracle (exact kinds: the same ids and scores; approximate ones: for probes
@@ -52,7 +53,8 @@ def check_index_backend(backend: IndexBackend, kind: str, root: Path, *, dim: in
     0.9, which is what the engine's exact re-scoring needs; their scores may be coarse); removal (no
     removed id is ever returned, by search or range search); range search against the oracle; ``ids`` and
     ``exact_vectors`` (bit for bit where ``keeps_vectors``); save, verify and load give the same answers;
-    a tampered or missing persisted copy is not loaded; ``discard`` removes it.
+    a tampered or missing persisted copy is not loaded; ``discard`` removes it. ``options``: the place's
+    options (e.g. ``{"cipher": ...}`` for an encrypted database).
     """
     rng = np.random.default_rng(seed)
     x, _ = clustered(rng, n // 6, 6, dim)
@@ -61,7 +63,7 @@ def check_index_backend(backend: IndexBackend, kind: str, root: Path, *, dim: in
     q = np.concatenate([q, x[:: len(x) // 12][:12] + 0.05 * unit_rows(rng, 12, dim)])
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     near = np.arange(len(q)) >= 12
-    place = IndexPlace(root)
+    place = IndexPlace(root, options=dict(options or {}))
     index = backend.new(kind, dim, {}, x, place)
     assert index.kind == kind and index.dim == dim, "kind and dim are what was asked"
     assert len(index) == 0, "a new index is empty"
@@ -119,7 +121,8 @@ def check_index_backend(backend: IndexBackend, kind: str, root: Path, *, dim: in
     assert np.array_equal(np.where(live_a, a_i, -1), np.where(np.isin(b_i, live), b_i, -1)) or \
         np.allclose(a_s, b_s, atol=1e-5), "the loaded copy answers as the saved one"
     if backend.persisted_bytes(place):
-        bad = dict(stamp, sha256="0" * 64) if "sha256" in stamp else dict(stamp, count=-1)
+        bad = dict(stamp, sha256="0" * 64) if "sha256" in stamp else \
+            dict(stamp, file_id="0" * 32) if "file_id" in stamp else dict(stamp, count=-1)
         assert not backend.verify(place, bad, dim) or backend.load(place, bad, dim) is None, \
             "a copy that does not match its stamp is not trusted"
     backend.discard(place)

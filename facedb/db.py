@@ -89,6 +89,7 @@ class FaceDB:
         self._model = model
         self._lock = threading.RLock()
         self.protection = protection
+        self._projection: Any = None  # loaded on first use (cancellable databases)
         options = {"cipher": protection.index_cipher()} if protection is not None else {}
         self.keeper = IndexKeeper(store, root, readonly=readonly, options=options)
         self.trail = AuditTrail(store, actor or default_actor())
@@ -97,7 +98,8 @@ class FaceDB:
     @classmethod
     def create(cls, path: str | os.PathLike[str], *, model_id: str, dim: int, threshold: float,
                threshold_source: str = "model default", index: str = "flat", flip: bool = True,
-               actor: str | None = None, encrypt: bool = False, key: object = None) -> FaceDB:
+               actor: str | None = None, encrypt: bool = False, key: object = None,
+               cancellable: bool = False) -> FaceDB:
         """Create an empty database for vectors of ``model_id`` (``dim``-dimensional, unit length).
 
         ``threshold`` is the default decision threshold, a cosine similarity (higher is stricter). ``flip``:
@@ -107,7 +109,9 @@ class FaceDB:
 
         ``encrypt`` (or a ``key``): the database is encrypted at rest (README "Protecting templates") under the
         key-encryption key ``key`` (a string, bytes or a ``facedb.protect.KeySource``; default ``$FACEDB_KEY``;
-        KeyMissingError when there is none).
+        KeyMissingError when there is none). ``cancellable``: every template and probe is projected by a keyed
+        random orthogonal matrix of this database (``projection.py``; scores unchanged, templates unlinkable
+        across databases), fixed for the database's life.
         """
         root = Path(path)
         if not model_id:
@@ -125,6 +129,10 @@ class FaceDB:
         except OSError as exc:
             raise DatabaseError(f"cannot create {root}: {exc.strerror}") from None
         meta = Settings.initial(model_id, dim, threshold, threshold_source, index, flip)
+        if cancellable:
+            from . import projection
+
+            meta.update({"projection": projection.METHOD, "projection_seed": projection.new_seed()})
         protection = None
         if encrypt or key is not None:
             encryption.discard_keyring(root)  # one left by a creation that died before its store existed
@@ -178,6 +186,23 @@ class FaceDB:
         """Whether this database is encrypted at rest (README "Protecting templates")."""
         return self.protection is not None
 
+    @property
+    def cancellable(self) -> bool:
+        """Whether templates are stored under this database's keyed orthogonal projection (``projection.py``)."""
+        return bool(self.store.get_meta("projection_seed"))
+
+    def _protect(self, x: np.ndarray) -> np.ndarray:
+        """Vectors as this database stores and compares them: projected when it is cancellable."""
+        if self._projection is None:
+            seed = self.store.get_meta("projection_seed")
+            if not seed:
+                self._projection = False
+            else:
+                from .projection import Projection
+
+                self._projection = Projection(seed, self.dim)
+        return self._projection(x) if self._projection else x
+
     def cache_cipher(self) -> FileCipher | None:
         """The cipher for files outside the database that hold vectors made for it (evaluation caches), or None
         for a plain database."""
@@ -188,6 +213,8 @@ class FaceDB:
         """Convert the plain database at ``path`` to an encrypted one under ``key`` (default ``$FACEDB_KEY``),
         atomically: the plain files are overwritten and deleted. Needs the database closed everywhere else
         (DatabaseError otherwise, nothing changed)."""
+        if encryption.is_encrypted(Path(path)):
+            raise InvalidInputError(f"{path} is already encrypted (rotate its key with `facedb rotate-key`)")
         db = cls.open(path)
         try:
             return encryption.encrypt_existing(Path(path), key, db)
@@ -340,6 +367,7 @@ class FaceDB:
         with self.store.write():
             yield
             self.store.set_meta({"erase_pending": "1"})
+        encryption.failpoint("removal-committed")
         self.keeper.after_write(self.settings())
         self._erase()
 
@@ -376,7 +404,7 @@ class FaceDB:
         with self._lock:
             if model_id is not None:
                 self._same_model(model_id, np.shape(vectors)[-1] if np.ndim(vectors) else self.dim)
-            x = as_unit_rows(vectors, self.dim)
+            x = self._protect(as_unit_rows(vectors, self.dim))
             ids = self.store.add_templates(name, x, boxes=boxes, det_scores=det_scores, image=image,
                                            create_person=create, metadata=metadata)
             self.keeper.after_write(self.settings())
@@ -390,7 +418,7 @@ class FaceDB:
             for name, vectors in items:
                 if model_id is not None:
                     self._same_model(model_id, np.shape(vectors)[-1] if np.ndim(vectors) else self.dim)
-                checked.append((name, as_unit_rows(vectors, self.dim)))
+                checked.append((name, self._protect(as_unit_rows(vectors, self.dim))))
             added = 0
             with self.store.write():
                 for name, x in checked:
@@ -452,7 +480,7 @@ class FaceDB:
         whole batch goes to the index as one search.
         """
         single = np.ndim(vectors) == 1
-        x = as_unit_rows(vectors, self.dim)
+        x = self._protect(as_unit_rows(vectors, self.dim))
         out, settings = self._identify(x, k, threshold)
         self.trail.record("identify", [
             {"identity": a.identity, "similarity": a.similarity, "threshold": a.threshold, "vector": v}
@@ -478,6 +506,7 @@ class FaceDB:
             face = max(analysed.faces, key=lambda f: f.area)
             x = pipe.embed([(analysed.photo, face)], flip=self.flip)
             sha = analysed.photo.sha256
+        x = self._protect(x)
         with self._lock:
             settings = self.settings()
             thr = settings.threshold if threshold is None else threshold
@@ -519,7 +548,7 @@ class FaceDB:
         analysed = pipe.analyse(photo, name=name)
         if not analysed.faces:
             return []
-        vectors = pipe.embed([(analysed.photo, f) for f in analysed.faces], flip=self.flip)
+        vectors = self._protect(pipe.embed([(analysed.photo, f) for f in analysed.faces], flip=self.flip))
         answers, settings = self._identify(vectors, k, threshold)
         self.trail.record("search", [
             {"image_sha256": analysed.photo.sha256, "identity": a.identity, "similarity": a.similarity,
@@ -632,7 +661,7 @@ class FaceDB:
         the threshold: (name, similarity, threshold)."""
         from .store import normalise_name
 
-        answers, settings = self._identify(np.asarray(vectors, dtype=np.float32), 2, None)
+        answers, settings = self._identify(self._protect(np.asarray(vectors, dtype=np.float32)), 2, None)
         out: list[tuple[str, float, float] | None] = []
         for item, ans in zip(items, answers):
             own = normalise_name(item.name)
@@ -733,7 +762,7 @@ class FaceDB:
                 index_file_bytes=state.persisted_bytes, index_file_generation=state.persisted_generation,
                 schema_version=SCHEMA_VERSION, created_at=s.created_at, audit=s.audit.to_dict(),
                 warnings=[w for w in [self.calibration_warning(s)] if w],
-                encrypted=self.encrypted,
+                encrypted=self.encrypted, cancellable=bool(s.extra.get("projection_seed")),
                 key_version=self.protection.key_version if self.protection else None,
                 data_key_version=self.protection.data_key_version if self.protection else None,
                 plaintext_files=encryption.plaintext_files(self.root, self.encrypted))

@@ -50,7 +50,8 @@ _NO_CONTENT = {KEYRING_FILE, ".index.lock", STORE_FILE + "-shm"}
 FAILPOINT_ENV = "FACEDB_FAILPOINT"
 
 
-def _failpoint(name: str) -> None:
+def failpoint(name: str) -> None:
+    """Die here (SIGKILL) when ``$FACEDB_FAILPOINT`` names this step: how the tests kill each step."""
     if os.environ.get(FAILPOINT_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -66,6 +67,11 @@ def key_source(key: object, root: Path, what: str = "this database is encrypted"
 
 
 # ------------------------------------------------------------------------------------------------ opening
+def is_encrypted(root: Path) -> bool:
+    """Whether the database at ``root`` is encrypted (it has a keyring)."""
+    return Keyring.exists(Path(root))
+
+
 def unlock(root: Path, key: object, readonly: bool = False) -> Protection | None:
     """The data key of the database at ``root`` (None for a plain database), after finishing or rolling back
     an interrupted conversion (not when ``readonly``: then it only picks the key that opens the store)."""
@@ -121,7 +127,7 @@ def _finish(root: Path, ring: Keyring, staging: Path, plain_index: bool) -> None
             overwrite_and_unlink(root / INDEX_FILE)
         os.replace(staged, root / INDEX_FILE)
         fsync_dir(root)
-    _failpoint("index-swapped")
+    failpoint("index-swapped")
     final = [e for e in ring.entries("next") if e.get("kek_is_new")] or ring.entries("next")[:1]
     ring.keys = [{**{k: v for k, v in e.items() if k != "kek_is_new"}, "role": "current"} for e in final]
     if ring.state == "reencrypting":
@@ -129,7 +135,7 @@ def _finish(root: Path, ring: Keyring, staging: Path, plain_index: bool) -> None
     ring.state = "active"
     ring.rotated_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     ring.write(root)
-    _failpoint("keyring-final")
+    failpoint("keyring-final")
     shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -188,13 +194,13 @@ def _swap(root: Path, source_key: str | None, new: DataKey, stamp: str, plain_so
     hold = ExclusiveCopy(root / STORE_FILE, source_key)
     try:
         hold.copy_to(staging / STORE_FILE, new.store_key(), {"erase_pending": "0", "index_stamp": stamp})
-        _failpoint("copied")
+        failpoint("copied")
         for leftover in (STORE_FILE + "-wal", STORE_FILE + "-journal"):
             if (root / leftover).exists() and (root / leftover).stat().st_size:
                 raise DatabaseError(f"{root / leftover} is not empty: another process holds the database")
         os.replace(staging / STORE_FILE, root / STORE_FILE)  # the commit point
         fsync_dir(root)
-        _failpoint("swapped")
+        failpoint("swapped")
         hold.destroy_original(whole=plain_source)
     finally:
         hold.close()
@@ -221,7 +227,7 @@ def encrypt_existing(root: Path, key: object, opened: Any) -> ConversionReport:
     encrypted one under the KEK ``key``; the plain files are destroyed. DatabaseError if another process has it
     open; nothing is changed then."""
     root = Path(root)
-    if Keyring.exists(root):
+    if is_encrypted(root):
         raise InvalidInputError(f"{root} is already encrypted (rotate its key with `facedb rotate-key`)")
     source = key_source(key, root, "encrypting needs a key")
     material = source.material()
@@ -231,10 +237,10 @@ def encrypt_existing(root: Path, key: object, opened: Any) -> ConversionReport:
     ring.state = "encrypting"
     try:
         ring.write(root)
-        _failpoint("keyring-pending")
+        failpoint("keyring-pending")
         stamp = _stage(root, keeper, settings, data_key)
         opened.close(save_index=False)
-        _failpoint("staged")
+        failpoint("staged")
         _swap(root, None, data_key, stamp, True, ring)
     except DatabaseError:
         opened.close(save_index=False)
@@ -290,10 +296,10 @@ def rotate_key(root: Path, key: object, new_key: object, reencrypt: bool = False
     ring.state = "reencrypting"
     try:
         ring.write(root)
-        _failpoint("keyring-pending")
+        failpoint("keyring-pending")
         stamp = _stage(root, keeper, settings, fresh)
         opened.close(save_index=False)
-        _failpoint("staged")
+        failpoint("staged")
         _swap(root, current.store_key(), fresh, stamp, False, ring)
     except DatabaseError:
         opened.close(save_index=False)

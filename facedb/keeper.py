@@ -146,8 +146,10 @@ class IndexKeeper:
         gallery.add(new_ids, new_pids, vectors)
         gallery.generation = gen
         self._backend = backend
-        self.from_file = len(dead) == 0 and not len(new_ids)
-        self._holds_removed = bool(len(dead))
+        # HNSW files keep the tombstones they were saved with (their vectors zeroed): not a difference
+        saved_dead = int(stamp.get("count", 0)) - int(stamp.get("live", stamp.get("count", 0)))
+        self.from_file = len(dead) == saved_dead and not len(new_ids)
+        self._holds_removed = len(dead) > saved_dead and self._file_holds_removed(settings)
         return gallery
 
     def _build(self, settings: Settings) -> Gallery:
@@ -243,6 +245,7 @@ class IndexKeeper:
             **fields,
             "generation": gallery.generation,
             "count": len(gallery.index),
+            "live": len(gallery),
             "model_id": settings.model_id,
             "dim": settings.dim,
             "kind": gallery.index.kind,

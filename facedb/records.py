@@ -191,6 +191,7 @@ class Stats(_Record):
     key_version: int | None = None  # bumped by every key rotation
     data_key_version: int | None = None  # bumped by every re-encryption (a new data key)
     plaintext_files: list[str] = field(default_factory=list)  # files readable without the key, and why
+    cancellable: bool = False  # templates stored under the database's keyed orthogonal projection
 
 
 @dataclass(frozen=True)

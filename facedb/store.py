@@ -96,6 +96,74 @@ def _key_connection(conn: Any, key: str) -> None:
     conn.execute("PRAGMA temp_store = MEMORY")  # sorts and temporary tables never reach a file
 
 
+class _GuardedCursor:
+    """A cursor whose errors are typed: see :class:`_Guarded`."""
+
+    def __init__(self, cursor: Any, path: Path) -> None:
+        self._cursor = cursor
+        self._path = path
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cursor, name)
+
+    def __iter__(self) -> Iterator[Any]:
+        with _typed_errors(self._path):
+            yield from self._cursor
+
+    def fetchone(self) -> Any:
+        with _typed_errors(self._path):
+            return self._cursor.fetchone()
+
+    def fetchmany(self, size: int = 1) -> list[Any]:
+        with _typed_errors(self._path):
+            return self._cursor.fetchmany(size)
+
+    def fetchall(self) -> list[Any]:
+        with _typed_errors(self._path):
+            return self._cursor.fetchall()
+
+
+class _Guarded:
+    """An encrypted database's connection, whose read errors are typed. A page that fails its HMAC surfaces
+    from SQLCipher as "not a database", a logic error, or SQLITE_NOMEM (Python's MemoryError: the codec returns
+    no page); any of those from an encrypted file is a TamperedError, not an untyped crash. Everything else is
+    the connection itself (sqlite-utils uses it as it is)."""
+
+    def __init__(self, conn: Any, path: Path) -> None:
+        self._conn = conn
+        self._path = path
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def execute(self, sql: str, params: Any = ()) -> _GuardedCursor:
+        with _typed_errors(self._path):
+            return _GuardedCursor(self._conn.execute(sql, params), self._path)
+
+    def executemany(self, sql: str, rows: Any) -> _GuardedCursor:
+        with _typed_errors(self._path):
+            return _GuardedCursor(self._conn.executemany(sql, rows), self._path)
+
+
+@contextlib.contextmanager
+def _typed_errors(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except MemoryError:
+        from .errors import TamperedError
+
+        raise TamperedError(f"{path}: a page of the encrypted database failed authentication (altered or "
+                            "damaged)") from None
+    except _DatabaseError as exc:
+        text = str(exc)
+        if any(s in text for s in ("not a database", "malformed", "SQL logic error", "out of memory")):
+            from .errors import TamperedError
+
+            raise TamperedError(f"{path}: a page of the encrypted database failed authentication (altered or "
+                                f"damaged: {text})") from None
+        raise
+
+
 def is_plain_sqlite(path: Path) -> bool:
     """Whether ``path`` starts with SQLite's plain-text header (an unencrypted database)."""
     try:
@@ -293,6 +361,7 @@ class Store:
                 conn = driver.connect(str(path), isolation_level=None, timeout=30, check_same_thread=False)
             if key is not None:
                 _key_connection(conn, key)
+                conn = _Guarded(conn, path)
             elif new:
                 # A 512-d template is a 2 KiB blob: with SQLite's default 4 KiB pages only one row fits a
                 # page (half the file wasted); 16 KiB pages hold seven.

@@ -49,6 +49,9 @@ def init(
                                               "now (it cannot enrol or search photos until they are).")] = False,
     encrypt: Annotated[bool, typer.Option(help="Encrypt it at rest under the key from --key-file, --key-command or "
                                                 "$FACEDB_KEY (README \"Protecting templates\").")] = False,
+    cancellable: Annotated[bool, typer.Option(help="Store templates under a keyed random orthogonal projection of "
+                                                    "this database (same scores; unlinkable across databases).")
+                           ] = False,
 ) -> None:
     """Create a new, empty database."""
     from ..db import FaceDB
@@ -65,9 +68,10 @@ def init(
         raise KeyMissingError("--encrypt needs a key: --key-file, --key-command or $FACEDB_KEY (`facedb genkey` "
                               "makes one)")
     with FaceDB.create(state(ctx).db, model_id=spec.id, dim=spec.dim, threshold=thr, threshold_source=source,
-                       index=index.value, flip=flip, encrypt=encrypt, key=key) as db:
+                       index=index.value, flip=flip, encrypt=encrypt, key=key, cancellable=cancellable) as db:
         info = {"created": str(db.root), "model_id": db.model_id, "dim": db.dim, "threshold": db.threshold,
-                "flip": db.flip, "index_kind": db.index_kind, "encrypted": db.encrypted}
+                "flip": db.flip, "index_kind": db.index_kind, "encrypted": db.encrypted,
+                "cancellable": db.cancellable}
     if note:
         typer.echo(note, err=True)
     emit_kv(ctx, info)
