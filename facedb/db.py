@@ -243,6 +243,8 @@ class FaceDB:
             try:
                 if save_index and not self.readonly:
                     self.keeper.save(self.settings())
+            except DatabaseError as exc:  # the index is a cache: the next open catches up from the store
+                warnings.warn(f"{self.root}: the index was not saved on close ({exc})", RuntimeWarning, stacklevel=2)
             finally:
                 self.store.close()
                 self.store = None  # type: ignore[assignment]
@@ -772,6 +774,10 @@ class FaceDB:
         templates as their own best match. See README "facedb check"."""
         with self._lock:
             checks, problems = self.store.check()
+            settings = self.settings()
+            more_checks, more_problems = self.keeper.verify(settings)  # (heals a damaged index file first)
+            checks += more_checks
+            problems += more_problems
             if self.protection is not None:
                 checks.append(f"encrypted at rest (key version {self.protection.key_version}, data key version "
                               f"{self.protection.data_key_version}): no plain-text file in the database directory")
@@ -782,10 +788,6 @@ class FaceDB:
             checks.append("no removal awaits its erasure from the files")
             if self.store.erasure_pending():
                 problems.append("a removal's erasure from the index file did not finish (open it writable)")
-            settings = self.settings()
-            more_checks, more_problems = self.keeper.verify(settings)
-            checks += more_checks
-            problems += more_problems
             gallery = self.keeper.current(self.settings())
             checks.append(f"up to {CHECK_PROBES} stored templates are found as their own best match")
             _, ids, _ = self.store.template_map()
