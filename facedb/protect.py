@@ -156,17 +156,19 @@ class KeySource:
 
     @classmethod
     def of(cls, key: object, *, env: str = ENV_KEY) -> KeySource | None:
-        """A KeySource from what an API caller gave: a KeySource, the key itself (str or bytes), or None for
-        the ``FACEDB_KEY`` environment variable (None if it is unset too)."""
+        """A KeySource from what an API caller gave: a KeySource, the key itself (str or bytes), a key file
+        (a ``pathlib.Path``), or None for the ``FACEDB_KEY`` environment variable (None if it is unset too)."""
         if isinstance(key, KeySource):
             return key
+        if isinstance(key, os.PathLike):
+            return cls(file=Path(key))
         if isinstance(key, str):
             return cls(value=key.encode())
         if isinstance(key, (bytes, bytearray)):
             return cls(value=bytes(key))
         if key is None:
             return cls(env=env) if os.environ.get(env) else None
-        raise InvalidInputError("key must be a string, bytes or a facedb.protect.KeySource")
+        raise InvalidInputError("key must be a string, bytes, a key file's Path or a facedb.protect.KeySource")
 
     @classmethod
     def from_options(cls, key_file: Path | None, key_command: str | None, env: str = ENV_KEY) -> KeySource | None:
