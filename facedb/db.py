@@ -124,6 +124,7 @@ class FaceDB:
             raise DatabaseExistsError(f"a facedb database already exists at {root}")
         if root.exists() and not root.is_dir():
             raise DatabaseError(f"{root} exists and is not a directory")
+        material = encryption.new_key_material(root, key) if encrypt or key is not None else None
         try:
             root.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
@@ -134,9 +135,9 @@ class FaceDB:
 
             meta.update({"projection": projection.METHOD, "projection_seed": projection.new_seed()})
         protection = None
-        if encrypt or key is not None:
+        if material is not None:
             encryption.discard_keyring(root)  # one left by a creation that died before its store existed
-            protection = encryption.create_keyring(root, key)
+            protection = encryption.create_keyring(root, material)
         try:
             store = Store.create(root / STORE_FILE, meta, key=protection.store_key() if protection else None)
         except BaseException:

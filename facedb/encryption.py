@@ -37,7 +37,7 @@ from typing import Any
 
 from .errors import DatabaseError, InvalidInputError, KeyMissingError, TamperedError, WrongKeyError
 from .fsio import fsync_dir, overwrite_and_unlink
-from .protect import KEYRING_FILE, DataKey, FileCipher, Keyring, KeySource, Protection, wrap
+from .protect import KEYRING_FILE, DataKey, FileCipher, Keyring, KeySource, Protection, check_new_key, wrap
 from .store import SQLITE_HEADER, ExclusiveCopy, is_plain_sqlite, opens_with
 
 STORE_FILE = "facedb.sqlite3"
@@ -140,10 +140,17 @@ def _finish(root: Path, ring: Keyring, staging: Path, plain_index: bool) -> None
 
 
 # ----------------------------------------------------------------------------------------------- creating
-def create_keyring(root: Path, key: object) -> Protection:
+def new_key_material(root: Path, key: object) -> bytes:
+    """The KEK for a new encrypted database at ``root``, checked (present, outside ``root``, a 256-bit key or a
+    long enough passphrase) before anything is created."""
+    material = key_source(key, root, "an encrypted database needs a key").material()
+    check_new_key(material)
+    return material
+
+
+def create_keyring(root: Path, material: bytes) -> Protection:
     """The keyring of a new encrypted database at ``root`` (written before its store)."""
-    source = key_source(key, root, "an encrypted database needs a key")
-    ring, data_key = Keyring.new(source.material())
+    ring, data_key = Keyring.new(material)
     ring.write(root)
     return Protection(data_key, ring.key_version, ring.database_id)
 
@@ -229,8 +236,7 @@ def encrypt_existing(root: Path, key: object, opened: Any) -> ConversionReport:
     root = Path(root)
     if is_encrypted(root):
         raise InvalidInputError(f"{root} is already encrypted (rotate its key with `facedb rotate-key`)")
-    source = key_source(key, root, "encrypting needs a key")
-    material = source.material()
+    material = new_key_material(root, key)
     keeper, settings, templates = _prepare(opened)
     ring, data_key = Keyring.new(material)
     ring.keys = [{**ring.keys[0], "role": "next"}]
@@ -267,6 +273,7 @@ def rotate_key(root: Path, key: object, new_key: object, reencrypt: bool = False
     if new_source is not None:
         new_source.check_outside(root)
         new_material = new_source.material()
+        check_new_key(new_material)
         if new_material == old_material:
             raise InvalidInputError("the new key is the key in use: give another one")
     ring = Keyring.read(root)

@@ -247,13 +247,18 @@ def _kek(material: bytes, kdf: dict[str, Any]) -> bytes:
     raise WrongKeyError(f"unknown key derivation {kdf['name']!r} in the keyring")
 
 
+def check_new_key(material: bytes) -> None:
+    """InvalidInputError unless ``material`` may become a KEK: a 256-bit key, or a passphrase long enough."""
+    if _raw_key(material) is None and len(material) < MIN_PASSPHRASE:
+        raise InvalidInputError(f"a passphrase must have at least {MIN_PASSPHRASE} characters (or use a random "
+                                "256-bit key: `facedb genkey`)")
+
+
 def _new_kdf(material: bytes) -> dict[str, Any]:
     salt = base64.b64encode(os.urandom(16)).decode()
     if _raw_key(material) is not None:
         return {"name": "hkdf-sha256", "salt": salt}
-    if len(material) < MIN_PASSPHRASE:
-        raise InvalidInputError(f"a passphrase must have at least {MIN_PASSPHRASE} characters (or use a random "
-                                "256-bit key: `facedb genkey`)")
+    check_new_key(material)
     return {"name": "scrypt", "salt": salt, **SCRYPT}
 
 

@@ -251,14 +251,17 @@ def test_wrong_missing_and_misplaced_keys_are_typed_errors_that_change_nothing(t
 
 def test_passphrases_and_binary_key_files_work(tmp_path, rng):
     phrase = "correct horse battery staple"
+    from facedb.protect import KeySource
+
     with make(tmp_path / "a", key=phrase) as db:
         db.add_templates("a", unit_rows(rng, 1, DIM), create=True)
     with FaceDB.open(tmp_path / "a", key=phrase) as db:
         assert db.person("a").templates == 1
     with pytest.raises(InvalidInputError, match="passphrase"):
         make(tmp_path / "b", key="short")
-    assert not (tmp_path / "b" / KEYRING_FILE).exists()
-    from facedb.protect import KeySource
+    with pytest.raises(KeyMissingError):
+        make(tmp_path / "b", key=KeySource(command="false"))
+    assert not (tmp_path / "b").exists()  # bad keys are refused before anything is created
 
     raw = tmp_path / "raw.key"
     raw.write_bytes(os.urandom(32))
@@ -692,3 +695,18 @@ def test_cancellable_templates_keep_every_score_and_are_unlinkable(tmp_path, rng
         t1 = np.array([t.vector for t in d1.templates("p7")])
         t2 = np.array([t.vector for t in d2.templates("p7")])
     assert np.abs(np.sum(t1 * t2, axis=1)).max() < 0.6  # the same face: unrelated templates in two databases
+
+
+def test_calibrating_an_encrypted_database_builds_its_temporary_database_encrypted(tmp_path, rng):
+    from facedb.evaluate.datasets import Split
+    from facedb.evaluate.protocols import open_set_scores
+
+    vecs = unit_rows(rng, 30, DIM)
+    split = Split(gallery={f"p{i}": [i] for i in range(10)}, genuine=[(f"p{i}", i) for i in range(10)],
+                  impostor=list(range(20, 30)))
+    plain = open_set_scores(tmp_path / "plain", vecs, split, "m")
+    encrypted = open_set_scores(tmp_path / "enc", vecs, split, "m", encrypt=True)
+    assert [[n for n, _ in c] for c in plain[0]] == [[n for n, _ in c] for c in encrypted[0]]
+    np.testing.assert_allclose(plain[1], encrypted[1], atol=1e-6)
+    assert (tmp_path / "enc" / KEYRING_FILE).exists() and files_holding(tmp_path / "enc", vecs) == []
+    assert files_holding(tmp_path / "plain", vecs)  # (the scan finds them where they are in plain text)
