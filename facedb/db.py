@@ -218,9 +218,18 @@ class FaceDB:
             raise InvalidInputError(f"{path} is already encrypted (rotate its key with `facedb rotate-key`)")
         db = cls.open(path)
         try:
-            return encryption.encrypt_existing(Path(path), key, db)
+            report = encryption.encrypt_existing(Path(path), key, db)
         finally:
             db.close(save_index=False)
+        cls._record_conversion(path, key, report)
+        return report
+
+    @classmethod
+    def _record_conversion(cls, path: str | os.PathLike[str], key: object, report: ConversionReport) -> None:
+        """Append an encrypt / rotate-key to the audit trail (opened with the key now in force)."""
+        with cls.open(path, key=key) as db:
+            db.trail.record(report.operation if report.operation == "encrypt" else "rotate-key",
+                            [{"detail": report.to_dict()}], db.settings())
 
     @classmethod
     def rotate_key(cls, path: str | os.PathLike[str], *, key: object = None, new_key: object = None,
@@ -228,13 +237,19 @@ class FaceDB:
         """Re-wrap the data key under ``new_key`` (default ``$FACEDB_NEW_KEY``; fast); with ``reencrypt``, also
         re-encrypt everything under a new data key (needs the database closed everywhere else). ``key`` is the
         key in use. Wrong or missing keys change nothing."""
+        from .protect import ENV_NEW_KEY, KeySource
+
         if not reencrypt:
-            return encryption.rotate_key(Path(path), key, new_key)
-        db = cls.open(path, key=key)
-        try:
-            return encryption.rotate_key(Path(path), key, new_key, reencrypt=True, opened=db)
-        finally:
-            db.close(save_index=False)
+            report = encryption.rotate_key(Path(path), key, new_key)
+        else:
+            db = cls.open(path, key=key)
+            try:
+                report = encryption.rotate_key(Path(path), key, new_key, reencrypt=True, opened=db)
+            finally:
+                db.close(save_index=False)
+        now = KeySource.of(new_key, env=ENV_NEW_KEY) or key
+        cls._record_conversion(path, now, report)
+        return report
 
     def close(self, *, save_index: bool = True) -> None:
         """Save the index if it is worth saving (not with ``save_index=False``), then close the store."""

@@ -339,7 +339,10 @@ def test_rotate_key_rewraps_fast_and_the_old_key_stops_working(tmp_path, rng, ke
     vecs = unit_rows(rng, 10, DIM)
     with make(root, key=key) as db:
         db.add_templates("a", vecs, create=True)
-    store_before = (root / "facedb.sqlite3").read_bytes()
+    from facedb.protect import Keyring
+    from facedb.store import opens_with
+
+    data_key = Keyring.read(root).unlock(key.encode())["current"].store_key()
     new = generate_key()
     with pytest.raises(WrongKeyError):
         FaceDB.rotate_key(root, key=generate_key(), new_key=new)
@@ -347,12 +350,14 @@ def test_rotate_key_rewraps_fast_and_the_old_key_stops_working(tmp_path, rng, ke
         FaceDB.rotate_key(root, key=key)
     report = FaceDB.rotate_key(root, key=key, new_key=new)
     assert report.operation == "rewrap" and report.key_version == 2 and report.data_key_version == 1
-    assert (root / "facedb.sqlite3").read_bytes() == store_before  # only the keyring changed
+    assert opens_with(root / "facedb.sqlite3", data_key)  # the data was not re-encrypted: only re-wrapped
     with pytest.raises(WrongKeyError):
         FaceDB.open(root, key=key)
     with FaceDB.open(root, key=new) as db:
         assert db.identify(vecs[2]).identity == "a"
         assert (db.stats().key_version, db.stats().data_key_version) == (2, 1)
+        rotations = db.audit(operation="rotate-key")
+        assert len(rotations) == 1 and rotations[0].detail["key_version"] == 2  # recorded in the audit trail
 
 
 @pytest.mark.slow
@@ -530,6 +535,8 @@ def test_encrypt_destroys_the_plain_copy_and_refuses_while_in_use(tmp_path, rng,
     assert digest(root) == before and not (root / KEYRING_FILE).exists()
     report = FaceDB.encrypt(root, key=key)
     assert report.templates == 20 and report.index_file
+    with FaceDB.open(root, key=key) as db:
+        assert [r.operation for r in db.audit(operation="encrypt")] == ["encrypt"]
     assert files_holding(root, vecs) == []
     with pytest.raises(InvalidInputError):
         FaceDB.encrypt(root, key=key)
