@@ -461,7 +461,17 @@ class FaissBackend:
         cipher = _cipher(place)
         if cipher is not None:
             return _save_sealed(index, self.path(place), cipher)
-        return {"sha256": write_atomic(self.path(place), index.to_bytes())}
+        sha = hashlib.sha256()
+
+        def write(f: Any) -> None:  # streamed and hashed as it goes: no in-memory copy, no second pass to hash
+            def out(chunk: bytes) -> None:
+                sha.update(chunk)
+                f.write(chunk)
+
+            faiss.write_index(index._index, faiss.PyCallbackIOWriter(out, 1 << 22))
+
+        write_atomic(self.path(place), write, digest=False)
+        return {"sha256": sha.hexdigest()}
 
     def verify(self, place: IndexPlace, stamp: dict[str, Any], dim: int) -> bool:
         cipher = _cipher(place)
