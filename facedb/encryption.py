@@ -81,8 +81,9 @@ def unlock(root: Path, key: object, readonly: bool = False) -> Protection | None
         if (root / STAGING).is_dir() and not readonly:
             shutil.rmtree(root / STAGING, ignore_errors=True)  # a conversion that died before its keyring
         if store.is_file() and store.stat().st_size > 0 and not is_plain_sqlite(store):
-            raise DatabaseError(f"{store} is not a facedb database: not a plain SQLite file, and there is no keyring "
-                                f"({KEYRING_FILE}); if it is an encrypted database, restore its keyring from a backup")
+            raise DatabaseError(f"{store}: file is not a database facedb can read (not a plain SQLite file, and no "
+                                f"keyring {KEYRING_FILE}: if it is an encrypted database, restore its keyring from a "
+                                "backup)")
         return None
     ring = Keyring.read(root)
     keys = ring.unlock(key_source(key, root).material())

@@ -190,15 +190,16 @@ class IndexKeeper:
             finally:
                 self._locked = False
 
-    def _save_locked(self, settings: Settings) -> None:
-        """Write the file and its stamp; the caller holds the index lock and passes settings read under it."""
+    def _save_locked(self, settings: Settings, also: dict[str, str] | None = None) -> None:
+        """Write the file and its stamp (with the ``also`` meta rows, in the same transaction); the caller holds
+        the index lock and passes settings read under it."""
         gallery = self.current(settings)
         assert self._backend is not None
         remove_stale_temporaries(self.root, "index")  # a killed writer's half-written file may hold templates
         fields = self._backend.save(gallery.index, self.place)
         stamp = settings.index_stamp
         old_kind = stamp.get("kind") if stamp else None
-        self.store.set_meta({"index_stamp": self._stamp(fields, gallery, settings)})
+        self.store.set_meta({"index_stamp": self._stamp(fields, gallery, settings), **(also or {})})
         if old_kind and old_kind != gallery.index.kind:
             self._discard_other(str(old_kind))
         self.from_file = True
@@ -223,12 +224,13 @@ class IndexKeeper:
         with self._lock():
             settings = Settings.parse(self.store.all_meta())
             rewrite = self._file_holds_removed(settings)
+            done = {"erase_pending": "0"} if settings.extra.get("erase_pending") == "1" else {}
             if rewrite:
-                self._save_locked(settings)
+                self._save_locked(settings, done)
             else:
                 remove_stale_temporaries(self.root, "index")
-            if settings.extra.get("erase_pending") == "1":
-                self.store.set_meta({"erase_pending": "0"})
+                if done:
+                    self.store.set_meta(done)
         return rewrite
 
     def save_to(self, place: IndexPlace, settings: Settings) -> str:

@@ -1011,23 +1011,31 @@ class Store:
         except _Error as exc:
             raise DatabaseError(f"{self.path}: vacuum failed ({exc})") from None
 
-    def truncate_wal(self, attempts: int = 50) -> bool:
+    def truncate_wal(self, seconds: float = 5.0) -> bool:
         """Checkpoint the write-ahead log into the database file and truncate it to zero bytes, so that frames
-        of removed rows leave the WAL (erasure). Waits (busy timeout) for readers of older snapshots; retries a
-        few times; returns whether it completed. Read-only stores cannot checkpoint: False."""
+        of removed rows leave the WAL (erasure). That needs a moment with no writer and every reader on the
+        latest snapshot: with busy waiting off, it is tried every millisecond or so for up to ``seconds`` (SQLite's
+        own busy handler backs off to 100 ms sleeps, which readers that log every decision can starve). Returns
+        whether it completed; read-only stores cannot checkpoint: False."""
         if self.readonly:
             return False
-        for attempt in range(attempts):
-            try:
-                busy = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
-            except _OperationalError:
-                busy = 1
-            if not busy:
-                return True
-            import time
+        import time
 
-            time.sleep(min(0.01 * (attempt + 1), 0.2))
-        return False
+        deadline = time.monotonic() + seconds
+        self.conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            while True:
+                try:
+                    busy = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                except _OperationalError:
+                    busy = 1
+                if not busy:
+                    return True
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.001)
+        finally:
+            self.conn.execute("PRAGMA busy_timeout = 30000")
 
     def erasure_pending(self) -> bool:
         """Whether a removal committed but its index file rewrite did not finish (a crash in between)."""
