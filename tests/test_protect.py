@@ -5,6 +5,7 @@ first proves the scan finds templates that are there."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -717,3 +718,36 @@ def test_calibrating_an_encrypted_database_builds_its_temporary_database_encrypt
     np.testing.assert_allclose(plain[1], encrypted[1], atol=1e-6)
     assert (tmp_path / "enc" / KEYRING_FILE).exists() and files_holding(tmp_path / "enc", vecs) == []
     assert files_holding(tmp_path / "plain", vecs)  # (the scan finds them where they are in plain text)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_of_reencrypt_through_the_cli(tmp_path, rng):
+    """The failpoints above kill each step; this kills `facedb rotate-key --reencrypt` wherever it happens to be."""
+    import random
+
+    root = tmp_path / "db"
+    vecs = unit_rows(rng, 2000, DIM)
+    keys = [generate_key()]
+    with make(root, key=keys[0], index="hnsw") as db:
+        db.add_templates_many([(f"p{i}", vecs[i:i + 1]) for i in range(2000)])
+        db.identify(vecs[0])
+    chance = random.Random(5)
+    for _ in range(4):
+        new = generate_key()
+        proc = subprocess.Popen([sys.executable, "-m", "facedb.cli", "--db", str(root), "rotate-key", "--reencrypt"],
+                                env={**os.environ, "PYTHONPATH": str(REPO), "FACEDB_KEY": keys[-1],
+                                     "FACEDB_NEW_KEY": new}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(chance.uniform(0.2, 2.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        opened = None
+        for k in (keys[-1], new):
+            with contextlib.suppress(WrongKeyError):
+                opened = FaceDB.open(root, key=k)
+                break
+        assert opened is not None, "neither the old nor the new key opens the database"
+        if k == new:
+            keys.append(new)
+        with opened as db:
+            assert db.stats().templates == 2000 and db.check().ok and db.identify(vecs[1234]).identity == "p1234"
+        assert files_holding(root, vecs[:200]) == []
