@@ -10,12 +10,14 @@ every registered kind (``tests/test_contracts.py``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import engine
+from .errors import ModelMismatchError
 from .gallery import Gallery
 from .index import IndexBackend, IndexPlace
 
@@ -44,8 +46,7 @@ def _oracle_top(x: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int) -> tuple[
 
 
 def check_index_backend(backend: IndexBackend, kind: str, root: Path, *, dim: int = 32, n: int = 600,
-                        seed: int = 0, min_recall: float | None = None,
-                        options: dict[str, object] | None = None) -> None:
+                        seed: int = 0, min_recall: float | None = None, place: IndexPlace | None = None) -> None:
     """The :class:`~facedb.index.IndexBackend` / :class:`~facedb.index.VectorIndex` contract for one kind.
 
     Checks: search against a numpy oracle (exact kinds: the same ids and scores; approximate ones: for probes
@@ -53,8 +54,9 @@ def check_index_backend(backend: IndexBackend, kind: str, root: Path, *, dim: in
     0.9, which is what the engine's exact re-scoring needs; their scores may be coarse); removal (no
     removed id is ever returned, by search or range search); range search against the oracle; ``ids`` and
     ``exact_vectors`` (bit for bit where ``keeps_vectors``); save, verify and load give the same answers;
-    a tampered or missing persisted copy is not loaded; ``discard`` removes it. ``options``: the place's
-    options (e.g. ``{"cipher": ...}`` for an encrypted database).
+    a tampered or missing persisted copy is not loaded, nor one checked against another dimension; ``discard``
+    removes it. ``place``: where it persists (default: ``root``, no options; a remote engine needs its
+    address in ``options``). Write-through backends are also held to :func:`check_write_through`.
     """
     rng = np.random.default_rng(seed)
     x, _ = clustered(rng, n // 6, 6, dim)
@@ -63,7 +65,7 @@ def check_index_backend(backend: IndexBackend, kind: str, root: Path, *, dim: in
     q = np.concatenate([q, x[:: len(x) // 12][:12] + 0.05 * unit_rows(rng, 12, dim)])
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     near = np.arange(len(q)) >= 12
-    place = IndexPlace(root, options=dict(options or {}))
+    place = place or IndexPlace(root)
     index = backend.new(kind, dim, {}, x, place)
     assert index.kind == kind and index.dim == dim, "kind and dim are what was asked"
     assert len(index) == 0, "a new index is empty"
@@ -125,19 +127,67 @@ def check_index_backend(backend: IndexBackend, kind: str, root: Path, *, dim: in
             dict(stamp, file_id="0" * 32) if "file_id" in stamp else dict(stamp, count=-1)
         assert not backend.verify(place, bad, dim) or backend.load(place, bad, dim) is None, \
             "a copy that does not match its stamp is not trusted"
+    try:
+        other_dim = backend.load(place, stamp, dim + 1)
+    except ModelMismatchError:
+        other_dim = None
+    assert other_dim is None, "a copy of another dimension is never loaded"
+    if backend.write_through:
+        check_write_through(backend, place, stamp, loaded, live, xl, dim, rng)
     backend.discard(place)
     assert backend.persisted_bytes(place) == 0, "discard removes the persisted copy"
     assert backend.load(place, stamp, dim) is None, "nothing loads after discard"
 
 
-def check_engine(backend: IndexBackend, kind: str, root: Path, *, dim: int = 32, seed: int = 1) -> None:
+def check_write_through(backend: IndexBackend, place: IndexPlace, stamp: dict[str, object], index: object,
+                        live: np.ndarray, xl: np.ndarray, dim: int, rng: np.random.Generator) -> None:
+    """What a write-through backend (a shared engine) promises beyond the others, on a saved ``index`` holding
+    ``live`` (vectors ``xl``): an add or remove is seen at once by another handle on the same place, without a
+    save; ``publish`` records the generation that the next handle ``reflects``; a read-only handle answers with
+    its own adds and removes but never writes them to the engine; writes repeated by two processes catching up
+    the same log (the same add twice, a remove of what is gone) leave one entry, or none."""
+    new_ids = np.arange(10, 16, dtype=np.int64) * 7 + 5  # never among the contract's ids (multiples of 3 >= 3000)
+    new_x = unit_rows(rng, len(new_ids), dim)
+    gone = live[:4]
+    index.add(new_ids, new_x)  # type: ignore[attr-defined]
+    index.remove(gone)  # type: ignore[attr-defined]
+    index.add(new_ids[:2], new_x[:2])  # type: ignore[attr-defined]  # a second process replaying the same add
+    index.remove(gone)  # type: ignore[attr-defined]  # ... and the same removal
+    other = backend.load(place, stamp, dim)
+    assert other is not None, "another handle opens the engine's copy"
+    want = np.setdiff1d(np.union1d(live, new_ids), gone)
+    assert len(other) == len(want), "another handle sees each add and remove once, without a save"
+    assert np.array_equal(np.sort(other.ids()), want), "another handle holds exactly what was written"
+    _, got = other.search(new_x, 3)
+    assert np.array_equal(got[:, 0], new_ids), "a template added through one handle is found through another"
+    _, got = other.search(xl[:4], 3)
+    assert not np.isin(got, gone).any(), "a removed template is never returned by the next search, anywhere"
+    backend.publish(index, place, 41)  # type: ignore[arg-type]
+    reopened = backend.load(place, stamp, dim)
+    assert reopened is not None and getattr(reopened, "reflects", None) == 41, \
+        "a handle opened after publish reflects the published generation"
+    ro = backend.load(replace(place, readonly=True), stamp, dim)
+    assert ro is not None, "a read-only handle opens the engine's copy"
+    extra_ids, extra_x = np.array([9_000_001, 9_000_002], dtype=np.int64), unit_rows(rng, 2, dim)
+    ro.add(extra_ids, extra_x)
+    ro.remove(new_ids[:1])
+    _, got = ro.search(extra_x, 2)
+    assert np.array_equal(got[:, 0], extra_ids), "a read-only handle finds what it was given, exactly"
+    _, got = ro.search(new_x[:1], 3)
+    assert new_ids[0] not in got, "a read-only handle hides what it removed"
+    after = backend.load(place, stamp, dim)
+    assert after is not None and np.array_equal(np.sort(after.ids()), want), "a read-only handle wrote nothing"
+
+
+def check_engine(backend: IndexBackend, kind: str, root: Path, *, dim: int = 32, seed: int = 1,
+                 place: IndexPlace | None = None) -> None:
     """The query engine over one index kind, against a brute-force oracle of per-person best scores: the
     top-k people and their scores are exact (approximate kinds: every score returned is exact and the right
     person is first for near-copies of stored templates), and decisions follow the threshold."""
     rng = np.random.default_rng(seed)
     x, pids = clustered(rng, 120, 5, dim, noise=0.6)
     ids = np.arange(1, len(x) + 1, dtype=np.int64)
-    gallery = Gallery(backend.new(kind, dim, {}, x, IndexPlace(root)), 0)
+    gallery = Gallery(backend.new(kind, dim, {}, x, place or IndexPlace(root)), 0)
     gallery.add(ids, pids, x)
     names = {int(p): (f"p{p}", None) for p in np.unique(pids)}
 

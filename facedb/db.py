@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import shutil
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -28,15 +31,17 @@ import numpy as np
 
 from . import encryption, engine
 from .audit import AuditTrail, acting_as, default_actor
+from .decision import ImpostorModel, predicted_fpir
 from .errors import (
     DatabaseError,
     DatabaseExistsError,
     ErasureWarning,
+    IndexUnavailableError,
     InvalidInputError,
     ModelMismatchError,
     NoFaceError,
 )
-from .index import check_kind
+from .index import backend_for, check_kind
 from .keeper import IndexKeeper
 from .records import (
     AuditRecord,
@@ -53,12 +58,14 @@ from .records import (
     Verification,
 )
 from .scores import as_unit_rows
-from .settings import AuditSettings, Calibration, Settings, check_k, check_threshold
+from .settings import AuditSettings, Calibration, Settings, check_index_options, check_k, check_threshold
 from .store import SCHEMA_VERSION, Store
 
 if TYPE_CHECKING:
     from .encryption import ConversionReport
+    from .hooks import Webhook
     from .images import PhotoSource
+    from .keys import ApiKey
     from .pipeline import FaceChoice, FacePipeline, Outcome
     from .protect import FileCipher, Protection
 
@@ -81,37 +88,54 @@ class FaceDB:
 
     def __init__(self, root: Path, store: Store, readonly: bool = False, weights: Path | None = None,
                  model: FacePipeline | None = None, actor: str | None = None,
-                 protection: Protection | None = None) -> None:
+                 index_options: dict[str, Any] | None = None, protection: Protection | None = None) -> None:
         self.root = root
         self.store = store
         self.readonly = readonly
         self._weights = weights
         self._model = model
         self._lock = threading.RLock()
+        self._given_options = dict(index_options or {})
         self.protection = protection
         self._projection: Any = None  # loaded on first use (cancellable databases)
-        options = {"cipher": protection.index_cipher()} if protection is not None else {}
-        self.keeper = IndexKeeper(store, root, readonly=readonly, options=options)
+        self.keeper = IndexKeeper(store, root, readonly=readonly, options=self._index_options())
         self.trail = AuditTrail(store, actor or default_actor())
+
+    def _index_options(self) -> dict[str, Any]:
+        """What an index backend needs to find its engine: the stored options (a Milvus URI and collection),
+        the database's model and id (so a shared collection is never another database's), and the options
+        given to this process (a token, or a URI override): those are never stored."""
+        s = self.settings()
+        cipher = {"cipher": self.protection.index_cipher()} if self.protection is not None else {}
+        return {**s.index_options, "model_id": s.model_id, "database_id": s.database_id, **self._given_options,
+                **cipher}
 
     # ---------------------------------------------------------------------------------------------- lifecycle
     @classmethod
     def create(cls, path: str | os.PathLike[str], *, model_id: str, dim: int, threshold: float,
                threshold_source: str = "model default", index: str = "flat", flip: bool = True,
-               actor: str | None = None, encrypt: bool = False, key: object = None,
+               impostors: ImpostorModel | None = None, actor: str | None = None,
+               index_options: dict[str, Any] | None = None, encrypt: bool = False, key: object = None,
                cancellable: bool = False) -> FaceDB:
         """Create an empty database for vectors of ``model_id`` (``dim``-dimensional, unit length).
 
-        ``threshold`` is the default decision threshold, a cosine similarity (higher is stricter). ``flip``:
+        ``threshold`` is the default (1:1) decision threshold, a cosine similarity (higher is stricter).
+        ``impostors``: the model's 1:1 impostor score tail; given, the database uses the gallery rule (the 1:N
+        threshold follows the gallery size to hold FPIR at 1%; see :mod:`facedb.decision`), else the fixed
+        threshold. ``flip``:
         photos are embedded as the mean of the face's and its mirror image's embedding (flip test-time
         augmentation, at twice the embedding cost; README "Accuracy"). Fixed for the database's life, since
         templates made both ways should not be compared; it does not affect vectors added directly.
+        ``index_options``: for ``index="milvus"``, ``milvus_uri`` (required) and ``milvus_collection`` (stored),
+        and ``milvus_token`` (used by this object only, never stored; else FACEDB_MILVUS_TOKEN). A remote
+        index is created at once, so an unreachable server or a refused token (IndexUnavailableError) or a
+        collection of another model (ModelMismatchError) leaves no database behind.
 
         ``encrypt`` (or a ``key``): the database is encrypted at rest (README "Protecting templates") under the
-        key-encryption key ``key`` (a string, bytes or a ``facedb.protect.KeySource``; default ``$FACEDB_KEY``;
-        KeyMissingError when there is none). ``cancellable``: every template and probe is projected by a keyed
-        random orthogonal matrix of this database (``projection.py``; scores unchanged, templates unlinkable
-        across databases), fixed for the database's life.
+        key-encryption key ``key`` (a string, bytes, a key file's Path or a ``facedb.protect.KeySource``; default
+        ``$FACEDB_KEY``; KeyMissingError when there is none). ``cancellable``: every template and probe is
+        projected by a keyed random orthogonal matrix of this database (``projection.py``; scores unchanged,
+        templates unlinkable across databases), fixed for the database's life.
         """
         root = Path(path)
         if not model_id:
@@ -120,16 +144,20 @@ class FaceDB:
             raise InvalidInputError("dim must be a positive integer")
         threshold = check_threshold(threshold)
         check_kind(index)
+        options = dict(index_options or {})
+        rows = _option_rows(index, options)
         if (root / STORE_FILE).exists():
             raise DatabaseExistsError(f"a facedb database already exists at {root}")
         if root.exists() and not root.is_dir():
             raise DatabaseError(f"{root} exists and is not a directory")
         material = encryption.new_key_material(root, key) if encrypt or key is not None else None
+        made = not root.exists()
         try:
             root.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise DatabaseError(f"cannot create {root}: {exc.strerror}") from None
-        meta = Settings.initial(model_id, dim, threshold, threshold_source, index, flip)
+        meta = {**Settings.initial(model_id, dim, threshold, threshold_source, index, flip, impostors), **rows,
+                "database_id": secrets.token_hex(16)}
         if cancellable:
             from . import projection
 
@@ -144,22 +172,37 @@ class FaceDB:
             if protection is not None:
                 encryption.discard_keyring(root)
             raise
-        return cls(root, store, actor=actor, protection=protection)
+        db = cls(root, store, actor=actor, index_options=_secrets_of(options), protection=protection)
+        if index != "auto" and backend_for(index).write_through:
+            try:  # create the remote collection now: a bad URI, token or collection fails init, not a later enrol
+                db.keeper.rebuild(db.settings())
+            except BaseException:
+                db.close(save_index=False)
+                for name in (STORE_FILE, STORE_FILE + "-wal", STORE_FILE + "-shm"):
+                    (root / name).unlink(missing_ok=True)
+                encryption.discard_keyring(root)
+                if made:
+                    shutil.rmtree(root, ignore_errors=True)
+                raise
+        return db
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, model_id: str | None = None, readonly: bool = False,
              weights: str | os.PathLike[str] | None = None, model: FacePipeline | None = None,
-             actor: str | None = None, key: object = None) -> FaceDB:
+             actor: str | None = None, index_options: dict[str, Any] | None = None, key: object = None) -> FaceDB:
         """Open an existing database. With ``model_id``, refuse (ModelMismatchError) a database of another model.
-
-        ``key``: an encrypted database's key-encryption key (a string, bytes or a ``facedb.protect.KeySource``;
-        default ``$FACEDB_KEY``): KeyMissingError without one, WrongKeyError for another, TamperedError when the
-        ciphertext fails authentication; nothing is changed then. Ignored for a plain database.
 
         ``weights``: the FaceNet weights file to use when this process loads the model; ``model``: a face
         pipeline to use for photos (checked against the database's model); ``actor``: who the audit trail
         records as asking, when no :meth:`acting_as` block says otherwise (default ``local:<user>``).
-        ``readonly``: nothing in the gallery can be changed (decisions are still written to the audit trail).
+        ``readonly``: nothing in the gallery can be changed (decisions are still written to the audit trail), and
+        a remote index engine is never written to (see README "Scale-out" for read replicas).
+        ``index_options``: for a Milvus index, ``milvus_token`` and/or ``milvus_uri`` for this object only
+        (default: FACEDB_MILVUS_TOKEN, FACEDB_MILVUS_URI, else the stored URI); never stored.
+        ``key``: an encrypted database's key-encryption key (a string, bytes, a key file's Path or a
+        ``facedb.protect.KeySource``; default ``$FACEDB_KEY``): KeyMissingError without one, WrongKeyError for
+        another, TamperedError when the ciphertext fails authentication; nothing is changed then. Ignored for a
+        plain database.
         """
         root = Path(path)
         if not (root / STORE_FILE).is_file():
@@ -167,7 +210,7 @@ class FaceDB:
         protection = encryption.unlock(root, key, readonly)
         store = Store.open(root / STORE_FILE, readonly=readonly, key=protection.store_key() if protection else None)
         db = cls(root, store, readonly=readonly, weights=Path(weights) if weights else None, actor=actor,
-                 protection=protection)
+                 index_options=_secrets_of(dict(index_options or {}), uri_too=True), protection=protection)
         try:
             if not readonly and store.erasure_pending():  # a removal whose erasure a crash interrupted
                 db._erase()
@@ -180,6 +223,20 @@ class FaceDB:
             raise
         db._model = model
         return db
+
+    def close(self, *, save_index: bool = True) -> None:
+        """Save the index if it is worth saving (not with ``save_index=False``), then close the store."""
+        with self._lock:
+            if self.store is None:
+                return
+            try:
+                if save_index and not self.readonly:
+                    self.keeper.save(self.settings())
+            except DatabaseError as exc:  # the index is a cache: the next open catches up from the store
+                warnings.warn(f"{self.root}: the index was not saved on close ({exc})", RuntimeWarning, stacklevel=2)
+            finally:
+                self.store.close()
+                self.store = None  # type: ignore[assignment]
 
     # --------------------------------------------------------------------------------------------- protection
     @property
@@ -251,20 +308,6 @@ class FaceDB:
         cls._record_conversion(path, now, report)
         return report
 
-    def close(self, *, save_index: bool = True) -> None:
-        """Save the index if it is worth saving (not with ``save_index=False``), then close the store."""
-        with self._lock:
-            if self.store is None:
-                return
-            try:
-                if save_index and not self.readonly:
-                    self.keeper.save(self.settings())
-            except DatabaseError as exc:  # the index is a cache: the next open catches up from the store
-                warnings.warn(f"{self.root}: the index was not saved on close ({exc})", RuntimeWarning, stacklevel=2)
-            finally:
-                self.store.close()
-                self.store = None  # type: ignore[assignment]
-
     def __enter__(self) -> FaceDB:
         return self
 
@@ -319,6 +362,23 @@ class FaceDB:
         with self._lock:
             self.store.set_meta(Settings.threshold_rows(threshold, source, cal))
             self.trail.record("calibrate", [{"threshold": threshold, "detail": {"source": source}}], self.settings())
+
+    def set_rule(self, rule: str, *, target: float | None = None, impostors: ImpostorModel | None = None) -> Settings:
+        """Choose the open-set decision rule: ``fixed`` (the stored threshold) or ``gallery`` (the threshold
+        follows the gallery size to hold FPIR at ``target``; needs an impostor model, the model's own or
+        ``impostors``). See :mod:`facedb.decision`."""
+        with self._lock:
+            rows = Settings.rule_rows(rule, target, impostors)
+            if rule == "gallery" and impostors is None and self.settings().rule.impostors is None:
+                raise InvalidInputError(
+                    f"the gallery rule needs an impostor model: {self.model_id} ships none; build one from your "
+                    "labelled photos with `facedb calibrate --far 1e-3 --folder DIR`")
+            self.store.set_meta(rows)
+            settings = self.settings()
+            self.trail.record("rule", [{"threshold": settings.threshold, "detail": {"rule": rule,
+                                                                                   "target": settings.rule.target}}],
+                              settings)
+            return settings
 
     def _same_model(self, model_id: str, dim: int) -> None:
         """ModelMismatchError unless ``model_id``/``dim`` are the database's: the one model check."""
@@ -484,9 +544,14 @@ class FaceDB:
         threshold = None if threshold is None else check_threshold(threshold)
         with self._lock:
             settings = self.settings()
-            gallery = self.keeper.current(settings)
-            thr = settings.threshold if threshold is None else threshold
-            return engine.identify(gallery, x, k, thr, self._fetch(gallery), self.store.names), settings
+            try:
+                gallery = self.keeper.current(settings)
+                thr, rule = (threshold, "given") if threshold is not None else settings.rule.threshold(
+                    settings.threshold, len(gallery))
+                return engine.identify(gallery, x, k, thr, self._fetch(gallery), self.store.names, rule), settings
+            except IndexUnavailableError:
+                self.keeper.gallery = None  # a remote engine failed (or its collection was dropped): reopen next time
+                raise
 
     def identify(self, vectors: object, k: int = 5,
                  threshold: float | None = None) -> Identification | list[Identification]:
@@ -506,11 +571,12 @@ class FaceDB:
         return out[0] if single else out
 
     def verify(self, probe: object, name: str, threshold: float | None = None, *,
-               model: FacePipeline | None = None) -> Verification:
+               model: FacePipeline | None = None, cropped: bool = False) -> Verification:
         """Is this ``name``? 1:1: accepted iff the best similarity to their templates ``>= threshold``.
 
         ``probe`` is a unit vector ``(dim,)``, or a photo (path, bytes, file object, PIL image, HWC uint8
-        array), in which the largest face is used (NoFaceError if there is none).
+        array), in which the largest face is used (NoFaceError if there is none; ``cropped``: the photo is a
+        face crop, see :func:`facedb.pipeline.find_faces`).
         """
         threshold = None if threshold is None else check_threshold(threshold)
         sha = None
@@ -518,11 +584,11 @@ class FaceDB:
             x = as_unit_rows(probe, self.dim)
         else:
             pipe = self.pipeline(model)
-            analysed = pipe.analyse(probe)  # type: ignore[arg-type]
+            analysed = pipe.analyse(probe, cropped=cropped)  # type: ignore[arg-type]
             if not analysed.faces:
                 raise NoFaceError(f"{analysed.photo.name}: no face found")
             face = max(analysed.faces, key=lambda f: f.area)
-            x = pipe.embed([(analysed.photo, face)], flip=self.flip)
+            x = pipe.embed_faces(analysed, [face], flip=self.flip)
             sha = analysed.photo.sha256
         x = self._protect(x)
         with self._lock:
@@ -552,21 +618,23 @@ class FaceDB:
                 f"this database holds {self.model_id!r} embeddings; the model given is {model.model_id!r}")
         return model
 
-    def detect(self, photo: PhotoSource, *, model: FacePipeline | None = None, name: str | None = None) -> list[Any]:
+    def detect(self, photo: PhotoSource, *, model: FacePipeline | None = None, name: str | None = None,
+               cropped: bool = False) -> list[Any]:
         """Every face in a photo (box, detector score, 5 landmarks, all in the photo's pixel frame), no
         identification and no audit record."""
-        return self.pipeline(model).analyse(photo, name=name).faces
+        return self.pipeline(model).analyse(photo, name=name, cropped=cropped).faces
 
     def search(self, photo: PhotoSource, *, model: FacePipeline | None = None, k: int = 5,
-               threshold: float | None = None, name: str | None = None) -> list[FaceMatch]:
-        """Identify every face in a photo: one FaceMatch per face (an empty list when there is none)."""
+               threshold: float | None = None, name: str | None = None, cropped: bool = False) -> list[FaceMatch]:
+        """Identify every face in a photo: one FaceMatch per face (an empty list when there is none).
+        ``cropped``: the photo is a face crop (see :func:`facedb.pipeline.find_faces`)."""
         check_k(k)
         threshold = None if threshold is None else check_threshold(threshold)
         pipe = self.pipeline(model)
-        analysed = pipe.analyse(photo, name=name)
+        analysed = pipe.analyse(photo, name=name, cropped=cropped)
         if not analysed.faces:
             return []
-        vectors = self._protect(pipe.embed([(analysed.photo, f) for f in analysed.faces], flip=self.flip))
+        vectors = self._protect(pipe.embed_faces(analysed, flip=self.flip))
         answers, settings = self._identify(vectors, k, threshold)
         self.trail.record("search", [
             {"image_sha256": analysed.photo.sha256, "identity": a.identity, "similarity": a.similarity,
@@ -575,7 +643,7 @@ class FaceDB:
         return [FaceMatch(image=analysed.photo.name, box=[round(c, 1) for c in face.box],
                           det_score=round(face.score, 4), identity=a.identity, similarity=a.similarity,
                           distance=a.distance, threshold=a.threshold, candidates=a.candidates,
-                          external_id=a.external_id)
+                          external_id=a.external_id, rule=a.rule)
                 for face, a in zip(analysed.faces, answers)]
 
     def enroll(self, name: str, photos: Sequence[PhotoSource], **options: Any) -> EnrollReport:
@@ -587,7 +655,7 @@ class FaceDB:
                     model: FacePipeline | None = None, on_multiple: str | FaceChoice = "error",
                     on_other_match: str = "warn", metadata: dict[str, Any] | None = None,
                     people_metadata: dict[str, dict[str, Any]] | None = None, progress: Any = None,
-                    batch_size: int = 16, workers: int | None = 0) -> EnrollReport:
+                    batch_size: int = 16, workers: int | None = 0, cropped: bool = False) -> EnrollReport:
         """Enrol several people: ``[(name, photos), ...]``. Faces are embedded in batches across photos.
 
         A photo that fails (unreadable, no face, several faces under ``on_multiple="error"``, already
@@ -595,9 +663,11 @@ class FaceDB:
         the others. ``on_multiple``: ``error`` (skip the photo), ``largest`` or ``skip``. ``on_other_match``:
         a face that matches *another* enrolled person at or above the threshold is enrolled with a warning
         (``warn``), skipped (``refuse``) or enrolled silently (``allow``). ``metadata`` goes to every person,
-        ``people_metadata[name]`` to one. Detection runs beside the embedder: in a thread by default, or in
-        ``workers`` spawned processes (see :func:`facedb.pipeline.prepared_chunks`; a script doing this must
-        guard its entry point with ``if __name__ == "__main__":``); ``None`` = as many as suit the job.
+        ``people_metadata[name]`` to one. ``cropped``: the photos are face crops (badge photos, a camera's own
+        detections; see :func:`facedb.pipeline.find_faces`). Detection runs beside the embedder: in a thread
+        by default, or in ``workers`` spawned processes (see :func:`facedb.pipeline.prepared_chunks`; a script
+        doing this must guard its entry point with ``if __name__ == "__main__":``); ``None`` = as many as suit
+        the job.
 
         Interrupted (KeyboardInterrupt), it stops promptly and the exception carries ``report``: what was
         stored so far (each photo is its own transaction, so nothing is half stored).
@@ -619,7 +689,7 @@ class FaceDB:
         done = 0
         try:
             for chunk in prepared_chunks(pipe, work, choice, workers=workers, batch_size=batch_size,
-                                         known=self._known_photo):
+                                         known=self._known_photo, cropped=cropped):
                 self._store_chunk(chunk, pipe, on_other_match, metadata, people_metadata or {}, report)
                 done += len(chunk)
                 if progress is not None:
@@ -710,11 +780,93 @@ class FaceDB:
         with self._lock:
             return self.trail.read(since, limit, until=until, operation=operation, actor=actor, offset=offset)
 
+    def note(self, operation: str, *, identity: str | None = None, detail: dict[str, Any] | None = None,
+             image_sha256: str | None = None) -> None:
+        """Append one audit record for something an interface did that FaceDB does not record by itself (a
+        read over HTTP, a refused request), by the current actor."""
+        with self._lock:
+            self.trail.record(operation, [{"identity": identity, "detail": detail, "image_sha256": image_sha256}],
+                              self.settings())
+
+    # ------------------------------------------------------------------------------ API keys and webhooks
+    def create_api_key(self, scope: str, name: str | None = None) -> tuple[ApiKey, str]:
+        """Make an API key for the service (scope ``identify``, ``enroll`` or ``admin``); returns its record and
+        the key itself, which is stored nowhere (only its hash). See ``facedb/keys.py``."""
+        from . import keys
+
+        with self._lock:
+            key, secret = keys.create(self.store, scope, name)
+            self.trail.record("key-create", [{"detail": {"key": key.id, "scope": key.scope, "name": key.name}}],
+                              self.settings())
+            return key, secret
+
+    def api_keys(self) -> list[ApiKey]:
+        """Every API key, revoked ones too, oldest first (never the keys themselves)."""
+        from .keys import ApiKey
+
+        with self._lock:
+            return [ApiKey.from_row(r) for r in self.store.api_keys()]
+
+    def revoke_api_key(self, ref: str) -> ApiKey:
+        """Revoke a key by id or by name (NotFoundError if none); its next request is refused, in every process."""
+        from .keys import ApiKey
+
+        with self._lock:
+            key = ApiKey.from_row(self.store.revoke_api_key(ref))
+            self.trail.record("key-revoke", [{"detail": {"key": key.id, "name": key.name}}], self.settings())
+            return key
+
+    def authenticate(self, presented: str | None) -> ApiKey:
+        """The live key ``presented`` is, or AuthenticationError (saying nothing about why)."""
+        from . import keys
+
+        with self._lock:
+            return keys.authenticate(self.store, presented)
+
+    def add_webhook(self, url: str, events: str | Sequence[str], *, key_id: str | None = None,
+                    secret: str | None = None) -> Webhook:
+        """Register a webhook for ``events`` (names or a comma-separated string; see ``facedb/hooks.py``), for
+        one key's requests or (``key_id`` None) the whole database. The signing secret is made unless given;
+        it is on the returned record (``.secret``) and not in its ``to_dict()``."""
+        from .hooks import Webhook, check_events, check_url, new_secret
+
+        url, names = check_url(url), check_events(events)
+        if secret is not None and (not isinstance(secret, str) or len(secret) < 16):
+            raise InvalidInputError("a webhook secret is at least 16 characters")
+        with self._lock:
+            hook = Webhook.from_row(self.store.add_webhook(url, names, secret or new_secret(), key_id))
+            self.trail.record("hook-add", [{"detail": {"hook": hook.id, "url": url, "events": names,
+                                                       "key": key_id}}], self.settings())
+            return hook
+
+    def webhooks(self) -> list[Webhook]:
+        """Every webhook, with its secret on the record."""
+        from .hooks import Webhook
+
+        with self._lock:
+            return [Webhook.from_row(r) for r in self.store.webhooks()]
+
+    def remove_webhook(self, hook_id: int) -> Webhook:
+        from .hooks import Webhook
+
+        with self._lock:
+            hook = Webhook.from_row(self.store.remove_webhook(hook_id))
+            self.trail.record("hook-remove", [{"detail": {"hook": hook.id, "url": hook.url}}], self.settings())
+            return hook
+
     # -------------------------------------------------------------------------------------------------- index
     def index_state(self) -> IndexState:
         """What the vector index holds now (kind, generation, entries, tombstones, persisted copy)."""
         with self._lock:
             return self.keeper.describe(self.settings())
+
+    def load_index(self) -> IndexState:
+        """Bring the index into memory now, level with the store (a service does this at start-up, so that
+        its first query does not pay for it)."""
+        with self._lock:
+            settings = self.settings()
+            self.keeper.current(settings)
+            return self.keeper.describe(settings)
 
     def save_index(self) -> None:
         """Persist the index now (it is otherwise saved on close when it lags the store)."""
@@ -728,14 +880,47 @@ class FaceDB:
         with self._lock:
             return len(self.keeper.rebuild(self.settings()).index)
 
-    def reindex(self, kind: str, params: dict[str, Any] | None = None) -> ReindexReport:
-        """Change the index kind (see ``facedb.index.index_kinds()``, or auto) and its parameters, and rebuild."""
+    def reindex(self, kind: str, params: dict[str, Any] | None = None,
+                index_options: dict[str, Any] | None = None) -> ReindexReport:
+        """Change the index kind (see ``facedb.index.index_kinds()``, or auto) and its parameters, and rebuild.
+        ``index_options``: where a remote kind keeps it (``milvus_uri``, ``milvus_collection``; stored) and its
+        ``milvus_token`` (not stored). If the rebuild fails (an unreachable server...), the database keeps its
+        former index settings."""
         check_kind(kind)
+        options = dict(index_options or {})
         with self._lock:
-            self.store.set_meta(Settings.index_rows(kind, params or {}))
-            gallery = self.keeper.rebuild(self.settings())
+            before = self.store.all_meta()
+            rows = {**Settings.index_rows(kind, params or {}), **_option_rows(kind, options, self.settings())}
+            if not before.get("database_id"):
+                rows["database_id"] = secrets.token_hex(16)  # a database made before remote indexes existed
+            self._given_options.update(_secrets_of(options))
+            old_place, old_kind = self.keeper.place, (self.settings().index_stamp or {}).get("kind")
+            self.store.set_meta(rows)
+            self.keeper.place = replace(self.keeper.place, options=self._index_options())
+            try:
+                gallery = self.keeper.rebuild(self.settings())
+            except BaseException:
+                self.store.set_meta({k: before.get(k, "") for k in rows})
+                self.keeper.place = replace(self.keeper.place, options=self._index_options())
+                self.keeper.gallery = None
+                raise
+            self._drop_moved(old_kind, old_place, kind)
             return ReindexReport(index_kind=kind, built=gallery.index.kind, params=gallery.index.params,
                                  indexed=len(gallery.index))
+
+    def _drop_moved(self, old_kind: str | None, old_place: Any, kind: str) -> None:
+        """After a remote index moved to another place of the same kind (another collection or server), drop
+        the one it left, so that no template stays behind there (a move to another kind is the keeper's)."""
+        if old_kind != kind or old_kind is None or not backend_for(old_kind).write_through:
+            return
+        keys = ("milvus_uri", "milvus_collection")
+        if all(old_place.options.get(k) == self.keeper.place.options.get(k) for k in keys):
+            return
+        try:
+            backend_for(old_kind).discard(old_place)
+        except IndexUnavailableError as exc:
+            warnings.warn(f"the index moved, but its former collection could not be dropped (drop it by hand): {exc}",
+                          stacklevel=3)
 
     def vacuum(self) -> None:
         """Compact the store (drop its free pages, so the file shrinks) and rewrite the index's persisted copy.
@@ -751,13 +936,32 @@ class FaceDB:
 
     # --------------------------------------------------------------------------------------------- inspection
     def calibration_warning(self, settings: Settings | None = None) -> str | None:
-        """A warning when the gallery has grown well past (over 2x) the size the threshold was calibrated for.
+        """A warning when the decision rule in force was not calibrated for the current gallery size.
 
-        In 1:N search the chance that some stranger scores above the threshold grows with the gallery, so a
-        threshold calibrated for FPIR at N people admits more false matches at 10 N.
+        In 1:N search the chance that some stranger scores above the threshold grows with the gallery. The
+        gallery rule follows it; a fixed threshold does not: warned about when the impostor model predicts
+        an FPIR over twice the target (1% unless calibrated otherwise) at today's gallery, or, without one,
+        when the gallery has grown past twice the size an FPIR threshold was calibrated for.
         """
-        cal = (settings or self.settings()).calibration
+        s = settings or self.settings()
+        if s.rule.kind == "gallery" and s.rule.impostors is not None:
+            return None
+        templates = self.store.counts()["templates"]
+        cal = s.calibration
+        target = cal.target_rate if cal is not None and cal.target == "fpir" else s.rule.target
+        impostors = s.rule.impostors or self._shipped_impostors(s)
+        if impostors is not None and templates > 1 and (cal is None or cal.target != "fpir"):
+            fpir = predicted_fpir(impostors, s.threshold, templates)
+            if fpir > 2 * target:
+                return (f"with {templates} templates enrolled, the fixed threshold {s.threshold:.4f} lets about "
+                        f"{fpir:.0%} of strangers be identified as someone: use the gallery rule (`facedb rule "
+                        f"gallery`) or calibrate for 1:N (`facedb calibrate --fpir ...`)")
+            return None
         if cal is None or cal.target != "fpir" or not cal.gallery_size:
+            if cal is not None and cal.target == "far" and self.store.count_people() > 1:
+                return (f"the threshold was calibrated for 1:1 (FAR {cal.target_rate:g}); with "
+                        f"{self.store.count_people()} people enrolled a stranger has that many chances: calibrate "
+                        "for 1:N (`facedb calibrate --fpir ...`)")
             return None
         people = self.store.count_people()
         if people > 2 * cal.gallery_size:
@@ -765,15 +969,25 @@ class FaceDB:
                     f"gallery now has {people}: recalibrate (`facedb calibrate --fpir ...`)")
         return None
 
+    @staticmethod
+    def _shipped_impostors(s: Settings) -> ImpostorModel | None:
+        """The impostor model the database's model ships (for warnings on databases made before it existed)."""
+        from .models import MODELS
+
+        spec = MODELS.get(s.model_id)
+        return spec.impostor_model(s.flip) if spec is not None else None
+
     def stats(self) -> Stats:
         with self._lock:
             s = self.settings()
             state = self.keeper.describe(s)
             counts = self.store.counts()
+            in_force, _ = s.rule.threshold(s.threshold, counts["templates"])
             return Stats(
                 path=str(self.root), model_id=s.model_id, dim=s.dim, metric=s.metric, flip=s.flip,
                 threshold=s.threshold, threshold_source=s.threshold_source,
-                calibration=s.calibration.to_dict() if s.calibration else None, index_kind=s.index_kind,
+                calibration=s.calibration.to_dict() if s.calibration else None, decision_rule=s.rule.kind,
+                decision_target=s.rule.target, threshold_in_force=in_force, index_kind=s.index_kind,
                 index_built=(s.index_stamp or {}).get("kind"), index_params=(s.index_stamp or {}).get("params"),
                 people=counts["people"], images=counts["images"], templates=counts["templates"],
                 people_with_one_template=self.store.people_with_templates(1), generation=s.generation,
@@ -814,3 +1028,25 @@ class FaceDB:
                 if missed:
                     problems.append(f"{missed} of {len(sids)} sampled templates are not found by the index")
             return CheckReport(ok=not problems, checks=checks, problems=problems)
+
+
+def _option_rows(kind: str, options: dict[str, Any], settings: Settings | None = None) -> dict[str, str]:
+    """The ``meta`` rows for a kind's index options (validated; never the token). A remote kind needs a URI,
+    given now or stored before."""
+    rows = check_index_options(options)
+    if kind == "milvus":
+        if "milvus_uri" not in rows and not (settings and settings.index_options.get("milvus_uri")):
+            raise InvalidInputError("the milvus index needs a URI: --milvus-uri http://host:19530 (a server or "
+                                    "cluster) or a path ending in .db (Milvus Lite)")
+        if "milvus_collection" not in rows and not (settings and settings.index_options.get("milvus_collection")):
+            rows["milvus_collection"] = check_index_options({"milvus_collection": "facedb"})["milvus_collection"]
+    return rows
+
+
+def _secrets_of(options: dict[str, Any], uri_too: bool = False) -> dict[str, Any]:
+    """The options a process holds but never stores: the token (and, at open, a URI override)."""
+    keep = ("milvus_token", "milvus_uri") if uri_too else ("milvus_token",)
+    out = {k: v for k, v in options.items() if k in keep and v}
+    if "milvus_uri" in out:
+        out["milvus_uri"] = check_index_options({"milvus_uri": out["milvus_uri"]})["milvus_uri"]
+    return out

@@ -21,14 +21,22 @@ class DatabaseExistsError(DatabaseError):
     """`init` was asked to create a database where one already exists."""
 
 
-class PersonNotFoundError(FaceDBError, KeyError):
+class NotFoundError(FaceDBError):
+    """What was named does not exist (a person, a template, an API key, a webhook)."""
+
+
+class DuplicateError(FaceDBError):
+    """A name that must be unique is already taken."""
+
+
+class PersonNotFoundError(NotFoundError, KeyError):
     """No person of that name is enrolled."""
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message
         return str(self.args[0]) if self.args else "person not found"
 
 
-class DuplicatePersonError(FaceDBError):
+class DuplicatePersonError(DuplicateError):
     """A person of that name (or external id) already exists."""
 
 
@@ -44,6 +52,10 @@ class InvalidInputError(FaceDBError, ValueError):
     """An argument that is not acceptable: an empty name, bad metadata, k < 1, ..."""
 
 
+class TemplateNotFoundError(NotFoundError, InvalidInputError):
+    """No template has that id (an InvalidInputError too, which is what older releases raised)."""
+
+
 class ImageError(FaceDBError):
     """A file or buffer that cannot be used as a photo. The message names the file."""
 
@@ -52,8 +64,35 @@ class NoFaceError(FaceDBError):
     """No face was found in a photo that needed one."""
 
 
+class IndexUnavailableError(FaceDBError):
+    """The vector index's engine cannot be used: a Milvus server that cannot be reached or refuses the
+    credentials, an optional client library that is not installed, or a collection that belongs to something
+    else (another facedb database, or not facedb at all). The message names the engine and what to do."""
+
+
+class IndexBehindWarning(UserWarning):
+    """A write reached the store (the truth) but not the shared index engine; the engine records the
+    generation it reflects, so the next process that opens it replays the store's change log."""
+
+
 class ModelUnavailableError(FaceDBError):
     """A model or its weights cannot be loaded; the message says how to get them."""
+
+
+class AuthenticationError(FaceDBError):
+    """No API key, an unknown one or a revoked one (the message never says which)."""
+
+
+class PermissionDeniedError(FaceDBError):
+    """A valid API key whose scope does not allow the operation."""
+
+
+class RequestTooLargeError(InvalidInputError):
+    """A request body (an upload) over the configured size limit."""
+
+
+class NotReadyError(FaceDBError):
+    """The service has not finished loading its model and index yet; retry shortly."""
 
 
 class ProtectionError(DatabaseError):

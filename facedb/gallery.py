@@ -31,7 +31,7 @@ class Gallery:
     def add(self, ids: np.ndarray, person_ids: np.ndarray, vectors: np.ndarray) -> None:
         if not len(ids):
             return
-        self.index.add(ids, vectors)
+        self.index.add(ids, vectors, person_ids)
         all_ids = np.concatenate([self._ids, np.asarray(ids, dtype=np.int64)])
         all_pids = np.concatenate([self._pids, np.asarray(person_ids, dtype=np.int64)])
         order = np.argsort(all_ids, kind="stable")

@@ -126,6 +126,8 @@ def _decode(data: bytes, name: str, cap: int) -> np.ndarray:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"{name}: more pixels than PIL's own limit, over the limit for a photo; refused") from None
+    except Image.UnidentifiedImageError:  # its message names the in-memory buffer (an address), not the file
+        raise ImageError(f"{name}: not a readable image (not a format Pillow can read, or broken)") from None
     except Exception as exc:  # PIL raises many types for broken files; all mean "not a usable image"
         raise ImageError(f"{name}: not a readable image ({type(exc).__name__}: {exc})") from None
     im = _oriented(im)

@@ -16,13 +16,20 @@ removed template exactly when the change log records a removal since g. After ev
 between a removal and its rewrite), the file is rewritten at once. Removals are marked ``erase_pending`` in the
 store in their own transaction, so a process that dies before the rewrite leaves a debt the next writable open
 pays before it answers. Index files are written under an advisory lock (``.index.lock``), so two processes
-never interleave a stale save with an erasure.
+never interleave a stale save with an erasure. (A write-through engine removes at once and keeps no file here.)
+
+Write-through backends (a shared remote engine: Milvus) get four small differences, each marked below: a write
+is applied to the engine before the call returns, even when no query has loaded the index yet (other hosts
+search the engine directly); opening replays the change log from the generation the engine records (its count
+stands in for the stamp's); a writable process records in the engine each generation it reaches
+(``publish``); and a read-only process never asks the engine to write (the backend keeps what it lacks locally).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,9 +37,10 @@ from typing import Any
 
 import numpy as np
 
+from .errors import IndexBehindWarning, IndexUnavailableError
 from .fsio import locked, remove_stale_temporaries
 from .gallery import Gallery
-from .index import IndexBackend, IndexPlace, auto_kind, backend_for
+from .index import IndexBackend, IndexPlace, VectorIndex, auto_kind, backend_for
 from .records import IndexState
 from .settings import Settings
 from .store import Store
@@ -60,6 +68,7 @@ class IndexKeeper:
         self.gallery: Gallery | None = None
         self.from_file = False  # the gallery came from a valid persisted copy (so need not be saved at once)
         self._backend: IndexBackend | None = None
+        self._published: tuple[Gallery, int] | None = None  # write-through: (gallery, generation) last recorded
         self._holds_removed = False  # the persisted copy just loaded holds removed templates: rewrite it
         self._locked = False  # this keeper holds the index lock now (its methods do not take it again)
 
@@ -75,7 +84,9 @@ class IndexKeeper:
         """Why the index should be rebuilt now: too many tombstones, an IVF trained on a much smaller gallery,
         or ``auto`` now choosing another kind."""
         n = len(gallery)
-        if gallery.dead() > max(64, TOMBSTONE_LIMIT * len(gallery.index)):
+        # Tombstones, not every unmapped entry: a shared engine may hold newer templates of another process.
+        dead = gallery.index.tombstones
+        if dead and dead > max(64, TOMBSTONE_LIMIT * len(gallery.index)):
             return "tombstones"
         trained = gallery.index.params.get("trained_on")
         if trained is not None and n > 4 * max(int(trained), 256):
@@ -90,18 +101,58 @@ class IndexKeeper:
         if self.gallery is None:
             self.gallery = self._load(settings) or self._build(settings)
         elif self.gallery.generation != settings.generation and not self._catch_up(self.gallery):
-            self.gallery = self._build(settings)
+            # the log no longer reaches back: a shared engine is levelled by a diff of ids, not rebuilt
+            assert self._backend is not None
+            self.gallery = (self._backend.write_through and self._load(settings)) or self._build(settings)
         if self.rebuild_reason(self.gallery, settings):
             self.gallery = self._build(settings)
         if self._holds_removed and not self.readonly and not self._locked:
             self._holds_removed = False
             self.erase(settings)  # the file holds templates removed since it was saved: erase them now
+        self._publish(self.gallery)
         return self.gallery
 
     def after_write(self, settings: Settings) -> None:
-        """Apply a write this process just made (only if the gallery is loaded: otherwise the next query does)."""
-        if self.gallery is not None:
+        """Apply a write this process just made: only if the gallery is loaded (otherwise the next query does),
+        except for a write-through engine, which gets it now so that other hosts searching it see the write when
+        the call returns. If that engine cannot be reached, the write stays in the store (the truth) and this
+        warns (IndexBehindWarning): the engine's recorded generation now lags, so the next process to open it,
+        this one included, replays the change log."""
+        if self.gallery is None and not self._write_through(settings):
+            return
+        try:
             self.current(settings)
+        except IndexUnavailableError as exc:
+            self.gallery = None  # reconnect and catch up on the next query
+            warnings.warn(f"stored, but the index engine is behind until it can be reached: {exc}",
+                          IndexBehindWarning, stacklevel=3)
+
+    def _write_through(self, settings: Settings) -> bool:
+        if self._backend is not None:
+            return self._backend.write_through
+        if settings.index_kind == "auto":  # auto chooses among the FAISS kinds
+            return False
+        try:
+            return self.backend(settings.index_kind).write_through
+        except Exception:
+            return False
+
+    def _publish(self, gallery: Gallery) -> None:
+        """Write-through engines, writable processes: record the generation the engine now reflects (after a
+        rebuild, also make it the copy every process opens, then catch up with writes that other processes
+        applied to the copy it replaced)."""
+        backend = self._backend
+        if backend is None or not backend.write_through or self.readonly:
+            return
+        if self._published is not None and self._published[0] is gallery \
+                and self._published[1] == gallery.generation:
+            return
+        first = self._published is None or self._published[0] is not gallery
+        backend.publish(gallery.index, self.place, gallery.generation)
+        self._published = (gallery, gallery.generation)
+        if first and self._catch_up(gallery) and gallery.generation != self._published[1]:
+            backend.publish(gallery.index, self.place, gallery.generation)
+            self._published = (gallery, gallery.generation)
 
     def _catch_up(self, gallery: Gallery) -> bool:
         changes = self.store.changes_since(gallery.generation)
@@ -134,8 +185,24 @@ class IndexKeeper:
             mapping = pool.submit(self.store.template_map)
             index = backend.load(self.place, stamp, settings.dim)
             gen, ids, pids = mapping.result()
-        if index is None or len(index) != stamp.get("count"):
+        if index is None or (not backend.write_through and len(index) != stamp.get("count")):
             return None
+        self._backend = backend
+        reflects = getattr(index, "reflects", None)
+        if backend.write_through and not self.readonly and reflects is not None \
+                and int(reflects) > self.store.generation():
+            # The engine has seen writes this store never had: this is an older copy of the store (a replica's,
+            # or a restored backup). Levelling the shared engine to it would undo the writer's work.
+            raise IndexUnavailableError(
+                f"the index engine reflects store generation {reflects}, this store is at {self.store.generation()}: "
+                "an older copy of the store must be opened read-only (a read replica: `facedb --read-only`, "
+                "FaceDB.open(readonly=True)); if this store really is the truth now (restored from a backup), run "
+                "`facedb rebuild-index` to rebuild the index from it")
+        if backend.write_through and self._replay(index, len(ids)):
+            gallery = Gallery(index, gen)
+            gallery.set_map(ids, pids)
+            self.from_file = True
+            return gallery
         held = index.ids()
         in_index = np.isin(ids, held)
         dead = held[~np.isin(held, ids)]
@@ -145,12 +212,25 @@ class IndexKeeper:
         new_ids, new_pids, vectors = self.store.templates(ids[~in_index])
         gallery.add(new_ids, new_pids, vectors)
         gallery.generation = gen
-        self._backend = backend
         # HNSW files keep the tombstones they were saved with (their vectors zeroed): not a difference
         saved_dead = int(stamp.get("count", 0)) - int(stamp.get("live", stamp.get("count", 0)))
         self.from_file = len(dead) == saved_dead and not len(new_ids)
         self._holds_removed = len(dead) > saved_dead and self._file_holds_removed(settings)
         return gallery
+
+    def _replay(self, index: VectorIndex, count: int) -> bool:
+        """Write-through engines: bring the engine's copy level by replaying the store's change log from the
+        generation it records. False when it records none, the log no longer reaches back that far, or its
+        count then differs from the store's ``count`` (the caller diffs ids, which also drops strays)."""
+        reflects = getattr(index, "reflects", None)
+        changes = None if reflects is None else self.store.changes_since(int(reflects))
+        if changes is None:
+            return False
+        _, added, removed = changes
+        index.remove(np.asarray(removed, dtype=np.int64))  # idempotent: others may have applied them already
+        ids, pids, vectors = self.store.templates(added)
+        index.add(ids, vectors, pids)
+        return len(index) == count
 
     def _build(self, settings: Settings) -> Gallery:
         gen, ids, pids, vectors = self.store.snapshot()
@@ -175,8 +255,13 @@ class IndexKeeper:
         if not force and self.from_file and stamp is not None:
             if 0 <= self.gallery.generation - int(stamp.get("generation", -1)) < SAVE_EVERY:
                 return
-        with self._lock():
-            self._save_locked(Settings.parse(self.store.all_meta()))
+        try:
+            with self._lock():
+                self._save_locked(Settings.parse(self.store.all_meta()))
+        except IndexUnavailableError:
+            if force or self._backend is None or not self._backend.write_through:
+                raise
+            return  # on close: a write-through engine records its own generation; nothing here to save
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -218,12 +303,13 @@ class IndexKeeper:
     def erase(self, settings: Settings) -> bool:
         """After a removal committed (or a crash interrupted one): make sure no persisted copy of the index holds
         a removed template, rewriting it from the gallery if it does (loading it first if this process had not),
-        then clear the store's ``erase_pending`` mark. Returns whether the file was rewritten."""
+        then clear the store's ``erase_pending`` mark. Returns whether the file was rewritten. (A write-through
+        engine removed them when the removal was applied: nothing to rewrite.)"""
         if self.readonly:
             return False
         with self._lock():
             settings = Settings.parse(self.store.all_meta())
-            rewrite = self._file_holds_removed(settings)
+            rewrite = not self._write_through(settings) and self._file_holds_removed(settings)
             done = {"erase_pending": "0"} if settings.extra.get("erase_pending") == "1" else {}
             if rewrite:
                 self._save_locked(settings, done)
@@ -289,11 +375,16 @@ class IndexKeeper:
             checks.append("persisted index matches its stamp (SHA-256 for files)")
         elif not self.readonly:
             # The persisted copy is a cache: a missing or damaged one is healed, not a problem of the data.
-            self.save(settings, force=True)
+            if self._backend is not None and self._backend.write_through:
+                gallery = self.rebuild(settings)  # the engine's copy is the index itself: refill it
+            else:
+                self.save(settings, force=True)
             checks.append("persisted index was missing or did not match its stamp: rebuilt from the store and saved")
         gen, ids, pids = self.store.template_map()
         checks.append("index holds exactly the stored templates, mapped to the right people")
         held = gallery.index.ids()
+        if self._backend is not None and self._backend.write_through and gallery.generation == gen:
+            held = self._level_engine(gallery, held, ids, checks)
         if gallery.generation == gen:
             live = gallery.live_ids()
             if len(live) != len(ids) or not np.array_equal(live, ids) or not np.isin(ids, held).all():
@@ -303,6 +394,26 @@ class IndexKeeper:
             if gallery.dead():
                 checks.append(f"{gallery.dead()} removed templates await compaction (HNSW tombstones)")
         return checks, problems
+
+    def _level_engine(self, gallery: Gallery, held: np.ndarray, ids: np.ndarray, checks: list[str]) -> np.ndarray:
+        """Write-through engines (``check``): entries the store no longer holds, and stored templates the engine
+        lacks (a write that never reached it), are deleted and written now by a writable process (the engine is
+        a cache, as a damaged index file is); a read-only one only reports them. Returns the ids held after."""
+        stray = held[~np.isin(held, ids)]
+        missing = ids[~np.isin(ids, held)]
+        if self.readonly:
+            if len(stray):
+                checks.append(f"the index engine holds {len(stray)} templates this copy of the store does not have "
+                              "(newer writes, or removals not yet copied here); they map to no one")
+            return held
+        if len(stray):
+            gallery.index.remove(stray)
+            checks.append(f"{len(stray)} index engine entries the store no longer holds were deleted")
+        if len(missing):
+            m_ids, m_pids, vectors = self.store.templates(missing)
+            gallery.index.add(m_ids, vectors, m_pids)
+            checks.append(f"{len(m_ids)} stored templates missing from the index engine were written to it")
+        return np.union1d(held[np.isin(held, ids)], missing) if len(stray) or len(missing) else held
 
     def describe(self, settings: Settings) -> IndexState:
         """What the index holds now, without loading it (``loaded`` False when no query has needed it yet)."""

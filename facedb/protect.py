@@ -65,6 +65,8 @@ STORE_CIPHER = "sqlcipher4; raw 256-bit key from HKDF-SHA256(DEK); 16 KiB pages"
 FILE_CIPHER = "aes-256-gcm-stream/4MiB"
 
 ENV_KEY = "FACEDB_KEY"
+ENV_KEY_FILE = "FACEDB_KEY_FILE"
+ENV_KEY_COMMAND = "FACEDB_KEY_COMMAND"
 ENV_NEW_KEY = "FACEDB_NEW_KEY"
 
 MIN_PASSPHRASE = 16
@@ -157,7 +159,8 @@ class KeySource:
     @classmethod
     def of(cls, key: object, *, env: str = ENV_KEY) -> KeySource | None:
         """A KeySource from what an API caller gave: a KeySource, the key itself (str or bytes), a key file
-        (a ``pathlib.Path``), or None for the ``FACEDB_KEY`` environment variable (None if it is unset too)."""
+        (a ``pathlib.Path``), or None for the environment: ``FACEDB_KEY``, else ``FACEDB_KEY_FILE`` or
+        ``FACEDB_KEY_COMMAND`` (None if none is set)."""
         if isinstance(key, KeySource):
             return key
         if isinstance(key, os.PathLike):
@@ -166,8 +169,13 @@ class KeySource:
             return cls(value=key.encode())
         if isinstance(key, (bytes, bytearray)):
             return cls(value=bytes(key))
-        if key is None:
-            return cls(env=env) if os.environ.get(env) else None
+        if key is None:  # the environment: the key itself, else a key file or a key command (as the CLI reads)
+            if os.environ.get(env):
+                return cls(env=env)
+            if env == ENV_KEY and (os.environ.get(ENV_KEY_FILE) or os.environ.get(ENV_KEY_COMMAND)):
+                return cls.from_options(Path(os.environ[ENV_KEY_FILE]) if os.environ.get(ENV_KEY_FILE) else None,
+                                        os.environ.get(ENV_KEY_COMMAND) or None)
+            return None
         raise InvalidInputError("key must be a string, bytes, a key file's Path or a facedb.protect.KeySource")
 
     @classmethod

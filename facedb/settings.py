@@ -9,9 +9,13 @@ made before flip augmentation existed has ``flip`` off; one made before the audi
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from .decision import RULES, ImpostorModel, Rule
 from .errors import InvalidInputError
 
 
@@ -32,6 +36,45 @@ def check_k(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidInputError("k must be a positive integer")
     return value
+
+
+#: ``meta`` keys saying where a remote index engine keeps the index (``facedb init --index milvus``). Never a
+#: credential: the token comes from the environment (FACEDB_MILVUS_TOKEN), so the database file never holds it.
+INDEX_OPTION_KEYS = ("milvus_uri", "milvus_collection")
+DEFAULT_MILVUS_COLLECTION = "facedb"
+_COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
+
+
+def check_index_options(options: dict[str, Any]) -> dict[str, str]:
+    """The ``meta`` rows for index options, validated: a Milvus URI is ``http(s)://host:port`` (a server or a
+    cluster's proxy), ``tcp://`` or ``unix://``, or a path ending in ``.db`` (Milvus Lite, made absolute so that
+    it does not depend on the current directory); credentials inside the URI are refused (they would land in
+    the database file). A collection name is what Milvus accepts: a letter or underscore, then letters, digits
+    and underscores (at most 100). InvalidInputError otherwise."""
+    rows: dict[str, str] = {}
+    uri = options.get("milvus_uri")
+    if uri is not None:
+        uri = str(uri).strip()
+        parts = urlsplit(uri)
+        if parts.scheme in ("http", "https", "tcp", "unix", "grpc"):
+            if parts.username or parts.password:
+                raise InvalidInputError("put Milvus credentials in FACEDB_MILVUS_TOKEN, not in the URI (the URI is "
+                                        "stored in the database file)")
+            if parts.scheme != "unix" and not parts.hostname:
+                raise InvalidInputError(f"Milvus URI {uri!r} names no host")
+        elif uri.endswith(".db") and "://" not in uri:
+            uri = str(Path(uri).expanduser().resolve())
+        else:
+            raise InvalidInputError(f"Milvus URI {uri!r}: give http(s)://host:19530 for a server or cluster, or a "
+                                    "path ending in .db for Milvus Lite")
+        rows["milvus_uri"] = uri
+    name = options.get("milvus_collection")
+    if name is not None:
+        if not _COLLECTION_NAME.fullmatch(str(name)):
+            raise InvalidInputError(f"Milvus collection name {name!r}: a letter or underscore, then letters, digits "
+                                    "or underscores (at most 100)")
+        rows["milvus_collection"] = str(name)
+    return rows
 
 
 @dataclass(frozen=True)
@@ -111,10 +154,13 @@ class Settings:
     index_params: dict[str, Any] = field(default_factory=dict)
     index_params_raw: str = "{}"  # as stored: the index stamp records exactly this text
     index_stamp: dict[str, Any] | None = None
+    index_options: dict[str, str] = field(default_factory=dict)  # where a remote engine keeps it (no secrets)
+    database_id: str | None = None  # a random id given at creation: binds a shared index collection to this store
     calibration: Calibration | None = None
     audit: AuditSettings = field(default_factory=AuditSettings)
     generation: int = 0
     created_at: str | None = None
+    rule: Rule = field(default_factory=Rule)  # the open-set decision rule (facedb/decision.py)
     extra: dict[str, str] = field(default_factory=dict)  # keys other collaborators own (encryption, keys...)
 
     @classmethod
@@ -131,7 +177,14 @@ class Settings:
         cal = js("calibration")
         known = {"model_id", "dim", "threshold", "threshold_source", "metric", "flip", "index_kind", "index_params",
                  "index_stamp", "calibration", "audit_enabled", "audit_retention_days", "audit_store_embeddings",
-                 "generation", "created_at"}
+                 "generation", "created_at", "decision_rule", "decision_target", "impostor_model",
+                 "database_id", *INDEX_OPTION_KEYS}
+        impostors = None
+        if meta.get("impostor_model"):
+            try:
+                impostors = ImpostorModel.from_json(meta["impostor_model"])
+            except (ValueError, KeyError, TypeError):
+                impostors = None  # unreadable: the gallery rule falls back to the fixed threshold (stats says so)
         return cls(
             model_id=meta.get("model_id", ""),
             dim=int(meta.get("dim") or 0),
@@ -143,6 +196,8 @@ class Settings:
             index_params=js("index_params") or {},
             index_params_raw=meta.get("index_params", "{}"),
             index_stamp=js("index_stamp"),
+            index_options={k: meta[k] for k in INDEX_OPTION_KEYS if meta.get(k)},
+            database_id=meta.get("database_id") or None,
             calibration=Calibration.from_dict(cal) if isinstance(cal, dict) else None,
             audit=AuditSettings(
                 enabled=meta.get("audit_enabled", "1") == "1",
@@ -151,15 +206,34 @@ class Settings:
             ),
             generation=int(meta.get("generation") or 0),
             created_at=meta.get("created_at"),
+            rule=Rule(kind=meta.get("decision_rule") or "fixed", target=float(meta.get("decision_target") or 0.01),
+                      impostors=impostors),
             extra={k: v for k, v in meta.items() if k not in known},
         )
 
     @staticmethod
     def initial(model_id: str, dim: int, threshold: float, threshold_source: str, index_kind: str,
-                flip: bool) -> dict[str, str]:
-        """The ``meta`` rows of a new database."""
-        return {"model_id": model_id, "dim": str(int(dim)), "metric": "cosine", "threshold": repr(float(threshold)),
-                "threshold_source": threshold_source, "index_kind": index_kind, "flip": "1" if flip else "0"}
+                flip: bool, impostors: ImpostorModel | None = None) -> dict[str, str]:
+        """The ``meta`` rows of a new database: the gallery rule when the model ships an impostor model."""
+        rows = {"model_id": model_id, "dim": str(int(dim)), "metric": "cosine", "threshold": repr(float(threshold)),
+                "threshold_source": threshold_source, "index_kind": index_kind, "flip": "1" if flip else "0",
+                "decision_rule": "gallery" if impostors is not None else "fixed", "decision_target": "0.01"}
+        if impostors is not None:
+            rows["impostor_model"] = impostors.to_json()
+        return rows
+
+    @staticmethod
+    def rule_rows(kind: str, target: float | None = None, impostors: ImpostorModel | None = None) -> dict[str, str]:
+        if kind not in RULES:
+            raise InvalidInputError(f"the decision rule is one of {', '.join(RULES)}")
+        rows = {"decision_rule": kind}
+        if target is not None:
+            if not 0 < target < 1:
+                raise InvalidInputError("the target FPIR is a fraction in (0, 1), e.g. 0.01")
+            rows["decision_target"] = repr(float(target))
+        if impostors is not None:
+            rows["impostor_model"] = impostors.to_json()
+        return rows
 
     @staticmethod
     def threshold_rows(threshold: float, source: str, calibration: Calibration | None) -> dict[str, str]:

@@ -36,6 +36,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import threading
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
@@ -48,9 +49,12 @@ import sqlite_utils
 from .errors import (
     DatabaseError,
     DatabaseExistsError,
+    DuplicateError,
     DuplicatePersonError,
     InvalidInputError,
+    NotFoundError,
     PersonNotFoundError,
+    TemplateNotFoundError,
 )
 from .records import Person, Template
 from .scores import UNIT_TOLERANCE, from_blob, to_blob
@@ -258,6 +262,30 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     """,
     # 4: names as people read them (NFC)
     lambda conn: _normalise_stored_names(conn),
+    # 5: the decision rule; databases made before it keep their fixed threshold until told otherwise
+    """
+    INSERT OR IGNORE INTO meta (key, value) VALUES ('decision_rule', 'fixed');
+    """,
+    # 6: the service's API keys (only a hash of each key) and webhooks (facedb/keys.py, facedb/hooks.py)
+    """
+    CREATE TABLE IF NOT EXISTS api_keys (
+        id TEXT PRIMARY KEY,
+        name TEXT,
+        scope TEXT NOT NULL CHECK (scope IN ('identify', 'enroll', 'admin')),
+        key_hash TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        revoked_at TEXT
+    );
+    CREATE UNIQUE INDEX IF NOT EXISTS api_keys_live_name ON api_keys(name) WHERE revoked_at IS NULL;
+    CREATE TABLE IF NOT EXISTS webhooks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        url TEXT NOT NULL,
+        events TEXT NOT NULL,
+        secret TEXT NOT NULL,
+        key_id TEXT REFERENCES api_keys(id),
+        created_at TEXT NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -340,6 +368,9 @@ class Store:
         self._key = key  # the SQLCipher key (hex), None for a plain database; never shown
         self.db = sqlite_utils.Database(conn)
         self._audit_conn: sqlite3.Connection | None = None
+        # The audit connection is shared by every thread using this store, and FaceDB records some decisions
+        # outside its own lock (so that a search does not wait for another's record): one transaction at a time.
+        self._audit_lock = threading.Lock()
         self.readonly = False
         self.version = SCHEMA_VERSION
         self.dim = int(self.get_meta("dim", "0"))
@@ -401,7 +432,8 @@ class Store:
                 _apply(conn, step)
             now = utcnow()
             rows = {"format": FORMAT, "created_at": now, "generation": "0", "changes_floor": "0", **meta}
-            conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", list(rows.items()))
+            # a new database's own settings win over the defaults migrations write for older ones
+            conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", list(rows.items()))
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -443,6 +475,9 @@ class Store:
 
     def _migrate(self, version: int) -> None:
         with self.write():
+            # Read again under the write lock: another process (a second service worker) may have migrated
+            # since this one looked, and a step must never run twice.
+            version = max(version, self.conn.execute("PRAGMA user_version").fetchone()[0])
             for step in MIGRATIONS[version:]:
                 _apply(self.conn, step)
             self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -667,7 +702,7 @@ class Store:
                 "SELECT e.image_id, p.name FROM embeddings e JOIN people p ON p.id = e.person_id WHERE e.id = ?",
                 (int(template_id),)).fetchone()
             if row is None:
-                raise InvalidInputError(f"no template with id {template_id}")
+                raise TemplateNotFoundError(f"no template with id {template_id}")
             image_id, name = row
             self.conn.execute("DELETE FROM embeddings WHERE id = ?", (int(template_id),))
             if image_id is not None and not self.conn.execute(
@@ -953,6 +988,10 @@ class Store:
             return
         if self.version < 2:  # a read-only open of a database made before the audit trail existed
             return
+        with self._audit_lock:
+            self._append_audit(rows, retention_days)
+
+    def _append_audit(self, rows: Sequence[dict[str, Any]], retention_days: float | None) -> None:
         now = utcnow()
         conn = self._audit_connection()
         cols = ["time", "operation", "image_sha256", "identity", "similarity", "threshold", "model_id", "detail",
@@ -1002,6 +1041,89 @@ class Store:
             rec["has_embedding"] = bool(rec["has_embedding"])
             out.append(rec)
         return out
+
+    # ------------------------------------------------------------ API keys and webhooks (the service's)
+    _KEY_COLUMNS = "id, name, scope, key_hash, created_at, revoked_at"
+    _HOOK_COLUMNS = "id, url, events, secret, key_id, created_at"
+
+    def _need_version(self, version: int, what: str) -> None:
+        if self.version < version:
+            raise DatabaseError(f"{self.path} predates {what}: open it once writable to upgrade it")
+
+    def add_api_key(self, key_id: str, name: str | None, scope: str, key_hash: str) -> dict[str, Any]:
+        """Store a new API key (its hash only); DuplicateError when a live key already has ``name``."""
+        self._need_version(5, "API keys")
+        row = {"id": key_id, "name": name, "scope": scope, "key_hash": key_hash, "created_at": utcnow(),
+               "revoked_at": None}
+        with self.write():
+            if name is not None and self.conn.execute(
+                    "SELECT 1 FROM api_keys WHERE name = ? AND revoked_at IS NULL", (name,)).fetchone():
+                raise DuplicateError(f"a key named {name!r} already exists (revoke it first)")
+            self.conn.execute("INSERT INTO api_keys (id, name, scope, key_hash, created_at, revoked_at) "
+                              "VALUES (:id, :name, :scope, :key_hash, :created_at, :revoked_at)", row)
+        return row
+
+    def api_key(self, key_id: str) -> dict[str, Any] | None:
+        """The key row with id ``key_id`` (revoked or not), or None."""
+        if self.version < 5:
+            return None
+        row = self.conn.execute(f"SELECT {self._KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        return dict(zip(self._KEY_COLUMNS.split(", "), row)) if row else None
+
+    def api_keys(self) -> list[dict[str, Any]]:
+        """Every key row, oldest first (revoked ones too: they stay, so the audit trail's actors resolve)."""
+        if self.version < 5:
+            return []
+        rows = self.conn.execute(f"SELECT {self._KEY_COLUMNS} FROM api_keys ORDER BY created_at, id").fetchall()
+        return [dict(zip(self._KEY_COLUMNS.split(", "), r)) for r in rows]
+
+    def revoke_api_key(self, ref: str) -> dict[str, Any]:
+        """Revoke the key whose id is ``ref``, or the live key named ``ref``; returns its row. NotFoundError if
+        there is none; revoking a revoked key changes nothing."""
+        self._need_version(5, "API keys")
+        with self.write():
+            row = self.conn.execute(f"SELECT {self._KEY_COLUMNS} FROM api_keys WHERE id = ?", (ref,)).fetchone()
+            if row is None:
+                row = self.conn.execute(f"SELECT {self._KEY_COLUMNS} FROM api_keys WHERE name = ? "
+                                        "AND revoked_at IS NULL", (ref,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no API key with id or name {ref!r}")
+            key = dict(zip(self._KEY_COLUMNS.split(", "), row))
+            if key["revoked_at"] is None:
+                key["revoked_at"] = utcnow()
+                self.conn.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", (key["revoked_at"], key["id"]))
+        return key
+
+    def add_webhook(self, url: str, events: Sequence[str], secret: str, key_id: str | None) -> dict[str, Any]:
+        """Store a webhook (for one key's requests, or database-wide when ``key_id`` is None)."""
+        self._need_version(5, "webhooks")
+        row = {"url": url, "events": ",".join(events), "secret": secret, "key_id": key_id, "created_at": utcnow()}
+        with self.write():
+            if key_id is not None and not self.conn.execute(
+                    "SELECT 1 FROM api_keys WHERE id = ? AND revoked_at IS NULL", (key_id,)).fetchone():
+                raise NotFoundError(f"no live API key with id {key_id!r}")
+            cur = self.conn.execute("INSERT INTO webhooks (url, events, secret, key_id, created_at) "
+                                    "VALUES (:url, :events, :secret, :key_id, :created_at)", row)
+            row["id"] = int(cur.lastrowid)
+        return row
+
+    def webhooks(self) -> list[dict[str, Any]]:
+        """Every webhook row (with its secret), oldest first."""
+        if self.version < 5:
+            return []
+        rows = self.conn.execute(f"SELECT {self._HOOK_COLUMNS} FROM webhooks ORDER BY id").fetchall()
+        return [dict(zip(self._HOOK_COLUMNS.split(", "), r)) for r in rows]
+
+    def remove_webhook(self, hook_id: int) -> dict[str, Any]:
+        """Delete a webhook; returns its row. NotFoundError if there is none."""
+        self._need_version(5, "webhooks")
+        with self.write():
+            row = self.conn.execute(f"SELECT {self._HOOK_COLUMNS} FROM webhooks WHERE id = ?",
+                                    (int(hook_id),)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no webhook with id {hook_id}")
+            self.conn.execute("DELETE FROM webhooks WHERE id = ?", (int(hook_id),))
+        return dict(zip(self._HOOK_COLUMNS.split(", "), row))
 
     def vacuum(self) -> None:
         """Rewrite the file, dropping free pages, then truncate the WAL (so no removed bytes linger)."""

@@ -5,20 +5,32 @@ from __future__ import annotations
 import pytest
 
 from facedb import contracts
-from facedb.index import backend_for, index_kinds
+from facedb.index import IndexPlace, backend_for, index_kinds
 from facedb.store import Store
 
 KINDS = sorted(index_kinds())
 
 
+def place_for(kind: str, root) -> IndexPlace:
+    """Where each kind persists in a test: FAISS beside the store; Milvus in a Milvus Lite database (the client
+    API in process: a test double for a Milvus server, skipped where pymilvus is not installed)."""
+    if kind == "milvus":
+        pytest.importorskip("pymilvus", reason="pymilvus is not installed (pip install 'facedb[milvus]')")
+        return IndexPlace(root, options={"milvus_uri": str(root / "milvus.db"), "milvus_collection": "contract",
+                                         "model_id": "contract", "database_id": "contract-db"})
+    return IndexPlace(root)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_index_backend_contract(tmp_path, kind):
-    contracts.check_index_backend(backend_for(kind), kind, tmp_path)
+    place = place_for(kind, tmp_path)
+    contracts.check_index_backend(backend_for(kind), kind, tmp_path, place=place)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_engine_contract(tmp_path, kind):
-    contracts.check_engine(backend_for(kind), kind, tmp_path)
+    place = place_for(kind, tmp_path)
+    contracts.check_engine(backend_for(kind), kind, tmp_path, place=place)
 
 
 def test_store_contract(tmp_path):
@@ -38,3 +50,18 @@ def test_contracts_can_fail(tmp_path):
 
     with pytest.raises(AssertionError, match=r"removed|live"):
         contracts.check_index_backend(Forgetful(), "flat", tmp_path)
+
+
+def test_write_through_contract_can_fail(tmp_path):
+    """The write-through checks are not vacuous: a Milvus backend whose read-only handles write is caught."""
+    pytest.importorskip("pymilvus", reason="pymilvus is not installed (pip install 'facedb[milvus]')")
+    from dataclasses import replace
+
+    from facedb.index.milvus import MilvusBackend
+
+    class Leaky(MilvusBackend):
+        def load(self, place, stamp, dim):
+            return super().load(replace(place, readonly=False), stamp, dim)  # ignores read-only
+
+    with pytest.raises(AssertionError, match="read-only"):
+        contracts.check_index_backend(Leaky(), "milvus", tmp_path, place=place_for("milvus", tmp_path))

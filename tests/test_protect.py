@@ -564,12 +564,13 @@ def test_check_and_stats_report_a_plain_text_file_in_an_encrypted_database(tmp_p
 
 def test_encrypted_index_backends_meet_the_contract(tmp_path):
     from facedb import contracts
-    from facedb.index import backend_for
+    from facedb.index import IndexPlace, backend_for
     from facedb.protect import DataKey
 
     cipher = DataKey(1, os.urandom(32)).file_cipher("index")
     for kind in ("flat", "hnsw", "ivfpq"):
-        contracts.check_index_backend(backend_for(kind), kind, tmp_path, options={"cipher": cipher})
+        contracts.check_index_backend(backend_for(kind), kind, tmp_path,
+                                      place=IndexPlace(tmp_path, options={"cipher": cipher}))
 
 
 def test_file_cipher_rejects_reordered_truncated_extended_and_foreign_files():
@@ -751,3 +752,29 @@ def test_sigkill_at_random_moments_of_reencrypt_through_the_cli(tmp_path, rng):
         with opened as db:
             assert db.stats().templates == 2000 and db.check().ok and db.identify(vecs[1234]).identity == "p1234"
         assert files_holding(root, vecs[:200]) == []
+
+
+def test_the_http_service_serves_an_encrypted_database(tmp_path, fake_pipeline, monkeypatch, key):
+    pytest.importorskip("fastapi", reason="the service extra is not installed")
+    from fastapi.testclient import TestClient
+
+    from facedb.service.app import create_app
+    from facedb.service.config import ServiceSettings
+
+    from .servicekit import RED, png, wait_ready
+
+    path = tmp_path / "db"
+    keyfile = tmp_path / "facedb.key"
+    keyfile.write_text(key)
+    with FaceDB.create(path, model_id="fake-colour", dim=32, threshold=0.7, key=key) as db:  # the test double's
+        secret = db.create_api_key("admin", "admin-key")[1]
+    monkeypatch.setenv("FACEDB_KEY_FILE", str(keyfile))  # how `facedb serve` hands the key to its workers
+    app = create_app(ServiceSettings(db=path, fold_window=0.0), model=fake_pipeline, sender=lambda *a: 200)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        wait_ready(client)
+        resp = client.post("/v1/people/Ann/templates", headers={"X-API-Key": secret},
+                           files=[("photos", ("a.png", png([RED]), "image/png"))])
+        assert resp.status_code in (200, 201), resp.text
+    with FaceDB.open(path, key=key) as db:
+        assert db.person("Ann").templates == 1
+    assert files_holding(path, np.array([t.vector for t in FaceDB.open(path, key=key).templates()])) == []

@@ -47,11 +47,12 @@ EXIT_NO = 1
 
 
 class State:
-    def __init__(self, db: Path, json_out: bool, quiet: bool = False, key_file: Path | None = None,
-                 key_command: str | None = None) -> None:
+    def __init__(self, db: Path, json_out: bool, quiet: bool = False, read_only: bool = False,
+                 key_file: Path | None = None, key_command: str | None = None) -> None:
         self.db = db
         self.json = json_out
         self.quiet = quiet
+        self.read_only = read_only
         self.key_file = key_file
         self.key_command = key_command
 
@@ -76,10 +77,14 @@ def _main(
     ] = Path("facedb-data"),
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per line, for scripts.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress reports on stderr.")] = False,
+    read_only: Annotated[bool, typer.Option(
+        "--read-only", envvar="FACEDB_READ_ONLY",
+        help="Open the database read-only: nothing in the gallery changes and a shared index engine is never "
+             "written to (a read replica's copy of the store; decisions still go to its audit trail).")] = False,
     key_file: KeyFileOpt = None,
     key_command: KeyCommandOpt = None,
 ) -> None:
-    ctx.obj = State(db, json_out, quiet, key_file, key_command)
+    ctx.obj = State(db, json_out, quiet, read_only, key_file, key_command)
 
 
 # Options every command also accepts after its name (`facedb search x.jpg --json --db D`), as sqlite-utils
@@ -144,7 +149,8 @@ def open_db(ctx: typer.Context, weights: Path | None = None, readonly: bool = Fa
     from ..db import FaceDB
 
     st = state(ctx)
-    return FaceDB.open(st.db, weights=weights, readonly=readonly, actor=default_actor("cli"), key=st.key())
+    return FaceDB.open(st.db, weights=weights, readonly=readonly or st.read_only, actor=default_actor("cli"),
+                       key=st.key())
 
 
 def emit(ctx: typer.Context, rows: Iterable[dict[str, Any]], columns: Sequence[str] | None = None) -> None:
@@ -245,7 +251,7 @@ def main() -> None:
         sys.stderr.close()
 
 
-from . import admin, evaluation, people, photos, protect  # noqa: E402,F401  (the commands register themselves)
+from . import admin, evaluation, people, photos, protect, service  # noqa: E402,F401  (the commands register themselves)
 
 if __name__ == "__main__":
     main()

@@ -15,14 +15,43 @@ from . import EXIT_NO, command, emit, emit_kv, open_db, state
 
 
 class IndexKind(str, Enum):
-    """Index kinds ``init``/``reindex`` offer (the FAISS backend's, and ``auto``)."""
+    """Index kinds ``init``/``reindex`` offer (the FAISS backend's, Milvus, and ``auto``)."""
 
     flat = "flat"
     flat16 = "flat16"
     hnsw = "hnsw"
     ivf = "ivf"
     ivfpq = "ivfpq"
+    milvus = "milvus"
     auto = "auto"
+
+
+MilvusUriOpt = Annotated[str | None, typer.Option(
+    envvar="FACEDB_MILVUS_URI", help="--index milvus: http(s)://host:19530 (a Milvus server or cluster) or a path "
+                                     "ending in .db (Milvus Lite, one process). Stored in the database.")]
+MilvusCollectionOpt = Annotated[str | None, typer.Option(
+    help="--index milvus: the collection (alias) name, one per database; default facedb. Stored in the database.")]
+MilvusTokenOpt = Annotated[str | None, typer.Option(
+    envvar="FACEDB_MILVUS_TOKEN", show_envvar=True,
+    help="--index milvus: 'user:password' or an API key, for this command only (never stored: every later command "
+         "reads FACEDB_MILVUS_TOKEN). Prefer the environment variable to the option.")]
+
+
+def milvus_options(index: IndexKind, uri: str | None, collection: str | None, token: str | None) -> dict[str, str]:
+    """The index options the Milvus flags give (none unless the kind is milvus)."""
+    if index is not IndexKind.milvus:
+        if collection is not None:
+            raise InvalidInputError("--milvus-collection goes with --index milvus")
+        return {}
+    given = {"milvus_uri": uri, "milvus_collection": collection, "milvus_token": token}
+    return {k: v for k, v in given.items() if v}
+
+
+class Rule(str, Enum):
+    """Open-set decision rules (facedb/decision.py)."""
+
+    fixed = "fixed"
+    gallery = "gallery"
 
 
 WeightsOpt = Annotated[Path | None, typer.Option(envvar="FACEDB_WEIGHTS", help="FaceNet weights file (.pt).")]
@@ -39,14 +68,21 @@ def init(
     threshold: Annotated[
         float | None, typer.Option(help="Decision threshold (cosine similarity); default: the model's.")
     ] = None,
-    index: Annotated[IndexKind, typer.Option(help="Index kind: flat (exact), flat16, hnsw, ivf, ivfpq, or auto "
-                                                  "(by gallery size).")] = IndexKind.flat,
+    index: Annotated[IndexKind, typer.Option(help="Index kind: flat (exact), flat16, hnsw, ivf, ivfpq, milvus (a "
+                                                  "Milvus collection: see --milvus-uri), or auto (by gallery "
+                                                  "size).")] = IndexKind.flat,
     weights: WeightsOpt = None,
     flip: Annotated[
         bool, typer.Option(help="Embed photos with flip test-time augmentation (2x embedding time; more accurate).")
     ] = True,
     force: Annotated[bool, typer.Option(help="Create the database even if the model's weights cannot be found "
                                               "now (it cannot enrol or search photos until they are).")] = False,
+    milvus_uri: MilvusUriOpt = None,
+    milvus_collection: MilvusCollectionOpt = None,
+    milvus_token: MilvusTokenOpt = None,
+    rule: Annotated[Rule | None, typer.Option(help="Decision rule: gallery (the 1:N threshold follows the gallery "
+                                                   "size to hold FPIR at 1%; the default when the model ships an "
+                                                   "impostor model) or fixed.")] = None,
     encrypt: Annotated[bool, typer.Option(help="Encrypt it at rest under the key from --key-file, --key-command or "
                                                 "$FACEDB_KEY (README \"Protecting templates\").")] = False,
     cancellable: Annotated[bool, typer.Option(help="Store templates under a keyed random orthogonal projection of "
@@ -57,10 +93,17 @@ def init(
     from ..db import FaceDB
     from ..models import resolve_model
 
+    options = milvus_options(index, milvus_uri, milvus_collection, milvus_token)
     spec, note = resolve_model(model, weights=weights, dim=dim, check_weights=not force)
+    if rule is None:
+        rule = Rule.gallery if spec.impostor_model(flip) is not None else Rule.fixed
     thr, source = spec.default_threshold(flip)
     if threshold is not None:
         thr, source = threshold, "given at init"
+    impostors = spec.impostor_model(flip) if rule is Rule.gallery else None
+    if rule is Rule.gallery and impostors is None:
+        raise InvalidInputError(f"{spec.id} ships no impostor model for the gallery rule: use --rule fixed and "
+                                "calibrate (`facedb calibrate --far ... --folder DIR` builds one from your photos)")
     key = state(ctx).key() if encrypt else None
     if encrypt and key is None:
         from ..errors import KeyMissingError
@@ -68,10 +111,12 @@ def init(
         raise KeyMissingError("--encrypt needs a key: --key-file, --key-command or $FACEDB_KEY (`facedb genkey` "
                               "makes one)")
     with FaceDB.create(state(ctx).db, model_id=spec.id, dim=spec.dim, threshold=thr, threshold_source=source,
-                       index=index.value, flip=flip, encrypt=encrypt, key=key, cancellable=cancellable) as db:
+                       index=index.value, flip=flip, impostors=impostors, index_options=options, encrypt=encrypt,
+                       key=key, cancellable=cancellable) as db:
+        s = db.settings()
         info = {"created": str(db.root), "model_id": db.model_id, "dim": db.dim, "threshold": db.threshold,
-                "flip": db.flip, "index_kind": db.index_kind, "encrypted": db.encrypted,
-                "cancellable": db.cancellable}
+                "flip": db.flip, "index_kind": db.index_kind, "decision_rule": s.rule.kind, **s.index_options,
+                "encrypted": db.encrypted, "cancellable": db.cancellable}
     if note:
         typer.echo(note, err=True)
     emit_kv(ctx, info)
@@ -112,7 +157,7 @@ def vacuum(ctx: typer.Context) -> None:
 @command()
 def reindex(
     ctx: typer.Context,
-    index: Annotated[IndexKind, typer.Option(help="flat, flat16, hnsw, ivf, ivfpq, or auto.")],
+    index: Annotated[IndexKind, typer.Option(help="flat, flat16, hnsw, ivf, ivfpq, milvus, or auto.")],
     nprobe: Annotated[int | None, typer.Option(min=1, help="IVF: lists searched per probe.")] = None,
     nlist: Annotated[
         int | None, typer.Option(min=1, help="IVF: number of lists (default ~4 sqrt(n), a power of two, at most "
@@ -121,13 +166,18 @@ def reindex(
     ef_search: Annotated[int | None, typer.Option(min=1, help="HNSW: search breadth.")] = None,
     ef_construction: Annotated[int | None, typer.Option(min=1, help="HNSW: build breadth.")] = None,
     m: Annotated[int | None, typer.Option("--m", min=2, help="HNSW: links per node.")] = None,
+    milvus_uri: MilvusUriOpt = None,
+    milvus_collection: MilvusCollectionOpt = None,
+    milvus_token: MilvusTokenOpt = None,
 ) -> None:
-    """Change the index kind and its settings, and rebuild it from the store."""
+    """Change the index kind and its settings, and rebuild it from the store (moving to Milvus fills the
+    collection; moving back to a FAISS kind drops it)."""
     params = {k: v for k, v in {"nprobe": nprobe, "nlist": nlist, "ef_search": ef_search,
                                 "ef_construction": ef_construction, "M": m}.items() if v is not None}
+    options = milvus_options(index, milvus_uri, milvus_collection, milvus_token)
     with open_db(ctx) as db:
         try:
-            emit_kv(ctx, db.reindex(index.value, params).to_dict())
+            emit_kv(ctx, db.reindex(index.value, params, options).to_dict())
         except ValueError as exc:
             raise InvalidInputError(str(exc)) from None
 
@@ -192,3 +242,24 @@ def audit_settings(
     with open_db(ctx) as db:
         emit_kv(ctx, db.configure_audit(enabled=enable, retention_days=retention_days,
                                         store_probes=store_probes).to_dict())
+
+
+@command(name="rule")
+def rule_cmd(
+    ctx: typer.Context,
+    kind: Annotated[Rule | None, typer.Argument(help="fixed or gallery; omit to show the rule in force.")] = None,
+    target: Annotated[float | None, typer.Option(help="gallery: the FPIR to hold (default 0.01).")] = None,
+) -> None:
+    """Show or choose the open-set decision rule: a fixed threshold, or one that follows the gallery size."""
+    from ..decision import predicted_fpir
+
+    with open_db(ctx, readonly=kind is None) as db:
+        s = db.set_rule(kind.value, target=target) if kind is not None else db.settings()
+        templates = db.stats().templates
+        in_force, why = s.rule.threshold(s.threshold, templates)
+        impostors = s.rule.impostors or db._shipped_impostors(s)
+        emit_kv(ctx, {"decision_rule": s.rule.kind, "target_fpir": s.rule.target if s.rule.kind == "gallery" else None,
+                      "templates": templates, "threshold_in_force": in_force, "because": why,
+                      "predicted_fpir": predicted_fpir(impostors, in_force, templates) if impostors else None,
+                      "impostor_model": impostors.source if impostors else None,
+                      "warning": db.calibration_warning(s)})

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import FaceDBError, InvalidInputError
+from ..errors import FaceDBError, IndexUnavailableError, InvalidInputError
 from . import EXIT_ERROR, EXIT_NO, Progress, command, open_db, parse_meta, state
 from .admin import WeightsOpt
 
@@ -164,6 +164,8 @@ def search(
             label = display_name(photo)
             try:
                 matches = db.search(photo, k=k, threshold=threshold, name=label)
+            except IndexUnavailableError:
+                raise  # not this photo's fault: the whole command fails (exit 2)
             except FaceDBError as exc:
                 failed += 1
                 typer.echo(f"error: {exc}", err=True)

@@ -9,7 +9,8 @@ An index is a cache derived from the store: keyed by template id, searched by in
   copy if it matches the stamp the store recorded, save (returning what to stamp), verify, measure, discard.
   The keeper (``facedb/keeper.py``) decides *when* to load, catch up, rebuild and save; the backend decides
   *how*. A backend whose ``add``/``remove`` are durable at once (a remote engine) says so with
-  ``write_through``; its ``save`` then only records what it reflects.
+  ``write_through``; the keeper then applies every write as it reaches the store, and calls its ``publish``
+  to record in the engine which store generation it reflects (so other processes catch up from there).
 
 Backends register here by name with the kinds they provide and a factory that imports them on first use, so
 importing this module imports neither faiss nor any client library. To add one: implement both protocols in
@@ -44,8 +45,10 @@ class VectorIndex(Protocol):
         """Entries held, tombstones included."""
         ...
 
-    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Add unit ``vectors`` (n, dim) float32 under template ``ids`` (n,) int64 (new ids only)."""
+    def add(self, ids: np.ndarray, vectors: np.ndarray, person_ids: np.ndarray | None = None) -> None:
+        """Add unit ``vectors`` (n, dim) float32 under template ``ids`` (n,) int64 (new ids only).
+        ``person_ids`` (n,): whose templates they are, for engines that carry it (a shared collection's other
+        readers); facedb itself maps ids to people through the store."""
         ...
 
     def remove(self, ids: np.ndarray) -> None:
@@ -82,7 +85,12 @@ class IndexPlace:
 
 
 class IndexBackend(Protocol):
-    """A family of index kinds and the place they persist."""
+    """A family of index kinds and the place they persist.
+
+    Write-through backends (``write_through`` True: a remote engine several processes share) also give their
+    indexes a ``reflects`` attribute, the store generation the engine had recorded when it was loaded (None if
+    unknown), and implement :meth:`publish`; the keeper replays the store's change log from ``reflects``.
+    """
 
     name: str
     kinds: tuple[str, ...]
@@ -112,6 +120,11 @@ class IndexBackend(Protocol):
 
     def discard(self, place: IndexPlace) -> None:
         """Delete the persisted copy (before a rebuild under another backend, or for erasure)."""
+        ...
+
+    def publish(self, index: VectorIndex, place: IndexPlace, generation: int) -> None:
+        """Write-through backends only: make ``index`` the copy every process opens (after a rebuild) and
+        record in the engine that it reflects store ``generation``."""
         ...
 
 
@@ -191,6 +204,23 @@ register_backend("faiss", {
     "ivf": "inverted lists over float32 vectors (~4 sqrt(n) lists; exact vectors for re-scoring)",
     "ivfpq": "inverted lists of 4-bit fast-scan PQ codes (dim/8 bytes a template; re-scored from the store)",
 }, _faiss_backend)
+
+
+def _milvus_backend() -> IndexBackend:
+    try:
+        from .milvus import MilvusBackend
+    except ImportError as exc:
+        from ..errors import IndexUnavailableError
+
+        raise IndexUnavailableError(f"the milvus index kind needs pymilvus: pip install 'facedb[milvus]' ({exc})"
+                                    ) from None
+    return MilvusBackend()
+
+
+register_backend("milvus", {
+    "milvus": "a Milvus collection (server, cluster or Milvus Lite): HNSW below 2M templates, IVF_FLAT above; "
+              "re-scored from the store",
+}, _milvus_backend)
 
 
 __all__ = [

@@ -69,7 +69,7 @@ class _Faiss:
     def __len__(self) -> int:
         return int(self._index.ntotal)
 
-    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+    def add(self, ids: np.ndarray, vectors: np.ndarray, person_ids: np.ndarray | None = None) -> None:
         if len(ids):
             self._index.add_with_ids(
                 np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64)

@@ -1,0 +1,127 @@
+"""API keys for the service: making them, storing only their hash, recognising them, and their scopes.
+
+A key reads ``fdb_<id>_<secret>``: ``id`` is 12 hex digits, public (the audit trail records ``key:<id>`` as
+the actor of everything done with it), ``secret`` is 32 random bytes in URL-safe base64. The store keeps the
+id, a name, the scope, the creation and revocation times and the SHA-256 of the whole key, never the key:
+it is shown once, when made. SHA-256 and not a slow password hash because the secret is 256 random bits,
+not something a person chose: no dictionary to try, so no need to make each guess expensive (the reasoning
+behind GitHub's and Stripe's token storage).
+
+Scopes nest: ``identify`` (identify, verify, detect) < ``enroll`` (+ people and templates) < ``admin`` (+ keys,
+webhooks, settings, audit, stats, check).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from enum import Enum
+
+from .errors import AuthenticationError, InvalidInputError, PermissionDeniedError
+from .records import _Record
+from .store import Store
+
+PREFIX = "fdb"
+_KEY = re.compile(rf"^{PREFIX}_([0-9a-f]{{12}})_([A-Za-z0-9_-]{{43}})$")
+
+#: What every refused key is told, whatever the reason (no key, unknown, revoked, malformed): nothing more
+#: is revealed to a caller without a valid key.
+REFUSED = "a valid API key is required (X-API-Key header)"
+
+
+class Scope(str, Enum):
+    """What a key may do; each scope includes the ones before it."""
+
+    identify = "identify"
+    enroll = "enroll"
+    admin = "admin"
+
+    @property
+    def rank(self) -> int:
+        return list(Scope).index(self)
+
+    def allows(self, needed: Scope) -> bool:
+        return self.rank >= needed.rank
+
+
+def check_scope(value: object) -> Scope:
+    try:
+        return Scope(value)
+    except ValueError:
+        raise InvalidInputError(f"scope is one of {', '.join(s.value for s in Scope)}, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class ApiKey(_Record):
+    """A stored API key (without the key itself). ``actor`` is what the audit trail records for its use."""
+
+    id: str
+    name: str | None
+    scope: str
+    created_at: str
+    revoked_at: str | None = None
+
+    @property
+    def actor(self) -> str:
+        return f"key:{self.id}"
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    @classmethod
+    def from_row(cls, row: dict[str, object]) -> ApiKey:
+        return cls(id=str(row["id"]), name=row["name"], scope=str(row["scope"]),  # type: ignore[arg-type]
+                   created_at=str(row["created_at"]), revoked_at=row["revoked_at"])  # type: ignore[arg-type]
+
+
+def key_hash(key: str) -> str:
+    """The SHA-256 (hex) of a whole key string, as stored."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def _check_name(name: str | None) -> str | None:
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name.strip() or len(name) > 100 or any(ord(c) < 32 for c in name):
+        raise InvalidInputError("a key's name is 1-100 printable characters")
+    return name.strip()
+
+
+def create(store: Store, scope: str | Scope, name: str | None = None) -> tuple[ApiKey, str]:
+    """Make a key of ``scope`` (optionally named, e.g. ``door-3``; names are unique among live keys).
+
+    Returns the stored record and the key itself, which exists nowhere else afterwards."""
+    scope = check_scope(scope)
+    name = _check_name(name)
+    key_id = secrets.token_hex(6)
+    key = f"{PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
+    row = store.add_api_key(key_id, name, scope.value, key_hash(key))
+    return ApiKey.from_row(row), key
+
+
+def authenticate(store: Store, presented: str | None) -> ApiKey:
+    """The live key ``presented`` is, or AuthenticationError (its ``key_id`` names a known key that was
+    presented correctly but is revoked, for the audit trail; the caller is told only :data:`REFUSED`)."""
+    match = _KEY.match(presented.strip()) if isinstance(presented, str) else None
+    if match is None:
+        raise AuthenticationError(REFUSED)
+    row = store.api_key(match.group(1))
+    if row is None or not hmac.compare_digest(str(row["key_hash"]), key_hash(presented.strip())):
+        raise AuthenticationError(REFUSED)
+    key = ApiKey.from_row(row)
+    if key.revoked:
+        exc = AuthenticationError(REFUSED)
+        exc.key_id = key.id  # type: ignore[attr-defined]
+        raise exc
+    return key
+
+
+def authorise(key: ApiKey, needed: Scope) -> None:
+    """PermissionDeniedError unless ``key``'s scope includes ``needed``."""
+    if not Scope(key.scope).allows(needed):
+        raise PermissionDeniedError(f"this key's scope ({key.scope}) does not allow this operation "
+                                    f"(it needs {needed.value})")

@@ -1,0 +1,150 @@
+"""The app factory: FastAPI with the routes, the error table, the transport middleware (request body limit,
+the worker's pid on every answer, CORS when configured) and the start-up that loads the model and the index.
+
+``uvicorn facedb.service.app:app_from_env --factory`` (what ``facedb serve`` runs, once per worker) builds it
+from ``FACEDB_*`` variables; tests call :func:`create_app` with a test-double model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .. import __version__
+from ..errors import RequestTooLargeError
+from ..hooks import Sender
+from . import errors, routes_admin, routes_people, routes_query
+from .config import ServiceSettings
+from .state import ServiceState
+
+DESCRIPTION = """\
+facedb's HTTP API for access-control systems: identify (1:N) and verify (1:1) faces in photos or your own
+vectors, manage people and their templates, read the audit trail, and receive door events by webhook.
+
+Authenticate with `X-API-Key: <key>` (or `Authorization: Bearer <key>`); keys are made with
+`facedb keys create --scope identify|enroll|admin`. Scores are cosine similarities (higher = more alike).
+
+**No liveness detection / anti-spoofing**: a printed photo or a screen showing an enrolled person's face is that
+person's face to facedb. Pair it with a presentation-attack-detecting camera where that matters.
+"""
+
+WORKER_HEADER = b"x-facedb-worker"
+
+
+class Transport:
+    """Pure ASGI middleware: refuses request bodies over the limit with 413 before the app parses them (by
+    Content-Length when given, else by counting while reading), and stamps answers with the worker's pid."""
+
+    def __init__(self, app: ASGIApp, max_body: int) -> None:
+        self.app = app
+        self.max_body = max_body
+        self.pid = str(os.getpid()).encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        too_large = RequestTooLargeError(f"the request body is over the limit of {self.max_body} bytes "
+                                         "(FACEDB_MAX_UPLOAD_MB)")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            await self._refuse(too_large, scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:  # read the whole body first: bounded by the limit, then replayed to the app
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                await self._refuse(too_large, scope, receive, send)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        async def stamped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (WORKER_HEADER, self.pid)]}
+            await send(message)
+
+        await self.app(scope, replay, stamped)
+
+    async def _refuse(self, exc: RequestTooLargeError, scope: Scope, receive: Receive, send: Send) -> None:
+        response = errors.error_response(exc)
+        response.headers["connection"] = "close"  # the unread rest of the body is not worth reading
+        await response(scope, receive, send)
+
+
+def create_app(settings: ServiceSettings, *, model: Any = None, sender: Sender | None = None) -> FastAPI:
+    """The service for ``settings.db``. ``model``: a face pipeline to use instead of loading the database's
+    (tests); ``sender``: how webhooks are posted (default: httpx)."""
+    state = ServiceState(settings, model=model, sender=sender)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(state.start)  # the worker takes connections once this has loaded everything
+        try:
+            yield
+        finally:
+            await run_in_threadpool(state.stop)
+
+    app = FastAPI(title="facedb", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.facedb = state
+    errors.install(app)
+
+    @app.get("/health", tags=["service"], summary="Liveness: the process answers (no key needed).")
+    def health() -> dict[str, Any]:
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["service"], summary="Readiness: 200 once the model and the index are loaded, else 503 "
+                                                 "(no key needed).")
+    def ready() -> JSONResponse:
+        body = {"ready": state.ready, "model_loaded": state.pipeline is not None,
+                "vectors_only": state.ready and state.pipeline is None}
+        if not state.ready:
+            body["reason"] = "starting" if state.error is None else "failed to start (see the server's log)"
+        return JSONResponse(body, status_code=200 if state.ready else 503)
+
+    for router in (routes_query.router, routes_people.router, routes_admin.router):
+        app.include_router(router)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_credentials=False,
+                           allow_methods=["GET", "POST", "PATCH", "DELETE"],
+                           allow_headers=["X-API-Key", "Authorization", "Content-Type"])
+    app.add_middleware(Transport, max_body=settings.max_upload_bytes)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """The app as ``facedb serve`` configures it, through ``FACEDB_*`` variables (uvicorn ``--factory``)."""
+    import logging
+
+    log = logging.getLogger("facedb")  # facedb's own messages beside uvicorn's, not every library's
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    return create_app(ServiceSettings.from_env())

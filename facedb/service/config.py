@@ -1,0 +1,90 @@
+"""The service's settings: one typed object, from ``facedb serve`` options or ``FACEDB_*`` environment
+variables (which is also how ``facedb serve --workers N`` hands them to its worker processes)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from ..errors import InvalidInputError
+
+#: Default request body limit (uploads): 20 MiB, room for a few full-resolution photos per enrolment.
+DEFAULT_MAX_UPLOAD_MB = 20.0
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """``db``: the database directory. ``host``/``port``: where to listen (loopback unless told otherwise;
+    TLS belongs in a reverse proxy). ``workers``: uvicorn worker processes, each loading the model once.
+    ``max_upload_mb``: request bodies above this are refused (413) before they are parsed.
+    ``cors_origins``: origins allowed by CORS (empty = CORS off). ``fold_window``: seconds within which
+    repeated webhook events for one person are folded; ``hook_attempts`` / ``hook_backoff`` /
+    ``hook_timeout``: delivery retries, first retry delay and per-attempt timeout (seconds).
+    ``weights``: a FaceNet weights file."""
+
+    db: Path = Path("facedb-data")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
+    cors_origins: tuple[str, ...] = field(default_factory=tuple)
+    fold_window: float = 10.0
+    hook_attempts: int = 6
+    hook_backoff: float = 0.5
+    hook_timeout: float = 5.0
+    weights: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise InvalidInputError(f"port is 0-65535, got {self.port}")
+        if self.workers < 1:
+            raise InvalidInputError("workers must be at least 1")
+        if not self.max_upload_mb > 0:
+            raise InvalidInputError("the upload limit must be a positive number of MB")
+        if self.fold_window < 0 or self.hook_backoff < 0 or not self.hook_timeout > 0 or self.hook_attempts < 1:
+            raise InvalidInputError("webhook settings: fold window and backoff >= 0, timeout > 0, attempts >= 1")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    _ENV: ClassVar[dict[str, str]] = {
+            "db": "FACEDB_DB", "host": "FACEDB_HOST", "port": "FACEDB_PORT", "workers": "FACEDB_WORKERS",
+            "max_upload_mb": "FACEDB_MAX_UPLOAD_MB", "cors_origins": "FACEDB_CORS_ORIGINS",
+            "fold_window": "FACEDB_HOOK_FOLD_SECONDS", "hook_attempts": "FACEDB_HOOK_ATTEMPTS",
+            "hook_backoff": "FACEDB_HOOK_BACKOFF", "hook_timeout": "FACEDB_HOOK_TIMEOUT",
+            "weights": "FACEDB_WEIGHTS"}
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> ServiceSettings:
+        """Settings from ``FACEDB_*`` variables (see ``_ENV``), defaults for those unset."""
+        env = os.environ if environ is None else environ
+        raw = {name: env[var] for name, var in cls._ENV.items() if env.get(var, "").strip()}
+        try:
+            return cls(
+                db=Path(raw.get("db", "facedb-data")),
+                host=raw.get("host", "127.0.0.1"),
+                port=int(raw.get("port", 8000)),
+                workers=int(raw.get("workers", 1)),
+                max_upload_mb=float(raw.get("max_upload_mb", DEFAULT_MAX_UPLOAD_MB)),
+                cors_origins=tuple(o.strip() for o in raw.get("cors_origins", "").split(",") if o.strip()),
+                fold_window=float(raw.get("fold_window", 10.0)),
+                hook_attempts=int(raw.get("hook_attempts", 6)),
+                hook_backoff=float(raw.get("hook_backoff", 0.5)),
+                hook_timeout=float(raw.get("hook_timeout", 5.0)),
+                weights=Path(raw["weights"]) if raw.get("weights") else None,
+            )
+        except ValueError as exc:
+            raise InvalidInputError(f"a FACEDB_* service setting is not a number: {exc}") from None
+
+    def to_env(self) -> dict[str, str]:
+        """The ``FACEDB_*`` variables that give these settings back through :meth:`from_env`."""
+        out = {var: str(getattr(self, name)) for name, var in self._ENV.items()
+               if name not in ("cors_origins", "weights")}
+        out["FACEDB_DB"] = str(Path(self.db).resolve())
+        out["FACEDB_CORS_ORIGINS"] = ",".join(self.cors_origins)
+        if self.weights is not None:
+            out["FACEDB_WEIGHTS"] = str(Path(self.weights).resolve())
+        return out

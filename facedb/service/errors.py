@@ -1,0 +1,110 @@
+"""FaceDBError -> HTTP: the one table, and the one JSON error body every refusal uses.
+
+Body: ``{"error": "<error class>", "message": "<one line>", "status": <code>}``. A request FastAPI cannot
+parse (a missing field, a wrong type, malformed JSON) is a 400 InvalidInputError like any other bad input, so
+422 always means "no face". Anything unexpected is a 500 that says only "internal error" (the traceback goes
+to the server's log, never to the caller).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import (
+    AuthenticationError,
+    DatabaseError,
+    DatabaseExistsError,
+    DuplicateError,
+    FaceDBError,
+    ImageError,
+    InvalidInputError,
+    InvalidVectorError,
+    ModelMismatchError,
+    ModelUnavailableError,
+    NoFaceError,
+    NotFoundError,
+    NotReadyError,
+    PermissionDeniedError,
+    RequestTooLargeError,
+)
+
+log = logging.getLogger("facedb.service")
+
+#: First match wins (subclasses before their bases).
+STATUS: list[tuple[type[FaceDBError], int]] = [
+    (RequestTooLargeError, 413),
+    (NotFoundError, 404),  # PersonNotFoundError, TemplateNotFoundError, unknown key or webhook
+    (DuplicateError, 409),  # DuplicatePersonError, a key name in use
+    (ModelMismatchError, 409),
+    (DatabaseExistsError, 409),
+    (InvalidInputError, 400),
+    (InvalidVectorError, 400),
+    (ImageError, 400),
+    (AuthenticationError, 401),
+    (PermissionDeniedError, 403),
+    (NoFaceError, 422),
+    (NotReadyError, 503),
+    (ModelUnavailableError, 503),
+    (DatabaseError, 503),  # cannot write (locked past the timeout, disk full, read-only)
+    (FaceDBError, 500),
+]
+
+
+def status_of(exc: FaceDBError) -> int:
+    return next(code for cls, code in STATUS if isinstance(exc, cls))
+
+
+def body(error: str, message: str, status: int, **extra: Any) -> dict[str, Any]:
+    return {"error": error, "message": message, "status": status, **extra}
+
+
+def error_response(exc: FaceDBError) -> JSONResponse:
+    """The response for a FaceDBError: its status from :data:`STATUS`, its class and message."""
+    status = status_of(exc)
+    headers = {}
+    if status == 401:
+        headers["WWW-Authenticate"] = 'ApiKey header="X-API-Key"'
+    if status == 503 and isinstance(exc, NotReadyError):
+        headers["Retry-After"] = "2"
+    extra = {"report": exc.report} if isinstance(getattr(exc, "report", None), dict) else {}
+    return JSONResponse(body(type(exc).__name__, str(exc), status, **extra), status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header"))
+        parts.append(f"{where or 'request'}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "the request is not valid"
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers that turn every refusal into the one JSON error body."""
+
+    async def facedb_error(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc)  # type: ignore[arg-type]
+
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(InvalidInputError(_validation_message(exc)))  # type: ignore[arg-type]
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        names = {404: "NotFound", 405: "MethodNotAllowed"}
+        message = exc.detail if isinstance(exc.detail, str) else "refused"
+        return JSONResponse(body(names.get(exc.status_code, "HTTPError"), message, exc.status_code),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(body("InternalError", "internal error (logged by the server)", 500), status_code=500)
+
+    app.add_exception_handler(FaceDBError, facedb_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)

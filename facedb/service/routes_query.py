@@ -1,0 +1,120 @@
+"""Decisions: identify (1:N), verify (1:1), detect. Scope ``identify``. Photos as multipart uploads, or vectors
+as JSON for callers that embed themselves. Each decision is in the audit trail (by FaceDB) and may raise a
+door event (webhooks), queued after the answer is made: delivery never delays it."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import InvalidInputError
+from ..records import Identification, Verification
+from . import uploads
+from .auth import IDENTIFY, Caller
+
+router = APIRouter(prefix="/v1", tags=["decisions"])
+
+#: The most candidates one answer lists: a bound on the work (and memory) one request can ask for.
+MAX_K = 1000
+
+KForm = Annotated[int, Form(ge=1, le=MAX_K, description="Candidates per face (top-k people).")]
+ThresholdForm = Annotated[float | None, Form(description="Cosine similarity to accept at, in [-1, 1]; default: "
+                                                         "the database's stored threshold.")]
+
+
+class VectorIdentify(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    vector: list[float] | None = Field(None, description="One probe: a unit vector of the database's dimension.")
+    vectors: list[list[float]] | None = Field(None, description="Several probes, searched as one batch.")
+    k: int = Field(5, ge=1, le=MAX_K, description="Candidates per probe.")
+    threshold: float | None = Field(None, description="Cosine similarity to accept at; default: the stored one.")
+
+
+class VectorVerify(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    person: str = Field(description="Who the probe is claimed to be.")
+    vector: list[float] = Field(description="The probe: a unit vector of the database's dimension.")
+    threshold: float | None = None
+
+
+def _identified(caller: Caller, answer: Identification, extra: dict[str, Any]) -> None:
+    data = {"identity": answer.identity, "external_id": answer.external_id, "similarity": answer.similarity,
+            "threshold": answer.threshold, **extra}
+    caller.publish("identify.match" if answer.identity is not None else "identify.unknown", data,
+                   subject=answer.identity)
+
+
+def _verified(caller: Caller, result: Verification) -> None:
+    caller.publish("verify.accept" if result.accepted else "verify.reject",
+                   {"person": result.name, "similarity": result.similarity, "threshold": result.threshold},
+                   subject=result.name)
+
+
+@router.post("/identify", summary="Who is in this photo? One answer per face (identity null = unknown).")
+def identify_photo(photo: Annotated[UploadFile, File(description="The photo (JPEG, PNG, ...).")],
+                   caller: Annotated[Caller, Depends(IDENTIFY)], k: KForm = 5,
+                   threshold: ThresholdForm = None) -> dict[str, Any]:
+    source = uploads.read(photo)
+    with caller as db:
+        faces = db.search(source, model=caller.state.photo_model(), k=k, threshold=threshold, name=source.name)
+        if not faces:  # FaceDB records one row per face: record the question that had none
+            db.note("search", image_sha256=hashlib.sha256(source.getvalue()).hexdigest(), detail={"faces": 0})
+    for face in faces:
+        _identified(caller, face, {"box": face.box, "det_score": face.det_score})  # type: ignore[arg-type]
+    return {"faces": [f.to_dict() for f in faces]}
+
+
+@router.post("/identify/vector", summary="Who is this vector (or these vectors)? 1:N on your own embeddings.")
+def identify_vector(body: VectorIdentify, caller: Annotated[Caller, Depends(IDENTIFY)]) -> dict[str, Any]:
+    if (body.vector is None) == (body.vectors is None):
+        raise InvalidInputError("give either 'vector' or 'vectors'")
+    try:
+        with np.errstate(over="ignore"):  # 1e39 becomes inf, which the unit-vector check then refuses
+            probes = np.asarray(body.vectors if body.vectors is not None else [body.vector], dtype=np.float32)
+    except ValueError:  # ragged lists
+        probes = np.zeros(0, dtype=np.float32)
+    if probes.ndim != 2:
+        raise InvalidInputError("'vectors' must be a list of equally long lists of numbers")
+    with caller as db:
+        answers = db.identify(probes, k=body.k, threshold=body.threshold)
+    assert isinstance(answers, list)
+    for answer in answers:
+        _identified(caller, answer, {})
+    return {"results": [a.to_dict() for a in answers]}
+
+
+@router.post("/verify", summary="Is this photo the claimed person? 1:1 on the photo's largest face.")
+def verify_photo(photo: Annotated[UploadFile, File(description="The photo; its largest face is used.")],
+                 person: Annotated[str, Form(description="Who the photo is claimed to be.")],
+                 caller: Annotated[Caller, Depends(IDENTIFY)], threshold: ThresholdForm = None) -> dict[str, Any]:
+    source = uploads.read(photo)
+    with caller as db:
+        result = db.verify(source, person, threshold, model=caller.state.photo_model())
+    _verified(caller, result)
+    return result.to_dict()
+
+
+@router.post("/verify/vector", summary="Is this vector the claimed person? 1:1 on your own embeddings.")
+def verify_vector(body: VectorVerify, caller: Annotated[Caller, Depends(IDENTIFY)]) -> dict[str, Any]:
+    with np.errstate(over="ignore"):
+        vector = np.asarray(body.vector, dtype=np.float32)
+    with caller as db:
+        result = db.verify(vector, body.person, body.threshold)
+    _verified(caller, result)
+    return result.to_dict()
+
+
+@router.post("/detect", summary="Faces in a photo: box, detector score, 5 landmarks (no identification).")
+def detect(photo: Annotated[UploadFile, File(description="The photo.")],
+           caller: Annotated[Caller, Depends(IDENTIFY)]) -> dict[str, Any]:
+    source = uploads.read(photo)
+    with caller as db:
+        faces = db.detect(source, model=caller.state.photo_model(), name=source.name)
+        db.note("detect", detail={"faces": len(faces)})
+    return {"faces": [{"box": [round(float(c), 1) for c in f.box], "det_score": round(float(f.score), 4),
+                       "landmarks": [[round(float(x), 1), round(float(y), 1)] for x, y in f.landmarks]}
+                      for f in faces]}

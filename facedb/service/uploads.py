@@ -1,0 +1,28 @@
+"""Uploaded photos: bytes with a printable label, handed to the same loader (and hostile-input defences) as
+files on disk (``facedb.images.load_photo``)."""
+
+from __future__ import annotations
+
+import io
+import os
+
+from fastapi import UploadFile
+
+from ..errors import InvalidInputError
+
+
+def label(filename: str | None, fallback: str) -> str:
+    """A short printable name for an upload: the client's file name without folders or control characters."""
+    name = os.path.basename((filename or "").replace("\\", "/"))
+    name = "".join(c for c in name if c.isprintable())[:200]
+    return name or fallback
+
+
+def read(upload: UploadFile, fallback: str = "photo") -> io.BytesIO:
+    """The upload's bytes as a binary file object named after it (its name labels the per-photo report)."""
+    data = upload.file.read()
+    if not data:
+        raise InvalidInputError(f"{label(upload.filename, fallback)}: empty upload")
+    buf = io.BytesIO(data)
+    buf.name = label(upload.filename, fallback)  # type: ignore[misc]
+    return buf

@@ -1,0 +1,433 @@
+"""The milvus index kind end to end, against Milvus Lite (the Milvus client API in process: a test double for
+the protocol, not a measure of a Milvus server). Each test checks what the collection itself holds, read
+with pymilvus beside facedb, as well as facedb's answers.
+
+Skipped where pymilvus is not installed (``pip install 'facedb[milvus]'``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+pytest.importorskip("pymilvus", reason="pymilvus is not installed (pip install 'facedb[milvus]')")
+
+from pymilvus import MilvusClient, MilvusException
+
+from facedb import FaceDB
+from facedb.cli import app
+from facedb.contracts import clustered
+from facedb.errors import IndexBehindWarning, IndexUnavailableError, InvalidInputError, ModelMismatchError
+from facedb.index import IndexPlace, backend_for
+
+DIM = 32
+
+
+@pytest.fixture()
+def lite(tmp_path) -> str:
+    return str(tmp_path / "milvus.db")
+
+
+def gallery(seed: int = 0, people: int = 12, per: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    return clustered(np.random.default_rng(seed), people, per, DIM)
+
+
+def make(root: Path, uri: str, collection: str = "faces", **kw) -> FaceDB:
+    db = FaceDB.create(root, model_id="synthetic", dim=DIM, threshold=0.8, index="milvus",
+                       index_options={"milvus_uri": uri, "milvus_collection": collection}, **kw)
+    db.configure_audit(enabled=False)
+    return db
+
+
+def enrol(db: FaceDB, x: np.ndarray, pids: np.ndarray) -> None:
+    db.add_templates_many([(f"p{p}", x[pids == p]) for p in np.unique(pids)])
+
+
+def held(uri: str, collection: str = "faces") -> tuple[list[int], dict]:
+    """(template ids, properties) of what the alias points to, read with pymilvus directly."""
+    client = MilvusClient(uri)
+    info = client.describe_collection(collection)
+    rows = client.query(collection, filter="id >= 0", output_fields=["id"], consistency_level="Strong",
+                        limit=16384)
+    return sorted(int(r["id"]) for r in rows), info["properties"]
+
+
+def test_enrol_identify_remove_check_reach_the_collection(tmp_path, lite):
+    x, pids = gallery()
+    with make(tmp_path / "db", lite) as db:
+        enrol(db, x, pids)
+        ids, props = held(lite)
+        _, store_ids, _ = db.store.template_map()
+        assert ids == store_ids.tolist() and props["facedb.generation"] == str(db.store.generation())
+        assert props["facedb.model_id"] == "synthetic" and props["facedb.dim"] == str(DIM)
+        answer = db.identify(x[4], k=3)
+        assert answer.identity == "p2" and answer.similarity == pytest.approx(1.0, abs=1e-5)
+        gone = db.store.person("p2")
+        removed_ids = [t.id for t in db.templates("p2")]
+        db.remove_person("p2")
+        ids, props = held(lite)
+        assert not set(removed_ids) & set(ids), "the removal deleted p2's templates from the collection"
+        assert props["facedb.generation"] == str(db.store.generation())
+        assert all(c.person_id != gone.id for c in db.identify(x[4], k=5).candidates)
+        report = db.check()
+        assert report.ok, report.problems
+    with FaceDB.open(tmp_path / "db") as db:  # another process's view: opened from the collection, no rebuild
+        assert db.identify(x[10], k=1).identity == "p4"
+        assert db.index_state().from_file and db.index_state().entries == len(x) - 3
+
+
+def test_a_cli_remove_reaches_the_engine_before_it_returns(tmp_path, lite):
+    """The writer never loaded the index (a CLI `remove`): a write-through engine still gets the write now."""
+    x, pids = gallery()
+    with make(tmp_path / "db", lite) as db:
+        enrol(db, x, pids)
+    with FaceDB.open(tmp_path / "db") as db:
+        assert db.keeper.gallery is None
+        db.remove_person("p1")
+        ids, _ = held(lite)
+        assert len(ids) == len(x) - 3
+
+
+def test_token_is_used_but_never_stored(tmp_path, lite):
+    secret = "root:Sesame-7f3a9c"
+    x, pids = gallery()
+    db = FaceDB.create(tmp_path / "db", model_id="synthetic", dim=DIM, threshold=0.8, index="milvus",
+                       index_options={"milvus_uri": lite, "milvus_token": secret})
+    enrol(db, x, pids)
+    assert db.keeper.place.options["milvus_token"] == secret
+    db.close()
+    for f in (tmp_path / "db").iterdir():
+        assert secret.encode() not in f.read_bytes(), f"{f.name} holds the token"
+    with pytest.raises(InvalidInputError, match="FACEDB_MILVUS_TOKEN"):
+        FaceDB.create(tmp_path / "db2", model_id="m", dim=DIM, threshold=0.8, index="milvus",
+                      index_options={"milvus_uri": "http://root:pw@localhost:19530"})
+    assert not (tmp_path / "db2").exists()
+
+
+def test_catch_up_replays_the_change_log_from_the_generation_the_collection_records(tmp_path, lite):
+    x, pids = gallery()
+    with make(tmp_path / "db", lite) as db:
+        enrol(db, x[:18], pids[:18])
+        physical = db.keeper.gallery.index.physical
+        recorded = db.store.generation()
+        # writes that reach the store only (a writer killed before it told the engine)
+        new_ids = db.store.add_templates("late", x[18:21], create_person=True)
+        dropped = [t.id for t in db.templates("p1")]
+        db.store.remove_person("p1")
+    ids, props = held(lite)
+    assert props["facedb.generation"] == str(recorded) and set(dropped) <= set(ids) and not set(new_ids) & set(ids)
+    with FaceDB.open(tmp_path / "db") as db:
+        assert db.identify(x[19], k=1).identity == "late"
+        assert db.keeper.gallery.index.physical == physical, "caught up in place, not rebuilt"
+        assert db.keeper.gallery.index.reflects == recorded, "replayed from the generation the collection recorded"
+        gen = db.store.generation()
+    ids, props = held(lite)
+    assert set(new_ids) <= set(ids) and not set(dropped) & set(ids) and props["facedb.generation"] == str(gen)
+
+
+def test_unreachable_engine_keeps_the_write_and_the_next_open_catches_up(tmp_path, lite, monkeypatch):
+    x, pids = gallery()
+    with make(tmp_path / "db", lite) as db:
+        enrol(db, x[:18], pids[:18])
+    monkeypatch.setenv("FACEDB_MILVUS_URI", "http://127.0.0.1:9")  # nothing listens there
+    with FaceDB.open(tmp_path / "db") as db:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            db.add_templates("late", x[18:21], create=True)
+        assert any(issubclass(w.category, IndexBehindWarning) for w in caught)
+        assert db.store.person("late").templates == 3, "the store (the truth) kept the write"
+        with pytest.raises(IndexUnavailableError, match=r"127\.0\.0\.1:9"):
+            db.identify(x[19])
+    monkeypatch.delenv("FACEDB_MILVUS_URI")
+    with FaceDB.open(tmp_path / "db") as db:
+        assert db.identify(x[19], k=1).identity == "late"
+    assert len(held(lite)[0]) == 21
+
+
+def test_collection_dropped_behind_facedbs_back_is_rebuilt(tmp_path, lite):
+    x, pids = gallery()
+    db = make(tmp_path / "db", lite)
+    enrol(db, x, pids)
+    client = MilvusClient(lite)
+
+    def drop() -> str:
+        physical = client.describe_collection("faces")["collection_name"]
+        client.drop_alias("faces")
+        client.drop_collection(physical)
+        return physical
+
+    first = drop()
+    report = db.check()  # `check` finds it gone and refills it from the store
+    assert report.ok and any("rebuilt" in c for c in report.checks), report.checks
+    assert len(held(lite)[0]) == len(x)
+    drop()
+    with pytest.raises(IndexUnavailableError):  # a running process finds it gone: a typed error, once
+        db.identify(x[0])
+    assert db.identify(x[0], k=1).identity == "p1", "the next call rebuilds it from the store"
+    assert len(held(lite)[0]) == len(x)
+    db.close()
+    drop()  # while no process has it open: the next open rebuilds it
+    with FaceDB.open(tmp_path / "db") as db:
+        assert db.identify(x[0], k=1).identity == "p1"
+        assert db.check().ok
+    assert len(held(lite)[0]) == len(x) and client.describe_collection("faces")["collection_name"] != first
+
+
+def test_check_repairs_strays_and_missing_entries(tmp_path, lite):
+    x, pids = gallery()
+    with make(tmp_path / "db", lite) as db:
+        enrol(db, x, pids)
+        client = MilvusClient(lite)
+        client.upsert("faces", [{"id": 999_999, "person_id": 1, "vector": x[0]}])  # a stray (a resurrected write)
+        first = int(db.store.template_map()[1][0])
+        client.delete("faces", ids=[first])  # and a template the engine lost
+        report = db.check()
+        assert report.ok, report.problems
+        assert any("deleted" in c for c in report.checks) and any("written" in c for c in report.checks)
+        assert held(lite)[0] == db.store.template_map()[1].tolist()
+
+
+def test_two_writers_catching_up_the_same_collection_write_each_entry_once(tmp_path, lite):
+    x, pids = gallery()
+    a = make(tmp_path / "db", lite)
+    enrol(a, x[:18], pids[:18])
+    b = FaceDB.open(tmp_path / "db")
+    assert b.identify(x[0], k=1).identity == "p1"
+    a.add_templates("late", x[18:21], create=True)
+    # b replays the same add (an upsert by primary key) and the removal a made
+    a.remove_person("p2")
+    assert b.identify(x[19], k=1).identity == "late"
+    assert all(c.name != "p2" for c in b.identify(x[4], k=5).candidates)
+    ids, _ = held(lite)
+    assert len(ids) == len(set(ids)) == 18, "each template once, p2's gone"
+    a.close()
+    b.close()
+
+
+def test_read_only_open_never_writes_and_answers_as_of_its_store(tmp_path, lite):
+    x, pids = gallery()
+    with make(tmp_path / "db", lite) as db:
+        enrol(db, x[:18], pids[:18])
+        # the store moves on without the engine (a replica's copy ahead of the collection, or a lagging writer)
+        db.store.add_templates("late", x[18:21], create_person=True)
+        p1 = [t.id for t in db.templates("p1")]
+        db.store.remove_person("p1")
+    before = held(lite)
+    with FaceDB.open(tmp_path / "db", readonly=True) as ro:
+        assert ro.identify(x[19], k=1).identity == "late", "templates the collection lacks are searched here"
+        assert all(c.name != "p1" for c in ro.identify(x[0], k=5).candidates), "removed ones are never answered"
+        assert ro.check().ok
+    assert held(lite) == before, "a read-only open wrote nothing to the collection"
+    assert set(p1) <= set(before[0])
+
+
+def copy_store(src: Path, dst: Path) -> None:
+    """A consistent snapshot of a database's store, as a replica host would receive it."""
+    import sqlite3
+
+    dst.mkdir(mode=0o700)
+    with sqlite3.connect(src / "facedb.sqlite3") as a, sqlite3.connect(dst / "facedb.sqlite3") as b:
+        a.backup(b)
+
+
+def test_an_older_copy_of_the_store_never_levels_the_collection_back(tmp_path, lite):
+    """A replica's copy (or a restored backup) is behind the collection: opened writable it is refused (it
+    would delete the writer's newer templates); read-only (CLI --read-only) it answers as of the copy and writes
+    nothing; `rebuild-index` makes it the truth when it really is (a restored backup)."""
+    x, pids = gallery()
+    with make(tmp_path / "db", lite) as db:
+        enrol(db, x[:18], pids[:18])
+    copy_store(tmp_path / "db", tmp_path / "copy")
+    with FaceDB.open(tmp_path / "db") as db:  # the writer moves on
+        db.add_templates("late", x[18:21], create=True)
+        db.remove_person("p1")
+    after = held(lite)
+    with FaceDB.open(tmp_path / "copy") as stale, pytest.raises(IndexUnavailableError, match="read-only"):
+        stale.identify(x[0])
+    assert held(lite) == after
+    runner = CliRunner()
+    res = runner.invoke(app, ["--read-only", "--db", str(tmp_path / "copy"), "--json", "check"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["ok"], res.output
+    with FaceDB.open(tmp_path / "copy", readonly=True) as replica:
+        assert replica.identify(x[0], k=1).identity == "p1", "as of its copy, p1 is still enrolled"
+        assert all(c.name != "late" for c in replica.identify(x[19], k=3).candidates), "late is not in its copy"
+    assert held(lite) == after, "the replica wrote nothing to the collection"
+    res = runner.invoke(app, ["--db", str(tmp_path / "copy"), "rebuild-index"])
+    assert res.exit_code == 0, res.output
+    with FaceDB.open(tmp_path / "copy", readonly=True) as restored:
+        assert held(lite)[0] == restored.store.template_map()[1].tolist(), "rebuilt from the copy, explicitly"
+
+
+def test_read_only_open_cannot_build_a_missing_collection(tmp_path, lite):
+    x, pids = gallery()
+    with make(tmp_path / "db", lite) as db:
+        enrol(db, x, pids)
+    client = MilvusClient(lite)
+    client.drop_alias("faces")
+    with FaceDB.open(tmp_path / "db", readonly=True) as ro, pytest.raises(IndexUnavailableError, match="read-only"):
+        ro.identify(x[0])
+
+
+def test_foreign_collections_are_refused_and_nothing_is_left_behind(tmp_path, lite):
+    client = MilvusClient(lite)
+    client.create_collection("theirs", dimension=DIM)  # another application's collection
+    with pytest.raises(IndexUnavailableError, match="not the alias facedb keeps"):
+        make(tmp_path / "a", lite, collection="theirs")
+    assert not (tmp_path / "a").exists(), "a failed init leaves no database"
+    assert client.has_collection("theirs")
+    x, pids = gallery()
+    with make(tmp_path / "b", lite, collection="shared") as db:
+        enrol(db, x, pids)
+    with pytest.raises(IndexUnavailableError, match="another facedb database"):
+        make(tmp_path / "c", lite, collection="shared")
+    assert not (tmp_path / "c").exists()
+    with FaceDB.open(tmp_path / "b") as db:
+        assert db.identify(x[0], k=1).identity == "p1", "the first database's collection is untouched"
+        options = {**db.keeper.place.options, "model_id": "another-model"}
+    with pytest.raises(ModelMismatchError, match="another-model"):
+        backend_for("milvus").load(IndexPlace(tmp_path / "b", options=options), {}, DIM)
+
+
+def test_unreachable_server_and_refused_token_are_clear_errors(tmp_path, lite, monkeypatch):
+    with pytest.raises(IndexUnavailableError, match=r"127\.0\.0\.1:9.*connecting"):
+        make(tmp_path / "a", "http://127.0.0.1:9")
+    assert not (tmp_path / "a").exists()
+    import facedb.index.milvus as mv
+
+    def refuse(**kwargs):
+        raise MilvusException(code=1800, message="auth check failure, please check username and password")
+
+    monkeypatch.setattr(mv, "MilvusClient", refuse)
+    monkeypatch.setattr(mv, "_CLIENTS", {})
+    res = CliRunner().invoke(app, ["--db", str(tmp_path / "b"), "init", "--model", "x", "--dim", str(DIM),
+                                   "--index", "milvus", "--milvus-uri", "http://milvus.example:19530"],
+                             env={"FACEDB_MILVUS_TOKEN": "root:wrong"})
+    assert res.exit_code == 2 and "FACEDB_MILVUS_TOKEN" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_milvus_lite_held_by_another_process_is_a_clear_error(tmp_path, lite):
+    """Milvus Lite serves one process at a time: a second one gets a one-line error saying so (the CLI: exit 2,
+    no traceback), and nothing is written to the store."""
+    import subprocess
+    import sys
+
+    x, pids = gallery()
+    with make(tmp_path / "db", lite) as db:
+        enrol(db, x, pids)
+    from milvus_lite.server_manager import server_manager_instance
+
+    server_manager_instance.release_server(lite)  # this process lets go of it
+    import facedb.index.milvus as mv
+
+    mv._CLIENTS.clear()
+    holder = subprocess.Popen([sys.executable, "-c", f"from pymilvus import MilvusClient; import time; "
+                               f"MilvusClient({lite!r}).list_collections(); print('held', flush=True); "
+                               f"time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        res = CliRunner().invoke(app, ["--db", str(tmp_path / "db"), "check"])
+        assert res.exit_code == 2 and "one process at a time" in res.stderr, res.output
+        assert "Traceback" not in res.output
+        with FaceDB.open(tmp_path / "db") as db:
+            gen = db.store.generation()
+            with pytest.raises(IndexUnavailableError, match="one process at a time"):
+                db.identify(x[0])
+            assert db.store.generation() == gen
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
+def test_reindex_moves_to_milvus_and_back(tmp_path, lite):
+    x, pids = gallery()
+    with FaceDB.create(tmp_path / "db", model_id="synthetic", dim=DIM, threshold=0.8, index="flat") as db:
+        enrol(db, x, pids)
+        db.save_index()
+        with pytest.raises(IndexUnavailableError):
+            db.reindex("milvus", index_options={"milvus_uri": "http://127.0.0.1:9"})
+        assert db.settings().index_kind == "flat" and not db.settings().index_options, "a failed move changes nothing"
+        assert db.identify(x[0], k=1).identity == "p1"
+        report = db.reindex("milvus", index_options={"milvus_uri": lite, "milvus_collection": "moved"})
+        assert report.built == "milvus" and report.indexed == len(x)
+        assert not (tmp_path / "db" / "index.faiss").exists(), "the FAISS file is gone"
+        assert len(held(lite, "moved")[0]) == len(x)
+        assert db.identify(x[0], k=1).identity == "p1"
+        db.reindex("milvus", index_options={"milvus_collection": "renamed"})
+        assert not MilvusClient(lite).has_collection("moved"), "a move to another collection drops the old one"
+        assert len(held(lite, "renamed")[0]) == len(x)
+        db.reindex("ivf")
+        assert (tmp_path / "db" / "index.faiss").exists()
+        assert not MilvusClient(lite).has_collection("renamed"), "moving back drops the collection"
+        assert db.identify(x[0], k=1).identity == "p1"
+
+
+def test_cli_init_reindex_and_stats(tmp_path, lite):
+    runner = CliRunner()
+    db = tmp_path / "db"
+
+    def cli(*args, code=0):
+        res = runner.invoke(app, ["--db", str(db), *args])
+        assert res.exit_code == code, res.output
+        return res
+
+    out = json.loads(cli("--json", "init", "--model", "m", "--dim", str(DIM), "--index", "milvus", "--milvus-uri",
+                         lite, "--milvus-collection", "gate").stdout)
+    assert out["index_kind"] == "milvus" and out["milvus_uri"] == lite and out["milvus_collection"] == "gate"
+    res = cli("init", "--model", "m", "--dim", "8", "--index", "milvus", "--db", str(tmp_path / "x"), code=2)
+    assert "needs a URI" in res.stderr
+    res = cli("init", "--model", "m", "--dim", "8", "--index", "milvus", "--milvus-uri", "nowhere",
+              "--db", str(tmp_path / "y"), code=2)
+    assert ".db" in res.stderr and not (tmp_path / "y").exists()
+    with FaceDB.open(db) as fdb:
+        x, pids = gallery()
+        enrol(fdb, x, pids)
+    stats = json.loads(cli("--json", "stats").stdout)
+    assert stats["index_kind"] == "milvus" and stats["templates"] == len(x)
+    cli("reindex", "--index", "milvus", "--ef-search", "64")
+    assert json.loads(held(lite, "gate")[1]["facedb.params"])["ef_search"] == 64
+    assert json.loads(cli("--json", "check").stdout)["ok"] is True
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_cli_end_to_end_on_real_photos_with_milvus(tmp_path, facedata, lite):
+    """init with Milvus, enrol real LFW photos (dlib-resnet), search, remove, check: through the CLI."""
+    pytest.importorskip("dlib", reason="dlib is not installed")
+    pytest.importorskip("facenet_pytorch", reason="facenet-pytorch is not installed")
+    lfw = facedata / "lfw_deepfunneled"
+    folder = tmp_path / "people"
+    chosen = {"Colin_Powell": 2, "Tony_Blair": 2, "Gerhard_Schroeder": 2}
+    for name, n in chosen.items():
+        (folder / name).mkdir(parents=True)
+        for src in sorted((lfw / name).glob("*.jpg"))[:n]:
+            os.symlink(src, folder / name / src.name)  # links, not copies
+    db = tmp_path / "db"
+    runner = CliRunner()
+
+    def cli(*args, code=0):
+        res = runner.invoke(app, ["--db", str(db), *args])
+        assert res.exit_code == code, res.output
+        return res
+
+    cli("init", "--model", "dlib-resnet", "--index", "milvus", "--milvus-uri", lite)
+    report = json.loads(cli("--json", "enroll", "--folder", str(folder), "--workers", "0").stdout)
+    assert report["faces_stored"] == 6
+    assert len(held(lite, "facedb")[0]) == 6, "every enrolled template is in the collection"
+    probe = sorted((lfw / "Tony_Blair").glob("*.jpg"))[10]
+    rows = [json.loads(x) for x in cli("--json", "search", str(probe)).stdout.splitlines()]
+    assert any(r["identity"] == "Tony_Blair" for r in rows)
+    cli("remove", "Tony_Blair")
+    assert len(held(lite, "facedb")[0]) == 4, "the removal reached the collection"
+    rows = [json.loads(x) for x in cli("--json", "search", str(probe)).stdout.splitlines()]
+    assert all(r["identity"] != "Tony_Blair" and all(c["name"] != "Tony_Blair" for c in r["candidates"])
+               for r in rows)
+    assert json.loads(cli("--json", "check").stdout)["ok"] is True
