@@ -1,4 +1,4 @@
-# facedb: `make install` sets up .venv with everything; `make test` runs the tests; `make demo` runs the main job.
+# facedb: `make install` sets up .venv with everything (the crypto extra included); `make test` runs the tests; `make demo` runs the main job.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e '.[face,dlib,plots,milvus,service,dev]'
+	$(BIN)/python -m pip install -q -e '.[face,dlib,plots,milvus,service,crypto,dev]'
 	$(BIN)/python -m pip install -q --no-deps facenet-pytorch==2.6.0
 	touch $@
 

@@ -123,7 +123,8 @@ def check_index_backend(backend: IndexBackend, kind: str, root: Path, *, dim: in
     assert np.array_equal(np.where(live_a, a_i, -1), np.where(np.isin(b_i, live), b_i, -1)) or \
         np.allclose(a_s, b_s, atol=1e-5), "the loaded copy answers as the saved one"
     if backend.persisted_bytes(place):
-        bad = dict(stamp, sha256="0" * 64) if "sha256" in stamp else dict(stamp, count=-1)
+        bad = dict(stamp, sha256="0" * 64) if "sha256" in stamp else \
+            dict(stamp, file_id="0" * 32) if "file_id" in stamp else dict(stamp, count=-1)
         assert not backend.verify(place, bad, dim) or backend.load(place, bad, dim) is None, \
             "a copy that does not match its stamp is not trusted"
     try:

@@ -5,9 +5,12 @@ Rooms: the store (``store.py``, SQLite: the truth), the index keeper (``keeper.p
 kept level with the store), the query engine (``engine.py``: candidates, exact re-scoring, the decision), the
 face pipeline (``pipeline.py``: photos to templates) and the audit trail (``audit.py``).
 
-A database is a directory (created 0700) holding ``facedb.sqlite3`` and the index's persisted copy (both 0600).
+A database is a directory (created 0700) holding ``facedb.sqlite3`` and the index's persisted copy (both 0600),
+and for an encrypted database its keyring ``facedb.keys`` (see ``protect.py`` and ``encryption.py``).
 Consistency rule: before answering, a FaceDB brings its index to the store's generation (see ``keeper.py``), so a
 search that starts after an ``add``/``remove`` has returned - in this process or any other - sees its effect.
+Erasure rule: when ``remove_person``/``remove_template``/``merge_people`` returns, no file of the directory holds
+a byte of what it removed (the index file is rewritten if it held them, the WAL is checkpointed and truncated).
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import engine
+from . import encryption, engine
 from .audit import AuditTrail, acting_as, default_actor
 from .decision import ImpostorModel, predicted_fpir
 from .errors import (
     DatabaseError,
     DatabaseExistsError,
+    ErasureWarning,
     IndexUnavailableError,
     InvalidInputError,
     ModelMismatchError,
@@ -58,10 +62,12 @@ from .settings import AuditSettings, Calibration, Settings, check_index_options,
 from .store import SCHEMA_VERSION, Store
 
 if TYPE_CHECKING:
+    from .encryption import ConversionReport
     from .hooks import Webhook
     from .images import PhotoSource
     from .keys import ApiKey
     from .pipeline import FaceChoice, FacePipeline, Outcome
+    from .protect import FileCipher, Protection
 
 STORE_FILE = "facedb.sqlite3"
 INDEX_FILE = "index.faiss"  # the FAISS backend's file (facedb.index.faiss_kinds.INDEX_FILE)
@@ -82,7 +88,7 @@ class FaceDB:
 
     def __init__(self, root: Path, store: Store, readonly: bool = False, weights: Path | None = None,
                  model: FacePipeline | None = None, actor: str | None = None,
-                 index_options: dict[str, Any] | None = None) -> None:
+                 index_options: dict[str, Any] | None = None, protection: Protection | None = None) -> None:
         self.root = root
         self.store = store
         self.readonly = readonly
@@ -90,6 +96,8 @@ class FaceDB:
         self._model = model
         self._lock = threading.RLock()
         self._given_options = dict(index_options or {})
+        self.protection = protection
+        self._projection: Any = None  # loaded on first use (cancellable databases)
         self.keeper = IndexKeeper(store, root, readonly=readonly, options=self._index_options())
         self.trail = AuditTrail(store, actor or default_actor())
 
@@ -98,14 +106,17 @@ class FaceDB:
         the database's model and id (so a shared collection is never another database's), and the options
         given to this process (a token, or a URI override): those are never stored."""
         s = self.settings()
-        return {**s.index_options, "model_id": s.model_id, "database_id": s.database_id, **self._given_options}
+        cipher = {"cipher": self.protection.index_cipher()} if self.protection is not None else {}
+        return {**s.index_options, "model_id": s.model_id, "database_id": s.database_id, **self._given_options,
+                **cipher}
 
     # ---------------------------------------------------------------------------------------------- lifecycle
     @classmethod
     def create(cls, path: str | os.PathLike[str], *, model_id: str, dim: int, threshold: float,
                threshold_source: str = "model default", index: str = "flat", flip: bool = True,
                impostors: ImpostorModel | None = None, actor: str | None = None,
-               index_options: dict[str, Any] | None = None) -> FaceDB:
+               index_options: dict[str, Any] | None = None, encrypt: bool = False, key: object = None,
+               cancellable: bool = False) -> FaceDB:
         """Create an empty database for vectors of ``model_id`` (``dim``-dimensional, unit length).
 
         ``threshold`` is the default (1:1) decision threshold, a cosine similarity (higher is stricter).
@@ -119,6 +130,12 @@ class FaceDB:
         and ``milvus_token`` (used by this object only, never stored; else FACEDB_MILVUS_TOKEN). A remote
         index is created at once, so an unreachable server or a refused token (IndexUnavailableError) or a
         collection of another model (ModelMismatchError) leaves no database behind.
+
+        ``encrypt`` (or a ``key``): the database is encrypted at rest (README "Protecting templates") under the
+        key-encryption key ``key`` (a string, bytes, a key file's Path or a ``facedb.protect.KeySource``; default
+        ``$FACEDB_KEY``; KeyMissingError when there is none). ``cancellable``: every template and probe is
+        projected by a keyed random orthogonal matrix of this database (``projection.py``; scores unchanged,
+        templates unlinkable across databases), fixed for the database's life.
         """
         root = Path(path)
         if not model_id:
@@ -133,6 +150,7 @@ class FaceDB:
             raise DatabaseExistsError(f"a facedb database already exists at {root}")
         if root.exists() and not root.is_dir():
             raise DatabaseError(f"{root} exists and is not a directory")
+        material = encryption.new_key_material(root, key) if encrypt or key is not None else None
         made = not root.exists()
         try:
             root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -140,7 +158,21 @@ class FaceDB:
             raise DatabaseError(f"cannot create {root}: {exc.strerror}") from None
         meta = {**Settings.initial(model_id, dim, threshold, threshold_source, index, flip, impostors), **rows,
                 "database_id": secrets.token_hex(16)}
-        db = cls(root, Store.create(root / STORE_FILE, meta), actor=actor, index_options=_secrets_of(options))
+        if cancellable:
+            from . import projection
+
+            meta.update({"projection": projection.METHOD, "projection_seed": projection.new_seed()})
+        protection = None
+        if material is not None:
+            encryption.discard_keyring(root)  # one left by a creation that died before its store existed
+            protection = encryption.create_keyring(root, material)
+        try:
+            store = Store.create(root / STORE_FILE, meta, key=protection.store_key() if protection else None)
+        except BaseException:
+            if protection is not None:
+                encryption.discard_keyring(root)
+            raise
+        db = cls(root, store, actor=actor, index_options=_secrets_of(options), protection=protection)
         if index != "auto" and backend_for(index).write_through:
             try:  # create the remote collection now: a bad URI, token or collection fails init, not a later enrol
                 db.keeper.rebuild(db.settings())
@@ -148,6 +180,7 @@ class FaceDB:
                 db.close(save_index=False)
                 for name in (STORE_FILE, STORE_FILE + "-wal", STORE_FILE + "-shm"):
                     (root / name).unlink(missing_ok=True)
+                encryption.discard_keyring(root)
                 if made:
                     shutil.rmtree(root, ignore_errors=True)
                 raise
@@ -156,7 +189,7 @@ class FaceDB:
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, model_id: str | None = None, readonly: bool = False,
              weights: str | os.PathLike[str] | None = None, model: FacePipeline | None = None,
-             actor: str | None = None, index_options: dict[str, Any] | None = None) -> FaceDB:
+             actor: str | None = None, index_options: dict[str, Any] | None = None, key: object = None) -> FaceDB:
         """Open an existing database. With ``model_id``, refuse (ModelMismatchError) a database of another model.
 
         ``weights``: the FaceNet weights file to use when this process loads the model; ``model``: a face
@@ -166,17 +199,26 @@ class FaceDB:
         a remote index engine is never written to (see README "Scale-out" for read replicas).
         ``index_options``: for a Milvus index, ``milvus_token`` and/or ``milvus_uri`` for this object only
         (default: FACEDB_MILVUS_TOKEN, FACEDB_MILVUS_URI, else the stored URI); never stored.
+        ``key``: an encrypted database's key-encryption key (a string, bytes, a key file's Path or a
+        ``facedb.protect.KeySource``; default ``$FACEDB_KEY``): KeyMissingError without one, WrongKeyError for
+        another, TamperedError when the ciphertext fails authentication; nothing is changed then. Ignored for a
+        plain database.
         """
         root = Path(path)
-        store = Store.open(root / STORE_FILE, readonly=readonly)
+        if not (root / STORE_FILE).is_file():
+            raise DatabaseError(f"no facedb database at {root / STORE_FILE} (create one with `facedb init`)")
+        protection = encryption.unlock(root, key, readonly)
+        store = Store.open(root / STORE_FILE, readonly=readonly, key=protection.store_key() if protection else None)
         db = cls(root, store, readonly=readonly, weights=Path(weights) if weights else None, actor=actor,
-                 index_options=_secrets_of(dict(index_options or {}), uri_too=True))
+                 index_options=_secrets_of(dict(index_options or {}), uri_too=True), protection=protection)
         try:
+            if not readonly and store.erasure_pending():  # a removal whose erasure a crash interrupted
+                db._erase()
             if model_id is not None:
                 db._same_model(model_id, db.dim)
             if model is not None:
                 db.pipeline(model)
-        except ModelMismatchError:
+        except BaseException:
             store.close()
             raise
         db._model = model
@@ -190,9 +232,81 @@ class FaceDB:
             try:
                 if save_index and not self.readonly:
                     self.keeper.save(self.settings())
+            except DatabaseError as exc:  # the index is a cache: the next open catches up from the store
+                warnings.warn(f"{self.root}: the index was not saved on close ({exc})", RuntimeWarning, stacklevel=2)
             finally:
                 self.store.close()
                 self.store = None  # type: ignore[assignment]
+
+    # --------------------------------------------------------------------------------------------- protection
+    @property
+    def encrypted(self) -> bool:
+        """Whether this database is encrypted at rest (README "Protecting templates")."""
+        return self.protection is not None
+
+    @property
+    def cancellable(self) -> bool:
+        """Whether templates are stored under this database's keyed orthogonal projection (``projection.py``)."""
+        return bool(self.store.get_meta("projection_seed"))
+
+    def _protect(self, x: np.ndarray) -> np.ndarray:
+        """Vectors as this database stores and compares them: projected when it is cancellable."""
+        if self._projection is None:
+            seed = self.store.get_meta("projection_seed")
+            if not seed:
+                self._projection = False
+            else:
+                from .projection import Projection
+
+                self._projection = Projection(seed, self.dim)
+        return self._projection(x) if self._projection else x
+
+    def cache_cipher(self) -> FileCipher | None:
+        """The cipher for files outside the database that hold vectors made for it (evaluation caches), or None
+        for a plain database."""
+        return self.protection.cache_cipher() if self.protection is not None else None
+
+    @classmethod
+    def encrypt(cls, path: str | os.PathLike[str], *, key: object = None) -> ConversionReport:
+        """Convert the plain database at ``path`` to an encrypted one under ``key`` (default ``$FACEDB_KEY``),
+        atomically: the plain files are overwritten and deleted. Needs the database closed everywhere else
+        (DatabaseError otherwise, nothing changed)."""
+        if encryption.is_encrypted(Path(path)):
+            raise InvalidInputError(f"{path} is already encrypted (rotate its key with `facedb rotate-key`)")
+        db = cls.open(path)
+        try:
+            report = encryption.encrypt_existing(Path(path), key, db)
+        finally:
+            db.close(save_index=False)
+        cls._record_conversion(path, key, report)
+        return report
+
+    @classmethod
+    def _record_conversion(cls, path: str | os.PathLike[str], key: object, report: ConversionReport) -> None:
+        """Append an encrypt / rotate-key to the audit trail (opened with the key now in force)."""
+        with cls.open(path, key=key) as db:
+            db.trail.record(report.operation if report.operation == "encrypt" else "rotate-key",
+                            [{"detail": report.to_dict()}], db.settings())
+
+    @classmethod
+    def rotate_key(cls, path: str | os.PathLike[str], *, key: object = None, new_key: object = None,
+                   reencrypt: bool = False) -> ConversionReport:
+        """Re-wrap the data key under ``new_key`` (default ``$FACEDB_NEW_KEY``; fast); with ``reencrypt``, also
+        re-encrypt everything under a new data key (needs the database closed everywhere else). ``key`` is the
+        key in use. Wrong or missing keys change nothing."""
+        from .protect import ENV_NEW_KEY, KeySource
+
+        if not reencrypt:
+            report = encryption.rotate_key(Path(path), key, new_key)
+        else:
+            db = cls.open(path, key=key)
+            try:
+                report = encryption.rotate_key(Path(path), key, new_key, reencrypt=True, opened=db)
+            finally:
+                db.close(save_index=False)
+        now = KeySource.of(new_key, env=ENV_NEW_KEY) or key
+        cls._record_conversion(path, now, report)
+        return report
 
     def __enter__(self) -> FaceDB:
         return self
@@ -319,19 +433,38 @@ class FaceDB:
         Returns how many templates were removed. No later search can return them.
         """
         with self._lock:
-            ids = self.store.remove_person(name)
+            with self._erasing():
+                ids = self.store.remove_person(name)
             settings = self.settings()
-            self.keeper.after_write(settings)
             self.trail.record("remove", [{"identity": name, "detail": {"templates": len(ids)}}], settings)
             return len(ids)
+
+    @contextlib.contextmanager
+    def _erasing(self) -> Iterator[None]:
+        """A removal's transaction, marked ``erase_pending`` in it; once committed, its erasure from every file."""
+        with self.store.write():
+            yield
+            self.store.set_meta({"erase_pending": "1"})
+        encryption.failpoint("removal-committed")
+        self.keeper.after_write(self.settings())
+        self._erase()
+
+    def _erase(self) -> None:
+        """Rewrite the index file if it holds removed templates, then checkpoint and truncate the WAL."""
+        self.keeper.erase(self.settings())
+        if not self.store.truncate_wal():
+            warnings.warn(ErasureWarning(
+                f"{self.root}: other processes kept reading old snapshots, so the write-ahead log still holds the "
+                "removed rows (encrypted if the database is); the next removal or `facedb vacuum` truncates it"),
+                stacklevel=3)
 
     def merge_people(self, source: str, target: str) -> int:
         """Move every template and photo of ``source`` to ``target`` and delete ``source`` (one person enrolled
         under two names); returns the templates moved."""
         with self._lock:
-            ids = self.store.merge_people(source, target)
+            with self._erasing():
+                ids = self.store.merge_people(source, target)
             settings = self.settings()
-            self.keeper.after_write(settings)
             self.trail.record("merge", [{"identity": target, "detail": {"from": source, "templates": len(ids)}}],
                               settings)
             return len(ids)
@@ -349,7 +482,7 @@ class FaceDB:
         with self._lock:
             if model_id is not None:
                 self._same_model(model_id, np.shape(vectors)[-1] if np.ndim(vectors) else self.dim)
-            x = as_unit_rows(vectors, self.dim)
+            x = self._protect(as_unit_rows(vectors, self.dim))
             ids = self.store.add_templates(name, x, boxes=boxes, det_scores=det_scores, image=image,
                                            create_person=create, metadata=metadata)
             self.keeper.after_write(self.settings())
@@ -363,7 +496,7 @@ class FaceDB:
             for name, vectors in items:
                 if model_id is not None:
                     self._same_model(model_id, np.shape(vectors)[-1] if np.ndim(vectors) else self.dim)
-                checked.append((name, as_unit_rows(vectors, self.dim)))
+                checked.append((name, self._protect(as_unit_rows(vectors, self.dim))))
             added = 0
             with self.store.write():
                 for name, x in checked:
@@ -389,9 +522,9 @@ class FaceDB:
     def remove_template(self, template_id: int) -> str:
         """Erase one template (a wrong photo); returns the person it belonged to, who stays enrolled."""
         with self._lock:
-            name = self.store.remove_template(template_id)
+            with self._erasing():
+                name = self.store.remove_template(template_id)
             settings = self.settings()
-            self.keeper.after_write(settings)
             self.trail.record("remove-template", [{"identity": name, "detail": {"template": int(template_id)}}],
                               settings)
             return name
@@ -430,7 +563,7 @@ class FaceDB:
         whole batch goes to the index as one search.
         """
         single = np.ndim(vectors) == 1
-        x = as_unit_rows(vectors, self.dim)
+        x = self._protect(as_unit_rows(vectors, self.dim))
         out, settings = self._identify(x, k, threshold)
         self.trail.record("identify", [
             {"identity": a.identity, "similarity": a.similarity, "threshold": a.threshold, "vector": v}
@@ -457,6 +590,7 @@ class FaceDB:
             face = max(analysed.faces, key=lambda f: f.area)
             x = pipe.embed_faces(analysed, [face], flip=self.flip)
             sha = analysed.photo.sha256
+        x = self._protect(x)
         with self._lock:
             settings = self.settings()
             thr = settings.threshold if threshold is None else threshold
@@ -500,7 +634,7 @@ class FaceDB:
         analysed = pipe.analyse(photo, name=name, cropped=cropped)
         if not analysed.faces:
             return []
-        vectors = pipe.embed_faces(analysed, flip=self.flip)
+        vectors = self._protect(pipe.embed_faces(analysed, flip=self.flip))
         answers, settings = self._identify(vectors, k, threshold)
         self.trail.record("search", [
             {"image_sha256": analysed.photo.sha256, "identity": a.identity, "similarity": a.similarity,
@@ -615,7 +749,7 @@ class FaceDB:
         the threshold: (name, similarity, threshold)."""
         from .store import normalise_name
 
-        answers, settings = self._identify(np.asarray(vectors, dtype=np.float32), 2, None)
+        answers, settings = self._identify(self._protect(np.asarray(vectors, dtype=np.float32)), 2, None)
         out: list[tuple[str, float, float] | None] = []
         for item, ans in zip(items, answers):
             own = normalise_name(item.name)
@@ -789,9 +923,10 @@ class FaceDB:
                           stacklevel=3)
 
     def vacuum(self) -> None:
-        """Compact the store and rewrite the index's persisted copy, so that no byte of a removed template
-        remains in any file of the database (``remove`` already zeroes freed SQLite pages; this also drops
-        them, truncates the write-ahead log and replaces the index file)."""
+        """Compact the store (drop its free pages, so the file shrinks) and rewrite the index's persisted copy.
+        Erasure no longer needs it: ``remove`` already leaves no byte of the removed templates in any file
+        (zeroed pages, rewritten index file, truncated WAL). What it still does: give the space back, and
+        truncate a WAL that readers kept from being truncated at a removal (an ErasureWarning said so)."""
         with self._lock:
             self.store.vacuum()
             settings = self.settings()
@@ -858,7 +993,11 @@ class FaceDB:
                 people_with_one_template=self.store.people_with_templates(1), generation=s.generation,
                 index_file_bytes=state.persisted_bytes, index_file_generation=state.persisted_generation,
                 schema_version=SCHEMA_VERSION, created_at=s.created_at, audit=s.audit.to_dict(),
-                warnings=[w for w in [self.calibration_warning(s)] if w])
+                warnings=[w for w in [self.calibration_warning(s)] if w],
+                encrypted=self.encrypted, cancellable=bool(s.extra.get("projection_seed")),
+                key_version=self.protection.key_version if self.protection else None,
+                data_key_version=self.protection.data_key_version if self.protection else None,
+                plaintext_files=encryption.plaintext_files(self.root, self.encrypted))
 
     def check(self) -> CheckReport:
         """Verify the store, that the index agrees with it exactly, and that the query path finds stored
@@ -866,9 +1005,19 @@ class FaceDB:
         with self._lock:
             checks, problems = self.store.check()
             settings = self.settings()
-            more_checks, more_problems = self.keeper.verify(settings)
+            more_checks, more_problems = self.keeper.verify(settings)  # (heals a damaged index file first)
             checks += more_checks
             problems += more_problems
+            if self.protection is not None:
+                checks.append(f"encrypted at rest (key version {self.protection.key_version}, data key version "
+                              f"{self.protection.data_key_version}): no plain-text file in the database directory")
+                problems += [f"plain-text file in an encrypted database: {f}"
+                             for f in encryption.plaintext_files(self.root, True)]
+            else:
+                checks.append("not encrypted: the database's files hold templates in plain text (`facedb encrypt`)")
+            checks.append("no removal awaits its erasure from the files")
+            if self.store.erasure_pending():
+                problems.append("a removal's erasure from the index file did not finish (open it writable)")
             gallery = self.keeper.current(self.settings())
             checks.append(f"up to {CHECK_PROBES} stored templates are found as their own best match")
             _, ids, _ = self.store.template_map()

@@ -93,3 +93,33 @@ class RequestTooLargeError(InvalidInputError):
 
 class NotReadyError(FaceDBError):
     """The service has not finished loading its model and index yet; retry shortly."""
+
+
+class ProtectionError(DatabaseError):
+    """Template protection (encryption at rest) refused an operation: see the subclasses."""
+
+
+class KeyMissingError(ProtectionError):
+    """The database is encrypted and no key was given (FACEDB_KEY, --key-file, --key-command)."""
+
+
+class WrongKeyError(ProtectionError):
+    """The key given does not open this database (or its keyring, facedb.keys, was altered)."""
+
+
+class TamperedError(ProtectionError):
+    """Ciphertext failed authentication (GCM tag, SQLCipher page HMAC): altered, truncated or damaged."""
+
+
+class EncryptionUnavailableError(ProtectionError):
+    """Encryption needs the ``crypto`` extra (cryptography, sqlcipher3-binary), which is not installed."""
+
+
+class ErasureWarning(UserWarning):
+    """A removal committed, but a copy of what it removed could not be erased from a file at once (the
+    message says which and what finishes the job)."""
+
+
+class TamperedFileWarning(UserWarning):
+    """An encrypted derived file (the index) failed authentication and was not used: it is rebuilt from the
+    store, which is authenticated itself. Altered or damaged files in an encrypted database are worth a look."""

@@ -27,8 +27,10 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], None]) -> str:
-    """Write ``data`` to ``path`` atomically and durably; returns the SHA-256 (hex) of the bytes written.
+def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], None], digest: bool = True) -> str:
+    """Write ``data`` to ``path`` atomically and durably; returns the SHA-256 (hex) of the bytes written ("" with
+    ``digest=False``: for content that authenticates itself, such as an encrypted file, where re-reading a large
+    file to hash it would only cost time).
 
     ``data`` is the bytes, or a function that writes them to the open binary file it is given (for content
     produced by a library that wants a file: numpy, torch, a download).
@@ -41,14 +43,15 @@ def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], None]) -> str:
             if callable(data):
                 data(f)
                 f.flush()
-                f.seek(0)
                 sha = hashlib.sha256()
-                while chunk := f.read(1 << 24):
-                    sha.update(chunk)
-                digest = sha.hexdigest()
+                if digest:
+                    f.seek(0)
+                    while chunk := f.read(1 << 24):
+                        sha.update(chunk)
+                hexdigest = sha.hexdigest() if digest else ""
             else:
                 f.write(data)
-                digest = hashlib.sha256(data).hexdigest()
+                hexdigest = hashlib.sha256(data).hexdigest() if digest else ""
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -56,7 +59,28 @@ def write_atomic(path: Path, data: bytes | Callable[[BinaryIO], None]) -> str:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
-    return digest
+    return hexdigest
+
+
+def overwrite_and_unlink(path: Path) -> None:
+    """Overwrite a file's bytes with zeros, make that durable, then delete it: for a plain-text copy of data that
+    now lives encrypted. (On copy-on-write file systems and SSDs the old blocks may survive elsewhere on the
+    device; encryption from the start is what protects against that.)"""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return
+    try:
+        size = os.fstat(fd).st_size
+        block = bytes(1 << 20)
+        done = 0
+        while done < size:
+            done += os.pwrite(fd, block[:min(len(block), size - done)], done)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    Path(path).unlink(missing_ok=True)
+    fsync_dir(Path(path).parent)
 
 
 @contextlib.contextmanager
@@ -71,3 +95,15 @@ def locked(path: Path) -> Iterator[None]:
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def remove_stale_temporaries(directory: Path, prefix: str) -> int:
+    """Delete the temporary files that :func:`write_atomic` left behind in ``directory`` for files named
+    ``prefix...`` when its process was killed mid-write (they may hold a copy of the data being written);
+    returns how many. Call it only where no other writer of those files can be writing (under their lock)."""
+    gone = 0
+    for tmp in Path(directory).glob(f".{prefix}*.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            gone += 1
+    return gone

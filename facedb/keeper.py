@@ -10,6 +10,14 @@ sees it; a damaged or stale persisted copy is rebuilt, never trusted.
 The keeper takes the store, the database directory and the settings explicitly; it never sees the FaceDB.
 Which backend persists how is the backend's business (``facedb/index``).
 
+**Erasure.** A persisted copy saved at generation g holds exactly the templates live at g, so it holds a
+removed template exactly when the change log records a removal since g. After every removal
+(:meth:`IndexKeeper.erase`), and whenever a loaded copy turns out to hold removed templates (a crash came
+between a removal and its rewrite), the file is rewritten at once. Removals are marked ``erase_pending`` in the
+store in their own transaction, so a process that dies before the rewrite leaves a debt the next writable open
+pays before it answers. Index files are written under an advisory lock (``.index.lock``), so two processes
+never interleave a stale save with an erasure. (A write-through engine removes at once and keeps no file here.)
+
 Write-through backends (a shared remote engine: Milvus) get four small differences, each marked below: a write
 is applied to the engine before the call returns, even when no query has loaded the index yet (other hosts
 search the engine directly); opening replays the change log from the generation the engine records (its count
@@ -19,8 +27,10 @@ stands in for the stamp's); a writable process records in the engine each genera
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from .errors import IndexBehindWarning, IndexUnavailableError
+from .fsio import locked, remove_stale_temporaries
 from .gallery import Gallery
 from .index import IndexBackend, IndexPlace, VectorIndex, auto_kind, backend_for
 from .records import IndexState
@@ -41,6 +52,9 @@ SAVE_EVERY = 32
 #: Share of an index's entries that may be tombstones (removed, not yet dropped) before it is rebuilt.
 TOMBSTONE_LIMIT = 0.10
 
+#: The advisory lock every writer of the persisted index takes (see "Erasure" above).
+LOCK_FILE = ".index.lock"
+
 
 class IndexKeeper:
     """Loads, catches up, rebuilds, saves, verifies and describes one database's index."""
@@ -48,12 +62,15 @@ class IndexKeeper:
     def __init__(self, store: Store, root: Path, *, readonly: bool = False,
                  options: dict[str, Any] | None = None) -> None:
         self.store = store
+        self.root = Path(root)
         self.place = IndexPlace(root, readonly, dict(options or {}))
         self.readonly = readonly
         self.gallery: Gallery | None = None
         self.from_file = False  # the gallery came from a valid persisted copy (so need not be saved at once)
         self._backend: IndexBackend | None = None
         self._published: tuple[Gallery, int] | None = None  # write-through: (gallery, generation) last recorded
+        self._holds_removed = False  # the persisted copy just loaded holds removed templates: rewrite it
+        self._locked = False  # this keeper holds the index lock now (its methods do not take it again)
 
     # ------------------------------------------------------------------------------------------------ policy
     @staticmethod
@@ -89,6 +106,9 @@ class IndexKeeper:
             self.gallery = (self._backend.write_through and self._load(settings)) or self._build(settings)
         if self.rebuild_reason(self.gallery, settings):
             self.gallery = self._build(settings)
+        if self._holds_removed and not self.readonly and not self._locked:
+            self._holds_removed = False
+            self.erase(settings)  # the file holds templates removed since it was saved: erase them now
         self._publish(self.gallery)
         return self.gallery
 
@@ -192,7 +212,10 @@ class IndexKeeper:
         new_ids, new_pids, vectors = self.store.templates(ids[~in_index])
         gallery.add(new_ids, new_pids, vectors)
         gallery.generation = gen
-        self.from_file = len(dead) == 0 and not len(new_ids)
+        # HNSW files keep the tombstones they were saved with (their vectors zeroed): not a difference
+        saved_dead = int(stamp.get("count", 0)) - int(stamp.get("live", stamp.get("count", 0)))
+        self.from_file = len(dead) == saved_dead and not len(new_ids)
+        self._holds_removed = len(dead) > saved_dead and self._file_holds_removed(settings)
         return gallery
 
     def _replay(self, index: VectorIndex, count: int) -> bool:
@@ -224,7 +247,8 @@ class IndexKeeper:
     # ------------------------------------------------------------------------------------------ persistence
     def save(self, settings: Settings, force: bool = False) -> None:
         """Persist the index if it lags its persisted copy by ``SAVE_EVERY`` generations or more (always with
-        ``force``), and record the stamp in the store. Never writes removed templates (tombstones) to disk."""
+        ``force``), and record the stamp in the store. Removed templates are never written: removals leave the
+        index at once (HNSW tombstones are zeroed)."""
         if self.gallery is None or self.readonly:
             return
         stamp = settings.index_stamp
@@ -232,31 +256,91 @@ class IndexKeeper:
             if 0 <= self.gallery.generation - int(stamp.get("generation", -1)) < SAVE_EVERY:
                 return
         try:
-            gallery = self.current(settings)
+            with self._lock():
+                self._save_locked(Settings.parse(self.store.all_meta()))
         except IndexUnavailableError:
             if force or self._backend is None or not self._backend.write_through:
                 raise
             return  # on close: a write-through engine records its own generation; nothing here to save
-        if gallery.index.tombstones:  # drop the tombstones first
-            self.gallery = gallery = self._build(settings)
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        if self._locked:
+            yield
+            return
+        with locked(self.root / LOCK_FILE):
+            self._locked = True
+            try:
+                yield
+            finally:
+                self._locked = False
+
+    def _save_locked(self, settings: Settings, also: dict[str, str] | None = None) -> None:
+        """Write the file and its stamp (with the ``also`` meta rows, in the same transaction); the caller holds
+        the index lock and passes settings read under it."""
+        gallery = self.current(settings)
         assert self._backend is not None
+        remove_stale_temporaries(self.root, "index")  # a killed writer's half-written file may hold templates
         fields = self._backend.save(gallery.index, self.place)
+        stamp = settings.index_stamp
         old_kind = stamp.get("kind") if stamp else None
-        self.store.set_meta({"index_stamp": json.dumps({
+        self.store.set_meta({"index_stamp": self._stamp(fields, gallery, settings), **(also or {})})
+        if old_kind and old_kind != gallery.index.kind:
+            self._discard_other(str(old_kind))
+        self.from_file = True
+        self._holds_removed = False
+        self.store.prune_changes(gallery.generation)
+
+    def _file_holds_removed(self, settings: Settings) -> bool:
+        """Whether the persisted copy (saved at its stamp's generation) holds a template removed since."""
+        stamp = settings.index_stamp
+        if not stamp or "generation" not in stamp:
+            return False
+        changes = self.store.changes_since(int(stamp["generation"]))
+        # a merge removes and re-adds the same ids (same vectors, another person): not an erasure
+        return changes is None or bool(set(changes[2]) - set(changes[1]))
+
+    def erase(self, settings: Settings) -> bool:
+        """After a removal committed (or a crash interrupted one): make sure no persisted copy of the index holds
+        a removed template, rewriting it from the gallery if it does (loading it first if this process had not),
+        then clear the store's ``erase_pending`` mark. Returns whether the file was rewritten. (A write-through
+        engine removed them when the removal was applied: nothing to rewrite.)"""
+        if self.readonly:
+            return False
+        with self._lock():
+            settings = Settings.parse(self.store.all_meta())
+            rewrite = not self._write_through(settings) and self._file_holds_removed(settings)
+            done = {"erase_pending": "0"} if settings.extra.get("erase_pending") == "1" else {}
+            if rewrite:
+                self._save_locked(settings, done)
+            else:
+                remove_stale_temporaries(self.root, "index")
+                if done:
+                    self.store.set_meta(done)
+        return rewrite
+
+    def save_to(self, place: IndexPlace, settings: Settings) -> str:
+        """Write the current gallery to another place (a staging directory, under another cipher) without
+        touching this database's file; returns the stamp (JSON) to record with it. For key conversions."""
+        gallery = self.current(settings)
+        assert self._backend is not None
+        return self._stamp(self._backend.save(gallery.index, place), gallery, settings)
+
+    def _stamp(self, fields: dict[str, Any], gallery: Gallery, settings: Settings) -> str:
+        """The store's record of a persisted copy: the backend's fields plus what the keeper checks at load."""
+        assert self._backend is not None
+        return json.dumps({
             **fields,
             "generation": gallery.generation,
             "count": len(gallery.index),
+            "live": len(gallery),
             "model_id": settings.model_id,
             "dim": settings.dim,
             "kind": gallery.index.kind,
             "backend": self._backend.name,
             "params": gallery.index.params,
             "params_of": settings.index_params_raw,
-        }, sort_keys=True)})
-        if old_kind and old_kind != gallery.index.kind:
-            self._discard_other(str(old_kind))
-        self.from_file = True
-        self.store.prune_changes(gallery.generation)
+        }, sort_keys=True)
 
     def _discard_other(self, kind: str) -> None:
         """Drop the persisted copy an earlier backend left behind (it would otherwise keep old vectors)."""

@@ -192,6 +192,11 @@ class Stats(_Record):
     created_at: str | None
     audit: dict[str, Any]
     warnings: list[str]
+    encrypted: bool = False
+    key_version: int | None = None  # bumped by every key rotation
+    data_key_version: int | None = None  # bumped by every re-encryption (a new data key)
+    plaintext_files: list[str] = field(default_factory=list)  # files readable without the key, and why
+    cancellable: bool = False  # templates stored under the database's keyed orthogonal projection
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,13 @@ This is the only module that talks to SQLite. Choices, and why:
 * ``AUTOINCREMENT`` ids: a template id is never reused, so a stale index can never point at someone else.
 * A ``generation`` counter, bumped by every write that adds or removes templates, plus a ``changes`` log of
   (generation, template id, op): an index at generation g catches up by replaying the log instead of a rebuild.
+* Encrypted databases (``key`` given) are SQLCipher 4 end to end: the same schema and SQL through the
+  ``sqlcipher3`` driver, keyed with a raw 256-bit key (SQLCipher's ``x'...'`` form: no PBKDF2 per connection,
+  the key is already derived by ``protect.py``), 16 KiB cipher pages, temporary tables in memory. Every page of
+  the file, of the WAL and of the free list is AES-256-CBC with a per-page HMAC-SHA512. Plain databases keep
+  Python's ``sqlite3``.
+* Erasure: after a removal the WAL is checkpointed and truncated (:meth:`Store.truncate_wal`), because it
+  still holds the frames that wrote the removed rows; ``secure_delete`` has already zeroed them in the file.
 """
 
 from __future__ import annotations
@@ -53,6 +60,139 @@ from .records import Person, Template
 from .scores import UNIT_TOLERANCE, from_blob, to_blob
 
 FORMAT = "facedb"
+
+#: SQLCipher's page size: not stored in the (encrypted) header, so every connection must say it.
+CIPHER_PAGE_SIZE = 16384
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+# The exception classes of both drivers: sqlcipher3's are its own, not sqlite3's. Extended when the SQLCipher
+# driver is first loaded; the ``except`` clauses read these names when an exception is raised.
+_Error: tuple[type[BaseException], ...] = (sqlite3.Error,)
+_DatabaseError: tuple[type[BaseException], ...] = (sqlite3.DatabaseError,)
+_OperationalError: tuple[type[BaseException], ...] = (sqlite3.OperationalError,)
+
+
+def _driver(encrypted: bool) -> Any:
+    """The DB-API module: sqlite3, or sqlcipher3 for encrypted databases (EncryptionUnavailableError if the
+    crypto extra is not installed)."""
+    global _Error, _DatabaseError, _OperationalError
+    if not encrypted:
+        return sqlite3
+    try:
+        from sqlcipher3 import dbapi2 as sqlcipher
+    except ImportError:
+        from .errors import EncryptionUnavailableError
+
+        raise EncryptionUnavailableError("this database is encrypted: install the crypto extra (pip install "
+                                         "'facedb[crypto]': sqlcipher3-binary, cryptography)") from None
+    if sqlcipher.Error not in _Error:
+        _Error = (*_Error, sqlcipher.Error)
+        _DatabaseError = (*_DatabaseError, sqlcipher.DatabaseError)
+        _OperationalError = (*_OperationalError, sqlcipher.OperationalError)
+    return sqlcipher
+
+
+def _key_connection(conn: Any, key: str) -> None:
+    """Key a fresh SQLCipher connection (before anything reads the file)."""
+    conn.execute("PRAGMA cipher_log_level = NONE")  # failures are raised as errors, not also logged to stderr
+    conn.execute(f"PRAGMA key = \"x'{key}'\"")
+    conn.execute(f"PRAGMA cipher_page_size = {CIPHER_PAGE_SIZE}")
+    conn.execute("PRAGMA temp_store = MEMORY")  # sorts and temporary tables never reach a file
+
+
+class _GuardedCursor:
+    """A cursor whose errors are typed: see :class:`_Guarded`."""
+
+    def __init__(self, cursor: Any, path: Path) -> None:
+        self._cursor = cursor
+        self._path = path
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cursor, name)
+
+    def __iter__(self) -> Iterator[Any]:
+        with _typed_errors(self._path):
+            yield from self._cursor
+
+    def fetchone(self) -> Any:
+        with _typed_errors(self._path):
+            return self._cursor.fetchone()
+
+    def fetchmany(self, size: int = 1) -> list[Any]:
+        with _typed_errors(self._path):
+            return self._cursor.fetchmany(size)
+
+    def fetchall(self) -> list[Any]:
+        with _typed_errors(self._path):
+            return self._cursor.fetchall()
+
+
+class _Guarded:
+    """An encrypted database's connection, whose read errors are typed. A page that fails its HMAC surfaces
+    from SQLCipher as "not a database", a logic error, or SQLITE_NOMEM (Python's MemoryError: the codec returns
+    no page); any of those from an encrypted file is a TamperedError, not an untyped crash. Everything else is
+    the connection itself (sqlite-utils uses it as it is)."""
+
+    def __init__(self, conn: Any, path: Path) -> None:
+        self._conn = conn
+        self._path = path
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def execute(self, sql: str, params: Any = ()) -> _GuardedCursor:
+        with _typed_errors(self._path):
+            return _GuardedCursor(self._conn.execute(sql, params), self._path)
+
+    def executemany(self, sql: str, rows: Any) -> _GuardedCursor:
+        with _typed_errors(self._path):
+            return _GuardedCursor(self._conn.executemany(sql, rows), self._path)
+
+
+@contextlib.contextmanager
+def _typed_errors(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except MemoryError:
+        from .errors import TamperedError
+
+        raise TamperedError(f"{path}: a page of the encrypted database failed authentication (altered or "
+                            "damaged)") from None
+    except _DatabaseError as exc:
+        text = str(exc)
+        if any(s in text for s in ("not a database", "malformed", "SQL logic error", "out of memory")):
+            from .errors import TamperedError
+
+            raise TamperedError(f"{path}: a page of the encrypted database failed authentication (altered or "
+                                f"damaged: {text})") from None
+        raise
+
+
+def is_plain_sqlite(path: Path) -> bool:
+    """Whether ``path`` starts with SQLite's plain-text header (an unencrypted database)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(SQLITE_HEADER)) == SQLITE_HEADER
+    except OSError:
+        return False
+
+
+def opens_with(path: Path, key: str | None) -> bool:
+    """Whether the database file at ``path`` can be read with ``key`` (None: as a plain database)."""
+    driver = _driver(key is not None)
+    try:
+        conn = driver.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=30)
+    except _Error:
+        return False
+    try:
+        if key is not None:
+            _key_connection(conn, key)
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return True
+    except _Error:
+        return False
+    finally:
+        conn.close()
 
 #: Versioned migrations: entry i takes the schema from version i to i + 1 (PRAGMA user_version). An entry is
 #: an SQL script, or a function of the connection for changes SQL cannot express.
@@ -222,9 +362,10 @@ def _apply(conn: sqlite3.Connection, step: str | Callable[[sqlite3.Connection], 
 class Store:
     """One SQLite database file. Use :meth:`create` or :meth:`open`; close with :meth:`close`."""
 
-    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+    def __init__(self, path: Path, conn: sqlite3.Connection, key: str | None = None) -> None:
         self.path = path
         self.conn = conn
+        self._key = key  # the SQLCipher key (hex), None for a plain database; never shown
         self.db = sqlite_utils.Database(conn)
         self._audit_conn: sqlite3.Connection | None = None
         # The audit connection is shared by every thread using this store, and FaceDB records some decisions
@@ -235,16 +376,24 @@ class Store:
         self.dim = int(self.get_meta("dim", "0"))
 
     # ------------------------------------------------------------------ opening
+    @property
+    def encrypted(self) -> bool:
+        return self._key is not None
+
     @staticmethod
-    def _connect(path: Path, readonly: bool, new: bool = False) -> sqlite3.Connection:
+    def _connect(path: Path, readonly: bool, new: bool = False, key: str | None = None) -> sqlite3.Connection:
+        driver = _driver(key is not None)
         try:
             if readonly:
-                conn = sqlite3.connect(
+                conn = driver.connect(
                     f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=30, check_same_thread=False
                 )
             else:
-                conn = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
-            if new:
+                conn = driver.connect(str(path), isolation_level=None, timeout=30, check_same_thread=False)
+            if key is not None:
+                _key_connection(conn, key)
+                conn = _Guarded(conn, path)
+            elif new:
                 # A 512-d template is a 2 KiB blob: with SQLite's default 4 KiB pages only one row fits a
                 # page (half the file wasted); 16 KiB pages hold seven.
                 conn.execute("PRAGMA page_size = 16384")
@@ -257,18 +406,24 @@ class Store:
             if not readonly:
                 conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
-        except sqlite3.DatabaseError as exc:
+        except _DatabaseError as exc:
+            if key is not None and "not a database" in str(exc):
+                from .errors import TamperedError
+
+                raise TamperedError(f"{path}: the encrypted database failed authentication with its key (altered, "
+                                    "truncated or damaged); nothing was changed") from None
             raise DatabaseError(f"{path}: cannot open as a facedb database ({exc})") from None
         return conn
 
     @classmethod
-    def create(cls, path: Path, meta: dict[str, str]) -> Store:
-        """Create a new store at ``path`` with the identity settings in ``meta`` (model_id, dim, ...)."""
+    def create(cls, path: Path, meta: dict[str, str], key: str | None = None) -> Store:
+        """Create a new store at ``path`` with the identity settings in ``meta`` (model_id, dim, ...); encrypted
+        with SQLCipher under ``key`` (64 hex digits) when given."""
         if path.exists() and path.stat().st_size > 0:
             raise DatabaseExistsError(f"{path} already exists")
         old_umask = os.umask(0o077)  # files private from birth: biometric data
         try:
-            conn = cls._connect(path, readonly=False, new=True)
+            conn = cls._connect(path, readonly=False, new=True, key=key)
         finally:
             os.umask(old_umask)
         try:
@@ -284,19 +439,25 @@ class Store:
         except BaseException:
             conn.close()
             raise
-        return cls(path, conn)
+        return cls(path, conn, key)
 
     @classmethod
-    def open(cls, path: Path, readonly: bool = False) -> Store:
-        """Open an existing store; DatabaseError if it is missing or not a facedb database."""
+    def open(cls, path: Path, readonly: bool = False, key: str | None = None) -> Store:
+        """Open an existing store (encrypted: with its SQLCipher ``key``); DatabaseError if it is missing or not
+        a facedb database, TamperedError if an encrypted one fails authentication."""
         if not path.is_file():
             raise DatabaseError(f"no facedb database at {path} (create one with `facedb init`)")
-        conn = cls._connect(path, readonly)
+        conn = cls._connect(path, readonly, key=key)
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             fmt = conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
-        except sqlite3.DatabaseError:
+        except _DatabaseError as exc:
             conn.close()
+            if key is not None and "not a database" in str(exc):
+                from .errors import TamperedError
+
+                raise TamperedError(f"{path}: the encrypted database failed authentication with its key (altered, "
+                                    "truncated or damaged); nothing was changed") from None
             raise DatabaseError(f"{path} is not a facedb database") from None
         if fmt is None or fmt[0] != FORMAT:
             conn.close()
@@ -304,7 +465,7 @@ class Store:
         if version > SCHEMA_VERSION:
             conn.close()
             raise DatabaseError(f"{path} has schema version {version}; this facedb knows up to {SCHEMA_VERSION}")
-        store = cls(path, conn)
+        store = cls(path, conn, key)
         store.readonly = readonly
         store.version = version
         if version < SCHEMA_VERSION and not readonly:
@@ -341,12 +502,12 @@ class Store:
             return
         try:
             conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
+        except _OperationalError as exc:
             raise DatabaseError(f"{self.path}: cannot {what} ({exc})") from None
         try:
             yield
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except _Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise DatabaseError(f"{self.path}: {what} failed, nothing was changed ({exc})") from None
@@ -812,7 +973,7 @@ class Store:
         # their own with synchronous=NORMAL (in WAL mode that survives a process crash; a power cut can lose
         # the last records before the next checkpoint). Templates and people stay synchronous=FULL.
         if self._audit_conn is None:
-            conn = self._connect(self.path, readonly=False)
+            conn = self._connect(self.path, readonly=False, key=self._key)
             conn.execute("PRAGMA synchronous = NORMAL")
             self._audit_conn = conn
         return self._audit_conn
@@ -969,5 +1130,118 @@ class Store:
         try:
             self.conn.execute("VACUUM")
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as exc:
+        except _Error as exc:
             raise DatabaseError(f"{self.path}: vacuum failed ({exc})") from None
+
+    def truncate_wal(self, seconds: float = 5.0) -> bool:
+        """Checkpoint the write-ahead log into the database file and truncate it to zero bytes, so that frames
+        of removed rows leave the WAL (erasure). That needs a moment with no writer and every reader on the
+        latest snapshot: with busy waiting off, it is tried every millisecond or so for up to ``seconds`` (SQLite's
+        own busy handler backs off to 100 ms sleeps, which readers that log every decision can starve). Returns
+        whether it completed; read-only stores cannot checkpoint: False."""
+        if self.readonly:
+            return False
+        import time
+
+        deadline = time.monotonic() + seconds
+        self.conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            while True:
+                try:
+                    busy = self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+                except _OperationalError:
+                    busy = 1
+                if not busy:
+                    return True
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.001)
+        finally:
+            self.conn.execute("PRAGMA busy_timeout = 30000")
+
+    def erasure_pending(self) -> bool:
+        """Whether a removal committed but its index file rewrite did not finish (a crash in between)."""
+        return self.get_meta("erase_pending", "0") == "1"
+
+
+class ExclusiveCopy:
+    """One connection holding a database file exclusively while a copy of it is made under another key (or
+    none): what ``facedb encrypt`` and ``facedb rotate-key --reencrypt`` do, before swapping the copy in.
+
+    Exclusive means no other process can read or write the file until :meth:`close`: the WAL is checkpointed
+    and the journal switched to rollback mode (SQLite refuses that while another connection has the database
+    open: then :class:`DatabaseError` says so, and nothing has changed), and ``locking_mode=EXCLUSIVE`` keeps
+    the write lock taken. A process that was waiting for the lock meanwhile finds the old file destroyed
+    (:meth:`destroy_original`) and gets an error, never a write into a file that was replaced.
+    """
+
+    def __init__(self, path: Path, key: str | None) -> None:
+        self.path = Path(path)
+        driver = _driver(True)  # sqlcipher3 also reads plain files, and has sqlcipher_export
+        conn = driver.connect(str(self.path), isolation_level=None, timeout=2, check_same_thread=False)
+        try:
+            if key is not None:
+                _key_connection(conn, key)
+            self.version = conn.execute("PRAGMA user_version").fetchone()[0]
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            mode = conn.execute("PRAGMA journal_mode = DELETE").fetchone()[0]
+            if str(mode).lower() != "delete":
+                raise sqlite3.OperationalError("database is locked")
+            conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+            conn.execute("BEGIN EXCLUSIVE")  # taken now, and kept after COMMIT by the exclusive locking mode
+            conn.execute("COMMIT")
+        except _Error as exc:
+            conn.close()
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise DatabaseError(f"{self.path} is in use by another process: close every process using the "
+                                    "database (services, readers) and try again; nothing was changed") from None
+            raise DatabaseError(f"{self.path}: cannot take the database for conversion ({exc})") from None
+        self.conn = conn
+        self._fd = os.open(self.path, os.O_RDWR)  # the original's inode, to destroy it after the swap
+
+    def copy_to(self, dest: Path, key: str | None, meta: dict[str, str]) -> None:
+        """Write the whole database to ``dest`` (SQLCipher under ``key``, or plain), with ``meta`` rows set in
+        the copy, and make it durable."""
+        if key is not None and not all(c in "0123456789abcdef" for c in key):
+            raise ValueError("a store key is hex")
+        Path(dest).unlink(missing_ok=True)
+        clause = f"KEY \"x'{key}'\"" if key is not None else "KEY ''"
+        old = os.umask(0o077)
+        try:
+            self.conn.execute(f"ATTACH DATABASE ? AS fresh {clause}", (str(dest),))
+        finally:
+            os.umask(old)
+        try:
+            if key is not None:
+                self.conn.execute(f"PRAGMA fresh.cipher_page_size = {CIPHER_PAGE_SIZE}")
+            else:
+                self.conn.execute(f"PRAGMA fresh.page_size = {CIPHER_PAGE_SIZE}")
+            self.conn.execute("SELECT sqlcipher_export('fresh')")
+            self.conn.execute(f"PRAGMA fresh.user_version = {int(self.version)}")
+            self.conn.executemany("INSERT OR REPLACE INTO fresh.meta (key, value) VALUES (?, ?)",
+                                  [(k, str(v)) for k, v in meta.items()])
+        finally:
+            self.conn.execute("DETACH DATABASE fresh")
+        fd = os.open(dest, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def destroy_original(self, whole: bool) -> None:
+        """Overwrite the original file's content with zeros (``whole``: every byte, for a plain-text original;
+        else its first pages, which is enough to make any stale connection fail), through the descriptor kept
+        since before the swap."""
+        size = os.fstat(self._fd).st_size
+        todo = size if whole else min(size, 1 << 20)
+        block = bytes(1 << 20)
+        done = 0
+        while done < todo:
+            done += os.pwrite(self._fd, block[:min(len(block), todo - done)], done)
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        with contextlib.suppress(*_Error):
+            self.conn.close()

@@ -47,11 +47,26 @@ EXIT_NO = 1
 
 
 class State:
-    def __init__(self, db: Path, json_out: bool, quiet: bool = False, read_only: bool = False) -> None:
+    def __init__(self, db: Path, json_out: bool, quiet: bool = False, read_only: bool = False,
+                 key_file: Path | None = None, key_command: str | None = None) -> None:
         self.db = db
         self.json = json_out
         self.quiet = quiet
         self.read_only = read_only
+        self.key_file = key_file
+        self.key_command = key_command
+
+    def key(self) -> Any:
+        """The key-encryption key's source: --key-file, --key-command, else $FACEDB_KEY (None if unset)."""
+        from ..protect import KeySource
+
+        return KeySource.from_options(self.key_file, self.key_command)
+
+
+KeyFileOpt = Annotated[Path | None, typer.Option("--key-file", envvar="FACEDB_KEY_FILE", show_default=False,
+                                                 help="Encrypted databases: file holding the key (else $FACEDB_KEY).")]
+KeyCommandOpt = Annotated[str | None, typer.Option("--key-command", envvar="FACEDB_KEY_COMMAND", show_default=False,
+                                                   help="Encrypted databases: command that prints the key.")]
 
 
 @app.callback()
@@ -66,8 +81,10 @@ def _main(
         "--read-only", envvar="FACEDB_READ_ONLY",
         help="Open the database read-only: nothing in the gallery changes and a shared index engine is never "
              "written to (a read replica's copy of the store; decisions still go to its audit trail).")] = False,
+    key_file: KeyFileOpt = None,
+    key_command: KeyCommandOpt = None,
 ) -> None:
-    ctx.obj = State(db, json_out, quiet, read_only)
+    ctx.obj = State(db, json_out, quiet, read_only, key_file, key_command)
 
 
 # Options every command also accepts after its name (`facedb search x.jpg --json --db D`), as sqlite-utils
@@ -80,6 +97,12 @@ _LOCAL = [
                       annotation=Annotated[bool, typer.Option("--json", help="One JSON object per line.")]),
     inspect.Parameter("_quiet_after", inspect.Parameter.KEYWORD_ONLY, default=False,
                       annotation=Annotated[bool, typer.Option("--quiet", "-q", help="No progress reports.")]),
+    inspect.Parameter("_key_file_after", inspect.Parameter.KEYWORD_ONLY, default=None,
+                      annotation=Annotated[Path | None, typer.Option("--key-file", show_default=False,
+                                                                     help="File holding the key.")]),
+    inspect.Parameter("_key_command_after", inspect.Parameter.KEYWORD_ONLY, default=None,
+                      annotation=Annotated[str | None, typer.Option("--key-command", show_default=False,
+                                                                    help="Command that prints the key.")]),
 ]
 
 
@@ -90,12 +113,14 @@ def command(*args: Any, group: typer.Typer | None = None, **kwargs: Any) -> Call
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(*a: Any, _db_after: Path | None = None, _json_after: bool = False, _quiet_after: bool = False,
-                    **kw: Any) -> Any:
+                    _key_file_after: Path | None = None, _key_command_after: str | None = None, **kw: Any) -> Any:
             ctx = kw.get("ctx") or next((x for x in a if isinstance(x, typer.Context)), None)
             root = ctx.find_root() if ctx is not None else None
             if root is not None and root.obj is not None:
                 if _db_after is not None:
                     root.obj.db = _db_after
+                if _key_file_after is not None or _key_command_after is not None:
+                    root.obj.key_file, root.obj.key_command = _key_file_after, _key_command_after
                 root.obj.json = root.obj.json or _json_after
                 root.obj.quiet = root.obj.quiet or _quiet_after
             try:
@@ -123,8 +148,9 @@ def open_db(ctx: typer.Context, weights: Path | None = None, readonly: bool = Fa
     from ..audit import default_actor
     from ..db import FaceDB
 
-    return FaceDB.open(state(ctx).db, weights=weights, readonly=readonly or state(ctx).read_only,
-                       actor=default_actor("cli"))
+    st = state(ctx)
+    return FaceDB.open(st.db, weights=weights, readonly=readonly or st.read_only, actor=default_actor("cli"),
+                       key=st.key())
 
 
 def emit(ctx: typer.Context, rows: Iterable[dict[str, Any]], columns: Sequence[str] | None = None) -> None:
@@ -225,7 +251,7 @@ def main() -> None:
         sys.stderr.close()
 
 
-from . import admin, evaluation, people, photos, service  # noqa: E402,F401  (the commands register themselves)
+from . import admin, evaluation, people, photos, protect, service  # noqa: E402,F401  (the commands register themselves)
 
 if __name__ == "__main__":
     main()

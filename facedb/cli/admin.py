@@ -83,6 +83,11 @@ def init(
     rule: Annotated[Rule | None, typer.Option(help="Decision rule: gallery (the 1:N threshold follows the gallery "
                                                    "size to hold FPIR at 1%; the default when the model ships an "
                                                    "impostor model) or fixed.")] = None,
+    encrypt: Annotated[bool, typer.Option(help="Encrypt it at rest under the key from --key-file, --key-command or "
+                                                "$FACEDB_KEY (README \"Protecting templates\").")] = False,
+    cancellable: Annotated[bool, typer.Option(help="Store templates under a keyed random orthogonal projection of "
+                                                    "this database (same scores; unlinkable across databases).")
+                           ] = False,
 ) -> None:
     """Create a new, empty database."""
     from ..db import FaceDB
@@ -99,11 +104,19 @@ def init(
     if rule is Rule.gallery and impostors is None:
         raise InvalidInputError(f"{spec.id} ships no impostor model for the gallery rule: use --rule fixed and "
                                 "calibrate (`facedb calibrate --far ... --folder DIR` builds one from your photos)")
+    key = state(ctx).key() if encrypt else None
+    if encrypt and key is None:
+        from ..errors import KeyMissingError
+
+        raise KeyMissingError("--encrypt needs a key: --key-file, --key-command or $FACEDB_KEY (`facedb genkey` "
+                              "makes one)")
     with FaceDB.create(state(ctx).db, model_id=spec.id, dim=spec.dim, threshold=thr, threshold_source=source,
-                       index=index.value, flip=flip, impostors=impostors, index_options=options) as db:
+                       index=index.value, flip=flip, impostors=impostors, index_options=options, encrypt=encrypt,
+                       key=key, cancellable=cancellable) as db:
         s = db.settings()
         info = {"created": str(db.root), "model_id": db.model_id, "dim": db.dim, "threshold": db.threshold,
-                "flip": db.flip, "index_kind": db.index_kind, "decision_rule": s.rule.kind, **s.index_options}
+                "flip": db.flip, "index_kind": db.index_kind, "decision_rule": s.rule.kind, **s.index_options,
+                "encrypted": db.encrypted, "cancellable": db.cancellable}
     if note:
         typer.echo(note, err=True)
     emit_kv(ctx, info)

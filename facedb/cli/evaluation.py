@@ -180,20 +180,21 @@ def calibrate(
         raise InvalidInputError("the target rate is a fraction in (0, 1), e.g. 1e-3")
     with open_db(ctx, weights=weights) as db:
         pipe = db.pipeline()
+        cipher = db.cache_cipher()  # an encrypted database's calibration vectors are cached encrypted
         with Progress(ctx, "embedding") as progress:
             if far is not None and folder is None:
                 rec = calibrate_far_pairs(_pairs(pairs, "pairsDevTrain.txt"), _lfw_dir(lfw), pipe, far, flip=db.flip,
-                                          progress=progress)
+                                          progress=progress, cipher=cipher)
             elif far is not None:
                 assert folder is not None
                 rec = calibrate_far_folder(folder, pipe, far, seed=seed, progress=progress, flip=db.flip,
-                                           people=read_people(people) if people else None)
+                                           people=read_people(people) if people else None, cipher=cipher)
             else:
                 assert fpir is not None
                 size = gallery_size if gallery_size is not None else max(db.count_people(), 1)
                 with tempfile.TemporaryDirectory() as tmp:
                     rec = calibrate_fpir_folder(_folder(folder), pipe, fpir, size, Path(tmp), seed=seed,
-                                                flip=db.flip, progress=progress)
+                                                flip=db.flip, progress=progress, cipher=cipher)
         rec["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         if not dry_run:
             db.set_threshold(float(rec["threshold"]), f"calibrated: {rec['target']} {rate:g} on {rec['source']}",

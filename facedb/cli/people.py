@@ -108,9 +108,14 @@ def templates(
     ctx: typer.Context,
     name: Annotated[str | None, typer.Argument(help="Only this person's templates.")] = None,
     vectors: Annotated[bool, typer.Option(help="Include the vectors themselves (biometric data).")] = False,
+    allow_plaintext: Annotated[bool, typer.Option(help="With --vectors on an encrypted database: print them anyway "
+                                                       "(in plain text, wherever the output goes).")] = False,
 ) -> None:
     """List stored templates: id, person, photo hash, face box."""
     with open_db(ctx, readonly=True) as db:
+        if vectors and db.encrypted and not allow_plaintext:
+            raise InvalidInputError("this database is encrypted: --vectors would export its templates in plain "
+                                    "text; add --allow-plaintext if that is what you want")
         rows = []
         for t in db.templates(name):
             row = t.to_dict()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -64,6 +65,11 @@ def serve(
     settings = ServiceSettings(db=state(ctx).db, host=host, port=port, workers=workers, max_upload_mb=max_upload_mb,
                                cors_origins=tuple(o.strip() for o in cors_origins.split(",") if o.strip()),
                                fold_window=fold_window, weights=weights)
+    st = state(ctx)  # an encrypted database's key source reaches the workers through the environment
+    if st.key_file is not None:
+        os.environ["FACEDB_KEY_FILE"] = str(Path(st.key_file).resolve())
+    if st.key_command is not None:
+        os.environ["FACEDB_KEY_COMMAND"] = st.key_command
     # a missing or foreign database fails here, not in every worker; an older one is migrated here, once
     with open_db(ctx) as db:
         if not db.api_keys():

@@ -5,12 +5,18 @@ Safe under concurrent runs: :meth:`EmbeddingCache.save` takes an exclusive lock,
 what this process computed into what others saved meanwhile, and replaces the file atomically; so two runs
 sharing a cache never drop each other's entries. The file holds only hashes, vectors and a found flag, no
 names or paths; it is loaded with ``allow_pickle=False``, and a damaged file is recomputed, never trusted.
+
+For an encrypted database (``facedb calibrate`` on one) the cache is encrypted too: with a ``cipher`` (derived
+from the database's data key, ``FaceDB.cache_cipher()``) the file is ``embeddings-<variant>.<key id>.npz.enc``,
+AES-256-GCM throughout; it is never mixed with the plain cache, and a re-encrypted database starts a new one.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -26,8 +32,10 @@ def cache_dir() -> Path:
 class EmbeddingCache:
     """(vector, found) per image SHA-256. ``found`` False = no face was acquired (the vector is NaN)."""
 
-    def __init__(self, variant: str, dim: int, directory: Path | None = None) -> None:
-        self.path = (directory or cache_dir()) / f"embeddings-{variant}.npz"
+    def __init__(self, variant: str, dim: int, directory: Path | None = None, cipher: Any = None) -> None:
+        name = f"embeddings-{variant}.npz" if cipher is None else f"embeddings-{variant}.{cipher.key_id}.npz.enc"
+        self.path = (directory or cache_dir()) / name
+        self.cipher = cipher
         self.dim = dim
         self._data = self._read()
         self._new: dict[str, tuple[np.ndarray, bool]] = {}
@@ -37,7 +45,15 @@ class EmbeddingCache:
         if not self.path.is_file():
             return data
         try:
-            with np.load(self.path, allow_pickle=False) as z:
+            source: Any = self.path
+            if self.cipher is not None:
+                from ..errors import TamperedError
+
+                try:
+                    source = io.BytesIO(self.cipher.open(self.path.read_bytes()))
+                except TamperedError:
+                    return {}  # altered or damaged: recomputed, never trusted
+            with np.load(source, allow_pickle=False) as z:
                 if z["vectors"].ndim != 2 or z["vectors"].shape[1] != self.dim:
                     return {}
                 for key, vec, found in zip(z["keys"], z["vectors"], z["found"]):
@@ -67,6 +83,11 @@ class EmbeddingCache:
             keys = np.array(list(merged), dtype="<U64")
             vecs = np.array([v for v, _ in merged.values()], dtype=np.float32).reshape(-1, self.dim)
             found = np.array([f for _, f in merged.values()], dtype=bool)
-            write_atomic(self.path, lambda f: np.savez(f, keys=keys, vectors=vecs, found=found))
+            if self.cipher is None:
+                write_atomic(self.path, lambda f: np.savez(f, keys=keys, vectors=vecs, found=found))
+            else:
+                buf = io.BytesIO()
+                np.savez(buf, keys=keys, vectors=vecs, found=found)
+                write_atomic(self.path, self.cipher.seal(buf.getvalue())[0])
         self._data.update(merged)
         self._new.clear()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -104,9 +105,11 @@ def variant(pipeline: FacePipeline, flip: bool) -> str:
 
 
 def embed_cached(paths: Sequence[Path], pipeline: FacePipeline, flip: bool,
-                 progress: Callable[[int], None] | None = None, use_cache: bool = True) -> Embedded:
-    """:func:`embed_photos` with the evaluation cache of the pipeline's model (a separate one with ``flip``)."""
-    cache = EmbeddingCache(variant(pipeline, flip), pipeline.embedder.dim) if use_cache else None
+                 progress: Callable[[int], None] | None = None, use_cache: bool = True,
+                 cipher: Any = None) -> Embedded:
+    """:func:`embed_photos` with the evaluation cache of the pipeline's model (a separate one with ``flip``);
+    encrypted under ``cipher`` when given (for an encrypted database: ``FaceDB.cache_cipher()``)."""
+    cache = EmbeddingCache(variant(pipeline, flip), pipeline.embedder.dim, cipher=cipher) if use_cache else None
     return embed_photos(paths, pipeline, cache=cache, flip=flip, progress=progress)
 
 

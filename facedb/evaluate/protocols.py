@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,10 +55,10 @@ class PairScores:
 
 
 def pair_scores(pairs_file: Path, lfw_dir: Path, pipeline: FacePipeline, *, flip: bool = False,
-                progress: Progress = None, use_cache: bool = True) -> PairScores:
+                progress: Progress = None, use_cache: bool = True, cipher: Any = None) -> PairScores:
     pairs = read_pairs(pairs_file, lfw_dir)
     unique = sorted({p.a for p in pairs} | {p.b for p in pairs})
-    embedded = embed_cached(unique, pipeline, flip, progress, use_cache)
+    embedded = embed_cached(unique, pipeline, flip, progress, use_cache, cipher)
     require_faces(embedded, str(pairs_file))
     scores = score_pairs(pairs, embedded, {p: i for i, p in enumerate(unique)})
     return PairScores(scores, np.array([p.same for p in pairs]), np.array([p.fold for p in pairs]), embedded)
@@ -82,12 +83,13 @@ def run_lfw(pairs_file: Path, lfw_dir: Path, pipeline: FacePipeline, *, flip: bo
 
 # ----------------------------------------------------------------------------------------------- open set
 def folder_embeddings(folder: Path, pipeline: FacePipeline, *, people: set[str] | None = None,
-                      flip: bool = False, progress: Progress = None,
-                      use_cache: bool = True) -> tuple[np.ndarray, list[str], dict[str, int]]:
+                      flip: bool = False, progress: Progress = None, use_cache: bool = True,
+                      cipher: Any = None) -> tuple[np.ndarray, list[str], dict[str, int]]:
     """(vectors, labels, counts) of the photos of a labelled folder in which a face was acquired; ``counts``
-    has ``photos``, ``failures_to_acquire`` and ``unreadable``."""
+    has ``photos``, ``failures_to_acquire`` and ``unreadable``. ``cipher``: encrypt the cache (see
+    ``evaluate/cache.py``)."""
     paths, labels = labelled_folder(folder, people)
-    embedded = embed_cached(paths, pipeline, flip, progress, use_cache)
+    embedded = embed_cached(paths, pipeline, flip, progress, use_cache, cipher)
     require_faces(embedded, str(folder))
     ok = embedded.found
     counts = {"photos": len(paths), "failures_to_acquire": embedded.failures_to_acquire,
@@ -96,13 +98,19 @@ def folder_embeddings(folder: Path, pipeline: FacePipeline, *, people: set[str] 
 
 
 def open_set_scores(db_root: Path, vectors: np.ndarray, split: Split, model_id: str,
-                    k: int = 5) -> tuple[list[list[tuple[str, float]]], list[float]]:
+                    k: int = 5, encrypt: bool = False) -> tuple[list[list[tuple[str, float]]], list[float]]:
     """Enrol the split's gallery into a new facedb at ``db_root`` (real store and index), then identify
-    every probe. Returns (top-k (name, similarity) per genuine probe, best similarity per impostor probe)."""
+    every probe. Returns (top-k (name, similarity) per genuine probe, best similarity per impostor probe).
+    ``encrypt``: the temporary database is encrypted under a throw-away key (calibrating an encrypted one)."""
     from ..db import FaceDB
 
     dim = vectors.shape[1]
-    with FaceDB.create(db_root, model_id=model_id, dim=dim, threshold=1.0) as db:
+    key = None
+    if encrypt:
+        from ..protect import generate_key
+
+        key = generate_key()
+    with FaceDB.create(db_root, model_id=model_id, dim=dim, threshold=1.0, key=key) as db:
         db.configure_audit(enabled=False)  # an evaluation's probes are not decisions about anyone
         db.add_templates_many([(name, vectors[idx]) for name, idx in split.gallery.items()])
         gen_answers = db.identify(vectors[[i for _, i in split.genuine]], k=k) if split.genuine else []
@@ -169,9 +177,9 @@ def _require_resolvable(rate: float, comparisons: int, what: str) -> None:
 
 
 def calibrate_far_pairs(pairs_file: Path, lfw_dir: Path, pipeline: FacePipeline, far: float, *, flip: bool = False,
-                        progress: Progress = None) -> dict[str, object]:
+                        progress: Progress = None, cipher: Any = None) -> dict[str, object]:
     """The 1:1 threshold for ``far`` from the impostor pairs of an LFW-format pairs file."""
-    ps = pair_scores(pairs_file, lfw_dir, pipeline, flip=flip, progress=progress)
+    ps = pair_scores(pairs_file, lfw_dir, pipeline, flip=flip, progress=progress, cipher=cipher)
     scores, same = ps.scores, ps.same
     _require_resolvable(far, int((~same).sum()), "impostor pairs")
     t = threshold_at_far(scores[~same], far)
@@ -211,11 +219,11 @@ def impostor_pairs(labels: np.ndarray, limit: int, rng: np.random.Generator) -> 
 
 def folder_pair_scores(folder: Path, pipeline: FacePipeline, *, people: set[str] | None = None,
                        max_impostor_pairs: int = MAX_IMPOSTOR_PAIRS, seed: int = 0, flip: bool = False,
-                       progress: Progress = None) -> tuple[np.ndarray, np.ndarray, int]:
+                       progress: Progress = None, cipher: Any = None) -> tuple[np.ndarray, np.ndarray, int]:
     """(genuine, impostor, distinct impostor pairs that exist) similarities from a labelled folder: every pair of
     photos of one person, and every distinct pair of photos of different people (up to ``max_impostor_pairs``,
     drawn without replacement)."""
-    x, labels, _ = folder_embeddings(folder, pipeline, people=people, flip=flip, progress=progress)
+    x, labels, _ = folder_embeddings(folder, pipeline, people=people, flip=flip, progress=progress, cipher=cipher)
     lab = np.array(labels)
     a, b, total = impostor_pairs(lab, max_impostor_pairs, np.random.default_rng(seed))
     impostor = np.concatenate([np.sum(x[a[s:s + 65536]] * x[b[s:s + 65536]], axis=1)
@@ -231,10 +239,10 @@ def folder_pair_scores(folder: Path, pipeline: FacePipeline, *, people: set[str]
 
 def calibrate_far_folder(folder: Path, pipeline: FacePipeline, far: float, *, seed: int = 0,
                          max_impostor_pairs: int = MAX_IMPOSTOR_PAIRS, people: set[str] | None = None,
-                         flip: bool = False, progress: Progress = None) -> dict[str, object]:
+                         flip: bool = False, progress: Progress = None, cipher: Any = None) -> dict[str, object]:
     """The 1:1 threshold for ``far`` from a labelled folder (see ``folder_pair_scores``)."""
     gen, impostor, total = folder_pair_scores(folder, pipeline, people=people, max_impostor_pairs=max_impostor_pairs,
-                                              seed=seed, flip=flip, progress=progress)
+                                              seed=seed, flip=flip, progress=progress, cipher=cipher)
     _require_resolvable(far, len(impostor), "impostor pairs")
     t = threshold_at_far(impostor, far)
     return {"threshold": t, "target": "far", "target_rate": far, "source": f"folder {folder}",
@@ -245,7 +253,7 @@ def calibrate_far_folder(folder: Path, pipeline: FacePipeline, far: float, *, se
 
 def calibrate_fpir_folder(folder: Path, pipeline: FacePipeline, fpir: float, gallery_size: int | None,
                           work_dir: Path, *, enroll: int = 1, seed: int = 0, flip: bool = False,
-                          progress: Progress = None) -> dict[str, object]:
+                          progress: Progress = None, cipher: Any = None) -> dict[str, object]:
     """The 1:N threshold for ``fpir`` at a gallery of ``gallery_size`` people, simulated on a labelled folder:
     ``gallery_size`` people (of those with more than ``enroll`` photos) are enrolled, every photo of everyone
     else probes as an impostor; the threshold is the best-match similarity exceeded by at most ``fpir`` of them.
@@ -253,7 +261,7 @@ def calibrate_fpir_folder(folder: Path, pipeline: FacePipeline, fpir: float, gal
     InvalidInputError when the folder has too few people for that gallery and enough strangers to resolve
     ``fpir`` (the gallery must leave people out to probe with).
     """
-    vectors, labels, _ = folder_embeddings(folder, pipeline, flip=flip, progress=progress)
+    vectors, labels, _ = folder_embeddings(folder, pipeline, flip=flip, progress=progress, cipher=cipher)
     counts: dict[str, int] = {}
     for lab in labels:
         counts[lab] = counts.get(lab, 0) + 1
@@ -279,7 +287,8 @@ def calibrate_fpir_folder(folder: Path, pipeline: FacePipeline, fpir: float, gal
         raise InvalidInputError(f"every person in {folder} would be enrolled in a gallery of {size}: no strangers "
                                 "are left to measure false positives with (use a folder with more people)")
     _require_resolvable(fpir, len(split.impostor), f"impostor probes (photos of {strangers} people not enrolled)")
-    genuine, impostor = open_set_scores(work_dir / "calibrate-db", vectors, split, pipeline.model_id)
+    genuine, impostor = open_set_scores(work_dir / "calibrate-db", vectors, split, pipeline.model_id,
+                                        encrypt=cipher is not None)
     report = open_set_report(split, genuine, impostor, fpirs=(fpir,))
     t = threshold_at_far(np.asarray(impostor), fpir)
     return {"threshold": t, "target": "fpir", "target_rate": fpir, "source": f"folder {folder}",

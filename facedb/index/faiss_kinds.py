@@ -4,6 +4,13 @@ The index persists as one file, ``index.faiss`` in the database directory, writt
 (``fsio.write_atomic``) and identified by its SHA-256, which the store records in the index stamp: a file whose
 hash does not match is never handed to FAISS's reader (FAISS can crash on crafted input).
 
+For an encrypted database the place carries a file cipher (``place.options["cipher"]``, from ``protect.py``):
+the file is then never written in plain text. FAISS serialises into a callback that encrypts as it goes
+(AES-256-GCM in 4 MiB chunks) and deserialises from one that decrypts and authenticates each chunk before
+FAISS sees a byte of it, so no plaintext copy exists outside memory and only one chunk is held at a time. The
+stamp records the file's random id instead of a hash: a file from another save does not decrypt as this one,
+and any altered byte fails its chunk's tag (so no separate SHA-256 pass over the file is needed).
+
 Kinds (``facedb init --index`` / ``facedb reindex --index``):
 
 =========  ===========================================  =========  ==============  ===============
@@ -34,6 +41,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from ..errors import TamperedError, TamperedFileWarning
 from ..fsio import write_atomic
 from . import IndexPlace, VectorIndex
 
@@ -198,7 +206,14 @@ class HNSWIndex(_Faiss):
 
     def remove(self, ids: np.ndarray) -> None:
         # HNSW graphs cannot drop nodes: the ids stay as tombstones, which map to no person (filtered by
-        # the engine) until the index is rebuilt.
+        # the engine) until the index is rebuilt. Their vectors are overwritten with zeros at once, so that
+        # a saved file never holds a removed template (erasure without a rebuild of the graph).
+        if not len(ids):
+            return
+        rows = np.flatnonzero(np.isin(faiss.vector_to_array(self._index.id_map), np.asarray(ids, dtype=np.int64)))
+        storage = faiss.downcast_index(faiss.downcast_index(self._index.index).storage)
+        xb = faiss.rev_swig_ptr(storage.get_xb(), len(self) * self.dim).reshape(len(self), self.dim)
+        xb[rows] = 0.0
         self.tombstones += len(ids)
 
 
@@ -346,8 +361,69 @@ def load_index(path: Path, kind: str, dim: int, sha256: str, params: dict[str, A
     return index
 
 
+def _cipher(place: IndexPlace) -> Any:
+    return place.options.get("cipher")
+
+
+def _save_sealed(index: _Faiss, path: Path, cipher: Any) -> dict[str, Any]:
+    """Serialise ``index`` through an encrypting callback into ``path`` (atomically)."""
+    sealed: dict[str, str] = {}
+
+    def write(f: Any) -> None:
+        with cipher.sealing(f) as out:
+            faiss.write_index(index._index, faiss.PyCallbackIOWriter(out.write, 1 << 22))
+        sealed["file_id"] = out.file_id
+
+    write_atomic(path, write, digest=False)
+    return {"cipher": cipher.name, "file_id": sealed["file_id"]}
+
+
+def _load_sealed(path: Path, kind: str, dim: int, file_id: str, cipher: Any, params: dict[str, Any] | None
+                 ) -> VectorIndex | None:
+    """The index in the encrypted ``path`` if it is the file ``file_id`` and authenticates; None when it is
+    missing or another save's (a stale cache); TamperedError when it fails authentication."""
+    try:
+        f = open(path, "rb")  # closed below, after FAISS has read through the callback
+    except OSError:
+        return None
+    try:
+        from ..protect import FileCipher
+
+        head = f.read(64)
+        if FileCipher.file_id_of(head) != file_id:
+            return None  # another save's file (or a plain one): not this stamp's, rebuilt like any stale copy
+        f.seek(0)
+        reader = cipher.opening(f, file_id)
+        failure: list[BaseException] = []
+
+        def read(n: int) -> bytes:
+            try:
+                return reader.read(n)
+            except BaseException as exc:  # surfaced after FAISS returns: it only sees a short read
+                failure.append(exc)
+                return b""
+
+        try:
+            raw = faiss.read_index(faiss.PyCallbackIOReader(read, 1 << 22))
+        except RuntimeError:
+            if failure:
+                raise failure[0] from None
+            return None
+        if failure:
+            raise failure[0]
+        reader.finish()  # every chunk authenticates, including any FAISS did not need
+    finally:
+        f.close()
+    if raw.d != dim or (kind in TRAINED_KINDS and not isinstance(raw, faiss.IndexIVF)):
+        return None
+    index = INDEX_KINDS[kind](dim, raw, dict(params or {}))
+    index.configure()
+    return index
+
+
 class FaissBackend:
-    """The FAISS kinds, persisted as ``index.faiss`` beside the store."""
+    """The FAISS kinds, persisted as ``index.faiss`` beside the store (encrypted when the place has a
+    cipher)."""
 
     name = "faiss"
     kinds = tuple(INDEX_KINDS)
@@ -362,15 +438,53 @@ class FaissBackend:
         return new_index(kind, dim, params, train)
 
     def load(self, place: IndexPlace, stamp: dict[str, Any], dim: int) -> VectorIndex | None:
-        return load_index(self.path(place), str(stamp.get("kind")), dim, str(stamp.get("sha256", "")),
-                          stamp.get("params"))
+        cipher = _cipher(place)
+        kind = str(stamp.get("kind"))
+        if cipher is None:
+            if stamp.get("cipher"):
+                return None  # an encrypted file stamped in a database now opened without its key: not ours
+            return load_index(self.path(place), kind, dim, str(stamp.get("sha256", "")), stamp.get("params"))
+        if stamp.get("cipher") != cipher.name or not stamp.get("file_id") or kind not in INDEX_KINDS:
+            return None  # a plain file (or another cipher's) is never loaded into an encrypted database
+        try:
+            return _load_sealed(self.path(place), kind, dim, str(stamp["file_id"]), cipher, stamp.get("params"))
+        except TamperedError as exc:
+            import warnings
+
+            # A derived cache: the authenticated store rebuilds it (the door keeps answering), said loudly.
+            warnings.warn(f"{self.path(place)}: {exc}; it is not used: the index is rebuilt from the store",
+                          TamperedFileWarning, stacklevel=2)
+            return None
 
     def save(self, index: VectorIndex, place: IndexPlace) -> dict[str, Any]:
         assert isinstance(index, _Faiss)
-        return {"sha256": write_atomic(self.path(place), index.to_bytes())}
+        cipher = _cipher(place)
+        if cipher is not None:
+            return _save_sealed(index, self.path(place), cipher)
+        sha = hashlib.sha256()
+
+        def write(f: Any) -> None:  # streamed and hashed as it goes: no in-memory copy, no second pass to hash
+            def out(chunk: bytes) -> None:
+                sha.update(chunk)
+                f.write(chunk)
+
+            faiss.write_index(index._index, faiss.PyCallbackIOWriter(out, 1 << 22))
+
+        write_atomic(self.path(place), write, digest=False)
+        return {"sha256": sha.hexdigest()}
 
     def verify(self, place: IndexPlace, stamp: dict[str, Any], dim: int) -> bool:
-        return _sha256_of(self.path(place)) == stamp.get("sha256")
+        cipher = _cipher(place)
+        if cipher is None:
+            return not stamp.get("cipher") and _sha256_of(self.path(place)) == stamp.get("sha256")
+        if stamp.get("cipher") != cipher.name:
+            return False
+        try:
+            with open(self.path(place), "rb") as f:
+                cipher.opening(f, str(stamp.get("file_id"))).finish()  # every chunk's tag
+        except (OSError, TamperedError):
+            return False
+        return True
 
     def persisted_bytes(self, place: IndexPlace) -> int:
         try:

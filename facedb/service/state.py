@@ -84,7 +84,8 @@ class ServiceState:
             from ..db import STORE_FILE
             from ..store import Store
 
-            self.key_store = Store.open(db.root / STORE_FILE, readonly=True)  # see authenticate()
+            self.key_store = Store.open(db.root / STORE_FILE, readonly=True,  # see authenticate()
+                                        key=db.protection.store_key() if db.protection is not None else None)
             self.db = db
             self.ready = True
             log.info("facedb service ready: %s, model %s%s", self.settings.db, db.model_id,
