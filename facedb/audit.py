@@ -5,24 +5,60 @@ key id), image SHA-256, the decided identity (None = unknown), score, threshold 
 Who the actor is comes from the context: :func:`acting_as` sets it for the code inside it (per thread and per
 asyncio task, through a ``ContextVar``), so one FaceDB can serve many callers; outside any such block the
 FaceDB's default actor is used. Records are written even by a FaceDB opened read-only (a door reader opens
-read-only; its decisions are still logged), and a record that cannot be written fails the call: no decision
-is given without its record.
+read-only; its decisions are still logged).
+
+**When a record is written** (``audit-settings --sync/--async``, ``AuditSettings.sync``):
+
+* *Gallery changes* (enrol, remove, rename, merge, calibrate, keys, ...) are always written before the call
+  returns, in their own transaction after the change's (as before), together with any decision records still
+  waiting, so the trail keeps the order things happened in.
+* *Decisions* (identify, search, verify, and the service's reads and refusals), **sync**: committed before the
+  answer is returned; a record that cannot be written fails the call, so no decision is given without its
+  record on disk (``synchronous=NORMAL``: it survives a process crash; a power cut can lose the last
+  transactions since the last WAL checkpoint).
+* *Decisions*, **async** (the default for new databases): the answer returns at once and its record joins a
+  queue that a background thread commits as one transaction (a group commit) at most ``FLUSH_DELAY_S``
+  (20 ms) after the first record waiting, on ``close()``, before any read of the trail, with any gallery
+  change, and at interpreter exit. Each record keeps the time of its decision. What can be lost: a process
+  killed (SIGKILL, OOM, a crash in native code) loses the records of decisions answered in its last ~20 ms
+  plus one commit; a power cut loses those and what ``synchronous=NORMAL`` loses. If the background write
+  fails (disk full, a lock held past the 30 s busy timeout, a read-only file), the records stay queued and
+  the **next** decision call retries them itself and, if that fails too, raises the error instead of
+  answering: a failure is never silent, and at most the decisions answered while the failed write was in
+  flight (~20 ms) were given before it surfaced.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import getpass
+import threading
+import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any
 
 import numpy as np
 
+from .errors import DatabaseError
 from .records import AuditRecord
 from .scores import to_blob
 from .settings import Settings
-from .store import Store
+from .store import Store, utcnow
+
+#: The background writer commits waiting decision records at most this long after the first of them.
+FLUSH_DELAY_S = 0.020
+
+#: Operations that record a decision, or a look at the data (``read-*``), rather than a change: with the trail
+#: not ``sync``, their records may be committed after the answer. Every other operation is a change and is
+#: committed before its call returns.
+DECISIONS = frozenset({"identify", "search", "verify", "detect", "check", "denied"})
+
+
+def deferrable(operation: str) -> bool:
+    return operation in DECISIONS or operation.startswith("read-")
 
 _ACTOR: ContextVar[str | None] = ContextVar("facedb_actor", default=None)
 
@@ -51,32 +87,120 @@ def current_actor(fallback: str) -> str:
 
 
 class AuditTrail:
-    """Appends decision records to the store's ``audit`` table and reads them back."""
+    """Appends decision records to the store's ``audit`` table (directly, or through a background writer) and
+    reads them back."""
 
     def __init__(self, store: Store, actor: str) -> None:
         self.store = store
         self.actor = actor
+        self._pending: list[tuple[Any, ...]] = []  # records (Store.audit_row) not yet committed, oldest first
+        self._retention: float | None = None  # as of the newest record waiting
+        self._cond = threading.Condition()
+        self._flushing = threading.Lock()  # one group commit at a time, so the trail keeps its order
+        self._writer: threading.Thread | None = None
+        self._closed = False
+        self.failure: BaseException | None = None  # why the last background write failed (records kept)
+        _LIVE.add(self)
 
     def record(self, operation: str, records: Sequence[dict[str, Any]], settings: Settings) -> None:
         """Append ``records`` (dicts with any of image_sha256, identity, similarity, threshold, detail, vector)
         as ``operation`` by the current actor, unless the trail is switched off. The probe's vector is kept
-        only when the trail is configured to store probes."""
+        only when the trail is configured to store probes. A decision or a read (:func:`deferrable`) may be
+        committed by the background writer after this returns, when the trail is not ``sync``; anything else
+        is committed before. DatabaseError when the record cannot be written (a decision's: when an earlier
+        background write failed and still does)."""
         if not records or not settings.audit.enabled:
             return
         actor = current_actor(self.actor)
+        now = utcnow()
         rows = []
         for rec in records:
             row = {k: v for k, v in rec.items() if k != "vector"}
-            row.update(operation=operation, model_id=settings.model_id, actor=actor)
+            row.update(operation=operation, model_id=settings.model_id, actor=actor, time=now)
             vector = rec.get("vector")
             if settings.audit.store_probes and vector is not None:
                 row["embedding"] = to_blob(np.asarray(vector))
-            rows.append(row)
-        self.store.append_audit(rows, settings.audit.retention_days or None)
+            rows.append(self.store.audit_row(row))  # made here: the writer thread does as little as it can
+        retention = settings.audit.retention_days or None
+        if not settings.audit.sync and deferrable(operation) and not self._closed:
+            if self.failure is not None:
+                self.flush()  # retry what the writer could not write; raises if it still cannot
+            with self._cond:
+                self._pending.extend(rows)
+                self._retention = retention
+                if self._writer is None:
+                    self._writer = threading.Thread(target=self._write_loop, name="facedb-audit", daemon=True)
+                    self._writer.start()
+                self._cond.notify()
+            return
+        with self._cond:
+            self._pending.extend(rows)
+            self._retention = retention
+        self.flush()
+
+    def flush(self) -> None:
+        """Commit every waiting record now, in one transaction (DatabaseError if it cannot be: they stay
+        waiting, in order)."""
+        with self._flushing:
+            with self._cond:
+                rows, self._pending = self._pending, []
+                retention = self._retention
+            if not rows:
+                self.failure = None
+                return
+            try:
+                self.store.append_audit_rows(rows, retention)
+            except BaseException as exc:
+                with self._cond:
+                    self._pending[:0] = rows
+                self.failure = exc
+                if isinstance(exc, DatabaseError):
+                    raise DatabaseError(f"the audit trail cannot be written ({exc}); {len(self._pending)} "
+                                        "records wait to be written; no decision is given until they are"
+                                        ) from None
+                raise
+            self.failure = None
+
+    def _write_loop(self) -> None:
+        """The background writer: wait for a record, give others FLUSH_DELAY_S to join it, commit them all."""
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+            time.sleep(FLUSH_DELAY_S)
+            try:
+                self.flush()
+            except BaseException:  # kept in self.failure: the next decision call retries, and raises
+                with self._cond:
+                    if not self._closed:
+                        self._cond.wait(1.0)  # back off before trying again
+
+    def close(self) -> None:
+        """Commit what waits and stop the writer (DatabaseError if the last records cannot be written)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        _LIVE.discard(self)
+        self.flush()
 
     def read(self, since: str | None = None, limit: int | None = None, *, until: str | None = None,
              operation: str | None = None, actor: str | None = None, offset: int = 0) -> list[AuditRecord]:
         """Records oldest first, filtered by time (ISO 8601 UTC, ``since`` inclusive, ``until`` exclusive),
-        operation and actor, paged by ``limit`` / ``offset``."""
+        operation and actor, paged by ``limit`` / ``offset``. Waiting records are committed first."""
+        if self._pending:
+            self.flush()
         return [AuditRecord(**row) for row in self.store.audit(since, limit, until=until, operation=operation,
                                                                actor=actor, offset=offset)]
+
+
+_LIVE: weakref.WeakSet[AuditTrail] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    """A program that ends without closing its FaceDB still writes the records of the decisions it gave."""
+    for trail in list(_LIVE):
+        with contextlib.suppress(Exception):
+            trail.flush()

@@ -43,6 +43,7 @@ from .errors import (
 )
 from .index import backend_for, check_kind
 from .keeper import IndexKeeper
+from .memo import NameCache, SettingsMemo
 from .records import (
     AuditRecord,
     CheckReport,
@@ -60,6 +61,7 @@ from .records import (
 from .scores import as_unit_rows
 from .settings import AuditSettings, Calibration, Settings, check_index_options, check_k, check_threshold
 from .store import SCHEMA_VERSION, Store
+from .vectors import budget_bytes
 
 if TYPE_CHECKING:
     from .encryption import ConversionReport
@@ -88,9 +90,12 @@ class FaceDB:
 
     def __init__(self, root: Path, store: Store, readonly: bool = False, weights: Path | None = None,
                  model: FacePipeline | None = None, actor: str | None = None,
-                 index_options: dict[str, Any] | None = None, protection: Protection | None = None) -> None:
+                 index_options: dict[str, Any] | None = None, protection: Protection | None = None,
+                 rescore_memory_mb: float | None = None) -> None:
         self.root = root
         self.store = store
+        self._memo = SettingsMemo(store)  # settings parsed once per change, names cached (memo.py)
+        self._names = NameCache(store.names)
         self.readonly = readonly
         self._weights = weights
         self._model = model
@@ -98,7 +103,8 @@ class FaceDB:
         self._given_options = dict(index_options or {})
         self.protection = protection
         self._projection: Any = None  # loaded on first use (cancellable databases)
-        self.keeper = IndexKeeper(store, root, readonly=readonly, options=self._index_options())
+        self.keeper = IndexKeeper(store, root, readonly=readonly, options=self._index_options(),
+                                  vector_budget=budget_bytes(rescore_memory_mb))
         self.trail = AuditTrail(store, actor or default_actor())
 
     def _index_options(self) -> dict[str, Any]:
@@ -116,7 +122,7 @@ class FaceDB:
                threshold_source: str = "model default", index: str = "flat", flip: bool = True,
                impostors: ImpostorModel | None = None, actor: str | None = None,
                index_options: dict[str, Any] | None = None, encrypt: bool = False, key: object = None,
-               cancellable: bool = False) -> FaceDB:
+               cancellable: bool = False, rescore_memory_mb: float | None = None) -> FaceDB:
         """Create an empty database for vectors of ``model_id`` (``dim``-dimensional, unit length).
 
         ``threshold`` is the default (1:1) decision threshold, a cosine similarity (higher is stricter).
@@ -126,6 +132,7 @@ class FaceDB:
         photos are embedded as the mean of the face's and its mirror image's embedding (flip test-time
         augmentation, at twice the embedding cost; README "Accuracy"). Fixed for the database's life, since
         templates made both ways should not be compared; it does not affect vectors added directly.
+        ``rescore_memory_mb``: see :meth:`open`.
         ``index_options``: for ``index="milvus"``, ``milvus_uri`` (required) and ``milvus_collection`` (stored),
         and ``milvus_token`` (used by this object only, never stored; else FACEDB_MILVUS_TOKEN). A remote
         index is created at once, so an unreachable server or a refused token (IndexUnavailableError) or a
@@ -172,7 +179,8 @@ class FaceDB:
             if protection is not None:
                 encryption.discard_keyring(root)
             raise
-        db = cls(root, store, actor=actor, index_options=_secrets_of(options), protection=protection)
+        db = cls(root, store, actor=actor, index_options=_secrets_of(options), protection=protection,
+                 rescore_memory_mb=rescore_memory_mb)
         if index != "auto" and backend_for(index).write_through:
             try:  # create the remote collection now: a bad URI, token or collection fails init, not a later enrol
                 db.keeper.rebuild(db.settings())
@@ -189,7 +197,8 @@ class FaceDB:
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, model_id: str | None = None, readonly: bool = False,
              weights: str | os.PathLike[str] | None = None, model: FacePipeline | None = None,
-             actor: str | None = None, index_options: dict[str, Any] | None = None, key: object = None) -> FaceDB:
+             actor: str | None = None, index_options: dict[str, Any] | None = None, key: object = None,
+             rescore_memory_mb: float | None = None) -> FaceDB:
         """Open an existing database. With ``model_id``, refuse (ModelMismatchError) a database of another model.
 
         ``weights``: the FaceNet weights file to use when this process loads the model; ``model``: a face
@@ -203,6 +212,10 @@ class FaceDB:
         ``facedb.protect.KeySource``; default ``$FACEDB_KEY``): KeyMissingError without one, WrongKeyError for
         another, TamperedError when the ciphertext fails authentication; nothing is changed then. Ignored for a
         plain database.
+        ``rescore_memory_mb``: memory (MiB) this process may give the exact vectors that re-score candidates of
+        index kinds that do not keep them (ivfpq, flat16, milvus): 2 KiB per 512-d template; beyond it they are
+        read from the store (default ``$FACEDB_RESCORE_MEMORY_MB``, else 8,192; 0: always the store). See
+        ``facedb/vectors.py``.
         """
         root = Path(path)
         if not (root / STORE_FILE).is_file():
@@ -210,7 +223,8 @@ class FaceDB:
         protection = encryption.unlock(root, key, readonly)
         store = Store.open(root / STORE_FILE, readonly=readonly, key=protection.store_key() if protection else None)
         db = cls(root, store, readonly=readonly, weights=Path(weights) if weights else None, actor=actor,
-                 index_options=_secrets_of(dict(index_options or {}), uri_too=True), protection=protection)
+                 index_options=_secrets_of(dict(index_options or {}), uri_too=True), protection=protection,
+                 rescore_memory_mb=rescore_memory_mb)
         try:
             if not readonly and store.erasure_pending():  # a removal whose erasure a crash interrupted
                 db._erase()
@@ -225,18 +239,28 @@ class FaceDB:
         return db
 
     def close(self, *, save_index: bool = True) -> None:
-        """Save the index if it is worth saving (not with ``save_index=False``), then close the store."""
+        """Write the audit records still waiting, save the index if it is worth saving (not with
+        ``save_index=False``), then close the store. DatabaseError (after closing) when waiting audit records
+        could not be written."""
         with self._lock:
             if self.store is None:
                 return
+            failed: DatabaseError | None = None
+            try:
+                self.trail.close()
+            except DatabaseError as exc:
+                failed = exc
             try:
                 if save_index and not self.readonly:
                     self.keeper.save(self.settings())
             except DatabaseError as exc:  # the index is a cache: the next open catches up from the store
                 warnings.warn(f"{self.root}: the index was not saved on close ({exc})", RuntimeWarning, stacklevel=2)
             finally:
+                self.keeper.forget()
                 self.store.close()
                 self.store = None  # type: ignore[assignment]
+            if failed is not None:
+                raise failed
 
     # --------------------------------------------------------------------------------------------- protection
     @property
@@ -317,8 +341,9 @@ class FaceDB:
 
     # ----------------------------------------------------------------------------------------------- settings
     def settings(self) -> Settings:
-        """Every setting, typed, from one read of the store."""
-        return Settings.parse(self.store.all_meta())
+        """Every setting, typed: parsed again only when they changed (in any process: the store's settings
+        version, see ``memo.py``); one small read of the store otherwise."""
+        return self._memo.current()
 
     @property
     def model_id(self) -> str:
@@ -548,10 +573,15 @@ class FaceDB:
                 gallery = self.keeper.current(settings)
                 thr, rule = (threshold, "given") if threshold is not None else settings.rule.threshold(
                     settings.threshold, len(gallery))
-                return engine.identify(gallery, x, k, thr, self._fetch(gallery), self.store.names, rule), settings
+                return engine.identify(gallery, x, k, thr, self._fetch(gallery), self._lookup_names, rule), settings
             except IndexUnavailableError:
-                self.keeper.gallery = None  # a remote engine failed (or its collection was dropped): reopen next time
+                self.keeper.forget()  # a remote engine failed (or its collection was dropped): reopen next time
                 raise
+
+    def _lookup_names(self, person_ids: Sequence[int]) -> dict[int, tuple[str, str | None]]:
+        """Names of people, from memory while no one was renamed or removed (the query just read the people
+        version with its settings)."""
+        return self._names.lookup(person_ids, self._memo.people_version)
 
     def identify(self, vectors: object, k: int = 5,
                  threshold: float | None = None) -> Identification | list[Identification]:
@@ -760,12 +790,15 @@ class FaceDB:
 
     # -------------------------------------------------------------------------------------------------- audit
     def configure_audit(self, *, enabled: bool | None = None, retention_days: float | None = None,
-                        store_probes: bool | None = None, store_embeddings: bool | None = None) -> AuditSettings:
-        """Switch the audit trail on or off, set its retention (days; 0 = keep forever), and whether probe
-        embeddings are stored with each decision (off by default: they are biometric data).
-        ``store_embeddings`` is the older name of ``store_probes``."""
+                        store_probes: bool | None = None, store_embeddings: bool | None = None,
+                        sync: bool | None = None) -> AuditSettings:
+        """Switch the audit trail on or off, set its retention (days; 0 = keep forever), whether probe
+        embeddings are stored with each decision (off by default: they are biometric data), and whether each
+        decision's record is committed before its answer (``sync``) or by the background writer within 20 ms
+        after it (see ``audit.py`` and README "Guarantees"). ``store_embeddings`` is the older name of
+        ``store_probes``."""
         rows = Settings.audit_rows(enabled, retention_days, store_probes if store_probes is not None
-                                   else store_embeddings)
+                                   else store_embeddings, sync)
         if rows:
             with self._lock:
                 self.store.set_meta(rows)
@@ -860,13 +893,18 @@ class FaceDB:
         with self._lock:
             return self.keeper.describe(self.settings())
 
-    def load_index(self) -> IndexState:
+    def load_index(self, *, wait: bool = False) -> IndexState:
         """Bring the index into memory now, level with the store (a service does this at start-up, so that
-        its first query does not pay for it)."""
+        its first query does not pay for it). ``wait``: also wait until the exact re-scoring vectors are in
+        memory (kinds that do not keep them read the store until then; ``facedb/vectors.py``)."""
         with self._lock:
             settings = self.settings()
-            self.keeper.current(settings)
-            return self.keeper.describe(settings)
+            gallery = self.keeper.current(settings)
+            vectors = gallery.vectors
+        if wait and vectors is not None:
+            vectors.wait()
+        with self._lock:
+            return self.keeper.describe(self.settings())
 
     def save_index(self) -> None:
         """Persist the index now (it is otherwise saved on close when it lags the store)."""
@@ -902,7 +940,7 @@ class FaceDB:
             except BaseException:
                 self.store.set_meta({k: before.get(k, "") for k in rows})
                 self.keeper.place = replace(self.keeper.place, options=self._index_options())
-                self.keeper.gallery = None
+                self.keeper.forget()
                 raise
             self._drop_moved(old_kind, old_place, kind)
             return ReindexReport(index_kind=kind, built=gallery.index.kind, params=gallery.index.params,

@@ -142,10 +142,20 @@ class Rule:
     target: float = 0.01
     impostors: ImpostorModel | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # (stored, templates) -> answer: the gallery rule's inversion of the impostor tail costs ~0.1 ms, and a
+    # rule lives as long as the settings it was parsed with (memo.py), so each gallery size is solved once
+    _answers: dict[tuple[float, int], tuple[float, str]] = field(default_factory=dict, compare=False, repr=False)
 
     def threshold(self, stored: float, templates: int) -> tuple[float, str]:
         """(threshold, explanation) for a gallery of ``templates`` templates."""
-        if self.kind == "gallery" and self.impostors is not None:
+        if self.kind != "gallery" or self.impostors is None:
+            return stored, "fixed"
+        key = (stored, int(templates))
+        answer = self._answers.get(key)
+        if answer is None:
             t = max(stored, gallery_threshold(self.impostors, self.target, templates))
-            return t, f"gallery: FPIR {self.target:g} at {templates} templates"
-        return stored, "fixed"
+            answer = (t, f"gallery: FPIR {self.target:g} at {templates} templates")
+            if len(self._answers) >= 256:
+                self._answers.clear()
+            self._answers[key] = answer
+        return answer

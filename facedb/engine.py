@@ -58,20 +58,27 @@ def candidate_people(gallery: Gallery, queries: np.ndarray, k: int, max_rounds: 
         pids = gallery.person_of(ids)
         still: list[int] = []
         for row, q in enumerate(pending):
-            people: dict[int, float] = {}
-            for pid, sim in zip(pids[row], sims[row]):
-                if pid >= 0 and pid not in people:
-                    people[int(pid)] = float(sim)
-                    if len(people) == k:
-                        break
+            people, best = first_people(pids[row], sims[row], k)
             if len(people) < k and kk < total and (max_rounds is None or rounds < max_rounds):
                 still.append(int(q))
             else:
-                results[q] = list(people.items())
+                results[q] = list(zip(people.tolist(), best.tolist()))
         pending = np.array(still, dtype=np.int64)
         kk = min(total, kk * 4)
         rounds += 1
     return results
+
+
+def first_people(pids: np.ndarray, sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``k`` distinct people in one query's results (template person ids ``pids``, -1 for none, with
+    their ``sims``, best first): (person ids, each one's best similarity among them), best first."""
+    valid = pids >= 0
+    if not valid.all():
+        pids, sims = pids[valid], sims[valid]
+    _, first = np.unique(pids, return_index=True)  # each person's first (best) row
+    first.sort()
+    first = first[:k]
+    return pids[first], sims[first]
 
 
 def rescore(queries: np.ndarray, ranked: Ranked, k: int, fetch: VectorFetch) -> Ranked:
@@ -88,11 +95,12 @@ def rescore(queries: np.ndarray, ranked: Ranked, k: int, fetch: VectorFetch) -> 
     best = np.maximum.reduceat(vectors @ queries.T, starts, axis=0)  # (people, queries): best template each
     out = []
     for j, pairs in enumerate(ranked):
-        rows = np.searchsorted(people, [pid for pid, _ in pairs])
-        exact = [(pid, float(best[r, j])) for (pid, _), r in zip(pairs, rows)
-                 if r < len(people) and people[r] == pid]
-        exact.sort(key=lambda p: -p[1])
-        out.append(exact[:k])
+        cand = np.fromiter((pid for pid, _ in pairs), dtype=np.int64, count=len(pairs))
+        rows = np.minimum(np.searchsorted(people, cand), len(people) - 1)
+        held = people[rows] == cand  # people removed since the index proposed them have no vectors: dropped
+        cand, scores = cand[held], best[rows[held], j]
+        order = np.argsort(-scores, kind="stable")[:k]
+        out.append(list(zip(cand[order].tolist(), scores[order].astype(float).tolist())))
     return out
 
 

@@ -3,6 +3,11 @@
 The index holds template ids; the engine answers in people. This keeps the two in step: every add and
 remove goes through here, and ``person_of`` turns the index's template ids into person ids (-1 for ids that
 map to no one: FAISS padding, or HNSW tombstones of removed templates).
+
+Both directions are arrays, so a query never loops in Python: template id -> person is a dense table indexed by
+id (4 bytes per id ever issued; template ids are AUTOINCREMENT, so dense), person -> templates the template ids
+sorted by person (CSR-like, searched with ``searchsorted``). For index kinds that do not keep exact vectors,
+the gallery may also hold them in memory (``vectors``, see ``vectors.py``) for re-scoring.
 """
 
 from __future__ import annotations
@@ -12,6 +17,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from .index import VectorIndex
+from .vectors import TemplateVectors, bytes_for
+
+#: The dense id -> person table is used while the largest id is at most this many times the live templates
+#: (plus a margin); past that (a gallery that removed most of what it ever held) ids are searched instead.
+DENSE_SLACK = 4
 
 
 class Gallery:
@@ -22,21 +32,47 @@ class Gallery:
         self.generation = generation
         self._ids = np.zeros(0, dtype=np.int64)  # sorted template ids
         self._pids = np.zeros(0, dtype=np.int64)  # person id of each
-        self._by_person: tuple[np.ndarray, np.ndarray] | None = None  # (person ids, template ids), by person
+        self._by_person: np.ndarray | None = None  # (person id << 32 | template id), sorted: person -> templates
+        self._dense: np.ndarray | None = None  # template id -> person id (-1: none), when ids are dense enough
         self._per_person = (1, 0)  # (templates per person rounded up, gallery size it was counted at)
+        self.vectors: TemplateVectors | None = None  # exact vectors in memory (kinds that do not keep them)
+        self._vector_budget = 0
 
     def __len__(self) -> int:
         return len(self._ids)
 
+    def keep_vectors(self, vectors: TemplateVectors, budget: int) -> None:
+        """Re-score from ``vectors`` (in memory) while the gallery's vectors fit ``budget`` bytes."""
+        self.vectors, self._vector_budget = vectors, budget
+
+    def drop_vectors(self) -> None:
+        if self.vectors is not None:
+            self.vectors.close()
+        self.vectors = None
+
+    def close(self) -> None:
+        """Let a replaced gallery's background work stop."""
+        self.drop_vectors()
+
     def add(self, ids: np.ndarray, person_ids: np.ndarray, vectors: np.ndarray) -> None:
         if not len(ids):
             return
+        ids = np.asarray(ids, dtype=np.int64)
+        person_ids = np.asarray(person_ids, dtype=np.int64)
         self.index.add(ids, vectors, person_ids)
-        all_ids = np.concatenate([self._ids, np.asarray(ids, dtype=np.int64)])
-        all_pids = np.concatenate([self._pids, np.asarray(person_ids, dtype=np.int64)])
-        order = np.argsort(all_ids, kind="stable")
+        all_ids = np.concatenate([self._ids, ids])
+        all_pids = np.concatenate([self._pids, person_ids])
+        order = np.argsort(all_ids, kind="stable")  # already sorted runs: a merge, not a full sort
         self._ids, self._pids = all_ids[order], all_pids[order]
-        self._by_person = None
+        if self._by_person is not None:  # insert the new pairs where they belong: O(n) copy, no sort
+            keys = np.sort(_person_keys(person_ids, ids))
+            self._by_person = np.insert(self._by_person, np.searchsorted(self._by_person, keys), keys)
+        self._index_dense(ids, person_ids)
+        if self.vectors is not None:
+            if bytes_for(len(self._ids), self.index.dim) > self._vector_budget:
+                self.drop_vectors()  # grew past the memory budget: re-score from the store from now on
+            else:
+                self.vectors.put(ids, vectors)
 
     def set_map(self, ids: np.ndarray, person_ids: np.ndarray) -> None:
         """Attach the person map to an index loaded from its persisted copy (which holds the vectors)."""
@@ -44,6 +80,8 @@ class Gallery:
         self._ids = np.asarray(ids, dtype=np.int64)[order]
         self._pids = np.asarray(person_ids, dtype=np.int64)[order]
         self._by_person = None
+        self._dense = None
+        self._index_dense(self._ids, self._pids)
 
     def remove(self, ids: Sequence[int]) -> None:
         ids = np.asarray(ids, dtype=np.int64)
@@ -53,7 +91,28 @@ class Gallery:
         self.index.remove(present)
         keep = ~np.isin(self._ids, present)
         self._ids, self._pids = self._ids[keep], self._pids[keep]
-        self._by_person = None
+        if self._by_person is not None:
+            self._by_person = self._by_person[~np.isin(self._by_person & _LOW, present)]
+        if self._dense is not None:
+            self._dense[present[present < len(self._dense)]] = -1
+        if self.vectors is not None:
+            self.vectors.remove(present)
+
+    def _index_dense(self, ids: np.ndarray, person_ids: np.ndarray) -> None:
+        """Enter (id, person) pairs in the dense id -> person table, making or dropping it as the ids allow."""
+        top = int(self._ids[-1]) if len(self._ids) else 0
+        if top > DENSE_SLACK * len(self._ids) + (1 << 20) or int(np.max(self._pids, initial=0)) >= 2**31:
+            self._dense = None  # too sparse (or ids beyond int32): searchsorted instead
+            return
+        if self._dense is None:
+            self._dense = np.full(top + 1, -1, dtype=np.int32)
+            self._dense[self._ids] = self._pids
+            return
+        if top >= len(self._dense):
+            grown = np.full(max(top + 1, len(self._dense) * 5 // 4), -1, dtype=np.int32)
+            grown[:len(self._dense)] = self._dense
+            self._dense = grown
+        self._dense[ids] = person_ids
 
     def dead(self) -> int:
         """Index entries that map to no person (HNSW tombstones)."""
@@ -70,6 +129,11 @@ class Gallery:
         """Person id of each template id; -1 for ids not in the gallery (FAISS padding included)."""
         if not len(self._ids):
             return np.full(np.shape(ids), -1, dtype=np.int64)
+        dense = self._dense
+        if dense is not None:
+            ids = np.asarray(ids)
+            inside = (ids >= 0) & (ids < len(dense))
+            return np.where(inside, dense[np.where(inside, ids, 0)], -1).astype(np.int64, copy=False)
         pos = np.searchsorted(self._ids, ids)
         pos = np.clip(pos, 0, len(self._ids) - 1)
         found = self._ids[pos] == ids
@@ -86,25 +150,46 @@ class Gallery:
             self._per_person = (per, n)
         return per
 
-    def _person_order(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._by_person is None:  # rebuilt on the first re-scoring after a change: O(n log n), ~0.1 s at 1M
-            order = np.argsort(self._pids, kind="stable")
-            self._by_person = (self._pids[order], self._ids[order])
+    def _person_order(self) -> np.ndarray:
+        if self._by_person is None:  # made on the first re-scoring (then kept up to date by add and remove)
+            self._by_person = np.sort(_person_keys(self._pids, self._ids))
         return self._by_person
 
     def person_templates(self, person_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Every live template of the given people: (person id of each, sorted; template ids)."""
-        pids, ids = self._person_order()
+        keys = self._person_order()
         wanted = np.unique(np.asarray(person_ids, dtype=np.int64))
-        lo, hi = np.searchsorted(pids, wanted, "left"), np.searchsorted(pids, wanted, "right")
-        rows = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)]) if len(wanted) else np.zeros(0, int)
-        return pids[rows], ids[rows]
+        wanted = wanted[(wanted >= 0) & (wanted < 2**31)]
+        lo, hi = np.searchsorted(keys, wanted << 32), np.searchsorted(keys, (wanted + 1) << 32)
+        counts = hi - lo
+        # the rows lo[i] .. hi[i] - 1 of every wanted person, concatenated, without a Python loop
+        rows = np.arange(int(counts.sum())) + np.repeat(lo - (np.cumsum(counts) - counts), counts)
+        found = keys[rows]
+        return found >> 32, found & _LOW
 
     def person_vectors(self, person_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray] | None:
         """Every live template vector of the given people, grouped by person: (person id of each row, sorted;
-        vectors), from the index itself; None when the index does not keep exact vectors."""
-        if not self.index.keeps_vectors:
+        vectors), from the index itself or the in-memory vectors; None when neither holds them all (the caller
+        reads the store)."""
+        if self.index.keeps_vectors:
+            pids, ids = self.person_templates(person_ids)
+            vectors = self.index.exact_vectors(ids)
+        elif self.vectors is not None:
+            pids, ids = self.person_templates(person_ids)
+            vectors = self.vectors.get(ids)
+        else:
             return None
-        pids, ids = self.person_templates(person_ids)
-        vectors = self.index.exact_vectors(ids)
         return (pids, vectors) if vectors is not None else None
+
+
+_LOW = np.int64(2**32 - 1)
+
+
+def _person_keys(person_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """One sortable int64 per (person, template) pair: person id in the high half, template id in the low.
+    Store ids are AUTOINCREMENT integers far below 2**31; larger ones cannot be paired this way."""
+    person_ids, ids = np.asarray(person_ids, dtype=np.int64), np.asarray(ids, dtype=np.int64)
+    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) > _LOW or int(person_ids.min()) < 0
+                     or int(person_ids.max()) >= 2**31):
+        raise ValueError("template ids beyond 2**32 or person ids beyond 2**31 are not supported")
+    return (person_ids << 32) | ids

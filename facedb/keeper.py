@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,7 @@ from .index import IndexBackend, IndexPlace, VectorIndex, auto_kind, backend_for
 from .records import IndexState
 from .settings import Settings
 from .store import Store
+from .vectors import TemplateVectors, budget_bytes, bytes_for
 
 #: Save the persisted copy when it lags the store by this many generations (or has no valid copy). Between
 #: saves, opening levels the copy with the store by a diff of template ids, adding only what is new.
@@ -55,13 +57,26 @@ TOMBSTONE_LIMIT = 0.10
 #: The advisory lock every writer of the persisted index takes (see "Erasure" above).
 LOCK_FILE = ".index.lock"
 
+#: Templates read from the store at a time when building (64 MiB of 512-d vectors): a build holds the index,
+#: a training sample and one batch, not every vector (10M x 512-d is 20 GB).
+BUILD_BATCH = 32768
+
+
+def training_rows(n: int) -> int:
+    """How many templates a build trains on: what FAISS's IVF k-means wants (~40 points for each of the ~4
+    sqrt(n) lists, ``faiss_kinds._nlist_for``; more only costs time) with a margin, at least 65,536 (PQ
+    codebooks and small galleries), at most the gallery."""
+    return int(min(n, max(65_536, 160 * math.sqrt(max(n, 1)))))
+
 
 class IndexKeeper:
     """Loads, catches up, rebuilds, saves, verifies and describes one database's index."""
 
     def __init__(self, store: Store, root: Path, *, readonly: bool = False,
-                 options: dict[str, Any] | None = None) -> None:
+                 options: dict[str, Any] | None = None, vector_budget: int | None = None) -> None:
         self.store = store
+        # memory the in-memory re-scoring vectors may take (vectors.py); None: FACEDB_RESCORE_MEMORY_MB or 8 GiB
+        self.vector_budget = budget_bytes() if vector_budget is None else int(vector_budget)
         self.root = Path(root)
         self.place = IndexPlace(root, readonly, dict(options or {}))
         self.readonly = readonly
@@ -103,14 +118,24 @@ class IndexKeeper:
         elif self.gallery.generation != settings.generation and not self._catch_up(self.gallery):
             # the log no longer reaches back: a shared engine is levelled by a diff of ids, not rebuilt
             assert self._backend is not None
-            self.gallery = (self._backend.write_through and self._load(settings)) or self._build(settings)
+            self._replace((self._backend.write_through and self._load(settings)) or self._build(settings))
         if self.rebuild_reason(self.gallery, settings):
-            self.gallery = self._build(settings)
+            self._replace(self._build(settings))
         if self._holds_removed and not self.readonly and not self._locked:
             self._holds_removed = False
             self.erase(settings)  # the file holds templates removed since it was saved: erase them now
         self._publish(self.gallery)
         return self.gallery
+
+    def forget(self) -> None:
+        """Drop the gallery in memory (the next query loads or rebuilds it)."""
+        self._replace(None)
+
+    def _replace(self, gallery: Gallery | None) -> None:
+        """Put ``gallery`` in place of the current one, whose background work (a vector fill) is stopped."""
+        if self.gallery is not None and self.gallery is not gallery:
+            self.gallery.close()
+        self.gallery = gallery
 
     def after_write(self, settings: Settings) -> None:
         """Apply a write this process just made: only if the gallery is loaded (otherwise the next query does),
@@ -123,7 +148,7 @@ class IndexKeeper:
         try:
             self.current(settings)
         except IndexUnavailableError as exc:
-            self.gallery = None  # reconnect and catch up on the next query
+            self._replace(None)  # reconnect and catch up on the next query
             warnings.warn(f"stored, but the index engine is behind until it can be reached: {exc}",
                           IndexBehindWarning, stacklevel=3)
 
@@ -201,6 +226,7 @@ class IndexKeeper:
         if backend.write_through and self._replay(index, len(ids)):
             gallery = Gallery(index, gen)
             gallery.set_map(ids, pids)
+            self._fill_vectors(gallery, settings.dim)
             self.from_file = True
             return gallery
         held = index.ids()
@@ -209,6 +235,7 @@ class IndexKeeper:
         index.remove(dead)  # removed since the copy was written (tombstones for HNSW)
         gallery = Gallery(index, gen)
         gallery.set_map(ids[in_index], pids[in_index])
+        self._fill_vectors(gallery, settings.dim)
         new_ids, new_pids, vectors = self.store.templates(ids[~in_index])
         gallery.add(new_ids, new_pids, vectors)
         gallery.generation = gen
@@ -232,13 +259,55 @@ class IndexKeeper:
         index.add(ids, vectors, pids)
         return len(index) == count
 
+    def _wants_vectors(self, index: VectorIndex, n: int, dim: int) -> bool:
+        """Whether re-scoring should read this gallery's vectors from memory: the index does not keep them, it
+        is not exact (no re-scoring), and they fit the budget."""
+        return not index.keeps_vectors and not index.exact and 0 < bytes_for(max(n, 1), dim) <= self.vector_budget
+
+    def _fill_vectors(self, gallery: Gallery, dim: int) -> None:
+        """Give a gallery loaded from its persisted copy (codes only) its exact vectors, read from the store in
+        the background (queries read the store for whatever is not in memory yet)."""
+        if not self._wants_vectors(gallery.index, len(gallery), dim):
+            return
+        vectors = TemplateVectors(dim, capacity=len(gallery))
+        gallery.keep_vectors(vectors, self.vector_budget)
+        vectors.fill(self.store.stream_templates(BUILD_BATCH // 4))
+
+    def _training_sample(self, ids: np.ndarray) -> np.ndarray | None:
+        """A random sample of the stored vectors to train on (``training_rows``), read by id."""
+        if not len(ids):
+            return None
+        take = training_rows(len(ids))
+        chosen = ids if take >= len(ids) else np.sort(np.random.default_rng(0).choice(ids, take, replace=False))
+        return self.store.templates(chosen)[2]
+
     def _build(self, settings: Settings) -> Gallery:
-        gen, ids, pids, vectors = self.store.snapshot()
-        kind = self.kind_for(settings, len(ids))
+        """A new index from the store, streamed: trained on a sample, then filled batch by batch from one
+        snapshot (at most one batch of vectors in memory beside the index, and the in-memory re-scoring vectors
+        where they fit the budget), then levelled with writes that landed meanwhile."""
+        _, ids, _ = self.store.template_map()
+        n = len(ids)
+        kind = self.kind_for(settings, n)
         backend = self.backend(kind)
-        gallery = Gallery(backend.new(kind, settings.dim, dict(settings.index_params), vectors, self.place), gen)
-        gallery.add(ids, pids, vectors)
-        del vectors
+        sample = self._training_sample(ids)
+        index = backend.new(kind, settings.dim, dict(settings.index_params), sample, self.place, total=n)
+        del sample
+        vectors = TemplateVectors(settings.dim, capacity=n) if self._wants_vectors(index, n, settings.dim) else None
+        gen = None
+        all_ids: list[np.ndarray] = []
+        all_pids: list[np.ndarray] = []
+        for batch in self.store.stream_templates(BUILD_BATCH):
+            gen, b_ids, b_pids, b_vectors = batch  # the snapshot's generation, the same in every batch
+            index.add(b_ids, b_vectors, b_pids)
+            if vectors is not None:
+                vectors.put(b_ids, b_vectors)
+            all_ids.append(b_ids)
+            all_pids.append(b_pids)
+        gallery = Gallery(index, self.store.generation() if gen is None else gen)
+        if all_ids:
+            gallery.set_map(np.concatenate(all_ids), np.concatenate(all_pids))
+        if vectors is not None:
+            gallery.keep_vectors(vectors, self.vector_budget)
         self._catch_up(gallery)  # writes that landed while we read
         self._backend = backend
         self.from_file = False
@@ -353,7 +422,7 @@ class IndexKeeper:
 
     def rebuild(self, settings: Settings) -> Gallery:
         """Rebuild from the store and persist."""
-        self.gallery = self._build(settings)
+        self._replace(self._build(settings))
         self.save(settings, force=True)
         return self.gallery
 
@@ -425,6 +494,9 @@ class IndexKeeper:
                 persisted = self.backend(str(stamp["kind"])).persisted_bytes(self.place)
             except Exception:
                 persisted = 0
+        vectors = g.vectors if g is not None else None
+        rescore = None if g is None or g.index.exact else "index" if g.index.keeps_vectors else \
+            "store" if vectors is None else "loading" if vectors.loading else "memory"
         return IndexState(
             kind=settings.index_kind,
             built=g.index.kind if g is not None else stamp.get("kind"),
@@ -438,4 +510,6 @@ class IndexKeeper:
             persisted_generation=stamp.get("generation"),
             persisted_bytes=persisted,
             backend=(self._backend.name if self._backend is not None else str(stamp.get("backend", "faiss"))),
+            rescore_from=rescore,
+            rescore_bytes=vectors.nbytes if vectors is not None else 0,
         )

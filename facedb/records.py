@@ -163,6 +163,11 @@ class IndexState(_Record):
     persisted_generation: int | None
     persisted_bytes: int
     backend: str
+    # where candidates' exact vectors come from for re-scoring: "index" (it keeps them), "memory" (vectors.py),
+    # "loading" (memory, being filled: the store until then), "store" (SQLite: over the memory budget), or
+    # None (exact kind: no re-scoring, or not loaded)
+    rescore_from: str | None = None
+    rescore_bytes: int = 0  # memory the in-memory vectors take
 
 
 @dataclass(frozen=True)

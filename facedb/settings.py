@@ -1,4 +1,5 @@
-"""A database's settings as typed values, parsed once per call from the store's ``meta`` table.
+"""A database's settings as typed values, parsed from the store's ``meta`` table once per change (``memo.py``
+keeps the parsed settings until the store's ``settings_version`` says they changed).
 
 On disk the settings are text rows of ``meta`` (key, value), so that any SQLite tool can read them and old
 databases keep working: a key that is missing takes the default of the version that introduced it (a database
@@ -124,15 +125,19 @@ class Calibration:
 
 @dataclass(frozen=True)
 class AuditSettings:
-    """The audit trail: on or off, how many days records are kept (0 = forever), and whether each probe's
-    embedding is stored with its decision (off by default: it is biometric data)."""
+    """The audit trail: on or off, how many days records are kept (0 = forever), whether each probe's
+    embedding is stored with its decision (off by default: it is biometric data), and whether a decision's
+    record is committed before the answer is returned (``sync``) or by the background writer within
+    ``audit.FLUSH_DELAY_S`` after it (new databases; see ``audit.py`` for what each guarantees)."""
 
     enabled: bool = True
     retention_days: float = 90.0
     store_probes: bool = False
+    sync: bool = True
 
     def to_dict(self) -> dict[str, Any]:
-        return {"enabled": self.enabled, "retention_days": self.retention_days, "store_probes": self.store_probes}
+        return {"enabled": self.enabled, "retention_days": self.retention_days, "store_probes": self.store_probes,
+                "sync": self.sync}
 
     def __getitem__(self, key: str) -> Any:
         if key == "store_embeddings":  # the older name
@@ -178,7 +183,7 @@ class Settings:
         known = {"model_id", "dim", "threshold", "threshold_source", "metric", "flip", "index_kind", "index_params",
                  "index_stamp", "calibration", "audit_enabled", "audit_retention_days", "audit_store_embeddings",
                  "generation", "created_at", "decision_rule", "decision_target", "impostor_model",
-                 "database_id", *INDEX_OPTION_KEYS}
+                 "database_id", "audit_sync", "settings_version", "people_version", *INDEX_OPTION_KEYS}
         impostors = None
         if meta.get("impostor_model"):
             try:
@@ -203,6 +208,7 @@ class Settings:
                 enabled=meta.get("audit_enabled", "1") == "1",
                 retention_days=float(meta.get("audit_retention_days", "90")),
                 store_probes=meta.get("audit_store_embeddings", "0") == "1",
+                sync=meta.get("audit_sync", "1") == "1",  # missing: a database from before the background writer
             ),
             generation=int(meta.get("generation") or 0),
             created_at=meta.get("created_at"),
@@ -217,7 +223,8 @@ class Settings:
         """The ``meta`` rows of a new database: the gallery rule when the model ships an impostor model."""
         rows = {"model_id": model_id, "dim": str(int(dim)), "metric": "cosine", "threshold": repr(float(threshold)),
                 "threshold_source": threshold_source, "index_kind": index_kind, "flip": "1" if flip else "0",
-                "decision_rule": "gallery" if impostors is not None else "fixed", "decision_target": "0.01"}
+                "decision_rule": "gallery" if impostors is not None else "fixed", "decision_target": "0.01",
+                "audit_sync": "0"}
         if impostors is not None:
             rows["impostor_model"] = impostors.to_json()
         return rows
@@ -243,8 +250,11 @@ class Settings:
         return rows
 
     @staticmethod
-    def audit_rows(enabled: bool | None, retention_days: float | None, store_probes: bool | None) -> dict[str, str]:
+    def audit_rows(enabled: bool | None, retention_days: float | None, store_probes: bool | None,
+                   sync: bool | None = None) -> dict[str, str]:
         rows: dict[str, str] = {}
+        if sync is not None:
+            rows["audit_sync"] = "1" if sync else "0"
         if enabled is not None:
             rows["audit_enabled"] = "1" if enabled else "0"
         if retention_days is not None:

@@ -286,6 +286,15 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
         created_at TEXT NOT NULL
     );
     """,
+    # 7: version counters a query reads to know when its cached settings and names are stale (one small read
+    # per query instead of parsing every setting; see facedb/memo.py), and the audit trail's write mode:
+    # databases made before it keep writing each decision's record before the answer (sync) until told
+    # otherwise (new databases default to the background writer: README "Guarantees")
+    """
+    INSERT OR IGNORE INTO meta (key, value) VALUES ('settings_version', '0');
+    INSERT OR IGNORE INTO meta (key, value) VALUES ('people_version', '0');
+    INSERT OR IGNORE INTO meta (key, value) VALUES ('audit_sync', '1');
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -549,8 +558,30 @@ class Store:
         return dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
 
     def set_meta(self, items: dict[str, str]) -> None:
+        """Write settings rows, and bump ``settings_version`` in the same transaction, so that every process
+        holding parsed settings (``memo.py``) sees the change at its next query."""
         with self.write():
             self.db["meta"].upsert_all([{"key": k, "value": str(v)} for k, v in items.items()], pk="key")
+            self._bump("settings_version")
+
+    def _bump(self, key: str) -> None:
+        """Increment a version counter in ``meta`` (inside the caller's write transaction)."""
+        self.conn.execute("INSERT INTO meta (key, value) VALUES (?, '1') ON CONFLICT(key) DO UPDATE SET "
+                          "value = CAST(CAST(value AS INTEGER) + 1 AS TEXT)", (key,))
+
+    #: The counters :meth:`versions` reads: templates (the change log's), settings, people's names.
+    VERSION_KEYS = ("generation", "settings_version", "people_version")
+
+    def versions(self) -> tuple[int, int, int]:
+        """(generation, settings version, people version) in one read: what a query checks its cached
+        settings, index and names against (a store from before the counters reads 0 for them)."""
+        got = dict(self.conn.execute("SELECT key, value FROM meta WHERE key IN (?, ?, ?)", self.VERSION_KEYS))
+        return int(got.get("generation") or 0), int(got.get("settings_version") or 0), \
+            int(got.get("people_version") or 0)
+
+    @property
+    def in_transaction(self) -> bool:
+        return bool(self.conn.in_transaction)
 
     def generation(self) -> int:
         return int(self.get_meta("generation", "0") or 0)
@@ -652,6 +683,7 @@ class Store:
             if old != new and self.conn.execute("SELECT 1 FROM people WHERE name = ?", (new,)).fetchone():
                 raise DuplicatePersonError(f"a person named {new!r} already exists")
             self.conn.execute("UPDATE people SET name = ?, updated_at = ? WHERE id = ?", (new, utcnow(), pid))
+            self._bump("people_version")
         return self.person(new)
 
     def update_person(self, name: str, *, metadata: dict[str, Any] | None = None, replace: bool = False,
@@ -678,6 +710,8 @@ class Store:
             elif clear_external_id:
                 fields["external_id"] = None
             self.db["people"].update(pid, fields)
+            if "external_id" in fields:
+                self._bump("people_version")  # answers carry the external id: cached names must be re-read
         return self.person(name)
 
     def update_metadata(self, name: str, metadata: dict[str, Any]) -> Person:
@@ -692,6 +726,7 @@ class Store:
             # Cascades to images and embeddings; secure_delete zeroes the freed pages.
             self.conn.execute("DELETE FROM people WHERE id = ?", (pid,))
             self._bump_generation([], ids)
+            self._bump("people_version")
         return ids
 
     def remove_template(self, template_id: int) -> str:
@@ -732,6 +767,7 @@ class Store:
             self.conn.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (str(gen),))
             self.conn.executemany("INSERT INTO changes (generation, embedding_id, op) VALUES (?, ?, ?)",
                                   [(gen, i, op) for i in ids for op in ("remove", "add")])
+            self._bump("people_version")
         return ids
 
     # --------------------------------------------------------------- templates
@@ -818,6 +854,24 @@ class Store:
             empty = np.zeros(0, dtype=np.int64)
             return gen, empty, empty.copy(), np.zeros((0, self.dim), dtype=np.float32)
         return gen, np.concatenate(ids), np.concatenate(pids), np.concatenate(vecs)
+
+    def stream_templates(self, batch: int = 16384) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+        """Every template as (generation, ids, person ids, vectors ``(rows, dim)`` float32) batches of ``batch``
+        rows in id order, all from one snapshot (the generation is the same in every batch), read through a
+        connection of its own: another thread may consume it while this store's connection answers queries,
+        and no more than one batch is held in memory (a 10M-template gallery is 20 GB of vectors)."""
+        conn = self._connect(self.path, readonly=True, key=self._key)
+        try:
+            conn.execute("BEGIN")  # one snapshot for every batch
+            row = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+            gen = int(row[0]) if row else 0
+            cursor = conn.execute("SELECT id, person_id, vector FROM embeddings ORDER BY id")
+            while rows := cursor.fetchmany(batch):
+                yield (gen, np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)),
+                       np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows)),
+                       self._vectors([r[2] for r in rows]))
+        finally:
+            conn.close()
 
     def template_map(self) -> tuple[int, np.ndarray, np.ndarray]:
         """(generation, template ids, person ids) of every template, sorted by id, from one snapshot."""
@@ -978,12 +1032,29 @@ class Store:
             self._audit_conn = conn
         return self._audit_conn
 
+    _AUDIT_COLUMNS = ("time", "operation", "image_sha256", "identity", "similarity", "threshold", "model_id",
+                      "detail", "embedding", "actor")
+
+    def audit_row(self, r: dict[str, Any]) -> tuple[Any, ...]:
+        """One record as the tuple :meth:`append_audit_rows` inserts (its ``time`` defaults to now)."""
+        row = (r.get("time") or utcnow(), r["operation"], r.get("image_sha256"), r.get("identity"),
+               r.get("similarity"), r.get("threshold"), r["model_id"],
+               json.dumps(r["detail"]) if r.get("detail") else None, r.get("embedding"))
+        return (*row, r.get("actor")) if self.version >= 3 else row
+
     def append_audit(self, rows: Sequence[dict[str, Any]], retention_days: float | None) -> None:
-        """Append decision records (one transaction) and drop those older than the retention period.
+        """Append decision records (one transaction) and drop those older than the retention period. A row's
+        ``time`` is when it was recorded (default: now), so that records written later in a group keep theirs.
 
         Written through a connection of its own, read-write even when this store was opened read-only (a door
         reader's decisions are logged too); DatabaseError when the file cannot be written, so that no decision
         is answered without its record."""
+        self.append_audit_rows([self.audit_row(r) for r in rows], retention_days)
+
+    def append_audit_rows(self, rows: Sequence[tuple[Any, ...]], retention_days: float | None) -> None:
+        """:meth:`append_audit` for rows made by :meth:`audit_row`. A group is inserted by multi-row statements,
+        few SQLite calls: a background writer thread hands Python's GIL back and forth once per call, and every
+        hand-over can make the thread answering queries wait."""
         if not rows:
             return
         if self.version < 2:  # a read-only open of a database made before the audit trail existed
@@ -991,18 +1062,16 @@ class Store:
         with self._audit_lock:
             self._append_audit(rows, retention_days)
 
-    def _append_audit(self, rows: Sequence[dict[str, Any]], retention_days: float | None) -> None:
-        now = utcnow()
+    def _append_audit(self, rows: Sequence[tuple[Any, ...]], retention_days: float | None) -> None:
         conn = self._audit_connection()
-        cols = ["time", "operation", "image_sha256", "identity", "similarity", "threshold", "model_id", "detail",
-                "embedding"] + (["actor"] if self.version >= 3 else [])
+        cols = self._AUDIT_COLUMNS[:len(rows[0])]
+        marks = f"({', '.join('?' * len(cols))})"
+        per = max(1, 30000 // len(cols))  # under SQLite's bound-parameter limit (32,766)
         with self._transaction(conn, "write the audit trail"):
-            conn.executemany(
-                f"INSERT INTO audit ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                [(now, r["operation"], r.get("image_sha256"), r.get("identity"), r.get("similarity"),
-                  r.get("threshold"), r["model_id"], json.dumps(r["detail"]) if r.get("detail") else None,
-                  r.get("embedding"), *([r.get("actor")] if self.version >= 3 else [])) for r in rows],
-            )
+            for start in range(0, len(rows), per):
+                chunk = rows[start:start + per]
+                conn.execute(f"INSERT INTO audit ({', '.join(cols)}) VALUES {', '.join([marks] * len(chunk))}",
+                             [v for row in chunk for v in row])
             if retention_days is not None:
                 cutoff = datetime.fromtimestamp(
                     datetime.now(timezone.utc).timestamp() - retention_days * 86400, timezone.utc

@@ -52,9 +52,10 @@ SAME_COS = 0.70
 THRESHOLD = 0.5
 
 
-def synth(n: int, dim: int, queries: int, seed: int = 0, isotropic: bool = False):
+def synth(n: int, dim: int, queries: int, seed: int = 0, isotropic: bool = False, per: int = 5):
+    """(templates (people, per, dim), truth (queries,), genuine (queries, dim), impostor (queries // 2, dim))."""
     rng = np.random.default_rng(seed)
-    people = n // 5
+    people = n // per
     sigma = np.sqrt(1 / SAME_COS - 1)
     scale = np.ones(dim) if isotropic else (np.arange(dim) + 1.0) ** -0.4  # std; variance ~ (i + 1)^-0.8
     scale = (scale / np.sqrt(np.sum(scale**2))).astype(np.float32)  # E|draw|^2 = 1
@@ -69,7 +70,7 @@ def synth(n: int, dim: int, queries: int, seed: int = 0, isotropic: bool = False
         return rng.standard_normal((*shape, dim)).astype(np.float32) / np.float32(np.sqrt(dim))
 
     centres = unit(draw((people,)))
-    templates = unit(centres[:, None, :] + sigma * noise((people, 5)))
+    templates = unit(centres[:, None, :] + sigma * noise((people, per)))
     truth = rng.choice(people, queries, replace=False)
     genuine = unit(centres[truth] + sigma * noise((queries,)))
     impostor = unit(unit(draw((queries // 2,))) + sigma * noise((queries // 2,)))

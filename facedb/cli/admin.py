@@ -26,6 +26,14 @@ class IndexKind(str, Enum):
     auto = "auto"
 
 
+class Quantizer(str, Enum):
+    """IVF coarse quantizers (``facedb/index/faiss_kinds.py`` QUANTIZERS)."""
+
+    flat = "flat"
+    fp16 = "fp16"
+    hnsw = "hnsw"
+
+
 MilvusUriOpt = Annotated[str | None, typer.Option(
     envvar="FACEDB_MILVUS_URI", help="--index milvus: http(s)://host:19530 (a Milvus server or cluster) or a path "
                                      "ending in .db (Milvus Lite, one process). Stored in the database.")]
@@ -166,6 +174,10 @@ def reindex(
     ef_search: Annotated[int | None, typer.Option(min=1, help="HNSW: search breadth.")] = None,
     ef_construction: Annotated[int | None, typer.Option(min=1, help="HNSW: build breadth.")] = None,
     m: Annotated[int | None, typer.Option("--m", min=2, help="HNSW: links per node.")] = None,
+    quantizer: Annotated[
+        Quantizer | None, typer.Option(help="ivf, ivfpq: how a probe's lists are chosen: flat (float32), fp16 or "
+                                            "hnsw (default by list count: flat < 1,024 <= fp16 < 8,192 <= hnsw).")
+    ] = None,
     milvus_uri: MilvusUriOpt = None,
     milvus_collection: MilvusCollectionOpt = None,
     milvus_token: MilvusTokenOpt = None,
@@ -173,7 +185,8 @@ def reindex(
     """Change the index kind and its settings, and rebuild it from the store (moving to Milvus fills the
     collection; moving back to a FAISS kind drops it)."""
     params = {k: v for k, v in {"nprobe": nprobe, "nlist": nlist, "ef_search": ef_search,
-                                "ef_construction": ef_construction, "M": m}.items() if v is not None}
+                                "ef_construction": ef_construction, "M": m,
+                                "quantizer": quantizer.value if quantizer else None}.items() if v is not None}
     options = milvus_options(index, milvus_uri, milvus_collection, milvus_token)
     with open_db(ctx) as db:
         try:
@@ -237,11 +250,17 @@ def audit_settings(
         typer.Option("--store-probes/--no-store-probes", "--store-embeddings/--no-store-embeddings",
                      help="Also store each probe's embedding (biometric data; off by default)."),
     ] = None,
+    sync: Annotated[
+        bool | None,
+        typer.Option("--sync/--async", help="--sync: each decision's record is committed before its answer; "
+                                            "--async (new databases): by a background writer within 20 ms after it "
+                                            "(README 'Guarantees'). Gallery changes are always synchronous."),
+    ] = None,
 ) -> None:
     """Show or change the audit trail's settings."""
     with open_db(ctx) as db:
         emit_kv(ctx, db.configure_audit(enabled=enable, retention_days=retention_days,
-                                        store_probes=store_probes).to_dict())
+                                        store_probes=store_probes, sync=sync).to_dict())
 
 
 @command(name="rule")

@@ -97,8 +97,10 @@ class IndexBackend(Protocol):
     write_through: bool  # add/remove are durable at once; save only records the generation reflected
 
     def new(self, kind: str, dim: int, params: dict[str, Any], train: np.ndarray | None,
-            place: IndexPlace) -> VectorIndex:
-        """A new, empty index of ``kind`` (trained on ``train`` where the kind needs training)."""
+            place: IndexPlace, total: int | None = None) -> VectorIndex:
+        """A new, empty index of ``kind`` (trained on ``train`` where the kind needs training). ``total``: the
+        size of the gallery it is made for, when ``train`` is only a sample of it (the keeper streams builds:
+        sizes like an IVF's list count follow ``total``); default ``len(train)``."""
         ...
 
     def load(self, place: IndexPlace, stamp: dict[str, Any], dim: int) -> VectorIndex | None:

@@ -389,7 +389,7 @@ class MilvusBackend:
     write_through = True
 
     def new(self, kind: str, dim: int, params: dict[str, Any], train: np.ndarray | None,
-            place: IndexPlace) -> VectorIndex:
+            place: IndexPlace, total: int | None = None) -> VectorIndex:
         uri, token, alias = _target(place)
         if place.readonly:
             raise IndexUnavailableError(
@@ -399,7 +399,7 @@ class MilvusBackend:
         info = _describe(client, uri, alias)
         if info is not None:  # what the alias points to now must be this database's before it is replaced
             _check_owner(info, place, dim, uri, alias)
-        chosen = index_params(0 if train is None else len(train), params)
+        chosen = index_params(total if total is not None else 0 if train is None else len(train), params)
         physical = f"{alias}__{secrets.token_hex(4)}"
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.INT64, is_primary=True)
