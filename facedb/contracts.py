@@ -180,22 +180,44 @@ def check_write_through(backend: IndexBackend, place: IndexPlace, stamp: dict[st
 
 
 def check_engine(backend: IndexBackend, kind: str, root: Path, *, dim: int = 32, seed: int = 1,
-                 place: IndexPlace | None = None) -> None:
+                 place: IndexPlace | None = None, in_memory: bool | None = None) -> None:
     """The query engine over one index kind, against a brute-force oracle of per-person best scores: the
     top-k people and their scores are exact (approximate kinds: every score returned is exact and the right
-    person is first for near-copies of stored templates), and decisions follow the threshold."""
+    person is first for near-copies of stored templates), and decisions follow the threshold.
+
+    Kinds whose index keeps no exact vectors re-score from the in-memory vectors (``vectors.py``) and from
+    the store's (the fetch function); ``in_memory`` None checks both, True / False one of them."""
+    if in_memory is None:
+        probe = backend.new(kind, dim, {}, None, place or IndexPlace(root))
+        both = not probe.keeps_vectors and not probe.exact
+        for mode in ((False, True) if both else (False,)):
+            check_engine(backend, kind, root, dim=dim, seed=seed, place=place, in_memory=mode)
+        return
     rng = np.random.default_rng(seed)
     x, pids = clustered(rng, 120, 5, dim, noise=0.6)
     ids = np.arange(1, len(x) + 1, dtype=np.int64)
     gallery = Gallery(backend.new(kind, dim, {}, x, place or IndexPlace(root)), 0)
+    if in_memory:
+        from .vectors import TemplateVectors
+
+        gallery.keep_vectors(TemplateVectors(dim), budget=1 << 40)
     gallery.add(ids, pids, x)
     names = {int(p): (f"p{p}", None) for p in np.unique(pids)}
 
-    def fetch(people: object) -> tuple[np.ndarray, np.ndarray]:
+    def from_store(people: object) -> tuple[np.ndarray, np.ndarray]:
         wanted = np.unique(np.asarray(people, dtype=np.int64))
         rows = np.flatnonzero(np.isin(pids, wanted))
         order = np.argsort(pids[rows], kind="stable")
         return pids[rows][order], x[rows][order]
+
+    def fetch(people: object) -> tuple[np.ndarray, np.ndarray]:
+        held = gallery.person_vectors(people)  # type: ignore[arg-type]
+        if in_memory:
+            assert held is not None, "the in-memory vectors hold every live template"
+            want = from_store(people)
+            assert np.array_equal(held[0], want[0]) and held[1].tobytes() == want[1].tobytes(), \
+                "in-memory vectors are the stored ones, bit for bit, grouped by person"
+        return held or from_store(people)
 
     q = x[rng.choice(len(x), 30, replace=False)] + 0.02 * rng.standard_normal((30, dim)).astype(np.float32)
     q = np.concatenate([q, unit_rows(rng, 10, dim)])
