@@ -63,10 +63,10 @@ BUILD_BATCH = 32768
 
 
 def training_rows(n: int) -> int:
-    """How many templates a build trains on: what FAISS's IVF k-means wants (~40 points for each of the ~4
-    sqrt(n) lists, ``faiss_kinds._nlist_for``; more only costs time) with a margin, at least 65,536 (PQ
-    codebooks and small galleries), at most the gallery."""
-    return int(min(n, max(65_536, 160 * math.sqrt(max(n, 1)))))
+    """How many templates a build trains on: what FAISS's IVF k-means uses (~40 points for each of the ~4
+    sqrt(n) lists, at most 8,192 lists: ``faiss_kinds._nlist_for``; more only costs time), at least 65,536
+    (PQ codebooks and small galleries), at most the gallery."""
+    return int(min(n, max(65_536, min(160 * math.sqrt(max(n, 1)), 40 * 8192))))
 
 
 class IndexKeeper:
@@ -106,7 +106,9 @@ class IndexKeeper:
         trained = gallery.index.params.get("trained_on")
         if trained is not None and n > 4 * max(int(trained), 256):
             return "retrain"
-        if self.kind_for(settings, n) != gallery.index.kind:
+        wanted = self.kind_for(settings, n)
+        # auto's ivf (its choice in earlier releases) and ivfpq are equally good: no rebuild for that alone
+        if wanted != gallery.index.kind and {wanted, gallery.index.kind} != {"ivf", "ivfpq"}:
             return "kind"
         return None
 

@@ -213,7 +213,7 @@ def test_gallery_maps_stay_right_through_adds_and_removes(rng):
             gallery.remove(gone)
             for g in gone:
                 truth.pop(int(g))
-        probe_ids = np.array(list(truth) + [next_id + 5, -1])
+        probe_ids = np.array([*truth, next_id + 5, -1])
         assert gallery.person_of(probe_ids).tolist() == [truth[i] for i in truth] + [-1, -1]
         wanted = rng.choice(40, 6, replace=False)
         pids_got, ids_got = gallery.person_templates(wanted)
@@ -237,7 +237,7 @@ def test_a_streamed_build_trained_on_a_sample_holds_everything(tmp_path, rng, mo
         assert db.identify(items[123][1][2]).identity == "p123"
 
 
-@pytest.mark.parametrize("quantizer", ["flat", "fp16", "hnsw"])
+@pytest.mark.parametrize("quantizer", ["flat", "pca", "fp16", "hnsw"])
 @pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
 def test_coarse_quantizers_survive_save_and_load(tmp_path, rng, kind, quantizer):
     items = people(rng, 400, per=3)

@@ -30,6 +30,7 @@ class Quantizer(str, Enum):
     """IVF coarse quantizers (``facedb/index/faiss_kinds.py`` QUANTIZERS)."""
 
     flat = "flat"
+    pca = "pca"
     fp16 = "fp16"
     hnsw = "hnsw"
 
@@ -175,8 +176,9 @@ def reindex(
     ef_construction: Annotated[int | None, typer.Option(min=1, help="HNSW: build breadth.")] = None,
     m: Annotated[int | None, typer.Option("--m", min=2, help="HNSW: links per node.")] = None,
     quantizer: Annotated[
-        Quantizer | None, typer.Option(help="ivf, ivfpq: how a probe's lists are chosen: flat (float32), fp16 or "
-                                            "hnsw (default by list count: flat < 1,024 <= fp16 < 8,192 <= hnsw).")
+        Quantizer | None, typer.Option(help="ivf, ivfpq: how a probe's lists are chosen: flat (float32), pca "
+                                            "(in a PCA projection to dim/4; the default from 1,024 lists), fp16 or "
+                                            "hnsw.")
     ] = None,
     milvus_uri: MilvusUriOpt = None,
     milvus_collection: MilvusCollectionOpt = None,

@@ -183,14 +183,14 @@ def check_kind(kind: str) -> str:
 
 
 def auto_kind(n: int, dim: int) -> str:
-    """The index kind ``auto`` picks for ``n`` templates: exact below 50,000; IVF (exact scores, removable,
-    identity found for 100% of probes at 1M in our measurements) above; IVF-PQ when float32 vectors would
-    take more than 8 GiB."""
+    """The index kind ``auto`` picks for ``n`` templates: exact below 50,000; IVF-PQ fast-scan above (its
+    candidates re-scored exactly from float32 vectors kept in memory up to the re-scoring budget, then from
+    the store: ``facedb/vectors.py``). Before the in-memory vectors existed, ``auto`` picked IVF-Flat up to
+    8 GiB of vectors; at the same memory IVF-PQ with exact re-scoring gives the same answers several times
+    faster (README "Performance"). An ``auto`` index already built as ivf is kept until its next rebuild."""
     if n < 50_000:
         return "flat"
-    if n * dim * 4 > 8 * 2**30:
-        return "ivfpq"
-    return "ivf"
+    return "ivfpq"
 
 
 def _faiss_backend() -> IndexBackend:

@@ -218,25 +218,39 @@ class HNSWIndex(_Faiss):
 
 
 #: Coarse quantizers: which lists a probe scans is chosen by comparing it with every list centroid. ``flat``
-#: (float32) reads nlist x dim x 4 bytes per probe: 8 MiB at 4,096 lists of 512-d, 0.15-0.3 ms, most of an
-#: ivfpq query at 1M. ``fp16`` halves that (the 16 lists chosen were the float32 ones for 99.9% of probes at
-#: 1M); ``hnsw`` (M 32, efSearch ``quantizer_ef``, default 128) searches a graph over the centroids (99.3% of
-#: lists, every probe's first list, at 4,096 lists; ~5x faster than flat at 16,384). Measured with
-#: scripts/bench_search.py data; exact re-scoring makes a missed list cost at most a missed candidate.
-QUANTIZERS = ("flat", "fp16", "hnsw")
+#: (float32, full dimension) reads nlist x dim x 4 bytes per probe: 8 MiB at 4,096 lists of 512-d, 0.15-0.3 ms,
+#: most of an ivfpq query at 1M. ``pca`` (the default from 1,024 lists) clusters and compares in a PCA
+#: projection to ``pca_dim`` dimensions (default dim/4, at least 64: 128 for 512-d), a quarter of the reads:
+#: measured on scripts/bench_search.py's face-like data at 200k, 2,048 lists, nprobe 16: 94 us a probe
+#: against 215 us, the exact nearest template among the 100 returned for 99.6% of probes against 99.2%, and a
+#: build 9x faster (k-means in 128 dimensions). ``fp16`` (float32 centroids stored as float16, half the reads;
+#: 99.9% the same lists as flat) and ``hnsw`` (a graph over the centroids, M 32, efSearch ``quantizer_ef``,
+#: default 128; 99.3% of the lists) are the other choices. Whatever the quantizer, the engine's exact
+#: re-scoring makes a missed list cost at most a missed candidate, never a wrong score.
+QUANTIZERS = ("flat", "pca", "fp16", "hnsw")
 
 
 def _quantizer_for(nlist: int) -> str:
-    """flat below 1,024 lists (the scan is short), fp16 up to 8,192, hnsw above (10M-template galleries)."""
-    return "flat" if nlist < 1024 else "fp16" if nlist < 8192 else "hnsw"
+    """flat below 1,024 lists (the scan is short), pca above."""
+    return "flat" if nlist < 1024 else "pca"
+
+
+def _pca_dim(dim: int) -> int:
+    return min(dim, max(64, dim // 4))
+
+
+#: The most lists a default IVF gets: k-means time grows with lists x training points (both ~sqrt(n)), and the
+#: quantizer's reads with lists; at 10M templates 8,192 lists and nprobe 32 scan ~40k codes a probe
+#: (scripts/bench_scale.py). Larger: `facedb reindex --nlist N`.
+MAX_DEFAULT_NLIST = 8192
 
 
 def _nlist_for(n: int) -> int:
-    """About 4 sqrt(n) lists (a power of two): 4,096 at 1M templates; at most n / 39 (FAISS's k-means wants 39
-    training points per centroid), at least 1."""
+    """About 4 sqrt(n) lists (a power of two): 4,096 at 1M templates, at most MAX_DEFAULT_NLIST; at most n / 39
+    (FAISS's k-means wants 39 training points per centroid), at least 1."""
     lists = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(max(n, 1)))))
     cap = 2 ** math.floor(math.log2(max(1.0, n / 39)))
-    return int(min(65536, max(1, min(lists, cap))))
+    return int(min(MAX_DEFAULT_NLIST, max(1, min(lists, cap))))
 
 
 class IVFIndex(_Faiss):
@@ -258,7 +272,15 @@ class IVFIndex(_Faiss):
         params.setdefault("quantizer", _quantizer_for(int(params["nlist"])))
         if params["quantizer"] not in QUANTIZERS:
             raise ValueError(f"the coarse quantizer is one of {', '.join(QUANTIZERS)}")
-        quantizer = faiss.IndexFlatIP(dim)
+        if params["quantizer"] == "pca":
+            params.setdefault("pca_dim", _pca_dim(dim))
+            reduced = int(params["pca_dim"])
+            if not 1 <= reduced <= dim:
+                raise ValueError(f"pca_dim is between 1 and the dimension ({dim})")
+            # trained in _train, from the same sample as the lists (IndexIVF then leaves it as it is)
+            quantizer = faiss.IndexPreTransform(faiss.PCAMatrix(dim, reduced), faiss.IndexFlatIP(reduced))
+        else:
+            quantizer = faiss.IndexFlatIP(dim)
         inner = cls._make(dim, quantizer, params)
         index = cls(dim, inner, params)
         index._quantizer = quantizer  # keep it alive beside the IVF index that points to it
@@ -267,11 +289,26 @@ class IVFIndex(_Faiss):
         index.configure()
         return index
 
+    def _train_pca_quantizer(self, sample: np.ndarray) -> None:
+        """Train the ``pca`` quantizer: the projection, then spherical k-means (as IndexIVF's own training does
+        for inner products) in the projected space; the centroids go into its flat index."""
+        quantizer = self._quantizer
+        pca = faiss.downcast_VectorTransform(quantizer.chain.at(0))
+        pca.train(sample)
+        reduced = pca.apply(sample)
+        nlist = int(self.params["nlist"])
+        kmeans = faiss.Kmeans(reduced.shape[1], nlist, niter=25, spherical=True, seed=1234,
+                              max_points_per_centroid=256)
+        kmeans.train(np.ascontiguousarray(reduced, dtype=np.float32))
+        faiss.downcast_index(quantizer.index).add(kmeans.centroids)
+        quantizer.ntotal = nlist
+        quantizer.is_trained = True
+
     def _swap_quantizer(self) -> None:
         """Replace the flat float32 coarse quantizer that k-means trained by the faster one ``params`` names,
         holding the same centroids (see QUANTIZERS)."""
         kind = self.params.get("quantizer", "flat")
-        if kind == "flat":
+        if kind in ("flat", "pca"):
             return
         trained = faiss.downcast_index(self._index.quantizer)
         centroids = trained.reconstruct_n(0, trained.ntotal)
@@ -305,7 +342,10 @@ class IVFIndex(_Faiss):
         cap = max(40 * int(self.params["nlist"]), need)  # FAISS wants >= 39 points per centroid; more costs time
         if len(sample) > cap:
             sample = train[np.random.default_rng(0).choice(len(train), cap, replace=False)]
-        self._index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        sample = np.ascontiguousarray(sample, dtype=np.float32)
+        if self.params.get("quantizer") == "pca":
+            self._train_pca_quantizer(sample)
+        self._index.train(sample)
         self.params["trained_on"] = n if gallery is None else gallery  # the gallery the sample stands for
 
     def configure(self) -> None:
