@@ -95,7 +95,7 @@ class FaceDB:
         self.root = root
         self.store = store
         self._memo = SettingsMemo(store)  # settings parsed once per change, names cached (memo.py)
-        self._names = NameCache(store.names)
+        self._names = NameCache(store.names, store.stream_people)
         self.readonly = readonly
         self._weights = weights
         self._model = model
@@ -299,6 +299,7 @@ class FaceDB:
             raise InvalidInputError(f"{path} is already encrypted (rotate its key with `facedb rotate-key`)")
         db = cls.open(path)
         try:
+            db._settle()
             report = encryption.encrypt_existing(Path(path), key, db)
         finally:
             db.close(save_index=False)
@@ -325,12 +326,20 @@ class FaceDB:
         else:
             db = cls.open(path, key=key)
             try:
+                db._settle()
                 report = encryption.rotate_key(Path(path), key, new_key, reencrypt=True, opened=db)
             finally:
                 db.close(save_index=False)
         now = KeySource.of(new_key, env=ENV_NEW_KEY) or key
         cls._record_conversion(path, now, report)
         return report
+
+    def _settle(self) -> None:
+        """Load the index and let its background reads of the store finish (a conversion needs the store to
+        itself: no other connection open on it, even this process's)."""
+        self.load_index(wait=True)
+        if self._names.loading is not None:
+            self._names.loading.join()
 
     def __enter__(self) -> FaceDB:
         return self

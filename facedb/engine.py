@@ -27,6 +27,8 @@ from .scores import similarity_to_distance
 
 #: person ids -> (person id of each row, sorted ascending; their template vectors (rows, dim) float32)
 VectorFetch = Callable[[Sequence[int]], tuple[np.ndarray, np.ndarray]]
+#: (person ids, probes (m, dim)) -> (person id of each row, sorted; similarities (rows, m)), or None (use fetch)
+ScoreFetch = Callable[[Sequence[int], np.ndarray], "tuple[np.ndarray, np.ndarray] | None"]
 #: person ids -> {person id: (name, external id or None)}
 NameLookup = Callable[[Sequence[int]], dict[int, tuple[str, str | None]]]
 Ranked = list[list[tuple[int, float]]]
@@ -51,7 +53,7 @@ def candidate_people(gallery: Gallery, queries: np.ndarray, k: int, max_rounds: 
     pending = np.arange(m)
     # Enough templates for k people at the gallery's templates per person (a person's templates cluster
     # together, so fewer would mostly come back from k/t people and need a second search).
-    kk = min(total, max(4 * k, 16, 2 * k * gallery.templates_per_person()))
+    kk = min(total, max(4 * k, 16, k * gallery.templates_per_person()))
     rounds = 0
     while len(pending):
         sims, ids = gallery.index.search(queries[pending], kk)
@@ -81,18 +83,25 @@ def first_people(pids: np.ndarray, sims: np.ndarray, k: int) -> tuple[np.ndarray
     return pids[first], sims[first]
 
 
-def rescore(queries: np.ndarray, ranked: Ranked, k: int, fetch: VectorFetch) -> Ranked:
+def rescore(queries: np.ndarray, ranked: Ranked, k: int, fetch: VectorFetch, score: ScoreFetch | None = None
+            ) -> Ranked:
     """Replace each candidate's score by their exact best similarity over all of their stored templates,
-    re-rank, keep k."""
+    re-rank, keep k. ``score``, where given, computes the similarities where the vectors are (in memory);
+    ``fetch`` is used when it cannot."""
     if len(ranked) > RESCORE_BLOCK:
         return [r for s in range(0, len(ranked), RESCORE_BLOCK)
-                for r in rescore(queries[s:s + RESCORE_BLOCK], ranked[s:s + RESCORE_BLOCK], k, fetch)]
+                for r in rescore(queries[s:s + RESCORE_BLOCK], ranked[s:s + RESCORE_BLOCK], k, fetch, score)]
     wanted = [pid for pairs in ranked for pid, _ in pairs]
-    pids, vectors = fetch(wanted)
+    got = score(wanted, queries) if score is not None else None
+    if got is None:
+        pids, vectors = fetch(wanted)
+        sims = vectors @ queries.T
+    else:
+        pids, sims = got
     if not len(pids):
         return [[] for _ in ranked]
     people, starts = np.unique(pids, return_index=True)  # rows come grouped by person, sorted
-    best = np.maximum.reduceat(vectors @ queries.T, starts, axis=0)  # (people, queries): best template each
+    best = np.maximum.reduceat(sims, starts, axis=0)  # (people, queries): best template each
     out = []
     for j, pairs in enumerate(ranked):
         cand = np.fromiter((pid for pid, _ in pairs), dtype=np.int64, count=len(pairs))
@@ -106,10 +115,12 @@ def rescore(queries: np.ndarray, ranked: Ranked, k: int, fetch: VectorFetch) -> 
 
 def rank_people(gallery: Gallery, queries: np.ndarray, k: int, fetch: VectorFetch) -> Ranked:
     """The top-k people for each query with exact scores: straight from an exact index, else from a wider
-    candidate list (k + max(5, k) people) re-scored exactly."""
+    candidate list (k + max(5, k) people) re-scored exactly (from the gallery's in-memory vectors where it
+    holds them, else through ``fetch``)."""
     if gallery.index.exact:
         return candidate_people(gallery, queries, k)
-    return rescore(queries, candidate_people(gallery, queries, k + max(5, k), max_rounds=2), k, fetch)
+    return rescore(queries, candidate_people(gallery, queries, k + max(5, k), max_rounds=2), k, fetch,
+                   gallery.person_scores)
 
 
 def candidates(pairs: list[tuple[int, float]], names: dict[int, tuple[str, str | None]]) -> list[Candidate]:

@@ -167,6 +167,15 @@ class Gallery:
         found = keys[rows]
         return found >> 32, found & _LOW
 
+    def person_scores(self, person_ids: Sequence[int], queries: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """(person id of each row, sorted; similarities ``(rows, len(queries))``) of every live template of the
+        given people, computed from the in-memory vectors; None when they do not hold them all."""
+        if self.vectors is None or self.index.keeps_vectors:
+            return None
+        pids, ids = self.person_templates(person_ids)
+        sims = self.vectors.scores(ids, queries)
+        return (pids, sims) if sims is not None else None
+
     def person_vectors(self, person_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray] | None:
         """Every live template vector of the given people, grouped by person: (person id of each row, sorted;
         vectors), from the index itself or the in-memory vectors; None when neither holds them all (the caller

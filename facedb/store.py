@@ -873,13 +873,26 @@ class Store:
         finally:
             conn.close()
 
+    def stream_people(self) -> Iterator[tuple[int, str, str | None]]:
+        """Every person's (id, name, external id), read through a connection of its own (a background thread
+        preloads the names a query shows: ``memo.NameCache``)."""
+        conn = self._connect(self.path, readonly=True, key=self._key)
+        try:
+            yield from conn.execute("SELECT id, name, external_id FROM people")
+        finally:
+            conn.close()
+
     def template_map(self) -> tuple[int, np.ndarray, np.ndarray]:
         """(generation, template ids, person ids) of every template, sorted by id, from one snapshot."""
         with self.read():
             gen = self.generation()
             # From the (person_id, rowid) index alone: scanning the table would read every 2 KiB vector blob.
-            rows = self.conn.execute("SELECT id, person_id FROM embeddings INDEXED BY embeddings_person").fetchall()
-        arr = np.array(rows, dtype=np.int64).reshape(-1, 2)
+            # Read in batches into arrays: 10M rows as one list of tuples would take over a gigabyte.
+            cursor = self.conn.execute("SELECT id, person_id FROM embeddings INDEXED BY embeddings_person")
+            parts = []
+            while rows := cursor.fetchmany(65536):
+                parts.append(np.array(rows, dtype=np.int64).reshape(-1, 2))
+        arr = np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
         order = np.argsort(arr[:, 0], kind="stable")
         return gen, arr[order, 0], arr[order, 1]
 

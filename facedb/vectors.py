@@ -172,6 +172,27 @@ class TemplateVectors:
                 return None
             return self._matrix[rows]
 
+    def scores(self, ids: np.ndarray, queries: np.ndarray) -> np.ndarray | None:
+        """Similarities ``(len(ids), len(queries))`` of the vectors of ``ids`` with ``queries``, or None when any
+        of them is not held. A person's templates sit in consecutive rows (filled in id order), so the rows are
+        read as a few slices, each multiplied in place, rather than gathered into a copy first."""
+        ids = np.asarray(ids, dtype=np.int64)
+        q = np.ascontiguousarray(queries, dtype=np.float32).T
+        with self._lock:
+            if len(ids) and int(ids.max()) >= len(self._slot):
+                return None
+            rows = self._slot[ids]
+            if len(rows) and int(rows.min()) < 0:
+                return None
+            cuts = np.flatnonzero(np.diff(rows) != 1) + 1
+            if len(cuts) > 64:  # scattered rows (after removals and re-use): one gather
+                return self._matrix[rows] @ q
+            out = np.empty((len(rows), q.shape[1]), dtype=np.float32)
+            for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(rows)]):
+                start = int(rows[a])
+                np.matmul(self._matrix[start:start + b - a], q, out=out[a:b])
+            return out
+
     # ------------------------------------------------------------------------------------------- filling
     def fill(self, batches: Iterable[tuple[Any, ...]]) -> None:
         """Start filling from ``batches`` of (..., ids, person ids, vectors) (``Store.stream_templates``) in a
