@@ -38,7 +38,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     os.environ["FACEDB_DEVICE"] = args.device  # the databases' own pipelines run there too
-    folder = args.folder or Path(os.environ.get("FACEDB_TEST_DATA", "../shared/facedata")) / "lfw_deepfunneled"
+    data = os.environ.get("FACEDB_TEST_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "facedata"
+    folder = args.folder or Path(data) / "lfw_deepfunneled"
     people = list_folder(folder).people
     photos = [p for _, files in people for p in files][: args.photos]
     weights = None

@@ -39,9 +39,15 @@ def blank_png() -> bytes:
     return buf.getvalue()
 
 
-def make_db(path: Path, *, model_id: str = "fake-colour", dim: int = 32, threshold: float = 0.7) -> dict[str, str]:
-    """A database and one API key per scope: {"identify": key, "enroll": key, "admin": key}."""
+def make_db(path: Path, *, model_id: str = "fake-colour", dim: int = 32, threshold: float = 0.7,
+            sync_audit: bool = True) -> dict[str, str]:
+    """A database and one API key per scope: {"identify": key, "enroll": key, "admin": key}. ``sync_audit``: the
+    service commits each decision's audit record before answering, so that a test reading the trail through
+    another connection right after a response finds it (new databases' background writer commits it within
+    20 ms instead: tests/test_speed.py checks that through the service)."""
     with FaceDB.create(path, model_id=model_id, dim=dim, threshold=threshold) as db:
+        if sync_audit:
+            db.configure_audit(sync=True)
         return {scope: db.create_api_key(scope, f"{scope}-key")[1] for scope in ("identify", "enroll", "admin")}
 
 

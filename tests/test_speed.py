@@ -388,3 +388,30 @@ def test_cli_audit_settings_switches_the_mode(tmp_path):
     conn = sqlite3.connect(root / STORE_FILE)
     assert conn.execute("SELECT value FROM meta WHERE key = 'audit_sync'").fetchone()[0] == "0"
     conn.close()
+
+
+def test_the_service_records_decisions_in_the_background_and_on_shutdown(tmp_path, fake_pipeline):
+    pytest.importorskip("fastapi", reason="the service extra is not installed")
+    from fastapi.testclient import TestClient
+
+    from facedb.service.app import create_app
+    from facedb.service.config import ServiceSettings
+
+    from .servicekit import make_db, wait_ready
+
+    root = tmp_path / "db"
+    keys = make_db(root, sync_audit=False)
+    app = create_app(ServiceSettings(db=root, max_upload_mb=1, fold_window=0.0), model=fake_pipeline,
+                     sender=lambda url, body, headers: 200)
+    vector = [1.0] + [0.0] * 31
+    with TestClient(app, raise_server_exceptions=False) as client:
+        wait_ready(client)
+        for _ in range(3):
+            resp = client.post("/v1/identify/vector", json={"vector": vector}, headers={"X-API-Key": keys["identify"]})
+            assert resp.status_code == 200, resp.text
+        deadline = time.monotonic() + 2.0
+        while sum(op == "identify" for op, _ in _audit_rows(root)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert sum(op == "identify" for op, _ in _audit_rows(root)) == 3
+        client.post("/v1/identify/vector", json={"vector": vector}, headers={"X-API-Key": keys["identify"]})
+    assert sum(op == "identify" for op, _ in _audit_rows(root)) == 4, "shutting the service down commits the rest"
