@@ -171,13 +171,11 @@ def calibrate(
     from datetime import datetime, timezone
 
     from ..evaluate import calibrate_far_folder, calibrate_far_pairs, calibrate_fpir_folder, read_people
+    from ..settings import check_rate
 
     if (far is None) == (fpir is None):
         raise InvalidInputError("give exactly one of --far or --fpir")
-    rate = far if far is not None else fpir
-    assert rate is not None
-    if not 0 < rate < 1:
-        raise InvalidInputError("the target rate is a fraction in (0, 1), e.g. 1e-3")
+    rate = check_rate(far, "--far") if far is not None else check_rate(fpir, "--fpir")
     with open_db(ctx, weights=weights) as db:
         pipe = db.pipeline()
         with Progress(ctx, "embedding") as progress:

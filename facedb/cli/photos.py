@@ -33,8 +33,9 @@ class OnOtherMatch(str, Enum):
 
 
 def read_people_meta(path: Path) -> dict[str, dict[str, Any]]:
-    """Per-person metadata from a CSV file (a ``name`` column, the other columns become metadata; an
-    ``external_id`` column is kept as metadata too) or a JSON object ``{name: {key: value}}``."""
+    """Per-person metadata from a CSV file (a ``name`` column; the other columns become metadata, except
+    ``external_id``, which sets the person's external id) or a JSON object ``{name: {key: value}}`` (the same
+    ``external_id`` key). Names are NFC-normalised like every name."""
     from ..store import normalise_name
 
     try:
@@ -65,7 +66,8 @@ def enroll(
     ] = None,
     meta: Annotated[list[str] | None, typer.Option(help="key=value metadata for every person; repeatable.")] = None,
     people_meta: Annotated[Path | None, typer.Option(help="Per-person metadata: a CSV file with a 'name' column, "
-                                                          "or JSON {name: {key: value}}.")] = None,
+                                                          "or JSON {name: {key: value}}; an 'external_id' "
+                                                          "column/key sets the person's external id.")] = None,
     on_multiple: Annotated[OnMultiple, typer.Option(help="A photo with several faces: error (skip it and say "
                                                          "so), largest, or skip.")] = OnMultiple.error,
     on_other_match: Annotated[OnOtherMatch, typer.Option(help="A face that matches another enrolled person: warn "
