@@ -419,7 +419,7 @@ class FaceDB:
             _, templates = self.store.person_vectors([person.id])
             if not len(templates):
                 raise InvalidInputError(f"{person.name!r} has no templates to verify against")
-            result = engine.verify_scores(x[0], templates, person.name, thr)
+            result = engine.verify_scores(x[0], templates, person.name, thr, person.external_id)
             self.trail.record("verify", [{"image_sha256": sha, "identity": person.name if result.accepted else None,
                                           "similarity": result.similarity, "threshold": thr,
                                           "detail": {"claimed": person.name}, "vector": x[0]}], settings)
@@ -719,17 +719,20 @@ class FaceDB:
         templates as their own best match. See README "facedb check"."""
         with self._lock:
             checks, problems = self.store.check()
-            settings = self.settings()
-            more_checks, more_problems = self.keeper.verify(settings)
-            checks += more_checks
-            problems += more_problems
-            gallery = self.keeper.current(self.settings())
-            checks.append(f"up to {CHECK_PROBES} stored templates are found as their own best match")
-            _, ids, _ = self.store.template_map()
-            if len(ids):
-                sample = np.random.default_rng(0).choice(ids, size=min(CHECK_PROBES, len(ids)), replace=False)
-                sids, _, vecs = self.store.templates(sample)
-                missed = engine.self_match_misses(gallery, vecs, self._fetch(gallery))
-                if missed:
-                    problems.append(f"{missed} of {len(sids)} sampled templates are not found by the index")
+            try:
+                settings = self.settings()
+                more_checks, more_problems = self.keeper.verify(settings)
+                checks += more_checks
+                problems += more_problems
+                gallery = self.keeper.current(self.settings())
+                checks.append(f"up to {CHECK_PROBES} stored templates are found as their own best match")
+                _, ids, _ = self.store.template_map()
+                if len(ids):
+                    sample = np.random.default_rng(0).choice(ids, size=min(CHECK_PROBES, len(ids)), replace=False)
+                    sids, _, vecs = self.store.templates(sample)
+                    missed = engine.self_match_misses(gallery, vecs, self._fetch(gallery))
+                    if missed:
+                        problems.append(f"{missed} of {len(sids)} sampled templates are not found by the index")
+            except DatabaseError as exc:  # a damaged store: what was found so far is the report
+                problems.append(f"the index could not be checked against the store: {exc}")
             return CheckReport(ok=not problems, checks=checks, problems=problems)

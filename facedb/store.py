@@ -615,7 +615,12 @@ class Store:
     def _vectors(self, blobs: Sequence[bytes]) -> np.ndarray:
         if not blobs:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), self.dim).astype(np.float32)
+        raw = b"".join(blobs)
+        if len(raw) != 4 * self.dim * len(blobs):
+            bad = sum(1 for b in blobs if len(b) != 4 * self.dim)
+            raise DatabaseError(f"{self.path}: {bad} stored template(s) are not {self.dim} float32 values: the "
+                                "database is damaged (`facedb check` lists what)")
+        return np.frombuffer(raw, dtype="<f4").reshape(len(blobs), self.dim).astype(np.float32)
 
     def snapshot(self, batch: int = 65536) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
         """(generation, template ids, person ids, vectors) of every template, from one consistent snapshot."""

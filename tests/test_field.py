@@ -9,6 +9,7 @@ code blocks in ``test_readme.py``.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -556,3 +557,626 @@ def test_fr08_cli_refuses_an_infinite_retention(tmp_path):
     res = cli(db, "audit-settings", "--retention-days", "inf", code=2)
     assert "retention" in res.stderr
     assert jlines(cli(db, "--json", "audit-settings"))[0]["retention_days"] == 90.0
+
+
+# ------------------------------------------------------------------------------------------------ item 9
+def test_fr09_a_face_already_enrolled_under_another_name_warns_refuses_or_is_allowed(tmp_path, fake):
+    db = fake_db(tmp_path / "db")
+    cli(db, "enroll", "Tom Hanks", photo(tmp_path / "t1.png", [RED], 1))
+    warned = jlines(cli(db, "--json", "enroll", "Tom Hanx", photo(tmp_path / "t2.png", [RED], 2)))[0]
+    assert warned["faces_stored"] == 1 and len(warned["warnings"]) == 1
+    assert "matches 'Tom Hanks'" in warned["warnings"][0]["reason"]
+    text = cli(db, "enroll", "Tom Hanx", photo(tmp_path / "t3.png", [RED], 3)).stdout
+    assert "warning" in text and "matches 'Tom Hanks'" in text  # its own name is not "another person"
+    refused = jlines(cli(db, "--json", "enroll", "Thomas", photo(tmp_path / "t4.png", [RED], 4),
+                         "--on-other-match", "refuse", code=2))[0]
+    assert refused["faces_stored"] == 0 and "not enrolled as 'Thomas'" in refused["skipped"][0]["reason"]
+    allowed = jlines(cli(db, "--json", "enroll", "Thomas", photo(tmp_path / "t5.png", [RED], 5),
+                         "--on-other-match", "allow"))[0]
+    assert allowed["faces_stored"] == 1 and allowed["warnings"] == []
+    assert {p["name"]: p["templates"] for p in jlines(cli(db, "--json", "people"))} == {
+        "Tom Hanks": 1, "Tom Hanx": 2, "Thomas": 1}
+    cli(db, "enroll", "x", photo(tmp_path / "t6.png", [RED], 6), "--on-other-match", "sometimes", code=2)
+
+
+def test_fr09_two_new_names_for_one_face_in_one_job_are_caught(tmp_path, fake):
+    db = fake_db(tmp_path / "db")
+    folder = tmp_path / "staff"
+    photo(folder / "Tom Hanks" / "1.png", [RED], 1)
+    photo(folder / "Tom Hanx" / "1.png", [RED], 2)
+    photo(folder / "Zed" / "1.png", [BLUE], 3)
+    out = jlines(cli(db, "--json", "enroll", "--folder", folder, "--on-other-match", "refuse", code=2))[0]
+    assert out["faces_stored"] == 2 and len(out["skipped"]) == 1
+    assert "matches 'Tom Hanks'" in out["skipped"][0]["reason"]
+
+
+def test_fr09_remove_template_erases_one_photo_and_keeps_the_person(tmp_path, fake):
+    db = fake_db(tmp_path / "db")
+    good, wrong = photo(tmp_path / "good.png", [RED], 1), photo(tmp_path / "wrong.png", [BLUE], 2)
+    cli(db, "enroll", "Ann", good, wrong)
+    rows = jlines(cli(db, "--json", "templates", "Ann"))
+    assert len(rows) == 2 and "vector" not in rows[0] and all(len(r["image_sha256"]) == 64 for r in rows)
+    assert len(jlines(cli(db, "--json", "templates", "Ann", "--vectors"))[0]["vector"]) == FakeEmbedder.dim
+    blue = next(r for r in rows if r["image_sha256"] == hashlib.sha256(wrong.read_bytes()).hexdigest())
+    probe = photo(tmp_path / "probe.png", [BLUE], 9)
+    assert jlines(cli(db, "--json", "search", probe))[0]["identity"] == "Ann"
+    assert jlines(cli(db, "--json", "remove-template", blue["id"]))[0] == {"removed_template": blue["id"],
+                                                                           "person": "Ann"}
+    assert [t["id"] for t in templates_of(db, "Ann")] == [r["id"] for r in rows if r["id"] != blue["id"]]
+    assert jlines(cli(db, "--json", "show", "Ann"))[0]["templates"] == 1
+    hit = jlines(cli(db, "--json", "search", probe))[0]
+    assert hit["identity"] is None and hit["candidates"][0]["similarity"] < 0.5  # gone from the index too
+    assert audit_rows(db)[-2]["operation"] == "remove-template"
+    # the photo's row went with its template: it can be enrolled again, for the right person
+    assert jlines(cli(db, "--json", "enroll", "Bea", wrong))[0]["faces_stored"] == 1
+    res = cli(db, "remove-template", 9999, code=2)
+    assert "no template with id 9999" in res.stderr
+    assert jlines(cli(db, "--json", "check"))[0]["ok"] is True
+
+
+def test_fr09_merge_moves_everything_to_one_person(tmp_path, fake):
+    db = fake_db(tmp_path / "db")
+    cli(db, "add-person", "Tom Hanks", "--meta", "badge=1", "--external-id", "E1")
+    cli(db, "enroll", "Tom Hanks", photo(tmp_path / "a.png", [RED], 1))
+    cli(db, "enroll", "Tom Hanx", photo(tmp_path / "b.png", [RED], 2), photo(tmp_path / "c.png", [RED], 3),
+        "--meta", "desk=7", "--on-other-match", "allow")
+    out = jlines(cli(db, "--json", "merge", "Tom Hanx", "Tom Hanks"))[0]
+    assert out == {"merged": "Tom Hanks", "from": "Tom Hanx", "templates_moved": 2}
+    people = jlines(cli(db, "--json", "people"))
+    assert [(p["name"], p["templates"], p["images"]) for p in people] == [("Tom Hanks", 3, 3)]
+    shown = jlines(cli(db, "--json", "show", "Tom Hanks"))[0]
+    assert shown["metadata"] == {"badge": "1", "desk": "7"} and shown["external_id"] == "E1"
+    hit = jlines(cli(db, "--json", "search", photo(tmp_path / "p.png", [RED], 9), "-k", "3"))[0]
+    assert hit["identity"] == "Tom Hanks" and [c["name"] for c in hit["candidates"]] == ["Tom Hanks"]
+    assert audit_rows(db)[-2]["operation"] == "merge"
+    assert jlines(cli(db, "--json", "check"))[0]["ok"] is True
+    for args, why in ((["Tom Hanks", "Tom Hanks"], "into themselves"), (["Nobody", "Tom Hanks"], "no person")):
+        res = cli(db, "merge", *args, code=2)
+        assert why in res.stderr
+    assert [p["templates"] for p in jlines(cli(db, "--json", "people"))] == [3]
+
+
+# ------------------------------------------------------------------------------------------------ item 10
+class CountingDetector(FakeDetector):
+    def __init__(self, delay: float = 0.0) -> None:
+        self.calls = 0
+        self.delay = delay
+
+    def detect(self, image):
+        self.calls += 1
+        if self.delay:
+            time.sleep(self.delay)
+        return super().detect(image)
+
+
+def test_fr10_rerunning_a_folder_skips_known_photos_before_detection_and_exits_0(tmp_path, monkeypatch):
+    from facedb.pipeline import FacePipeline
+
+    detector = CountingDetector()
+    pipe = FacePipeline(FakeEmbedder(), detector=detector)  # type: ignore[arg-type]
+    monkeypatch.setattr(facedb.pipeline, "get_pipeline", lambda *a, **k: pipe)
+    db = fake_db(tmp_path / "db")
+    folder = labelled(tmp_path / "staff", 3, 2)
+    first = jlines(cli(db, "--json", "enroll", "--folder", folder))[0]
+    assert first["faces_stored"] == 6 and detector.calls == 6
+    again = cli(db, "--json", "enroll", "--folder", folder)  # exit 0: nothing new is not a failure
+    out = jlines(again)[0]
+    assert out["faces_stored"] == 0 and len(out["skipped"]) == 6 and detector.calls == 6  # no detection at all
+    assert all(s["reason"].startswith("already enrolled (as 'person0") for s in out["skipped"])
+    assert "already enrolled" in cli(db, "enroll", "--folder", folder).stdout
+    photo(folder / "person01" / "new.png", [PALETTE[1]], seed=77)
+    out = jlines(cli(db, "--json", "enroll", "--folder", folder))[0]
+    assert out["faces_stored"] == 1 and detector.calls == 7
+    # the same bytes twice in one job (a copy filed under two names): stored once, the copy reported
+    (tmp_path / "dup").mkdir()
+    copy = photo(tmp_path / "dup" / "a.png", [GREEN], 5)
+    out = jlines(cli(db, "--json", "enroll", "Gus", copy, copy))[0]
+    assert out["faces_stored"] == 1 and out["skipped"][0]["reason"] == "already enrolled (as 'Gus')"
+
+
+def test_fr10_exit_status_of_enroll(tmp_path, fake):
+    db = fake_db(tmp_path / "db")
+    red, empty = photo(tmp_path / "red.png", [RED]), photo(tmp_path / "none.png", [])
+    cli(db, "enroll", "red", red)  # 0: stored
+    cli(db, "enroll", "red", red)  # 0: already enrolled is the only outcome
+    cli(db, "enroll", "red", empty, code=2)  # 2: nothing stored and a photo failed
+    cli(db, "enroll", "red", red, empty, code=2)  # 2: a photo failed, even beside a known one
+    out = jlines(cli(db, "--json", "enroll", "blue", photo(tmp_path / "b.png", [BLUE]), empty, code=2))[0]
+    assert out["faces_stored"] == 1 and "no face" in out["skipped"][0]["reason"]  # the rest was still enrolled
+
+
+DRIVER = """
+import sys, time
+sys.path.insert(0, {repo!r})
+import facedb.pipeline
+from facedb.pipeline import FacePipeline
+from tests.conftest import FakeEmbedder
+from tests.test_field import CountingDetector
+
+pipe = FacePipeline(FakeEmbedder(), detector=CountingDetector(delay={delay}))
+facedb.pipeline.get_pipeline = lambda *a, **k: pipe
+from facedb.cli import main
+sys.argv = ["facedb", "--db", {db!r}, "enroll", "--folder", {folder!r}]
+main()
+"""
+
+
+def test_fr10_ctrl_c_stops_promptly_and_prints_what_was_stored(tmp_path):
+    db = fake_db(tmp_path / "db")
+    folder = labelled(tmp_path / "staff", 8, 8)  # 64 photos at 0.4 s of detection each: ~25 s of work
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(repo=str(REPO), delay=0.4, db=str(db), folder=str(folder)))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:  # wait until the first chunk is stored
+            time.sleep(0.2)
+            if templates_of(db):
+                break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.5)  # now in the middle of detecting the next chunk
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stored = len(templates_of(db))
+    assert proc.returncode == 130, err
+    assert took < 2.0, f"took {took:.1f} s to stop"  # not the rest of the chunk being detected (6 s)
+    assert f"interrupted: people" in out and f"faces stored {stored}" in out, out
+    assert 0 < stored < 64 and "Traceback" not in err
+    assert jlines(cli(db, "--json", "check"))[0]["ok"] is True
+
+
+# ------------------------------------------------------------------------------------------------ item 11
+def test_fr11_photos_directly_in_the_folder_are_refused_with_the_layout_expected(tmp_path, fake):
+    db = fake_db(tmp_path / "db")
+    flat = tmp_path / "flat"
+    for i in range(3):
+        photo(flat / f"p{i}.png", [PALETTE[i]])
+    res = cli(db, "enroll", "--folder", flat, code=2)
+    assert "3 file(s) directly in" in res.stderr and "<person name>/<photo files>" in res.stderr
+    for args in (["eval", "identify", "--folder", flat], ["calibrate", "--far", "0.1", "--folder", flat]):
+        res = cli(db, *args, code=2)
+        assert "directly in" in res.stderr and "Traceback" not in res.output
+    res = cli(db, "enroll", "--folder", tmp_path / "missing", code=2)
+    assert "is not a folder" in res.stderr
+    (tmp_path / "empty").mkdir()
+    assert "it is empty" in cli(db, "enroll", "--folder", tmp_path / "empty", code=2).stderr
+    assert templates_of(db) == []
+
+
+def test_fr11_every_layout_problem_is_reported(tmp_path, fake):
+    db = fake_db(tmp_path / "db")
+    folder = labelled(tmp_path / "staff", 2, 2)
+    photo(folder / "loose.png", [RED])
+    photo(folder / "person00" / "2019" / "old.png", [RED])
+    (folder / "Nobody").mkdir()
+    (folder / "Broken").mkdir()
+    (folder / "Broken" / "a.jpg").write_bytes(b"not a photo")
+    (folder / ".hidden").mkdir()
+    res = cli(db, "--json", "enroll", "--folder", folder, code=2)  # a photo failed: exit 2, the rest is stored
+    out = jlines(res)[0]
+    problems = out["layout_problems"]
+    assert any("person00/2019/" in p and "inside a person's folder" in p for p in problems)
+    assert any(p.startswith("Nobody/: no photos") for p in problems)
+    assert any("1 file(s) directly in" in p for p in problems)
+    assert out["people_without_photos_stored"] == ["Broken"] and out["faces_stored"] == 4
+    assert all(f"warning: {p}" in res.stderr for p in problems)
+    text = cli(db, "enroll", "--folder", folder, code=2).stdout
+    assert "no photo stored for 1 people: Broken" in text
+
+
+def test_fr11_evaluation_commands_report_layout_problems_too(tmp_path, fake):
+    db = fake_db(tmp_path / "db")
+    folder = labelled(tmp_path / "f", 12, 3)
+    photo(folder / "person00" / "nested" / "x.png", [RED])
+    res = cli(db, "calibrate", "--far", "0.05", "--folder", folder, "--dry-run")
+    assert "warning: person00/nested/: a folder inside a person's folder" in res.stderr
+    res = cli(db, "eval", "identify", "--folder", folder, "--strangers", "0.5")
+    assert "warning: person00/nested/: a folder inside a person's folder" in res.stderr
+
+
+# ------------------------------------------------------------------------------------------------ item 12
+def test_fr12_update_changes_metadata_and_external_id(tmp_path):
+    db = tmp_path / "db"
+    cli(db, "init", "--model", "m", "--dim", "4")
+    cli(db, "add-person", "Ann", "--meta", "badge=117", "--meta", "team=red")
+    cli(db, "add-person", "Bob", "--external-id", "E-2")
+    out = jlines(cli(db, "--json", "update", "Ann", "--meta", "badge=118", "--unset", "team", "--external-id",
+                     "E-118"))[0]
+    assert out["metadata"] == {"badge": "118"} and out["external_id"] == "E-118"
+    with FaceDB.open(db) as d:
+        assert d.person("Ann").metadata == {"badge": "118"} and d.person("Ann").external_id == "E-118"
+    assert jlines(cli(db, "--json", "update", "Ann", "--replace", "--meta", "desk=4"))[0]["metadata"] == {"desk": "4"}
+    assert jlines(cli(db, "--json", "update", "Ann", "--clear-external-id"))[0]["external_id"] is None
+    for args, why in ((["Ann", "--external-id", "E-2"], "already used"), (["Ann"], "nothing to change"),
+                      (["Zed", "--meta", "a=1"], "no person named"), (["Ann", "--meta", "novalue"], "key=value"),
+                      (["Ann", "--external-id", "X", "--clear-external-id"], "not both")):
+        res = cli(db, "update", *args, code=2)
+        assert why in res.stderr
+    with FaceDB.open(db) as d:
+        ann = d.person("Ann")
+    assert (ann.metadata, ann.external_id) == ({"desk": "4"}, None)  # the refused updates changed nothing
+    assert [r["operation"] for r in audit_rows(db)].count("update") == 3
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_fr12_people_meta_gives_each_person_their_own_data(tmp_path, fake, fmt):
+    db = fake_db(tmp_path / "db")
+    folder = labelled(tmp_path / "staff", 3, 1)
+    rows = {"person00": {"badge": "1", "external_id": "E-1"}, "person01": {"badge": "2", "desk": "9"},
+            "ghost": {"badge": "0"}}
+    meta = tmp_path / f"staff.{fmt}"
+    if fmt == "json":
+        meta.write_text(json.dumps(rows))
+    else:
+        with open(meta, "w", newline="") as f:
+            w = csv.DictWriter(f, ["name", "badge", "desk", "external_id"])
+            w.writeheader()
+            for name, r in rows.items():
+                w.writerow({"name": name, **r})
+    res = cli(db, "enroll", "--folder", folder, "--people-meta", meta, "--meta", "site=HQ")
+    assert "--people-meta names 1 people with no photos here: ghost" in res.stderr
+    people = {p["name"]: p for p in jlines(cli(db, "--json", "people"))}
+    with FaceDB.open(db) as d:
+        got = {n: (d.person(n).metadata, d.person(n).external_id) for n in people}
+    assert got == {"person00": ({"badge": "1", "site": "HQ"}, "E-1"),
+                   "person01": ({"badge": "2", "desk": "9", "site": "HQ"}, None),
+                   "person02": ({"site": "HQ"}, None)}
+    hit = jlines(cli(db, "--json", "search", photo(tmp_path / "p.png", [PALETTE[0]], 9)))[0]
+    assert hit["identity"] == "person00" and hit["external_id"] == "E-1"
+    assert hit["candidates"][0]["external_id"] == "E-1"
+
+
+def test_fr12_bad_people_meta_changes_nothing(tmp_path, fake):
+    db = fake_db(tmp_path / "db")
+    cli(db, "add-person", "Old", "--external-id", "E-1")
+    folder = labelled(tmp_path / "staff", 2, 1)
+    bad = {"nocol.csv": "who,badge\nperson00,1\n", "notjson.json": "{nope",
+           "list.json": json.dumps([1, 2]), "dup.csv": "name,external_id\nperson00,E-5\nperson01,E-5\n",
+           "taken.csv": "name,external_id\nperson00,E-1\n"}
+    for fname, text in bad.items():
+        (tmp_path / fname).write_text(text)
+        res = cli(db, "enroll", "--folder", folder, "--people-meta", tmp_path / fname, code=2)
+        assert "Traceback" not in res.output and res.stderr.startswith("error:"), fname
+    cli(db, "enroll", "--folder", folder, "--meta", "external_id=E-9", code=2)  # one id for everyone: refused
+    assert [p["name"] for p in jlines(cli(db, "--json", "people"))] == ["Old"] and templates_of(db) == []
+
+
+def test_fr12_text_output_shows_the_candidates_and_external_id(tmp_path, fake):
+    db = fake_db(tmp_path / "db")
+    cli(db, "add-person", "Ann", "--external-id", "E-118")
+    cli(db, "enroll", "Ann", photo(tmp_path / "a.png", [RED], 1))
+    cli(db, "enroll", "Bob", photo(tmp_path / "b.png", [BLUE], 1))
+    line = cli(db, "search", photo(tmp_path / "p.png", [RED], 2), "-k", "2").stdout.strip()
+    assert "\tAnn [E-118]\t" in line and "candidates: Ann " in line and ", Bob " in line
+    with FaceDB.open(db) as d:
+        v = d.store.person_vectors([d.person("Ann").id])[1][0]
+        assert d.identify(v).external_id == "E-118"
+        assert d.verify(v, "Ann").external_id == "E-118"
+
+
+# ------------------------------------------------------------------------------------------------ item 13
+def _command_paths() -> list[list[str]]:
+    import typer.main
+
+    root = typer.main.get_command(app)
+    paths = []
+    for name, cmd in root.commands.items():  # type: ignore[attr-defined]
+        if hasattr(cmd, "commands"):
+            paths += [[name, sub] for sub in cmd.commands]
+        else:
+            paths.append([name])
+    return sorted(paths)
+
+
+@pytest.mark.parametrize("path", _command_paths(), ids=" ".join)
+def test_fr13_every_command_takes_db_json_quiet_after_its_name(tmp_path, path):
+    import typer.main
+
+    cmd = typer.main.get_command(app)
+    for part in path:
+        cmd = cmd.commands[part]  # type: ignore[attr-defined]
+    opts = {o for p in cmd.params for o in p.opts}
+    assert {"--db", "--json", "--quiet"} <= opts, path
+
+
+def test_fr13_options_after_the_command_work(tmp_path, fake):
+    db = tmp_path / "db"
+    assert runner.invoke(app, ["init", "--model", FakeEmbedder.model_id, "--dim", "32", "--db", str(db),
+                               "--threshold", "0.8"]).exit_code == 0
+    assert (db / "facedb.sqlite3").exists()
+    red = photo(tmp_path / "red.png", [RED])
+    res = runner.invoke(app, ["enroll", "red", str(red), "--db", str(db), "--json", "--quiet"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["faces_stored"] == 1 and res.stderr == ""
+    res = runner.invoke(app, ["search", str(red), "--json", "--db", str(db)])
+    assert res.exit_code == 0 and json.loads(res.stdout)["identity"] == "red"
+    res = runner.invoke(app, ["--db", str(tmp_path / "elsewhere"), "people", "--db", str(db), "--json"])
+    assert [p["name"] for p in jlines(res)] == ["red"]  # given after the command, it wins
+
+
+# ------------------------------------------------------------------------------------------------ items 14, 15
+@pytest.fixture
+def no_weights(tmp_path, monkeypatch):
+    """No FaceNet weights anywhere: an empty torch cache and a download source that refuses at once."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("FACEDB_WEIGHTS_URL", "http://127.0.0.1:9/")
+    monkeypatch.delenv("FACEDB_WEIGHTS", raising=False)
+    return tmp_path / "torch" / "checkpoints"
+
+
+@pytest.mark.parametrize("model", ["facenet-vggface2", "facenet-casia"])
+def test_fr14_init_without_the_weights_fails_and_says_where_to_put_them(tmp_path, no_weights, model):
+    db = tmp_path / "db"
+    res = cli(db, "init", "--model", model, code=2)
+    assert str(no_weights) in res.stderr and "--weights" in res.stderr and "dlib-resnet" in res.stderr
+    assert not (db / "facedb.sqlite3").exists()
+    info = jlines(cli(db, "--json", "init", "--model", model, "--force"))[0]
+    assert info["model_id"] == model and (db / "facedb.sqlite3").exists()
+
+
+def test_fr14_a_custom_facenet_id_without_its_weights_is_refused(tmp_path, no_weights):
+    res = cli(tmp_path / "db", "init", "--model", "facenet-custom-0123456789ab", code=2)
+    assert "--weights" in res.stderr and not (tmp_path / "db" / "facedb.sqlite3").exists()
+
+
+def _not_state_dicts(tmp_path: Path) -> dict[str, Path]:
+    import torch
+
+    out = {}
+    out["pickled module"] = tmp_path / "module.pt"
+    torch.save(torch.nn.Linear(2, 2), out["pickled module"])  # a whole pickled model: needs unsafe loading
+    out["random bytes"] = tmp_path / "noise.pt"
+    out["random bytes"].write_bytes(os.urandom(4096))
+    out["other network"] = tmp_path / "other.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), out["other network"])
+    out["a list"] = tmp_path / "list.pt"
+    torch.save([torch.zeros(2)], out["a list"])
+    return out
+
+
+@pytest.mark.parametrize("what", ["pickled module", "random bytes", "other network", "a list"])
+def test_fr15_a_file_that_is_not_a_state_dict_never_suggests_unsafe_loading(tmp_path, what):
+    pytest.importorskip("torch")
+    pytest.importorskip("facenet_pytorch")
+    bad = _not_state_dicts(tmp_path)[what]
+    entry_points = [
+        ["init", "--model", "facenet", "--weights", bad],
+        ["eval", "lfw", "--model", "facenet-vggface2", "--weights", bad, "--pairs", bad, "--lfw", tmp_path],
+        ["train", "--folder", tmp_path, "--out", tmp_path / "o.pt", "--init", bad],
+    ]
+    for args in entry_points:
+        res = cli(tmp_path / f"db-{args[0]}", *args, code=None)
+        assert res.exit_code == 2, (args, res.output)
+        assert "weights_only" not in res.output and "unsafe" not in res.output.lower(), res.output
+        assert "Traceback" not in res.output and "state dict" in res.stderr, (args, res.stderr)
+
+
+def test_fr15_the_model_loader_and_the_trainer_share_the_safe_reader(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("facenet_pytorch")
+    from facedb.errors import ModelUnavailableError
+    from facedb.models.facenet import FaceNet
+    from facedb.train.loop import TrainConfig, build_model
+
+    bad = _not_state_dicts(tmp_path)["pickled module"]
+    with pytest.raises(ModelUnavailableError, match="not a FaceNet state dict") as exc:
+        FaceNet.load("facenet-vggface2", weights=bad)
+    assert "weights_only" not in str(exc.value)
+    with pytest.raises(ModelUnavailableError, match="state dict") as exc:
+        build_model(TrainConfig(init=str(bad)))
+    assert "weights_only" not in str(exc.value)
+    del torch
+
+
+# ------------------------------------------------------------------------------------------------ item 16
+def test_fr16_exit_status_is_0_yes_1_no_2_error_everywhere(tmp_path, fake):
+    db = fake_db(tmp_path / "db")
+    red, blue = photo(tmp_path / "red.png", [RED], 1), photo(tmp_path / "blue.png", [BLUE], 1)
+    cli(db, "enroll", "red", red)
+    probe = photo(tmp_path / "probe.png", [RED], 2)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"no")
+    cases = [
+        (["verify", "red", probe], 0),  # yes
+        (["verify", "red", blue], 1),  # no: a rejected claim
+        (["verify", "nobody", probe], 2),  # unknown person
+        (["verify", "red", broken], 2),  # unreadable photo
+        (["verify", "red", tmp_path / "missing.jpg"], 2),
+        (["verify", "red", photo(tmp_path / "none.png", [])], 2),  # no face to verify
+        (["verify", "red"], 2),  # usage: missing argument
+        (["verify", "red", probe, "--bogus"], 2),  # usage: unknown option
+        (["search", probe], 0),
+        (["search", blue], 0),  # "unknown" is an answer, not a failure
+        (["search", photo(tmp_path / "none.png", [])], 0),  # "no face" is an answer too
+        (["search", probe, broken], 2),  # a photo could not be searched: an error (the others are answered)
+        (["detect", probe, broken], 2),
+        (["check"], 0),
+        (["show", "nobody"], 2),
+        (["nosuchcommand"], 2),
+    ]
+    for args, code in cases:
+        res = cli(db, *args, code=None)
+        assert res.exit_code == code, (args, res.exit_code, res.output)
+        if code == 2 and args[0] != "nosuchcommand" and "--bogus" not in args and len(args) > 2:
+            assert "Traceback" not in res.output and res.stderr.strip(), args
+    res = cli(db, "--json", "search", probe, broken, code=2)
+    assert jlines(res)[0]["identity"] == "red" and "broken.jpg" in res.stderr
+    with FaceDB.open(db) as d:  # check finds a problem: exit 1
+        d.store.conn.execute("UPDATE embeddings SET vector = zeroblob(8)")
+    assert cli(db, "check", code=1).stdout.strip().endswith("problem(s)")
+
+
+def test_fr16_an_unexpected_failure_never_exits_as_a_no(tmp_path, fake, monkeypatch):
+    db = fake_db(tmp_path / "db")
+    cli(db, "enroll", "red", photo(tmp_path / "red.png", [RED], 1))
+
+    def boom(*a, **k):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(FaceDB, "verify", boom)
+    res = cli(db, "verify", "red", photo(tmp_path / "p.png", [RED], 2), code=None)
+    assert res.exit_code not in (0, 1) and "simulated bug" in res.stderr
+
+    def disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FaceDB, "verify", disk)
+    res = cli(db, "verify", "red", photo(tmp_path / "p.png", [RED], 2), code=2)
+    assert "No space left on device" in res.stderr and "Traceback" not in res.stderr
+
+
+# ------------------------------------------------------------------------------------------------ item 17
+THREADS_PROBE = """
+import os, torch
+from facedb.models import configure_threads
+from facedb.pipeline import get_detector
+get_detector()  # loading the detector applies the setting
+print(torch.get_num_threads())
+os.environ["FACEDB_THREADS"] = "2"
+configure_threads()
+print(torch.get_num_threads())
+os.environ["FACEDB_THREADS"] = "lots"
+try:
+    configure_threads()
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+TORCH_DEFAULT_PROBE = """
+import torch
+before = torch.get_num_threads()
+from facedb.models import configure_threads
+configure_threads()
+print(before, torch.get_num_threads())
+"""
+
+
+def _threads(env: dict[str, str], code: str) -> list[str]:
+    clean = {k: v for k, v in os.environ.items() if k != "FACEDB_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**clean, "PYTHONPATH": str(REPO), **env})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+def test_fr17_torch_thread_count_is_a_setting_with_a_chosen_default():
+    pytest.importorskip("torch")
+    pytest.importorskip("facenet_pytorch")
+    from facedb.models import DEFAULT_THREADS
+
+    default, two, bad = _threads({}, THREADS_PROBE)
+    assert int(default) == DEFAULT_THREADS and int(two) == 2  # the default is facedb's, not torch's own
+    assert bad == "InvalidInputError FACEDB_THREADS must be a whole number, got 'lots'"
+    before, after = _threads({"FACEDB_THREADS": "0"}, TORCH_DEFAULT_PROBE)[0].split()
+    assert before == after  # 0: torch's own default is left alone
+
+
+def test_fr17_a_bad_thread_setting_is_a_one_line_error_in_the_cli(tmp_path, monkeypatch):
+    pytest.importorskip("facenet_pytorch")
+    db = tmp_path / "db"
+    cli(db, "init", "--model", "dlib-resnet", "--force")
+    monkeypatch.setenv("FACEDB_THREADS", "-1")
+    res = cli(db, "detect", photo(tmp_path / "p.png", [RED]), code=2)
+    assert "FACEDB_THREADS must be >= 0" in res.stderr and "Traceback" not in res.output
+
+
+# ------------------------------------------------------------------------------------------------ item 18
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_fr18_faiss_never_prints_its_training_warning(tmp_path, capfd, kind):
+    rng = np.random.default_rng(0)
+    for n in (1, 40, 300):
+        db = tmp_path / f"db{n}"
+        with FaceDB.create(db, model_id="m", dim=32, threshold=0.5) as d:
+            d.add_templates_many([(f"p{i}", unit_rows(rng, 1, 32)) for i in range(n)])
+        capfd.readouterr()
+        cli(db, "reindex", "--index", kind)
+        cli(db, "reindex", "--index", kind, "--nlist", "64")  # more lists than a small gallery can train
+        with FaceDB.open(db) as d:  # grown 4x: retrained
+            d.add_templates_many([(f"q{i}", unit_rows(rng, 1, 32)) for i in range(3 * n)])
+            d.identify(unit_rows(rng, 1, 32)[0])
+        err = capfd.readouterr().err
+        assert "WARNING" not in err and "training points" not in err, (n, err)
+
+
+# ------------------------------------------------------------------------------------------------ item 20
+@pytest.fixture
+def progress_every_time(monkeypatch):
+    import facedb.cli
+
+    monkeypatch.setattr(facedb.cli, "PROGRESS_EVERY", 0.0)
+
+
+def _progress_lines(stderr: str, label: str) -> list[str]:
+    assert "\r" not in stderr and "\x1b" not in stderr  # log-friendly: plain lines, no bar redraws
+    return [ln for ln in stderr.splitlines() if ln.startswith(f"{label}: ")]
+
+
+def test_fr20_long_jobs_report_progress_on_stderr_when_it_is_not_a_terminal(tmp_path, fake, progress_every_time):
+    db = fake_db(tmp_path / "db")
+    folder = labelled(tmp_path / "staff", 8, 5)
+    res = cli(db, "enroll", "--folder", folder)
+    lines = _progress_lines(res.stderr, "enrolling")
+    assert "enrolling: 16/40 photos" in lines[0] and lines[-1].startswith("enrolling: 40 photos done in")
+    assert len(lines) >= 3 and "faces stored 40" in res.stdout  # stdout keeps the result only
+    res = cli(db, "eval", "identify", "--folder", folder, "--strangers", "0.5")
+    assert len(_progress_lines(res.stderr, "embedding")) >= 3
+    res = cli(db, "calibrate", "--far", "0.05", "--folder", labelled(tmp_path / "calib", 12, 3), "--dry-run")
+    assert len(_progress_lines(res.stderr, "embedding")) >= 3
+
+
+def test_fr20_quiet_silences_progress(tmp_path, fake, progress_every_time):
+    db = fake_db(tmp_path / "db")
+    folder = labelled(tmp_path / "staff", 4, 5)
+    assert cli(db, "--quiet", "enroll", "--folder", folder).stderr == ""
+    res = cli(db, "eval", "identify", "--folder", folder, "--strangers", "0.5", "--quiet")
+    assert _progress_lines(res.stderr, "embedding") == []
+
+
+# ------------------------------------------------------------------------------------------------ item 21
+def _key(i: int, tag: str) -> str:
+    return hashlib.sha256(f"{tag}-{i}".encode()).hexdigest()
+
+
+def test_fr21_two_runs_sharing_a_cache_keep_each_others_entries(tmp_path):
+    from facedb.evaluate import EmbeddingCache
+
+    a, b = EmbeddingCache("m", 4, tmp_path), EmbeddingCache("m", 4, tmp_path)  # both read the empty cache
+    a.put(_key(1, "a"), np.ones(4), True)
+    b.put(_key(1, "b"), np.full(4, 2.0), True)
+    b.put(_key(2, "b"), np.full(4, np.nan), False)
+    a.save()
+    b.save()  # last writer: must not drop a's entry
+    c = EmbeddingCache("m", 4, tmp_path)
+    assert len(c) == 3 and c.get(_key(1, "a"))[1] is True and c.get(_key(2, "b"))[1] is False
+    assert np.array_equal(c.get(_key(1, "b"))[0], np.full(4, 2.0, np.float32))
+
+
+CACHE_WRITER = """
+import sys
+sys.path.insert(0, {repo!r})
+import numpy as np
+from facedb.evaluate import EmbeddingCache
+from tests.test_field import _key
+cache = EmbeddingCache("m", 4, __import__("pathlib").Path({dir!r}))  # one in-memory copy per run, as eval does
+for i in range(40):
+    cache.put(_key(i, sys.argv[1]), np.full(4, float(i)), True)
+    cache.save()
+"""
+
+
+def test_fr21_concurrent_processes_sharing_a_cache_lose_nothing(tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(CACHE_WRITER.format(repo=str(REPO), dir=str(tmp_path / "c")))
+    procs = [subprocess.Popen([sys.executable, str(script), tag], env={**os.environ, "PYTHONPATH": str(REPO)})
+             for tag in ("x", "y", "z")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    from facedb.evaluate import EmbeddingCache
+
+    cache = EmbeddingCache("m", 4, tmp_path / "c")
+    assert len(cache) == 120
+    assert all(cache.get(_key(i, t)) is not None for i in range(40) for t in "xyz")

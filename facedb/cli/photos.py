@@ -56,6 +56,15 @@ def read_people_meta(path: Path) -> dict[str, dict[str, Any]]:
     return {normalise_name(r.pop("name")): {k: v for k, v in r.items() if k and v not in (None, "")} for r in rows}
 
 
+def _has_photos(db: Any, name: str) -> bool:
+    from ..errors import PersonNotFoundError
+
+    try:
+        return db.person(name).images > 0
+    except PersonNotFoundError:
+        return False
+
+
 @command()
 def enroll(
     ctx: typer.Context,
@@ -83,8 +92,11 @@ def enroll(
     """Enrol photos of a person, or a whole folder of people. Prints a summary; skipped photos say why.
 
     Photos already enrolled are recognised by their bytes and skipped before detection, so re-running a folder
-    is quick and exits 0. Ctrl-C stops promptly and prints what was stored (each photo is its own transaction).
+    is quick and exits 0. Exit 2 if some photo could not be enrolled (unreadable, no face, several faces,
+    refused); the others are enrolled all the same. Ctrl-C stops promptly and prints what was stored (each
+    photo is its own transaction).
     """
+    from ..images import display_name
     from ..pipeline import list_folder
     from ..store import normalise_name
 
@@ -118,8 +130,8 @@ def enroll(
             if report is None:
                 raise
             interrupted = True
-    stored_people = set(report.people)
-    empty = [n for n, _ in batches if normalise_name(n) not in stored_people]
+        # people of this job with no photo in the database at all (every photo of theirs failed)
+        empty = [display_name(n) for n, _ in batches if not _has_photos(db, n)]
     if state(ctx).json:
         out = report.to_dict()
         out.pop("template_ids")
@@ -139,7 +151,7 @@ def enroll(
         )
     if interrupted:
         raise typer.Exit(130)
-    if report.photos and not report.faces_stored and not report.only_known:
+    if report.failed:  # the others were still enrolled; "already enrolled" is not a failure
         raise typer.Exit(EXIT_ERROR)
 
 
@@ -152,7 +164,7 @@ def search(
     weights: WeightsOpt = None,
 ) -> None:
     """Who is in these photos? One line per face: the identity or 'unknown' (JSON null), then the candidates.
-    Exit 1 if some photo could not be searched."""
+    A photo with no face says so. Exit 2 if some photo could not be searched (the others are still answered)."""
     from ..images import display_name
     from ..settings import check_threshold
 
@@ -186,7 +198,7 @@ def search(
                 typer.echo(f"{label}\t{m.identity or 'unknown'}{ext}\tsimilarity={sim}\tthreshold={m.threshold:.4f}"
                            f"\tbox={m.box}\tcandidates: {cands or '-'}")
     if failed:
-        raise typer.Exit(EXIT_NO)
+        raise typer.Exit(EXIT_ERROR)
 
 
 @command()
@@ -215,7 +227,8 @@ def detect(
     photos: Annotated[list[Path], typer.Argument(help="Photos to look for faces in.")],
     weights: WeightsOpt = None,
 ) -> None:
-    """Faces in photos: box, detector score and 5 landmarks each (no identification, nothing recorded)."""
+    """Faces in photos: box, detector score and 5 landmarks each (no identification, nothing recorded). Exit 2 if
+    some photo could not be read (the others are still done)."""
     from ..images import display_name
 
     failed = 0
@@ -236,4 +249,4 @@ def detect(
             if not faces and not state(ctx).json:
                 typer.echo(f"{label}\tno face")
     if failed:
-        raise typer.Exit(EXIT_NO)
+        raise typer.Exit(EXIT_ERROR)

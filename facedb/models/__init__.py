@@ -135,7 +135,12 @@ def resolve_model(model_id: str | None, *, weights: Path | None = None, dim: int
         from .facenet import embedding_dim, model_id_for
         from .weights import resolve_weights
 
+        requested = model_id
         model_id = model_id_for(resolve_weights("facenet-vggface2", explicit=weights), model_id or DEFAULT_MODEL)
+        if requested and requested.startswith("facenet-custom-") and requested != model_id:
+            from ..errors import ModelMismatchError
+
+            raise ModelMismatchError(f"{weights} is {model_id}, not {requested}")
         if model_id.startswith("facenet-custom-"):
             dim = embedding_dim(weights)
     if model_id is None:
@@ -144,7 +149,7 @@ def resolve_model(model_id: str | None, *, weights: Path | None = None, dim: int
     if check_weights and spec.needs_weights and weights is None:
         from .weights import resolve_weights
 
-        resolve_weights(spec.id)  # raises with the message that says where to put the file
+        resolve_weights(spec.id)  # raises with the message that says where to put the file (or --weights)
     return spec, note
 
 
@@ -239,6 +244,7 @@ for _id in ("facenet-vggface2", "facenet-casia"):
                        needs_weights=True), _load_facenet)
 register_family(
     "facenet-custom-",
-    lambda model_id, dim: ModelSpec(model_id, dim or 512, 0.40, "provisional: FaceNet default; calibrate"),
+    lambda model_id, dim: ModelSpec(model_id, dim or 512, 0.40, "provisional: FaceNet default; calibrate",
+                                    needs_weights=True),
     _load_facenet,
 )
