@@ -36,8 +36,8 @@ from .conftest import REPO, FakeDetector, FakeEmbedder, face_image, unit_rows
 
 runner = CliRunner()
 
-# Colours whose test-double identities differ (FakeEmbedder keys identity on colour // 32).
-PALETTE = [(16 + 32 * (i % 8), 16 + 32 * ((i * 3) % 8), 16 + 32 * ((i * 5 + 2) % 8)) for i in range(16)]
+# 27 colours whose test-double identities differ (FakeEmbedder keys identity on colour // 32).
+PALETTE = [(16 + 32 * a, 16 + 32 * b, 16 + 32 * c) for a in (0, 3, 6) for b in (0, 3, 6) for c in (0, 3, 6)]
 RED, GREEN, BLUE = (208, 48, 48), (48, 208, 48), (48, 48, 208)
 
 
@@ -147,6 +147,146 @@ def test_fr01_calibrate_far_pairs_stores_the_threshold(tmp_path, fake):
     with FaceDB.open(db) as d:
         assert d.threshold == pytest.approx(rec["threshold"])
         assert d.settings().calibration.source == "LFW pairs.txt"
+
+
+def test_fr01_cli_reindex_changes_the_index_and_keeps_the_answers(tmp_path):
+    db = tmp_path / "db"
+    cli(db, "init", "--model", "m", "--dim", "8")
+    rng = np.random.default_rng(0)
+    vecs = unit_rows(rng, 50, 8)
+    with FaceDB.open(db) as d:
+        d.add_templates_many([(f"p{i}", vecs[i]) for i in range(50)])
+    out = jlines(cli(db, "--json", "reindex", "--index", "hnsw", "--ef-search", "64", "--m", "16"))[0]
+    assert out["built"] == "hnsw" and out["indexed"] == 50
+    with FaceDB.open(db) as d:
+        state = d.index_state()
+        assert (d.index_kind, state.built, state.params["ef_search"], state.params["M"]) == ("hnsw", "hnsw", 64, 16)
+        assert [d.identify(v).identity for v in vecs[:5]] == [f"p{i}" for i in range(5)]
+    cli(db, "reindex", "--index", "ivf", "--nprobe", "0", code=2)  # refused by the same rule as the API
+    with FaceDB.open(db) as d:
+        assert d.index_kind == "hnsw" and d.index_state().params["M"] == 16
+
+
+def test_fr01_cli_vacuum_leaves_no_byte_of_a_removed_person(tmp_path):
+    db = tmp_path / "db"
+    cli(db, "init", "--model", "m", "--dim", "8")
+    rng = np.random.default_rng(1)
+    keep, gone = unit_rows(rng, 2, 8), unit_rows(rng, 3, 8)
+    with FaceDB.open(db) as d:
+        d.add_templates("keep", keep, create=True)
+        d.add_templates("gone", gone, create=True)
+
+    def present(vectors):
+        data = [f.read_bytes() for f in db.iterdir() if f.is_file()]
+        return [any(np.asarray(v, "<f4").tobytes() in blob for blob in data) for v in vectors]
+
+    cli(db, "remove", "gone")
+    cli(db, "vacuum")
+    assert not any(present(gone)) and all(present(keep))
+    assert jlines(cli(db, "--json", "check"))[0]["ok"] is True
+
+
+def test_fr01_cli_detect_reports_faces_and_changes_nothing(tmp_path, fake):
+    db = fake_db(tmp_path / "db")
+    before = (templates_of(db), audit_rows(db))
+    rows = jlines(cli(db, "--json", "detect", photo(tmp_path / "two.png", [RED, BLUE])))
+    assert [r["box"] for r in rows] == [[0.0, 0.0, 40.0, 40.0], [40.0, 0.0, 80.0, 40.0]]
+    assert all(len(r["landmarks"]) == 5 and r["det_score"] > 0.9 for r in rows)
+    assert "no face" in cli(db, "detect", photo(tmp_path / "none.png", [])).stdout
+    assert (templates_of(db), audit_rows(db)) == before  # detection is neither a decision nor a change
+
+
+def test_fr01_cli_eval_identify_measures_without_touching_the_database(tmp_path, fake):
+    db = fake_db(tmp_path / "db")
+    before = audit_rows(db)
+    rep = jlines(cli(db, "--json", "eval", "identify", "--folder", labelled(tmp_path / "f", 10, 3),
+                     "--strangers", "0.5"))[0]
+    assert rep["rank1"] == 1.0 and rep["gallery_people"] == 5 and rep["impostor_probes"] == 15
+    assert rep["genuine_probes"] == 10 and "dir_at_fpir_0.01" in rep
+    assert audit_rows(db) == before and templates_of(db) == []
+
+
+def test_fr01_cli_eval_lfw_runs_the_10_fold_protocol(tmp_path, fake):
+    lfw = tmp_path / "lfw"
+    names = [f"P{i}" for i in range(10)]
+    for i, name in enumerate(names):
+        for j in (1, 2):
+            photo(lfw / name / f"{name}_{j:04d}.jpg", [PALETTE[i]], seed=10 * i + j)
+    lines = []
+    for fold in range(10):  # 10 folds of 1 same + 1 different pair
+        a, b = names[fold], names[(fold + 3) % 10]
+        lines += [f"{a}\t1\t2", f"{a}\t1\t{b}\t2"]
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("10\t1\n" + "\n".join(lines) + "\n")
+    db = tmp_path / "db"
+    rep = jlines(cli(db, "--json", "eval", "lfw", "--pairs", pairs, "--lfw", lfw, "--model", FakeEmbedder.model_id,
+                     "--plot", tmp_path / "roc.png"))[0]
+    assert rep["pairs"] == 20 and rep["accuracy_mean"] == 1.0 and len(rep["fold_accuracies"]) == 10
+    assert rep["far_0.01_resolvable"] is False  # 10 impostor pairs cannot resolve 1e-2, and it says so
+    assert (tmp_path / "roc.png").stat().st_size > 0 and not db.exists()
+
+
+@pytest.mark.slow  # ~30 s of CPU training; train's effect, not an item's reported instance
+def test_fr01_cli_train_writes_weights_a_database_can_use(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    pytest.importorskip("facenet_pytorch")
+    monkeypatch.setattr(facedb.pipeline, "get_detector", lambda *a, **k: FakeDetector())
+    out = tmp_path / "model.pt"
+    res = cli(tmp_path / "db", "--json", "train", "--folder", labelled(tmp_path / "people", 6, 3), "--out", out,
+              "--embedding-size", "8", "--epochs", "1", "--steps", "1", "--people-per-batch", "2",
+              "--faces-per-person", "2", "--val-fraction", "0.34")
+    result = jlines(res)[0]
+    assert out.stat().st_size > 0 and result["model_id"].startswith("facenet-custom-")
+    from facedb.models.facenet import embedding_dim
+
+    assert embedding_dim(out) == 8
+    info = jlines(cli(tmp_path / "db", "--json", "init", "--model", "facenet", "--weights", out))[0]
+    assert (info["model_id"], info["dim"]) == (result["model_id"], 8)
+
+
+# Every CLI command and the tests that check its effect on the database (or, for commands that only measure,
+# that they change nothing). A new command without an entry here fails test_fr01_every_command_is_tested.
+COMMAND_TESTS = {
+    "init": ["test_cli::test_core_commands", "test_field::test_fr14_init_without_the_weights_fails_and_says_where_to_put_them"],
+    "people": ["test_cli::test_core_commands"],
+    "show": ["test_cli::test_core_commands"],
+    "add-person": ["test_cli::test_core_commands"],
+    "update": ["test_field::test_fr12_update_changes_metadata_and_external_id"],
+    "rename": ["test_cli::test_core_commands"],
+    "remove": ["test_cli::test_core_commands", "test_field::test_fr04_erasure_by_name_from_the_cli_reaches_a_folder_enrolled_from_a_mac"],
+    "merge": ["test_field::test_fr09_merge_moves_everything_to_one_person"],
+    "templates": ["test_field::test_fr09_remove_template_erases_one_photo_and_keeps_the_person"],
+    "remove-template": ["test_field::test_fr09_remove_template_erases_one_photo_and_keeps_the_person"],
+    "enroll": ["test_cli::test_enroll_search_verify_remove_with_test_double",
+               "test_field::test_fr10_rerunning_a_folder_skips_known_photos_before_detection_and_exits_0"],
+    "search": ["test_cli::test_enroll_search_verify_remove_with_test_double"],
+    "verify": ["test_field::test_fr16_exit_status_is_0_yes_1_no_2_error_everywhere"],
+    "detect": ["test_field::test_fr01_cli_detect_reports_faces_and_changes_nothing"],
+    "stats": ["test_cli::test_core_commands"],
+    "check": ["test_field::test_fr16_exit_status_is_0_yes_1_no_2_error_everywhere"],
+    "vacuum": ["test_field::test_fr01_cli_vacuum_leaves_no_byte_of_a_removed_person"],
+    "reindex": ["test_field::test_fr01_cli_reindex_changes_the_index_and_keeps_the_answers"],
+    "rebuild-index": ["test_cli::test_core_commands"],
+    "audit": ["test_cli::test_audit_trail"],
+    "audit-settings": ["test_cli::test_audit_trail"],
+    "calibrate": ["test_field::test_fr01_calibrate_far_folder_stores_the_threshold",
+                  "test_field::test_fr01_calibrate_fpir_folder_stores_the_threshold",
+                  "test_field::test_fr01_calibrate_far_pairs_stores_the_threshold"],
+    "eval lfw": ["test_field::test_fr01_cli_eval_lfw_runs_the_10_fold_protocol"],
+    "eval identify": ["test_field::test_fr01_cli_eval_identify_measures_without_touching_the_database"],
+    "train": ["test_field::test_fr01_cli_train_writes_weights_a_database_can_use"],
+}
+
+
+def test_fr01_every_command_is_tested_end_to_end():
+    import importlib
+
+    commands = {" ".join(p) for p in _command_paths()}
+    assert commands == set(COMMAND_TESTS), f"commands without an end-to-end test: {commands - set(COMMAND_TESTS)}"
+    for tests in COMMAND_TESTS.values():
+        for ref in tests:
+            module, name = ref.split("::")
+            assert callable(getattr(importlib.import_module(f"tests.{module}"), name, None)), ref
 
 
 # ------------------------------------------------------------------------------------------------ item 2
