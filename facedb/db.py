@@ -32,6 +32,7 @@ from .errors import (
     InvalidInputError,
     ModelMismatchError,
     NoFaceError,
+    PersonNotFoundError,
 )
 from .index import check_index_params, check_kind
 from .keeper import IndexKeeper
@@ -516,7 +517,24 @@ class FaceDB:
         except KeyboardInterrupt as exc:
             exc.report = report  # type: ignore[attr-defined]
             raise
+        self._update_people_data(per_person)
         return report
+
+    def _update_people_data(self, people_data: dict[str, dict[str, Any]]) -> None:
+        """Give people of the job who were already enrolled the metadata and external id the job names for
+        them (a re-run with ``--people-meta`` stores no photo, but must still update the people)."""
+        for name, data in people_data.items():
+            if not data:
+                continue
+            try:
+                person = self.store.person(name)
+            except PersonNotFoundError:
+                continue  # no photo of theirs could be stored: nobody to update
+            meta = {k: v for k, v in data.items() if k != "external_id"}
+            ext = data.get("external_id")
+            if all(person.metadata.get(k) == v for k, v in meta.items()) and ext in (None, person.external_id):
+                continue
+            self.update_person(name, metadata=meta or None, external_id=ext)
 
     def _people_data(self, names: set[str], metadata: dict[str, Any] | None,
                      people_metadata: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:

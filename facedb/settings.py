@@ -48,6 +48,26 @@ def check_count(value: object, what: str, minimum: int = 0) -> int:
     return int(value)
 
 
+
+
+def threads_setting() -> int:
+    """The thread count for torch and FAISS from ``FACEDB_THREADS`` (default
+    :data:`facedb.models.DEFAULT_THREADS`, chosen from measurements; 0 = leave each engine's own default);
+    InvalidInputError for a value that is not a whole number >= 0."""
+    import os
+
+    from .models import DEFAULT_THREADS
+
+    raw = os.environ.get("FACEDB_THREADS", "").strip()
+    try:
+        n = int(raw) if raw else DEFAULT_THREADS
+    except ValueError:
+        raise InvalidInputError(f"FACEDB_THREADS must be a whole number, got {raw!r}") from None
+    if n < 0:
+        raise InvalidInputError("FACEDB_THREADS must be >= 0 (0: each engine's own default)")
+    return n
+
+
 def check_k(value: object) -> int:
     """``value`` as a number of candidates: a positive integer; InvalidInputError otherwise."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

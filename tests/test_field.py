@@ -12,19 +12,17 @@ import csv
 import hashlib
 import io
 import json
-import math
 import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import unicodedata
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image
 from typer.testing import CliRunner
 
 import facedb.pipeline
@@ -245,15 +243,17 @@ def test_fr01_cli_train_writes_weights_a_database_can_use(tmp_path, monkeypatch)
 
 
 # Every CLI command and the tests that check its effect on the database (or, for commands that only measure,
-# that they change nothing). A new command without an entry here fails test_fr01_every_command_is_tested.
+# that they change nothing). A new command without an entry here fails test_fr01_every_command_is_tested_end_to_end.
 COMMAND_TESTS = {
-    "init": ["test_cli::test_core_commands", "test_field::test_fr14_init_without_the_weights_fails_and_says_where_to_put_them"],
+    "init": ["test_cli::test_core_commands",
+             "test_field::test_fr14_init_without_the_weights_fails_and_says_where_to_put_them"],
     "people": ["test_cli::test_core_commands"],
     "show": ["test_cli::test_core_commands"],
     "add-person": ["test_cli::test_core_commands"],
     "update": ["test_field::test_fr12_update_changes_metadata_and_external_id"],
     "rename": ["test_cli::test_core_commands"],
-    "remove": ["test_cli::test_core_commands", "test_field::test_fr04_erasure_by_name_from_the_cli_reaches_a_folder_enrolled_from_a_mac"],
+    "remove": ["test_cli::test_core_commands",
+               "test_field::test_fr04_erasure_by_name_from_the_cli_reaches_a_folder_enrolled_from_a_mac"],
     "merge": ["test_field::test_fr09_merge_moves_everything_to_one_person"],
     "templates": ["test_field::test_fr09_remove_template_erases_one_photo_and_keeps_the_person"],
     "remove-template": ["test_field::test_fr09_remove_template_erases_one_photo_and_keeps_the_person"],
@@ -341,6 +341,18 @@ def test_fr02_duplicate_pairs_in_a_pairs_file_count_once(tmp_path, fake):
     pairs.write_text("3\n" + "\n".join(rows) + "\n")
     res = cli(db, "calibrate", "--far", "0.05", "--pairs", pairs, "--lfw", lfw, "--dry-run", code=2)
     assert "3 distinct impostor pairs cannot resolve" in res.stderr
+
+
+def test_fr02_calibration_check_on_halves_states_its_evidence(tmp_path, fake):
+    db = fake_db(tmp_path / "db")
+    folder = labelled(tmp_path / "f", 12, 3)
+    rep = jlines(cli(db, "--json", "eval", "identify", "--folder", folder, "--half", "a", "--check-calibration",
+                     "--strangers", "0.5"))[0]
+    assert rep["calibrated_on_impostor_probes"] == 9 and rep["calibrated_fpir_0.01_resolvable"] is False
+    assert rep["fpir_measured_on_impostor_probes"] == 9
+    # no strangers in a half: a clear error (it was a ValueError traceback)
+    res = cli(db, "eval", "identify", "--folder", folder, "--half", "a", "--check-calibration", code=2)
+    assert "no strangers" in res.stderr and "Traceback" not in res.output
 
 
 def test_fr02_target_rates_are_checked_by_the_api_too(tmp_path, fake):
@@ -867,7 +879,7 @@ def test_fr10_ctrl_c_stops_promptly_and_prints_what_was_stored(tmp_path):
     stored = len(templates_of(db))
     assert proc.returncode == 130, err
     assert took < 2.0, f"took {took:.1f} s to stop"  # not the rest of the chunk being detected (6 s)
-    assert f"interrupted: people" in out and f"faces stored {stored}" in out, out
+    assert "interrupted: people" in out and f"faces stored {stored}" in out, out
     assert 0 < stored < 64 and "Traceback" not in err
     assert jlines(cli(db, "--json", "check"))[0]["ok"] is True
 
@@ -971,6 +983,22 @@ def test_fr12_people_meta_gives_each_person_their_own_data(tmp_path, fake, fmt):
     hit = jlines(cli(db, "--json", "search", photo(tmp_path / "p.png", [PALETTE[0]], 9)))[0]
     assert hit["identity"] == "person00" and hit["external_id"] == "E-1"
     assert hit["candidates"][0]["external_id"] == "E-1"
+
+
+def test_fr12_people_meta_on_a_rerun_updates_people_already_enrolled(tmp_path, fake):
+    db = fake_db(tmp_path / "db")
+    folder = labelled(tmp_path / "staff", 2, 2)
+    cli(db, "enroll", "--folder", folder)
+    meta = tmp_path / "staff.csv"
+    meta.write_text("name,badge,external_id\nperson00,1,E-1\nperson01,2,\n")
+    out = jlines(cli(db, "--json", "enroll", "--folder", folder, "--people-meta", meta))[0]
+    assert out["faces_stored"] == 0  # every photo known: nothing stored, yet the people are updated
+    with FaceDB.open(db) as d:
+        assert [(p.name, p.metadata, p.external_id) for p in d.people()] == [
+            ("person00", {"badge": "1"}, "E-1"), ("person01", {"badge": "2"}, None)]
+    n = len(audit_rows(db))
+    cli(db, "enroll", "--folder", folder, "--people-meta", meta)  # nothing new: no update recorded
+    assert len(audit_rows(db)) == n
 
 
 def test_fr12_bad_people_meta_changes_nothing(tmp_path, fake):
@@ -1178,6 +1206,9 @@ from facedb.models import configure_threads
 from facedb.pipeline import get_detector
 get_detector()  # loading the detector applies the setting
 print(torch.get_num_threads())
+import faiss
+import facedb.index.faiss_kinds  # so does loading the FAISS backend, for its OpenMP threads
+print(faiss.omp_get_max_threads())
 os.environ["FACEDB_THREADS"] = "2"
 configure_threads()
 print(torch.get_num_threads())
@@ -1209,8 +1240,9 @@ def test_fr17_torch_thread_count_is_a_setting_with_a_chosen_default():
     pytest.importorskip("facenet_pytorch")
     from facedb.models import DEFAULT_THREADS
 
-    default, two, bad = _threads({}, THREADS_PROBE)
+    default, omp, two, bad = _threads({}, THREADS_PROBE)
     assert int(default) == DEFAULT_THREADS and int(two) == 2  # the default is facedb's, not torch's own
+    assert int(omp) == DEFAULT_THREADS
     assert bad == "InvalidInputError FACEDB_THREADS must be a whole number, got 'lots'"
     before, after = _threads({"FACEDB_THREADS": "0"}, TORCH_DEFAULT_PROBE)[0].split()
     assert before == after  # 0: torch's own default is left alone

@@ -190,3 +190,44 @@ def test_fr09_tom_hanx_is_warned_and_a_reencoded_copy_refused(tmp_path, lfw, dli
     with FaceDB.open(db) as d:
         assert [(p.name, p.templates) for p in d.people()] == [("Tom Hanks", 3)]
         assert [m.identity for m in d.search(lfw / TOM[3])] == ["Tom Hanks"]
+
+
+# ------------------------------------------------------------------------------------------------ item 10
+@pytest.mark.slow  # starts a detection process (torch, MTCNN, dlib): ~30 s here
+def test_fr10_ctrl_c_with_detection_processes_stops_promptly(tmp_path, lfw, dlib_pipeline):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path / "staff"
+    people = sorted(p for p in lfw.iterdir() if len(list(p.glob("*.jpg"))) >= 8)[:12]
+    for person in people:
+        (folder / person.name).mkdir(parents=True)
+        for src in sorted(person.glob("*.jpg"))[:8]:
+            os.symlink(src, folder / person.name / src.name)
+    db = dlib_db(tmp_path / "db")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "facedb.cli", "--db", str(db), "enroll", "--folder", str(folder),
+                             "--workers", "1", "--on-multiple", "largest"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        stored = 0
+        while time.monotonic() < deadline and proc.poll() is None and stored == 0:
+            time.sleep(0.5)
+            with FaceDB.open(db, readonly=True) as d:
+                stored = d.stats().templates
+        assert proc.poll() is None and stored, "the job ended before it could be interrupted"
+        sent = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole process group
+        out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    with FaceDB.open(db, readonly=True) as d:
+        stored = d.stats().templates
+    assert proc.returncode == 130 and took < 5.0, (proc.returncode, took, err)
+    assert f"faces stored {stored}" in out and "interrupted: people" in out
+    assert "Traceback" not in err and 0 < stored < 96

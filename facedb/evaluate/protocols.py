@@ -161,13 +161,20 @@ def run_identify(folder: Path, pipeline: FacePipeline, work_dir: Path, *, enroll
     if calibrate_on_other_half and half:
         other = "b" if half == "a" else "a"
         split2 = identify_split(labels, enroll, np.random.default_rng(seed), halves[other], strangers=strangers)
+        if not split2.impostor or not impostor:
+            raise InvalidInputError(f"half {other if not split2.impostor else half} has no strangers to measure "
+                                    "FPIR with: hold some people out with --strangers 0.5")
         _, impostor2 = open_set_scores(work_dir / "eval-db-other", vectors, split2, pipeline.model_id)
         t = threshold_at_far(np.asarray(impostor2), 1e-2)
         report.update({
             "calibrated_on_half": other,
             "calibrated_gallery_people": len(split2.gallery),
             "calibrated_threshold_fpir_0.01": t,
+            # how much evidence each side has: FPIR 1% needs >= 100 impostor probes to be resolved at all
+            "calibrated_on_impostor_probes": len(impostor2),
+            "calibrated_fpir_0.01_resolvable": resolvable(1e-2, len(impostor2)),
             "fpir_measured_at_calibrated_threshold": fpir_at(impostor, t),
+            "fpir_measured_on_impostor_probes": len(impostor),
         })
     return report
 

@@ -10,7 +10,6 @@ one measured for your target error rate.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import InvalidInputError, ModelUnavailableError
+from ..settings import threads_setting
 
 
 @dataclass(frozen=True)
@@ -181,23 +181,23 @@ def _dlib_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("dlib", "face_recognition_models"))
 
 
-#: torch's intra-op threads for detection and FaceNet: ``FACEDB_THREADS``, else this. torch's own default (one
-#: per core) lets MTCNN's many small operations thrash when other processes share the cores: measured on a
-#: busy 2-core machine, 1.0-4.6 s a photo against 0.2-0.3 s with one thread; on an idle one, see README
-#: "Performance" for one thread against all cores.
+#: Threads each compute engine (torch for detection and FaceNet, FAISS's OpenMP for index training and batch
+#: search) uses, unless ``FACEDB_THREADS`` says otherwise (0 = the engine's own default, one per core).
+#: Measured on a shared 2-core machine (``scripts/bench_threads.py``, ``bench-results/threads.json``; median
+#: per photo / face, 1 thread against 2): MTCNN 170 ms against 948 ms as the machine was (load ~13), 610 ms
+#: against 6,657 ms with a busy process per core; FaceNet one face 129 against 1,427 ms (474 against 6,247);
+#: FaceNet in batches of 16, 79 against 566 ms a face; FAISS IVF training 152 against 1,003 ms. More threads
+#: than the cores left free make these engines' many small parallel steps wait on each other. dlib's embedder
+#: is not affected (its own single thread: 308 and 295 ms). On a machine with idle cores to spare for facedb
+#: alone, measure with that script and raise it.
 DEFAULT_THREADS = 1
 
 
 def configure_threads() -> int:
     """Set torch's thread count from ``FACEDB_THREADS`` (default :data:`DEFAULT_THREADS`; 0 = torch's own
-    default of one per core) if torch is installed; returns the count in force (0 = untouched)."""
-    raw = os.environ.get("FACEDB_THREADS", "").strip()
-    try:
-        n = int(raw) if raw else DEFAULT_THREADS
-    except ValueError:
-        raise InvalidInputError(f"FACEDB_THREADS must be a whole number, got {raw!r}") from None
-    if n < 0:
-        raise InvalidInputError("FACEDB_THREADS must be >= 0")
+    default of one per core) if torch is installed; returns the count in force (0 = untouched).
+    InvalidInputError for a bad value."""
+    n = threads_setting()
     if n:
         try:
             import torch
