@@ -88,6 +88,11 @@ def audit_rows(db: Path) -> list[dict]:
         return [r.to_dict() for r in d.audit()]
 
 
+def stored_templates(db: Path) -> int:
+    with FaceDB.open(db, readonly=True) as d:
+        return int(d.stats()["templates"])
+
+
 def templates_of(db: Path, name: str | None = None) -> list[dict]:
     with FaceDB.open(db, readonly=True) as d:
         return [t.to_dict() for t in d.templates(name)]
@@ -396,7 +401,7 @@ def test_fr03_every_change_to_the_gallery_is_audited(tmp_path):
         d.configure_audit(enabled=False)
         d.identify(v[0])  # not recorded: the trail is off
         d.configure_audit(enabled=True)
-        ops = [(r.operation, r.identity, (r.detail or {}).get("templates")) for r in d.audit()]
+        ops = [(r["operation"], r["identity"], (r["detail"] or {}).get("templates")) for r in d.audit()]
     assert ops == [
         ("add-templates", "Ann", 2), ("add-templates", "Bob", 1), ("add-templates", "Cy", 2),
         ("reindex", None, None), ("audit-settings", None, None), ("audit-settings", None, None),
@@ -440,15 +445,24 @@ def test_fr04_erasure_by_name_from_the_cli_reaches_a_folder_enrolled_from_a_mac(
     folder = tmp_path / "staff"
     photo(folder / NFD / "1.png", [RED], seed=1)  # a macOS folder name: decomposed
     photo(folder / "Ann" / "1.png", [BLUE], seed=1)
-    meta = tmp_path / "staff.csv"
-    meta.write_text(f"name,badge\n{NFC},117\nAnn,118\n", encoding="utf-8")
-    cli(db, "enroll", "--folder", folder, "--people-meta", meta)
-    assert jlines(cli(db, "--json", "show", NFC))[0]["metadata"] == {"badge": "117"}
+    cli(db, "enroll", "--folder", folder)
     probe = photo(tmp_path / "probe.png", [RED], seed=9)
     assert jlines(cli(db, "--json", "search", probe))[0]["identity"] == NFC
     assert jlines(cli(db, "--json", "remove", NFC))[0] == {"removed": NFC, "templates": 1}
     assert [p["name"] for p in jlines(cli(db, "--json", "people"))] == ["Ann"]
     assert jlines(cli(db, "--json", "search", probe))[0]["identity"] is None
+
+
+def test_fr04_per_person_metadata_finds_a_folder_name_in_the_other_form(tmp_path, fake):
+    db = fake_db(tmp_path / "db")
+    folder = tmp_path / "staff"
+    photo(folder / NFD / "1.png", [RED], seed=1)
+    photo(folder / "Ann" / "1.png", [BLUE], seed=1)
+    meta = tmp_path / "staff.csv"
+    meta.write_text(f"name,badge\n{NFC},117\nAnn,118\n", encoding="utf-8")  # typed: composed
+    res = cli(db, "enroll", "--folder", folder, "--people-meta", meta)
+    assert "no photos here" not in res.stderr
+    assert jlines(cli(db, "--json", "show", NFD))[0]["metadata"] == {"badge": "117"}
 
 
 def test_fr04_labelled_folders_and_people_files_agree_on_names(tmp_path):
@@ -515,11 +529,17 @@ def test_fr05_every_photo_form_gives_the_same_pixels_for_every_orientation(tmp_p
     upright = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)  # not square: a turn changes the shape
     forms = every_form(oriented_png(upright, orientation), tmp_path / "p.png")
     forms["array (already upright)"] = upright
-    for form, src in forms.items():
-        got = load_photo(src).pixels
-        assert got.shape == upright.shape and np.array_equal(got, upright), f"{form}, orientation {orientation}"
+    wrong = {}
+    for form, src in forms.items():  # every form is tried: the message names each one that differs
+        try:
+            got = load_photo(src).pixels
+            if got.shape != upright.shape or not np.array_equal(got, upright):
+                wrong[form] = f"other pixels ({got.shape[1]}x{got.shape[0]})"
+        except ImageError as exc:
+            wrong[form] = str(exc)
         if hasattr(src, "close"):
             src.close()
+    assert wrong == {}, f"orientation {orientation}: {wrong}"
 
 
 @pytest.mark.parametrize("orientation", [6, 8])
@@ -532,8 +552,13 @@ def test_fr05_search_by_pil_image_honours_exif(tmp_path, fake, orientation):
         d.enroll("red", [photo(tmp_path / "red.png", [RED], seed=5)])
         d.enroll("blue", [photo(tmp_path / "blue.png", [BLUE], seed=6)])
         forms = every_form(oriented_png(upright, orientation), tmp_path / "sideways.png")
-        answers = {form: sorted(str(m.identity) for m in d.search(src)) for form, src in forms.items()}
-    assert all(a == ["blue", "red"] for a in answers.values()), answers
+        answers = {}
+        for form, src in forms.items():
+            try:
+                answers[form] = sorted(str(m.identity) for m in d.search(src))
+            except ImageError as exc:
+                answers[form] = str(exc)
+    assert answers == {form: ["blue", "red"] for form in forms}, answers
 
 
 # ------------------------------------------------------------------------------------------------ item 6
@@ -865,7 +890,7 @@ def test_fr10_ctrl_c_stops_promptly_and_prints_what_was_stored(tmp_path):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:  # wait until the first chunk is stored
             time.sleep(0.2)
-            if templates_of(db):
+            if stored_templates(db):
                 break
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.5)  # now in the middle of detecting the next chunk
@@ -876,7 +901,7 @@ def test_fr10_ctrl_c_stops_promptly_and_prints_what_was_stored(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    stored = len(templates_of(db))
+    stored = stored_templates(db)
     assert proc.returncode == 130, err
     assert took < 2.0, f"took {took:.1f} s to stop"  # not the rest of the chunk being detected (6 s)
     assert "interrupted: people" in out and f"faces stored {stored}" in out, out
@@ -1202,21 +1227,27 @@ def test_fr16_an_unexpected_failure_never_exits_as_a_no(tmp_path, fake, monkeypa
 # ------------------------------------------------------------------------------------------------ item 17
 THREADS_PROBE = """
 import os, torch
-from facedb.models import configure_threads
-from facedb.pipeline import get_detector
-get_detector()  # loading the detector applies the setting
-print(torch.get_num_threads())
+try:
+    from facedb.pipeline import get_detector
+    get_detector()  # loading the detector alone applies the setting (training prepares crops this way)
+    print("detector", torch.get_num_threads())
+except ImportError:
+    print("detector absent")
+from facedb.pipeline import get_pipeline
+get_pipeline("dlib-resnet").detector  # and so does loading a model with its detector
+print("pipeline", torch.get_num_threads())
 import faiss
-import facedb.index.faiss_kinds  # so does loading the FAISS backend, for its OpenMP threads
-print(faiss.omp_get_max_threads())
+from facedb.index import faiss_kinds  # and loading the FAISS backend, for its OpenMP threads
+print("faiss", faiss.omp_get_max_threads())
+from facedb.models import configure_threads
 os.environ["FACEDB_THREADS"] = "2"
 configure_threads()
-print(torch.get_num_threads())
+print("two", torch.get_num_threads())
 os.environ["FACEDB_THREADS"] = "lots"
 try:
     configure_threads()
 except Exception as exc:
-    print(type(exc).__name__, exc)
+    print("bad", type(exc).__name__, exc)
 """
 TORCH_DEFAULT_PROBE = """
 import torch
@@ -1231,19 +1262,20 @@ def _threads(env: dict[str, str], code: str) -> list[str]:
     clean = {k: v for k, v in os.environ.items() if k != "FACEDB_THREADS"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**clean, "PYTHONPATH": str(REPO), **env})
-    assert out.returncode == 0, out.stderr
-    return out.stdout.splitlines()
+    failed = [f"stderr {(out.stderr.strip().splitlines() or [''])[-1]}"] if out.returncode else []
+    return out.stdout.splitlines() + failed
 
 
 def test_fr17_torch_thread_count_is_a_setting_with_a_chosen_default():
     pytest.importorskip("torch")
     pytest.importorskip("facenet_pytorch")
+    pytest.importorskip("dlib")
     from facedb.models import DEFAULT_THREADS
 
-    default, omp, two, bad = _threads({}, THREADS_PROBE)
-    assert int(default) == DEFAULT_THREADS and int(two) == 2  # the default is facedb's, not torch's own
-    assert int(omp) == DEFAULT_THREADS
-    assert bad == "InvalidInputError FACEDB_THREADS must be a whole number, got 'lots'"
+    d = DEFAULT_THREADS
+    assert _threads({}, THREADS_PROBE) == [  # the default is facedb's measured one, not torch's own
+        f"detector {d}", f"pipeline {d}", f"faiss {d}", "two 2",
+        "bad InvalidInputError FACEDB_THREADS must be a whole number, got 'lots'"]
     before, after = _threads({"FACEDB_THREADS": "0"}, TORCH_DEFAULT_PROBE)[0].split()
     assert before == after  # 0: torch's own default is left alone
 
@@ -1280,7 +1312,7 @@ def test_fr18_faiss_never_prints_its_training_warning(tmp_path, capfd, kind):
 def progress_every_time(monkeypatch):
     import facedb.cli
 
-    monkeypatch.setattr(facedb.cli, "PROGRESS_EVERY", 0.0)
+    monkeypatch.setattr(facedb.cli, "PROGRESS_EVERY", 0.0, raising=False)
 
 
 def _progress_lines(stderr: str, label: str) -> list[str]:

@@ -36,7 +36,8 @@ from facedb import FaceDB
 from facedb.cli import app
 from facedb.pipeline import FacePipeline
 
-from .conftest import REPO, FakeDetector, FakeEmbedder, face_image, test_data_dir
+from .conftest import REPO, FakeDetector, FakeEmbedder, face_image
+from .conftest import test_data_dir as shared_data_dir
 
 README = REPO / "README.md"
 
@@ -280,7 +281,7 @@ def random_facenet_weights(path: Path) -> str | None:
 @pytest.fixture(params=["test-double", pytest.param("dlib-resnet", marks=pytest.mark.slow)])
 def scene(request, tmp_path, monkeypatch) -> Scene:
     """A temporary working directory with the README's files, and the pipeline the variant uses."""
-    shared = test_data_dir() / "lfw_deepfunneled"  # before FACEDB_TEST_DATA points at the README's own data
+    shared = shared_data_dir() / "lfw_deepfunneled"  # before FACEDB_TEST_DATA points at the README's own data
     monkeypatch.chdir(tmp_path)
     (tmp_path / "home").mkdir()
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # `export FACEDB_DB=~/gate-db`
@@ -297,7 +298,7 @@ def scene(request, tmp_path, monkeypatch) -> Scene:
         scene = Scene(real=False)
         pipe = FacePipeline(ReadmeEmbedder(noise=0.01), detector=FakeDetector())  # type: ignore[arg-type]
         monkeypatch.setattr(facedb.pipeline, "get_pipeline", lambda *a, **k: pipe)
-        monkeypatch.setattr(facedb.pipeline, "get_detector", lambda *a, **k: FakeDetector())
+        monkeypatch.setattr(facedb.pipeline, "get_detector", lambda *a, **k: FakeDetector(), raising=False)
     build_files(scene, tmp_path)
     return scene
 
