@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -66,6 +67,24 @@ CHECK_PROBES = 64
 
 #: What ``enroll`` does with a photo whose face matches *another* enrolled person above the threshold.
 ON_OTHER_MATCH = ("warn", "refuse", "allow")
+
+
+@contextlib.contextmanager
+def _interrupt_after() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block has ended, then deliver it: the block
+    (store a photo, count it, audit it) is done whole or not at all. Only the main thread receives signals;
+    elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held and callable(previous):
+            previous(signal.SIGINT, None)  # Python's own handler raises KeyboardInterrupt here
 
 
 class FaceDB:
@@ -604,19 +623,20 @@ class FaceDB:
                 report.warnings.append(Skipped(item.label, f"{note}, enrolled as {name!r} anyway"))
             meta = dict(people_data.get(name, {}))
             external_id = meta.pop("external_id", None)
-            try:
-                ids = self._add_templates(name, vec, boxes=[item.face.box], det_scores=[item.face.score],
-                                          image=item.image, create=True, metadata=meta or None,
-                                          external_id=external_id)
-            except (InvalidInputError, ModelMismatchError, DuplicatePersonError) as exc:
-                report.skipped.append(Skipped(item.label, str(exc)))
-                continue
-            report.template_ids.extend(ids)
-            report.faces_stored += len(ids)
-            self.trail.record("enroll", [{"image_sha256": item.sha256, "identity": name,
-                                          "detail": {"templates": len(ids)}}], self.settings())
-            if name not in report.people:
-                report.people.append(name)
+            with _interrupt_after():  # a photo stored is also counted and audited, even if Ctrl-C comes now
+                try:
+                    ids = self._add_templates(name, vec, boxes=[item.face.box], det_scores=[item.face.score],
+                                              image=item.image, create=True, metadata=meta or None,
+                                              external_id=external_id)
+                except (InvalidInputError, ModelMismatchError, DuplicatePersonError) as exc:
+                    report.skipped.append(Skipped(item.label, str(exc)))
+                    continue
+                report.template_ids.extend(ids)
+                report.faces_stored += len(ids)
+                if name not in report.people:
+                    report.people.append(name)
+                self.trail.record("enroll", [{"image_sha256": item.sha256, "identity": name,
+                                              "detail": {"templates": len(ids)}}], self.settings())
 
     def _other_match(self, name: str, vector: np.ndarray) -> tuple[str, float, float] | None:
         """The best-matching enrolled person other than ``name`` (NFC), if they reach the threshold:

@@ -124,7 +124,9 @@ def test_enroll_search_verify_remove_with_test_double(tmp_path, fake_cli):
     (folder / "green" / "broken.jpg").write_bytes(b"not an image")
     photo(folder / "green" / "two.png", [GREEN, RED], seed=9)
     photo(folder / "green" / "none.png", [])
-    report = jlines(run(db, "--json", "enroll", "--folder", str(folder)))[0]
+    res = run(db, "--json", "enroll", "--folder", str(folder), ok=False)
+    assert res.exit_code == 2  # some photos could not be enrolled; the others were
+    report = jlines(res)[0]
     assert report["people"] == ["green", "red"] and report["faces_stored"] == 4 and report["photos"] == 7
     reasons = {s["image"].rsplit("/", 1)[-1]: s["reason"] for s in report["skipped"]}
     assert set(reasons) == {"broken.jpg", "two.png", "none.png"}

@@ -909,6 +909,27 @@ def test_fr10_ctrl_c_stops_promptly_and_prints_what_was_stored(tmp_path):
     assert jlines(cli(db, "--json", "check"))[0]["ok"] is True
 
 
+def test_fr10_a_photo_stored_just_as_ctrl_c_arrives_is_counted_and_audited(tmp_path, fake, monkeypatch):
+    """Ctrl-C landing between a photo's commit and its count printed one photo fewer than were stored (found
+    by the interrupt tests above, which hit it by chance); here the signal arrives at exactly that moment."""
+    db = fake_db(tmp_path / "db")
+    folder = labelled(tmp_path / "staff", 3, 2)
+    original = FaceDB._add_templates
+    calls = []
+
+    def add_then_interrupt(self, *a, **k):
+        ids = original(self, *a, **k)
+        calls.append(ids)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C right after the third photo's commit
+        return ids
+
+    monkeypatch.setattr(FaceDB, "_add_templates", add_then_interrupt)
+    res = cli(db, "enroll", "--folder", folder, code=130)
+    assert stored_templates(db) == 3 and "interrupted: people 2  photos 6  faces stored 3" in res.stdout
+    assert [r["operation"] for r in audit_rows(db)].count("enroll") == 3
+
+
 # ------------------------------------------------------------------------------------------------ item 11
 def test_fr11_photos_directly_in_the_folder_are_refused_with_the_layout_expected(tmp_path, fake):
     db = fake_db(tmp_path / "db")
@@ -946,6 +967,27 @@ def test_fr11_every_layout_problem_is_reported(tmp_path, fake):
     assert all(f"warning: {p}" in res.stderr for p in problems)
     text = cli(db, "enroll", "--folder", folder, code=2).stdout
     assert "no photo stored for 1 people: Broken" in text
+
+
+def test_fr11_a_folder_name_that_is_not_a_valid_name_is_reported_and_skipped(tmp_path, fake):
+    """Found by the newcomer pass: one person folder named "Jean " refused the whole folder, without naming it."""
+    db = fake_db(tmp_path / "db")
+    folder = labelled(tmp_path / "staff", 2, 1)
+    photo(folder / "Jean " / "1.png", [RED])
+    res = cli(db, "--json", "enroll", "--folder", folder)
+    out = jlines(res)[0]
+    assert out["faces_stored"] == 2 and out["people"] == ["person00", "person01"]
+    assert any(p.startswith("Jean /: not used as a person's name") for p in out["layout_problems"])
+    only_bad = tmp_path / "bad"
+    photo(only_bad / " x" / "1.png", [RED])
+    res = cli(db, "enroll", "--folder", only_bad, code=2)
+    assert "no folder in" in res.stderr and " x/: not used" in res.stderr
+
+
+def test_fr11_an_empty_name_is_called_empty(tmp_path, fake):
+    db = fake_db(tmp_path / "db")
+    res = cli(db, "enroll", "", photo(tmp_path / "a.png", [RED]), code=2)
+    assert "non-empty" in res.stderr
 
 
 def test_fr11_evaluation_commands_report_layout_problems_too(tmp_path, fake):

@@ -217,14 +217,17 @@ class Progress:
             self._last = self._time()
             rate = done / max(self._last - self._start, 1e-9)
             of = f"/{self.total}" if self.total else ""
-            typer.echo(f"{self.label}: {done}{of} {self.unit}s, {rate:.1f}/s", err=True)
+            typer.echo(f"{self.label}: {done}{of} {self._units(self.total or done)}, {rate:.1f}/s", err=True)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
         elif not self.quiet and not self.tty and self.done:
             elapsed = self._time() - self._start
-            typer.echo(f"{self.label}: {self.done} {self.unit}s done in {elapsed:.0f} s", err=True)
+            typer.echo(f"{self.label}: {self.done} {self._units(self.done)} done in {elapsed:.0f} s", err=True)
+
+    def _units(self, n: int) -> str:
+        return self.unit if n == 1 else f"{self.unit}s"
 
     def __enter__(self) -> Progress:
         return self

@@ -98,7 +98,7 @@ def enroll(
     """
     from ..images import display_name
     from ..pipeline import list_folder
-    from ..store import normalise_name
+    from ..store import check_name, normalise_name
 
     problems: list[str] = []
     if folder is not None:
@@ -106,9 +106,18 @@ def enroll(
             raise InvalidInputError("give either NAME PHOTO... or --folder DIR, not both")
         layout = list_folder(folder)
         problems = layout.problems
-        batches = [(person, list(files)) for person, files in layout.people]
+        batches = []
+        for person, files in layout.people:
+            try:
+                check_name(person)
+            except InvalidInputError as exc:  # one badly named folder does not stop the others
+                problems.append(f"{display_name(person)}/: not used as a person's name ({exc}); skipped")
+                continue
+            batches.append((person, list(files)))
+        if not batches:
+            raise InvalidInputError(f"no folder in {display_name(folder)} can be enrolled: {'; '.join(problems)}")
     else:
-        if not name or not photos:
+        if name is None or not photos:
             raise InvalidInputError("give NAME and at least one PHOTO, or --folder DIR")
         batches = [(name, list(photos))]
     per_person = read_people_meta(people_meta) if people_meta else {}
@@ -135,14 +144,15 @@ def enroll(
     if state(ctx).json:
         out = report.to_dict()
         out.pop("template_ids")
-        out.update(people_without_photos_stored=empty, layout_problems=problems, interrupted=interrupted)
+        out.update(people_without_photos_stored=[] if interrupted else empty, layout_problems=problems,
+                   interrupted=interrupted)
         typer.echo(json.dumps(out, ensure_ascii=False))
     else:
         for sk in report.skipped:
             typer.echo(f"skipped  {sk.image}: {sk.reason}")
         for w in report.warnings:
             typer.echo(f"warning  {w.image}: {w.reason}")
-        if empty and folder is not None:
+        if empty and folder is not None and not interrupted:  # interrupted: the rest was never tried
             typer.echo(f"no photo stored for {len(empty)} people: {', '.join(empty[:10])}"
                        f"{' ...' if len(empty) > 10 else ''}")
         typer.echo(
