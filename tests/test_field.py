@@ -1408,7 +1408,13 @@ sys.path.insert(0, {repo!r})
 import numpy as np
 from facedb.evaluate import EmbeddingCache
 from tests.test_field import _key
-cache = EmbeddingCache("m", 4, __import__("pathlib").Path({dir!r}))  # one in-memory copy per run, as eval does
+import pathlib, time
+cache = EmbeddingCache("m", 4, pathlib.Path({dir!r}))  # one in-memory copy per run, read at its start, as eval does
+ready = pathlib.Path({dir!r}) / f"ready-{{sys.argv[1]}}"
+ready.parent.mkdir(parents=True, exist_ok=True)
+ready.touch()
+while len(list(ready.parent.glob("ready-*"))) < 3:  # all three runs have read the (empty) cache: now they overlap
+    time.sleep(0.05)
 for i in range(40):
     cache.put(_key(i, sys.argv[1]), np.full(4, float(i)), True)
     cache.save()
