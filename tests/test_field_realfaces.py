@@ -225,7 +225,7 @@ def test_fr10_ctrl_c_with_detection_processes_stops_promptly(tmp_path, lfw, dlib
         while time.monotonic() < deadline and proc.poll() is None and stored == 0:
             time.sleep(0.5)
             with FaceDB.open(db, readonly=True) as d:
-                stored = d.stats().templates
+                stored = d.stats()["templates"]
         assert proc.poll() is None and stored, "the job ended before it could be interrupted"
         sent = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole process group
@@ -235,7 +235,7 @@ def test_fr10_ctrl_c_with_detection_processes_stops_promptly(tmp_path, lfw, dlib
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     with FaceDB.open(db, readonly=True) as d:
-        stored = d.stats().templates
+        stored = d.stats()["templates"]
     assert proc.returncode == 130 and took < 5.0, (proc.returncode, took, err)
     assert f"faces stored {stored}" in out and "interrupted: people" in out
     assert "Traceback" not in err and 0 < stored < 96
