@@ -1349,6 +1349,23 @@ def test_fr18_faiss_never_prints_its_training_warning(tmp_path, capfd, kind):
         assert "WARNING" not in err and "training points" not in err, (n, err)
 
 
+# ------------------------------------------------------------------------------------------------ item 19
+def test_fr19_open_takes_the_model_the_readme_says_it_takes(tmp_path, fake_pipeline):
+    """README: pass FaceDB.open(path, model=...) to share a loaded pipeline; it raised TypeError."""
+    with FaceDB.create(tmp_path / "db", model_id=FakeEmbedder.model_id, dim=FakeEmbedder.dim, threshold=0.8) as d:
+        d.enroll("red", [photo(tmp_path / "red.png", [RED])], model=fake_pipeline)
+    with FaceDB.open(tmp_path / "db", model=fake_pipeline) as d:
+        assert d.search(photo(tmp_path / "p.png", [RED], 3))[0].identity == "red"
+    from facedb.errors import ModelMismatchError
+    from facedb.pipeline import FacePipeline
+
+    class Other(FakeEmbedder):
+        model_id = "other"
+
+    with pytest.raises(ModelMismatchError):  # a pipeline of another model is refused at open
+        FaceDB.open(tmp_path / "db", model=FacePipeline(Other(), detector=FakeDetector()))
+
+
 # ------------------------------------------------------------------------------------------------ item 20
 @pytest.fixture
 def progress_every_time(monkeypatch):
