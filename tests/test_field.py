@@ -280,6 +280,17 @@ COMMAND_TESTS = {
     "eval lfw": ["test_field::test_fr01_cli_eval_lfw_runs_the_10_fold_protocol"],
     "eval identify": ["test_field::test_fr01_cli_eval_identify_measures_without_touching_the_database"],
     "train": ["test_field::test_fr01_cli_train_writes_weights_a_database_can_use"],
+    "rule": ["test_cli_more::test_rule_shows_and_switches_the_decision_rule"],
+    "keys create": ["test_cli_more::test_keys_create_list_revoke_take_effect_in_the_database"],
+    "keys list": ["test_cli_more::test_keys_create_list_revoke_take_effect_in_the_database"],
+    "keys revoke": ["test_cli_more::test_keys_create_list_revoke_take_effect_in_the_database"],
+    "hooks add": ["test_cli_more::test_hooks_add_list_remove_take_effect_in_the_database"],
+    "hooks list": ["test_cli_more::test_hooks_add_list_remove_take_effect_in_the_database"],
+    "hooks remove": ["test_cli_more::test_hooks_add_list_remove_take_effect_in_the_database"],
+    "serve": ["test_service_server::test_two_workers_enrol_through_one_identify_through_the_other_at_once"],
+    "genkey": ["test_protect::test_cli_encryption_commands_and_their_effect"],
+    "encrypt": ["test_protect::test_cli_encryption_commands_and_their_effect"],
+    "rotate-key": ["test_protect::test_cli_encryption_commands_and_their_effect"],
 }
 
 
