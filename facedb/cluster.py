@@ -157,25 +157,42 @@ def default_threshold(db_threshold: float, rule: str = DEFAULT_RULE) -> float:
 
 
 # ------------------------------------------------------------------------------------------------- graph
-def exact_knn(x: np.ndarray, k: int, block_bytes: int = 256 * 2**20) -> tuple[np.ndarray, np.ndarray]:
-    """Every row's ``k`` most similar other rows, exactly: (similarities, rows), each ``(n, min(k, n - 1))``,
-    best first. Blocked GEMM, holding at most ``block_bytes`` of scores at a time."""
+def exact_knn(x: np.ndarray, k: int, min_similarity: float = -np.inf, block_bytes: int = 64 * 2**20
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's ``k`` most similar other rows with similarity ``>= min_similarity``, exactly: (similarities,
+    rows), each ``(n, min(k, n - 1))``, best first (ties by row), padded with -inf / -1. Blocked GEMM holding at
+    most ``block_bytes`` of scores at a time; where few scores reach ``min_similarity`` (clustering's high
+    thresholds) only those are ranked, which costs far less than a top-k over every score."""
     n = len(x)
-    k = min(k, n - 1)
-    sims = np.empty((n, max(k, 0)), dtype=np.float32)
-    idx = np.empty((n, max(k, 0)), dtype=np.int64)
-    if k <= 0:
+    k = max(0, min(k, n - 1))
+    sims = np.full((n, k), -np.inf, dtype=np.float32)
+    idx = np.full((n, k), -1, dtype=np.int64)
+    if k == 0:
         return sims, idx
     block = max(1, min(n, block_bytes // (4 * n)))
     for s in range(0, n, block):
         q = x[s:s + block]
+        m = len(q)
         scores = q @ x.T
-        scores[np.arange(len(q)), np.arange(s, s + len(q))] = -np.inf  # never one's own neighbour
+        scores[np.arange(m), np.arange(s, s + m)] = -np.inf  # never one's own neighbour
+        passing = scores >= min_similarity
+        if np.count_nonzero(passing) <= 8 * k * m:
+            r, c = np.nonzero(passing)
+            v = scores[r, c]
+            order = np.lexsort((c, -v, r))
+            r, c, v = r[order], c[order], v[order]
+            rank = np.arange(len(r)) - np.searchsorted(r, r)  # position within its row
+            keep = rank < k
+            sims[s + r[keep], rank[keep]] = v[keep]
+            idx[s + r[keep], rank[keep]] = c[keep]
+            continue
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < n - 1 else np.argsort(-scores, axis=1)[:, :k]
         top_s = np.take_along_axis(scores, top, axis=1)
-        order = np.lexsort((top, -top_s), axis=1)  # best first; ties by row, so the result is deterministic
-        sims[s:s + len(q)] = np.take_along_axis(top_s, order, axis=1)
-        idx[s:s + len(q)] = np.take_along_axis(top, order, axis=1)
+        order = np.lexsort((top, -top_s), axis=1)
+        top_s, top = np.take_along_axis(top_s, order, axis=1), np.take_along_axis(top, order, axis=1)
+        ok = top_s >= min_similarity
+        sims[s:s + m] = np.where(ok, top_s, -np.inf)
+        idx[s:s + m] = np.where(ok, top, -1)
     return sims, idx
 
 
@@ -219,7 +236,7 @@ def knn_graph(x: np.ndarray, k: int = DEFAULT_K, threshold: float = -1.0, *, sea
     exact = search is None and n <= exact_max
     rows_l, cols_l, sims_l = [], [], []
     if exact:
-        sims, idx = exact_knn(x, k)
+        sims, idx = exact_knn(x, k, threshold)
         starts = [0]
         parts = [(sims, idx)]
     else:

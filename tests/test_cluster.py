@@ -180,6 +180,7 @@ def test_the_ivf_graph_gives_the_same_answer_on_separated_data(rng, rule):
     exact = cluster(x, 0.55, rule=rule)
     approx = cluster(x, 0.55, rule=rule, exact_max=0)
     assert exact.exact_graph and not approx.exact_graph
+    assert same_partition(approx.labels[truth >= 0], truth[truth >= 0])
     assert np.array_equal(exact.labels, approx.labels)
 
 

@@ -21,9 +21,18 @@ from facedb.soak import run_visitor_enroll_drill
 
 from . import conftest
 from .conftest import FakeEmbedder, face_image, unit_rows
-from .test_cli import fake_cli, jlines, photo, run  # noqa: F401  (fake_cli is a fixture)
+from .test_cli import jlines, photo, run
 
-RED, GREEN, BLUE, YELLOW, CYAN = (200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40), (40, 200, 200)
+RED, GREEN, BLUE = (200, 40, 40), (40, 200, 40), (40, 40, 200)
+
+
+@pytest.fixture
+def fake_cli(monkeypatch, fake_pipeline):
+    """CLI wired to the test-double face pipeline (colour tiles as faces)."""
+    import facedb.pipeline
+
+    monkeypatch.setattr(facedb.pipeline, "get_pipeline", lambda *a, **k: fake_pipeline)
+    return fake_pipeline
 
 
 def init(db: Path, threshold: float = 0.8) -> None:

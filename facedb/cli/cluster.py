@@ -70,11 +70,10 @@ def cluster_cmd(
     if not sources:
         raise InvalidInputError("give photos to cluster, or --folder DIR")
     _check_outputs(out, sheet)
-    with open_db(ctx, weights=weights, readonly=not enroll_as_new) as db, \
-            Progress(ctx, "detecting faces", len(sources)) as progress:
-        report = db.cluster(sources, threshold=threshold, rule=rule.value, k=k, min_size=min_size, seed=seed,
-                            workers=workers, progress=progress)
-        progress.close()
+    with open_db(ctx, weights=weights, readonly=not enroll_as_new) as db:
+        with Progress(ctx, "detecting faces", len(sources)) as progress:
+            report = db.cluster(sources, threshold=threshold, rule=rule.value, k=k, min_size=min_size, seed=seed,
+                                workers=workers, progress=progress)
         created = db.enroll_clusters(report) if enroll_as_new and report.clusters else []
     if out is not None:
         from ..fsio import write_atomic
