@@ -618,6 +618,8 @@ class FaceDB:
 
         if self.readonly:
             raise DatabaseError(f"{self.root} is open read-only: cannot enrol")
+        if report.vectors is not None and len(report.vectors):
+            as_unit_rows(report.vectors, self.dim)  # another model's report: ModelMismatchError, nothing stored
         with self._lock:
             created = enroll_clusters(self.store, report, prefix)
             settings = self.settings()

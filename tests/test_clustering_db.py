@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facedb import FaceDB, InvalidInputError
+from facedb import FaceDB, InvalidInputError, ModelMismatchError
 from facedb.soak import run_visitor_enroll_drill
 
 from . import conftest
@@ -144,6 +144,10 @@ def test_cluster_api_accepts_arrays(tmp_path, fake_pipeline):
         assert report.to_dict()["clusters"][0]["size"] == 3 and "vectors" not in report.to_dict()
         with pytest.raises(InvalidInputError):
             db.cluster(photos, model=fake_pipeline, rule="kmeans")
+    with FaceDB.create(tmp_path / "other", model_id="other", dim=16, threshold=0.8) as other:
+        with pytest.raises(ModelMismatchError):  # a report made with another model is not stored
+            other.enroll_clusters(report)
+        assert other.stats().people == 0
 
 
 # ------------------------------------------------------------------------------------------------ visitors
