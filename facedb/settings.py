@@ -210,7 +210,7 @@ class Settings:
             except (TypeError, ValueError):
                 raise InvalidInputError("the visitors' retention is a number of days") from None
             if not 0 < days <= 3650:  # also refuses NaN; "forever" is not offered for people who did not enrol
-                raise InvalidInputError("the visitors' retention is between 0 and 3650 days (exclusive of 0)")
+                raise InvalidInputError("the visitors' retention is more than 0 and at most 3650 days")
             rows["visitors_retention_days"] = repr(days)
         return rows
 

@@ -121,7 +121,7 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     # 5: unknown visitors (opt-in): faces answered unknown, kept for a retention period to be grouped, then
     # enrolled or forgotten. No person, no name: a time, who asked, the photo's hash, the face box and the vector.
     """
-    CREATE TABLE unassigned_faces (
+    CREATE TABLE IF NOT EXISTS unassigned_faces (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         time TEXT NOT NULL,
         actor TEXT,
@@ -131,7 +131,7 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
         similarity REAL,
         vector BLOB NOT NULL
     );
-    CREATE INDEX unassigned_faces_time ON unassigned_faces(time);
+    CREATE INDEX IF NOT EXISTS unassigned_faces_time ON unassigned_faces(time);
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -358,3 +358,21 @@ def test_a_small_lfw_subset_through_facedb_cluster(tmp_path):
     assert len(names) >= len(truth) - 1
     score = pairwise_prf([truth[n] for n in names], [central[n][1] for n in names])
     assert score["f"] >= 0.85, score
+
+
+def test_a_database_from_the_previous_release_gains_the_visitors_table(tmp_path, rng):
+    import os
+    import shutil
+
+    root = tmp_path / "db"
+    shutil.copytree(Path(__file__).parent / "data" / "v2-db", root)
+    os.chmod(root, 0o700)
+    with FaceDB.open(root, readonly=True) as d:  # not migrated: nothing to keep faces in, and no error
+        assert d.visitors(min_size=1) == []
+    with FaceDB.open(root) as d:
+        assert not d.settings().visitors.enabled
+        d.configure_visitors(enabled=True)
+        far = np.zeros(8, dtype=np.float32)
+        far[7] = 1.0
+        assert d.identify(far, threshold=0.99).identity is None
+        assert [g.faces for g in d.visitors(min_size=1)] == [1] and d.check().ok

@@ -116,10 +116,11 @@ SinceOpt = Annotated[str | None, typer.Option(help="Only groups last seen since:
 
 def _list_visitors(ctx: typer.Context, since: str | None, min_size: int, threshold: float | None,
                    rule: Rule | None) -> None:
+    since = since_time(since)
     with open_db(ctx) as db:
         if not db.settings().visitors.enabled:
             typer.echo("note: unknown visitors are not being kept (`facedb visitors settings --enable`)", err=True)
-        groups = db.visitors(since_time(since), min_size=min_size, threshold=threshold,
+        groups = db.visitors(since, min_size=min_size, threshold=threshold,
                              rule=rule.value if rule else None)
     rows = []
     for g in groups:
