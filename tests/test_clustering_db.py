@@ -122,13 +122,15 @@ def test_cluster_enroll_as_new_creates_numbered_people_in_one_go(tmp_path, fake_
     (["--sheet", "x.pdf"], ".html or .png"),
     (["--threshold", "1.5"], "[-1, 1]"),
     (["--out", "no/such/dir/x.json"], "does not exist"),
+    (["--out", "."], "is a folder"),
+    (["--sheet", "/proc/version.png"], "cannot write"),
 ])
 def test_cluster_bad_input_is_one_line_and_changes_nothing(tmp_path, fake_cli, args, message):
     db = tmp_path / "db"
     init(db)
     folder = event_folder(tmp_path)
     before = counts(db)
-    res = run(db, "cluster", "--folder", str(folder), "--enroll-as-new", *args, ok=False)
+    res = run(db, "--quiet", "cluster", "--folder", str(folder), "--enroll-as-new", *args, ok=False)
     assert res.exit_code == 2 and message in res.output and len(res.output.strip().splitlines()) == 1
     assert counts(db) == before
     res = run(db, "cluster", "--folder", str(tmp_path / "missing"), ok=False)

@@ -38,6 +38,24 @@ def _check_outputs(out: Path | None, sheet: Path | None) -> None:
     for p in (out, sheet):
         if p is not None and not p.resolve().parent.is_dir():
             raise InvalidInputError(f"{p}: its folder does not exist")
+        if p is not None and p.is_dir():
+            raise InvalidInputError(f"{p} is a folder: give a file name")
+
+
+def _write_outputs(report: Any, sources: list[Any], out: Path | None, sheet: Path | None,
+                   sheet_clusters: int) -> None:
+    from ..fsio import write_atomic
+    from ..sheet import write_sheet
+
+    target = out
+    try:
+        if out is not None:
+            write_atomic(out, json.dumps(report.to_dict(), ensure_ascii=False, indent=1).encode("utf-8"))
+        target = sheet
+        if sheet is not None:
+            write_sheet(report, sources, sheet, max_clusters=sheet_clusters)
+    except OSError as exc:
+        raise InvalidInputError(f"cannot write {target}: {exc.strerror or exc}") from None
 
 
 @command(name="cluster")
@@ -74,15 +92,8 @@ def cluster_cmd(
         with Progress(ctx, "detecting faces", len(sources)) as progress:
             report = db.cluster(sources, threshold=threshold, rule=rule.value, k=k, min_size=min_size, seed=seed,
                                 workers=workers, progress=progress)
+        _write_outputs(report, sources, out, sheet, sheet_clusters)  # before enrolling: a failed write stores nothing
         created = db.enroll_clusters(report) if enroll_as_new and report.clusters else []
-    if out is not None:
-        from ..fsio import write_atomic
-
-        write_atomic(out, json.dumps(report.to_dict(), ensure_ascii=False, indent=1).encode("utf-8"))
-    if sheet is not None:
-        from ..sheet import write_sheet
-
-        write_sheet(report, sources, sheet, max_clusters=sheet_clusters)
     names = dict(enumerate(name for name, _ in created))
     if state(ctx).json:
         for c in report.clusters:
