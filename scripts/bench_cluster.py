@@ -18,10 +18,10 @@ are not chosen on the data they are judged on.
 
 **Scale**: synthetic face-like vectors (``scripts/bench_search.py``'s generator: identity centres over ~110
 dominant directions, isotropic within-identity noise, same-identity cosine 0.70, different 0.00 +- 0.08; 5
-faces per identity), at 128-d (dlib's size; ``--dim``), threshold 0.5. Each (size, rule) runs in a fresh
-process: wall time of the k-NN graph and of the grouping, the process's CPU time (user + system: the figure
-that other work on the machine does not inflate), peak resident memory (and the vectors' own size), and the
-quality against the known identities. Exact graph up to 50,000 faces, IVF above.
+faces per identity), at 128-d (dlib's size; ``--dim``), threshold 0.5. Each size runs in a fresh process (the
+graph once, then each rule on it): wall time of the k-NN graph and of the grouping, the process's CPU time (user
++ system: the figure that other work on the machine does not inflate), peak resident memory (and the vectors'
+own size), and the quality against the known identities. Exact graph up to 50,000 faces, IVF above.
 
 Prints tables and writes ``bench-results/cluster.json`` (``--out``).
 """
@@ -164,8 +164,9 @@ def synthetic(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return templates.reshape(-1, dim), np.repeat(np.arange(people), per)
 
 
-def one(n: int, rule: str, dim: int, out: Path) -> None:
-    """Child process: one (size, rule) run, its figures written to ``out``."""
+def one(n: int, rules: list[str], dim: int, out: Path) -> None:
+    """Child process: the k-NN graph of ``n`` synthetic faces once, then each rule on it; figures to ``out``.
+    Peak memory is the process's so far: each rule's figure includes the graph and the rules before it."""
     x, truth = synthetic(n, dim)
     rss_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -173,24 +174,26 @@ def one(n: int, rule: str, dim: int, out: Path) -> None:
         r = resource.getrusage(resource.RUSAGE_SELF)
         return r.ru_utime + r.ru_stime
 
-    c0 = cpu()
-    t0 = time.perf_counter()
+    c0, t0 = cpu(), time.perf_counter()
     graph, exact = clustering.knn_graph(x, clustering.DEFAULT_K, SYNTH_THRESHOLD)
-    t1 = time.perf_counter()
-    if rule == "components":
-        groups = clustering.components(graph)
-    elif rule == "chinese-whispers":
-        groups = clustering.chinese_whispers(graph)
-    else:
-        groups = clustering.average_linkage(x, graph, SYNTH_THRESHOLD)
-    labels, _ = clustering.finish(x, groups, 2)
-    t2 = time.perf_counter()
-    m = clustering_report(truth, labels)
-    out.write_text(json.dumps({
-        "n": int(len(x)), "dim": dim, "rule": rule, "exact_graph": exact, "edges": len(graph),
-        "graph_s": t1 - t0, "group_s": t2 - t1, "total_s": t2 - t0, "cpu_s": cpu() - c0,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_after_data_mib": rss_data,
-        "vectors_mib": x.nbytes / 2**20, **m}))
+    graph_s, graph_cpu = time.perf_counter() - t0, cpu() - c0
+    rows = []
+    for rule in rules:
+        c1, t1 = cpu(), time.perf_counter()
+        if rule == "components":
+            groups = clustering.components(graph)
+        elif rule == "chinese-whispers":
+            groups = clustering.chinese_whispers(graph)
+        else:
+            groups = clustering.average_linkage(x, graph, SYNTH_THRESHOLD)
+        labels, _ = clustering.finish(x, groups, 2)
+        group_s, group_cpu = time.perf_counter() - t1, cpu() - c1
+        rows.append({
+            "n": int(len(x)), "dim": dim, "rule": rule, "exact_graph": exact, "edges": len(graph),
+            "graph_s": graph_s, "group_s": group_s, "total_s": graph_s + group_s, "cpu_s": graph_cpu + group_cpu,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_after_data_mib": rss_data, "vectors_mib": x.nbytes / 2**20, **clustering_report(truth, labels)})
+        out.write_text(json.dumps(rows))
 
 
 def scale_part(args: argparse.Namespace) -> list[dict[str, object]]:
@@ -199,20 +202,19 @@ def scale_part(args: argparse.Namespace) -> list[dict[str, object]]:
     print(f"{'n':>9s} {'rule':17s} {'graph':>6s} {'graph s':>8s} {'group s':>8s} {'total s':>8s} {'CPU s':>7s} "
           f"{'peak MiB':>9s} {'data MiB':>9s} {'pw F':>6s} {'B3 F':>6s}", flush=True)
     for n in args.sizes:
-        for rule in args.rules:
-            out = Path(args.out).with_suffix(f".{n}.{rule}.tmp.json")
-            cmd = [sys.executable, __file__, "--one", str(n), rule, "--dim", str(args.dim), "--out", str(out)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"{n:9d} {rule:17s} failed: {proc.stderr[-500:]}", flush=True)
-                continue
-            r = json.loads(out.read_text())
-            out.unlink()
+        out = Path(args.out).with_suffix(f".{n}.tmp.json")
+        cmd = [sys.executable, __file__, "--one", str(n), ",".join(args.rules), "--dim", str(args.dim), "--out",
+               str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"{n:9d} failed: {proc.stderr[-500:]}", flush=True)
+        got = json.loads(out.read_text()) if out.exists() else []
+        out.unlink(missing_ok=True)
+        for r in got:
             rows.append(r)
-            print(f"{r['n']:9d} {rule:17s} {'exact' if r['exact_graph'] else 'ivf':>6s} {r['graph_s']:8.1f} "
+            print(f"{r['n']:9d} {r['rule']:17s} {'exact' if r['exact_graph'] else 'ivf':>6s} {r['graph_s']:8.1f} "
                   f"{r['group_s']:8.1f} {r['total_s']:8.1f} {r['cpu_s']:7.1f} {r['peak_rss_mib']:9.0f} "
-                  f"{r['vectors_mib']:9.0f} "
-                  f"{r['pairwise_f']:6.3f} {r['bcubed_f']:6.3f}", flush=True)
+                  f"{r['vectors_mib']:9.0f} {r['pairwise_f']:6.3f} {r['bcubed_f']:6.3f}", flush=True)
     return rows
 
 
@@ -228,7 +230,7 @@ def main() -> None:
     ap.add_argument("--one", nargs=2, metavar=("N", "RULE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        one(int(args.one[0]), args.one[1], args.dim, args.out)
+        one(int(args.one[0]), args.one[1].split(","), args.dim, args.out)
         return
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result: dict[str, object] = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
