@@ -25,6 +25,7 @@ import numpy as np
 
 from . import engine
 from .audit import AuditTrail, acting_as, default_actor
+from .decision import ImpostorModel, predicted_fpir
 from .errors import DatabaseError, DatabaseExistsError, InvalidInputError, ModelMismatchError, NoFaceError
 from .index import check_kind
 from .keeper import IndexKeeper
@@ -87,10 +88,13 @@ class FaceDB:
     @classmethod
     def create(cls, path: str | os.PathLike[str], *, model_id: str, dim: int, threshold: float,
                threshold_source: str = "model default", index: str = "flat", flip: bool = True,
-               actor: str | None = None) -> FaceDB:
+               impostors: ImpostorModel | None = None, actor: str | None = None) -> FaceDB:
         """Create an empty database for vectors of ``model_id`` (``dim``-dimensional, unit length).
 
-        ``threshold`` is the default decision threshold, a cosine similarity (higher is stricter). ``flip``:
+        ``threshold`` is the default (1:1) decision threshold, a cosine similarity (higher is stricter).
+        ``impostors``: the model's 1:1 impostor score tail; given, the database uses the gallery rule (the 1:N
+        threshold follows the gallery size to hold FPIR at 1%; see :mod:`facedb.decision`), else the fixed
+        threshold. ``flip``:
         photos are embedded as the mean of the face's and its mirror image's embedding (flip test-time
         augmentation, at twice the embedding cost; README "Accuracy"). Fixed for the database's life, since
         templates made both ways should not be compared; it does not affect vectors added directly.
@@ -110,7 +114,7 @@ class FaceDB:
             root.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise DatabaseError(f"cannot create {root}: {exc.strerror}") from None
-        meta = Settings.initial(model_id, dim, threshold, threshold_source, index, flip)
+        meta = Settings.initial(model_id, dim, threshold, threshold_source, index, flip, impostors)
         return cls(root, Store.create(root / STORE_FILE, meta), actor=actor)
 
     @classmethod
@@ -204,6 +208,23 @@ class FaceDB:
         with self._lock:
             self.store.set_meta(Settings.threshold_rows(threshold, source, cal))
             self.trail.record("calibrate", [{"threshold": threshold, "detail": {"source": source}}], self.settings())
+
+    def set_rule(self, rule: str, *, target: float | None = None, impostors: ImpostorModel | None = None) -> Settings:
+        """Choose the open-set decision rule: ``fixed`` (the stored threshold) or ``gallery`` (the threshold
+        follows the gallery size to hold FPIR at ``target``; needs an impostor model, the model's own or
+        ``impostors``). See :mod:`facedb.decision`."""
+        with self._lock:
+            rows = Settings.rule_rows(rule, target, impostors)
+            if rule == "gallery" and impostors is None and self.settings().rule.impostors is None:
+                raise InvalidInputError(
+                    f"the gallery rule needs an impostor model: {self.model_id} ships none; build one from your "
+                    "labelled photos with `facedb calibrate --far 1e-3 --folder DIR`")
+            self.store.set_meta(rows)
+            settings = self.settings()
+            self.trail.record("rule", [{"threshold": settings.threshold, "detail": {"rule": rule,
+                                                                                   "target": settings.rule.target}}],
+                              settings)
+            return settings
 
     def _same_model(self, model_id: str, dim: int) -> None:
         """ModelMismatchError unless ``model_id``/``dim`` are the database's: the one model check."""
@@ -351,8 +372,9 @@ class FaceDB:
         with self._lock:
             settings = self.settings()
             gallery = self.keeper.current(settings)
-            thr = settings.threshold if threshold is None else threshold
-            return engine.identify(gallery, x, k, thr, self._fetch(gallery), self.store.names), settings
+            thr, rule = (threshold, "given") if threshold is not None else settings.rule.threshold(
+                settings.threshold, len(gallery))
+            return engine.identify(gallery, x, k, thr, self._fetch(gallery), self.store.names, rule), settings
 
     def identify(self, vectors: object, k: int = 5,
                  threshold: float | None = None) -> Identification | list[Identification]:
@@ -374,11 +396,12 @@ class FaceDB:
         return out[0] if single else out
 
     def verify(self, probe: object, name: str, threshold: float | None = None, *,
-               model: FacePipeline | None = None) -> Verification:
+               model: FacePipeline | None = None, cropped: bool = False) -> Verification:
         """Is this ``name``? 1:1: accepted iff the best similarity to their templates ``>= threshold``.
 
         ``probe`` is a unit vector ``(dim,)``, or a photo (path, bytes, file object, PIL image, HWC uint8
-        array), in which the largest face is used (NoFaceError if there is none).
+        array), in which the largest face is used (NoFaceError if there is none; ``cropped``: the photo is a
+        face crop, see :func:`facedb.pipeline.find_faces`).
         """
         threshold = None if threshold is None else check_threshold(threshold)
         sha = None
@@ -386,11 +409,11 @@ class FaceDB:
             x = as_unit_rows(probe, self.dim)
         else:
             pipe = self.pipeline(model)
-            analysed = pipe.analyse(probe)  # type: ignore[arg-type]
+            analysed = pipe.analyse(probe, cropped=cropped)  # type: ignore[arg-type]
             if not analysed.faces:
                 raise NoFaceError(f"{analysed.photo.name}: no face found")
             face = max(analysed.faces, key=lambda f: f.area)
-            x = pipe.embed([(analysed.photo, face)], flip=self.flip)
+            x = pipe.embed_faces(analysed, [face], flip=self.flip)
             sha = analysed.photo.sha256
         with self._lock:
             settings = self.settings()
@@ -419,21 +442,23 @@ class FaceDB:
                 f"this database holds {self.model_id!r} embeddings; the model given is {model.model_id!r}")
         return model
 
-    def detect(self, photo: PhotoSource, *, model: FacePipeline | None = None, name: str | None = None) -> list[Any]:
+    def detect(self, photo: PhotoSource, *, model: FacePipeline | None = None, name: str | None = None,
+               cropped: bool = False) -> list[Any]:
         """Every face in a photo (box, detector score, 5 landmarks, all in the photo's pixel frame), no
         identification and no audit record."""
-        return self.pipeline(model).analyse(photo, name=name).faces
+        return self.pipeline(model).analyse(photo, name=name, cropped=cropped).faces
 
     def search(self, photo: PhotoSource, *, model: FacePipeline | None = None, k: int = 5,
-               threshold: float | None = None, name: str | None = None) -> list[FaceMatch]:
-        """Identify every face in a photo: one FaceMatch per face (an empty list when there is none)."""
+               threshold: float | None = None, name: str | None = None, cropped: bool = False) -> list[FaceMatch]:
+        """Identify every face in a photo: one FaceMatch per face (an empty list when there is none).
+        ``cropped``: the photo is a face crop (see :func:`facedb.pipeline.find_faces`)."""
         check_k(k)
         threshold = None if threshold is None else check_threshold(threshold)
         pipe = self.pipeline(model)
-        analysed = pipe.analyse(photo, name=name)
+        analysed = pipe.analyse(photo, name=name, cropped=cropped)
         if not analysed.faces:
             return []
-        vectors = pipe.embed([(analysed.photo, f) for f in analysed.faces], flip=self.flip)
+        vectors = pipe.embed_faces(analysed, flip=self.flip)
         answers, settings = self._identify(vectors, k, threshold)
         self.trail.record("search", [
             {"image_sha256": analysed.photo.sha256, "identity": a.identity, "similarity": a.similarity,
@@ -445,7 +470,7 @@ class FaceDB:
         return [FaceMatch(image=analysed.photo.name, box=[round(c, 1) for c in face.box],
                           det_score=round(face.score, 4), identity=a.identity, similarity=a.similarity,
                           distance=a.distance, threshold=a.threshold, candidates=a.candidates,
-                          external_id=a.external_id)
+                          external_id=a.external_id, rule=a.rule)
                 for face, a in zip(analysed.faces, answers)]
 
     def enroll(self, name: str, photos: Sequence[PhotoSource], **options: Any) -> EnrollReport:
@@ -457,7 +482,7 @@ class FaceDB:
                     model: FacePipeline | None = None, on_multiple: str | FaceChoice = "error",
                     on_other_match: str = "warn", metadata: dict[str, Any] | None = None,
                     people_metadata: dict[str, dict[str, Any]] | None = None, progress: Any = None,
-                    batch_size: int = 16, workers: int | None = 0) -> EnrollReport:
+                    batch_size: int = 16, workers: int | None = 0, cropped: bool = False) -> EnrollReport:
         """Enrol several people: ``[(name, photos), ...]``. Faces are embedded in batches across photos.
 
         A photo that fails (unreadable, no face, several faces under ``on_multiple="error"``, already
@@ -465,9 +490,11 @@ class FaceDB:
         the others. ``on_multiple``: ``error`` (skip the photo), ``largest`` or ``skip``. ``on_other_match``:
         a face that matches *another* enrolled person at or above the threshold is enrolled with a warning
         (``warn``), skipped (``refuse``) or enrolled silently (``allow``). ``metadata`` goes to every person,
-        ``people_metadata[name]`` to one. Detection runs beside the embedder: in a thread by default, or in
-        ``workers`` spawned processes (see :func:`facedb.pipeline.prepared_chunks`; a script doing this must
-        guard its entry point with ``if __name__ == "__main__":``); ``None`` = as many as suit the job.
+        ``people_metadata[name]`` to one. ``cropped``: the photos are face crops (badge photos, a camera's own
+        detections; see :func:`facedb.pipeline.find_faces`). Detection runs beside the embedder: in a thread
+        by default, or in ``workers`` spawned processes (see :func:`facedb.pipeline.prepared_chunks`; a script
+        doing this must guard its entry point with ``if __name__ == "__main__":``); ``None`` = as many as suit
+        the job.
 
         Interrupted (KeyboardInterrupt), it stops promptly and the exception carries ``report``: what was
         stored so far (each photo is its own transaction, so nothing is half stored).
@@ -491,7 +518,7 @@ class FaceDB:
         done = 0
         try:
             for chunk in prepared_chunks(pipe, work, choice, workers=workers, batch_size=batch_size,
-                                         known=self._known_photo):
+                                         known=self._known_photo, cropped=cropped):
                 self._store_chunk(chunk, pipe, on_other_match, metadata, people_metadata or {}, report)
                 done += len(chunk)
                 if progress is not None:
@@ -739,13 +766,32 @@ class FaceDB:
 
     # --------------------------------------------------------------------------------------------- inspection
     def calibration_warning(self, settings: Settings | None = None) -> str | None:
-        """A warning when the gallery has grown well past (over 2x) the size the threshold was calibrated for.
+        """A warning when the decision rule in force was not calibrated for the current gallery size.
 
-        In 1:N search the chance that some stranger scores above the threshold grows with the gallery, so a
-        threshold calibrated for FPIR at N people admits more false matches at 10 N.
+        In 1:N search the chance that some stranger scores above the threshold grows with the gallery. The
+        gallery rule follows it; a fixed threshold does not: warned about when the impostor model predicts
+        an FPIR over twice the target (1% unless calibrated otherwise) at today's gallery, or, without one,
+        when the gallery has grown past twice the size an FPIR threshold was calibrated for.
         """
-        cal = (settings or self.settings()).calibration
+        s = settings or self.settings()
+        if s.rule.kind == "gallery" and s.rule.impostors is not None:
+            return None
+        templates = self.store.counts()["templates"]
+        cal = s.calibration
+        target = cal.target_rate if cal is not None and cal.target == "fpir" else s.rule.target
+        impostors = s.rule.impostors or self._shipped_impostors(s)
+        if impostors is not None and templates > 1 and (cal is None or cal.target != "fpir"):
+            fpir = predicted_fpir(impostors, s.threshold, templates)
+            if fpir > 2 * target:
+                return (f"with {templates} templates enrolled, the fixed threshold {s.threshold:.4f} lets about "
+                        f"{fpir:.0%} of strangers be identified as someone: use the gallery rule (`facedb rule "
+                        f"gallery`) or calibrate for 1:N (`facedb calibrate --fpir ...`)")
+            return None
         if cal is None or cal.target != "fpir" or not cal.gallery_size:
+            if cal is not None and cal.target == "far" and self.store.count_people() > 1:
+                return (f"the threshold was calibrated for 1:1 (FAR {cal.target_rate:g}); with "
+                        f"{self.store.count_people()} people enrolled a stranger has that many chances: calibrate "
+                        "for 1:N (`facedb calibrate --fpir ...`)")
             return None
         people = self.store.count_people()
         if people > 2 * cal.gallery_size:
@@ -753,15 +799,25 @@ class FaceDB:
                     f"gallery now has {people}: recalibrate (`facedb calibrate --fpir ...`)")
         return None
 
+    @staticmethod
+    def _shipped_impostors(s: Settings) -> ImpostorModel | None:
+        """The impostor model the database's model ships (for warnings on databases made before it existed)."""
+        from .models import MODELS
+
+        spec = MODELS.get(s.model_id)
+        return spec.impostor_model(s.flip) if spec is not None else None
+
     def stats(self) -> Stats:
         with self._lock:
             s = self.settings()
             state = self.keeper.describe(s)
             counts = self.store.counts()
+            in_force, _ = s.rule.threshold(s.threshold, counts["templates"])
             return Stats(
                 path=str(self.root), model_id=s.model_id, dim=s.dim, metric=s.metric, flip=s.flip,
                 threshold=s.threshold, threshold_source=s.threshold_source,
-                calibration=s.calibration.to_dict() if s.calibration else None, index_kind=s.index_kind,
+                calibration=s.calibration.to_dict() if s.calibration else None, decision_rule=s.rule.kind,
+                decision_target=s.rule.target, threshold_in_force=in_force, index_kind=s.index_kind,
                 index_built=(s.index_stamp or {}).get("kind"), index_params=(s.index_stamp or {}).get("params"),
                 people=counts["people"], images=counts["images"], templates=counts["templates"],
                 people_with_one_template=self.store.people_with_templates(1), generation=s.generation,

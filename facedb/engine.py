@@ -114,10 +114,12 @@ def candidates(pairs: list[tuple[int, float]], names: dict[int, tuple[str, str |
     ]
 
 
-def decide(cands: list[Candidate], threshold: float) -> Identification:
-    """The open-set decision for one probe from its ranked candidates."""
+def decide(cands: list[Candidate], threshold: float, rule: str | None = None) -> Identification:
+    """The open-set decision for one probe from its ranked candidates, held to ``threshold`` (chosen by
+    ``rule``, which the answer carries so it can be explained)."""
     if not cands:
-        return Identification(identity=None, similarity=None, distance=None, threshold=threshold, candidates=[])
+        return Identification(identity=None, similarity=None, distance=None, threshold=threshold, candidates=[],
+                              rule=rule)
     best = cands[0]
     accepted = best.similarity >= threshold
     return Identification(
@@ -127,15 +129,16 @@ def decide(cands: list[Candidate], threshold: float) -> Identification:
         threshold=threshold,
         candidates=cands,
         external_id=best.external_id if accepted else None,
+        rule=rule,
     )
 
 
 def identify(gallery: Gallery, queries: np.ndarray, k: int, threshold: float, fetch: VectorFetch,
-             names: NameLookup) -> list[Identification]:
+             names: NameLookup, rule: str | None = None) -> list[Identification]:
     """The whole 1:N query for unit probe rows ``queries`` (m, dim): one Identification per row."""
     ranked = rank_people(gallery, queries, k, fetch)
     lookup = names([pid for pairs in ranked for pid, _ in pairs])
-    return [decide(candidates(pairs, lookup), threshold) for pairs in ranked]
+    return [decide(candidates(pairs, lookup), threshold, rule) for pairs in ranked]
 
 
 def verify_scores(probe: np.ndarray, templates: np.ndarray, name: str, threshold: float) -> Verification:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .detect import Face, MTCNNDetector
+from .detect import Face, MTCNNDetector, in_frame
 from .errors import FaceDBError, InvalidInputError
 from .images import MAX_FILE_BYTES, Photo, PhotoSource, display_name, load_photo
 from .models import Embedder, load_embedder, single_threaded
@@ -86,8 +86,17 @@ def choose_face(faces: list[Face], rule: FaceChoice, width: int, height: int) ->
 
 @dataclass
 class Analysed:
+    """A decoded photo and the faces found in it; ``frame`` is the pixels the faces' raw boxes refer to (the
+    photo, or its padded copy in crop mode): what alignment reads."""
+
     photo: Photo
     faces: list[Face]
+    frame: np.ndarray | None = None
+
+    def crops(self, align: Callable[[np.ndarray, Face], np.ndarray], faces: list[Face] | None = None
+              ) -> list[np.ndarray]:
+        frame = self.photo.pixels if self.frame is None else self.frame
+        return [align(frame, f) for f in (self.faces if faces is None else faces)]
 
 
 @dataclass
@@ -168,10 +177,16 @@ class FacePipeline:
             self._detector = get_detector(self.settings)
         return self._detector
 
-    def analyse(self, source: PhotoSource, name: str | None = None) -> Analysed:
-        """Decode and detect (ImageError for a bad photo)."""
+    def analyse(self, source: PhotoSource, name: str | None = None, cropped: bool = False) -> Analysed:
+        """Decode and detect (ImageError for a bad photo). ``cropped``: the photo is a face crop
+        (see :func:`find_faces`)."""
         photo = load_photo(source, name=name)
-        return Analysed(photo, self.detector.detect(photo.pixels))
+        faces, frame = find_faces(self.detector, photo.pixels, cropped)
+        return Analysed(photo, faces, frame)
+
+    def embed_faces(self, analysed: Analysed, faces: list[Face] | None = None, flip: bool = False) -> np.ndarray:
+        """Align the photo's faces (all, or ``faces``) and embed them in one batched call: (n, dim) unit rows."""
+        return self.embed_crops(analysed.crops(self.embedder.align, faces), flip)
 
     def embed(self, items: list[tuple[Photo, Face]], flip: bool = False) -> np.ndarray:
         """Align each (photo, face) and embed all of them in one batched call: (n, dim) unit rows."""
@@ -186,9 +201,9 @@ class FacePipeline:
         vecs = both[: len(crops)] + both[len(crops):]
         return (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
 
-    def prepare(self, items: Sequence[tuple[Any, PhotoSource]], choice: FaceChoice = FaceChoice.ERROR
-                ) -> list[Outcome]:
-        return prepare(self.detector, self.embedder.align, items, choice)
+    def prepare(self, items: Sequence[tuple[Any, PhotoSource]], choice: FaceChoice = FaceChoice.ERROR,
+                cropped: bool = False) -> list[Outcome]:
+        return prepare(self.detector, self.embedder.align, items, choice, cropped)
 
 
 _LOCK = threading.Lock()
@@ -226,11 +241,51 @@ def _label(src: PhotoSource) -> str | None:
     return display_name(src) if isinstance(src, (str, os.PathLike)) else None
 
 
+#: Crop mode pads a photo by this share of its longer side on every side before detection: a tight face crop
+#: leaves MTCNN no margin to find the face in (README "Accuracy": faces that are already cropped).
+CROP_PAD = 0.35
+
+
+def _padded(pixels: np.ndarray) -> tuple[np.ndarray, int]:
+    pad = int(round(CROP_PAD * max(pixels.shape[:2])))
+    fill = int(np.median(pixels))  # a neutral border: mirrored or stretched edges make ghost faces
+    return np.pad(pixels, ((pad, pad), (pad, pad), (0, 0)), constant_values=fill), pad
+
+
+def whole_face(width: int, height: int) -> Face:
+    """The photo itself as the face, with the landmarks of an average frontal face placed in it (for crop
+    mode, when even the padded photo shows no face to the detector)."""
+    template = np.array([[0.32, 0.40], [0.68, 0.40], [0.50, 0.58], [0.36, 0.76], [0.64, 0.76]])
+    return Face((0.0, 0.0, float(width), float(height)), 0.0, template * [width, height])
+
+
+def find_faces(detector: Any, pixels: np.ndarray, cropped: bool = False) -> tuple[list[Face], np.ndarray]:
+    """(faces, the pixels their raw boxes refer to). Boxes and landmarks of the faces are always in the photo's
+    own frame; ``raw_box`` may refer to a padded copy, which is then what is returned for alignment.
+
+    ``cropped``: the photo already is a face crop (a badge photo, a camera's own detection): it is padded before
+    detection, and if still no face is found the whole photo is taken as the face."""
+    if not cropped:
+        return detector.detect(pixels), pixels
+    padded, pad = _padded(pixels)
+    h, w = pixels.shape[:2]
+    faces = []
+    for f in detector.detect(padded):
+        shifted = in_frame(tuple(c - pad for c in f.align_box), f.score, f.landmarks - pad, w, h)
+        faces.append(Face(shifted.box, f.score, shifted.landmarks, f.align_box))  # align in the padded frame
+    if not faces:
+        whole = whole_face(w, h)
+        faces = [Face(whole.box, 0.0, whole.landmarks, tuple(c + pad for c in whole.box))]
+    return faces, padded
+
+
 def prepare(detector: Any, align: Callable[[np.ndarray, Face], np.ndarray],
-            items: Sequence[tuple[Any, PhotoSource]], choice: FaceChoice = FaceChoice.ERROR) -> list[Outcome]:
+            items: Sequence[tuple[Any, PhotoSource]], choice: FaceChoice = FaceChoice.ERROR,
+            cropped: bool = False) -> list[Outcome]:
     """Decode, detect, choose the face (``choice``) and align, for each (key, photo), in order; no database
     access. A photo that fails gives an :class:`Unprepared` with its reason and never stops the others. With
-    ``FaceChoice.ALL`` a photo gives a :class:`PreparedFaces` holding every face."""
+    ``FaceChoice.ALL`` a photo gives a :class:`PreparedFaces` holding every face. ``cropped``: the photos are
+    face crops (see :func:`find_faces`)."""
     out: list[Outcome] = []
     for key, src in items:
         label = _label(src)
@@ -239,19 +294,18 @@ def prepare(detector: Any, align: Callable[[np.ndarray, Face], np.ndarray],
         except FaceDBError as exc:
             out.append(Unprepared(key, Skipped(label or "<photo>", str(exc))))
             continue
-        faces = detector.detect(photo.pixels)
+        faces, frame = find_faces(detector, photo.pixels, cropped)
         if choice is FaceChoice.ALL:
             if not faces:
                 out.append(Unprepared(key, Skipped(photo.name, "no face found"), photo.sha256))
             else:
-                out.append(PreparedFaces(key, photo.record(), list(faces),
-                                         [align(photo.pixels, f) for f in faces]))
+                out.append(PreparedFaces(key, photo.record(), list(faces), [align(frame, f) for f in faces]))
             continue
         chosen = choose_face(faces, choice, photo.width, photo.height)
         if isinstance(chosen, str):
             out.append(Unprepared(key, Skipped(photo.name, chosen), photo.sha256))
             continue
-        out.append(Prepared(key, photo.record(), chosen, align(photo.pixels, chosen)))
+        out.append(Prepared(key, photo.record(), chosen, align(frame, chosen)))
     return out
 
 
@@ -293,10 +347,10 @@ def _worker_start(model_id: str, weights: str | None, settings: DetectorSettings
     _WORKER_PIPELINE = get_pipeline(model_id, weights=Path(weights) if weights else None, settings=settings)
 
 
-def _worker_prepare(items: list[tuple[Any, PhotoSource]], choice: FaceChoice) -> list[Outcome]:
+def _worker_prepare(items: list[tuple[Any, PhotoSource]], choice: FaceChoice, cropped: bool) -> list[Outcome]:
     """``prepare`` in a worker process, with the pipeline its initializer loaded."""
     assert _WORKER_PIPELINE is not None, "worker not started"
-    return _WORKER_PIPELINE.prepare(items, choice)
+    return _WORKER_PIPELINE.prepare(items, choice, cropped)
 
 
 def _process_pool(workers: int, pipe: FacePipeline) -> ProcessPoolExecutor:
@@ -316,6 +370,7 @@ def prepared_chunks(
     workers: int | None = 0,
     batch_size: int = 16,
     known: Callable[[str], str | None] | None = None,
+    cropped: bool = False,
 ) -> Iterator[list[Outcome]]:
     """``prepare`` over ``work`` in chunks of ``batch_size``, in order, running ahead of the consumer (who
     embeds and stores one chunk while the next is detected).
@@ -326,7 +381,8 @@ def prepared_chunks(
     :func:`get_pipeline` built (``spawnable``); otherwise the thread is used.
 
     ``known(sha256)``: a reason to skip a photo already enrolled, checked from the file's hash *before*
-    detection, so re-running a folder costs a read and a hash per photo, not a detection.
+    detection, so re-running a folder costs a read and a hash per photo, not a detection. ``cropped``: the
+    photos are face crops (see :func:`find_faces`).
 
     Interrupting the consumer (KeyboardInterrupt) cancels the work not started and does not wait for the
     work running in processes: they are terminated.
@@ -341,13 +397,13 @@ def prepared_chunks(
     pool: Executor
     if workers:
         pool = _process_pool(workers, pipe)
-        run = lambda items: pool.submit(_worker_prepare, items, choice)  # noqa: E731
+        run = lambda items: pool.submit(_worker_prepare, items, choice, cropped)  # noqa: E731
         ahead = 2 * workers  # chunks in flight: keeps every worker busy, bounds memory
     else:
         # A thread decodes and detects the next chunk while this one embeds and stores (torch and numpy
         # release the GIL; dlib does not, hence the processes above).
         pool = ThreadPoolExecutor(max_workers=1)
-        run = lambda items: pool.submit(pipe.prepare, items, choice)  # noqa: E731
+        run = lambda items: pool.submit(pipe.prepare, items, choice, cropped)  # noqa: E731
         ahead = 1
 
     def submit(chunk: list[tuple[Any, PhotoSource]]) -> tuple[list[Outcome | None], Future[list[Outcome]] | None]:

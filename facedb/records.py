@@ -58,6 +58,7 @@ class Identification(_Record):
     threshold: float
     candidates: list[Candidate] = field(default_factory=list)
     external_id: str | None = None  # the decided person's id in your system, if they have one
+    rule: str | None = None  # how ``threshold`` was chosen: "fixed", "given", "gallery: FPIR 0.01 at N templates"
 
     @property
     def is_unknown(self) -> bool:
@@ -97,6 +98,7 @@ class FaceMatch(_Record):
     threshold: float
     candidates: list[Candidate]
     external_id: str | None = None
+    rule: str | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,9 @@ class Stats(_Record):
     threshold: float
     threshold_source: str
     calibration: dict[str, Any] | None
+    decision_rule: str  # "fixed", or "gallery" (the 1:N threshold follows the gallery size; facedb/decision.py)
+    decision_target: float  # the FPIR the gallery rule holds
+    threshold_in_force: float  # the 1:N threshold a search is held to now, at today's gallery size
     index_kind: str
     index_built: str | None
     index_params: dict[str, Any] | None

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .decision import RULES, ImpostorModel, Rule
 from .errors import InvalidInputError
 
 
@@ -129,6 +130,7 @@ class Settings:
     visitors: VisitorSettings = field(default_factory=VisitorSettings)
     generation: int = 0
     created_at: str | None = None
+    rule: Rule = field(default_factory=Rule)  # the open-set decision rule (facedb/decision.py)
     extra: dict[str, str] = field(default_factory=dict)  # keys other collaborators own (encryption, keys...)
 
     @classmethod
@@ -145,7 +147,14 @@ class Settings:
         cal = js("calibration")
         known = {"model_id", "dim", "threshold", "threshold_source", "metric", "flip", "index_kind", "index_params",
                  "index_stamp", "calibration", "audit_enabled", "audit_retention_days", "audit_store_embeddings",
-                 "generation", "created_at", "visitors_enabled", "visitors_retention_days"}
+                 "generation", "created_at", "decision_rule", "decision_target", "impostor_model",
+                 "visitors_enabled", "visitors_retention_days"}
+        impostors = None
+        if meta.get("impostor_model"):
+            try:
+                impostors = ImpostorModel.from_json(meta["impostor_model"])
+            except (ValueError, KeyError, TypeError):
+                impostors = None  # unreadable: the gallery rule falls back to the fixed threshold (stats says so)
         return cls(
             model_id=meta.get("model_id", ""),
             dim=int(meta.get("dim") or 0),
@@ -169,15 +178,34 @@ class Settings:
             ),
             generation=int(meta.get("generation") or 0),
             created_at=meta.get("created_at"),
+            rule=Rule(kind=meta.get("decision_rule") or "fixed", target=float(meta.get("decision_target") or 0.01),
+                      impostors=impostors),
             extra={k: v for k, v in meta.items() if k not in known},
         )
 
     @staticmethod
     def initial(model_id: str, dim: int, threshold: float, threshold_source: str, index_kind: str,
-                flip: bool) -> dict[str, str]:
-        """The ``meta`` rows of a new database."""
-        return {"model_id": model_id, "dim": str(int(dim)), "metric": "cosine", "threshold": repr(float(threshold)),
-                "threshold_source": threshold_source, "index_kind": index_kind, "flip": "1" if flip else "0"}
+                flip: bool, impostors: ImpostorModel | None = None) -> dict[str, str]:
+        """The ``meta`` rows of a new database: the gallery rule when the model ships an impostor model."""
+        rows = {"model_id": model_id, "dim": str(int(dim)), "metric": "cosine", "threshold": repr(float(threshold)),
+                "threshold_source": threshold_source, "index_kind": index_kind, "flip": "1" if flip else "0",
+                "decision_rule": "gallery" if impostors is not None else "fixed", "decision_target": "0.01"}
+        if impostors is not None:
+            rows["impostor_model"] = impostors.to_json()
+        return rows
+
+    @staticmethod
+    def rule_rows(kind: str, target: float | None = None, impostors: ImpostorModel | None = None) -> dict[str, str]:
+        if kind not in RULES:
+            raise InvalidInputError(f"the decision rule is one of {', '.join(RULES)}")
+        rows = {"decision_rule": kind}
+        if target is not None:
+            if not 0 < target < 1:
+                raise InvalidInputError("the target FPIR is a fraction in (0, 1), e.g. 0.01")
+            rows["decision_target"] = repr(float(target))
+        if impostors is not None:
+            rows["impostor_model"] = impostors.to_json()
+        return rows
 
     @staticmethod
     def threshold_rows(threshold: float, source: str, calibration: Calibration | None) -> dict[str, str]:

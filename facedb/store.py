@@ -118,7 +118,11 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     """,
     # 4: names as people read them (NFC)
     lambda conn: _normalise_stored_names(conn),
-    # 5: unknown visitors (opt-in): faces answered unknown, kept for a retention period to be grouped, then
+    # 5: the decision rule; databases made before it keep their fixed threshold until told otherwise
+    """
+    INSERT OR IGNORE INTO meta (key, value) VALUES ('decision_rule', 'fixed');
+    """,
+    # 6: unknown visitors (opt-in): faces answered unknown, kept for a retention period to be grouped, then
     # enrolled or forgotten. No person, no name: a time, who asked, the photo's hash, the face box and the vector.
     """
     CREATE TABLE IF NOT EXISTS unassigned_faces (
@@ -261,7 +265,8 @@ class Store:
                 _apply(conn, step)
             now = utcnow()
             rows = {"format": FORMAT, "created_at": now, "generation": "0", "changes_floor": "0", **meta}
-            conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", list(rows.items()))
+            # a new database's own settings win over the defaults migrations write for older ones
+            conn.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", list(rows.items()))
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:

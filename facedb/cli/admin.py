@@ -25,6 +25,13 @@ class IndexKind(str, Enum):
     auto = "auto"
 
 
+class Rule(str, Enum):
+    """Open-set decision rules (facedb/decision.py)."""
+
+    fixed = "fixed"
+    gallery = "gallery"
+
+
 WeightsOpt = Annotated[Path | None, typer.Option(envvar="FACEDB_WEIGHTS", help="FaceNet weights file (.pt).")]
 
 
@@ -47,19 +54,29 @@ def init(
     ] = True,
     force: Annotated[bool, typer.Option(help="Create the database even if the model's weights cannot be found "
                                               "now (it cannot enrol or search photos until they are).")] = False,
+    rule: Annotated[Rule | None, typer.Option(help="Decision rule: gallery (the 1:N threshold follows the gallery "
+                                                   "size to hold FPIR at 1%; the default when the model ships an "
+                                                   "impostor model) or fixed.")] = None,
 ) -> None:
     """Create a new, empty database."""
     from ..db import FaceDB
     from ..models import resolve_model
 
     spec, note = resolve_model(model, weights=weights, dim=dim, check_weights=not force)
+    if rule is None:
+        rule = Rule.gallery if spec.impostor_model(flip) is not None else Rule.fixed
     thr, source = spec.default_threshold(flip)
     if threshold is not None:
         thr, source = threshold, "given at init"
+    impostors = spec.impostor_model(flip) if rule is Rule.gallery else None
+    if rule is Rule.gallery and impostors is None:
+        raise InvalidInputError(f"{spec.id} ships no impostor model for the gallery rule: use --rule fixed and "
+                                "calibrate (`facedb calibrate --far ... --folder DIR` builds one from your photos)")
     with FaceDB.create(state(ctx).db, model_id=spec.id, dim=spec.dim, threshold=thr, threshold_source=source,
-                       index=index.value, flip=flip) as db:
+                       index=index.value, flip=flip, impostors=impostors) as db:
+        s = db.settings()
         info = {"created": str(db.root), "model_id": db.model_id, "dim": db.dim, "threshold": db.threshold,
-                "flip": db.flip, "index_kind": db.index_kind}
+                "flip": db.flip, "index_kind": db.index_kind, "decision_rule": s.rule.kind}
     if note:
         typer.echo(note, err=True)
     emit_kv(ctx, info)
@@ -199,3 +216,24 @@ def audit_settings(
     with open_db(ctx) as db:
         emit_kv(ctx, db.configure_audit(enabled=enable, retention_days=retention_days,
                                         store_probes=store_probes).to_dict())
+
+
+@command(name="rule")
+def rule_cmd(
+    ctx: typer.Context,
+    kind: Annotated[Rule | None, typer.Argument(help="fixed or gallery; omit to show the rule in force.")] = None,
+    target: Annotated[float | None, typer.Option(help="gallery: the FPIR to hold (default 0.01).")] = None,
+) -> None:
+    """Show or choose the open-set decision rule: a fixed threshold, or one that follows the gallery size."""
+    from ..decision import predicted_fpir
+
+    with open_db(ctx, readonly=kind is None) as db:
+        s = db.set_rule(kind.value, target=target) if kind is not None else db.settings()
+        templates = db.stats().templates
+        in_force, why = s.rule.threshold(s.threshold, templates)
+        impostors = s.rule.impostors or db._shipped_impostors(s)
+        emit_kv(ctx, {"decision_rule": s.rule.kind, "target_fpir": s.rule.target if s.rule.kind == "gallery" else None,
+                      "templates": templates, "threshold_in_force": in_force, "because": why,
+                      "predicted_fpir": predicted_fpir(impostors, in_force, templates) if impostors else None,
+                      "impostor_model": impostors.source if impostors else None,
+                      "warning": db.calibration_warning(s)})

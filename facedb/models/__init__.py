@@ -18,6 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
+from ..decision import ImpostorModel
 from ..errors import InvalidInputError, ModelUnavailableError
 
 
@@ -30,6 +31,18 @@ class ModelSpec:
     flip_threshold: float | None = None  # the same, for embeddings with flip test-time augmentation
     flip_threshold_source: str = ""
     needs_weights: bool = False  # a weights file must be found (FaceNet) before a database can use it
+    impostors: bool = False  # ships an impostor model (models/impostors/<id>[-flip].json) for the gallery rule
+
+    def impostor_model(self, flip: bool) -> ImpostorModel | None:
+        """The model's 1:1 impostor score tail for the gallery decision rule (facedb/decision.py), measured the
+        way its default threshold was; None when it ships none."""
+        if not self.impostors:
+            return None
+        path = Path(__file__).parent / "impostors" / f"{self.id}{'-flip' if flip else ''}.json"
+        try:
+            return ImpostorModel.from_json(path.read_text())
+        except (OSError, ValueError, KeyError):
+            return None
 
     def default_threshold(self, flip: bool) -> tuple[float, str]:
         """(threshold, where it came from) for embeddings made with or without flip augmentation."""
@@ -229,7 +242,7 @@ def _load_facenet(model_id: str, weights: Path | None, device: str) -> Embedder:
 # 0.929, FAR 8.6e-4 and TAR 94.7% there (`... --flip`). See README "Accuracy".
 register(ModelSpec(
     "dlib-resnet", 128, 0.926, "calibrated: FAR 1e-3 (1:1) on LFW peopleDevTrain, MTCNN + dlib chip",
-    0.929, "calibrated: FAR 1e-3 (1:1) on LFW peopleDevTrain, MTCNN + dlib chip, flip",
+    0.929, "calibrated: FAR 1e-3 (1:1) on LFW peopleDevTrain, MTCNN + dlib chip, flip", impostors=True,
 ), _load_dlib)
 # The FaceNet weights cannot be downloaded where facedb's numbers were measured, so these two are not
 # measured by us: 0.40 = squared L2 1.20, near the best LFW threshold reported for Sandberg's 20180402
