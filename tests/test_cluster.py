@@ -238,7 +238,7 @@ def test_edge_cases_and_bad_input(rng):
 
 
 def test_default_threshold_follows_the_database_threshold():
-    assert default_threshold(0.929) == pytest.approx(0.929)
+    assert default_threshold(0.929) == pytest.approx(0.935)
     assert default_threshold(0.929, "components") > default_threshold(0.929)
     assert default_threshold(0.929, "chinese-whispers") > default_threshold(0.929)
     assert default_threshold(0.999, "components") <= 1.0

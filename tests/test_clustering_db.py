@@ -71,7 +71,8 @@ def test_cluster_a_folder_writes_json_and_sheets_and_leaves_the_gallery_alone(tm
     summary = rows[-1]
     assert summary["photos"] == 8 and summary["faces"] == 8 and summary["clusters"] == 2
     assert summary["unclustered"] == 1 and summary["rule"] == "average"
-    assert summary["threshold"] == pytest.approx(0.8)  # the database's threshold, stated
+    assert summary["threshold"] == pytest.approx(0.806)  # derived from the database's threshold, and stated
+    assert "0.8000" in summary["threshold_source"]
     assert {Path(s["image"]).name for s in summary["skipped"]} == {"empty.png", "broken.jpg"}
     assert [r["size"] for r in rows[:-1]] == [4, 3]
 
