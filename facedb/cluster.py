@@ -13,9 +13,10 @@ Scores are cosine similarities of unit vectors (higher is more alike), as everyw
      connected component of the graph of up to :data:`DENSE_MAX` faces (the mean of cosine similarities
      between two groups is the dot product of their vector sums over the product of their sizes, so nothing
      is approximated there); a larger component (only with a threshold far too low) merges along graph edges
-     only. Groups in different components never merge: every pair across them is below the threshold, so
-     their mean is too. A single look-alike pair cannot join two people (the mean of the other pairs stays
-     low): the rule that keeps precision.
+     only. Groups in different components never merge: were the graph to hold every pair at or above the
+     threshold, every pair across them would be below it, and so their mean; with k neighbours a face whose
+     matches all lie beyond its k nearest can stay apart (a split, never a merge). A single look-alike pair
+     cannot join two people (the mean of the other pairs stays low): the rule that keeps precision.
    * ``chinese-whispers`` (Biemann 2006; dlib's ``chinese_whispers``): every face starts in its own group and
      repeatedly takes the group with the largest summed edge weight among its neighbours. Updated in random
      blocks (at least 16 a round; a face's update sees the blocks before it), until no face changes or
