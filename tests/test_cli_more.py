@@ -9,9 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from facedb import FaceDB
-from facedb.errors import AuthenticationError
 from facedb.cli import app
 from facedb.decision import ImpostorModel
+from facedb.errors import AuthenticationError
 
 runner = CliRunner()
 
