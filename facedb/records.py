@@ -58,7 +58,9 @@ class Identification(_Record):
     threshold: float
     candidates: list[Candidate] = field(default_factory=list)
     external_id: str | None = None  # the decided person's id in your system, if they have one
-    rule: str | None = None  # how ``threshold`` was chosen: "fixed", "given", "gallery: FPIR 0.01 at N templates"
+    rule: str | None = None  # how it was decided: "fixed", "given", "gallery: ...", "margin: ..." (decision.py)
+    score: float | None = None  # the margin rule's normalised score s1 - 0.5 s2 (None under other rules)
+    score_threshold: float | None = None  # what ``score`` had to reach
 
     @property
     def is_unknown(self) -> bool:
@@ -100,6 +102,8 @@ class FaceMatch(_Record):
     candidates: list[Candidate]
     external_id: str | None = None
     rule: str | None = None
+    score: float | None = None
+    score_threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,7 @@ class Template(_Record):
     box: list[float] | None = None
     det_score: float | None = None
     created_at: str | None = None
+    derived: bool = False  # the person's mean template, kept beside their photo templates (no photo of its own)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -182,13 +187,16 @@ class Stats(_Record):
     calibration: dict[str, Any] | None
     decision_rule: str  # "fixed", or "gallery" (the 1:N threshold follows the gallery size; facedb/decision.py)
     decision_target: float  # the FPIR the gallery rule holds
+    decision_margin: float | None  # the margin rule's threshold for s1 - 0.5 s2
     threshold_in_force: float  # the 1:N threshold a search is held to now, at today's gallery size
     index_kind: str
     index_built: str | None
     index_params: dict[str, Any] | None
     people: int
     images: int
-    templates: int
+    templates: int  # photo (or given-vector) templates
+    mean_templates: int  # derived: one per person with two templates or more, when enabled
+    mean_templates_enabled: bool
     people_with_one_template: int
     generation: int
     index_file_bytes: int

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from .decision import RULES, ImpostorModel, Rule
+from .decision import MARGIN_WEIGHT, RULES, ImpostorModel, Rule
 from .errors import InvalidInputError
 
 
@@ -73,6 +73,17 @@ def threads_setting() -> int:
     if n < 0:
         raise InvalidInputError("FACEDB_THREADS must be >= 0 (0: each engine's own default)")
     return n
+
+
+def check_margin(value: object) -> float:
+    """``value`` as a margin threshold: the margin rule's score ``s1 - 0.5 s2`` lies in [-1.5, 1.5]."""
+    try:
+        t = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidInputError("the margin threshold must be a number") from None
+    if not -1.5 <= t <= 1.5:
+        raise InvalidInputError(f"the margin threshold (s1 - 0.5 s2) is in [-1.5, 1.5], got {value!r}")
+    return t
 
 
 def check_k(value: object) -> int:
@@ -219,6 +230,7 @@ class Settings:
     generation: int = 0
     created_at: str | None = None
     rule: Rule = field(default_factory=Rule)  # the open-set decision rule (facedb/decision.py)
+    mean_templates: bool = False  # keep each person's mean template beside their photo templates
     extra: dict[str, str] = field(default_factory=dict)  # keys other collaborators own (encryption, keys...)
 
     @classmethod
@@ -235,7 +247,8 @@ class Settings:
         cal = js("calibration")
         known = {"model_id", "dim", "threshold", "threshold_source", "metric", "flip", "index_kind", "index_params",
                  "index_stamp", "calibration", "audit_enabled", "audit_retention_days", "audit_store_embeddings",
-                 "generation", "created_at", "decision_rule", "decision_target", "impostor_model",
+                 "generation", "created_at", "decision_rule", "decision_target", "impostor_model", "decision_margin",
+                 "decision_weight", "mean_templates",
                  "database_id", *INDEX_OPTION_KEYS, "visitors_enabled", "visitors_retention_days"}
         impostors = None
         if meta.get("impostor_model"):
@@ -269,25 +282,32 @@ class Settings:
             generation=int(meta.get("generation") or 0),
             created_at=meta.get("created_at"),
             rule=Rule(kind=meta.get("decision_rule") or "fixed", target=float(meta.get("decision_target") or 0.01),
-                      impostors=impostors),
+                      impostors=impostors, weight=float(meta.get("decision_weight") or MARGIN_WEIGHT),
+                      margin=float(meta["decision_margin"]) if meta.get("decision_margin") else None),
+            mean_templates=meta.get("mean_templates") == "1",
             extra={k: v for k, v in meta.items() if k not in known},
         )
 
     @staticmethod
     def initial(model_id: str, dim: int, threshold: float, threshold_source: str, index_kind: str,
-                flip: bool, impostors: ImpostorModel | None = None) -> dict[str, str]:
-        """The ``meta`` rows of a new database: the gallery rule when the model ships an impostor model."""
+                flip: bool, impostors: ImpostorModel | None = None, margin: float | None = None,
+                rule: str | None = None, mean_templates: bool = True) -> dict[str, str]:
+        """The ``meta`` rows of a new database. The rule: ``rule`` if given, else ``margin`` when the model ships
+        a margin threshold, ``gallery`` when it ships an impostor model, else ``fixed``."""
+        if rule is None:
+            rule = "margin" if margin is not None else "gallery" if impostors is not None else "fixed"
         rows = {"model_id": model_id, "dim": str(int(dim)), "metric": "cosine", "threshold": repr(float(threshold)),
                 "threshold_source": threshold_source, "index_kind": index_kind, "flip": "1" if flip else "0",
-                "decision_rule": "gallery" if impostors is not None else "fixed", "decision_target": "0.01"}
-        if impostors is not None:
-            rows["impostor_model"] = impostors.to_json()
+                "mean_templates": "1" if mean_templates else "0", **Settings.rule_rows(rule, 0.01, impostors, margin)}
         return rows
 
     @staticmethod
-    def rule_rows(kind: str, target: float | None = None, impostors: ImpostorModel | None = None) -> dict[str, str]:
+    def rule_rows(kind: str, target: float | None = None, impostors: ImpostorModel | None = None,
+                  margin: float | None = None) -> dict[str, str]:
+        """The ``meta`` rows of a decision rule (facedb/decision.py); InvalidInputError for a rule that lacks
+        what it needs is raised by the caller, who knows what the database already holds."""
         if kind not in RULES:
-            raise InvalidInputError(f"the decision rule is one of {', '.join(RULES)}")
+            raise InvalidInputError(f"the decision rule is one of {', '.join(RULES)}, got {kind!r}")
         rows = {"decision_rule": kind}
         if target is not None:
             if not 0 < target < 1:
@@ -295,6 +315,9 @@ class Settings:
             rows["decision_target"] = repr(float(target))
         if impostors is not None:
             rows["impostor_model"] = impostors.to_json()
+        if margin is not None:
+            rows["decision_margin"] = repr(check_margin(margin))
+            rows["decision_weight"] = repr(MARGIN_WEIGHT)
         return rows
 
     @staticmethod

@@ -301,6 +301,8 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     );
     CREATE INDEX IF NOT EXISTS unassigned_faces_time ON unassigned_faces(time);
     """,
+    # 8: derived templates: each person's mean template beside their photo templates (a database setting)
+    lambda conn: _add_column(conn, "embeddings", "derived INTEGER NOT NULL DEFAULT 0"),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -320,6 +322,13 @@ def normalise_name(name: object) -> str:
     if not isinstance(name, str):
         raise InvalidInputError("a person's name must be a string")
     return unicodedata.normalize("NFC", name)
+
+
+def _add_column(conn: sqlite3.Connection, table: str, definition: str) -> None:
+    """ALTER TABLE ... ADD COLUMN, unless the column is there already (a migration run twice)."""
+    name = definition.split()[0]
+    if name not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
+        conn.execute(f"ALTER TABLE {table} ADD COLUMN {definition}")
 
 
 def _normalise_stored_names(conn: sqlite3.Connection) -> None:
@@ -581,9 +590,12 @@ class Store:
         return gen
 
     # ------------------------------------------------------------------ people
-    _PERSON_SQL = """
+    @property
+    def _PERSON_SQL(self) -> str:
+        own = " AND e.derived = 0" if self._has_derived else ""  # a mean template is not one of their photos
+        return f"""
         SELECT p.id, p.name, p.external_id, p.metadata, p.created_at, p.updated_at,
-               (SELECT COUNT(*) FROM embeddings e WHERE e.person_id = p.id),
+               (SELECT COUNT(*) FROM embeddings e WHERE e.person_id = p.id{own}),
                (SELECT COUNT(*) FROM images i WHERE i.person_id = p.id)
         FROM people p
     """
@@ -722,18 +734,23 @@ class Store:
         """Delete one template (and its photo's row once the photo has no template left); returns the name of
         the person it belonged to (who stays enrolled, possibly with no templates)."""
         with self.write():
+            derived = "e.derived" if self._has_derived else "0"
             row = self.conn.execute(
-                "SELECT e.image_id, p.name FROM embeddings e JOIN people p ON p.id = e.person_id WHERE e.id = ?",
-                (int(template_id),)).fetchone()
+                f"SELECT e.image_id, p.name, e.person_id, {derived} FROM embeddings e JOIN people p "
+                "ON p.id = e.person_id WHERE e.id = ?", (int(template_id),)).fetchone()
             if row is None:
                 raise TemplateNotFoundError(f"no template with id {template_id}")
-            image_id, name = row
+            image_id, name, pid, is_derived = row
+            if is_derived:
+                raise InvalidInputError(f"template {template_id} is {name!r}'s mean template, derived from their "
+                                        "photos: remove a photo's template and the mean follows")
             self.conn.execute("DELETE FROM embeddings WHERE id = ?", (int(template_id),))
             if image_id is not None and not self.conn.execute(
                     "SELECT 1 FROM embeddings WHERE image_id = ?", (image_id,)).fetchone():
                 self.conn.execute("DELETE FROM images WHERE id = ?", (image_id,))
             self.conn.execute("UPDATE people SET updated_at = ? WHERE name = ?", (utcnow(), name))
-            self._bump_generation([], [int(template_id)])
+            added, removed = self._refresh_mean(pid)
+            self._bump_generation(added, [int(template_id), *removed])
         return str(name)
 
     def merge_people(self, source: str, target: str) -> list[int]:
@@ -752,13 +769,57 @@ class Store:
             self.conn.execute("DELETE FROM people WHERE id = ?", (src,))
             self.conn.execute("UPDATE people SET metadata = ?, updated_at = ? WHERE id = ?",
                               (_check_metadata({**meta_src, **meta_dst}), utcnow(), dst))
+            added, removed = self._refresh_mean(dst)
             gen = self.generation() + 1
             self.conn.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (str(gen),))
             self.conn.executemany("INSERT INTO changes (generation, embedding_id, op) VALUES (?, ?, ?)",
-                                  [(gen, i, op) for i in ids for op in ("remove", "add")])
-        return ids
+                                  [(gen, i, op) for i in ids for op in ("remove", "add")]
+                                  + [(gen, i, "remove") for i in removed] + [(gen, i, "add") for i in added])
+        return [i for i in ids if i not in set(removed)]
 
     # --------------------------------------------------------------- templates
+    @property
+    def _has_derived(self) -> bool:
+        return self.version >= 8
+
+    def _refresh_mean(self, pid: int) -> tuple[list[int], list[int]]:
+        """Inside a write: replace the person's mean template (derived) by the renormalised mean of their other
+        templates, when the ``mean_templates`` setting is on and they have at least two; returns (ids added,
+        ids removed) for the change log."""
+        if not self._has_derived:
+            return [], []
+        removed = [r[0] for r in self.conn.execute(
+            "SELECT id FROM embeddings WHERE person_id = ? AND derived = 1", (pid,))]
+        if removed:
+            self.conn.execute("DELETE FROM embeddings WHERE person_id = ? AND derived = 1", (pid,))
+        added: list[int] = []
+        if self.get_meta("mean_templates") == "1":
+            blobs = [r[0] for r in self.conn.execute(
+                "SELECT vector FROM embeddings WHERE person_id = ? AND derived = 0", (pid,))]
+            if len(blobs) >= 2:
+                mean = self._vectors(blobs).mean(axis=0)
+                norm = float(np.linalg.norm(mean))
+                if norm > 1e-6:  # templates that cancel out have no mean direction
+                    cur = self.conn.execute(
+                        "INSERT INTO embeddings (person_id, image_id, box, det_score, vector, created_at, derived) "
+                        "VALUES (?, NULL, NULL, NULL, ?, ?, 1)", (pid, to_blob(mean / norm), utcnow()))
+                    added.append(int(cur.lastrowid))
+        return added, removed
+
+    def refresh_means(self) -> int:
+        """Recompute every person's mean template (after the setting changed), in one transaction; returns how
+        many people have one now."""
+        with self.write():
+            added_all: list[int] = []
+            removed_all: list[int] = []
+            for (pid,) in self.conn.execute("SELECT id FROM people").fetchall():
+                added, removed = self._refresh_mean(pid)
+                added_all += added
+                removed_all += removed
+            if added_all or removed_all:
+                self._bump_generation(added_all, removed_all)
+        return len(added_all)
+
     def add_templates(
         self,
         name: str,
@@ -814,7 +875,8 @@ class Store:
                 ))
                 ids.append(int(cur.lastrowid))  # AUTOINCREMENT: never a reused id
             self.conn.execute("UPDATE people SET updated_at = ? WHERE id = ?", (now, pid))
-            self._bump_generation(ids, [])
+            added, removed = self._refresh_mean(pid)
+            self._bump_generation(ids + added, removed)
         return ids
 
     def image_owner(self, sha256: str) -> str | None:
@@ -880,16 +942,23 @@ class Store:
         return {pid: (name, ext) for pid, name, ext in self._rows_in(
             "SELECT id, name, external_id FROM people WHERE id IN ({marks})", sorted({int(p) for p in person_ids}))}
 
-    def iter_templates(self, person: str | None = None, batch: int = 4096) -> Iterator[Template]:
+    def iter_templates(self, person: str | None = None, batch: int = 4096,
+                       include_derived: bool = False) -> Iterator[Template]:
         """Every stored template (of ``person`` only, if given), in id order, with its person and photo; read in
-        batches of ``batch`` rows, each batch a consistent snapshot."""
-        where, params = "", []
+        batches of ``batch`` rows, each batch a consistent snapshot. Mean templates (derived from a person's
+        others) only with ``include_derived``."""
+        clauses, params = [], []
         if person is not None:
-            where, params = "WHERE e.person_id = ?", [self._person_id(person)]
+            clauses.append("e.person_id = ?")
+            params.append(self._person_id(person))
+        if self._has_derived and not include_derived:
+            clauses.append("e.derived = 0")
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
         last = 0
         while True:
+            derived = "e.derived" if self._has_derived else "0"
             rows = self.conn.execute(
-                f"SELECT e.id, p.name, e.person_id, e.vector, i.sha256, e.box, e.det_score, e.created_at "
+                f"SELECT e.id, p.name, e.person_id, e.vector, i.sha256, e.box, e.det_score, e.created_at, {derived} "
                 f"FROM embeddings e JOIN people p ON p.id = e.person_id LEFT JOIN images i ON i.id = e.image_id "
                 f"{where} {'AND' if where else 'WHERE'} e.id > ? ORDER BY e.id LIMIT ?",
                 [*params, last, batch]).fetchall()
@@ -898,7 +967,7 @@ class Store:
             for r in rows:
                 yield Template(id=r[0], person=r[1], person_id=r[2], vector=from_blob(r[3], self.dim),
                                image_sha256=r[4], box=json.loads(r[5]) if r[5] else None, det_score=r[6],
-                               created_at=r[7])
+                               created_at=r[7], derived=bool(r[8]))
             last = rows[-1][0]
 
     def changes_since(self, generation: int) -> tuple[int, list[int], list[int]] | None:
@@ -938,14 +1007,18 @@ class Store:
         return {
             "people": one("SELECT COUNT(*) FROM people").fetchone()[0],
             "images": one("SELECT COUNT(*) FROM images").fetchone()[0],
-            "templates": one("SELECT COUNT(*) FROM embeddings").fetchone()[0],
+            "templates": one("SELECT COUNT(*) FROM embeddings" + (" WHERE derived = 0" if self._has_derived else "")
+                             ).fetchone()[0],
+            "mean_templates": one("SELECT COUNT(*) FROM embeddings WHERE derived = 1").fetchone()[0]
+            if self._has_derived else 0,
         }
 
     def people_with_templates(self, at_most: int) -> int:
         """How many people have between 1 and ``at_most`` templates (enrolment advice: one is fragile)."""
+        own = " WHERE derived = 0" if self._has_derived else ""
         return int(self.conn.execute(
-            "SELECT COUNT(*) FROM (SELECT person_id FROM embeddings INDEXED BY embeddings_person GROUP BY person_id "
-            "HAVING COUNT(*) <= ?)", (int(at_most),)).fetchone()[0])
+            f"SELECT COUNT(*) FROM (SELECT person_id FROM embeddings{own} GROUP BY person_id HAVING COUNT(*) <= ?)",
+            (int(at_most),)).fetchone()[0])
 
     def check(self) -> tuple[list[str], list[str]]:
         """(checks run, problems found) on the store alone."""
@@ -996,6 +1069,28 @@ class Store:
                 problems.append(f"two people are named {nfc!r} in different Unicode forms: merge them "
                                 f"(`facedb merge`)")
             seen[nfc] = name
+        if self._has_derived:
+            checks.append("every mean template is the mean of its person's other templates (when kept)")
+            on = self.get_meta("mean_templates") == "1"
+            wrong = 0
+            for (pid,) in self.conn.execute("SELECT id FROM people").fetchall():
+                own = [r[0] for r in self.conn.execute(
+                    "SELECT vector FROM embeddings WHERE person_id = ? AND derived = 0", (pid,))]
+                kept = [r[0] for r in self.conn.execute(
+                    "SELECT vector FROM embeddings WHERE person_id = ? AND derived = 1", (pid,))]
+                if not on or len(own) < 2:
+                    wrong += len(kept) > 0
+                    continue
+                if len(kept) != 1 or any(len(b) != 4 * self.dim for b in own + kept):
+                    wrong += 1
+                    continue
+                mean = self._vectors(own).mean(axis=0)
+                if float(np.linalg.norm(mean)) > 1e-6 and not np.allclose(
+                        self._vectors(kept)[0], mean / np.linalg.norm(mean), atol=1e-5):
+                    wrong += 1
+            if wrong:
+                problems.append(f"{wrong} people's mean templates do not match their templates "
+                                "(`FaceDB.configure_templates(mean=...)` recomputes them)")
         return checks, problems
 
     # ------------------------------------------------------------------- audit
@@ -1251,7 +1346,8 @@ class Store:
                 new_ids.append(int(cur.lastrowid))
             list(self._rows_in("DELETE FROM unassigned_faces WHERE id IN ({marks})", [r[0] for r in rows]))
             self.conn.execute("UPDATE people SET updated_at = ? WHERE id = ?", (now, pid))
-            self._bump_generation(new_ids, [])
+            added, removed = self._refresh_mean(pid)
+            self._bump_generation(new_ids + added, removed)
         return new_ids
 
     def forget_unassigned(self, ids: Sequence[int]) -> int:

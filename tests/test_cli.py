@@ -56,7 +56,7 @@ def test_help_does_not_import_torch_or_faiss():
 
 def test_core_commands(tmp_path):
     db = tmp_path / "db"
-    res = run(db, "--json", "init", "--model", "my-model", "--dim", "8", "--threshold", "0.7")
+    res = run(db, "--json", "init", "--model", "my-model", "--dim", "8", "--threshold", "0.7", "--no-mean-templates")
     info = jlines(res)[0]
     assert info["model_id"] == "my-model" and info["dim"] == 8 and info["threshold"] == 0.7
     assert run(db, "init", "--model", "my-model", "--dim", "8", ok=False).exit_code == 2

@@ -370,7 +370,10 @@ def test_readme_bash_blocks_run(scene, tmp_path, monkeypatch):
         assert people["Grace Hopper"].external_id == "E-118" and people["Grace Hopper"].metadata == {"badge": "118"}
         settings = d.settings()
         assert settings.index_kind == "ivf" and settings.index_params == {"nprobe": 32}
-        assert settings.calibration.target == "fpir" and settings.threshold_source.startswith("calibrated: fpir")
+        assert settings.calibration.target == "fpir"
+        # dlib-resnet databases decide by the margin rule: `calibrate --fpir` calibrates its threshold
+        assert settings.rule.kind == "margin"
+        assert settings.rule.margin == pytest.approx(settings.calibration.details["margin_threshold"])
         ops = [r.operation for r in d.audit()]
         assert {"enroll", "search", "verify", "rename", "remove", "merge", "update", "remove-template",
                 "calibrate", "reindex"} <= set(ops)

@@ -200,10 +200,17 @@ def calibrate(
             else:
                 size = gallery_size if gallery_size is not None else max(db.count_people(), 1)
                 with tempfile.TemporaryDirectory() as tmp:
+                    rule = db.settings().rule
                     rec = calibrate_fpir_folder(_checked_layout(_folder(folder)), pipe, rate, size, Path(tmp),
-                                                seed=seed, flip=db.flip, progress=progress, cipher=cipher)
+                                                seed=seed, flip=db.flip, progress=progress, cipher=cipher,
+                                                margin_floor=db.threshold if rule.kind == "margin" else None)
         rec["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        if not dry_run:
+        if not dry_run and "margin_threshold" in rec:  # the margin rule in force: calibrate its threshold (the
+            # 1:1 threshold, its floor, stays; the record of what was measured is stored beside it)
+            db.set_rule("margin", margin=float(rec["margin_threshold"]))  # type: ignore[arg-type]
+            s = db.settings()
+            db.set_threshold(s.threshold, s.threshold_source, calibration=rec)
+        elif not dry_run:
             db.set_threshold(float(rec["threshold"]), f"calibrated: {rec['target']} {rate:g} on {rec['source']}",
                              calibration=rec)
         rec["stored"] = not dry_run

@@ -243,7 +243,7 @@ def _milvus_backend() -> IndexBackend:
 register_backend("milvus", {
     "milvus": "a Milvus collection (server, cluster or Milvus Lite): HNSW below 2M templates, IVF_FLAT above; "
               "re-scored from the store",
-}, _milvus_backend)
+}, _milvus_backend, params={"M": 2, "ef_construction": 1, "ef_search": 1, "nlist": 1, "nprobe": 1})
 
 
 __all__ = [
