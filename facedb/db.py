@@ -46,6 +46,8 @@ from .keeper import IndexKeeper
 from .records import (
     AuditRecord,
     CheckReport,
+    ClusterReport,
+    DuplicatesReport,
     EnrollReport,
     FaceMatch,
     Identification,
@@ -56,10 +58,20 @@ from .records import (
     Stats,
     Template,
     Verification,
+    VisitorGroup,
 )
 from .scores import as_unit_rows
-from .settings import AuditSettings, Calibration, Settings, check_index_options, check_k, check_threshold
+from .settings import (
+    AuditSettings,
+    Calibration,
+    Settings,
+    VisitorSettings,
+    check_index_options,
+    check_k,
+    check_threshold,
+)
 from .store import SCHEMA_VERSION, Store
+from .visitors import VisitorLog
 
 if TYPE_CHECKING:
     from .encryption import ConversionReport
@@ -100,6 +112,7 @@ class FaceDB:
         self._projection: Any = None  # loaded on first use (cancellable databases)
         self.keeper = IndexKeeper(store, root, readonly=readonly, options=self._index_options())
         self.trail = AuditTrail(store, actor or default_actor())
+        self.visitor_log = VisitorLog(store, self.trail.actor)
 
     def _index_options(self) -> dict[str, Any]:
         """What an index backend needs to find its engine: the stored options (a Milvus URI and collection),
@@ -568,6 +581,8 @@ class FaceDB:
         self.trail.record("identify", [
             {"identity": a.identity, "similarity": a.similarity, "threshold": a.threshold, "vector": v}
             for a, v in zip(out, x)], settings)
+        self.visitor_log.keep([{"identity": a.identity, "similarity": a.similarity, "vector": v}
+                               for a, v in zip(out, x)], settings)
         return out[0] if single else out
 
     def verify(self, probe: object, name: str, threshold: float | None = None, *,
@@ -640,6 +655,9 @@ class FaceDB:
             {"image_sha256": analysed.photo.sha256, "identity": a.identity, "similarity": a.similarity,
              "threshold": a.threshold, "detail": {"box": [round(c, 1) for c in face.box]}, "vector": v}
             for face, a, v in zip(analysed.faces, answers, vectors)], settings)
+        self.visitor_log.keep([{"identity": a.identity, "similarity": a.similarity, "vector": v,
+                                "image_sha256": analysed.photo.sha256, "box": face.box, "det_score": face.score}
+                               for face, a, v in zip(analysed.faces, answers, vectors)], settings)
         return [FaceMatch(image=analysed.photo.name, box=[round(c, 1) for c in face.box],
                           det_score=round(face.score, 4), identity=a.identity, similarity=a.similarity,
                           distance=a.distance, threshold=a.threshold, candidates=a.candidates,
@@ -675,6 +693,8 @@ class FaceDB:
         from .pipeline import face_choice, prepared_chunks
 
         choice = face_choice(on_multiple)
+        if choice.value == "all":  # clustering's rule: enrolment stores one face per photo
+            raise InvalidInputError("enrolment takes one face per photo: on_multiple is error, largest or skip")
         if on_other_match not in ON_OTHER_MATCH:
             raise InvalidInputError(f"on_other_match is one of {', '.join(ON_OTHER_MATCH)}")
         if self.readonly:
@@ -854,6 +874,122 @@ class FaceDB:
             self.trail.record("hook-remove", [{"detail": {"hook": hook.id, "url": hook.url}}], self.settings())
             return hook
 
+    # --------------------------------------------------------------------------------------------- clustering
+    def cluster_threshold(self, rule: str | None = None) -> tuple[float, str]:
+        """The default clustering threshold (cosine similarity) for ``rule`` and where it comes from: derived
+        from the database's threshold (see :func:`facedb.cluster.default_threshold`)."""
+        from . import cluster as clustering
+
+        s = self.settings()
+        rule = rule or clustering.DEFAULT_RULE
+        value = clustering.default_threshold(s.threshold, rule)
+        return value, f"{rule} default from the database's threshold {s.threshold:.4f} ({s.threshold_source})"
+
+    def cluster(self, photos: Sequence[PhotoSource], *, threshold: float | None = None, rule: str = "average",
+                k: int = 10, min_size: int = 2, seed: int = 0, model: FacePipeline | None = None,
+                workers: int | None = 0, progress: Any = None) -> ClusterReport:
+        """Group every face in ``photos`` by identity (nobody needs to be enrolled): a ClusterReport with the
+        clusters (largest first, each with its central face), the faces left unclustered and the photos that
+        gave no face. Faces are embedded as this database embeds (its model and flip setting); ``threshold``
+        (cosine similarity) defaults to :meth:`cluster_threshold`. Reads nothing from and writes nothing to the
+        gallery; :meth:`enroll_clusters` stores the result on request. See :mod:`facedb.cluster` for the rules."""
+        from .photo_clusters import cluster_photos
+
+        if threshold is None:
+            threshold, source = self.cluster_threshold(rule)
+        else:
+            threshold, source = check_threshold(threshold), "given"
+        return cluster_photos(self.pipeline(model), photos, flip=self.flip, threshold=threshold,
+                              threshold_source=source, rule=rule, k=k, min_size=min_size, seed=seed,
+                              workers=workers, progress=progress)
+
+    def enroll_clusters(self, report: ClusterReport, prefix: str = "cluster-") -> list[tuple[str, list[int]]]:
+        """Store every cluster of a :meth:`cluster` report as a new person (``cluster-0001``, ... to rename
+        later), in one transaction; returns (name, template ids) per cluster."""
+        from .photo_clusters import enroll_clusters
+
+        if self.readonly:
+            raise DatabaseError(f"{self.root} is open read-only: cannot enrol")
+        if report.vectors is not None and len(report.vectors):
+            as_unit_rows(report.vectors, self.dim)  # another model's report: ModelMismatchError, nothing stored
+        with self._lock:
+            created = enroll_clusters(self.store, report, prefix)
+            settings = self.settings()
+            self.keeper.after_write(settings)
+            self.trail.record("enroll", [{"identity": name, "detail": {"templates": len(ids), "from": "cluster"}}
+                                         for name, ids in created], settings)
+            return created
+
+    def duplicates(self, threshold: float | None = None) -> DuplicatesReport:
+        """People who look enrolled twice (under two names), people whose templates split into separate
+        groups, and outlier templates: a report, nothing is changed. See :mod:`facedb.duplicates`."""
+        from .duplicates import find_duplicates
+
+        with self._lock:
+            return find_duplicates(self.store, self.settings(), threshold)
+
+    # ------------------------------------------------------------------------------------------------ visitors
+    def configure_visitors(self, *, enabled: bool | None = None,
+                           retention_days: float | None = None) -> VisitorSettings:
+        """Keep faces answered unknown (``enabled``; off by default) and for how many days (default 30).
+        Switching it off keeps what was kept until it expires; :meth:`forget_visitors` erases sooner."""
+        rows = Settings.visitor_rows(enabled, retention_days)
+        if rows:
+            with self._lock:
+                self.store.set_meta(rows)
+        return self.settings().visitors
+
+    def visitors(self, since: str | None = None, *, min_size: int = 2, threshold: float | None = None,
+                 rule: str | None = None) -> list[VisitorGroup]:
+        """Groups of kept unknown faces (at least ``min_size`` faces), most faces first; ``since`` (ISO 8601 UTC)
+        shows only groups last seen at or after it. Each group's ``id`` is stable while its faces stay the same
+        (see :mod:`facedb.visitors`)."""
+        from . import visitors as visitor_groups
+        from .cluster import _check_positive
+
+        min_size = _check_positive(min_size, "min_size")
+        with self._lock:
+            settings = self.settings()
+            self.store.purge_unassigned(settings.visitors.retention_days)
+            found = visitor_groups.groups(self.store, settings, threshold=threshold, rule=rule, min_size=min_size)
+            return visitor_groups.since_filter(found, since)
+
+    def enroll_visitors(self, group: str, name: str, *, threshold: float | None = None,
+                        rule: str | None = None) -> Person:
+        """Enrol a visitor group (as listed by :meth:`visitors`) as ``name`` (a new or existing person): its faces
+        become templates and leave the kept faces, in one transaction. InvalidInputError when the group has
+        changed since it was listed (nothing is changed then)."""
+        from . import visitors as visitor_groups
+        from .store import check_name
+
+        check_name(name)
+        if self.readonly:
+            raise DatabaseError(f"{self.root} is open read-only: cannot enrol")
+        with self._lock:
+            settings = self.settings()
+            found = visitor_groups.find(self.store, settings, group, threshold=threshold, rule=rule)
+            ids = self.store.enroll_unassigned(found.face_ids, name)
+            settings = self.settings()
+            self.keeper.after_write(settings)
+            person = self.store.person(name)
+            self.trail.record("enroll", [{"identity": person.name, "detail": {"visitors": group,
+                                                                              "templates": len(ids)}}], settings)
+            return person
+
+    def forget_visitors(self, group: str, *, threshold: float | None = None, rule: str | None = None) -> int:
+        """Erase a visitor group's faces (and any copy of their vectors in the audit trail); returns how many.
+        After :meth:`vacuum` no byte of them remains in the database's files."""
+        from . import visitors as visitor_groups
+
+        if self.readonly:
+            raise DatabaseError(f"{self.root} is open read-only: cannot forget")
+        with self._lock:
+            settings = self.settings()
+            found = visitor_groups.find(self.store, settings, group, threshold=threshold, rule=rule)
+            n = self.store.forget_unassigned(found.face_ids)
+            self.trail.record("forget-visitors", [{"detail": {"visitors": group, "faces": n}}], settings)
+            return n
+
     # -------------------------------------------------------------------------------------------------- index
     def index_state(self) -> IndexState:
         """What the vector index holds now (kind, generation, entries, tombstones, persisted copy)."""
@@ -928,6 +1064,7 @@ class FaceDB:
         (zeroed pages, rewritten index file, truncated WAL). What it still does: give the space back, and
         truncate a WAL that readers kept from being truncated at a removal (an ErasureWarning said so)."""
         with self._lock:
+            self.store.purge_unassigned(self.settings().visitors.retention_days)
             self.store.vacuum()
             settings = self.settings()
             self.keeper.current(settings)

@@ -53,6 +53,7 @@ class FaceChoice(str, Enum):
     LARGEST = "largest"  # the largest face
     SKIP = "skip"  # several faces: skip the photo quietly
     CENTRAL = "central"  # the face nearest the centre (evaluation sets centre the labelled person)
+    ALL = "all"  # every face (clustering): prepare gives one PreparedFaces per photo
 
 
 #: The choices ``enroll --on-multiple`` offers (kept for callers of the older tuple).
@@ -130,7 +131,26 @@ class Unprepared:
     sha256: str | None = None
 
 
-Outcome = Prepared | Unprepared
+@dataclass
+class PreparedFaces:
+    """Every face of a photo, ready to embed (``FaceChoice.ALL``): the caller's ``key``, the store's image row,
+    the faces and their aligned crops, in the detector's order."""
+
+    key: Any
+    image: dict[str, object]
+    faces: list[Face]
+    crops: list[np.ndarray]
+
+    @property
+    def sha256(self) -> str:
+        return str(self.image["sha256"])
+
+    @property
+    def label(self) -> str:
+        return str(self.image["path"])
+
+
+Outcome = Prepared | PreparedFaces | Unprepared
 
 
 class FacePipeline:
@@ -299,8 +319,9 @@ def prepare(detector: Any, align: Callable[[np.ndarray, Face], np.ndarray],
             items: Sequence[tuple[Any, PhotoSource]], choice: FaceChoice = FaceChoice.ERROR,
             cropped: bool = False) -> list[Outcome]:
     """Decode, detect, choose the face (``choice``) and align, for each (key, photo), in order; no database
-    access. A photo that fails gives an :class:`Unprepared` with its reason and never stops the others.
-    ``cropped``: the photos are face crops (see :func:`find_faces`)."""
+    access. A photo that fails gives an :class:`Unprepared` with its reason and never stops the others. With
+    ``FaceChoice.ALL`` a photo gives a :class:`PreparedFaces` holding every face. ``cropped``: the photos are
+    face crops (see :func:`find_faces`)."""
     out: list[Outcome] = []
     for key, src in items:
         label = _label(src)
@@ -310,6 +331,12 @@ def prepare(detector: Any, align: Callable[[np.ndarray, Face], np.ndarray],
             out.append(Unprepared(key, Skipped(label or "<photo>", str(exc))))
             continue
         faces, frame = find_faces(detector, photo.pixels, cropped)
+        if choice is FaceChoice.ALL:
+            if not faces:
+                out.append(Unprepared(key, Skipped(photo.name, "no face found"), photo.sha256))
+            else:
+                out.append(PreparedFaces(key, photo.record(), list(faces), [align(frame, f) for f in faces]))
+            continue
         chosen = choose_face(faces, choice, photo.width, photo.height)
         if isinstance(chosen, str):
             out.append(Unprepared(key, Skipped(photo.name, chosen), photo.sha256))
@@ -512,7 +539,7 @@ def list_folder(folder: Path) -> FolderLayout:
 
 __all__ = [
     "ON_MULTIPLE", "Analysed", "DetectorSettings", "FaceChoice", "FacePipeline", "FolderLayout", "Outcome",
-    "Prepared", "Unprepared", "auto_workers", "choose_face", "face_choice", "get_detector", "get_pipeline",
-    "list_folder", "prepare", "prepared_chunks", "source_sha256",
+    "Prepared", "PreparedFaces", "Unprepared", "auto_workers", "choose_face", "face_choice", "get_detector",
+    "get_pipeline", "list_folder", "prepare", "prepared_chunks", "source_sha256",
 ]
 

@@ -223,3 +223,126 @@ class AuditRecord(_Record):
     model_id: str
     detail: dict[str, Any] | None
     has_embedding: bool
+
+
+# --------------------------------------------------------------------------------------------- clustering
+@dataclass(frozen=True)
+class ClusterFace(_Record):
+    """One face found while clustering photos: the photo (its position in the list given, its name and SHA-256),
+    the face box (x1, y1, x2, y2 in the photo's pixels), the detector's score, its cluster (None =
+    unclustered) and its similarity to the cluster's central face."""
+
+    photo_index: int
+    photo: str
+    image_sha256: str
+    box: list[float]
+    det_score: float
+    cluster: int | None
+    similarity_to_central: float | None = None
+
+
+@dataclass(frozen=True)
+class Cluster(_Record):
+    """A group of faces taken to be one person: ``id`` (0 = the largest), its ``size``, its most central face
+    (highest mean similarity to the other members) and every member face."""
+
+    id: int
+    size: int
+    central: ClusterFace
+    faces: list[ClusterFace]
+
+
+@dataclass
+class ClusterReport(_Record):
+    """What ``FaceDB.cluster`` found: the clusters (largest first), the faces left unclustered, the photos that
+    gave no face (with why), and the parameters: rule, threshold (cosine similarity) and where it came from,
+    neighbours per face ``k``, ``min_size``, ``seed``. ``vectors`` (one row per face, clusters' faces first in
+    cluster order, then the unclustered; not in ``to_dict``) and ``images`` (the store's row of each photo)
+    are what ``FaceDB.enroll_clusters`` stores."""
+
+    clusters: list[Cluster]
+    unclustered: list[ClusterFace]
+    skipped: list[Skipped]
+    photos: int
+    faces: int
+    rule: str
+    threshold: float
+    threshold_source: str
+    k: int
+    min_size: int
+    seed: int
+    vectors: Any = None
+    images: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("vectors",
+                                                                                                 "images")}
+        out["clusters"] = [c.to_dict() for c in self.clusters]
+        out["unclustered"] = [f.to_dict() for f in self.unclustered]
+        out["skipped"] = [s.to_dict() for s in self.skipped]
+        return out
+
+
+@dataclass(frozen=True)
+class VisitorGroup(_Record):
+    """Faces answered *unknown* that look like one person. ``id`` names the group stably: ``V<first face id>-<6
+    hex of a hash of its member ids>``, so enrolling or forgetting it acts on exactly the faces listed, or is
+    refused when the group has changed since. ``best_similarity``: the closest any of its faces came to an
+    enrolled person when searched (cosine; below the threshold, or it would not be unknown)."""
+
+    id: str
+    faces: int
+    photos: int
+    first_seen: str
+    last_seen: str
+    actors: list[str]
+    central_face: int
+    central_image_sha256: str | None
+    central_box: list[float] | None
+    best_similarity: float | None
+    face_ids: list[int]
+
+
+@dataclass(frozen=True)
+class DuplicatePair(_Record):
+    """Two people whose templates look like one person: the mean similarity over all pairs of their templates
+    (what average linkage merges on), the best pair, and how many template pairs reach the threshold."""
+
+    a: str
+    b: str
+    mean_similarity: float
+    best_similarity: float
+    matching_pairs: int
+    templates_a: int
+    templates_b: int
+
+
+@dataclass(frozen=True)
+class SplitPerson(_Record):
+    """A person whose own templates fall into several groups that do not merge at the threshold (two people
+    under one name, or very different photos): group sizes (largest first), the template ids of each group,
+    and the mean similarity between the two largest."""
+
+    name: str
+    templates: int
+    groups: list[int]
+    template_ids: list[list[int]]
+    mean_similarity_between: float
+
+
+@dataclass(frozen=True)
+class DuplicatesReport(_Record):
+    """``check --duplicates``: people who match across names, people split in two, and templates that join
+    no group of their own person (a wrong photo?). A report: nothing is changed."""
+
+    threshold: float
+    threshold_source: str
+    people: int
+    templates: int
+    same_person: list[DuplicatePair]
+    split: list[SplitPerson]
+    outliers: list[dict[str, Any]]
+
+    @property
+    def found(self) -> bool:
+        return bool(self.same_person or self.split)

@@ -141,6 +141,19 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class VisitorSettings:
+    """Unknown visitors (README "Clustering"): whether faces answered *unknown* are kept, to be grouped and
+    enrolled or forgotten later (off by default: it keeps biometric data of people who did not enrol), and how
+    many days they are kept (default 30; purged on every write and by ``vacuum``)."""
+
+    enabled: bool = False
+    retention_days: float = 30.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "retention_days": self.retention_days}
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything a call needs to know about its database, read in one query."""
 
@@ -158,6 +171,7 @@ class Settings:
     database_id: str | None = None  # a random id given at creation: binds a shared index collection to this store
     calibration: Calibration | None = None
     audit: AuditSettings = field(default_factory=AuditSettings)
+    visitors: VisitorSettings = field(default_factory=VisitorSettings)
     generation: int = 0
     created_at: str | None = None
     rule: Rule = field(default_factory=Rule)  # the open-set decision rule (facedb/decision.py)
@@ -178,7 +192,7 @@ class Settings:
         known = {"model_id", "dim", "threshold", "threshold_source", "metric", "flip", "index_kind", "index_params",
                  "index_stamp", "calibration", "audit_enabled", "audit_retention_days", "audit_store_embeddings",
                  "generation", "created_at", "decision_rule", "decision_target", "impostor_model",
-                 "database_id", *INDEX_OPTION_KEYS}
+                 "database_id", "visitors_enabled", "visitors_retention_days", *INDEX_OPTION_KEYS}
         impostors = None
         if meta.get("impostor_model"):
             try:
@@ -203,6 +217,10 @@ class Settings:
                 enabled=meta.get("audit_enabled", "1") == "1",
                 retention_days=float(meta.get("audit_retention_days", "90")),
                 store_probes=meta.get("audit_store_embeddings", "0") == "1",
+            ),
+            visitors=VisitorSettings(
+                enabled=meta.get("visitors_enabled", "0") == "1",
+                retention_days=float(meta.get("visitors_retention_days", "30")),
             ),
             generation=int(meta.get("generation") or 0),
             created_at=meta.get("created_at"),
@@ -253,6 +271,21 @@ class Settings:
             rows["audit_retention_days"] = repr(float(retention_days))
         if store_probes is not None:
             rows["audit_store_embeddings"] = "1" if store_probes else "0"
+        return rows
+
+    @staticmethod
+    def visitor_rows(enabled: bool | None, retention_days: float | None) -> dict[str, str]:
+        rows: dict[str, str] = {}
+        if enabled is not None:
+            rows["visitors_enabled"] = "1" if enabled else "0"
+        if retention_days is not None:
+            try:
+                days = float(retention_days)
+            except (TypeError, ValueError):
+                raise InvalidInputError("the visitors' retention is a number of days") from None
+            if not 0 < days <= 3650:  # also refuses NaN; "forever" is not offered for people who did not enrol
+                raise InvalidInputError("the visitors' retention is more than 0 and at most 3650 days")
+            rows["visitors_retention_days"] = repr(days)
         return rows
 
     @staticmethod

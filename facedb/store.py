@@ -286,6 +286,21 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
         created_at TEXT NOT NULL
     );
     """,
+    # 7: unknown visitors (opt-in): faces answered unknown, kept for a retention period to be grouped, then
+    # enrolled or forgotten. No person, no name: a time, who asked, the photo's hash, the face box and the vector.
+    """
+    CREATE TABLE IF NOT EXISTS unassigned_faces (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        time TEXT NOT NULL,
+        actor TEXT,
+        image_sha256 TEXT,
+        box TEXT,
+        det_score REAL,
+        similarity REAL,
+        vector BLOB NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS unassigned_faces_time ON unassigned_faces(time);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1124,6 +1139,114 @@ class Store:
                 raise NotFoundError(f"no webhook with id {hook_id}")
             self.conn.execute("DELETE FROM webhooks WHERE id = ?", (int(hook_id),))
         return dict(zip(self._HOOK_COLUMNS.split(", "), row))
+    # ------------------------------------------------------- unassigned faces (unknown visitors)
+    def _has_unassigned(self, conn: sqlite3.Connection | None = None) -> bool:
+        """Whether the table exists: a database opened read-only before its migration lacks it."""
+        return (conn or self.conn).execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'unassigned_faces'").fetchone() is not None
+
+    @staticmethod
+    def _cutoff(retention_days: float) -> str:
+        return datetime.fromtimestamp(datetime.now(timezone.utc).timestamp() - retention_days * 86400,
+                                      timezone.utc).isoformat(timespec="milliseconds")
+
+    def append_unassigned(self, rows: Sequence[dict[str, Any]], retention_days: float) -> None:
+        """Keep faces answered unknown (dicts with vector, and any of actor, image_sha256, box, det_score,
+        similarity) and drop those past the retention period, in one transaction. Written through the audit
+        trail's connection: a door reader opens read-only and its unknown faces are kept too, without an fsync
+        per search (they survive a process crash; a power cut can lose the last few, as for the audit trail)."""
+        if not rows:
+            return
+        conn = self._audit_connection()
+        if not self._has_unassigned(conn):
+            return
+        now = utcnow()
+        with self._transaction(conn, "keep unknown faces"):
+            conn.executemany(
+                "INSERT INTO unassigned_faces (time, actor, image_sha256, box, det_score, similarity, vector) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(now, r.get("actor"), r.get("image_sha256"),
+                  json.dumps([round(float(c), 2) for c in r["box"]]) if r.get("box") is not None else None,
+                  r.get("det_score"), r.get("similarity"), to_blob(r["vector"])) for r in rows])
+            conn.execute("DELETE FROM unassigned_faces WHERE time < ?", (self._cutoff(retention_days),))
+
+    def purge_unassigned(self, retention_days: float) -> int:
+        """Delete unknown faces older than the retention period; returns how many."""
+        if self.readonly or not self._has_unassigned():
+            return 0
+        with self.write():
+            return self.conn.execute("DELETE FROM unassigned_faces WHERE time < ?",
+                                     (self._cutoff(retention_days),)).rowcount
+
+    def unassigned(self, retention_days: float) -> tuple[list[tuple[Any, ...]], np.ndarray]:
+        """Every unknown face kept and within the retention period, in id order, from one snapshot: (rows of
+        (id, time, actor, image_sha256, box, det_score, similarity), vectors ``(n, dim)``)."""
+        if not self._has_unassigned():
+            return [], np.zeros((0, self.dim), dtype=np.float32)
+        with self.read():
+            raw = self.conn.execute(
+                "SELECT id, time, actor, image_sha256, box, det_score, similarity, vector FROM unassigned_faces "
+                "WHERE time >= ? ORDER BY id", (self._cutoff(retention_days),)).fetchall()
+        rows = [(r[0], r[1], r[2], r[3], json.loads(r[4]) if r[4] else None, r[5], r[6]) for r in raw]
+        return rows, self._vectors([r[7] for r in raw])
+
+    def _unassigned_rows(self, ids: Sequence[int]) -> list[tuple[Any, ...]]:
+        rows = sorted(self._rows_in(
+            "SELECT id, image_sha256, box, det_score, vector FROM unassigned_faces WHERE id IN ({marks})",
+            [int(i) for i in ids]))
+        if len(rows) != len(set(int(i) for i in ids)):
+            raise InvalidInputError(f"{len(set(ids)) - len(rows)} of the group's faces are no longer kept (expired, "
+                                    "enrolled or forgotten meanwhile): nothing was changed; list the groups again")
+        return rows
+
+    def enroll_unassigned(self, ids: Sequence[int], name: str) -> list[int]:
+        """Move the unknown faces ``ids`` to the person ``name`` (created if new) as templates, in one
+        transaction: all of them or none. A face's photo becomes an image row of that person unless another
+        person's enrolment already holds that photo (the template then has no image row; its box is kept).
+        Returns the new template ids."""
+        name = check_name(name)
+        now = utcnow()
+        with self.write():
+            rows = self._unassigned_rows(ids)
+            try:
+                pid = self._person_id(name)
+            except PersonNotFoundError:
+                pid = self._insert_person(name, None, None)
+            images: dict[str, int | None] = {}
+            new_ids: list[int] = []
+            for _, sha, box, det_score, blob in rows:
+                if len(blob) != 4 * self.dim:
+                    raise DatabaseError(f"{self.path}: a kept face has the wrong size; nothing was changed")
+                image_id = None
+                if sha is not None:
+                    if sha not in images:
+                        owner = self.conn.execute("SELECT id, person_id FROM images WHERE sha256 = ?",
+                                                  (sha,)).fetchone()
+                        if owner is None:
+                            images[sha] = int(self.db["images"].insert(
+                                {"sha256": sha, "person_id": pid, "created_at": now}).last_pk)
+                        else:
+                            images[sha] = int(owner[0]) if owner[1] == pid else None
+                    image_id = images[sha]
+                cur = self.conn.execute(
+                    "INSERT INTO embeddings (person_id, image_id, box, det_score, vector, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)", (pid, image_id, box, det_score, blob, now))
+                new_ids.append(int(cur.lastrowid))
+            list(self._rows_in("DELETE FROM unassigned_faces WHERE id IN ({marks})", [r[0] for r in rows]))
+            self.conn.execute("UPDATE people SET updated_at = ? WHERE id = ?", (now, pid))
+            self._bump_generation(new_ids, [])
+        return new_ids
+
+    def forget_unassigned(self, ids: Sequence[int]) -> int:
+        """Erase the unknown faces ``ids`` (all or none), and the copies of their vectors that the audit trail
+        kept if it stores probes; ``secure_delete`` zeroes the freed pages, ``vacuum`` drops them."""
+        with self.write():
+            rows = self._unassigned_rows(ids)
+            blobs = [r[4] for r in rows]
+            list(self._rows_in("DELETE FROM unassigned_faces WHERE id IN ({marks})", [r[0] for r in rows]))
+            if self.version >= 2 and blobs:
+                list(self._rows_in("UPDATE audit SET embedding = NULL WHERE embedding IN ({marks})", blobs))
+        return len(rows)
 
     def vacuum(self) -> None:
         """Rewrite the file, dropping free pages, then truncate the WAL (so no removed bytes linger)."""

@@ -251,7 +251,7 @@ def main() -> None:
         sys.stderr.close()
 
 
-from . import admin, evaluation, people, photos, protect, service  # noqa: E402,F401  (the commands register themselves)
+from . import admin, cluster, evaluation, people, photos, protect, service  # noqa: E402,F401  (the commands register themselves)
 
 if __name__ == "__main__":
     main()

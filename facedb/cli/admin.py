@@ -130,8 +130,27 @@ def stats(ctx: typer.Context) -> None:
 
 
 @command()
-def check(ctx: typer.Context) -> None:
+def check(
+    ctx: typer.Context,
+    duplicates: Annotated[bool, typer.Option("--duplicates", help="Instead: report people who look enrolled twice "
+                                                                   "(under two names) or split in two (never a "
+                                                                   "change); exit 1 if any.")] = False,
+    threshold: Annotated[float | None, typer.Option(help="--duplicates: cosine similarity at which two sets of "
+                                                         "templates are one person (default: the clustering "
+                                                         "threshold).")] = None,
+) -> None:
     """Verify the store's integrity and that the index agrees with it; exit 1 on any problem."""
+    if threshold is not None and not duplicates:
+        raise InvalidInputError("--threshold goes with --duplicates")
+    if duplicates:
+        from .cluster import print_duplicates
+
+        with open_db(ctx, readonly=True) as db:
+            found = db.duplicates(threshold)
+        print_duplicates(ctx, found)
+        if found.found:
+            raise typer.Exit(EXIT_NO)
+        return
     with open_db(ctx) as db:
         report = db.check()
     if state(ctx).json:
