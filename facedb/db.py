@@ -71,6 +71,7 @@ from .settings import (
     check_threshold,
 )
 from .store import SCHEMA_VERSION, Store
+from .thumbnails import keeps as keeps_thumbnails
 from .visitors import VisitorLog
 
 if TYPE_CHECKING:
@@ -129,7 +130,7 @@ class FaceDB:
                threshold_source: str = "model default", index: str = "flat", flip: bool = True,
                impostors: ImpostorModel | None = None, actor: str | None = None,
                index_options: dict[str, Any] | None = None, encrypt: bool = False, key: object = None,
-               cancellable: bool = False) -> FaceDB:
+               cancellable: bool = False, thumbnails: str = "enrolled") -> FaceDB:
         """Create an empty database for vectors of ``model_id`` (``dim``-dimensional, unit length).
 
         ``threshold`` is the default (1:1) decision threshold, a cosine similarity (higher is stricter).
@@ -148,7 +149,9 @@ class FaceDB:
         key-encryption key ``key`` (a string, bytes, a key file's Path or a ``facedb.protect.KeySource``; default
         ``$FACEDB_KEY``; KeyMissingError when there is none). ``cancellable``: every template and probe is
         projected by a keyed random orthogonal matrix of this database (``projection.py``; scores unchanged,
-        templates unlinkable across databases), fixed for the database's life.
+        templates unlinkable across databases), fixed for the database's life. ``thumbnails``: which face
+        thumbnails are kept, ``off``, ``enrolled`` or ``all`` (see :mod:`facedb.thumbnails`; changed later with
+        :meth:`configure_thumbnails`).
         """
         root = Path(path)
         if not model_id:
@@ -169,7 +172,8 @@ class FaceDB:
             root.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise DatabaseError(f"cannot create {root}: {exc.strerror}") from None
-        meta = {**Settings.initial(model_id, dim, threshold, threshold_source, index, flip, impostors), **rows,
+        meta = {**Settings.initial(model_id, dim, threshold, threshold_source, index, flip, impostors,
+                                   thumbnails=thumbnails), **rows,
                 "database_id": secrets.token_hex(16)}
         if cancellable:
             from . import projection
@@ -486,18 +490,22 @@ class FaceDB:
     def add_templates(self, name: str, vectors: object, *, model_id: str | None = None,
                       boxes: Sequence[Sequence[float] | None] | None = None,
                       det_scores: Sequence[float | None] | None = None, image: dict[str, Any] | None = None,
-                      create: bool = False, metadata: dict[str, Any] | None = None) -> list[int]:
+                      create: bool = False, metadata: dict[str, Any] | None = None,
+                      thumbnails: Sequence[bytes | None] | None = None) -> list[int]:
         """Store unit vectors ``(dim,)`` or ``(n, dim)`` as templates of ``name``; returns their ids.
 
         ``model_id``, when given, must be the database's. With ``create`` the person is created if missing.
+        ``thumbnails``: a face JPEG (or None) per vector, kept if the database keeps enrolled thumbnails.
         All rows are written in one transaction: all or nothing.
         """
         with self._lock:
             if model_id is not None:
                 self._same_model(model_id, np.shape(vectors)[-1] if np.ndim(vectors) else self.dim)
             x = self._protect(as_unit_rows(vectors, self.dim))
+            if thumbnails is not None and not keeps_thumbnails(self.settings().thumbnails, "template"):
+                thumbnails = None
             ids = self.store.add_templates(name, x, boxes=boxes, det_scores=det_scores, image=image,
-                                           create_person=create, metadata=metadata)
+                                           create_person=create, metadata=metadata, thumbnails=thumbnails)
             self.keeper.after_write(self.settings())
             return ids
 
@@ -649,15 +657,18 @@ class FaceDB:
         analysed = pipe.analyse(photo, name=name, cropped=cropped)
         if not analysed.faces:
             return []
-        vectors = self._protect(pipe.embed_faces(analysed, flip=self.flip))
+        crops = analysed.crops(pipe.embedder.align)
+        vectors = self._protect(pipe.embed_crops(crops, flip=self.flip))
         answers, settings = self._identify(vectors, k, threshold)
+        thumbs = _thumbnails(crops, settings.thumbnails, "probe", "visitor")
         self.trail.record("search", [
             {"image_sha256": analysed.photo.sha256, "identity": a.identity, "similarity": a.similarity,
-             "threshold": a.threshold, "detail": {"box": [round(c, 1) for c in face.box]}, "vector": v}
-            for face, a, v in zip(analysed.faces, answers, vectors)], settings)
+             "threshold": a.threshold, "detail": {"box": [round(c, 1) for c in face.box]}, "vector": v,
+             "thumbnail": t} for face, a, v, t in zip(analysed.faces, answers, vectors, thumbs)], settings)
         self.visitor_log.keep([{"identity": a.identity, "similarity": a.similarity, "vector": v,
-                                "image_sha256": analysed.photo.sha256, "box": face.box, "det_score": face.score}
-                               for face, a, v in zip(analysed.faces, answers, vectors)], settings)
+                                "image_sha256": analysed.photo.sha256, "box": face.box, "det_score": face.score,
+                                "thumbnail": t}
+                               for face, a, v, t in zip(analysed.faces, answers, vectors, thumbs)], settings)
         return [FaceMatch(image=analysed.photo.name, box=[round(c, 1) for c in face.box],
                           det_score=round(face.score, 4), identity=a.identity, similarity=a.similarity,
                           distance=a.distance, threshold=a.threshold, candidates=a.candidates,
@@ -750,9 +761,10 @@ class FaceDB:
                     continue
                 report.warnings.append(Skipped(item.label, f"{note}, enrolled as {item.name!r} anyway"))
             meta = {**(metadata or {}), **people_metadata.get(item.name, {})} or None
+            thumbs = _thumbnails([item.crop], self.settings().thumbnails, "template")
             try:
                 ids = self.add_templates(item.name, vec, boxes=[item.face.box], det_scores=[item.face.score],
-                                         image=item.image, create=True, metadata=meta)
+                                         image=item.image, create=True, metadata=meta, thumbnails=thumbs)
             except (InvalidInputError, ModelMismatchError) as exc:
                 report.skipped.append(Skipped(item.label, str(exc)))
                 continue
@@ -795,10 +807,47 @@ class FaceDB:
         return self.settings().audit
 
     def audit(self, since: str | None = None, limit: int | None = None, *, until: str | None = None,
-              operation: str | None = None, actor: str | None = None, offset: int = 0) -> list[AuditRecord]:
-        """The audit trail, oldest first, filtered by time (ISO 8601 UTC), operation and actor, paged."""
+              operation: str | Sequence[str] | None = None, actor: str | None = None, offset: int = 0,
+              identity: str | None = None, decided: bool | None = None, after_id: int | None = None,
+              newest_first: bool = False) -> list[AuditRecord]:
+        """The audit trail, oldest first (or ``newest_first``), filtered by time (ISO 8601 UTC), operation (one,
+        or any of several), actor, ``identity`` (a name as recorded), ``decided`` (True: an identity was given;
+        False: unknown or rejected) and ``after_id`` (records after that one: a live view's next poll), paged."""
         with self._lock:
-            return self.trail.read(since, limit, until=until, operation=operation, actor=actor, offset=offset)
+            return self.trail.read(since, limit, until=until, operation=operation, actor=actor, offset=offset,
+                                   identity=identity, decided=decided, after_id=after_id, newest_first=newest_first)
+
+    # ----------------------------------------------------------------------------------------- thumbnails
+    def configure_thumbnails(self, mode: str) -> str:
+        """Which face thumbnails this database keeps: ``off``, ``enrolled`` or ``all`` (see
+        :mod:`facedb.thumbnails`). Narrowing it erases the thumbnails no longer covered, from every file of the
+        database as a removal does. Faces stored before it was widened get none. Returns the new setting."""
+        from . import thumbnails
+
+        mode = thumbnails.check_mode(mode)
+        if self.readonly:
+            raise DatabaseError(f"{self.root} is open read-only: cannot change settings")
+        with self._lock:
+            old = self.settings().thumbnails
+            gone = thumbnails.dropped(old, mode)
+            with self._erasing():
+                self.store.set_meta({"thumbnails": mode})
+                erased = self.store.drop_thumbnails(gone)
+            self.trail.record("thumbnails-settings", [{"detail": {"from": old, "to": mode, "erased": erased}}],
+                              self.settings())
+            return mode
+
+    def thumbnail(self, kind: str, owner_id: int) -> bytes | None:
+        """The face thumbnail (JPEG bytes) of a template (``kind`` "template"), of an audit record's probe
+        ("probe") or of a kept unknown face ("visitor"), or None when none is kept."""
+        with self._lock:
+            return self.store.thumbnail(kind, owner_id)
+
+    def cover_templates(self, names: Sequence[str]) -> dict[str, int]:
+        """{name: id of the person's first template with a thumbnail} for those of ``names`` that have one."""
+        with self._lock:
+            people = {p.id: p.name for p in (self.store.person(n) for n in names)}
+            return {people[pid]: tid for pid, tid in self.store.cover_templates(list(people)).items()}
 
     def note(self, operation: str, *, identity: str | None = None, detail: dict[str, Any] | None = None,
              image_sha256: str | None = None) -> None:
@@ -1187,3 +1236,12 @@ def _secrets_of(options: dict[str, Any], uri_too: bool = False) -> dict[str, Any
     if "milvus_uri" in out:
         out["milvus_uri"] = check_index_options({"milvus_uri": out["milvus_uri"]})["milvus_uri"]
     return out
+
+
+def _thumbnails(crops: Sequence[np.ndarray], mode: str, *kinds: str) -> list[bytes | None]:
+    """A JPEG thumbnail of each aligned crop when the setting ``mode`` keeps any of ``kinds``, else Nones."""
+    from . import thumbnails
+
+    if not any(thumbnails.keeps(mode, k) for k in kinds):
+        return [None] * len(crops)
+    return [thumbnails.encode(c) for c in crops]

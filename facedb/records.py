@@ -223,6 +223,7 @@ class AuditRecord(_Record):
     model_id: str
     detail: dict[str, Any] | None
     has_embedding: bool
+    has_thumbnail: bool = False  # the probe's face thumbnail is kept (facedb/thumbnails.py)
 
 
 # --------------------------------------------------------------------------------------------- clustering

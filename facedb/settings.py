@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from .decision import RULES, ImpostorModel, Rule
 from .errors import InvalidInputError
+from .thumbnails import DEFAULT_MODE, MODES, check_mode
 
 
 def check_threshold(value: object, what: str = "threshold") -> float:
@@ -172,6 +173,7 @@ class Settings:
     calibration: Calibration | None = None
     audit: AuditSettings = field(default_factory=AuditSettings)
     visitors: VisitorSettings = field(default_factory=VisitorSettings)
+    thumbnails: str = "off"  # which face thumbnails are kept (facedb/thumbnails.py); older databases: off
     generation: int = 0
     created_at: str | None = None
     rule: Rule = field(default_factory=Rule)  # the open-set decision rule (facedb/decision.py)
@@ -192,7 +194,8 @@ class Settings:
         known = {"model_id", "dim", "threshold", "threshold_source", "metric", "flip", "index_kind", "index_params",
                  "index_stamp", "calibration", "audit_enabled", "audit_retention_days", "audit_store_embeddings",
                  "generation", "created_at", "decision_rule", "decision_target", "impostor_model",
-                 "database_id", "visitors_enabled", "visitors_retention_days", *INDEX_OPTION_KEYS}
+                 "database_id", "visitors_enabled", "visitors_retention_days", "thumbnails",
+                 *INDEX_OPTION_KEYS}
         impostors = None
         if meta.get("impostor_model"):
             try:
@@ -222,6 +225,7 @@ class Settings:
                 enabled=meta.get("visitors_enabled", "0") == "1",
                 retention_days=float(meta.get("visitors_retention_days", "30")),
             ),
+            thumbnails=meta.get("thumbnails") if meta.get("thumbnails") in MODES else "off",
             generation=int(meta.get("generation") or 0),
             created_at=meta.get("created_at"),
             rule=Rule(kind=meta.get("decision_rule") or "fixed", target=float(meta.get("decision_target") or 0.01),
@@ -231,11 +235,14 @@ class Settings:
 
     @staticmethod
     def initial(model_id: str, dim: int, threshold: float, threshold_source: str, index_kind: str,
-                flip: bool, impostors: ImpostorModel | None = None) -> dict[str, str]:
-        """The ``meta`` rows of a new database: the gallery rule when the model ships an impostor model."""
+                flip: bool, impostors: ImpostorModel | None = None,
+                thumbnails: str = DEFAULT_MODE) -> dict[str, str]:
+        """The ``meta`` rows of a new database: the gallery rule when the model ships an impostor model, and
+        ``thumbnails`` (which face thumbnails are kept; see :mod:`facedb.thumbnails`)."""
         rows = {"model_id": model_id, "dim": str(int(dim)), "metric": "cosine", "threshold": repr(float(threshold)),
                 "threshold_source": threshold_source, "index_kind": index_kind, "flip": "1" if flip else "0",
-                "decision_rule": "gallery" if impostors is not None else "fixed", "decision_target": "0.01"}
+                "decision_rule": "gallery" if impostors is not None else "fixed", "decision_target": "0.01",
+                "thumbnails": check_mode(thumbnails)}
         if impostors is not None:
             rows["impostor_model"] = impostors.to_json()
         return rows
