@@ -53,6 +53,7 @@ from .records import (
     Identification,
     IndexState,
     Person,
+    PhotoCheck,
     ReindexReport,
     Skipped,
     Stats,
@@ -646,6 +647,19 @@ class FaceDB:
         """Every face in a photo (box, detector score, 5 landmarks, all in the photo's pixel frame), no
         identification and no audit record."""
         return self.pipeline(model).analyse(photo, name=name, cropped=cropped).faces
+
+    def check_photo(self, photo: PhotoSource, *, model: FacePipeline | None = None, name: str | None = None,
+                    on_multiple: str = "error") -> PhotoCheck:
+        """Look at a photo before enrolling it: its faces with their quality problems, and whether enrolment
+        would store it (verdict ``ok``, ``no face``, ``several faces`` or ``duplicate``). Stores nothing and
+        records nothing. See :mod:`facedb.precheck`."""
+        from .precheck import check_photo
+
+        def owner_of(sha256: str) -> str | None:
+            with self._lock:
+                return self.store.image_owner(sha256)
+
+        return check_photo(self.pipeline(model), photo, owner_of, name=name, on_multiple=on_multiple)
 
     def search(self, photo: PhotoSource, *, model: FacePipeline | None = None, k: int = 5,
                threshold: float | None = None, name: str | None = None, cropped: bool = False) -> list[FaceMatch]:
