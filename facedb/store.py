@@ -315,7 +315,8 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     INSERT OR IGNORE INTO meta (key, value) VALUES ('thumbnails', 'off');
     """,
 ]
-#: The schema version that has the thumbnails table.
+#: The schema versions that have the service's key and webhook tables, and the thumbnails table.
+KEYS_VERSION = 6
 THUMBNAILS_VERSION = 8
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1113,7 +1114,7 @@ class Store:
 
     def add_api_key(self, key_id: str, name: str | None, scope: str, key_hash: str) -> dict[str, Any]:
         """Store a new API key (its hash only); DuplicateError when a live key already has ``name``."""
-        self._need_version(5, "API keys")
+        self._need_version(KEYS_VERSION, "API keys")
         row = {"id": key_id, "name": name, "scope": scope, "key_hash": key_hash, "created_at": utcnow(),
                "revoked_at": None}
         with self.write():
@@ -1126,14 +1127,14 @@ class Store:
 
     def api_key(self, key_id: str) -> dict[str, Any] | None:
         """The key row with id ``key_id`` (revoked or not), or None."""
-        if self.version < 5:
+        if self.version < KEYS_VERSION:
             return None
         row = self.conn.execute(f"SELECT {self._KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
         return dict(zip(self._KEY_COLUMNS.split(", "), row)) if row else None
 
     def api_keys(self) -> list[dict[str, Any]]:
         """Every key row, oldest first (revoked ones too: they stay, so the audit trail's actors resolve)."""
-        if self.version < 5:
+        if self.version < KEYS_VERSION:
             return []
         rows = self.conn.execute(f"SELECT {self._KEY_COLUMNS} FROM api_keys ORDER BY created_at, id").fetchall()
         return [dict(zip(self._KEY_COLUMNS.split(", "), r)) for r in rows]
@@ -1141,7 +1142,7 @@ class Store:
     def revoke_api_key(self, ref: str) -> dict[str, Any]:
         """Revoke the key whose id is ``ref``, or the live key named ``ref``; returns its row. NotFoundError if
         there is none; revoking a revoked key changes nothing."""
-        self._need_version(5, "API keys")
+        self._need_version(KEYS_VERSION, "API keys")
         with self.write():
             row = self.conn.execute(f"SELECT {self._KEY_COLUMNS} FROM api_keys WHERE id = ?", (ref,)).fetchone()
             if row is None:
@@ -1157,7 +1158,7 @@ class Store:
 
     def add_webhook(self, url: str, events: Sequence[str], secret: str, key_id: str | None) -> dict[str, Any]:
         """Store a webhook (for one key's requests, or database-wide when ``key_id`` is None)."""
-        self._need_version(5, "webhooks")
+        self._need_version(KEYS_VERSION, "webhooks")
         row = {"url": url, "events": ",".join(events), "secret": secret, "key_id": key_id, "created_at": utcnow()}
         with self.write():
             if key_id is not None and not self.conn.execute(
@@ -1170,14 +1171,14 @@ class Store:
 
     def webhooks(self) -> list[dict[str, Any]]:
         """Every webhook row (with its secret), oldest first."""
-        if self.version < 5:
+        if self.version < KEYS_VERSION:
             return []
         rows = self.conn.execute(f"SELECT {self._HOOK_COLUMNS} FROM webhooks ORDER BY id").fetchall()
         return [dict(zip(self._HOOK_COLUMNS.split(", "), r)) for r in rows]
 
     def remove_webhook(self, hook_id: int) -> dict[str, Any]:
         """Delete a webhook; returns its row. NotFoundError if there is none."""
-        self._need_version(5, "webhooks")
+        self._need_version(KEYS_VERSION, "webhooks")
         with self.write():
             row = self.conn.execute(f"SELECT {self._HOOK_COLUMNS} FROM webhooks WHERE id = ?",
                                     (int(hook_id),)).fetchone()
