@@ -182,3 +182,39 @@ def test_a_read_only_open_of_a_schema_5_database_lists_no_keys(tmp_path):
     with FaceDB.open(tmp_path / "db", readonly=True) as db:
         assert db.store.version == 5
         assert db.api_keys() == [] and db.webhooks() == []
+
+
+def test_cli_init_and_thumbnails_command(tmp_path, fake_pipeline):
+    import json
+
+    from typer.testing import CliRunner
+
+    from facedb.cli import app
+
+    runner = CliRunner()
+    db = tmp_path / "db"
+    r = runner.invoke(app, ["--db", str(db), "--json", "init", "--model", "myvec", "--dim", "32", "--thumbnails",
+                            "all"])
+    assert r.exit_code == 0, r.output and json.loads(r.stdout)["thumbnails"] == "all"
+    with FaceDB.open(db) as d:
+        d.search(photo([RED], 1), model=fake_pipeline.__class__(_Renamed(fake_pipeline.embedder, "myvec"),
+                                                                 detector=fake_pipeline.detector))
+        assert d.store.count_thumbnails()["probe"] == 1
+    r = runner.invoke(app, ["--db", str(db), "--json", "thumbnails"])
+    assert json.loads(r.stdout) == {"thumbnails": "all", "template": 0, "probe": 1, "visitor": 0}
+    r = runner.invoke(app, ["--db", str(db), "--json", "thumbnails", "enrolled"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["probe"] == 0
+    with FaceDB.open(db, readonly=True) as d:
+        assert d.settings().thumbnails == "enrolled" and d.store.count_thumbnails()["probe"] == 0
+    r = runner.invoke(app, ["--db", str(db), "thumbnails", "some"])
+    assert r.exit_code == 2
+
+
+class _Renamed:
+    """The test-double embedder under another model id (the database's)."""
+
+    def __init__(self, inner, model_id):
+        self._inner, self.model_id = inner, model_id
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
