@@ -128,6 +128,7 @@
           shot.li = el("li", {className: "shot"}, [shot.frame, el("div", {className: "name", text: shot.name}),
                                                    shot.status, drop]);
           drop.addEventListener("click", () => { shot.li.remove(); shots.splice(shots.indexOf(shot), 1); });
+          shot.drop = drop;
           list.appendChild(shot.li);
           shots.push(shot);
           look(shot);
@@ -156,7 +157,7 @@
         const report = r.ok ? r.body : (r.body.report || null);
         const warnings = report ? report.warnings.map((w) => w.reason) : [];
         if (r.ok && report.faces_stored) {
-          shot.saved = true; stored++;
+          shot.saved = true; stored++; shot.drop.hidden = true;
           setStatus(shot, "stored as template " + report.template_ids.join(", "), "ok", warnings);
         } else if (report && report.skipped.length) {
           refused++; setStatus(shot, "not stored: " + report.skipped[0].reason, "bad");
