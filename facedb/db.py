@@ -19,6 +19,7 @@ import contextlib
 import os
 import secrets
 import shutil
+import signal
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -35,13 +36,15 @@ from .decision import ImpostorModel, predicted_fpir
 from .errors import (
     DatabaseError,
     DatabaseExistsError,
+    DuplicatePersonError,
     ErasureWarning,
     IndexUnavailableError,
     InvalidInputError,
     ModelMismatchError,
     NoFaceError,
+    PersonNotFoundError,
 )
-from .index import backend_for, check_kind
+from .index import backend_for, check_index_params, check_kind
 from .keeper import IndexKeeper
 from .records import (
     AuditRecord,
@@ -67,11 +70,12 @@ from .settings import (
     Calibration,
     Settings,
     VisitorSettings,
+    check_count,
     check_index_options,
     check_k,
     check_threshold,
 )
-from .store import SCHEMA_VERSION, Store
+from .store import SCHEMA_VERSION, Store, normalise_name
 from .thumbnails import keeps as keeps_thumbnails
 from .visitors import VisitorLog
 
@@ -91,6 +95,24 @@ CHECK_PROBES = 64
 
 #: What ``enroll`` does with a photo whose face matches *another* enrolled person above the threshold.
 ON_OTHER_MATCH = ("warn", "refuse", "allow")
+
+
+@contextlib.contextmanager
+def _interrupt_after() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block until the block has ended, then deliver it: the block
+    (store a photo, count it, audit it) is done whole or not at all. Only the main thread receives signals;
+    elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held and callable(previous):
+            previous(signal.SIGINT, None)  # Python's own handler raises KeyboardInterrupt here
 
 
 class FaceDB:
@@ -419,6 +441,8 @@ class FaceDB:
 
     def people(self, query: str | None = None, *, limit: int | None = None, offset: int = 0) -> list[Person]:
         """People by name; ``query`` keeps names or external ids containing it; paged by ``limit``/``offset``."""
+        limit = None if limit is None else check_count(limit, "limit", 1)
+        offset = check_count(offset, "offset")
         with self._lock:
             return self.store.people(query, limit, offset)
 
@@ -429,7 +453,8 @@ class FaceDB:
     def rename_person(self, old: str, new: str) -> Person:
         with self._lock:
             person = self.store.rename_person(old, new)
-            self.trail.record("rename", [{"identity": person.name, "detail": {"from": old}}], self.settings())
+            self.trail.record("rename", [{"identity": person.name, "detail": {"from": normalise_name(old)}}],
+                              self.settings())
             return person
 
     def update_person(self, name: str, *, metadata: dict[str, Any] | None = None, replace_metadata: bool = False,
@@ -454,7 +479,8 @@ class FaceDB:
             with self._erasing():
                 ids = self.store.remove_person(name)
             settings = self.settings()
-            self.trail.record("remove", [{"identity": name, "detail": {"templates": len(ids)}}], settings)
+            self.trail.record("remove", [{"identity": normalise_name(name), "detail": {"templates": len(ids)}}],
+                              settings)
             return len(ids)
 
     @contextlib.contextmanager
@@ -483,7 +509,8 @@ class FaceDB:
             with self._erasing():
                 ids = self.store.merge_people(source, target)
             settings = self.settings()
-            self.trail.record("merge", [{"identity": target, "detail": {"from": source, "templates": len(ids)}}],
+            self.trail.record("merge", [{"identity": normalise_name(target),
+                                         "detail": {"from": normalise_name(source), "templates": len(ids)}}],
                               settings)
             return len(ids)
 
@@ -497,18 +524,32 @@ class FaceDB:
 
         ``model_id``, when given, must be the database's. With ``create`` the person is created if missing.
         ``thumbnails``: a face JPEG (or None) per vector, kept if the database keeps enrolled thumbnails.
-        All rows are written in one transaction: all or nothing.
+        All rows are written in one transaction: all or nothing. Recorded in the audit trail (``add-templates``).
         """
         with self._lock:
-            if model_id is not None:
-                self._same_model(model_id, np.shape(vectors)[-1] if np.ndim(vectors) else self.dim)
-            x = self._protect(as_unit_rows(vectors, self.dim))
-            if thumbnails is not None and not keeps_thumbnails(self.settings().thumbnails, "template"):
-                thumbnails = None
-            ids = self.store.add_templates(name, x, boxes=boxes, det_scores=det_scores, image=image,
-                                           create_person=create, metadata=metadata, thumbnails=thumbnails)
-            self.keeper.after_write(self.settings())
+            ids = self._add_templates(name, vectors, model_id=model_id, boxes=boxes, det_scores=det_scores,
+                                      image=image, create=create, metadata=metadata, thumbnails=thumbnails)
+            self.trail.record("add-templates", [{"identity": self.store.person(name).name,
+                                                 "detail": {"templates": len(ids)}}], self.settings())
             return ids
+
+    def _add_templates(self, name: str, vectors: object, *, model_id: str | None = None,
+                       boxes: Sequence[Sequence[float] | None] | None = None,
+                       det_scores: Sequence[float | None] | None = None, image: dict[str, Any] | None = None,
+                       create: bool = False, metadata: dict[str, Any] | None = None,
+                       external_id: str | None = None, thumbnails: Sequence[bytes | None] | None = None
+                       ) -> list[int]:
+        """:meth:`add_templates` without its audit record (enrolment records its own)."""
+        if model_id is not None:
+            self._same_model(model_id, np.shape(vectors)[-1] if np.ndim(vectors) else self.dim)
+        x = self._protect(as_unit_rows(vectors, self.dim))
+        if thumbnails is not None and not keeps_thumbnails(self.settings().thumbnails, "template"):
+            thumbnails = None
+        ids = self.store.add_templates(name, x, boxes=boxes, det_scores=det_scores, image=image,
+                                       create_person=create, metadata=metadata, external_id=external_id,
+                                       thumbnails=thumbnails)
+        self.keeper.after_write(self.settings())
+        return ids
 
     def add_templates_many(self, items: Sequence[tuple[str, object]], *, model_id: str | None = None,
                            create: bool = True) -> int:
@@ -519,12 +560,15 @@ class FaceDB:
                 if model_id is not None:
                     self._same_model(model_id, np.shape(vectors)[-1] if np.ndim(vectors) else self.dim)
                 checked.append((name, self._protect(as_unit_rows(vectors, self.dim))))
-            added = 0
+            added: list[tuple[str, int]] = []
             with self.store.write():
                 for name, x in checked:
-                    added += len(self.store.add_templates(name, x, create_person=create))
-            self.keeper.after_write(self.settings())
-            return added
+                    added.append((name, len(self.store.add_templates(name, x, create_person=create))))
+            settings = self.settings()
+            self.keeper.after_write(settings)
+            self.trail.record("add-templates", [{"identity": normalise_name(name), "detail": {"templates": n}}
+                                                for name, n in added], settings)
+            return sum(n for _, n in added)
 
     def add_embeddings(self, *args: Any, **kwargs: Any) -> list[int]:
         """Deprecated name of :meth:`add_templates`."""
@@ -622,7 +666,7 @@ class FaceDB:
             _, templates = self.store.person_vectors([person.id])
             if not len(templates):
                 raise InvalidInputError(f"{person.name!r} has no templates to verify against")
-            result = engine.verify_scores(x[0], templates, person.name, thr)
+            result = engine.verify_scores(x[0], templates, person.name, thr, person.external_id)
             self.trail.record("verify", [{"image_sha256": sha, "identity": person.name if result.accepted else None,
                                           "similarity": result.similarity, "threshold": thr,
                                           "detail": {"claimed": person.name}, "vector": x[0]}], settings)
@@ -718,6 +762,7 @@ class FaceDB:
         from .pipeline import face_choice, prepared_chunks
 
         choice = face_choice(on_multiple)
+        batch_size = check_count(batch_size, "batch_size", 1)
         if choice.value == "all":  # clustering's rule: enrolment stores one face per photo
             raise InvalidInputError("enrolment takes one face per photo: on_multiple is error, largest or skip")
         if on_other_match not in ON_OTHER_MATCH:
@@ -726,8 +771,9 @@ class FaceDB:
             raise DatabaseError(f"{self.root} is open read-only: cannot enrol")
         from .store import check_name
 
-        for name, _ in batches:  # every name is checked before any photo is read: a bad one changes nothing
-            check_name(name)
+        # Every name and every person's data is checked before any photo is read: bad input changes nothing.
+        names = {check_name(name) for name, _ in batches}
+        per_person = self._people_data(names, metadata, people_metadata)
         pipe = self.pipeline(model)
         report = EnrollReport()
         work = [(name, src) for name, srcs in batches for src in srcs]
@@ -735,22 +781,71 @@ class FaceDB:
         try:
             for chunk in prepared_chunks(pipe, work, choice, workers=workers, batch_size=batch_size,
                                          known=self._known_photo, cropped=cropped):
-                self._store_chunk(chunk, pipe, on_other_match, metadata, people_metadata or {}, report)
+                self._store_chunk(chunk, pipe, on_other_match, per_person, report)
                 done += len(chunk)
                 if progress is not None:
                     progress(done)
         except KeyboardInterrupt as exc:
             exc.report = report  # type: ignore[attr-defined]
             raise
+        self._update_people_data(per_person)
         return report
+
+    def _update_people_data(self, people_data: dict[str, dict[str, Any]]) -> None:
+        """Give people of the job who were already enrolled the metadata and external id the job names for
+        them (a re-run with ``--people-meta`` stores no photo, but must still update the people)."""
+        for name, data in people_data.items():
+            if not data:
+                continue
+            try:
+                person = self.store.person(name)
+            except PersonNotFoundError:
+                continue  # no photo of theirs could be stored: nobody to update
+            meta = {k: v for k, v in data.items() if k != "external_id"}
+            ext = data.get("external_id")
+            if all(person.metadata.get(k) == v for k, v in meta.items()) and ext in (None, person.external_id):
+                continue
+            self.update_person(name, metadata=meta or None, external_id=ext)
+
+    def _people_data(self, names: set[str], metadata: dict[str, Any] | None,
+                     people_metadata: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+        """{name (NFC): metadata to store, with an ``external_id`` key where one is to be set}, checked: metadata
+        are JSON objects, and external ids are unique among these people and not another person's."""
+        from .store import _check_metadata
+
+        common = dict(metadata or {})
+        _check_metadata(common)
+        if "external_id" in common and len(names) > 1:
+            raise InvalidInputError("an external id belongs to one person: give it per person (people_metadata / "
+                                    "--people-meta), not to everyone")
+        out: dict[str, dict[str, Any]] = {}
+        for name, meta in (people_metadata or {}).items():
+            if not isinstance(meta, dict):
+                raise InvalidInputError(f"the metadata of {name!r} must be a JSON object (a dict)")
+            _check_metadata(meta)
+            out.setdefault(normalise_name(name), {}).update(meta)
+        data = {name: {**common, **out.get(name, {})} for name in names}
+        owners: dict[str, str] = {}
+        for name, meta in data.items():
+            ext = meta.get("external_id")
+            if ext is None:
+                continue
+            if not isinstance(ext, str) or not ext:
+                raise InvalidInputError(f"the external id of {name!r} must be a non-empty string")
+            if ext in owners:
+                raise InvalidInputError(f"external id {ext!r} is given to both {owners[ext]!r} and {name!r}")
+            owners[ext] = name
+            holder = self.store.people_by_external_ids([ext]).get(ext)
+            if holder is not None and holder != name:
+                raise InvalidInputError(f"external id {ext!r} already belongs to {holder!r}")
+        return data
 
     def _known_photo(self, sha256: str) -> str | None:
         owner = self.store.image_owner(sha256)
         return None if owner is None else f"already enrolled (as {owner!r})"
 
     def _store_chunk(self, chunk: list[Outcome], pipe: FacePipeline, on_other_match: str,
-                     metadata: dict[str, Any] | None, people_metadata: dict[str, dict[str, Any]],
-                     report: EnrollReport) -> None:
+                     people_data: dict[str, dict[str, Any]], report: EnrollReport) -> None:
         """Embed a chunk's prepared photos in one batch and store each in its own transaction."""
         from .pipeline import Prepared
 
@@ -759,50 +854,52 @@ class FaceDB:
         for item in chunk:
             if not isinstance(item, Prepared):
                 report.skipped.append(item.skipped)
-            elif (reason := self._known_photo(item.sha256)) is not None:  # a copy earlier in this same job
-                report.skipped.append(Skipped(item.label, reason))
             else:
                 fresh.append(item)
         if not fresh:
             return
         vectors = pipe.embed_crops([item.crop for item in fresh], flip=self.flip)
-        others = self._other_matches(fresh, vectors) if on_other_match != "allow" else [None] * len(fresh)
-        for item, vec, other in zip(fresh, vectors, others):
+        for item, vec in zip(fresh, vectors):
+            name = normalise_name(item.name)
+            if (reason := self._known_photo(item.sha256)) is not None:  # a copy earlier in this same job
+                report.skipped.append(Skipped(item.label, reason))
+                continue
+            # Checked photo by photo against the gallery as it is now, so that two photos of one face filed
+            # under two new names in the same job are caught too.
+            other = self._other_match(name, vec) if on_other_match != "allow" else None
             if other is not None:
                 note = f"matches {other[0]!r} (similarity {other[1]:.4f} >= threshold {other[2]:.4f})"
                 if on_other_match == "refuse":
-                    report.skipped.append(Skipped(item.label, f"{note}: not enrolled as {item.name!r}"))
+                    report.skipped.append(Skipped(item.label, f"{note}: not enrolled as {name!r}"))
                     continue
-                report.warnings.append(Skipped(item.label, f"{note}, enrolled as {item.name!r} anyway"))
-            meta = {**(metadata or {}), **people_metadata.get(item.name, {})} or None
-            thumbs = _thumbnails([item.crop], self.settings().thumbnails, "template")
-            try:
-                ids = self.add_templates(item.name, vec, boxes=[item.face.box], det_scores=[item.face.score],
-                                         image=item.image, create=True, metadata=meta, thumbnails=thumbs)
-            except (InvalidInputError, ModelMismatchError) as exc:
-                report.skipped.append(Skipped(item.label, str(exc)))
-                continue
-            report.template_ids.extend(ids)
-            report.faces_stored += len(ids)
-            stored = self.store.person(item.name).name
-            self.trail.record("enroll", [{"image_sha256": item.sha256, "identity": stored,
-                                          "detail": {"templates": len(ids)}}], self.settings())
-            if stored not in report.people:
-                report.people.append(stored)
+                report.warnings.append(Skipped(item.label, f"{note}, enrolled as {name!r} anyway"))
+            meta = dict(people_data.get(name, {}))
+            external_id = meta.pop("external_id", None)
+            with _interrupt_after():  # a photo stored is also counted and audited, even if Ctrl-C comes now
+                try:
+                    ids = self._add_templates(name, vec, boxes=[item.face.box], det_scores=[item.face.score],
+                                              image=item.image, create=True, metadata=meta or None,
+                                              external_id=external_id,
+                                              thumbnails=_thumbnails([item.crop], self.settings().thumbnails,
+                                                                     "template"))
+                except (InvalidInputError, ModelMismatchError, DuplicatePersonError) as exc:
+                    report.skipped.append(Skipped(item.label, str(exc)))
+                    continue
+                report.template_ids.extend(ids)
+                report.faces_stored += len(ids)
+                if name not in report.people:
+                    report.people.append(name)
+                self.trail.record("enroll", [{"image_sha256": item.sha256, "identity": name,
+                                              "detail": {"templates": len(ids)}}], self.settings())
 
-    def _other_matches(self, items: list[Any], vectors: np.ndarray) -> list[tuple[str, float, float] | None]:
-        """For each new face, the best-matching enrolled person other than the one it enrols, if they reach
-        the threshold: (name, similarity, threshold)."""
-        from .store import normalise_name
-
-        answers, settings = self._identify(self._protect(np.asarray(vectors, dtype=np.float32)), 2, None)
-        out: list[tuple[str, float, float] | None] = []
-        for item, ans in zip(items, answers):
-            own = normalise_name(item.name)
-            other = next((c for c in ans.candidates if c.name != own), None)
-            out.append((other.name, other.similarity, settings.threshold)
-                       if other is not None and other.similarity >= settings.threshold else None)
-        return out
+    def _other_match(self, name: str, vector: np.ndarray) -> tuple[str, float, float] | None:
+        """The best-matching enrolled person other than ``name`` (NFC), if they reach the threshold:
+        (their name, similarity, threshold)."""
+        answers, settings = self._identify(self._protect(np.asarray(vector, dtype=np.float32)[None]), 2, None)
+        other = next((c for c in answers[0].candidates if c.name != name), None)
+        if other is None or other.similarity < settings.threshold:
+            return None
+        return other.name, other.similarity, settings.threshold
 
     # -------------------------------------------------------------------------------------------------- audit
     def configure_audit(self, *, enabled: bool | None = None, retention_days: float | None = None,
@@ -814,7 +911,15 @@ class FaceDB:
                                    else store_embeddings)
         if rows:
             with self._lock:
+                before = self.settings()
+                changed = {k: v for k, v in Settings.parse({**self.store.all_meta(), **rows}).audit.to_dict().items()
+                           if v != before.audit.to_dict()[k]}
+                record = [{"detail": changed}] if changed else []
+                # Recorded while the trail is on: before switching it off, after switching it on.
+                self.trail.record("audit-settings", record, before)
                 self.store.set_meta(rows)
+                if before.audit.enabled is False:
+                    self.trail.record("audit-settings", record, self.settings())
         return self.audit_settings()
 
     def audit_settings(self) -> AuditSettings:
@@ -827,6 +932,8 @@ class FaceDB:
         """The audit trail, oldest first (or ``newest_first``), filtered by time (ISO 8601 UTC), operation (one,
         or any of several), actor, ``identity`` (a name as recorded), ``decided`` (True: an identity was given;
         False: unknown or rejected) and ``after_id`` (records after that one: a live view's next poll), paged."""
+        limit = None if limit is None else check_count(limit, "limit", 1)
+        offset = check_count(offset, "offset")
         with self._lock:
             return self.trail.read(since, limit, until=until, operation=operation, actor=actor, offset=offset,
                                    identity=identity, decided=decided, after_id=after_id, newest_first=newest_first)
@@ -1085,11 +1192,11 @@ class FaceDB:
         ``index_options``: where a remote kind keeps it (``milvus_uri``, ``milvus_collection``; stored) and its
         ``milvus_token`` (not stored). If the rebuild fails (an unreachable server...), the database keeps its
         former index settings."""
-        check_kind(kind)
+        params = check_index_params(kind, params)
         options = dict(index_options or {})
         with self._lock:
             before = self.store.all_meta()
-            rows = {**Settings.index_rows(kind, params or {}), **_option_rows(kind, options, self.settings())}
+            rows = {**Settings.index_rows(kind, params), **_option_rows(kind, options, self.settings())}
             if not before.get("database_id"):
                 rows["database_id"] = secrets.token_hex(16)  # a database made before remote indexes existed
             self._given_options.update(_secrets_of(options))
@@ -1104,8 +1211,10 @@ class FaceDB:
                 self.keeper.gallery = None
                 raise
             self._drop_moved(old_kind, old_place, kind)
-            return ReindexReport(index_kind=kind, built=gallery.index.kind, params=gallery.index.params,
-                                 indexed=len(gallery.index))
+            report = ReindexReport(index_kind=kind, built=gallery.index.kind, params=gallery.index.params,
+                                   indexed=len(gallery.index))
+            self.trail.record("reindex", [{"detail": {"kind": kind, "params": params}}], self.settings())
+            return report
 
     def _drop_moved(self, old_kind: str | None, old_place: Any, kind: str) -> None:
         """After a remote index moved to another place of the same kind (another collection or server), drop
@@ -1204,29 +1313,32 @@ class FaceDB:
         templates as their own best match. See README "facedb check"."""
         with self._lock:
             checks, problems = self.store.check()
-            settings = self.settings()
-            more_checks, more_problems = self.keeper.verify(settings)  # (heals a damaged index file first)
-            checks += more_checks
-            problems += more_problems
-            if self.protection is not None:
-                checks.append(f"encrypted at rest (key version {self.protection.key_version}, data key version "
-                              f"{self.protection.data_key_version}): no plain-text file in the database directory")
-                problems += [f"plain-text file in an encrypted database: {f}"
-                             for f in encryption.plaintext_files(self.root, True)]
-            else:
-                checks.append("not encrypted: the database's files hold templates in plain text (`facedb encrypt`)")
-            checks.append("no removal awaits its erasure from the files")
-            if self.store.erasure_pending():
-                problems.append("a removal's erasure from the index file did not finish (open it writable)")
-            gallery = self.keeper.current(self.settings())
-            checks.append(f"up to {CHECK_PROBES} stored templates are found as their own best match")
-            _, ids, _ = self.store.template_map()
-            if len(ids):
-                sample = np.random.default_rng(0).choice(ids, size=min(CHECK_PROBES, len(ids)), replace=False)
-                sids, _, vecs = self.store.templates(sample)
-                missed = engine.self_match_misses(gallery, vecs, self._fetch(gallery))
-                if missed:
-                    problems.append(f"{missed} of {len(sids)} sampled templates are not found by the index")
+            try:
+                settings = self.settings()
+                more_checks, more_problems = self.keeper.verify(settings)  # (heals a damaged index file first)
+                checks += more_checks
+                problems += more_problems
+                if self.protection is not None:
+                    checks.append(f"encrypted at rest (key version {self.protection.key_version}, data key version "
+                                  f"{self.protection.data_key_version}): no plain-text file in the database directory")
+                    problems += [f"plain-text file in an encrypted database: {f}"
+                                 for f in encryption.plaintext_files(self.root, True)]
+                else:
+                    checks.append("not encrypted: the database's files hold templates in plain text (`facedb encrypt`)")
+                checks.append("no removal awaits its erasure from the files")
+                if self.store.erasure_pending():
+                    problems.append("a removal's erasure from the index file did not finish (open it writable)")
+                gallery = self.keeper.current(self.settings())
+                checks.append(f"up to {CHECK_PROBES} stored templates are found as their own best match")
+                _, ids, _ = self.store.template_map()
+                if len(ids):
+                    sample = np.random.default_rng(0).choice(ids, size=min(CHECK_PROBES, len(ids)), replace=False)
+                    sids, _, vecs = self.store.templates(sample)
+                    missed = engine.self_match_misses(gallery, vecs, self._fetch(gallery))
+                    if missed:
+                        problems.append(f"{missed} of {len(sids)} sampled templates are not found by the index")
+            except DatabaseError as exc:  # a damaged store: what was found so far is the report
+                problems.append(f"the index could not be checked against the store: {exc}")
             return CheckReport(ok=not problems, checks=checks, problems=problems)
 
 

@@ -141,7 +141,8 @@ def identify(gallery: Gallery, queries: np.ndarray, k: int, threshold: float, fe
     return [decide(candidates(pairs, lookup), threshold, rule) for pairs in ranked]
 
 
-def verify_scores(probe: np.ndarray, templates: np.ndarray, name: str, threshold: float) -> Verification:
+def verify_scores(probe: np.ndarray, templates: np.ndarray, name: str, threshold: float,
+                  external_id: str | None = None) -> Verification:
     """1:1 decision for one unit probe against a person's templates (best template wins)."""
     sim = float(np.max(templates @ probe)) if len(templates) else -1.0
     return Verification(
@@ -150,6 +151,7 @@ def verify_scores(probe: np.ndarray, templates: np.ndarray, name: str, threshold
         similarity=sim,
         distance=float(similarity_to_distance(sim)),
         threshold=threshold,
+        external_id=external_id,
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -27,7 +28,7 @@ import numpy as np
 from .detect import Face, MTCNNDetector, in_frame
 from .errors import FaceDBError, InvalidInputError
 from .images import MAX_FILE_BYTES, Photo, PhotoSource, display_name, load_photo
-from .models import Embedder, load_embedder, single_threaded
+from .models import Embedder, configure_threads, load_embedder, single_threaded
 from .records import Skipped
 
 
@@ -207,8 +208,8 @@ class FacePipeline:
         return (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
 
     def prepare(self, items: Sequence[tuple[Any, PhotoSource]], choice: FaceChoice = FaceChoice.ERROR,
-                cropped: bool = False) -> list[Outcome]:
-        return prepare(self.detector, self.embedder.align, items, choice, cropped)
+                cropped: bool = False, stop: threading.Event | None = None) -> list[Outcome]:
+        return prepare(self.detector, self.embedder.align, items, choice, cropped, stop)
 
 
 def jittered(crop: np.ndarray, n: int) -> list[np.ndarray]:
@@ -244,8 +245,10 @@ _DETECTORS: dict[DetectorSettings, MTCNNDetector] = {}
 
 
 def get_detector(settings: DetectorSettings | None = None) -> MTCNNDetector:
-    """The process-wide MTCNN detector for ``settings`` (loaded on first use)."""
+    """The process-wide MTCNN detector for ``settings`` (loaded on first use; torch's thread count set from
+    ``FACEDB_THREADS`` first, see :func:`facedb.models.configure_threads`)."""
     settings = settings or DetectorSettings()
+    configure_threads()
     with _LOCK:
         if settings not in _DETECTORS:
             _DETECTORS[settings] = MTCNNDetector(settings.min_face_size, settings.min_score, settings.max_side,
@@ -317,13 +320,16 @@ def find_faces(detector: Any, pixels: np.ndarray, cropped: bool = False) -> tupl
 
 def prepare(detector: Any, align: Callable[[np.ndarray, Face], np.ndarray],
             items: Sequence[tuple[Any, PhotoSource]], choice: FaceChoice = FaceChoice.ERROR,
-            cropped: bool = False) -> list[Outcome]:
+            cropped: bool = False, stop: threading.Event | None = None) -> list[Outcome]:
     """Decode, detect, choose the face (``choice``) and align, for each (key, photo), in order; no database
     access. A photo that fails gives an :class:`Unprepared` with its reason and never stops the others. With
     ``FaceChoice.ALL`` a photo gives a :class:`PreparedFaces` holding every face. ``cropped``: the photos are
-    face crops (see :func:`find_faces`)."""
+    face crops (see :func:`find_faces`). When ``stop`` is set (the consumer was interrupted) it returns at once,
+    with the photos done so far."""
     out: list[Outcome] = []
     for key, src in items:
+        if stop is not None and stop.is_set():
+            break
         label = _label(src)
         try:
             photo = load_photo(src, name=label)
@@ -378,6 +384,9 @@ _WORKER_PIPELINE: FacePipeline | None = None
 
 
 def _worker_start(model_id: str, weights: str | None, settings: DetectorSettings) -> None:
+    # Ctrl-C reaches the whole process group: the parent stops the job and terminates the workers, so a
+    # worker must not die on it by itself (with a traceback of its own on the terminal).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     single_threaded()  # one core per worker process: the parallelism is across processes
     global _WORKER_PIPELINE
     _WORKER_PIPELINE = get_pipeline(model_id, weights=Path(weights) if weights else None, settings=settings)
@@ -421,7 +430,7 @@ def prepared_chunks(
     photos are face crops (see :func:`find_faces`).
 
     Interrupting the consumer (KeyboardInterrupt) cancels the work not started and does not wait for the
-    work running in processes: they are terminated.
+    work running: processes are terminated, and the detection thread stops after the photo it is on.
     """
     if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
         raise InvalidInputError("workers must be an integer >= 0")
@@ -430,6 +439,7 @@ def prepared_chunks(
     if not pipe.spawnable:
         workers = 0
     chunks = [list(work[i:i + batch_size]) for i in range(0, len(work), batch_size)]
+    stop = threading.Event()
     pool: Executor
     if workers:
         pool = _process_pool(workers, pipe)
@@ -439,7 +449,7 @@ def prepared_chunks(
         # A thread decodes and detects the next chunk while this one embeds and stores (torch and numpy
         # release the GIL; dlib does not, hence the processes above).
         pool = ThreadPoolExecutor(max_workers=1)
-        run = lambda items: pool.submit(pipe.prepare, items, choice, cropped)  # noqa: E731
+        run = lambda items: pool.submit(pipe.prepare, items, choice, cropped, stop)  # noqa: E731
         ahead = 1
 
     def submit(chunk: list[tuple[Any, PhotoSource]]) -> tuple[list[Outcome | None], Future[list[Outcome]] | None]:
@@ -470,6 +480,7 @@ def prepared_chunks(
                 pending.append(submit(chunks[i + ahead]))
             yield [slot if slot is not None else next(results) for slot in slots]
     finally:
+        stop.set()
         for _, future in pending:
             if future is not None:
                 future.cancel()

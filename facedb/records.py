@@ -74,6 +74,7 @@ class Verification(_Record):
     similarity: float
     distance: float
     threshold: float
+    external_id: str | None = None  # the claimed person's id in your system, if they have one
 
 
 @dataclass(frozen=True)
@@ -151,8 +152,12 @@ class EnrollReport(_Record):
     @property
     def only_known(self) -> bool:
         """Nothing was stored because every photo was already enrolled (re-running a folder): not a failure."""
-        return self.faces_stored == 0 and bool(self.skipped) and all(
-            s.reason.startswith("already enrolled") for s in self.skipped)
+        return self.faces_stored == 0 and bool(self.skipped) and not self.failed
+
+    @property
+    def failed(self) -> list[Skipped]:
+        """The photos that could not be enrolled (skipped for a reason other than being enrolled already)."""
+        return [s for s in self.skipped if not s.reason.startswith("already enrolled")]
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import numpy as np
+
 from .decision import RULES, ImpostorModel, Rule
 from .errors import InvalidInputError
 from .thumbnails import DEFAULT_MODE, MODES, check_mode
@@ -30,6 +32,45 @@ def check_threshold(value: object, what: str = "threshold") -> float:
     if not -1.0 <= t <= 1.0:  # also refuses NaN
         raise InvalidInputError(f"{what} is a cosine similarity in [-1, 1], got {value!r}")
     return t
+
+
+def check_rate(value: object, what: str = "the target rate") -> float:
+    """``value`` as an error rate to calibrate for (FAR, FPIR): a fraction strictly between 0 and 1;
+    InvalidInputError otherwise. Used by the CLI and the evaluation API alike."""
+    try:
+        r = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"{what} must be a number, a rate in (0, 1) such as 1e-3") from None
+    if not 0.0 < r < 1.0:  # also refuses NaN
+        raise InvalidInputError(f"{what} is a rate in (0, 1) such as 1e-3, got {value!r}")
+    return r
+
+
+def check_count(value: object, what: str, minimum: int = 0) -> int:
+    """``value`` as a whole number >= ``minimum`` (limits, offsets, batch sizes); InvalidInputError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise InvalidInputError(f"{what} must be a whole number >= {minimum}, got {value!r}")
+    return int(value)
+
+
+
+
+def threads_setting() -> int:
+    """The thread count for torch and FAISS from ``FACEDB_THREADS`` (default
+    :data:`facedb.models.DEFAULT_THREADS`, chosen from measurements; 0 = leave each engine's own default);
+    InvalidInputError for a value that is not a whole number >= 0."""
+    import os
+
+    from .models import DEFAULT_THREADS
+
+    raw = os.environ.get("FACEDB_THREADS", "").strip()
+    try:
+        n = int(raw) if raw else DEFAULT_THREADS
+    except ValueError:
+        raise InvalidInputError(f"FACEDB_THREADS must be a whole number, got {raw!r}") from None
+    if n < 0:
+        raise InvalidInputError("FACEDB_THREADS must be >= 0 (0: each engine's own default)")
+    return n
 
 
 def check_k(value: object) -> int:
@@ -273,8 +314,10 @@ class Settings:
         if enabled is not None:
             rows["audit_enabled"] = "1" if enabled else "0"
         if retention_days is not None:
-            if not retention_days >= 0:
-                raise InvalidInputError("retention_days must be >= 0 (0 keeps records forever)")
+            if isinstance(retention_days, bool) or not isinstance(retention_days, (int, float)) \
+                    or not 0 <= retention_days < float("inf"):
+                raise InvalidInputError("retention_days must be a finite number of days >= 0 (0 keeps records "
+                                        f"forever), got {retention_days!r}")
             rows["audit_retention_days"] = repr(float(retention_days))
         if store_probes is not None:
             rows["audit_store_embeddings"] = "1" if store_probes else "0"

@@ -521,7 +521,10 @@ class Store:
     # ------------------------------------------------------------ transactions
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
-        """One write transaction, holding SQLite's write lock from its start. Nested use joins the outer one."""
+        """One write transaction, holding SQLite's write lock from its start. Nested use joins the outer one.
+        DatabaseError at once on a store opened read-only."""
+        if self.readonly:
+            raise DatabaseError(f"{self.path.parent} is open read-only: the gallery and settings cannot be changed")
         with self._transaction(self.conn, "write"):
             yield
 
@@ -639,6 +642,11 @@ class Store:
             raise PersonNotFoundError(f"no person with id {person_id}")
         return self._person(row)
 
+    def people_by_external_ids(self, external_ids: Sequence[str]) -> dict[str, str]:
+        """{external id: name} for those of ``external_ids`` that a person has."""
+        return {ext: name for ext, name in self._rows_in(
+            "SELECT external_id, name FROM people WHERE external_id IN ({marks})", list(external_ids))}
+
     def person_by_external_id(self, external_id: str) -> Person:
         row = self.conn.execute(self._PERSON_SQL + " WHERE p.external_id = ?", (external_id,)).fetchone()
         if row is None:
@@ -680,7 +688,8 @@ class Store:
         new = check_name(new)
         with self.write():
             pid = self._person_id(old)
-            if old != new and self.conn.execute("SELECT 1 FROM people WHERE name = ?", (new,)).fetchone():
+            other = self.conn.execute("SELECT id FROM people WHERE name = ?", (new,)).fetchone()
+            if other is not None and other[0] != pid:
                 raise DuplicatePersonError(f"a person named {new!r} already exists")
             self.conn.execute("UPDATE people SET name = ?, updated_at = ? WHERE id = ?", (new, utcnow(), pid))
         return self.person(new)
@@ -780,13 +789,15 @@ class Store:
         image: dict[str, Any] | None = None,
         create_person: bool = False,
         metadata: dict[str, Any] | None = None,
+        external_id: str | None = None,
         thumbnails: Sequence[bytes | None] | None = None,
     ) -> list[int]:
         """Store unit ``vectors`` (n, dim) for ``name``, with the image they came from, in one transaction.
 
         With ``create_person`` the person is created if missing (enrolment). ``image`` is a dict with sha256,
-        path, size, width, height; the same sha256 cannot be stored twice. ``thumbnails``: a JPEG (or None) per
-        vector, kept with its template (see :mod:`facedb.thumbnails`).
+        path, size, width, height; the same sha256 cannot be stored twice. ``metadata`` is merged into the
+        person's; ``external_id`` (if given) becomes theirs (DuplicatePersonError if another person has it).
+        ``thumbnails``: a JPEG (or None) per vector, kept with its template (see :mod:`facedb.thumbnails`).
         """
         n = len(vectors)
         boxes = list(boxes) if boxes is not None else [None] * n
@@ -798,12 +809,12 @@ class Store:
         with self.write():
             try:
                 pid = self._person_id(name)
-                if metadata:
-                    self.update_metadata(name, metadata)
+                if metadata or external_id is not None:
+                    self.update_person(name, metadata=metadata or None, external_id=external_id)
             except PersonNotFoundError:
                 if not create_person:
                     raise
-                pid = self._insert_person(name, None, metadata)
+                pid = self._insert_person(name, external_id, metadata)
             image_id = None
             if image is not None:
                 owner = self.image_owner(image["sha256"])
@@ -839,7 +850,12 @@ class Store:
     def _vectors(self, blobs: Sequence[bytes]) -> np.ndarray:
         if not blobs:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), self.dim).astype(np.float32)
+        raw = b"".join(blobs)
+        if len(raw) != 4 * self.dim * len(blobs):
+            bad = sum(1 for b in blobs if len(b) != 4 * self.dim)
+            raise DatabaseError(f"{self.path}: {bad} stored template(s) are not {self.dim} float32 values: the "
+                                "database is damaged (`facedb check` lists what)")
+        return np.frombuffer(raw, dtype="<f4").reshape(len(blobs), self.dim).astype(np.float32)
 
     def snapshot(self, batch: int = 65536) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
         """(generation, template ids, person ids, vectors) of every template, from one consistent snapshot."""

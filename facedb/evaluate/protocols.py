@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import InvalidInputError
 from ..pipeline import FacePipeline
+from ..settings import check_rate
 from .datasets import Pair, Split, identify_split, labelled_folder, read_pairs
 from .embedding import Embedded, embed_cached, require_faces
 from .metrics import (
@@ -52,6 +53,11 @@ class PairScores:
     same: np.ndarray
     folds: np.ndarray
     embedded: Embedded  # of the file's distinct photos
+    distinct: np.ndarray | None = None  # bool: the first listing of each unordered pair (a repeat is no new evidence)
+
+    def __post_init__(self) -> None:
+        if self.distinct is None:
+            self.distinct = np.ones(len(self.scores), dtype=bool)
 
 
 def pair_scores(pairs_file: Path, lfw_dir: Path, pipeline: FacePipeline, *, flip: bool = False,
@@ -61,7 +67,14 @@ def pair_scores(pairs_file: Path, lfw_dir: Path, pipeline: FacePipeline, *, flip
     embedded = embed_cached(unique, pipeline, flip, progress, use_cache, cipher)
     require_faces(embedded, str(pairs_file))
     scores = score_pairs(pairs, embedded, {p: i for i, p in enumerate(unique)})
-    return PairScores(scores, np.array([p.same for p in pairs]), np.array([p.fold for p in pairs]), embedded)
+    seen: set[frozenset[Path]] = set()
+    distinct = np.zeros(len(pairs), dtype=bool)
+    for i, p in enumerate(pairs):
+        key = frozenset((p.a, p.b))
+        distinct[i] = key not in seen
+        seen.add(key)
+    return PairScores(scores, np.array([p.same for p in pairs]), np.array([p.fold for p in pairs]), embedded,
+                      distinct)
 
 
 def run_lfw(pairs_file: Path, lfw_dir: Path, pipeline: FacePipeline, *, flip: bool = False,
@@ -156,13 +169,20 @@ def run_identify(folder: Path, pipeline: FacePipeline, work_dir: Path, *, enroll
     if calibrate_on_other_half and half:
         other = "b" if half == "a" else "a"
         split2 = identify_split(labels, enroll, np.random.default_rng(seed), halves[other], strangers=strangers)
+        if not split2.impostor or not impostor:
+            raise InvalidInputError(f"half {other if not split2.impostor else half} has no strangers to measure "
+                                    "FPIR with: hold some people out with --strangers 0.5")
         _, impostor2 = open_set_scores(work_dir / "eval-db-other", vectors, split2, pipeline.model_id)
         t = threshold_at_far(np.asarray(impostor2), 1e-2)
         report.update({
             "calibrated_on_half": other,
             "calibrated_gallery_people": len(split2.gallery),
             "calibrated_threshold_fpir_0.01": t,
+            # how much evidence each side has: FPIR 1% needs >= 100 impostor probes to be resolved at all
+            "calibrated_on_impostor_probes": len(impostor2),
+            "calibrated_fpir_0.01_resolvable": resolvable(1e-2, len(impostor2)),
             "fpir_measured_at_calibrated_threshold": fpir_at(impostor, t),
+            "fpir_measured_on_impostor_probes": len(impostor),
         })
     return report
 
@@ -178,9 +198,12 @@ def _require_resolvable(rate: float, comparisons: int, what: str) -> None:
 
 def calibrate_far_pairs(pairs_file: Path, lfw_dir: Path, pipeline: FacePipeline, far: float, *, flip: bool = False,
                         progress: Progress = None, cipher: Any = None) -> dict[str, object]:
-    """The 1:1 threshold for ``far`` from the impostor pairs of an LFW-format pairs file."""
+    """The 1:1 threshold for ``far`` from the impostor pairs of an LFW-format pairs file (each distinct pair
+    counted once: a pair listed twice is not twice the evidence)."""
+    check_rate(far, "the target FAR")
     ps = pair_scores(pairs_file, lfw_dir, pipeline, flip=flip, progress=progress, cipher=cipher)
-    scores, same = ps.scores, ps.same
+    keep = ps.distinct
+    scores, same = ps.scores[keep], ps.same[keep]
     _require_resolvable(far, int((~same).sum()), "impostor pairs")
     t = threshold_at_far(scores[~same], far)
     return {"threshold": t, "target": "far", "target_rate": far, "source": f"LFW {pairs_file.name}",
@@ -241,6 +264,7 @@ def calibrate_far_folder(folder: Path, pipeline: FacePipeline, far: float, *, se
                          max_impostor_pairs: int = MAX_IMPOSTOR_PAIRS, people: set[str] | None = None,
                          flip: bool = False, progress: Progress = None, cipher: Any = None) -> dict[str, object]:
     """The 1:1 threshold for ``far`` from a labelled folder (see ``folder_pair_scores``)."""
+    check_rate(far, "the target FAR")
     gen, impostor, total = folder_pair_scores(folder, pipeline, people=people, max_impostor_pairs=max_impostor_pairs,
                                               seed=seed, flip=flip, progress=progress, cipher=cipher)
     _require_resolvable(far, len(impostor), "impostor pairs")
@@ -261,6 +285,7 @@ def calibrate_fpir_folder(folder: Path, pipeline: FacePipeline, fpir: float, gal
     InvalidInputError when the folder has too few people for that gallery and enough strangers to resolve
     ``fpir`` (the gallery must leave people out to probe with).
     """
+    check_rate(fpir, "the target FPIR")
     vectors, labels, _ = folder_embeddings(folder, pipeline, flip=flip, progress=progress, cipher=cipher)
     counts: dict[str, int] = {}
     for lab in labels:

@@ -134,6 +134,7 @@ class _Registration:
     kinds: tuple[str, ...]
     factory: Callable[[], IndexBackend]
     description: dict[str, str]
+    params: dict[str, int]  # tuning parameter -> smallest whole-number value it accepts
 
 
 _REGISTRY: dict[str, _Registration] = {}
@@ -141,15 +142,17 @@ _LOADED: dict[str, IndexBackend] = {}
 _LOCK = threading.Lock()
 
 
-def register_backend(name: str, kinds: dict[str, str], factory: Callable[[], IndexBackend]) -> None:
+def register_backend(name: str, kinds: dict[str, str], factory: Callable[[], IndexBackend],
+                     params: dict[str, int] | None = None) -> None:
     """Register a backend: ``kinds`` maps each kind it provides to a one-line description; ``factory`` builds
-    the backend on first use (and is where its engine gets imported)."""
+    the backend on first use (and is where its engine gets imported); ``params`` maps each tuning parameter
+    its kinds take (``facedb reindex --nprobe ...``) to the smallest whole number it accepts."""
     with _LOCK:
         for kind in kinds:
             owner = next((r.name for r in _REGISTRY.values() if kind in r.kinds and r.name != name), None)
             if owner is not None:
                 raise ValueError(f"index kind {kind!r} is already provided by the {owner} backend")
-        _REGISTRY[name] = _Registration(name, tuple(kinds), factory, dict(kinds))
+        _REGISTRY[name] = _Registration(name, tuple(kinds), factory, dict(kinds), dict(params or {}))
         _LOADED.pop(name, None)
 
 
@@ -180,6 +183,26 @@ def check_kind(kind: str) -> str:
     return kind
 
 
+def check_index_params(kind: str, params: object) -> dict[str, int]:
+    """``params`` if every key is a tuning parameter of ``kind``'s backend (any backend's for ``auto``) and every
+    value a whole number at or above that parameter's minimum; InvalidInputError otherwise. The one check
+    behind ``FaceDB.reindex`` and ``facedb reindex`` (a bad value could otherwise crash the index engine)."""
+    check_kind(kind)
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise InvalidInputError("index parameters must be a dict of name: whole number")
+    regs = [r for r in _REGISTRY.values() if kind == "auto" or kind in r.kinds]
+    known = {k: v for r in regs for k, v in r.params.items()}
+    for key, value in params.items():
+        if key not in known:
+            raise InvalidInputError(f"unknown index parameter {key!r} for {kind}; known: "
+                                    f"{', '.join(sorted(known)) or 'none'}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < known[key]:
+            raise InvalidInputError(f"index parameter {key} must be a whole number >= {known[key]}, got {value!r}")
+    return dict(params)
+
+
 def auto_kind(n: int, dim: int) -> str:
     """The index kind ``auto`` picks for ``n`` templates: exact below 50,000; IVF (exact scores, removable,
     identity found for 100% of probes at 1M in our measurements) above; IVF-PQ when float32 vectors would
@@ -203,7 +226,7 @@ register_backend("faiss", {
     "hnsw": "HNSW graph over float32 vectors (fast; removal by tombstones, rebuilt past 10%)",
     "ivf": "inverted lists over float32 vectors (~4 sqrt(n) lists; exact vectors for re-scoring)",
     "ivfpq": "inverted lists of 4-bit fast-scan PQ codes (dim/8 bytes a template; re-scored from the store)",
-}, _faiss_backend)
+}, _faiss_backend, params={"nlist": 1, "nprobe": 1, "M": 2, "ef_search": 1, "ef_construction": 1})
 
 
 def _milvus_backend() -> IndexBackend:
@@ -224,6 +247,7 @@ register_backend("milvus", {
 
 
 __all__ = [
-    "IndexBackend", "IndexPlace", "VectorIndex", "auto_kind", "backend_for", "backend_names", "check_kind",
+    "IndexBackend", "IndexPlace", "VectorIndex", "auto_kind", "backend_for", "backend_names", "check_index_params",
+    "check_kind",
     "index_kinds", "register_backend",
 ]
