@@ -586,3 +586,19 @@ def test_json_settings_body_names_thumbnails(svc):
     body = client.get("/v1/settings", headers={"X-API-Key": keys["admin"]}).json()
     assert {"thumbnails", "visitors", "decision_rule", "threshold_in_force", "warnings"} <= set(body)
     json.dumps(body)
+
+
+# ------------------------------------------------------------------- found by the newcomer's try
+def test_a_page_past_the_end_says_so_and_odd_numbers_are_taken_in_stride(svc):
+    """A page past the last one said "Nobody is enrolled yet" with people enrolled; page=0 or min_size=0 in
+    the address bar answered the API's JSON error instead of a page."""
+    client, keys, _ = svc
+    enrol(client, keys["enroll"], "Ann", png([RED]))
+    sign_in(client, keys["enroll"])
+    r = client.get("/console/people?page=9")
+    assert r.status_code == 200 and "Nobody is enrolled yet" not in r.text and "No one on page 9" in r.text
+    assert 'href="/console/people?q=&amp;page=1"' in r.text
+    r = client.get("/console/people?page=0")
+    assert r.status_code == 200 and "Ann</a>" in r.text
+    r = client.get("/console/visitors?min_size=0")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]

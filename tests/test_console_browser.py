@@ -147,9 +147,13 @@ def test_operator_walk_through_in_chromium(tmp_path, facedata, browser):
             assert d.person("Colin Powell").templates == 2
             assert d.store.count_thumbnails()["template"] == 2
 
-        # --- the same photo again is refused before and after saving (already enrolled)
-        page.set_input_files("#photos", [str(photo("Colin_Powell", 1))])
+        # --- the same photo again is refused (already enrolled); a file that is not a photo is shown with why
+        # (the newcomer's try found it silently left out)
+        notes = tmp_path / "notes.txt"
+        notes.write_text("not a photo")
+        page.set_input_files("#photos", [str(photo("Colin_Powell", 1)), str(notes)])
         expect(cards.nth(2).locator(".status")).to_contain_text("already enrolled")
+        expect(cards.nth(3).locator(".status")).to_contain_text("not a readable image")
 
         # --- the list, with the thumbnail, and the person page with their faces
         page.click("nav >> text=People")

@@ -255,7 +255,8 @@ async def identify_api(request: Request, caller: Annotated[Caller, Depends(IDENT
 @router.get("/people", response_class=HTMLResponse)
 def people_page(request: Request, caller: Annotated[Caller, Depends(ENROLL)],
                 q: Annotated[str, Query(max_length=200)] = "",
-                page: Annotated[int, Query(ge=1, le=10**9)] = 1) -> HTMLResponse:
+                page: Annotated[int, Query(le=10**9)] = 1) -> HTMLResponse:
+    page = max(1, page)  # a page number typed into the address bar: the first page, not an error
     out = routes_people.list_people(caller, q.strip() or None, limit=PAGE, offset=(page - 1) * PAGE)
     pages = max(1, math.ceil(out["total"] / PAGE))
     return render(request, "people.html", caller, page="people", people=out["people"], total=out["total"],
@@ -470,7 +471,8 @@ def _key_names(caller: Caller) -> dict[str, str]:
 @router.get("/visitors", response_class=HTMLResponse)
 def visitors_page(request: Request, caller: Annotated[Caller, Depends(ENROLL)],
                   since: Annotated[str, Query(max_length=40)] = "",
-                  min_size: Annotated[int, Query(ge=1, le=1000)] = 2) -> HTMLResponse:
+                  min_size: Annotated[int, Query(le=1000)] = 2) -> HTMLResponse:
+    min_size = max(1, min_size)
     out = routes_visitors.list_visitors(caller, since=since or None, min_size=min_size)
     keys = _key_names(caller)
     return render(request, "visitors.html", caller, page="visitors", groups=out["groups"], enabled=out["enabled"],

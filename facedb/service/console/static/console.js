@@ -116,8 +116,8 @@
     }
 
     function add(files) {
-      files.filter((f) => f.type.startsWith("image/") || /\.(jpe?g|png|webp|bmp|gif|tiff?)$/i.test(f.name))
-        .forEach((file) => {
+      // every file is shown: one that is not a photo gets the server's reason, not silence
+      files.forEach((file) => {
           const shot = {file: file, name: uniqueName(file.name), saved: false};
           shot.img = el("img", {alt: "photo " + shot.name});
           shot.img.src = URL.createObjectURL(file);
