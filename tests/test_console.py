@@ -602,3 +602,20 @@ def test_a_page_past_the_end_says_so_and_odd_numbers_are_taken_in_stride(svc):
     assert r.status_code == 200 and "Ann</a>" in r.text
     r = client.get("/console/visitors?min_size=0")
     assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+
+
+def test_serve_no_console_flag_reaches_the_workers(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import facedb.service.server as server
+    from facedb.cli import app
+
+    path = tmp_path / "db"
+    make_db(path)
+    seen = []
+    monkeypatch.setattr(server, "run", lambda settings, log_level="info": seen.append(settings))
+    for args, console in ((["serve"], True), (["serve", "--no-console"], False)):
+        r = CliRunner().invoke(app, ["--db", str(path), *args])
+        assert r.exit_code == 0, r.output
+        assert seen[-1].console is console
+        assert ServiceSettings.from_env(seen[-1].to_env()).console is console  # what each worker reads
