@@ -46,14 +46,17 @@ def check_rate(value: object, what: str = "the target rate") -> float:
     return r
 
 
+#: The largest count anywhere (SQLite's INTEGER is 64-bit signed): larger limits and offsets are refused, not
+#: passed on to overflow.
+MAX_COUNT = 2**63 - 1
+
+
 def check_count(value: object, what: str, minimum: int = 0) -> int:
-    """``value`` as a whole number >= ``minimum`` (limits, offsets, batch sizes); InvalidInputError otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise InvalidInputError(f"{what} must be a whole number >= {minimum}, got {value!r}")
+    """``value`` as a whole number in [``minimum``, 2**63 - 1] (limits, offsets, batch sizes); InvalidInputError
+    otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not minimum <= value <= MAX_COUNT:
+        raise InvalidInputError(f"{what} must be a whole number from {minimum} to {MAX_COUNT}, got {value!r}")
     return int(value)
-
-
-
 
 def threads_setting() -> int:
     """The thread count for torch and FAISS from ``FACEDB_THREADS`` (default

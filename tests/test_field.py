@@ -291,6 +291,12 @@ COMMAND_TESTS = {
     "genkey": ["test_protect::test_cli_encryption_commands_and_their_effect"],
     "encrypt": ["test_protect::test_cli_encryption_commands_and_their_effect"],
     "rotate-key": ["test_protect::test_cli_encryption_commands_and_their_effect"],
+    "cluster": ["test_clustering_db::test_cluster_a_folder_writes_json_and_sheets_and_leaves_the_gallery_alone",
+                "test_clustering_db::test_cluster_enroll_as_new_creates_numbered_people_in_one_go"],
+    "visitors list": ["test_clustering_db::test_unknown_faces_are_kept_only_when_enabled"],
+    "visitors settings": ["test_clustering_db::test_unknown_faces_are_kept_only_when_enabled"],
+    "visitors enroll": ["test_clustering_db::test_enroll_a_visitor_group_then_they_are_recognised"],
+    "visitors forget": ["test_clustering_db::test_visitors_expire_and_forget_leaves_no_bytes_after_vacuum"],
 }
 
 

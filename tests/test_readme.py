@@ -49,6 +49,7 @@ PLACEHOLDERS = {
     "NEW": "Alan M. Turing",
     "ID": "1",  # the first template (Ada Lovelace's first photo)
     "facenet-custom-...": "<the model id of gate-v1.pt>",  # filled in once the file exists
+    "/secure/facedb.key": "facedb.key",  # `facedb genkey --out`: a key file outside the database directory
 }
 # The Python block's free variables.
 PY_NAMES = {
@@ -78,8 +79,20 @@ SKIPPED = {
     "facedb train --folder my-people/ --out gate-v1.pt": (
         "needs the published VGGFace2 weights (--init vggface2: not downloadable here) and a CUDA GPU "
         "(--device cuda); gate-v1.pt is a randomly initialised FaceNet state dict instead"),
+    "facedb visitors [--since 7d] | enroll GROUP": (
+        "GROUP is an id that `facedb visitors` lists once unknown faces were kept: the whole cycle runs in "
+        "tests/test_clustering_db.py"),
+    "facedb reindex --index milvus --milvus-uri http://milvus:19530": "needs a Milvus server (test_milvus.py "
+                                                                      "runs the kind against Milvus Lite)",
+    "facedb encrypt --key-file": ("would encrypt the block's database, which the lines after it use without a key; "
+                                  "run end to end in test_protect.py::test_cli_encryption_commands_and_their_effect"),
+    "facedb rotate-key --new-key-file": "needs an encrypted database: test_protect.py runs it end to end",
+    "facedb serve [--workers N] | keys create": ("serve runs until stopped (test_service_server.py starts real "
+                                                 "servers); keys and hooks: test_cli_more.py"),
 }
 EXTRA_ARGS = {
+    "facedb init --encrypt --key-file": (["--db", "encrypted-db"],
+                                         "the block's own database exists already: a second one, encrypted"),
     "facedb train --folder people/ --out model.pt": (
         ["--epochs", "1", "--steps", "1", "--people-per-batch", "2", "--faces-per-person", "2",
          "--embedding-size", "8", "--val-fraction", "0.34"],
@@ -262,6 +275,9 @@ def build_files(scene: Scene, cwd: Path) -> None:
     (proto / "pairsDevTrain.txt").write_text(f"{len(diff)}\n" + "\n".join(same + diff) + "\n")
     folds = [f"{names[f]}\t1\t2\n{names[f]}\t2\t{strangers[f]}\t1" for f in range(10)]
     (proto / "pairs.txt").write_text("10\t1\n" + "\n".join(folds) + "\n")
+    for who in (ADA, ANN, BOB, GRACE):  # photos/: what `facedb cluster` groups (two photos each)
+        for i in (1, 2):
+            scene.photo(who, cwd / "photos" / f"{who}-{i}.jpg")
     for i in range(6):  # people/: what `facedb train` learns from
         for j in range(3):
             scene.photo(20 + i, cwd / "people" / f"trainee{i}" / f"{j}.jpg")
@@ -418,7 +434,7 @@ def test_readme_inline_api_calls_run(scene, tmp_path):
     assert any("model=" in c for c in calls), calls
     FaceDB.create("db", model_id="dlib-resnet", dim=128, threshold=0.929).close()
     for call in calls:
-        with eval(call, {"FaceDB": FaceDB, "facedb": facedb, "path": "db"}) as d:
+        with eval(call, {"FaceDB": FaceDB, "facedb": facedb, "path": "db", "copy_dir": "db"}) as d:
             assert d.model_id == "dlib-resnet" and d.search("door-camera.jpg")[0].identity is None
 
 
