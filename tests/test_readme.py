@@ -73,9 +73,6 @@ SKIPPED = {
     "pip install": INSTALL,
     "make demo": INSTALL,
     "make test": INSTALL,
-    "facedb serve": "starts a server that runs until stopped (tests/test_service_server.py and "
-                    "tests/test_console_browser.py run it)",
-    "facedb --db ~/desk-db serve": "starts a server that runs until stopped (tests/test_console_browser.py runs it)",
     "facedb train --folder my-people/ --out gate-v1.pt": (
         "needs the published VGGFace2 weights (--init vggface2: not downloadable here) and a CUDA GPU "
         "(--device cuda); gate-v1.pt is a randomly initialised FaceNet state dict instead"),
