@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from . import thumbnails
 from .records import AuditRecord
 from .scores import to_blob
 from .settings import Settings
@@ -58,15 +59,19 @@ class AuditTrail:
         self.actor = actor
 
     def record(self, operation: str, records: Sequence[dict[str, Any]], settings: Settings) -> None:
-        """Append ``records`` (dicts with any of image_sha256, identity, similarity, threshold, detail, vector)
-        as ``operation`` by the current actor, unless the trail is switched off. The probe's vector is kept
-        only when the trail is configured to store probes."""
+        """Append ``records`` (dicts with any of image_sha256, identity, similarity, threshold, detail, vector,
+        thumbnail) as ``operation`` by the current actor, unless the trail is switched off. The probe's vector is
+        kept only when the trail is configured to store probes, its thumbnail (a JPEG) only when the database
+        keeps probe thumbnails (:mod:`facedb.thumbnails`)."""
         if not records or not settings.audit.enabled:
             return
         actor = current_actor(self.actor)
+        keep_thumbnail = thumbnails.keeps(settings.thumbnails, "probe")
         rows = []
         for rec in records:
-            row = {k: v for k, v in rec.items() if k != "vector"}
+            row = {k: v for k, v in rec.items() if k not in ("vector", "thumbnail")}
+            if keep_thumbnail and rec.get("thumbnail"):
+                row["thumbnail"] = rec["thumbnail"]
             row.update(operation=operation, model_id=settings.model_id, actor=actor)
             vector = rec.get("vector")
             if settings.audit.store_probes and vector is not None:
@@ -75,8 +80,10 @@ class AuditTrail:
         self.store.append_audit(rows, settings.audit.retention_days or None)
 
     def read(self, since: str | None = None, limit: int | None = None, *, until: str | None = None,
-             operation: str | None = None, actor: str | None = None, offset: int = 0) -> list[AuditRecord]:
+             operation: str | Sequence[str] | None = None, actor: str | None = None, offset: int = 0,
+             **filters: Any) -> list[AuditRecord]:
         """Records oldest first, filtered by time (ISO 8601 UTC, ``since`` inclusive, ``until`` exclusive),
-        operation and actor, paged by ``limit`` / ``offset``."""
+        operation and actor, paged by ``limit`` / ``offset``; ``filters`` are :meth:`Store.audit`'s others
+        (identity, decided, after_id, newest_first)."""
         return [AuditRecord(**row) for row in self.store.audit(since, limit, until=until, operation=operation,
-                                                               actor=actor, offset=offset)]
+                                                               actor=actor, offset=offset, **filters)]

@@ -56,6 +56,7 @@ from .records import (
     Identification,
     IndexState,
     Person,
+    PhotoCheck,
     ReindexReport,
     Skipped,
     Stats,
@@ -75,6 +76,7 @@ from .settings import (
     check_threshold,
 )
 from .store import SCHEMA_VERSION, Store, normalise_name
+from .thumbnails import keeps as keeps_thumbnails
 from .visitors import VisitorLog
 
 if TYPE_CHECKING:
@@ -152,7 +154,7 @@ class FaceDB:
                impostors: ImpostorModel | None = None, margin: float | None = None, rule: str | None = None,
                mean_templates: bool = False, actor: str | None = None,
                index_options: dict[str, Any] | None = None, encrypt: bool = False, key: object = None,
-               cancellable: bool = False) -> FaceDB:
+               cancellable: bool = False, thumbnails: str = "enrolled") -> FaceDB:
         """Create an empty database for vectors of ``model_id`` (``dim``-dimensional, unit length).
 
         ``threshold`` is the default (1:1) decision threshold, a cosine similarity (higher is stricter).
@@ -177,7 +179,9 @@ class FaceDB:
         key-encryption key ``key`` (a string, bytes, a key file's Path or a ``facedb.protect.KeySource``; default
         ``$FACEDB_KEY``; KeyMissingError when there is none). ``cancellable``: every template and probe is
         projected by a keyed random orthogonal matrix of this database (``projection.py``; scores unchanged,
-        templates unlinkable across databases), fixed for the database's life.
+        templates unlinkable across databases), fixed for the database's life. ``thumbnails``: which face
+        thumbnails are kept, ``off``, ``enrolled`` or ``all`` (see :mod:`facedb.thumbnails`; changed later with
+        :meth:`configure_thumbnails`).
         """
         root = Path(path)
         if not model_id:
@@ -199,7 +203,7 @@ class FaceDB:
         except OSError as exc:
             raise DatabaseError(f"cannot create {root}: {exc.strerror}") from None
         meta = {**Settings.initial(model_id, dim, threshold, threshold_source, index, flip, impostors, margin, rule,
-                                   mean_templates),
+                                   mean_templates, thumbnails=thumbnails),
                 **rows,
                 "database_id": secrets.token_hex(16)}
         if cancellable:
@@ -548,15 +552,17 @@ class FaceDB:
     def add_templates(self, name: str, vectors: object, *, model_id: str | None = None,
                       boxes: Sequence[Sequence[float] | None] | None = None,
                       det_scores: Sequence[float | None] | None = None, image: dict[str, Any] | None = None,
-                      create: bool = False, metadata: dict[str, Any] | None = None) -> list[int]:
+                      create: bool = False, metadata: dict[str, Any] | None = None,
+                      thumbnails: Sequence[bytes | None] | None = None) -> list[int]:
         """Store unit vectors ``(dim,)`` or ``(n, dim)`` as templates of ``name``; returns their ids.
 
         ``model_id``, when given, must be the database's. With ``create`` the person is created if missing.
+        ``thumbnails``: a face JPEG (or None) per vector, kept if the database keeps enrolled thumbnails.
         All rows are written in one transaction: all or nothing. Recorded in the audit trail (``add-templates``).
         """
         with self._lock:
             ids = self._add_templates(name, vectors, model_id=model_id, boxes=boxes, det_scores=det_scores,
-                                      image=image, create=create, metadata=metadata)
+                                      image=image, create=create, metadata=metadata, thumbnails=thumbnails)
             self.trail.record("add-templates", [{"identity": self.store.person(name).name,
                                                  "detail": {"templates": len(ids)}}], self.settings())
             return ids
@@ -565,13 +571,17 @@ class FaceDB:
                        boxes: Sequence[Sequence[float] | None] | None = None,
                        det_scores: Sequence[float | None] | None = None, image: dict[str, Any] | None = None,
                        create: bool = False, metadata: dict[str, Any] | None = None,
-                       external_id: str | None = None) -> list[int]:
+                       external_id: str | None = None, thumbnails: Sequence[bytes | None] | None = None
+                       ) -> list[int]:
         """:meth:`add_templates` without its audit record (enrolment records its own)."""
         if model_id is not None:
             self._same_model(model_id, np.shape(vectors)[-1] if np.ndim(vectors) else self.dim)
         x = self._protect(as_unit_rows(vectors, self.dim))
+        if thumbnails is not None and not keeps_thumbnails(self.settings().thumbnails, "template"):
+            thumbnails = None
         ids = self.store.add_templates(name, x, boxes=boxes, det_scores=det_scores, image=image,
-                                       create_person=create, metadata=metadata, external_id=external_id)
+                                       create_person=create, metadata=metadata, external_id=external_id,
+                                       thumbnails=thumbnails)
         self.keeper.after_write(self.settings())
         return ids
 
@@ -717,6 +727,19 @@ class FaceDB:
         identification and no audit record."""
         return self.pipeline(model).analyse(photo, name=name, cropped=cropped).faces
 
+    def check_photo(self, photo: PhotoSource, *, model: FacePipeline | None = None, name: str | None = None,
+                    on_multiple: str = "error") -> PhotoCheck:
+        """Look at a photo before enrolling it: its faces with their quality problems, and whether enrolment
+        would store it (verdict ``ok``, ``no face``, ``several faces`` or ``duplicate``). Stores nothing and
+        records nothing. See :mod:`facedb.precheck`."""
+        from .precheck import check_photo
+
+        def owner_of(sha256: str) -> str | None:
+            with self._lock:
+                return self.store.image_owner(sha256)
+
+        return check_photo(self.pipeline(model), photo, owner_of, name=name, on_multiple=on_multiple)
+
     def search(self, photo: PhotoSource, *, model: FacePipeline | None = None, k: int = 5,
                threshold: float | None = None, name: str | None = None, cropped: bool = False) -> list[FaceMatch]:
         """Identify every face in a photo: one FaceMatch per face (an empty list when there is none).
@@ -727,15 +750,18 @@ class FaceDB:
         analysed = pipe.analyse(photo, name=name, cropped=cropped)
         if not analysed.faces:
             return []
-        vectors = self._protect(pipe.embed_faces(analysed, flip=self.flip))
+        crops = analysed.crops(pipe.embedder.align)
+        vectors = self._protect(pipe.embed_crops(crops, flip=self.flip))
         answers, settings = self._identify(vectors, k, threshold)
+        thumbs = _thumbnails(crops, settings.thumbnails, "probe", "visitor")
         self.trail.record("search", [
             {"image_sha256": analysed.photo.sha256, "identity": a.identity, "similarity": a.similarity,
-             "threshold": a.threshold, "detail": {"box": [round(c, 1) for c in face.box]}, "vector": v}
-            for face, a, v in zip(analysed.faces, answers, vectors)], settings)
+             "threshold": a.threshold, "detail": {"box": [round(c, 1) for c in face.box]}, "vector": v,
+             "thumbnail": t} for face, a, v, t in zip(analysed.faces, answers, vectors, thumbs)], settings)
         self.visitor_log.keep([{"identity": a.identity, "similarity": a.similarity, "vector": v,
-                                "image_sha256": analysed.photo.sha256, "box": face.box, "det_score": face.score}
-                               for face, a, v in zip(analysed.faces, answers, vectors)], settings)
+                                "image_sha256": analysed.photo.sha256, "box": face.box, "det_score": face.score,
+                                "thumbnail": t}
+                               for face, a, v, t in zip(analysed.faces, answers, vectors, thumbs)], settings)
         return [FaceMatch(image=analysed.photo.name, box=[round(c, 1) for c in face.box],
                           det_score=round(face.score, 4), identity=a.identity, similarity=a.similarity,
                           distance=a.distance, threshold=a.threshold, candidates=a.candidates,
@@ -889,7 +915,9 @@ class FaceDB:
                 try:
                     ids = self._add_templates(name, vec, boxes=[item.face.box], det_scores=[item.face.score],
                                               image=item.image, create=True, metadata=meta or None,
-                                              external_id=external_id)
+                                              external_id=external_id,
+                                              thumbnails=_thumbnails([item.crop], self.settings().thumbnails,
+                                                                     "template"))
                 except (InvalidInputError, ModelMismatchError, DuplicatePersonError) as exc:
                     report.skipped.append(Skipped(item.label, str(exc)))
                     continue
@@ -934,12 +962,49 @@ class FaceDB:
         return self.settings().audit
 
     def audit(self, since: str | None = None, limit: int | None = None, *, until: str | None = None,
-              operation: str | None = None, actor: str | None = None, offset: int = 0) -> list[AuditRecord]:
-        """The audit trail, oldest first, filtered by time (ISO 8601 UTC), operation and actor, paged."""
+              operation: str | Sequence[str] | None = None, actor: str | None = None, offset: int = 0,
+              identity: str | None = None, decided: bool | None = None, after_id: int | None = None,
+              newest_first: bool = False) -> list[AuditRecord]:
+        """The audit trail, oldest first (or ``newest_first``), filtered by time (ISO 8601 UTC), operation (one,
+        or any of several), actor, ``identity`` (a name as recorded), ``decided`` (True: an identity was given;
+        False: unknown or rejected) and ``after_id`` (records after that one: a live view's next poll), paged."""
         limit = None if limit is None else check_count(limit, "limit", 1)
         offset = check_count(offset, "offset")
         with self._lock:
-            return self.trail.read(since, limit, until=until, operation=operation, actor=actor, offset=offset)
+            return self.trail.read(since, limit, until=until, operation=operation, actor=actor, offset=offset,
+                                   identity=identity, decided=decided, after_id=after_id, newest_first=newest_first)
+
+    # ----------------------------------------------------------------------------------------- thumbnails
+    def configure_thumbnails(self, mode: str) -> str:
+        """Which face thumbnails this database keeps: ``off``, ``enrolled`` or ``all`` (see
+        :mod:`facedb.thumbnails`). Narrowing it erases the thumbnails no longer covered, from every file of the
+        database as a removal does. Faces stored before it was widened get none. Returns the new setting."""
+        from . import thumbnails
+
+        mode = thumbnails.check_mode(mode)
+        if self.readonly:
+            raise DatabaseError(f"{self.root} is open read-only: cannot change settings")
+        with self._lock:
+            old = self.settings().thumbnails
+            gone = thumbnails.dropped(old, mode)
+            with self._erasing():
+                self.store.set_meta({"thumbnails": mode})
+                erased = self.store.drop_thumbnails(gone)
+            self.trail.record("thumbnails-settings", [{"detail": {"from": old, "to": mode, "erased": erased}}],
+                              self.settings())
+            return mode
+
+    def thumbnail(self, kind: str, owner_id: int) -> bytes | None:
+        """The face thumbnail (JPEG bytes) of a template (``kind`` "template"), of an audit record's probe
+        ("probe") or of a kept unknown face ("visitor"), or None when none is kept."""
+        with self._lock:
+            return self.store.thumbnail(kind, owner_id)
+
+    def cover_templates(self, names: Sequence[str]) -> dict[str, int]:
+        """{name: id of the person's first template with a thumbnail} for those of ``names`` that have one."""
+        with self._lock:
+            people = {p.id: p.name for p in (self.store.person(n) for n in names)}
+            return {people[pid]: tid for pid, tid in self.store.cover_templates(list(people)).items()}
 
     def note(self, operation: str, *, identity: str | None = None, detail: dict[str, Any] | None = None,
              image_sha256: str | None = None) -> None:
@@ -1336,3 +1401,12 @@ def _secrets_of(options: dict[str, Any], uri_too: bool = False) -> dict[str, Any
     if "milvus_uri" in out:
         out["milvus_uri"] = check_index_options({"milvus_uri": out["milvus_uri"]})["milvus_uri"]
     return out
+
+
+def _thumbnails(crops: Sequence[np.ndarray], mode: str, *kinds: str) -> list[bytes | None]:
+    """A JPEG thumbnail of each aligned crop when the setting ``mode`` keeps any of ``kinds``, else Nones."""
+    from . import thumbnails
+
+    if not any(thumbnails.keeps(mode, k) for k in kinds):
+        return [None] * len(crops)
+    return [thumbnails.encode(c) for c in crops]

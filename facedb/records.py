@@ -112,6 +112,35 @@ class Skipped(_Record):
     reason: str
 
 
+@dataclass(frozen=True)
+class FaceCheck(_Record):
+    """One face found in a photo looked at before enrolment: box (x1, y1, x2, y2) and 5 landmarks in the photo's
+    pixels, the detector's score, and the quality floors it fails (:mod:`facedb.quality`), as sentences."""
+
+    box: list[float]
+    det_score: float
+    landmarks: list[list[float]]
+    problems: list[str]
+
+
+@dataclass(frozen=True)
+class PhotoCheck(_Record):
+    """What enrolling a photo would meet (:mod:`facedb.precheck`): its faces, the ``verdict`` (``ok``, ``no
+    face``, ``several faces``, ``duplicate``) and why, the face enrolment would use (``chosen``, an index into
+    ``faces``), who the photo is enrolled as already, and the chosen face's quality warnings."""
+
+    image: str
+    sha256: str
+    width: int
+    height: int
+    faces: list[FaceCheck]
+    verdict: str
+    reason: str
+    chosen: int | None
+    enrolled_as: str | None
+    warnings: list[str]
+
+
 @dataclass
 class EnrollReport(_Record):
     """What an enrolment did: the people touched, photos tried, faces stored, each photo skipped with why, and
@@ -236,6 +265,7 @@ class AuditRecord(_Record):
     model_id: str
     detail: dict[str, Any] | None
     has_embedding: bool
+    has_thumbnail: bool = False  # the probe's face thumbnail is kept (facedb/thumbnails.py)
 
 
 # --------------------------------------------------------------------------------------------- clustering

@@ -19,6 +19,7 @@ import numpy as np
 
 from .decision import MARGIN_WEIGHT, RULES, ImpostorModel, Rule
 from .errors import InvalidInputError
+from .thumbnails import DEFAULT_MODE, MODES, check_mode
 
 
 def check_threshold(value: object, what: str = "threshold") -> float:
@@ -227,6 +228,7 @@ class Settings:
     calibration: Calibration | None = None
     audit: AuditSettings = field(default_factory=AuditSettings)
     visitors: VisitorSettings = field(default_factory=VisitorSettings)
+    thumbnails: str = "off"  # which face thumbnails are kept (facedb/thumbnails.py); older databases: off
     generation: int = 0
     created_at: str | None = None
     rule: Rule = field(default_factory=Rule)  # the open-set decision rule (facedb/decision.py)
@@ -249,7 +251,8 @@ class Settings:
                  "index_stamp", "calibration", "audit_enabled", "audit_retention_days", "audit_store_embeddings",
                  "generation", "created_at", "decision_rule", "decision_target", "impostor_model", "decision_margin",
                  "decision_weight", "mean_templates",
-                 "database_id", *INDEX_OPTION_KEYS, "visitors_enabled", "visitors_retention_days"}
+                 "database_id", *INDEX_OPTION_KEYS, "visitors_enabled", "visitors_retention_days",
+                 "thumbnails"}
         impostors = None
         if meta.get("impostor_model"):
             try:
@@ -279,6 +282,7 @@ class Settings:
                 enabled=meta.get("visitors_enabled", "0") == "1",
                 retention_days=float(meta.get("visitors_retention_days", "30")),
             ),
+            thumbnails=meta.get("thumbnails") if meta.get("thumbnails") in MODES else "off",
             generation=int(meta.get("generation") or 0),
             created_at=meta.get("created_at"),
             rule=Rule(kind=meta.get("decision_rule") or "fixed", target=float(meta.get("decision_target") or 0.01),
@@ -291,14 +295,17 @@ class Settings:
     @staticmethod
     def initial(model_id: str, dim: int, threshold: float, threshold_source: str, index_kind: str,
                 flip: bool, impostors: ImpostorModel | None = None, margin: float | None = None,
-                rule: str | None = None, mean_templates: bool = True) -> dict[str, str]:
+                rule: str | None = None, mean_templates: bool = True, thumbnails: str = DEFAULT_MODE
+                ) -> dict[str, str]:
         """The ``meta`` rows of a new database. The rule: ``rule`` if given, else ``margin`` when the model ships
-        a margin threshold, ``gallery`` when it ships an impostor model, else ``fixed``."""
+        a margin threshold, ``gallery`` when it ships an impostor model, else ``fixed``; ``thumbnails``: which
+        face thumbnails are kept (see :mod:`facedb.thumbnails`)."""
         if rule is None:
             rule = "margin" if margin is not None else "gallery" if impostors is not None else "fixed"
         rows = {"model_id": model_id, "dim": str(int(dim)), "metric": "cosine", "threshold": repr(float(threshold)),
                 "threshold_source": threshold_source, "index_kind": index_kind, "flip": "1" if flip else "0",
-                "mean_templates": "1" if mean_templates else "0", **Settings.rule_rows(rule, 0.01, impostors, margin)}
+                "mean_templates": "1" if mean_templates else "0", "thumbnails": check_mode(thumbnails),
+                **Settings.rule_rows(rule, 0.01, impostors, margin)}
         return rows
 
     @staticmethod

@@ -41,7 +41,7 @@ import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import sqlite_utils
@@ -301,9 +301,25 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     );
     CREATE INDEX IF NOT EXISTS unassigned_faces_time ON unassigned_faces(time);
     """,
-    # 8: derived templates: each person's mean template beside their photo templates (a database setting)
+    # 8: face thumbnails (facedb/thumbnails.py): each belongs to exactly one template, audit record or kept
+    # unknown face, and goes with it (foreign keys). Databases made before keep none until told otherwise.
+    """
+    CREATE TABLE IF NOT EXISTS thumbnails (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        embedding_id INTEGER UNIQUE REFERENCES embeddings(id) ON DELETE CASCADE,
+        audit_id INTEGER UNIQUE REFERENCES audit(id) ON DELETE CASCADE,
+        visitor_id INTEGER UNIQUE REFERENCES unassigned_faces(id) ON DELETE CASCADE,
+        jpeg BLOB NOT NULL,
+        CHECK ((embedding_id IS NOT NULL) + (audit_id IS NOT NULL) + (visitor_id IS NOT NULL) = 1)
+    );
+    INSERT OR IGNORE INTO meta (key, value) VALUES ('thumbnails', 'off');
+    """,
+    # 9: derived templates: each person's mean template beside their photo templates (a database setting)
     lambda conn: _add_column(conn, "embeddings", "derived INTEGER NOT NULL DEFAULT 0"),
 ]
+#: The schema versions that have the service's key and webhook tables, and the thumbnails table.
+KEYS_VERSION = 6
+THUMBNAILS_VERSION = 8
 SCHEMA_VERSION = len(MIGRATIONS)
 
 #: How many generations of the change log to keep behind the saved index, so that processes holding a
@@ -725,7 +741,11 @@ class Store:
         with self.write():
             pid = self._person_id(name)
             ids = [r[0] for r in self.conn.execute("SELECT id FROM embeddings WHERE person_id = ?", (pid,))]
-            # Cascades to images and embeddings; secure_delete zeroes the freed pages.
+            if self.version >= THUMBNAILS_VERSION:  # the faces of the decisions that named them; the decisions stay
+                stored = self.conn.execute("SELECT name FROM people WHERE id = ?", (pid,)).fetchone()[0]
+                self.conn.execute("DELETE FROM thumbnails WHERE audit_id IN (SELECT id FROM audit WHERE identity = ?)",
+                                  (stored,))
+            # Cascades to images, embeddings and their thumbnails; secure_delete zeroes the freed pages.
             self.conn.execute("DELETE FROM people WHERE id = ?", (pid,))
             self._bump_generation([], ids)
         return ids
@@ -780,7 +800,7 @@ class Store:
     # --------------------------------------------------------------- templates
     @property
     def _has_derived(self) -> bool:
-        return self.version >= 8
+        return self.version >= 9
 
     def _refresh_mean(self, pid: int) -> tuple[list[int], list[int]]:
         """Inside a write: replace the person's mean template (derived) by the renormalised mean of their other
@@ -831,18 +851,21 @@ class Store:
         create_person: bool = False,
         metadata: dict[str, Any] | None = None,
         external_id: str | None = None,
+        thumbnails: Sequence[bytes | None] | None = None,
     ) -> list[int]:
         """Store unit ``vectors`` (n, dim) for ``name``, with the image they came from, in one transaction.
 
         With ``create_person`` the person is created if missing (enrolment). ``image`` is a dict with sha256,
         path, size, width, height; the same sha256 cannot be stored twice. ``metadata`` is merged into the
         person's; ``external_id`` (if given) becomes theirs (DuplicatePersonError if another person has it).
+        ``thumbnails``: a JPEG (or None) per vector, kept with its template (see :mod:`facedb.thumbnails`).
         """
         n = len(vectors)
         boxes = list(boxes) if boxes is not None else [None] * n
         det_scores = list(det_scores) if det_scores is not None else [None] * n
-        if len(boxes) != n or len(det_scores) != n:
-            raise InvalidInputError("boxes and det_scores must have one entry per vector")
+        thumbs = list(thumbnails) if thumbnails is not None else [None] * n
+        if len(boxes) != n or len(det_scores) != n or len(thumbs) != n:
+            raise InvalidInputError("boxes, det_scores and thumbnails must have one entry per vector")
         now = utcnow()
         with self.write():
             try:
@@ -874,6 +897,7 @@ class Store:
                     now,
                 ))
                 ids.append(int(cur.lastrowid))  # AUTOINCREMENT: never a reused id
+            self._insert_thumbnails(self.conn, "embedding_id", ids, thumbs)
             self.conn.execute("UPDATE people SET updated_at = ? WHERE id = ?", (now, pid))
             added, removed = self._refresh_mean(pid)
             self._bump_generation(ids + added, removed)
@@ -1123,12 +1147,15 @@ class Store:
         cols = ["time", "operation", "image_sha256", "identity", "similarity", "threshold", "model_id", "detail",
                 "embedding"] + (["actor"] if self.version >= 3 else [])
         with self._transaction(conn, "write the audit trail"):
-            conn.executemany(
-                f"INSERT INTO audit ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                [(now, r["operation"], r.get("image_sha256"), r.get("identity"), r.get("similarity"),
-                  r.get("threshold"), r["model_id"], json.dumps(r["detail"]) if r.get("detail") else None,
-                  r.get("embedding"), *([r.get("actor")] if self.version >= 3 else [])) for r in rows],
-            )
+            sql = f"INSERT INTO audit ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+            values = [(now, r["operation"], r.get("image_sha256"), r.get("identity"), r.get("similarity"),
+                       r.get("threshold"), r["model_id"], json.dumps(r["detail"]) if r.get("detail") else None,
+                       r.get("embedding"), *([r.get("actor")] if self.version >= 3 else [])) for r in rows]
+            if any(r.get("thumbnail") for r in rows):  # one insert at a time: each thumbnail needs its record's id
+                ids = [int(conn.execute(sql, v).lastrowid) for v in values]
+                self._insert_thumbnails(conn, "audit_id", ids, [r.get("thumbnail") for r in rows])
+            else:
+                conn.executemany(sql, values)
             if retention_days is not None:
                 cutoff = datetime.fromtimestamp(
                     datetime.now(timezone.utc).timestamp() - retention_days * 86400, timezone.utc
@@ -1136,9 +1163,13 @@ class Store:
                 conn.execute("DELETE FROM audit WHERE time < ?", (cutoff,))
 
     def audit(self, since: str | None = None, limit: int | None = None, *, until: str | None = None,
-              operation: str | None = None, actor: str | None = None, offset: int = 0) -> list[dict[str, Any]]:
-        """Audit records at or after ``since`` and before ``until`` (ISO 8601, UTC), of one operation and one
-        actor if given, oldest first, paged by ``limit`` / ``offset``."""
+              operation: str | Sequence[str] | None = None, actor: str | None = None, offset: int = 0,
+              identity: str | None = None, decided: bool | None = None, after_id: int | None = None,
+              newest_first: bool = False) -> list[dict[str, Any]]:
+        """Audit records at or after ``since`` and before ``until`` (ISO 8601, UTC), of one operation (or any of
+        several) and one actor if given, about ``identity`` if given, with an identity (``decided`` True) or
+        none (False: unknown, rejected), with ids above ``after_id``; oldest first (or newest first), paged by
+        ``limit`` / ``offset``."""
         if self.version < 2:
             return []
         where = ["time >= ?"]
@@ -1146,25 +1177,41 @@ class Store:
         if until is not None:
             where.append("time < ?")
             params.append(until)
-        if operation is not None:
+        if isinstance(operation, str):
             where.append("operation = ?")
             params.append(operation)
+        elif operation is not None:
+            ops = list(operation)
+            where.append(f"operation IN ({','.join('?' * len(ops))})" if ops else "0")
+            params.extend(ops)
         if actor is not None and self.version >= 3:
             where.append("actor = ?")
             params.append(actor)
+        if identity is not None:
+            where.append("identity = ?")
+            params.append(identity)
+        if decided is not None:
+            where.append("identity IS NOT NULL" if decided else "identity IS NULL")
+        if after_id is not None:
+            where.append("id > ?")
+            params.append(int(after_id))
         actor_col = "actor" if self.version >= 3 else "NULL"
+        thumb_col = ("EXISTS (SELECT 1 FROM thumbnails t WHERE t.audit_id = audit.id)"
+                     if self.version >= THUMBNAILS_VERSION else "0")
         sql = (f"SELECT id, time, operation, {actor_col}, image_sha256, identity, similarity, threshold, model_id, "
-               f"detail, embedding IS NOT NULL FROM audit WHERE {' AND '.join(where)} ORDER BY id")
+               f"detail, embedding IS NOT NULL, {thumb_col} FROM audit WHERE {' AND '.join(where)} ORDER BY id"
+               f"{' DESC' if newest_first else ''}")
         if limit is not None or offset:
             sql += " LIMIT ? OFFSET ?"
             params += [-1 if limit is None else int(limit), int(offset)]
         keys = ("id", "time", "operation", "actor", "image_sha256", "identity", "similarity", "threshold",
-                "model_id", "detail", "has_embedding")
+                "model_id", "detail", "has_embedding", "has_thumbnail")
         out = []
         for row in self.conn.execute(sql, params):
             rec = dict(zip(keys, row))
             rec["detail"] = json.loads(rec["detail"]) if rec["detail"] else None
             rec["has_embedding"] = bool(rec["has_embedding"])
+            rec["has_thumbnail"] = bool(rec["has_thumbnail"])
             out.append(rec)
         return out
 
@@ -1178,7 +1225,7 @@ class Store:
 
     def add_api_key(self, key_id: str, name: str | None, scope: str, key_hash: str) -> dict[str, Any]:
         """Store a new API key (its hash only); DuplicateError when a live key already has ``name``."""
-        self._need_version(6, "API keys")
+        self._need_version(KEYS_VERSION, "API keys")
         row = {"id": key_id, "name": name, "scope": scope, "key_hash": key_hash, "created_at": utcnow(),
                "revoked_at": None}
         with self.write():
@@ -1191,14 +1238,14 @@ class Store:
 
     def api_key(self, key_id: str) -> dict[str, Any] | None:
         """The key row with id ``key_id`` (revoked or not), or None."""
-        if self.version < 6:
+        if self.version < KEYS_VERSION:
             return None
         row = self.conn.execute(f"SELECT {self._KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
         return dict(zip(self._KEY_COLUMNS.split(", "), row)) if row else None
 
     def api_keys(self) -> list[dict[str, Any]]:
         """Every key row, oldest first (revoked ones too: they stay, so the audit trail's actors resolve)."""
-        if self.version < 6:
+        if self.version < KEYS_VERSION:
             return []
         rows = self.conn.execute(f"SELECT {self._KEY_COLUMNS} FROM api_keys ORDER BY created_at, id").fetchall()
         return [dict(zip(self._KEY_COLUMNS.split(", "), r)) for r in rows]
@@ -1206,7 +1253,7 @@ class Store:
     def revoke_api_key(self, ref: str) -> dict[str, Any]:
         """Revoke the key whose id is ``ref``, or the live key named ``ref``; returns its row. NotFoundError if
         there is none; revoking a revoked key changes nothing."""
-        self._need_version(6, "API keys")
+        self._need_version(KEYS_VERSION, "API keys")
         with self.write():
             row = self.conn.execute(f"SELECT {self._KEY_COLUMNS} FROM api_keys WHERE id = ?", (ref,)).fetchone()
             if row is None:
@@ -1222,7 +1269,7 @@ class Store:
 
     def add_webhook(self, url: str, events: Sequence[str], secret: str, key_id: str | None) -> dict[str, Any]:
         """Store a webhook (for one key's requests, or database-wide when ``key_id`` is None)."""
-        self._need_version(6, "webhooks")
+        self._need_version(KEYS_VERSION, "webhooks")
         row = {"url": url, "events": ",".join(events), "secret": secret, "key_id": key_id, "created_at": utcnow()}
         with self.write():
             if key_id is not None and not self.conn.execute(
@@ -1235,14 +1282,14 @@ class Store:
 
     def webhooks(self) -> list[dict[str, Any]]:
         """Every webhook row (with its secret), oldest first."""
-        if self.version < 6:
+        if self.version < KEYS_VERSION:
             return []
         rows = self.conn.execute(f"SELECT {self._HOOK_COLUMNS} FROM webhooks ORDER BY id").fetchall()
         return [dict(zip(self._HOOK_COLUMNS.split(", "), r)) for r in rows]
 
     def remove_webhook(self, hook_id: int) -> dict[str, Any]:
         """Delete a webhook; returns its row. NotFoundError if there is none."""
-        self._need_version(6, "webhooks")
+        self._need_version(KEYS_VERSION, "webhooks")
         with self.write():
             row = self.conn.execute(f"SELECT {self._HOOK_COLUMNS} FROM webhooks WHERE id = ?",
                                     (int(hook_id),)).fetchone()
@@ -1250,7 +1297,6 @@ class Store:
                 raise NotFoundError(f"no webhook with id {hook_id}")
             self.conn.execute("DELETE FROM webhooks WHERE id = ?", (int(hook_id),))
         return dict(zip(self._HOOK_COLUMNS.split(", "), row))
-
     # ------------------------------------------------------- unassigned faces (unknown visitors)
     def _has_unassigned(self, conn: sqlite3.Connection | None = None) -> bool:
         """Whether the table exists: a database opened read-only before its migration lacks it."""
@@ -1274,12 +1320,13 @@ class Store:
             return
         now = utcnow()
         with self._transaction(conn, "keep unknown faces"):
-            conn.executemany(
+            ids = [int(conn.execute(
                 "INSERT INTO unassigned_faces (time, actor, image_sha256, box, det_score, similarity, vector) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(now, r.get("actor"), r.get("image_sha256"),
-                  json.dumps([round(float(c), 2) for c in r["box"]]) if r.get("box") is not None else None,
-                  r.get("det_score"), r.get("similarity"), to_blob(r["vector"])) for r in rows])
+                (now, r.get("actor"), r.get("image_sha256"),
+                 json.dumps([round(float(c), 2) for c in r["box"]]) if r.get("box") is not None else None,
+                 r.get("det_score"), r.get("similarity"), to_blob(r["vector"]))).lastrowid) for r in rows]
+            self._insert_thumbnails(conn, "visitor_id", ids, [r.get("thumbnail") for r in rows])
             conn.execute("DELETE FROM unassigned_faces WHERE time < ?", (self._cutoff(retention_days),))
 
     def purge_unassigned(self, retention_days: float) -> int:
@@ -1326,7 +1373,7 @@ class Store:
                 pid = self._insert_person(name, None, None)
             images: dict[str, int | None] = {}
             new_ids: list[int] = []
-            for _, sha, box, det_score, blob in rows:
+            for face_id, sha, box, det_score, blob in rows:
                 if len(blob) != 4 * self.dim:
                     raise DatabaseError(f"{self.path}: a kept face has the wrong size; nothing was changed")
                 image_id = None
@@ -1344,6 +1391,9 @@ class Store:
                     "INSERT INTO embeddings (person_id, image_id, box, det_score, vector, created_at) "
                     "VALUES (?, ?, ?, ?, ?, ?)", (pid, image_id, box, det_score, blob, now))
                 new_ids.append(int(cur.lastrowid))
+                if self.version >= THUMBNAILS_VERSION:  # the face's thumbnail becomes the template's
+                    self.conn.execute("UPDATE thumbnails SET embedding_id = ?, visitor_id = NULL WHERE visitor_id = ?",
+                                      (new_ids[-1], face_id))
             list(self._rows_in("DELETE FROM unassigned_faces WHERE id IN ({marks})", [r[0] for r in rows]))
             self.conn.execute("UPDATE people SET updated_at = ? WHERE id = ?", (now, pid))
             added, removed = self._refresh_mean(pid)
@@ -1360,6 +1410,60 @@ class Store:
             if self.version >= 2 and blobs:
                 list(self._rows_in("UPDATE audit SET embedding = NULL WHERE embedding IN ({marks})", blobs))
         return len(rows)
+
+    # ------------------------------------------------------------------------------ face thumbnails
+    _THUMB_OWNERS: ClassVar[dict[str, str]] = {"template": "embedding_id", "probe": "audit_id",
+                                               "visitor": "visitor_id"}
+
+    def _insert_thumbnails(self, conn: sqlite3.Connection, column: str, ids: Sequence[int],
+                           jpegs: Sequence[bytes | None]) -> None:
+        """Inside the caller's transaction: a thumbnail row for each (owner id, JPEG) whose JPEG is given."""
+        rows = [(int(i), bytes(j)) for i, j in zip(ids, jpegs) if j]
+        if rows and self.version >= THUMBNAILS_VERSION:
+            conn.executemany(f"INSERT INTO thumbnails ({column}, jpeg) VALUES (?, ?)", rows)
+
+    def thumbnail(self, kind: str, owner_id: int) -> bytes | None:
+        """The JPEG kept for a template (``kind`` "template"), an audit record ("probe") or a kept unknown face
+        ("visitor") with id ``owner_id``, or None."""
+        if kind not in self._THUMB_OWNERS:
+            raise InvalidInputError(f"a thumbnail belongs to a {', '.join(self._THUMB_OWNERS)}")
+        if self.version < THUMBNAILS_VERSION:
+            return None
+        row = self.conn.execute(f"SELECT jpeg FROM thumbnails WHERE {self._THUMB_OWNERS[kind]} = ?",
+                                (int(owner_id),)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def thumbnail_owners(self, kind: str, owner_ids: Sequence[int]) -> set[int]:
+        """Which of ``owner_ids`` (templates, audit records or kept faces, by ``kind``) have a thumbnail."""
+        if self.version < THUMBNAILS_VERSION or not owner_ids:
+            return set()
+        column = self._THUMB_OWNERS[kind]
+        return {int(r[0]) for r in self._rows_in(f"SELECT {column} FROM thumbnails WHERE {column} IN ({{marks}})",
+                                                 [int(i) for i in owner_ids])}
+
+    def cover_templates(self, person_ids: Sequence[int]) -> dict[int, int]:
+        """{person id: the id of their first template that has a thumbnail}, for the people among
+        ``person_ids`` that have one (a list of people shows that face beside each name)."""
+        if self.version < THUMBNAILS_VERSION or not person_ids:
+            return {}
+        return {int(p): int(e) for p, e in self._rows_in(
+            "SELECT e.person_id, MIN(e.id) FROM thumbnails t JOIN embeddings e ON e.id = t.embedding_id "
+            "WHERE e.person_id IN ({marks}) GROUP BY e.person_id", sorted({int(p) for p in person_ids}))}
+
+    def count_thumbnails(self) -> dict[str, int]:
+        """How many thumbnails are kept, by kind."""
+        if self.version < THUMBNAILS_VERSION:
+            return {k: 0 for k in self._THUMB_OWNERS}
+        return {k: int(self.conn.execute(f"SELECT COUNT(*) FROM thumbnails WHERE {c} IS NOT NULL").fetchone()[0])
+                for k, c in self._THUMB_OWNERS.items()}
+
+    def drop_thumbnails(self, kinds: Sequence[str]) -> int:
+        """Delete every thumbnail of ``kinds`` (in the caller's transaction, or one of its own); returns how many."""
+        if self.version < THUMBNAILS_VERSION or not kinds:
+            return 0
+        where = " OR ".join(f"{self._THUMB_OWNERS[k]} IS NOT NULL" for k in kinds)
+        with self.write():
+            return int(self.conn.execute(f"DELETE FROM thumbnails WHERE {where}").rowcount)
 
     def vacuum(self) -> None:
         """Rewrite the file, dropping free pages, then truncate the WAL (so no removed bytes linger)."""

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from . import cluster as clustering
+from . import thumbnails
 from .audit import current_actor
 from .errors import InvalidInputError
 from .records import VisitorGroup
@@ -43,12 +44,15 @@ class VisitorLog:
         self.actor = actor
 
     def keep(self, faces: Sequence[dict[str, Any]], settings: Settings) -> int:
-        """Append the faces (dicts with vector, identity, and any of image_sha256, box, det_score, similarity)
-        whose identity is None, if visitors are kept; returns how many were kept."""
+        """Append the faces (dicts with vector, identity, and any of image_sha256, box, det_score, similarity,
+        thumbnail: a JPEG, kept if the database keeps visitors' thumbnails) whose identity is None, if visitors
+        are kept; returns how many were kept."""
         if not settings.visitors.enabled:
             return 0
         actor = current_actor(self.actor)
-        rows = [{**f, "actor": actor} for f in faces if f.get("identity") is None]
+        keep_thumbnail = thumbnails.keeps(settings.thumbnails, "visitor")
+        rows = [{**f, "actor": actor, "thumbnail": f.get("thumbnail") if keep_thumbnail else None}
+                for f in faces if f.get("identity") is None]
         self.store.append_unassigned(rows, settings.visitors.retention_days)
         return len(rows)
 

@@ -47,6 +47,12 @@ def milvus_options(index: IndexKind, uri: str | None, collection: str | None, to
     return {k: v for k, v in given.items() if v}
 
 
+class Thumbnails(str, Enum):
+    off = "off"
+    enrolled = "enrolled"
+    all = "all"
+
+
 class Rule(str, Enum):
     """Open-set decision rules (facedb/decision.py)."""
 
@@ -92,6 +98,10 @@ def init(
     cancellable: Annotated[bool, typer.Option(help="Store templates under a keyed random orthogonal projection of "
                                                     "this database (same scores; unlinkable across databases).")
                            ] = False,
+    thumbnails: Annotated[Thumbnails, typer.Option(help="Face thumbnails kept in the store (biometric data): off, "
+                                                        "enrolled (templates' faces) or all (also decisions' and "
+                                                        "unknown visitors' faces). See README \"Console\".")
+                          ] = Thumbnails.enrolled,
 ) -> None:
     """Create a new, empty database."""
     from ..db import FaceDB
@@ -122,14 +132,27 @@ def init(
                        index=index.value, flip=flip, impostors=impostors, margin=margin, rule=rule.value,
                        mean_templates=mean_templates,
                        index_options=options, encrypt=encrypt,
-                       key=key, cancellable=cancellable) as db:
+                       key=key, cancellable=cancellable, thumbnails=thumbnails.value) as db:
         s = db.settings()
         info = {"created": str(db.root), "model_id": db.model_id, "dim": db.dim, "threshold": db.threshold,
                 "flip": db.flip, "index_kind": db.index_kind, "decision_rule": s.rule.kind, **s.index_options,
-                "encrypted": db.encrypted, "cancellable": db.cancellable}
+                "encrypted": db.encrypted, "cancellable": db.cancellable, "thumbnails": s.thumbnails}
     if note:
         typer.echo(note, err=True)
     emit_kv(ctx, info)
+
+
+@command(name="thumbnails")
+def thumbnails_cmd(
+    ctx: typer.Context,
+    mode: Annotated[Thumbnails | None, typer.Argument(help="off, enrolled or all; none: show the setting and "
+                                                           "the counts.")] = None,
+) -> None:
+    """Which face thumbnails the database keeps (off, enrolled, all); narrowing erases those no longer kept."""
+    with open_db(ctx, readonly=mode is None) as db:
+        if mode is not None:
+            db.configure_thumbnails(mode.value)
+        emit_kv(ctx, {"thumbnails": db.settings().thumbnails, **db.store.count_thumbnails()})
 
 
 @command()
