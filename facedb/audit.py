@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from . import thumbnails
 from .errors import DatabaseError
 from .records import AuditRecord
 from .scores import to_blob
@@ -103,9 +104,10 @@ class AuditTrail:
         _LIVE.add(self)
 
     def record(self, operation: str, records: Sequence[dict[str, Any]], settings: Settings) -> None:
-        """Append ``records`` (dicts with any of image_sha256, identity, similarity, threshold, detail, vector)
-        as ``operation`` by the current actor, unless the trail is switched off. The probe's vector is kept
-        only when the trail is configured to store probes. A decision or a read (:func:`deferrable`) may be
+        """Append ``records`` (dicts with any of image_sha256, identity, similarity, threshold, detail, vector,
+        thumbnail) as ``operation`` by the current actor, unless the trail is switched off. The probe's vector is
+        kept only when the trail is configured to store probes, its thumbnail (a JPEG) only when the database
+        keeps probe thumbnails (:mod:`facedb.thumbnails`). A decision or a read (:func:`deferrable`) may be
         committed by the background writer after this returns, when the trail is not ``sync``; anything else
         is committed before. DatabaseError when the record cannot be written (a decision's: when an earlier
         background write failed and still does)."""
@@ -113,9 +115,12 @@ class AuditTrail:
             return
         actor = current_actor(self.actor)
         now = utcnow()
+        keep_thumbnail = thumbnails.keeps(settings.thumbnails, "probe")
         rows = []
         for rec in records:
-            row = {k: v for k, v in rec.items() if k != "vector"}
+            row = {k: v for k, v in rec.items() if k not in ("vector", "thumbnail")}
+            if keep_thumbnail and rec.get("thumbnail"):
+                row["thumbnail"] = rec["thumbnail"]
             row.update(operation=operation, model_id=settings.model_id, actor=actor, time=now)
             vector = rec.get("vector")
             if settings.audit.store_probes and vector is not None:
@@ -186,13 +191,15 @@ class AuditTrail:
         self.flush()
 
     def read(self, since: str | None = None, limit: int | None = None, *, until: str | None = None,
-             operation: str | None = None, actor: str | None = None, offset: int = 0) -> list[AuditRecord]:
+             operation: str | Sequence[str] | None = None, actor: str | None = None, offset: int = 0,
+             **filters: Any) -> list[AuditRecord]:
         """Records oldest first, filtered by time (ISO 8601 UTC, ``since`` inclusive, ``until`` exclusive),
-        operation and actor, paged by ``limit`` / ``offset``. Waiting records are committed first."""
+        operation and actor, paged by ``limit`` / ``offset``; ``filters`` are :meth:`Store.audit`'s others
+        (identity, decided, after_id, newest_first). Waiting records are committed first."""
         if self._pending:
             self.flush()
         return [AuditRecord(**row) for row in self.store.audit(since, limit, until=until, operation=operation,
-                                                               actor=actor, offset=offset)]
+                                                               actor=actor, offset=offset, **filters)]
 
 
 _LIVE: weakref.WeakSet[AuditTrail] = weakref.WeakSet()

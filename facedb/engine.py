@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from .decision import Policy
 from .gallery import Gallery
 from .records import Candidate, Identification, Verification
 from .scores import similarity_to_distance
@@ -133,34 +134,43 @@ def candidates(pairs: list[tuple[int, float]], names: dict[int, tuple[str, str |
     ]
 
 
-def decide(cands: list[Candidate], threshold: float, rule: str | None = None) -> Identification:
-    """The open-set decision for one probe from its ranked candidates, held to ``threshold`` (chosen by
-    ``rule``, which the answer carries so it can be explained)."""
+def decide(cands: list[Candidate], policy: Policy | float, k: int | None = None) -> Identification:
+    """The open-set decision for one probe from its ranked candidates, by ``policy`` (a float: a plain
+    threshold), which the answer carries so it can be explained; ``k`` trims the candidates shown (the margin
+    rule reads the runner-up even when one candidate is asked for)."""
+    if not isinstance(policy, Policy):
+        policy = Policy("given", float(policy), explanation="given")
+    shown = cands if k is None else cands[:k]
     if not cands:
-        return Identification(identity=None, similarity=None, distance=None, threshold=threshold, candidates=[],
-                              rule=rule)
+        return Identification(identity=None, similarity=None, distance=None, threshold=policy.threshold,
+                              candidates=[], rule=policy.explanation, score_threshold=policy.margin)
     best = cands[0]
-    accepted = best.similarity >= threshold
+    accepted, score = policy.judge(best.similarity, cands[1].similarity if len(cands) > 1 else None)
     return Identification(
         identity=best.name if accepted else None,
         similarity=best.similarity,
         distance=best.distance,
-        threshold=threshold,
-        candidates=cands,
+        threshold=policy.threshold,
+        candidates=shown,
         external_id=best.external_id if accepted else None,
-        rule=rule,
+        rule=policy.explanation,
+        score=score,
+        score_threshold=policy.margin if score is not None else None,
     )
 
 
-def identify(gallery: Gallery, queries: np.ndarray, k: int, threshold: float, fetch: VectorFetch,
-             names: NameLookup, rule: str | None = None) -> list[Identification]:
+def identify(gallery: Gallery, queries: np.ndarray, k: int, policy: Policy | float, fetch: VectorFetch,
+             names: NameLookup) -> list[Identification]:
     """The whole 1:N query for unit probe rows ``queries`` (m, dim): one Identification per row."""
-    ranked = rank_people(gallery, queries, k, fetch)
+    if not isinstance(policy, Policy):
+        policy = Policy("given", float(policy), explanation="given")
+    ranked = rank_people(gallery, queries, max(k, 2) if policy.needs_runner_up else k, fetch)
     lookup = names([pid for pairs in ranked for pid, _ in pairs])
-    return [decide(candidates(pairs, lookup), threshold, rule) for pairs in ranked]
+    return [decide(candidates(pairs, lookup), policy, k) for pairs in ranked]
 
 
-def verify_scores(probe: np.ndarray, templates: np.ndarray, name: str, threshold: float) -> Verification:
+def verify_scores(probe: np.ndarray, templates: np.ndarray, name: str, threshold: float,
+                  external_id: str | None = None) -> Verification:
     """1:1 decision for one unit probe against a person's templates (best template wins)."""
     sim = float(np.max(templates @ probe)) if len(templates) else -1.0
     return Verification(
@@ -169,6 +179,7 @@ def verify_scores(probe: np.ndarray, templates: np.ndarray, name: str, threshold
         similarity=sim,
         distance=float(similarity_to_distance(sim)),
         threshold=threshold,
+        external_id=external_id,
     )
 
 

@@ -90,7 +90,9 @@ def _to_rgb(im: Image.Image, name: str) -> Image.Image:
         im = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), "L")
     elif im.mode == "LAB":
         raise ImageError(f"{name}: CIELAB pixels cannot be converted to RGB without a colour profile")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+    if im.mode in ("RGBa", "La"):  # premultiplied alpha: Pillow converts these only to their plain forms
+        im = im.convert("RGBA" if im.mode == "RGBa" else "LA")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         im = im.convert("RGBA")
         white = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im = Image.alpha_composite(white, im)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -27,7 +28,7 @@ import numpy as np
 from .detect import Face, MTCNNDetector, in_frame
 from .errors import FaceDBError, InvalidInputError
 from .images import MAX_FILE_BYTES, Photo, PhotoSource, display_name, load_photo
-from .models import Embedder, load_embedder, single_threaded
+from .models import Embedder, configure_threads, load_embedder, single_threaded
 from .records import Skipped
 
 
@@ -53,6 +54,7 @@ class FaceChoice(str, Enum):
     LARGEST = "largest"  # the largest face
     SKIP = "skip"  # several faces: skip the photo quietly
     CENTRAL = "central"  # the face nearest the centre (evaluation sets centre the labelled person)
+    ALL = "all"  # every face (clustering): prepare gives one PreparedFaces per photo
 
 
 #: The choices ``enroll --on-multiple`` offers (kept for callers of the older tuple).
@@ -130,7 +132,26 @@ class Unprepared:
     sha256: str | None = None
 
 
-Outcome = Prepared | Unprepared
+@dataclass
+class PreparedFaces:
+    """Every face of a photo, ready to embed (``FaceChoice.ALL``): the caller's ``key``, the store's image row,
+    the faces and their aligned crops, in the detector's order."""
+
+    key: Any
+    image: dict[str, object]
+    faces: list[Face]
+    crops: list[np.ndarray]
+
+    @property
+    def sha256(self) -> str:
+        return str(self.image["sha256"])
+
+    @property
+    def label(self) -> str:
+        return str(self.image["path"])
+
+
+Outcome = Prepared | PreparedFaces | Unprepared
 
 
 class FacePipeline:
@@ -187,8 +208,8 @@ class FacePipeline:
         return (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
 
     def prepare(self, items: Sequence[tuple[Any, PhotoSource]], choice: FaceChoice = FaceChoice.ERROR,
-                cropped: bool = False) -> list[Outcome]:
-        return prepare(self.detector, self.embedder.align, items, choice, cropped)
+                cropped: bool = False, stop: threading.Event | None = None) -> list[Outcome]:
+        return prepare(self.detector, self.embedder.align, items, choice, cropped, stop)
 
 
 def jittered(crop: np.ndarray, n: int) -> list[np.ndarray]:
@@ -224,8 +245,10 @@ _DETECTORS: dict[DetectorSettings, MTCNNDetector] = {}
 
 
 def get_detector(settings: DetectorSettings | None = None) -> MTCNNDetector:
-    """The process-wide MTCNN detector for ``settings`` (loaded on first use)."""
+    """The process-wide MTCNN detector for ``settings`` (loaded on first use; torch's thread count set from
+    ``FACEDB_THREADS`` first, see :func:`facedb.models.configure_threads`)."""
     settings = settings or DetectorSettings()
+    configure_threads()
     with _LOCK:
         if settings not in _DETECTORS:
             _DETECTORS[settings] = MTCNNDetector(settings.min_face_size, settings.min_score, settings.max_side,
@@ -305,13 +328,20 @@ def _crop_faces(found: list[Face], padded: np.ndarray, pad: int, pixels: np.ndar
 BATCH_PIXELS = 12_000_000
 
 
-def find_faces_many(detector: Any, pixels: list[np.ndarray], cropped: bool = False
-                    ) -> list[tuple[list[Face], np.ndarray]]:
+def find_faces_many(detector: Any, pixels: list[np.ndarray], cropped: bool = False,
+                    stop: threading.Event | None = None) -> list[tuple[list[Face], np.ndarray]]:
     """:func:`find_faces` for several photos, detected together where the detector can (``detect_many``:
-    photos of one size in one batch); the same faces as one at a time."""
+    photos of one size in one batch); the same faces as one at a time. A detector without ``detect_many``
+    takes them one at a time, and once ``stop`` is set no further photo is started: the result then covers
+    the first photos only."""
     many = getattr(detector, "detect_many", None)
     if many is None or len(pixels) < 2:
-        return [find_faces(detector, p, cropped) for p in pixels]
+        out = []
+        for p in pixels:
+            if stop is not None and stop.is_set():
+                break
+            out.append(find_faces(detector, p, cropped))
+        return out
     if not cropped:
         return list(zip(many(pixels), pixels))
     padded = [_padded(p) for p in pixels]
@@ -321,17 +351,29 @@ def find_faces_many(detector: Any, pixels: list[np.ndarray], cropped: bool = Fal
 
 def prepare(detector: Any, align: Callable[[np.ndarray, Face], np.ndarray],
             items: Sequence[tuple[Any, PhotoSource]], choice: FaceChoice = FaceChoice.ERROR,
-            cropped: bool = False) -> list[Outcome]:
+            cropped: bool = False, stop: threading.Event | None = None) -> list[Outcome]:
     """Decode, detect, choose the face (``choice``) and align, for each (key, photo), in order; no database
-    access. A photo that fails gives an :class:`Unprepared` with its reason and never stops the others.
-    The photos are decoded first and detected together (:func:`find_faces_many`). ``cropped``: the photos are
-    face crops (see :func:`find_faces`)."""
+    access. A photo that fails gives an :class:`Unprepared` with its reason and never stops the others. With
+    ``FaceChoice.ALL`` a photo gives a :class:`PreparedFaces` holding every face. The photos are decoded first
+    and detected together (:func:`find_faces_many`). ``cropped``: the photos are face crops (see
+    :func:`find_faces`). When ``stop`` is set (the consumer was interrupted) it returns at once, with the photos
+    done so far: it is checked before each photo is decoded, before each detection batch, and between photos
+    detected one at a time (a batch of MTCNN runs to its end: 16 LFW photos, well under a second)."""
     out: list[Outcome | None] = []
     photos: list[tuple[int, Any, Photo]] = []
 
+    def stopped() -> bool:
+        return stop is not None and stop.is_set()
+
     def finish(batch: list[tuple[int, Any, Photo]]) -> None:
-        found = find_faces_many(detector, [photo.pixels for _, _, photo in batch], cropped)
+        if not batch or stopped():
+            return
+        found = find_faces_many(detector, [photo.pixels for _, _, photo in batch], cropped, stop)
         for (slot, key, photo), (faces, frame) in zip(batch, found):
+            if choice is FaceChoice.ALL:
+                out[slot] = (Unprepared(key, Skipped(photo.name, "no face found"), photo.sha256) if not faces else
+                             PreparedFaces(key, photo.record(), list(faces), [align(frame, f) for f in faces]))
+                continue
             chosen = choose_face(faces, choice, photo.width, photo.height)
             if isinstance(chosen, str):
                 out[slot] = Unprepared(key, Skipped(photo.name, chosen), photo.sha256)
@@ -339,6 +381,8 @@ def prepare(detector: Any, align: Callable[[np.ndarray, Face], np.ndarray],
                 out[slot] = Prepared(key, photo.record(), chosen, align(frame, chosen))
 
     for key, src in items:
+        if stop is not None and stop.is_set():
+            break
         label = _label(src)
         try:
             photo = load_photo(src, name=label)
@@ -351,6 +395,13 @@ def prepare(detector: Any, align: Callable[[np.ndarray, Face], np.ndarray],
         else:
             photos.append((len(out) - 1, key, photo))
     finish(photos)
+    if stopped():  # what was done, up to the first photo not done (the consumer reads them in order)
+        done = []
+        for o in out:
+            if o is None:
+                break
+            done.append(o)
+        return done
     return [o for o in out if o is not None]
 
 
@@ -387,6 +438,9 @@ _WORKER_PIPELINE: FacePipeline | None = None
 
 
 def _worker_start(model_id: str, weights: str | None, settings: DetectorSettings) -> None:
+    # Ctrl-C reaches the whole process group: the parent stops the job and terminates the workers, so a
+    # worker must not die on it by itself (with a traceback of its own on the terminal).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     single_threaded()  # one core per worker process: the parallelism is across processes
     global _WORKER_PIPELINE
     _WORKER_PIPELINE = get_pipeline(model_id, weights=Path(weights) if weights else None, settings=settings)
@@ -430,7 +484,7 @@ def prepared_chunks(
     photos are face crops (see :func:`find_faces`).
 
     Interrupting the consumer (KeyboardInterrupt) cancels the work not started and does not wait for the
-    work running in processes: they are terminated.
+    work running: processes are terminated, and the detection thread stops after the photo it is on.
     """
     if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
         raise InvalidInputError("workers must be an integer >= 0")
@@ -439,6 +493,7 @@ def prepared_chunks(
     if not pipe.spawnable:
         workers = 0
     chunks = [list(work[i:i + batch_size]) for i in range(0, len(work), batch_size)]
+    stop = threading.Event()
     pool: Executor
     if workers:
         pool = _process_pool(workers, pipe)
@@ -448,7 +503,7 @@ def prepared_chunks(
         # A thread decodes and detects the next chunk while this one embeds and stores (torch and numpy
         # release the GIL; dlib does not, hence the processes above).
         pool = ThreadPoolExecutor(max_workers=1)
-        run = lambda items: pool.submit(pipe.prepare, items, choice, cropped)  # noqa: E731
+        run = lambda items: pool.submit(pipe.prepare, items, choice, cropped, stop)  # noqa: E731
         ahead = 1
 
     def submit(chunk: list[tuple[Any, PhotoSource]]) -> tuple[list[Outcome | None], Future[list[Outcome]] | None]:
@@ -479,6 +534,7 @@ def prepared_chunks(
                 pending.append(submit(chunks[i + ahead]))
             yield [slot if slot is not None else next(results) for slot in slots]
     finally:
+        stop.set()
         for _, future in pending:
             if future is not None:
                 future.cancel()
@@ -548,7 +604,7 @@ def list_folder(folder: Path) -> FolderLayout:
 
 __all__ = [
     "ON_MULTIPLE", "Analysed", "DetectorSettings", "FaceChoice", "FacePipeline", "FolderLayout", "Outcome",
-    "Prepared", "Unprepared", "auto_workers", "choose_face", "face_choice", "get_detector", "get_pipeline",
-    "list_folder", "prepare", "prepared_chunks", "source_sha256",
+    "Prepared", "PreparedFaces", "Unprepared", "auto_workers", "choose_face", "face_choice", "get_detector",
+    "get_pipeline", "list_folder", "prepare", "prepared_chunks", "source_sha256",
 ]
 

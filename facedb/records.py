@@ -58,7 +58,9 @@ class Identification(_Record):
     threshold: float
     candidates: list[Candidate] = field(default_factory=list)
     external_id: str | None = None  # the decided person's id in your system, if they have one
-    rule: str | None = None  # how ``threshold`` was chosen: "fixed", "given", "gallery: FPIR 0.01 at N templates"
+    rule: str | None = None  # how it was decided: "fixed", "given", "gallery: ...", "margin: ..." (decision.py)
+    score: float | None = None  # the margin rule's normalised score s1 - 0.5 s2 (None under other rules)
+    score_threshold: float | None = None  # what ``score`` had to reach
 
     @property
     def is_unknown(self) -> bool:
@@ -74,6 +76,7 @@ class Verification(_Record):
     similarity: float
     distance: float
     threshold: float
+    external_id: str | None = None  # the claimed person's id in your system, if they have one
 
 
 @dataclass(frozen=True)
@@ -99,12 +102,43 @@ class FaceMatch(_Record):
     candidates: list[Candidate]
     external_id: str | None = None
     rule: str | None = None
+    score: float | None = None
+    score_threshold: float | None = None
 
 
 @dataclass(frozen=True)
 class Skipped(_Record):
     image: str
     reason: str
+
+
+@dataclass(frozen=True)
+class FaceCheck(_Record):
+    """One face found in a photo looked at before enrolment: box (x1, y1, x2, y2) and 5 landmarks in the photo's
+    pixels, the detector's score, and the quality floors it fails (:mod:`facedb.quality`), as sentences."""
+
+    box: list[float]
+    det_score: float
+    landmarks: list[list[float]]
+    problems: list[str]
+
+
+@dataclass(frozen=True)
+class PhotoCheck(_Record):
+    """What enrolling a photo would meet (:mod:`facedb.precheck`): its faces, the ``verdict`` (``ok``, ``no
+    face``, ``several faces``, ``duplicate``) and why, the face enrolment would use (``chosen``, an index into
+    ``faces``), who the photo is enrolled as already, and the chosen face's quality warnings."""
+
+    image: str
+    sha256: str
+    width: int
+    height: int
+    faces: list[FaceCheck]
+    verdict: str
+    reason: str
+    chosen: int | None
+    enrolled_as: str | None
+    warnings: list[str]
 
 
 @dataclass
@@ -122,8 +156,12 @@ class EnrollReport(_Record):
     @property
     def only_known(self) -> bool:
         """Nothing was stored because every photo was already enrolled (re-running a folder): not a failure."""
-        return self.faces_stored == 0 and bool(self.skipped) and all(
-            s.reason.startswith("already enrolled") for s in self.skipped)
+        return self.faces_stored == 0 and bool(self.skipped) and not self.failed
+
+    @property
+    def failed(self) -> list[Skipped]:
+        """The photos that could not be enrolled (skipped for a reason other than being enrolled already)."""
+        return [s for s in self.skipped if not s.reason.startswith("already enrolled")]
 
 
 @dataclass(frozen=True)
@@ -139,6 +177,7 @@ class Template(_Record):
     box: list[float] | None = None
     det_score: float | None = None
     created_at: str | None = None
+    derived: bool = False  # the person's mean template, kept beside their photo templates (no photo of its own)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -182,13 +221,16 @@ class Stats(_Record):
     calibration: dict[str, Any] | None
     decision_rule: str  # "fixed", or "gallery" (the 1:N threshold follows the gallery size; facedb/decision.py)
     decision_target: float  # the FPIR the gallery rule holds
+    decision_margin: float | None  # the margin rule's threshold for s1 - 0.5 s2
     threshold_in_force: float  # the 1:N threshold a search is held to now, at today's gallery size
     index_kind: str
     index_built: str | None
     index_params: dict[str, Any] | None
     people: int
     images: int
-    templates: int
+    templates: int  # photo (or given-vector) templates
+    mean_templates: int  # derived: one per person with two templates or more, when enabled
+    mean_templates_enabled: bool
     people_with_one_template: int
     generation: int
     index_file_bytes: int
@@ -228,3 +270,127 @@ class AuditRecord(_Record):
     model_id: str
     detail: dict[str, Any] | None
     has_embedding: bool
+    has_thumbnail: bool = False  # the probe's face thumbnail is kept (facedb/thumbnails.py)
+
+
+# --------------------------------------------------------------------------------------------- clustering
+@dataclass(frozen=True)
+class ClusterFace(_Record):
+    """One face found while clustering photos: the photo (its position in the list given, its name and SHA-256),
+    the face box (x1, y1, x2, y2 in the photo's pixels), the detector's score, its cluster (None =
+    unclustered) and its similarity to the cluster's central face."""
+
+    photo_index: int
+    photo: str
+    image_sha256: str
+    box: list[float]
+    det_score: float
+    cluster: int | None
+    similarity_to_central: float | None = None
+
+
+@dataclass(frozen=True)
+class Cluster(_Record):
+    """A group of faces taken to be one person: ``id`` (0 = the largest), its ``size``, its most central face
+    (highest mean similarity to the other members) and every member face."""
+
+    id: int
+    size: int
+    central: ClusterFace
+    faces: list[ClusterFace]
+
+
+@dataclass
+class ClusterReport(_Record):
+    """What ``FaceDB.cluster`` found: the clusters (largest first), the faces left unclustered, the photos that
+    gave no face (with why), and the parameters: rule, threshold (cosine similarity) and where it came from,
+    neighbours per face ``k``, ``min_size``, ``seed``. ``vectors`` (one row per face, clusters' faces first in
+    cluster order, then the unclustered; not in ``to_dict``) and ``images`` (the store's row of each photo)
+    are what ``FaceDB.enroll_clusters`` stores."""
+
+    clusters: list[Cluster]
+    unclustered: list[ClusterFace]
+    skipped: list[Skipped]
+    photos: int
+    faces: int
+    rule: str
+    threshold: float
+    threshold_source: str
+    k: int
+    min_size: int
+    seed: int
+    vectors: Any = None
+    images: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("vectors",
+                                                                                                 "images")}
+        out["clusters"] = [c.to_dict() for c in self.clusters]
+        out["unclustered"] = [f.to_dict() for f in self.unclustered]
+        out["skipped"] = [s.to_dict() for s in self.skipped]
+        return out
+
+
+@dataclass(frozen=True)
+class VisitorGroup(_Record):
+    """Faces answered *unknown* that look like one person. ``id`` names the group stably: ``V<first face id>-<6
+    hex of a hash of its member ids>``, so enrolling or forgetting it acts on exactly the faces listed, or is
+    refused when the group has changed since. ``best_similarity``: the closest any of its faces came to an
+    enrolled person when searched (cosine; below the threshold, or it would not be unknown)."""
+
+    id: str
+    faces: int
+    photos: int
+    first_seen: str
+    last_seen: str
+    actors: list[str]
+    central_face: int
+    central_image_sha256: str | None
+    central_box: list[float] | None
+    best_similarity: float | None
+    face_ids: list[int]
+
+
+@dataclass(frozen=True)
+class DuplicatePair(_Record):
+    """Two people whose templates look like one person: the mean similarity over all pairs of their templates
+    (what average linkage merges on), the best pair, and how many template pairs reach the threshold."""
+
+    a: str
+    b: str
+    mean_similarity: float
+    best_similarity: float
+    matching_pairs: int
+    templates_a: int
+    templates_b: int
+
+
+@dataclass(frozen=True)
+class SplitPerson(_Record):
+    """A person whose own templates fall into several groups that do not merge at the threshold (two people
+    under one name, or very different photos): group sizes (largest first), the template ids of each group,
+    and the mean similarity between the two largest."""
+
+    name: str
+    templates: int
+    groups: list[int]
+    template_ids: list[list[int]]
+    mean_similarity_between: float
+
+
+@dataclass(frozen=True)
+class DuplicatesReport(_Record):
+    """``check --duplicates``: people who match across names, people split in two, and templates that join
+    no group of their own person (a wrong photo?). A report: nothing is changed."""
+
+    threshold: float
+    threshold_source: str
+    people: int
+    templates: int
+    same_person: list[DuplicatePair]
+    split: list[SplitPerson]
+    outliers: list[dict[str, Any]]
+
+    @property
+    def found(self) -> bool:
+        return bool(self.same_person or self.split)

@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .decision import RULES, ImpostorModel, Rule
+import numpy as np
+
+from .decision import MARGIN_WEIGHT, RULES, ImpostorModel, Rule
 from .errors import InvalidInputError
+from .thumbnails import DEFAULT_MODE, MODES, check_mode
 
 
 def check_threshold(value: object, what: str = "threshold") -> float:
@@ -29,6 +32,59 @@ def check_threshold(value: object, what: str = "threshold") -> float:
         raise InvalidInputError(f"{what} must be a number (a cosine similarity in [-1, 1])") from None
     if not -1.0 <= t <= 1.0:  # also refuses NaN
         raise InvalidInputError(f"{what} is a cosine similarity in [-1, 1], got {value!r}")
+    return t
+
+
+def check_rate(value: object, what: str = "the target rate") -> float:
+    """``value`` as an error rate to calibrate for (FAR, FPIR): a fraction strictly between 0 and 1;
+    InvalidInputError otherwise. Used by the CLI and the evaluation API alike."""
+    try:
+        r = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"{what} must be a number, a rate in (0, 1) such as 1e-3") from None
+    if not 0.0 < r < 1.0:  # also refuses NaN
+        raise InvalidInputError(f"{what} is a rate in (0, 1) such as 1e-3, got {value!r}")
+    return r
+
+
+#: The largest count anywhere (SQLite's INTEGER is 64-bit signed): larger limits and offsets are refused, not
+#: passed on to overflow.
+MAX_COUNT = 2**63 - 1
+
+
+def check_count(value: object, what: str, minimum: int = 0) -> int:
+    """``value`` as a whole number in [``minimum``, 2**63 - 1] (limits, offsets, batch sizes); InvalidInputError
+    otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not minimum <= value <= MAX_COUNT:
+        raise InvalidInputError(f"{what} must be a whole number from {minimum} to {MAX_COUNT}, got {value!r}")
+    return int(value)
+
+def threads_setting() -> int:
+    """The thread count for torch and FAISS from ``FACEDB_THREADS`` (default
+    :data:`facedb.models.DEFAULT_THREADS`, chosen from measurements; 0 = leave each engine's own default);
+    InvalidInputError for a value that is not a whole number >= 0."""
+    import os
+
+    from .models import DEFAULT_THREADS
+
+    raw = os.environ.get("FACEDB_THREADS", "").strip()
+    try:
+        n = int(raw) if raw else DEFAULT_THREADS
+    except ValueError:
+        raise InvalidInputError(f"FACEDB_THREADS must be a whole number, got {raw!r}") from None
+    if n < 0:
+        raise InvalidInputError("FACEDB_THREADS must be >= 0 (0: each engine's own default)")
+    return n
+
+
+def check_margin(value: object) -> float:
+    """``value`` as a margin threshold: the margin rule's score ``s1 - 0.5 s2`` lies in [-1.5, 1.5]."""
+    try:
+        t = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidInputError("the margin threshold must be a number") from None
+    if not -1.5 <= t <= 1.5:
+        raise InvalidInputError(f"the margin threshold (s1 - 0.5 s2) is in [-1.5, 1.5], got {value!r}")
     return t
 
 
@@ -146,6 +202,19 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class VisitorSettings:
+    """Unknown visitors (README "Clustering"): whether faces answered *unknown* are kept, to be grouped and
+    enrolled or forgotten later (off by default: it keeps biometric data of people who did not enrol), and how
+    many days they are kept (default 30; purged on every write and by ``vacuum``)."""
+
+    enabled: bool = False
+    retention_days: float = 30.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"enabled": self.enabled, "retention_days": self.retention_days}
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything a call needs to know about its database, read in one query."""
 
@@ -163,9 +232,12 @@ class Settings:
     database_id: str | None = None  # a random id given at creation: binds a shared index collection to this store
     calibration: Calibration | None = None
     audit: AuditSettings = field(default_factory=AuditSettings)
+    visitors: VisitorSettings = field(default_factory=VisitorSettings)
+    thumbnails: str = "off"  # which face thumbnails are kept (facedb/thumbnails.py); older databases: off
     generation: int = 0
     created_at: str | None = None
     rule: Rule = field(default_factory=Rule)  # the open-set decision rule (facedb/decision.py)
+    mean_templates: bool = False  # keep each person's mean template beside their photo templates
     extra: dict[str, str] = field(default_factory=dict)  # keys other collaborators own (encryption, keys...)
 
     @classmethod
@@ -182,8 +254,10 @@ class Settings:
         cal = js("calibration")
         known = {"model_id", "dim", "threshold", "threshold_source", "metric", "flip", "index_kind", "index_params",
                  "index_stamp", "calibration", "audit_enabled", "audit_retention_days", "audit_store_embeddings",
-                 "generation", "created_at", "decision_rule", "decision_target", "impostor_model",
-                 "database_id", "audit_sync", "settings_version", "people_version", *INDEX_OPTION_KEYS}
+                 "generation", "created_at", "decision_rule", "decision_target", "impostor_model", "decision_margin",
+                 "decision_weight", "mean_templates",
+                 "database_id", *INDEX_OPTION_KEYS, "visitors_enabled", "visitors_retention_days",
+                 "thumbnails", "audit_sync", "settings_version", "people_version"}
         impostors = None
         if meta.get("impostor_model"):
             try:
@@ -210,29 +284,43 @@ class Settings:
                 store_probes=meta.get("audit_store_embeddings", "0") == "1",
                 sync=meta.get("audit_sync", "1") == "1",  # missing: a database from before the background writer
             ),
+            visitors=VisitorSettings(
+                enabled=meta.get("visitors_enabled", "0") == "1",
+                retention_days=float(meta.get("visitors_retention_days", "30")),
+            ),
+            thumbnails=meta.get("thumbnails") if meta.get("thumbnails") in MODES else "off",
             generation=int(meta.get("generation") or 0),
             created_at=meta.get("created_at"),
             rule=Rule(kind=meta.get("decision_rule") or "fixed", target=float(meta.get("decision_target") or 0.01),
-                      impostors=impostors),
+                      impostors=impostors, weight=float(meta.get("decision_weight") or MARGIN_WEIGHT),
+                      margin=float(meta["decision_margin"]) if meta.get("decision_margin") else None),
+            mean_templates=meta.get("mean_templates") == "1",
             extra={k: v for k, v in meta.items() if k not in known},
         )
 
     @staticmethod
     def initial(model_id: str, dim: int, threshold: float, threshold_source: str, index_kind: str,
-                flip: bool, impostors: ImpostorModel | None = None) -> dict[str, str]:
-        """The ``meta`` rows of a new database: the gallery rule when the model ships an impostor model."""
+                flip: bool, impostors: ImpostorModel | None = None, margin: float | None = None,
+                rule: str | None = None, mean_templates: bool = True, thumbnails: str = DEFAULT_MODE
+                ) -> dict[str, str]:
+        """The ``meta`` rows of a new database. The rule: ``rule`` if given, else ``margin`` when the model ships
+        a margin threshold, ``gallery`` when it ships an impostor model, else ``fixed``; ``thumbnails``: which
+        face thumbnails are kept (see :mod:`facedb.thumbnails`)."""
+        if rule is None:
+            rule = "margin" if margin is not None else "gallery" if impostors is not None else "fixed"
         rows = {"model_id": model_id, "dim": str(int(dim)), "metric": "cosine", "threshold": repr(float(threshold)),
                 "threshold_source": threshold_source, "index_kind": index_kind, "flip": "1" if flip else "0",
-                "decision_rule": "gallery" if impostors is not None else "fixed", "decision_target": "0.01",
-                "audit_sync": "0"}
-        if impostors is not None:
-            rows["impostor_model"] = impostors.to_json()
+                "mean_templates": "1" if mean_templates else "0", "thumbnails": check_mode(thumbnails),
+                "audit_sync": "0", **Settings.rule_rows(rule, 0.01, impostors, margin)}
         return rows
 
     @staticmethod
-    def rule_rows(kind: str, target: float | None = None, impostors: ImpostorModel | None = None) -> dict[str, str]:
+    def rule_rows(kind: str, target: float | None = None, impostors: ImpostorModel | None = None,
+                  margin: float | None = None) -> dict[str, str]:
+        """The ``meta`` rows of a decision rule (facedb/decision.py); InvalidInputError for a rule that lacks
+        what it needs is raised by the caller, who knows what the database already holds."""
         if kind not in RULES:
-            raise InvalidInputError(f"the decision rule is one of {', '.join(RULES)}")
+            raise InvalidInputError(f"the decision rule is one of {', '.join(RULES)}, got {kind!r}")
         rows = {"decision_rule": kind}
         if target is not None:
             if not 0 < target < 1:
@@ -240,6 +328,9 @@ class Settings:
             rows["decision_target"] = repr(float(target))
         if impostors is not None:
             rows["impostor_model"] = impostors.to_json()
+        if margin is not None:
+            rows["decision_margin"] = repr(check_margin(margin))
+            rows["decision_weight"] = repr(MARGIN_WEIGHT)
         return rows
 
     @staticmethod
@@ -258,11 +349,28 @@ class Settings:
         if enabled is not None:
             rows["audit_enabled"] = "1" if enabled else "0"
         if retention_days is not None:
-            if not retention_days >= 0:
-                raise InvalidInputError("retention_days must be >= 0 (0 keeps records forever)")
+            if isinstance(retention_days, bool) or not isinstance(retention_days, (int, float)) \
+                    or not 0 <= retention_days < float("inf"):
+                raise InvalidInputError("retention_days must be a finite number of days >= 0 (0 keeps records "
+                                        f"forever), got {retention_days!r}")
             rows["audit_retention_days"] = repr(float(retention_days))
         if store_probes is not None:
             rows["audit_store_embeddings"] = "1" if store_probes else "0"
+        return rows
+
+    @staticmethod
+    def visitor_rows(enabled: bool | None, retention_days: float | None) -> dict[str, str]:
+        rows: dict[str, str] = {}
+        if enabled is not None:
+            rows["visitors_enabled"] = "1" if enabled else "0"
+        if retention_days is not None:
+            try:
+                days = float(retention_days)
+            except (TypeError, ValueError):
+                raise InvalidInputError("the visitors' retention is a number of days") from None
+            if not 0 < days <= 3650:  # also refuses NaN; "forever" is not offered for people who did not enrol
+                raise InvalidInputError("the visitors' retention is more than 0 and at most 3650 days")
+            rows["visitors_retention_days"] = repr(days)
         return rows
 
     @staticmethod

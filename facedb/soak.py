@@ -255,3 +255,92 @@ def run_crash_drill(kills: int = 200, seed: int = 0, min_delay: float = 0.8, max
         acknowledged = sum(1 for ln in journal.read_text().splitlines() if ln.startswith("done "))
     return {"kills": kills, "failures": len(failures), "failure_samples": failures[:5], "people_at_end": people,
             "operations_acknowledged": acknowledged}
+
+
+# ----------------------------------------------------------------------------- visitors enrol drill
+VISITOR = "Visitor"
+
+
+def visitor_enroll_writer(root: str, journal: str, group: str) -> None:
+    """Enrol one visitor group as ``VISITOR``, journalling 'begin <time>' and 'done <time>' (fsynced)."""
+    from .db import FaceDB
+
+    with FaceDB.open(root) as db, open(journal, "a") as log:
+        log.write(f"begin {time.time()}\n")
+        log.flush()
+        os.fsync(log.fileno())
+        db.enroll_visitors(group, VISITOR)
+        log.write(f"done {time.time()}\n")
+        log.flush()
+        os.fsync(log.fileno())
+
+
+def run_visitor_enroll_drill(kills: int = 20, seed: int = 0, faces: int = 3000) -> dict[str, Any]:
+    """SIGKILL a process enrolling a visitor group of ``faces`` unknown faces, ``kills`` times, each on a fresh
+    copy of the same database, at delays spread from the moment it starts the enrolment to past the time an
+    unkilled run takes. After each kill the database must pass ``check`` and be in the old state (no such person,
+    every face still kept) or the new one (the person with every face as a template, none kept): nothing
+    between, and the new one whenever the writer had journalled 'done'."""
+    import shutil
+
+    from .db import FaceDB
+
+    rng = np.random.default_rng(seed)
+    failures: list[str] = []
+    outcomes = {"old": 0, "new": 0}
+    with tempfile.TemporaryDirectory() as tmp:
+        template = str(Path(tmp) / "template")
+        with FaceDB.create(template, model_id=MODEL, dim=DIM, threshold=0.5) as db:
+            db.add_templates("staff", person_vectors("staff"), create=True)
+            db.configure_visitors(enabled=True)
+            centre = person_vectors("visitor-centre", 1)[0]
+            x = centre + 0.05 * rng.standard_normal((faces, DIM)).astype(np.float32)
+            db.identify((x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))
+            groups = db.visitors()
+            assert len(groups) == 1 and groups[0].faces == faces, groups
+            group = groups[0].id
+
+        def attempt(k: int, delay: float | None) -> tuple[Path, bool, float]:
+            root = Path(tmp) / f"db-{k}"
+            shutil.copytree(template, root)
+            journal = Path(tmp) / f"journal-{k}.txt"
+            journal.touch()
+            proc = subprocess.Popen(
+                [sys.executable, "-c", f"from facedb.soak import visitor_enroll_writer; "
+                 f"visitor_enroll_writer({str(root)!r}, {str(journal)!r}, {group!r})"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            while proc.poll() is None and not journal.read_text().startswith("begin"):
+                time.sleep(0.005)
+            if delay is not None:
+                time.sleep(delay)
+                proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            err = proc.stderr.read().decode()
+            proc.stderr.close()
+            if delay is None and proc.returncode != 0:
+                failures.append(f"unkilled writer failed: {err[-300:]}")
+            lines = journal.read_text().split()
+            took = float(lines[3]) - float(lines[1]) if len(lines) >= 4 else 0.0
+            return root, "done" in lines, took
+
+        _, _, took = attempt(-1, None)  # how long an enrolment takes here, unkilled
+        for k in range(kills):
+            delay = 2.5 * took * (k + float(rng.uniform())) / kills  # spread over the enrolment and past it
+            root, done, _ = attempt(k, delay)
+            with FaceDB.open(root) as db:
+                report = db.check()
+                if not report.ok:
+                    failures.append(f"kill {k}: check failed: {report.problems}")
+                kept = len(db.store.unassigned(30)[0])
+                names = {p.name for p in db.people()}
+                if VISITOR not in names and kept == faces and not done:
+                    outcomes["old"] += 1
+                elif VISITOR in names and db.person(VISITOR).templates == faces and kept == 0:
+                    outcomes["new"] += 1
+                    if db.identify(centre, k=1).identity != VISITOR:
+                        failures.append(f"kill {k}: enrolled visitor not recognised")
+                else:
+                    failures.append(f"kill {k}: half done or lost: person {VISITOR in names}, kept {kept}, "
+                                    f"journal done {done}")
+    return {"kills": kills, "failures": len(failures), "failure_samples": failures[:5],
+            "old_state": outcomes["old"], "new_state": outcomes["new"], "enrol_seconds": round(took, 3)}

@@ -41,7 +41,7 @@ import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import sqlite_utils
@@ -286,16 +286,50 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
         created_at TEXT NOT NULL
     );
     """,
-    # 7: version counters a query reads to know when its cached settings and names are stale (one small read
+    # 7: unknown visitors (opt-in): faces answered unknown, kept for a retention period to be grouped, then
+    # enrolled or forgotten. No person, no name: a time, who asked, the photo's hash, the face box and the vector.
+    """
+    CREATE TABLE IF NOT EXISTS unassigned_faces (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        time TEXT NOT NULL,
+        actor TEXT,
+        image_sha256 TEXT,
+        box TEXT,
+        det_score REAL,
+        similarity REAL,
+        vector BLOB NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS unassigned_faces_time ON unassigned_faces(time);
+    """,
+    # 8: face thumbnails (facedb/thumbnails.py): each belongs to exactly one template, audit record or kept
+    # unknown face, and goes with it (foreign keys). Databases made before keep none until told otherwise.
+    """
+    CREATE TABLE IF NOT EXISTS thumbnails (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        embedding_id INTEGER UNIQUE REFERENCES embeddings(id) ON DELETE CASCADE,
+        audit_id INTEGER UNIQUE REFERENCES audit(id) ON DELETE CASCADE,
+        visitor_id INTEGER UNIQUE REFERENCES unassigned_faces(id) ON DELETE CASCADE,
+        jpeg BLOB NOT NULL,
+        CHECK ((embedding_id IS NOT NULL) + (audit_id IS NOT NULL) + (visitor_id IS NOT NULL) = 1)
+    );
+    INSERT OR IGNORE INTO meta (key, value) VALUES ('thumbnails', 'off');
+    """,
+    # 9: derived templates: each person's mean template beside their photo templates (a database setting)
+    lambda conn: _add_column(conn, "embeddings", "derived INTEGER NOT NULL DEFAULT 0"),
+    # 10: version counters a query reads to know when its cached settings and names are stale (one small read
     # per query instead of parsing every setting; see facedb/memo.py), and the audit trail's write mode:
     # databases made before it keep writing each decision's record before the answer (sync) until told
-    # otherwise (new databases default to the background writer: README "Guarantees")
+    # otherwise (new databases default to the background writer: README "Guarantees"). Branch speed (#17)
+    # numbered it 7 before merging main's 7-9; INSERT OR IGNORE makes it safe to run on any of them.
     """
     INSERT OR IGNORE INTO meta (key, value) VALUES ('settings_version', '0');
     INSERT OR IGNORE INTO meta (key, value) VALUES ('people_version', '0');
     INSERT OR IGNORE INTO meta (key, value) VALUES ('audit_sync', '1');
     """,
 ]
+#: The schema versions that have the service's key and webhook tables, and the thumbnails table.
+KEYS_VERSION = 6
+THUMBNAILS_VERSION = 8
 SCHEMA_VERSION = len(MIGRATIONS)
 
 #: How many generations of the change log to keep behind the saved index, so that processes holding a
@@ -314,6 +348,13 @@ def normalise_name(name: object) -> str:
     if not isinstance(name, str):
         raise InvalidInputError("a person's name must be a string")
     return unicodedata.normalize("NFC", name)
+
+
+def _add_column(conn: sqlite3.Connection, table: str, definition: str) -> None:
+    """ALTER TABLE ... ADD COLUMN, unless the column is there already (a migration run twice)."""
+    name = definition.split()[0]
+    if name not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
+        conn.execute(f"ALTER TABLE {table} ADD COLUMN {definition}")
 
 
 def _normalise_stored_names(conn: sqlite3.Connection) -> None:
@@ -487,6 +528,11 @@ class Store:
             # Read again under the write lock: another process (a second service worker) may have migrated
             # since this one looked, and a step must never run twice.
             version = max(version, self.conn.execute("PRAGMA user_version").fetchone()[0])
+            if version == 7 and not self.conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'unassigned_faces'").fetchone():
+                # made by branch speed before it merged main: its 7 was today's 10, and main's 7-9 never ran.
+                # Steps 7-10 are all idempotent, so run them all.
+                version = 6
             for step in MIGRATIONS[version:]:
                 _apply(self.conn, step)
             self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -499,7 +545,10 @@ class Store:
     # ------------------------------------------------------------ transactions
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
-        """One write transaction, holding SQLite's write lock from its start. Nested use joins the outer one."""
+        """One write transaction, holding SQLite's write lock from its start. Nested use joins the outer one.
+        DatabaseError at once on a store opened read-only."""
+        if self.readonly:
+            raise DatabaseError(f"{self.path.parent} is open read-only: the gallery and settings cannot be changed")
         with self._transaction(self.conn, "write"):
             yield
 
@@ -594,9 +643,12 @@ class Store:
         return gen
 
     # ------------------------------------------------------------------ people
-    _PERSON_SQL = """
+    @property
+    def _PERSON_SQL(self) -> str:
+        own = " AND e.derived = 0" if self._has_derived else ""  # a mean template is not one of their photos
+        return f"""
         SELECT p.id, p.name, p.external_id, p.metadata, p.created_at, p.updated_at,
-               (SELECT COUNT(*) FROM embeddings e WHERE e.person_id = p.id),
+               (SELECT COUNT(*) FROM embeddings e WHERE e.person_id = p.id{own}),
                (SELECT COUNT(*) FROM images i WHERE i.person_id = p.id)
         FROM people p
     """
@@ -639,6 +691,11 @@ class Store:
             raise PersonNotFoundError(f"no person with id {person_id}")
         return self._person(row)
 
+    def people_by_external_ids(self, external_ids: Sequence[str]) -> dict[str, str]:
+        """{external id: name} for those of ``external_ids`` that a person has."""
+        return {ext: name for ext, name in self._rows_in(
+            "SELECT external_id, name FROM people WHERE external_id IN ({marks})", list(external_ids))}
+
     def person_by_external_id(self, external_id: str) -> Person:
         row = self.conn.execute(self._PERSON_SQL + " WHERE p.external_id = ?", (external_id,)).fetchone()
         if row is None:
@@ -680,7 +737,8 @@ class Store:
         new = check_name(new)
         with self.write():
             pid = self._person_id(old)
-            if old != new and self.conn.execute("SELECT 1 FROM people WHERE name = ?", (new,)).fetchone():
+            other = self.conn.execute("SELECT id FROM people WHERE name = ?", (new,)).fetchone()
+            if other is not None and other[0] != pid:
                 raise DuplicatePersonError(f"a person named {new!r} already exists")
             self.conn.execute("UPDATE people SET name = ?, updated_at = ? WHERE id = ?", (new, utcnow(), pid))
             self._bump("people_version")
@@ -723,7 +781,11 @@ class Store:
         with self.write():
             pid = self._person_id(name)
             ids = [r[0] for r in self.conn.execute("SELECT id FROM embeddings WHERE person_id = ?", (pid,))]
-            # Cascades to images and embeddings; secure_delete zeroes the freed pages.
+            if self.version >= THUMBNAILS_VERSION:  # the faces of the decisions that named them; the decisions stay
+                stored = self.conn.execute("SELECT name FROM people WHERE id = ?", (pid,)).fetchone()[0]
+                self.conn.execute("DELETE FROM thumbnails WHERE audit_id IN (SELECT id FROM audit WHERE identity = ?)",
+                                  (stored,))
+            # Cascades to images, embeddings and their thumbnails; secure_delete zeroes the freed pages.
             self.conn.execute("DELETE FROM people WHERE id = ?", (pid,))
             self._bump_generation([], ids)
             self._bump("people_version")
@@ -733,18 +795,23 @@ class Store:
         """Delete one template (and its photo's row once the photo has no template left); returns the name of
         the person it belonged to (who stays enrolled, possibly with no templates)."""
         with self.write():
+            derived = "e.derived" if self._has_derived else "0"
             row = self.conn.execute(
-                "SELECT e.image_id, p.name FROM embeddings e JOIN people p ON p.id = e.person_id WHERE e.id = ?",
-                (int(template_id),)).fetchone()
+                f"SELECT e.image_id, p.name, e.person_id, {derived} FROM embeddings e JOIN people p "
+                "ON p.id = e.person_id WHERE e.id = ?", (int(template_id),)).fetchone()
             if row is None:
                 raise TemplateNotFoundError(f"no template with id {template_id}")
-            image_id, name = row
+            image_id, name, pid, is_derived = row
+            if is_derived:
+                raise InvalidInputError(f"template {template_id} is {name!r}'s mean template, derived from their "
+                                        "photos: remove a photo's template and the mean follows")
             self.conn.execute("DELETE FROM embeddings WHERE id = ?", (int(template_id),))
             if image_id is not None and not self.conn.execute(
                     "SELECT 1 FROM embeddings WHERE image_id = ?", (image_id,)).fetchone():
                 self.conn.execute("DELETE FROM images WHERE id = ?", (image_id,))
             self.conn.execute("UPDATE people SET updated_at = ? WHERE name = ?", (utcnow(), name))
-            self._bump_generation([], [int(template_id)])
+            added, removed = self._refresh_mean(pid)
+            self._bump_generation(added, [int(template_id), *removed])
         return str(name)
 
     def merge_people(self, source: str, target: str) -> list[int]:
@@ -763,14 +830,58 @@ class Store:
             self.conn.execute("DELETE FROM people WHERE id = ?", (src,))
             self.conn.execute("UPDATE people SET metadata = ?, updated_at = ? WHERE id = ?",
                               (_check_metadata({**meta_src, **meta_dst}), utcnow(), dst))
+            added, removed = self._refresh_mean(dst)
             gen = self.generation() + 1
             self.conn.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (str(gen),))
             self.conn.executemany("INSERT INTO changes (generation, embedding_id, op) VALUES (?, ?, ?)",
-                                  [(gen, i, op) for i in ids for op in ("remove", "add")])
+                                  [(gen, i, op) for i in ids for op in ("remove", "add")]
+                                  + [(gen, i, "remove") for i in removed] + [(gen, i, "add") for i in added])
             self._bump("people_version")
-        return ids
+        return [i for i in ids if i not in set(removed)]
 
     # --------------------------------------------------------------- templates
+    @property
+    def _has_derived(self) -> bool:
+        return self.version >= 9
+
+    def _refresh_mean(self, pid: int) -> tuple[list[int], list[int]]:
+        """Inside a write: replace the person's mean template (derived) by the renormalised mean of their other
+        templates, when the ``mean_templates`` setting is on and they have at least two; returns (ids added,
+        ids removed) for the change log."""
+        if not self._has_derived:
+            return [], []
+        removed = [r[0] for r in self.conn.execute(
+            "SELECT id FROM embeddings WHERE person_id = ? AND derived = 1", (pid,))]
+        if removed:
+            self.conn.execute("DELETE FROM embeddings WHERE person_id = ? AND derived = 1", (pid,))
+        added: list[int] = []
+        if self.get_meta("mean_templates") == "1":
+            blobs = [r[0] for r in self.conn.execute(
+                "SELECT vector FROM embeddings WHERE person_id = ? AND derived = 0", (pid,))]
+            if len(blobs) >= 2:
+                mean = self._vectors(blobs).mean(axis=0)
+                norm = float(np.linalg.norm(mean))
+                if norm > 1e-6:  # templates that cancel out have no mean direction
+                    cur = self.conn.execute(
+                        "INSERT INTO embeddings (person_id, image_id, box, det_score, vector, created_at, derived) "
+                        "VALUES (?, NULL, NULL, NULL, ?, ?, 1)", (pid, to_blob(mean / norm), utcnow()))
+                    added.append(int(cur.lastrowid))
+        return added, removed
+
+    def refresh_means(self) -> int:
+        """Recompute every person's mean template (after the setting changed), in one transaction; returns how
+        many people have one now."""
+        with self.write():
+            added_all: list[int] = []
+            removed_all: list[int] = []
+            for (pid,) in self.conn.execute("SELECT id FROM people").fetchall():
+                added, removed = self._refresh_mean(pid)
+                added_all += added
+                removed_all += removed
+            if added_all or removed_all:
+                self._bump_generation(added_all, removed_all)
+        return len(added_all)
+
     def add_templates(
         self,
         name: str,
@@ -781,27 +892,32 @@ class Store:
         image: dict[str, Any] | None = None,
         create_person: bool = False,
         metadata: dict[str, Any] | None = None,
+        external_id: str | None = None,
+        thumbnails: Sequence[bytes | None] | None = None,
     ) -> list[int]:
         """Store unit ``vectors`` (n, dim) for ``name``, with the image they came from, in one transaction.
 
         With ``create_person`` the person is created if missing (enrolment). ``image`` is a dict with sha256,
-        path, size, width, height; the same sha256 cannot be stored twice.
+        path, size, width, height; the same sha256 cannot be stored twice. ``metadata`` is merged into the
+        person's; ``external_id`` (if given) becomes theirs (DuplicatePersonError if another person has it).
+        ``thumbnails``: a JPEG (or None) per vector, kept with its template (see :mod:`facedb.thumbnails`).
         """
         n = len(vectors)
         boxes = list(boxes) if boxes is not None else [None] * n
         det_scores = list(det_scores) if det_scores is not None else [None] * n
-        if len(boxes) != n or len(det_scores) != n:
-            raise InvalidInputError("boxes and det_scores must have one entry per vector")
+        thumbs = list(thumbnails) if thumbnails is not None else [None] * n
+        if len(boxes) != n or len(det_scores) != n or len(thumbs) != n:
+            raise InvalidInputError("boxes, det_scores and thumbnails must have one entry per vector")
         now = utcnow()
         with self.write():
             try:
                 pid = self._person_id(name)
-                if metadata:
-                    self.update_metadata(name, metadata)
+                if metadata or external_id is not None:
+                    self.update_person(name, metadata=metadata or None, external_id=external_id)
             except PersonNotFoundError:
                 if not create_person:
                     raise
-                pid = self._insert_person(name, None, metadata)
+                pid = self._insert_person(name, external_id, metadata)
             image_id = None
             if image is not None:
                 owner = self.image_owner(image["sha256"])
@@ -823,8 +939,10 @@ class Store:
                     now,
                 ))
                 ids.append(int(cur.lastrowid))  # AUTOINCREMENT: never a reused id
+            self._insert_thumbnails(self.conn, "embedding_id", ids, thumbs)
             self.conn.execute("UPDATE people SET updated_at = ? WHERE id = ?", (now, pid))
-            self._bump_generation(ids, [])
+            added, removed = self._refresh_mean(pid)
+            self._bump_generation(ids + added, removed)
         return ids
 
     def image_owner(self, sha256: str) -> str | None:
@@ -836,7 +954,12 @@ class Store:
     def _vectors(self, blobs: Sequence[bytes]) -> np.ndarray:
         if not blobs:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), self.dim).astype(np.float32)
+        raw = b"".join(blobs)
+        if len(raw) != 4 * self.dim * len(blobs):
+            bad = sum(1 for b in blobs if len(b) != 4 * self.dim)
+            raise DatabaseError(f"{self.path}: {bad} stored template(s) are not {self.dim} float32 values: the "
+                                "database is damaged (`facedb check` lists what)")
+        return np.frombuffer(raw, dtype="<f4").reshape(len(blobs), self.dim).astype(np.float32)
 
     def snapshot(self, batch: int = 65536) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
         """(generation, template ids, person ids, vectors) of every template, from one consistent snapshot."""
@@ -916,16 +1039,23 @@ class Store:
         return {pid: (name, ext) for pid, name, ext in self._rows_in(
             "SELECT id, name, external_id FROM people WHERE id IN ({marks})", sorted({int(p) for p in person_ids}))}
 
-    def iter_templates(self, person: str | None = None, batch: int = 4096) -> Iterator[Template]:
+    def iter_templates(self, person: str | None = None, batch: int = 4096,
+                       include_derived: bool = False) -> Iterator[Template]:
         """Every stored template (of ``person`` only, if given), in id order, with its person and photo; read in
-        batches of ``batch`` rows, each batch a consistent snapshot."""
-        where, params = "", []
+        batches of ``batch`` rows, each batch a consistent snapshot. Mean templates (derived from a person's
+        others) only with ``include_derived``."""
+        clauses, params = [], []
         if person is not None:
-            where, params = "WHERE e.person_id = ?", [self._person_id(person)]
+            clauses.append("e.person_id = ?")
+            params.append(self._person_id(person))
+        if self._has_derived and not include_derived:
+            clauses.append("e.derived = 0")
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
         last = 0
         while True:
+            derived = "e.derived" if self._has_derived else "0"
             rows = self.conn.execute(
-                f"SELECT e.id, p.name, e.person_id, e.vector, i.sha256, e.box, e.det_score, e.created_at "
+                f"SELECT e.id, p.name, e.person_id, e.vector, i.sha256, e.box, e.det_score, e.created_at, {derived} "
                 f"FROM embeddings e JOIN people p ON p.id = e.person_id LEFT JOIN images i ON i.id = e.image_id "
                 f"{where} {'AND' if where else 'WHERE'} e.id > ? ORDER BY e.id LIMIT ?",
                 [*params, last, batch]).fetchall()
@@ -934,7 +1064,7 @@ class Store:
             for r in rows:
                 yield Template(id=r[0], person=r[1], person_id=r[2], vector=from_blob(r[3], self.dim),
                                image_sha256=r[4], box=json.loads(r[5]) if r[5] else None, det_score=r[6],
-                               created_at=r[7])
+                               created_at=r[7], derived=bool(r[8]))
             last = rows[-1][0]
 
     def changes_since(self, generation: int) -> tuple[int, list[int], list[int]] | None:
@@ -974,14 +1104,18 @@ class Store:
         return {
             "people": one("SELECT COUNT(*) FROM people").fetchone()[0],
             "images": one("SELECT COUNT(*) FROM images").fetchone()[0],
-            "templates": one("SELECT COUNT(*) FROM embeddings").fetchone()[0],
+            "templates": one("SELECT COUNT(*) FROM embeddings" + (" WHERE derived = 0" if self._has_derived else "")
+                             ).fetchone()[0],
+            "mean_templates": one("SELECT COUNT(*) FROM embeddings WHERE derived = 1").fetchone()[0]
+            if self._has_derived else 0,
         }
 
     def people_with_templates(self, at_most: int) -> int:
         """How many people have between 1 and ``at_most`` templates (enrolment advice: one is fragile)."""
+        own = " WHERE derived = 0" if self._has_derived else ""
         return int(self.conn.execute(
-            "SELECT COUNT(*) FROM (SELECT person_id FROM embeddings INDEXED BY embeddings_person GROUP BY person_id "
-            "HAVING COUNT(*) <= ?)", (int(at_most),)).fetchone()[0])
+            f"SELECT COUNT(*) FROM (SELECT person_id FROM embeddings{own} GROUP BY person_id HAVING COUNT(*) <= ?)",
+            (int(at_most),)).fetchone()[0])
 
     def check(self) -> tuple[list[str], list[str]]:
         """(checks run, problems found) on the store alone."""
@@ -1032,6 +1166,28 @@ class Store:
                 problems.append(f"two people are named {nfc!r} in different Unicode forms: merge them "
                                 f"(`facedb merge`)")
             seen[nfc] = name
+        if self._has_derived:
+            checks.append("every mean template is the mean of its person's other templates (when kept)")
+            on = self.get_meta("mean_templates") == "1"
+            wrong = 0
+            for (pid,) in self.conn.execute("SELECT id FROM people").fetchall():
+                own = [r[0] for r in self.conn.execute(
+                    "SELECT vector FROM embeddings WHERE person_id = ? AND derived = 0", (pid,))]
+                kept = [r[0] for r in self.conn.execute(
+                    "SELECT vector FROM embeddings WHERE person_id = ? AND derived = 1", (pid,))]
+                if not on or len(own) < 2:
+                    wrong += len(kept) > 0
+                    continue
+                if len(kept) != 1 or any(len(b) != 4 * self.dim for b in own + kept):
+                    wrong += 1
+                    continue
+                mean = self._vectors(own).mean(axis=0)
+                if float(np.linalg.norm(mean)) > 1e-6 and not np.allclose(
+                        self._vectors(kept)[0], mean / np.linalg.norm(mean), atol=1e-5):
+                    wrong += 1
+            if wrong:
+                problems.append(f"{wrong} people's mean templates do not match their templates "
+                                "(`FaceDB.configure_templates(mean=...)` recomputes them)")
         return checks, problems
 
     # ------------------------------------------------------------------- audit
@@ -1049,11 +1205,15 @@ class Store:
                       "detail", "embedding", "actor")
 
     def audit_row(self, r: dict[str, Any]) -> tuple[Any, ...]:
-        """One record as the tuple :meth:`append_audit_rows` inserts (its ``time`` defaults to now)."""
+        """One record as the tuple :meth:`append_audit_rows` inserts (its ``time`` defaults to now): the audit
+        table's columns (:attr:`_AUDIT_COLUMNS`, those this schema has), then the probe's thumbnail (JPEG bytes
+        or None), which goes to the thumbnails table under the record's id."""
         row = (r.get("time") or utcnow(), r["operation"], r.get("image_sha256"), r.get("identity"),
                r.get("similarity"), r.get("threshold"), r["model_id"],
                json.dumps(r["detail"]) if r.get("detail") else None, r.get("embedding"))
-        return (*row, r.get("actor")) if self.version >= 3 else row
+        if self.version >= 3:
+            row = (*row, r.get("actor"))
+        return (*row, r.get("thumbnail"))
 
     def append_audit(self, rows: Sequence[dict[str, Any]], retention_days: float | None) -> None:
         """Append decision records (one transaction) and drop those older than the retention period. A row's
@@ -1077,14 +1237,18 @@ class Store:
 
     def _append_audit(self, rows: Sequence[tuple[Any, ...]], retention_days: float | None) -> None:
         conn = self._audit_connection()
-        cols = self._AUDIT_COLUMNS[:len(rows[0])]
+        cols = self._AUDIT_COLUMNS[:len(rows[0]) - 1]  # the last is the thumbnail
         marks = f"({', '.join('?' * len(cols))})"
         per = max(1, 30000 // len(cols))  # under SQLite's bound-parameter limit (32,766)
         with self._transaction(conn, "write the audit trail"):
-            for start in range(0, len(rows), per):
-                chunk = rows[start:start + per]
-                conn.execute(f"INSERT INTO audit ({', '.join(cols)}) VALUES {', '.join([marks] * len(chunk))}",
-                             [v for row in chunk for v in row])
+            sql = f"INSERT INTO audit ({', '.join(cols)}) VALUES "
+            if any(row[-1] for row in rows):  # one insert at a time: each thumbnail needs its record's id
+                ids = [int(conn.execute(sql + marks, row[:-1]).lastrowid) for row in rows]
+                self._insert_thumbnails(conn, "audit_id", ids, [row[-1] for row in rows])
+            else:
+                for start in range(0, len(rows), per):
+                    chunk = rows[start:start + per]
+                    conn.execute(sql + ", ".join([marks] * len(chunk)), [v for row in chunk for v in row[:-1]])
             if retention_days is not None:
                 cutoff = datetime.fromtimestamp(
                     datetime.now(timezone.utc).timestamp() - retention_days * 86400, timezone.utc
@@ -1092,9 +1256,13 @@ class Store:
                 conn.execute("DELETE FROM audit WHERE time < ?", (cutoff,))
 
     def audit(self, since: str | None = None, limit: int | None = None, *, until: str | None = None,
-              operation: str | None = None, actor: str | None = None, offset: int = 0) -> list[dict[str, Any]]:
-        """Audit records at or after ``since`` and before ``until`` (ISO 8601, UTC), of one operation and one
-        actor if given, oldest first, paged by ``limit`` / ``offset``."""
+              operation: str | Sequence[str] | None = None, actor: str | None = None, offset: int = 0,
+              identity: str | None = None, decided: bool | None = None, after_id: int | None = None,
+              newest_first: bool = False) -> list[dict[str, Any]]:
+        """Audit records at or after ``since`` and before ``until`` (ISO 8601, UTC), of one operation (or any of
+        several) and one actor if given, about ``identity`` if given, with an identity (``decided`` True) or
+        none (False: unknown, rejected), with ids above ``after_id``; oldest first (or newest first), paged by
+        ``limit`` / ``offset``."""
         if self.version < 2:
             return []
         where = ["time >= ?"]
@@ -1102,25 +1270,41 @@ class Store:
         if until is not None:
             where.append("time < ?")
             params.append(until)
-        if operation is not None:
+        if isinstance(operation, str):
             where.append("operation = ?")
             params.append(operation)
+        elif operation is not None:
+            ops = list(operation)
+            where.append(f"operation IN ({','.join('?' * len(ops))})" if ops else "0")
+            params.extend(ops)
         if actor is not None and self.version >= 3:
             where.append("actor = ?")
             params.append(actor)
+        if identity is not None:
+            where.append("identity = ?")
+            params.append(identity)
+        if decided is not None:
+            where.append("identity IS NOT NULL" if decided else "identity IS NULL")
+        if after_id is not None:
+            where.append("id > ?")
+            params.append(int(after_id))
         actor_col = "actor" if self.version >= 3 else "NULL"
+        thumb_col = ("EXISTS (SELECT 1 FROM thumbnails t WHERE t.audit_id = audit.id)"
+                     if self.version >= THUMBNAILS_VERSION else "0")
         sql = (f"SELECT id, time, operation, {actor_col}, image_sha256, identity, similarity, threshold, model_id, "
-               f"detail, embedding IS NOT NULL FROM audit WHERE {' AND '.join(where)} ORDER BY id")
+               f"detail, embedding IS NOT NULL, {thumb_col} FROM audit WHERE {' AND '.join(where)} ORDER BY id"
+               f"{' DESC' if newest_first else ''}")
         if limit is not None or offset:
             sql += " LIMIT ? OFFSET ?"
             params += [-1 if limit is None else int(limit), int(offset)]
         keys = ("id", "time", "operation", "actor", "image_sha256", "identity", "similarity", "threshold",
-                "model_id", "detail", "has_embedding")
+                "model_id", "detail", "has_embedding", "has_thumbnail")
         out = []
         for row in self.conn.execute(sql, params):
             rec = dict(zip(keys, row))
             rec["detail"] = json.loads(rec["detail"]) if rec["detail"] else None
             rec["has_embedding"] = bool(rec["has_embedding"])
+            rec["has_thumbnail"] = bool(rec["has_thumbnail"])
             out.append(rec)
         return out
 
@@ -1134,7 +1318,7 @@ class Store:
 
     def add_api_key(self, key_id: str, name: str | None, scope: str, key_hash: str) -> dict[str, Any]:
         """Store a new API key (its hash only); DuplicateError when a live key already has ``name``."""
-        self._need_version(5, "API keys")
+        self._need_version(KEYS_VERSION, "API keys")
         row = {"id": key_id, "name": name, "scope": scope, "key_hash": key_hash, "created_at": utcnow(),
                "revoked_at": None}
         with self.write():
@@ -1147,14 +1331,14 @@ class Store:
 
     def api_key(self, key_id: str) -> dict[str, Any] | None:
         """The key row with id ``key_id`` (revoked or not), or None."""
-        if self.version < 5:
+        if self.version < KEYS_VERSION:
             return None
         row = self.conn.execute(f"SELECT {self._KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
         return dict(zip(self._KEY_COLUMNS.split(", "), row)) if row else None
 
     def api_keys(self) -> list[dict[str, Any]]:
         """Every key row, oldest first (revoked ones too: they stay, so the audit trail's actors resolve)."""
-        if self.version < 5:
+        if self.version < KEYS_VERSION:
             return []
         rows = self.conn.execute(f"SELECT {self._KEY_COLUMNS} FROM api_keys ORDER BY created_at, id").fetchall()
         return [dict(zip(self._KEY_COLUMNS.split(", "), r)) for r in rows]
@@ -1162,7 +1346,7 @@ class Store:
     def revoke_api_key(self, ref: str) -> dict[str, Any]:
         """Revoke the key whose id is ``ref``, or the live key named ``ref``; returns its row. NotFoundError if
         there is none; revoking a revoked key changes nothing."""
-        self._need_version(5, "API keys")
+        self._need_version(KEYS_VERSION, "API keys")
         with self.write():
             row = self.conn.execute(f"SELECT {self._KEY_COLUMNS} FROM api_keys WHERE id = ?", (ref,)).fetchone()
             if row is None:
@@ -1178,7 +1362,7 @@ class Store:
 
     def add_webhook(self, url: str, events: Sequence[str], secret: str, key_id: str | None) -> dict[str, Any]:
         """Store a webhook (for one key's requests, or database-wide when ``key_id`` is None)."""
-        self._need_version(5, "webhooks")
+        self._need_version(KEYS_VERSION, "webhooks")
         row = {"url": url, "events": ",".join(events), "secret": secret, "key_id": key_id, "created_at": utcnow()}
         with self.write():
             if key_id is not None and not self.conn.execute(
@@ -1191,14 +1375,14 @@ class Store:
 
     def webhooks(self) -> list[dict[str, Any]]:
         """Every webhook row (with its secret), oldest first."""
-        if self.version < 5:
+        if self.version < KEYS_VERSION:
             return []
         rows = self.conn.execute(f"SELECT {self._HOOK_COLUMNS} FROM webhooks ORDER BY id").fetchall()
         return [dict(zip(self._HOOK_COLUMNS.split(", "), r)) for r in rows]
 
     def remove_webhook(self, hook_id: int) -> dict[str, Any]:
         """Delete a webhook; returns its row. NotFoundError if there is none."""
-        self._need_version(5, "webhooks")
+        self._need_version(KEYS_VERSION, "webhooks")
         with self.write():
             row = self.conn.execute(f"SELECT {self._HOOK_COLUMNS} FROM webhooks WHERE id = ?",
                                     (int(hook_id),)).fetchone()
@@ -1206,6 +1390,173 @@ class Store:
                 raise NotFoundError(f"no webhook with id {hook_id}")
             self.conn.execute("DELETE FROM webhooks WHERE id = ?", (int(hook_id),))
         return dict(zip(self._HOOK_COLUMNS.split(", "), row))
+    # ------------------------------------------------------- unassigned faces (unknown visitors)
+    def _has_unassigned(self, conn: sqlite3.Connection | None = None) -> bool:
+        """Whether the table exists: a database opened read-only before its migration lacks it."""
+        return (conn or self.conn).execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'unassigned_faces'").fetchone() is not None
+
+    @staticmethod
+    def _cutoff(retention_days: float) -> str:
+        return datetime.fromtimestamp(datetime.now(timezone.utc).timestamp() - retention_days * 86400,
+                                      timezone.utc).isoformat(timespec="milliseconds")
+
+    def append_unassigned(self, rows: Sequence[dict[str, Any]], retention_days: float) -> None:
+        """Keep faces answered unknown (dicts with vector, and any of actor, image_sha256, box, det_score,
+        similarity) and drop those past the retention period, in one transaction. Written through the audit
+        trail's connection: a door reader opens read-only and its unknown faces are kept too, without an fsync
+        per search (they survive a process crash; a power cut can lose the last few, as for the audit trail)."""
+        if not rows:
+            return
+        conn = self._audit_connection()
+        if not self._has_unassigned(conn):
+            return
+        now = utcnow()
+        with self._transaction(conn, "keep unknown faces"):
+            ids = [int(conn.execute(
+                "INSERT INTO unassigned_faces (time, actor, image_sha256, box, det_score, similarity, vector) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (now, r.get("actor"), r.get("image_sha256"),
+                 json.dumps([round(float(c), 2) for c in r["box"]]) if r.get("box") is not None else None,
+                 r.get("det_score"), r.get("similarity"), to_blob(r["vector"]))).lastrowid) for r in rows]
+            self._insert_thumbnails(conn, "visitor_id", ids, [r.get("thumbnail") for r in rows])
+            conn.execute("DELETE FROM unassigned_faces WHERE time < ?", (self._cutoff(retention_days),))
+
+    def purge_unassigned(self, retention_days: float) -> int:
+        """Delete unknown faces older than the retention period; returns how many."""
+        if self.readonly or not self._has_unassigned():
+            return 0
+        with self.write():
+            return self.conn.execute("DELETE FROM unassigned_faces WHERE time < ?",
+                                     (self._cutoff(retention_days),)).rowcount
+
+    def unassigned(self, retention_days: float) -> tuple[list[tuple[Any, ...]], np.ndarray]:
+        """Every unknown face kept and within the retention period, in id order, from one snapshot: (rows of
+        (id, time, actor, image_sha256, box, det_score, similarity), vectors ``(n, dim)``)."""
+        if not self._has_unassigned():
+            return [], np.zeros((0, self.dim), dtype=np.float32)
+        with self.read():
+            raw = self.conn.execute(
+                "SELECT id, time, actor, image_sha256, box, det_score, similarity, vector FROM unassigned_faces "
+                "WHERE time >= ? ORDER BY id", (self._cutoff(retention_days),)).fetchall()
+        rows = [(r[0], r[1], r[2], r[3], json.loads(r[4]) if r[4] else None, r[5], r[6]) for r in raw]
+        return rows, self._vectors([r[7] for r in raw])
+
+    def _unassigned_rows(self, ids: Sequence[int]) -> list[tuple[Any, ...]]:
+        rows = sorted(self._rows_in(
+            "SELECT id, image_sha256, box, det_score, vector FROM unassigned_faces WHERE id IN ({marks})",
+            [int(i) for i in ids]))
+        if len(rows) != len(set(int(i) for i in ids)):
+            raise InvalidInputError(f"{len(set(ids)) - len(rows)} of the group's faces are no longer kept (expired, "
+                                    "enrolled or forgotten meanwhile): nothing was changed; list the groups again")
+        return rows
+
+    def enroll_unassigned(self, ids: Sequence[int], name: str) -> list[int]:
+        """Move the unknown faces ``ids`` to the person ``name`` (created if new) as templates, in one
+        transaction: all of them or none. A face's photo becomes an image row of that person unless another
+        person's enrolment already holds that photo (the template then has no image row; its box is kept).
+        Returns the new template ids."""
+        name = check_name(name)
+        now = utcnow()
+        with self.write():
+            rows = self._unassigned_rows(ids)
+            try:
+                pid = self._person_id(name)
+            except PersonNotFoundError:
+                pid = self._insert_person(name, None, None)
+            images: dict[str, int | None] = {}
+            new_ids: list[int] = []
+            for face_id, sha, box, det_score, blob in rows:
+                if len(blob) != 4 * self.dim:
+                    raise DatabaseError(f"{self.path}: a kept face has the wrong size; nothing was changed")
+                image_id = None
+                if sha is not None:
+                    if sha not in images:
+                        owner = self.conn.execute("SELECT id, person_id FROM images WHERE sha256 = ?",
+                                                  (sha,)).fetchone()
+                        if owner is None:
+                            images[sha] = int(self.db["images"].insert(
+                                {"sha256": sha, "person_id": pid, "created_at": now}).last_pk)
+                        else:
+                            images[sha] = int(owner[0]) if owner[1] == pid else None
+                    image_id = images[sha]
+                cur = self.conn.execute(
+                    "INSERT INTO embeddings (person_id, image_id, box, det_score, vector, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)", (pid, image_id, box, det_score, blob, now))
+                new_ids.append(int(cur.lastrowid))
+                if self.version >= THUMBNAILS_VERSION:  # the face's thumbnail becomes the template's
+                    self.conn.execute("UPDATE thumbnails SET embedding_id = ?, visitor_id = NULL WHERE visitor_id = ?",
+                                      (new_ids[-1], face_id))
+            list(self._rows_in("DELETE FROM unassigned_faces WHERE id IN ({marks})", [r[0] for r in rows]))
+            self.conn.execute("UPDATE people SET updated_at = ? WHERE id = ?", (now, pid))
+            added, removed = self._refresh_mean(pid)
+            self._bump_generation(new_ids + added, removed)
+        return new_ids
+
+    def forget_unassigned(self, ids: Sequence[int]) -> int:
+        """Erase the unknown faces ``ids`` (all or none), and the copies of their vectors that the audit trail
+        kept if it stores probes; ``secure_delete`` zeroes the freed pages, ``vacuum`` drops them."""
+        with self.write():
+            rows = self._unassigned_rows(ids)
+            blobs = [r[4] for r in rows]
+            list(self._rows_in("DELETE FROM unassigned_faces WHERE id IN ({marks})", [r[0] for r in rows]))
+            if self.version >= 2 and blobs:
+                list(self._rows_in("UPDATE audit SET embedding = NULL WHERE embedding IN ({marks})", blobs))
+        return len(rows)
+
+    # ------------------------------------------------------------------------------ face thumbnails
+    _THUMB_OWNERS: ClassVar[dict[str, str]] = {"template": "embedding_id", "probe": "audit_id",
+                                               "visitor": "visitor_id"}
+
+    def _insert_thumbnails(self, conn: sqlite3.Connection, column: str, ids: Sequence[int],
+                           jpegs: Sequence[bytes | None]) -> None:
+        """Inside the caller's transaction: a thumbnail row for each (owner id, JPEG) whose JPEG is given."""
+        rows = [(int(i), bytes(j)) for i, j in zip(ids, jpegs) if j]
+        if rows and self.version >= THUMBNAILS_VERSION:
+            conn.executemany(f"INSERT INTO thumbnails ({column}, jpeg) VALUES (?, ?)", rows)
+
+    def thumbnail(self, kind: str, owner_id: int) -> bytes | None:
+        """The JPEG kept for a template (``kind`` "template"), an audit record ("probe") or a kept unknown face
+        ("visitor") with id ``owner_id``, or None."""
+        if kind not in self._THUMB_OWNERS:
+            raise InvalidInputError(f"a thumbnail belongs to a {', '.join(self._THUMB_OWNERS)}")
+        if self.version < THUMBNAILS_VERSION:
+            return None
+        row = self.conn.execute(f"SELECT jpeg FROM thumbnails WHERE {self._THUMB_OWNERS[kind]} = ?",
+                                (int(owner_id),)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def thumbnail_owners(self, kind: str, owner_ids: Sequence[int]) -> set[int]:
+        """Which of ``owner_ids`` (templates, audit records or kept faces, by ``kind``) have a thumbnail."""
+        if self.version < THUMBNAILS_VERSION or not owner_ids:
+            return set()
+        column = self._THUMB_OWNERS[kind]
+        return {int(r[0]) for r in self._rows_in(f"SELECT {column} FROM thumbnails WHERE {column} IN ({{marks}})",
+                                                 [int(i) for i in owner_ids])}
+
+    def cover_templates(self, person_ids: Sequence[int]) -> dict[int, int]:
+        """{person id: the id of their first template that has a thumbnail}, for the people among
+        ``person_ids`` that have one (a list of people shows that face beside each name)."""
+        if self.version < THUMBNAILS_VERSION or not person_ids:
+            return {}
+        return {int(p): int(e) for p, e in self._rows_in(
+            "SELECT e.person_id, MIN(e.id) FROM thumbnails t JOIN embeddings e ON e.id = t.embedding_id "
+            "WHERE e.person_id IN ({marks}) GROUP BY e.person_id", sorted({int(p) for p in person_ids}))}
+
+    def count_thumbnails(self) -> dict[str, int]:
+        """How many thumbnails are kept, by kind."""
+        if self.version < THUMBNAILS_VERSION:
+            return {k: 0 for k in self._THUMB_OWNERS}
+        return {k: int(self.conn.execute(f"SELECT COUNT(*) FROM thumbnails WHERE {c} IS NOT NULL").fetchone()[0])
+                for k, c in self._THUMB_OWNERS.items()}
+
+    def drop_thumbnails(self, kinds: Sequence[str]) -> int:
+        """Delete every thumbnail of ``kinds`` (in the caller's transaction, or one of its own); returns how many."""
+        if self.version < THUMBNAILS_VERSION or not kinds:
+            return 0
+        where = " OR ".join(f"{self._THUMB_OWNERS[k]} IS NOT NULL" for k in kinds)
+        with self.write():
+            return int(self.conn.execute(f"DELETE FROM thumbnails WHERE {where}").rowcount)
 
     def vacuum(self) -> None:
         """Rewrite the file, dropping free pages, then truncate the WAL (so no removed bytes linger)."""

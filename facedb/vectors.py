@@ -182,7 +182,9 @@ class TemplateVectors:
             if len(ids) and int(ids.max()) >= len(self._slot):
                 return None
             rows = self._slot[ids]
-            if len(rows) and int(rows.min()) < 0:
+            if not len(rows):  # no candidate (an empty gallery): nothing to score
+                return np.zeros((0, q.shape[1]), dtype=np.float32)
+            if int(rows.min()) < 0:
                 return None
             cuts = np.flatnonzero(np.diff(rows) != 1) + 1
             if len(cuts) > 64:  # scattered rows (after removals and re-use): one gather

@@ -78,3 +78,89 @@ def test_databases_use_the_rule_they_were_made_with(tmp_path, impostors, rng):
         with pytest.raises(InvalidInputError, match="impostor model"):
             db.set_rule("gallery")
         assert db.stats().decision_rule == "fixed"
+
+
+def test_the_margin_rule_decides_on_the_lead_over_the_runner_up(tmp_path):
+    """accept iff s1 >= the 1:1 threshold and s1 - 0.5 s2 >= the margin threshold; one person: s1 alone."""
+    x = np.eye(4, dtype=np.float32)
+    with FaceDB.create(tmp_path / "m", model_id="m", dim=4, threshold=0.6, margin=0.35) as db:
+        assert db.settings().rule.kind == "margin"
+        db.add_templates("a", x[0], create=True)
+        alone = db.identify(np.array([0.8, 0.6, 0, 0], dtype=np.float32), k=1)  # s1 0.8, nobody else enrolled
+        assert alone.identity == "a" and alone.score is None
+        db.add_templates("b", x[1], create=True)
+        close = db.identify(np.array([0.8, 0.6, 0, 0], dtype=np.float32), k=1)  # s1 0.8, s2 0.6: 0.5 >= 0.35
+        assert close.identity == "a" and close.score == pytest.approx(0.5) and len(close.candidates) == 1
+        near = np.array([0.65, 0.64, np.sqrt(1 - 0.65**2 - 0.64**2), 0.0], dtype=np.float32)
+        tied = db.identify(near, k=3)  # s1 0.65, s2 0.64: 0.33 < 0.35
+        assert tied.identity is None and tied.score < 0.35 <= tied.similarity  # above the floor, no lead
+        assert tied.score_threshold == 0.35 and tied.rule.startswith("margin")
+        low = db.identify(np.array([0.55, 0.0, 0.835, 0.0], dtype=np.float32) / np.hypot(0.55, 0.835))
+        assert low.identity is None and low.similarity < 0.6  # below the floor, whatever its lead
+        db.set_rule("fixed")
+        assert db.identify(near).identity == "a"
+        with pytest.raises(InvalidInputError):
+            db.set_rule("margin", margin=2.0)
+    with FaceDB.create(tmp_path / "n", model_id="m", dim=4, threshold=0.6) as db, \
+            pytest.raises(InvalidInputError, match="margin threshold"):
+        db.set_rule("margin")
+
+
+def test_calibrating_fpir_under_the_margin_rule_sets_the_margin_threshold(tmp_path, monkeypatch, fake_pipeline):
+    import facedb.pipeline
+
+    from .test_field import cli, jlines, labelled
+
+    monkeypatch.setattr(facedb.pipeline, "get_pipeline", lambda *a, **k: fake_pipeline)
+    monkeypatch.setenv("FACEDB_CACHE", str(tmp_path / "cache"))
+    db = tmp_path / "db"
+    with FaceDB.create(db, model_id=fake_pipeline.model_id, dim=fake_pipeline.embedder.dim, threshold=0.5,
+                       margin=0.9):
+        pass
+    folder = labelled(tmp_path / "calib", 12, 3)
+    rec = jlines(cli(db, "--json", "calibrate", "--fpir", "0.1", "--folder", folder, "--gallery-size", 3))[0]
+    assert rec["margin_floor"] == 0.5 and "margin_threshold" in rec
+    with FaceDB.open(db) as d:
+        s = d.settings()
+        assert s.rule.kind == "margin" and s.rule.margin == pytest.approx(rec["margin_threshold"])
+        assert s.threshold == 0.5 and s.calibration.details["margin_threshold"] == rec["margin_threshold"]
+
+
+def test_mean_templates_follow_every_change_and_are_matched(tmp_path, rng):
+    """A person's mean template (on by setting) is the renormalised mean of their templates, kept through
+    enrolment, removal of a template, merge and the setting switched; counts leave it out; check verifies it."""
+    def mean_of(vs):
+        m = np.mean(vs, axis=0)
+        return m / np.linalg.norm(m)
+
+    def stored(db, name):
+        derived = [t for t in db.templates(name, include_derived=True) if t.derived]
+        return derived[0].vector if derived else None
+
+    with FaceDB.create(tmp_path / "db", model_id="m", dim=16, threshold=0.5, mean_templates=True) as db:
+        a = unit_rows(rng, 3, 16)
+        ids = db.add_templates("ann", a[:1], create=True)
+        assert stored(db, "ann") is None  # one template: no mean
+        ids += db.add_templates("ann", a[1:])
+        assert np.allclose(stored(db, "ann"), mean_of(a), atol=1e-6)
+        assert db.person("ann").templates == 3 and db.stats().templates == 3 and db.stats().mean_templates == 1
+        assert len(list(db.templates("ann"))) == 3 and len(list(db.templates("ann", include_derived=True))) == 4
+        probe = mean_of(a)  # the mean itself: found as a perfect match through the index
+        assert db.identify(probe, k=1).similarity == pytest.approx(1.0, abs=1e-5)
+        db.remove_template(ids[0])
+        assert np.allclose(stored(db, "ann"), mean_of(a[1:]), atol=1e-6)
+        mean_id = next(t.id for t in db.templates("ann", include_derived=True) if t.derived)
+        with pytest.raises(InvalidInputError, match="mean template"):
+            db.remove_template(mean_id)
+        b = unit_rows(rng, 2, 16)
+        db.add_templates("bob", b, create=True)
+        db.merge_people("bob", "ann")
+        assert np.allclose(stored(db, "ann"), mean_of(np.concatenate([a[1:], b])), atol=1e-6)
+        assert db.check().ok and db.stats().mean_templates == 1
+        db.configure_templates(mean=False)
+        assert stored(db, "ann") is None and db.check().ok and db.index_state().live == 4
+        db.configure_templates(mean=True)
+        assert stored(db, "ann") is not None and db.index_state().live == 5
+        wrong = unit_rows(rng, 1, 16)[0].tobytes()
+        db.store.conn.execute("UPDATE embeddings SET vector = ? WHERE derived = 1", (wrong,))
+        assert not db.check().ok  # a mean that no longer matches is reported

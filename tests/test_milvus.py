@@ -421,12 +421,20 @@ def test_cli_end_to_end_on_real_photos_with_milvus(tmp_path, facedata, lite):
     cli("init", "--model", "dlib-resnet", "--index", "milvus", "--milvus-uri", lite)
     report = json.loads(cli("--json", "enroll", "--folder", str(folder), "--workers", "0").stdout)
     assert report["faces_stored"] == 6
-    assert len(held(lite, "facedb")[0]) == 6, "every enrolled template is in the collection"
+
+    def stored_ids() -> list[int]:
+        with FaceDB.open(db) as opened:
+            return opened.store.template_map()[1].tolist()
+
+    # facedb init turns mean templates on: 6 photo templates and one mean per person, all searched.
+    assert len(stored_ids()) == 9
+    assert held(lite, "facedb")[0] == stored_ids(), "every enrolled template is in the collection"
     probe = sorted((lfw / "Tony_Blair").glob("*.jpg"))[10]
     rows = [json.loads(x) for x in cli("--json", "search", str(probe)).stdout.splitlines()]
     assert any(r["identity"] == "Tony_Blair" for r in rows)
     cli("remove", "Tony_Blair")
-    assert len(held(lite, "facedb")[0]) == 4, "the removal reached the collection"
+    assert len(stored_ids()) == 6
+    assert held(lite, "facedb")[0] == stored_ids(), "the removal reached the collection"
     rows = [json.loads(x) for x in cli("--json", "search", str(probe)).stdout.splitlines()]
     assert all(r["identity"] != "Tony_Blair" and all(c["name"] != "Tony_Blair" for c in r["candidates"])
                for r in rows)

@@ -192,6 +192,7 @@ def test_template_vectors_remove_zeroes_and_reuses_rows(rng):
     v.put(np.array([9]), x[2:3])  # a merge adds the same template back under its new person
     assert v.get(np.array([9])).tobytes() == x[2:3].tobytes()
     assert v.get(np.array([10**6])) is None
+    assert v.scores(np.array([], dtype=np.int64), x[:2]).shape == (0, 2), "no candidate: nothing to score"
 
 
 # ----------------------------------------------------------------------------------------------- gallery
@@ -323,12 +324,83 @@ def test_older_databases_keep_synchronous_decision_records(tmp_path):
     make(root).close()
     conn = sqlite3.connect(root / STORE_FILE)
     conn.execute("DELETE FROM meta WHERE key IN ('audit_sync', 'settings_version', 'people_version')")
-    conn.execute("PRAGMA user_version = 6")
+    conn.execute("PRAGMA user_version = 9")  # main before the merge of speed: thumbnails, mean templates
     conn.commit()
     conn.close()
     with FaceDB.open(root) as db:
         assert db.settings().audit.sync is True
         assert db.store.versions()[1:] == (0, 0)
+
+
+def test_a_database_made_by_branch_speed_before_the_merge_gets_mains_migrations(tmp_path):
+    # Branch speed numbered its migration (the version counters) 7 before merging main's 7-9 (visitors,
+    # thumbnails, derived templates): such a database at version 7 must still get main's tables and column.
+    from facedb.store import MIGRATIONS, SCHEMA_VERSION, Store, _apply
+
+    root = tmp_path / "db"
+    make(root).close()
+    path = root / STORE_FILE
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE thumbnails")
+    conn.execute("DROP TABLE unassigned_faces")
+    conn.execute("ALTER TABLE embeddings DROP COLUMN derived")
+    conn.execute("DELETE FROM meta WHERE key = 'thumbnails'")
+    conn.execute("PRAGMA user_version = 7")
+    conn.commit()
+    conn.close()
+    store = Store.open(path)
+    try:
+        assert store.version == SCHEMA_VERSION == len(MIGRATIONS) == 10
+        tables = {r[0] for r in store.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert {"thumbnails", "unassigned_faces"} <= tables
+        assert "derived" in {r[1] for r in store.conn.execute("PRAGMA table_info(embeddings)")}
+        assert store.get_meta("thumbnails") == "off" and store.get_meta("audit_sync") == "0"
+        for step in MIGRATIONS[6:]:  # every step from 7 on can run again (this one's fix relies on it)
+            _apply(store.conn, step)
+    finally:
+        store.close()
+
+
+def test_every_settings_writer_is_seen_by_a_memoised_reader(tmp_path, rng):
+    # Settings main added (rule, margin, mean templates, thumbnails, visitors, index) go through Store.set_meta,
+    # which bumps settings_version: a FaceDB holding parsed settings sees each at its next query.
+    root = tmp_path / "db"
+    make(root).close()
+    with FaceDB.open(root) as reader, FaceDB.open(root) as writer:
+        writer.add_templates("ann", unit_rows(rng, 2, DIM), create=True)
+        probe = next(writer.templates("ann")).vector
+        reader.identify(probe)
+        writer.set_rule("margin", margin=0.3)
+        assert reader.identify(probe).rule.startswith("margin")
+        assert reader.settings().rule.margin == 0.3
+        writer.configure_templates(mean=True)
+        assert reader.settings().mean_templates is True
+        writer.configure_thumbnails("all")
+        assert reader.settings().thumbnails == "all"
+        writer.configure_visitors(enabled=True, retention_days=7)
+        assert reader.settings().visitors.enabled is True and reader.settings().visitors.retention_days == 7
+        writer.configure_audit(sync=True, retention_days=3)
+        assert reader.settings().audit.sync is True and reader.settings().audit.retention_days == 3
+        writer.reindex("ivf", {"nlist": 2, "quantizer": "fp16"})
+        assert reader.settings().index_kind == "ivf"
+        writer.set_threshold(0.8, "test")
+        assert reader.identify(probe).threshold == 0.8
+
+
+def test_the_coarse_quantizer_is_an_index_parameter_checked_before_a_reindex(tmp_path):
+    from facedb.errors import InvalidInputError
+    from facedb.index import check_index_params
+    from facedb.index.faiss_kinds import QUANTIZERS
+
+    for q in QUANTIZERS:
+        assert check_index_params("ivfpq", {"quantizer": q, "quantizer_ef": 64}) == {"quantizer": q,
+                                                                                     "quantizer_ef": 64}
+    with make(tmp_path / "db") as db:
+        before = db.store.all_meta()
+        for bad in ({"quantizer": "kmeans"}, {"quantizer": 3}, {"quantizer_ef": 0}):
+            with pytest.raises(InvalidInputError):
+                db.reindex("ivf", bad)
+        assert db.store.all_meta() == before
 
 
 CHILD = textwrap.dedent("""
@@ -415,3 +487,90 @@ def test_the_service_records_decisions_in_the_background_and_on_shutdown(tmp_pat
         assert sum(op == "identify" for op, _ in _audit_rows(root)) == 3
         client.post("/v1/identify/vector", json={"vector": vector}, headers={"X-API-Key": keys["identify"]})
     assert sum(op == "identify" for op, _ in _audit_rows(root)) == 4, "shutting the service down commits the rest"
+
+
+# ----------------------------------------------------------------------------- batched detection, cancellation
+class BatchingDetector:
+    """The conftest's fake detector with a ``detect_many`` (as MTCNN's batched one), counting the batches."""
+
+    def __init__(self) -> None:
+        from .conftest import FakeDetector
+
+        self.one = FakeDetector()
+        self.batches: list[int] = []
+
+    def detect(self, image):
+        self.batches.append(1)
+        return self.one.detect(image)
+
+    def detect_many(self, images):
+        self.batches.append(len(images))
+        return [self.one.detect(i) for i in images]
+
+
+def _photos(n: int, faces_each: int = 1):
+    import io
+
+    from PIL import Image
+
+    from .conftest import face_image
+
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(face_image([(200, 40 + 20 * i, 40)] * faces_each, i)).save(buf, "PNG")
+        out.append((i, buf.getvalue()))
+    return out
+
+
+def test_prepare_detects_a_chunk_in_one_batch_and_keeps_every_choice(fake_pipeline):
+    # main's FaceChoice.ALL and speed's batched detection together: one detect_many call for the chunk, the
+    # same faces as one photo at a time.
+    from facedb.pipeline import FaceChoice, Prepared, PreparedFaces, Unprepared, prepare
+
+    align = fake_pipeline.embedder.align
+    items = [*_photos(4, faces_each=2), (9, b"not an image")]
+    alone = prepare(fake_pipeline.detector, align, items, FaceChoice.ALL)
+    det = BatchingDetector()
+    together = prepare(det, align, items, FaceChoice.ALL)
+    assert det.batches == [4]
+    assert [type(o) for o in together] == [PreparedFaces] * 4 + [Unprepared]
+    for a, b in zip(alone[:4], together[:4]):
+        assert a.key == b.key and [f.box for f in a.faces] == [f.box for f in b.faces]
+        assert all(np.array_equal(x, y) for x, y in zip(a.crops, b.crops))
+    largest = prepare(BatchingDetector(), align, items, FaceChoice.LARGEST)
+    assert [type(o) for o in largest] == [Prepared] * 4 + [Unprepared]
+
+
+def test_prepare_stops_before_detecting_when_the_consumer_is_gone():
+    import threading
+
+    from facedb.pipeline import prepare
+
+    stop = threading.Event()
+    det = BatchingDetector()
+    items = _photos(3)
+
+    def interrupted():
+        for n, item in enumerate(items):
+            if n == 2:
+                stop.set()  # the consumer was interrupted while this chunk was being decoded
+            yield item
+
+    out = prepare(det, lambda img, f: img, interrupted(), stop=stop)  # type: ignore[arg-type]
+    assert out == [] and det.batches == [], "no detection batch runs once stopped"
+
+    class StoppingDetector(BatchingDetector):  # one photo at a time (no detect_many), interrupted at the second
+        detect_many = None
+
+        def detect(self, image):
+            if len(self.batches) == 1:
+                stop.set()
+            return super().detect(image)
+
+    stop.clear()
+    one = StoppingDetector()
+    out = prepare(one, lambda img, f: img, items, stop=stop)
+    assert len(out) == 2 and one.batches == [1, 1], "the photo being detected finishes; no other starts"
+    stop.clear()
+    assert len(prepare(det, lambda img, f: img, items, stop=stop)) == 3 and det.batches == [3]

@@ -56,11 +56,18 @@ def milvus_options(index: IndexKind, uri: str | None, collection: str | None, to
     return {k: v for k, v in given.items() if v}
 
 
+class Thumbnails(str, Enum):
+    off = "off"
+    enrolled = "enrolled"
+    all = "all"
+
+
 class Rule(str, Enum):
     """Open-set decision rules (facedb/decision.py)."""
 
     fixed = "fixed"
     gallery = "gallery"
+    margin = "margin"
 
 
 WeightsOpt = Annotated[Path | None, typer.Option(envvar="FACEDB_WEIGHTS", help="FaceNet weights file (.pt).")]
@@ -89,14 +96,21 @@ def init(
     milvus_uri: MilvusUriOpt = None,
     milvus_collection: MilvusCollectionOpt = None,
     milvus_token: MilvusTokenOpt = None,
-    rule: Annotated[Rule | None, typer.Option(help="Decision rule: gallery (the 1:N threshold follows the gallery "
-                                                   "size to hold FPIR at 1%; the default when the model ships an "
-                                                   "impostor model) or fixed.")] = None,
+    mean_templates: Annotated[bool, typer.Option(help="Keep each person's mean template beside their photo "
+                                                      "templates (more accurate with 2+ photos each).")] = True,
+    rule: Annotated[Rule | None, typer.Option(help="Open-set decision rule: margin (the best score and its lead over "
+                                                   "the runner-up; the default when the model ships its "
+                                                   "calibration), gallery (the 1:N threshold follows the gallery "
+                                                   "size), or fixed.")] = None,
     encrypt: Annotated[bool, typer.Option(help="Encrypt it at rest under the key from --key-file, --key-command or "
                                                 "$FACEDB_KEY (README \"Protecting templates\").")] = False,
     cancellable: Annotated[bool, typer.Option(help="Store templates under a keyed random orthogonal projection of "
                                                     "this database (same scores; unlinkable across databases).")
                            ] = False,
+    thumbnails: Annotated[Thumbnails, typer.Option(help="Face thumbnails kept in the store (biometric data): off, "
+                                                        "enrolled (templates' faces) or all (also decisions' and "
+                                                        "unknown visitors' faces). See README \"Console\".")
+                          ] = Thumbnails.enrolled,
 ) -> None:
     """Create a new, empty database."""
     from ..db import FaceDB
@@ -104,15 +118,19 @@ def init(
 
     options = milvus_options(index, milvus_uri, milvus_collection, milvus_token)
     spec, note = resolve_model(model, weights=weights, dim=dim, check_weights=not force)
+    margin = spec.margin_threshold(flip)
+    impostors = spec.impostor_model(flip)
     if rule is None:
-        rule = Rule.gallery if spec.impostor_model(flip) is not None else Rule.fixed
+        rule = Rule.margin if margin is not None else Rule.gallery if impostors is not None else Rule.fixed
     thr, source = spec.default_threshold(flip)
     if threshold is not None:
         thr, source = threshold, "given at init"
-    impostors = spec.impostor_model(flip) if rule is Rule.gallery else None
     if rule is Rule.gallery and impostors is None:
         raise InvalidInputError(f"{spec.id} ships no impostor model for the gallery rule: use --rule fixed and "
                                 "calibrate (`facedb calibrate --far ... --folder DIR` builds one from your photos)")
+    if rule is Rule.margin and margin is None:
+        raise InvalidInputError(f"{spec.id} ships no margin threshold for the margin rule: use --rule fixed and "
+                                "calibrate (`facedb calibrate --fpir 0.01 --folder DIR`)")
     key = state(ctx).key() if encrypt else None
     if encrypt and key is None:
         from ..errors import KeyMissingError
@@ -120,15 +138,30 @@ def init(
         raise KeyMissingError("--encrypt needs a key: --key-file, --key-command or $FACEDB_KEY (`facedb genkey` "
                               "makes one)")
     with FaceDB.create(state(ctx).db, model_id=spec.id, dim=spec.dim, threshold=thr, threshold_source=source,
-                       index=index.value, flip=flip, impostors=impostors, index_options=options, encrypt=encrypt,
-                       key=key, cancellable=cancellable) as db:
+                       index=index.value, flip=flip, impostors=impostors, margin=margin, rule=rule.value,
+                       mean_templates=mean_templates,
+                       index_options=options, encrypt=encrypt,
+                       key=key, cancellable=cancellable, thumbnails=thumbnails.value) as db:
         s = db.settings()
         info = {"created": str(db.root), "model_id": db.model_id, "dim": db.dim, "threshold": db.threshold,
                 "flip": db.flip, "index_kind": db.index_kind, "decision_rule": s.rule.kind, **s.index_options,
-                "encrypted": db.encrypted, "cancellable": db.cancellable}
+                "encrypted": db.encrypted, "cancellable": db.cancellable, "thumbnails": s.thumbnails}
     if note:
         typer.echo(note, err=True)
     emit_kv(ctx, info)
+
+
+@command(name="thumbnails")
+def thumbnails_cmd(
+    ctx: typer.Context,
+    mode: Annotated[Thumbnails | None, typer.Argument(help="off, enrolled or all; none: show the setting and "
+                                                           "the counts.")] = None,
+) -> None:
+    """Which face thumbnails the database keeps (off, enrolled, all); narrowing erases those no longer kept."""
+    with open_db(ctx, readonly=mode is None) as db:
+        if mode is not None:
+            db.configure_thumbnails(mode.value)
+        emit_kv(ctx, {"thumbnails": db.settings().thumbnails, **db.count_thumbnails()})
 
 
 @command()
@@ -139,8 +172,27 @@ def stats(ctx: typer.Context) -> None:
 
 
 @command()
-def check(ctx: typer.Context) -> None:
+def check(
+    ctx: typer.Context,
+    duplicates: Annotated[bool, typer.Option("--duplicates", help="Instead: report people who look enrolled twice "
+                                                                   "(under two names) or split in two (never a "
+                                                                   "change); exit 1 if any.")] = False,
+    threshold: Annotated[float | None, typer.Option(help="--duplicates: cosine similarity at which two sets of "
+                                                         "templates are one person (default: the clustering "
+                                                         "threshold).")] = None,
+) -> None:
     """Verify the store's integrity and that the index agrees with it; exit 1 on any problem."""
+    if threshold is not None and not duplicates:
+        raise InvalidInputError("--threshold goes with --duplicates")
+    if duplicates:
+        from .cluster import print_duplicates
+
+        with open_db(ctx, readonly=True) as db:
+            found = db.duplicates(threshold)
+        print_duplicates(ctx, found)
+        if found.found:
+            raise typer.Exit(EXIT_NO)
+        return
     with open_db(ctx) as db:
         report = db.check()
     if state(ctx).json:
@@ -268,19 +320,25 @@ def audit_settings(
 @command(name="rule")
 def rule_cmd(
     ctx: typer.Context,
-    kind: Annotated[Rule | None, typer.Argument(help="fixed or gallery; omit to show the rule in force.")] = None,
+    kind: Annotated[Rule | None, typer.Argument(help="fixed, margin or gallery; omit to show the rule in force.")
+                    ] = None,
     target: Annotated[float | None, typer.Option(help="gallery: the FPIR to hold (default 0.01).")] = None,
+    margin: Annotated[float | None, typer.Option(help="margin: the threshold for s1 - 0.5 s2 (default: the "
+                                                      "stored one, else the model's).")] = None,
 ) -> None:
-    """Show or choose the open-set decision rule: a fixed threshold, or one that follows the gallery size."""
+    """Show or choose the open-set decision rule: a fixed threshold, the margin rule, or a threshold that follows
+    the gallery size (README "Scores and thresholds")."""
     from ..decision import predicted_fpir
 
     with open_db(ctx, readonly=kind is None) as db:
-        s = db.set_rule(kind.value, target=target) if kind is not None else db.settings()
+        s = db.set_rule(kind.value, target=target, margin=margin) if kind is not None else db.settings()
         templates = db.stats().templates
-        in_force, why = s.rule.threshold(s.threshold, templates)
+        policy = s.rule.policy(s.threshold, templates)
         impostors = s.rule.impostors or db._shipped_impostors(s)
+        predicted = (predicted_fpir(impostors, policy.threshold, templates)
+                     if impostors and policy.kind in ("fixed", "gallery") else None)
         emit_kv(ctx, {"decision_rule": s.rule.kind, "target_fpir": s.rule.target if s.rule.kind == "gallery" else None,
-                      "templates": templates, "threshold_in_force": in_force, "because": why,
-                      "predicted_fpir": predicted_fpir(impostors, in_force, templates) if impostors else None,
-                      "impostor_model": impostors.source if impostors else None,
+                      "margin_threshold": s.rule.margin if s.rule.kind == "margin" else None,
+                      "templates": templates, "threshold_in_force": policy.threshold, "because": policy.explanation,
+                      "predicted_fpir": predicted, "impostor_model": impostors.source if impostors else None,
                       "warning": db.calibration_warning(s)})

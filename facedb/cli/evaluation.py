@@ -63,6 +63,16 @@ def _folder(folder: Path | None) -> Path:
     return folder or data_root("labelled folder (--folder)") / "lfw_deepfunneled"
 
 
+def _checked_layout(folder: Path) -> Path:
+    """``folder`` after reporting on stderr what in it does not fit the one-sub-folder-per-person layout
+    (InvalidInputError when nothing does), as ``enroll --folder`` does."""
+    from ..pipeline import list_folder
+
+    for problem in list_folder(folder).problems:
+        typer.echo(f"warning: {problem}", err=True)
+    return folder
+
+
 def _eval_pipeline(ctx: typer.Context, model: str | None, weights: Path | None) -> Any:
     from ..db import STORE_FILE
     from ..pipeline import get_pipeline
@@ -134,7 +144,7 @@ def eval_identify(
 
     if check_calibration and half is None:
         raise InvalidInputError("--check-calibration needs --half a or --half b")
-    source = _folder(folder)
+    source = _checked_layout(_folder(folder))
     pipe = _eval_pipeline(ctx, model, weights)
     with tempfile.TemporaryDirectory() as tmp, Progress(ctx, "embedding") as progress:
         report = run_identify(source, pipe, Path(tmp), enroll=enroll, seed=seed, half=half.value if half else None,
@@ -171,13 +181,11 @@ def calibrate(
     from datetime import datetime, timezone
 
     from ..evaluate import calibrate_far_folder, calibrate_far_pairs, calibrate_fpir_folder, read_people
+    from ..settings import check_rate
 
     if (far is None) == (fpir is None):
         raise InvalidInputError("give exactly one of --far or --fpir")
-    rate = far if far is not None else fpir
-    assert rate is not None
-    if not 0 < rate < 1:
-        raise InvalidInputError("the target rate is a fraction in (0, 1), e.g. 1e-3")
+    rate = check_rate(far, "--far") if far is not None else check_rate(fpir, "--fpir")
     with open_db(ctx, weights=weights) as db:
         pipe = db.pipeline()
         cipher = db.cache_cipher()  # an encrypted database's calibration vectors are cached encrypted
@@ -187,16 +195,22 @@ def calibrate(
                                           progress=progress, cipher=cipher)
             elif far is not None:
                 assert folder is not None
-                rec = calibrate_far_folder(folder, pipe, far, seed=seed, progress=progress, flip=db.flip,
-                                           people=read_people(people) if people else None, cipher=cipher)
+                rec = calibrate_far_folder(_checked_layout(folder), pipe, far, seed=seed, progress=progress,
+                                           flip=db.flip, people=read_people(people) if people else None, cipher=cipher)
             else:
-                assert fpir is not None
                 size = gallery_size if gallery_size is not None else max(db.count_people(), 1)
                 with tempfile.TemporaryDirectory() as tmp:
-                    rec = calibrate_fpir_folder(_folder(folder), pipe, fpir, size, Path(tmp), seed=seed,
-                                                flip=db.flip, progress=progress, cipher=cipher)
+                    rule = db.settings().rule
+                    rec = calibrate_fpir_folder(_checked_layout(_folder(folder)), pipe, rate, size, Path(tmp),
+                                                seed=seed, flip=db.flip, progress=progress, cipher=cipher,
+                                                margin_floor=db.threshold if rule.kind == "margin" else None)
         rec["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        if not dry_run:
+        if not dry_run and "margin_threshold" in rec:  # the margin rule in force: calibrate its threshold (the
+            # 1:1 threshold, its floor, stays; the record of what was measured is stored beside it)
+            db.set_rule("margin", margin=float(rec["margin_threshold"]))  # type: ignore[arg-type]
+            s = db.settings()
+            db.set_threshold(s.threshold, s.threshold_source, calibration=rec)
+        elif not dry_run:
             db.set_threshold(float(rec["threshold"]), f"calibrated: {rec['target']} {rate:g} on {rec['source']}",
                              calibration=rec)
         rec["stored"] = not dry_run
@@ -233,10 +247,12 @@ def train(
     """Train or fine-tune a FaceNet embedding (triplet loss with online mining, or softmax)."""
     from ..evaluate import cache_dir, read_people
     from ..train.data import cache_name, prepare_crops, split_by_person
-    from ..train.loop import TrainConfig
+    from ..train.loop import TrainConfig, initial_state
     from ..train.loop import train as run_training
 
+    initial_state(init_from)  # a wrong --init fails now, not after the photos are prepared
     only = read_people(people) if people else None
+    _checked_layout(folder)
     with Progress(ctx, "aligning") as progress:
         crops, labels, names = prepare_crops(folder, cache_dir() / "train-crops" / cache_name(folder, only),
                                              progress=progress, people=only)

@@ -108,6 +108,8 @@ def templates(
     ctx: typer.Context,
     name: Annotated[str | None, typer.Argument(help="Only this person's templates.")] = None,
     vectors: Annotated[bool, typer.Option(help="Include the vectors themselves (biometric data).")] = False,
+    with_mean: Annotated[bool, typer.Option(help="Also list each person's mean template (derived from their "
+                                                 "photos).")] = False,
     allow_plaintext: Annotated[bool, typer.Option(help="With --vectors on an encrypted database: print them anyway "
                                                        "(in plain text, wherever the output goes).")] = False,
 ) -> None:
@@ -117,12 +119,12 @@ def templates(
             raise InvalidInputError("this database is encrypted: --vectors would export its templates in plain "
                                     "text; add --allow-plaintext if that is what you want")
         rows = []
-        for t in db.templates(name):
+        for t in db.templates(name, include_derived=with_mean):
             row = t.to_dict()
             if not vectors:
                 row.pop("vector")
             rows.append(row)
-    emit(ctx, rows, ["id", "person", "image_sha256", "box", "det_score", "created_at"])
+    emit(ctx, rows, ["id", "person", "image_sha256", "box", "det_score", "derived", "created_at"])
 
 
 @command(name="remove-template")

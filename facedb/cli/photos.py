@@ -33,8 +33,9 @@ class OnOtherMatch(str, Enum):
 
 
 def read_people_meta(path: Path) -> dict[str, dict[str, Any]]:
-    """Per-person metadata from a CSV file (a ``name`` column, the other columns become metadata; an
-    ``external_id`` column is kept as metadata too) or a JSON object ``{name: {key: value}}``."""
+    """Per-person metadata from a CSV file (a ``name`` column; the other columns become metadata, except
+    ``external_id``, which sets the person's external id) or a JSON object ``{name: {key: value}}`` (the same
+    ``external_id`` key). Names are NFC-normalised like every name."""
     from ..store import normalise_name
 
     try:
@@ -55,6 +56,15 @@ def read_people_meta(path: Path) -> dict[str, dict[str, Any]]:
     return {normalise_name(r.pop("name")): {k: v for k, v in r.items() if k and v not in (None, "")} for r in rows}
 
 
+def _has_photos(db: Any, name: str) -> bool:
+    from ..errors import PersonNotFoundError
+
+    try:
+        return db.person(name).images > 0
+    except PersonNotFoundError:
+        return False
+
+
 @command()
 def enroll(
     ctx: typer.Context,
@@ -65,7 +75,8 @@ def enroll(
     ] = None,
     meta: Annotated[list[str] | None, typer.Option(help="key=value metadata for every person; repeatable.")] = None,
     people_meta: Annotated[Path | None, typer.Option(help="Per-person metadata: a CSV file with a 'name' column, "
-                                                          "or JSON {name: {key: value}}.")] = None,
+                                                          "or JSON {name: {key: value}}; an 'external_id' "
+                                                          "column/key sets the person's external id.")] = None,
     on_multiple: Annotated[OnMultiple, typer.Option(help="A photo with several faces: error (skip it and say "
                                                          "so), largest, or skip.")] = OnMultiple.error,
     on_other_match: Annotated[OnOtherMatch, typer.Option(help="A face that matches another enrolled person: warn "
@@ -81,10 +92,13 @@ def enroll(
     """Enrol photos of a person, or a whole folder of people. Prints a summary; skipped photos say why.
 
     Photos already enrolled are recognised by their bytes and skipped before detection, so re-running a folder
-    is quick and exits 0. Ctrl-C stops promptly and prints what was stored (each photo is its own transaction).
+    is quick and exits 0. Exit 2 if some photo could not be enrolled (unreadable, no face, several faces,
+    refused); the others are enrolled all the same. Ctrl-C stops promptly and prints what was stored (each
+    photo is its own transaction).
     """
+    from ..images import display_name
     from ..pipeline import list_folder
-    from ..store import normalise_name
+    from ..store import check_name, normalise_name
 
     problems: list[str] = []
     if folder is not None:
@@ -92,9 +106,18 @@ def enroll(
             raise InvalidInputError("give either NAME PHOTO... or --folder DIR, not both")
         layout = list_folder(folder)
         problems = layout.problems
-        batches = [(person, list(files)) for person, files in layout.people]
+        batches = []
+        for person, files in layout.people:
+            try:
+                check_name(person)
+            except InvalidInputError as exc:  # one badly named folder does not stop the others
+                problems.append(f"{display_name(person)}/: not used as a person's name ({exc}); skipped")
+                continue
+            batches.append((person, list(files)))
+        if not batches:
+            raise InvalidInputError(f"no folder in {display_name(folder)} can be enrolled: {'; '.join(problems)}")
     else:
-        if not name or not photos:
+        if name is None or not photos:
             raise InvalidInputError("give NAME and at least one PHOTO, or --folder DIR")
         batches = [(name, list(photos))]
     per_person = read_people_meta(people_meta) if people_meta else {}
@@ -116,19 +139,20 @@ def enroll(
             if report is None:
                 raise
             interrupted = True
-    stored_people = set(report.people)
-    empty = [n for n, _ in batches if normalise_name(n) not in stored_people]
+        # people of this job with no photo in the database at all (every photo of theirs failed)
+        empty = [display_name(n) for n, _ in batches if not _has_photos(db, n)]
     if state(ctx).json:
         out = report.to_dict()
         out.pop("template_ids")
-        out.update(people_without_photos_stored=empty, layout_problems=problems, interrupted=interrupted)
+        out.update(people_without_photos_stored=[] if interrupted else empty, layout_problems=problems,
+                   interrupted=interrupted)
         typer.echo(json.dumps(out, ensure_ascii=False))
     else:
         for sk in report.skipped:
             typer.echo(f"skipped  {sk.image}: {sk.reason}")
         for w in report.warnings:
             typer.echo(f"warning  {w.image}: {w.reason}")
-        if empty and folder is not None:
+        if empty and folder is not None and not interrupted:  # interrupted: the rest was never tried
             typer.echo(f"no photo stored for {len(empty)} people: {', '.join(empty[:10])}"
                        f"{' ...' if len(empty) > 10 else ''}")
         typer.echo(
@@ -137,7 +161,7 @@ def enroll(
         )
     if interrupted:
         raise typer.Exit(130)
-    if report.photos and not report.faces_stored and not report.only_known:
+    if report.failed:  # the others were still enrolled; "already enrolled" is not a failure
         raise typer.Exit(EXIT_ERROR)
 
 
@@ -150,7 +174,7 @@ def search(
     weights: WeightsOpt = None,
 ) -> None:
     """Who is in these photos? One line per face: the identity or 'unknown' (JSON null), then the candidates.
-    Exit 1 if some photo could not be searched."""
+    A photo with no face says so. Exit 2 if some photo could not be searched (the others are still answered)."""
     from ..images import display_name
     from ..settings import check_threshold
 
@@ -186,7 +210,7 @@ def search(
                 typer.echo(f"{label}\t{m.identity or 'unknown'}{ext}\tsimilarity={sim}\tthreshold={m.threshold:.4f}"
                            f"\tbox={m.box}\tcandidates: {cands or '-'}")
     if failed:
-        raise typer.Exit(EXIT_NO)
+        raise typer.Exit(EXIT_ERROR)
 
 
 @command()
@@ -215,7 +239,8 @@ def detect(
     photos: Annotated[list[Path], typer.Argument(help="Photos to look for faces in.")],
     weights: WeightsOpt = None,
 ) -> None:
-    """Faces in photos: box, detector score and 5 landmarks each (no identification, nothing recorded)."""
+    """Faces in photos: box, detector score and 5 landmarks each (no identification, nothing recorded). Exit 2 if
+    some photo could not be read (the others are still done)."""
     from ..images import display_name
 
     failed = 0
@@ -236,4 +261,4 @@ def detect(
             if not faces and not state(ctx).json:
                 typer.echo(f"{label}\tno face")
     if failed:
-        raise typer.Exit(EXIT_NO)
+        raise typer.Exit(EXIT_ERROR)

@@ -51,6 +51,8 @@ def serve(
     fold_window: Annotated[float, typer.Option(envvar="FACEDB_HOOK_FOLD_SECONDS", help="Seconds within which "
                                                "repeated webhook events for one person are folded.")] = 10.0,
     weights: WeightsOpt = None,
+    console: Annotated[bool, typer.Option("--console/--no-console", envvar="FACEDB_CONSOLE",
+                                          help="Serve the operator console (web pages) at /console.")] = True,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
 ) -> None:
     """Run the HTTP API (FastAPI on uvicorn; OpenAPI at /docs). Needs `pip install 'facedb[service]'`."""
@@ -64,7 +66,7 @@ def serve(
 
     settings = ServiceSettings(db=state(ctx).db, host=host, port=port, workers=workers, max_upload_mb=max_upload_mb,
                                cors_origins=tuple(o.strip() for o in cors_origins.split(",") if o.strip()),
-                               fold_window=fold_window, weights=weights)
+                               fold_window=fold_window, weights=weights, console=console)
     st = state(ctx)  # an encrypted database's key source reaches the workers through the environment
     if st.key_file is not None:
         os.environ["FACEDB_KEY_FILE"] = str(Path(st.key_file).resolve())

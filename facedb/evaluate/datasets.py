@@ -82,12 +82,15 @@ def read_people(people_file: Path) -> set[str]:
 
 
 def labelled_folder(folder: Path, people: set[str] | None = None) -> tuple[list[Path], list[str]]:
-    """(photo paths, person labels) of a folder with one sub-folder per person (only ``people``, if given)."""
+    """(photo paths, person labels) of a folder with one sub-folder per person (only ``people``, if given).
+    Labels are the folder names in Unicode NFC, as the store and :func:`read_people` give names, so that a
+    folder copied from a Mac (NFD names) matches a people file typed elsewhere."""
     from ..pipeline import list_folder
 
     paths: list[Path] = []
     labels: list[str] = []
-    for name, files in list_folder(folder).people:
+    for raw, files in list_folder(folder).people:
+        name = unicodedata.normalize("NFC", raw)
         if people is None or name in people:
             paths += files
             labels += [name] * len(files)

@@ -16,8 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from ..decision import MARGIN_WEIGHT
 from ..errors import InvalidInputError
 from ..pipeline import FacePipeline
+from ..settings import check_rate
 from .datasets import Pair, Split, identify_split, labelled_folder, read_pairs
 from .embedding import Embedded, embed_cached, require_faces
 from .metrics import (
@@ -52,6 +54,11 @@ class PairScores:
     same: np.ndarray
     folds: np.ndarray
     embedded: Embedded  # of the file's distinct photos
+    distinct: np.ndarray | None = None  # bool: the first listing of each unordered pair (a repeat is no new evidence)
+
+    def __post_init__(self) -> None:
+        if self.distinct is None:
+            self.distinct = np.ones(len(self.scores), dtype=bool)
 
 
 def pair_scores(pairs_file: Path, lfw_dir: Path, pipeline: FacePipeline, *, flip: bool = False,
@@ -61,7 +68,14 @@ def pair_scores(pairs_file: Path, lfw_dir: Path, pipeline: FacePipeline, *, flip
     embedded = embed_cached(unique, pipeline, flip, progress, use_cache, cipher)
     require_faces(embedded, str(pairs_file))
     scores = score_pairs(pairs, embedded, {p: i for i, p in enumerate(unique)})
-    return PairScores(scores, np.array([p.same for p in pairs]), np.array([p.fold for p in pairs]), embedded)
+    seen: set[frozenset[Path]] = set()
+    distinct = np.zeros(len(pairs), dtype=bool)
+    for i, p in enumerate(pairs):
+        key = frozenset((p.a, p.b))
+        distinct[i] = key not in seen
+        seen.add(key)
+    return PairScores(scores, np.array([p.same for p in pairs]), np.array([p.fold for p in pairs]), embedded,
+                      distinct)
 
 
 def run_lfw(pairs_file: Path, lfw_dir: Path, pipeline: FacePipeline, *, flip: bool = False,
@@ -98,9 +112,11 @@ def folder_embeddings(folder: Path, pipeline: FacePipeline, *, people: set[str] 
 
 
 def open_set_scores(db_root: Path, vectors: np.ndarray, split: Split, model_id: str,
-                    k: int = 5, encrypt: bool = False) -> tuple[list[list[tuple[str, float]]], list[float]]:
+                    k: int = 5, encrypt: bool = False, runner_up: bool = False
+                    ) -> tuple[list[list[tuple[str, float]]], list[float]]:
     """Enrol the split's gallery into a new facedb at ``db_root`` (real store and index), then identify
-    every probe. Returns (top-k (name, similarity) per genuine probe, best similarity per impostor probe).
+    every probe. Returns (top-k (name, similarity) per genuine probe, best similarity per impostor probe;
+    with ``runner_up``, (best, runner-up) per impostor probe, the runner-up -1 when there is none).
     ``encrypt``: the temporary database is encrypted under a throw-away key (calibrating an encrypted one)."""
     from ..db import FaceDB
 
@@ -114,8 +130,11 @@ def open_set_scores(db_root: Path, vectors: np.ndarray, split: Split, model_id: 
         db.configure_audit(enabled=False)  # an evaluation's probes are not decisions about anyone
         db.add_templates_many([(name, vectors[idx]) for name, idx in split.gallery.items()])
         gen_answers = db.identify(vectors[[i for _, i in split.genuine]], k=k) if split.genuine else []
-        imp_answers = db.identify(vectors[split.impostor], k=1) if split.impostor else []
+        imp_answers = db.identify(vectors[split.impostor], k=2 if runner_up else 1) if split.impostor else []
     genuine = [[(c.name, c.similarity) for c in a.candidates] for a in gen_answers]
+    if runner_up:
+        return genuine, [(a.candidates[0].similarity, a.candidates[1].similarity if len(a.candidates) > 1 else -1.0)
+                         for a in imp_answers]  # type: ignore[misc]
     impostor = [a.candidates[0].similarity for a in imp_answers]
     return genuine, impostor
 
@@ -156,13 +175,20 @@ def run_identify(folder: Path, pipeline: FacePipeline, work_dir: Path, *, enroll
     if calibrate_on_other_half and half:
         other = "b" if half == "a" else "a"
         split2 = identify_split(labels, enroll, np.random.default_rng(seed), halves[other], strangers=strangers)
+        if not split2.impostor or not impostor:
+            raise InvalidInputError(f"half {other if not split2.impostor else half} has no strangers to measure "
+                                    "FPIR with: hold some people out with --strangers 0.5")
         _, impostor2 = open_set_scores(work_dir / "eval-db-other", vectors, split2, pipeline.model_id)
         t = threshold_at_far(np.asarray(impostor2), 1e-2)
         report.update({
             "calibrated_on_half": other,
             "calibrated_gallery_people": len(split2.gallery),
             "calibrated_threshold_fpir_0.01": t,
+            # how much evidence each side has: FPIR 1% needs >= 100 impostor probes to be resolved at all
+            "calibrated_on_impostor_probes": len(impostor2),
+            "calibrated_fpir_0.01_resolvable": resolvable(1e-2, len(impostor2)),
             "fpir_measured_at_calibrated_threshold": fpir_at(impostor, t),
+            "fpir_measured_on_impostor_probes": len(impostor),
         })
     return report
 
@@ -178,9 +204,12 @@ def _require_resolvable(rate: float, comparisons: int, what: str) -> None:
 
 def calibrate_far_pairs(pairs_file: Path, lfw_dir: Path, pipeline: FacePipeline, far: float, *, flip: bool = False,
                         progress: Progress = None, cipher: Any = None) -> dict[str, object]:
-    """The 1:1 threshold for ``far`` from the impostor pairs of an LFW-format pairs file."""
+    """The 1:1 threshold for ``far`` from the impostor pairs of an LFW-format pairs file (each distinct pair
+    counted once: a pair listed twice is not twice the evidence)."""
+    check_rate(far, "the target FAR")
     ps = pair_scores(pairs_file, lfw_dir, pipeline, flip=flip, progress=progress, cipher=cipher)
-    scores, same = ps.scores, ps.same
+    keep = ps.distinct
+    scores, same = ps.scores[keep], ps.same[keep]
     _require_resolvable(far, int((~same).sum()), "impostor pairs")
     t = threshold_at_far(scores[~same], far)
     return {"threshold": t, "target": "far", "target_rate": far, "source": f"LFW {pairs_file.name}",
@@ -241,6 +270,7 @@ def calibrate_far_folder(folder: Path, pipeline: FacePipeline, far: float, *, se
                          max_impostor_pairs: int = MAX_IMPOSTOR_PAIRS, people: set[str] | None = None,
                          flip: bool = False, progress: Progress = None, cipher: Any = None) -> dict[str, object]:
     """The 1:1 threshold for ``far`` from a labelled folder (see ``folder_pair_scores``)."""
+    check_rate(far, "the target FAR")
     gen, impostor, total = folder_pair_scores(folder, pipeline, people=people, max_impostor_pairs=max_impostor_pairs,
                                               seed=seed, flip=flip, progress=progress, cipher=cipher)
     _require_resolvable(far, len(impostor), "impostor pairs")
@@ -253,14 +283,18 @@ def calibrate_far_folder(folder: Path, pipeline: FacePipeline, far: float, *, se
 
 def calibrate_fpir_folder(folder: Path, pipeline: FacePipeline, fpir: float, gallery_size: int | None,
                           work_dir: Path, *, enroll: int = 1, seed: int = 0, flip: bool = False,
-                          progress: Progress = None, cipher: Any = None) -> dict[str, object]:
+                          progress: Progress = None, cipher: Any = None,
+                          margin_floor: float | None = None) -> dict[str, object]:
     """The 1:N threshold for ``fpir`` at a gallery of ``gallery_size`` people, simulated on a labelled folder:
     ``gallery_size`` people (of those with more than ``enroll`` photos) are enrolled, every photo of everyone
     else probes as an impostor; the threshold is the best-match similarity exceeded by at most ``fpir`` of them.
+    With ``margin_floor`` (the database's 1:1 threshold), also the margin rule's threshold for ``fpir``
+    (``margin_threshold``: facedb/decision.py).
 
     InvalidInputError when the folder has too few people for that gallery and enough strangers to resolve
     ``fpir`` (the gallery must leave people out to probe with).
     """
+    check_rate(fpir, "the target FPIR")
     vectors, labels, _ = folder_embeddings(folder, pipeline, flip=flip, progress=progress, cipher=cipher)
     counts: dict[str, int] = {}
     for lab in labels:
@@ -287,11 +321,25 @@ def calibrate_fpir_folder(folder: Path, pipeline: FacePipeline, fpir: float, gal
         raise InvalidInputError(f"every person in {folder} would be enrolled in a gallery of {size}: no strangers "
                                 "are left to measure false positives with (use a folder with more people)")
     _require_resolvable(fpir, len(split.impostor), f"impostor probes (photos of {strangers} people not enrolled)")
-    genuine, impostor = open_set_scores(work_dir / "calibrate-db", vectors, split, pipeline.model_id,
-                                        encrypt=cipher is not None)
+    genuine, pairs = open_set_scores(work_dir / "calibrate-db", vectors, split, pipeline.model_id,
+                                     encrypt=cipher is not None, runner_up=True)
+    impostor = [p[0] for p in pairs]  # type: ignore[index]
     report = open_set_report(split, genuine, impostor, fpirs=(fpir,))
     t = threshold_at_far(np.asarray(impostor), fpir)
-    return {"threshold": t, "target": "fpir", "target_rate": fpir, "source": f"folder {folder}",
-            "gallery_size": len(split.gallery), "impostor_probes": len(impostor), "strangers": strangers,
-            "genuine_probes": len(genuine), "dir_at_threshold": report.get(f"dir_at_fpir_{fpir:g}"),
-            "model_id": pipeline.model_id, "flip": flip, "resolvable": True}
+    out: dict[str, object] = {
+        "threshold": t, "target": "fpir", "target_rate": fpir, "source": f"folder {folder}",
+        "gallery_size": len(split.gallery), "impostor_probes": len(impostor), "strangers": strangers,
+        "genuine_probes": len(genuine), "dir_at_threshold": report.get(f"dir_at_fpir_{fpir:g}"),
+        "model_id": pipeline.model_id, "flip": flip, "resolvable": True}
+    if margin_floor is not None:  # the margin rule: s1 held to the 1:1 floor, s1 - 0.5 s2 to what this finds
+        s1 = np.array([p[0] for p in pairs])  # type: ignore[index]
+        s2 = np.array([p[1] for p in pairs])  # type: ignore[index]
+        score = np.where(s1 >= margin_floor, s1 - MARGIN_WEIGHT * s2, -9.0)
+        m = float(np.clip(threshold_at_far(score, fpir), -1.5, 1.5))  # the floor alone may already hold fpir
+        right = [bool(c) and c[0][0] == name for c, (name, _) in zip(genuine, split.genuine)]
+        g1 = np.array([c[0][1] if c else -1.0 for c in genuine])
+        g2 = np.array([c[1][1] if len(c) > 1 else -1.0 for c in genuine])
+        accepted = (g1 >= margin_floor) & (g1 - MARGIN_WEIGHT * g2 >= m)
+        out.update({"margin_threshold": m, "margin_floor": margin_floor,
+                    "dir_at_margin_threshold": float(np.mean(np.array(right) & accepted)) if right else None})
+    return out

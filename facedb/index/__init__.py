@@ -136,6 +136,7 @@ class _Registration:
     kinds: tuple[str, ...]
     factory: Callable[[], IndexBackend]
     description: dict[str, str]
+    params: dict[str, int | tuple[str, ...]]  # tuning parameter -> smallest whole number, or the names, it accepts
 
 
 _REGISTRY: dict[str, _Registration] = {}
@@ -143,15 +144,18 @@ _LOADED: dict[str, IndexBackend] = {}
 _LOCK = threading.Lock()
 
 
-def register_backend(name: str, kinds: dict[str, str], factory: Callable[[], IndexBackend]) -> None:
+def register_backend(name: str, kinds: dict[str, str], factory: Callable[[], IndexBackend],
+                     params: dict[str, int | tuple[str, ...]] | None = None) -> None:
     """Register a backend: ``kinds`` maps each kind it provides to a one-line description; ``factory`` builds
-    the backend on first use (and is where its engine gets imported)."""
+    the backend on first use (and is where its engine gets imported); ``params`` maps each tuning parameter
+    its kinds take (``facedb reindex --nprobe ...``) to the smallest whole number it accepts, or to the tuple of
+    names it accepts (``--quantizer``)."""
     with _LOCK:
         for kind in kinds:
             owner = next((r.name for r in _REGISTRY.values() if kind in r.kinds and r.name != name), None)
             if owner is not None:
                 raise ValueError(f"index kind {kind!r} is already provided by the {owner} backend")
-        _REGISTRY[name] = _Registration(name, tuple(kinds), factory, dict(kinds))
+        _REGISTRY[name] = _Registration(name, tuple(kinds), factory, dict(kinds), dict(params or {}))
         _LOADED.pop(name, None)
 
 
@@ -182,6 +186,32 @@ def check_kind(kind: str) -> str:
     return kind
 
 
+def check_index_params(kind: str, params: object) -> dict[str, Any]:
+    """``params`` if every key is a tuning parameter of ``kind``'s backend (any backend's for ``auto``) and every
+    value a whole number at or above that parameter's minimum, or one of its names (a choice such as the IVF
+    coarse quantizer); InvalidInputError otherwise. The one check
+    behind ``FaceDB.reindex`` and ``facedb reindex`` (a bad value could otherwise crash the index engine)."""
+    check_kind(kind)
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise InvalidInputError("index parameters must be a dict of name: value")
+    regs = [r for r in _REGISTRY.values() if kind == "auto" or kind in r.kinds]
+    known = {k: v for r in regs for k, v in r.params.items()}
+    for key, value in params.items():
+        if key not in known:
+            raise InvalidInputError(f"unknown index parameter {key!r} for {kind}; known: "
+                                    f"{', '.join(sorted(known)) or 'none'}")
+        choices = known[key]
+        if isinstance(choices, tuple):
+            if value not in choices:
+                raise InvalidInputError(f"index parameter {key} is one of {', '.join(choices)}, got {value!r}")
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < choices:
+            raise InvalidInputError(f"index parameter {key} must be a whole number >= {choices}, got {value!r}")
+    return dict(params)
+
+
 def auto_kind(n: int, dim: int) -> str:
     """The index kind ``auto`` picks for ``n`` templates: exact below 50,000; IVF-PQ fast-scan above (its
     candidates re-scored exactly from float32 vectors kept in memory up to the re-scoring budget, then from
@@ -205,7 +235,9 @@ register_backend("faiss", {
     "hnsw": "HNSW graph over float32 vectors (fast; removal by tombstones, rebuilt past 10%)",
     "ivf": "inverted lists over float32 vectors (~4 sqrt(n) lists; exact vectors for re-scoring)",
     "ivfpq": "inverted lists of 4-bit fast-scan PQ codes (dim/8 bytes a template; re-scored from the store)",
-}, _faiss_backend)
+}, _faiss_backend, params={"nlist": 1, "nprobe": 1, "M": 2, "ef_search": 1, "ef_construction": 1,
+                            # IVF coarse quantizers (faiss_kinds.QUANTIZERS, not imported here: it imports faiss)
+                            "quantizer": ("flat", "pca", "fp16", "hnsw"), "quantizer_ef": 1})
 
 
 def _milvus_backend() -> IndexBackend:
@@ -222,10 +254,11 @@ def _milvus_backend() -> IndexBackend:
 register_backend("milvus", {
     "milvus": "a Milvus collection (server, cluster or Milvus Lite): HNSW below 2M templates, IVF_FLAT above; "
               "re-scored from the store",
-}, _milvus_backend)
+}, _milvus_backend, params={"M": 2, "ef_construction": 1, "ef_search": 1, "nlist": 1, "nprobe": 1})
 
 
 __all__ = [
-    "IndexBackend", "IndexPlace", "VectorIndex", "auto_kind", "backend_for", "backend_names", "check_kind",
+    "IndexBackend", "IndexPlace", "VectorIndex", "auto_kind", "backend_for", "backend_names", "check_index_params",
+    "check_kind",
     "index_kinds", "register_backend",
 ]

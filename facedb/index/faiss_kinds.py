@@ -43,12 +43,22 @@ import numpy as np
 
 from ..errors import TamperedError, TamperedFileWarning
 from ..fsio import write_atomic
+from ..settings import threads_setting
 from . import IndexPlace, VectorIndex
 
 #: The file the FAISS backend keeps in a database directory.
 INDEX_FILE = "index.faiss"
 
-_OMP_THREADS = faiss.omp_get_max_threads()
+def _threads() -> int:
+    """FAISS's OpenMP threads: ``FACEDB_THREADS`` (default 1: measured, see facedb.settings.DEFAULT_THREADS;
+    IVF training 152 ms against 1,003 ms with 2 threads on a shared 2-core machine), 0 = OpenMP's own."""
+    n = threads_setting()
+    if n:
+        faiss.omp_set_num_threads(n)
+    return faiss.omp_get_max_threads()
+
+
+_OMP_THREADS = _threads()
 
 #: A flat index answers batches of at least this many probes with numpy's GEMM (its OpenBLAS is faster than
 #: the one bundled with faiss-cpu; measured in scripts/bench_search.py).

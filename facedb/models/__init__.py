@@ -10,7 +10,6 @@ one measured for your target error rate.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 
 from ..decision import ImpostorModel
 from ..errors import InvalidInputError, ModelUnavailableError
+from ..settings import threads_setting
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,12 @@ class ModelSpec:
     flip_threshold_source: str = ""
     needs_weights: bool = False  # a weights file must be found (FaceNet) before a database can use it
     impostors: bool = False  # ships an impostor model (models/impostors/<id>[-flip].json) for the gallery rule
+    margins: tuple[float | None, float | None] = (None, None)  # margin-rule thresholds (without, with flip)
+
+    def margin_threshold(self, flip: bool) -> float | None:
+        """The margin rule's threshold for FPIR 1% (facedb/decision.py), measured the way the default threshold
+        was; None when the model ships none."""
+        return self.margins[1 if flip else 0]
 
     def impostor_model(self, flip: bool) -> ImpostorModel | None:
         """The model's 1:1 impostor score tail for the gallery decision rule (facedb/decision.py), measured the
@@ -148,7 +154,12 @@ def resolve_model(model_id: str | None, *, weights: Path | None = None, dim: int
         from .facenet import embedding_dim, model_id_for
         from .weights import resolve_weights
 
+        requested = model_id
         model_id = model_id_for(resolve_weights("facenet-vggface2", explicit=weights), model_id or DEFAULT_MODEL)
+        if requested and requested.startswith("facenet-custom-") and requested != model_id:
+            from ..errors import ModelMismatchError
+
+            raise ModelMismatchError(f"{weights} is {model_id}, not {requested}")
         if model_id.startswith("facenet-custom-"):
             dim = embedding_dim(weights)
     if model_id is None:
@@ -157,7 +168,7 @@ def resolve_model(model_id: str | None, *, weights: Path | None = None, dim: int
     if check_weights and spec.needs_weights and weights is None:
         from .weights import resolve_weights
 
-        resolve_weights(spec.id)  # raises with the message that says where to put the file
+        resolve_weights(spec.id)  # raises with the message that says where to put the file (or --weights)
     return spec, note
 
 
@@ -189,23 +200,23 @@ def _dlib_available() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("dlib", "face_recognition_models"))
 
 
-#: torch's intra-op threads for detection and FaceNet: ``FACEDB_THREADS``, else this. torch's own default (one
-#: per core) lets MTCNN's many small operations thrash when other processes share the cores: measured on a
-#: busy 2-core machine, 1.0-4.6 s a photo against 0.2-0.3 s with one thread; on an idle one, see README
-#: "Performance" for one thread against all cores.
+#: Threads each compute engine (torch for detection and FaceNet, FAISS's OpenMP for index training and batch
+#: search) uses, unless ``FACEDB_THREADS`` says otherwise (0 = the engine's own default, one per core).
+#: Measured on a shared 2-core machine (``scripts/bench_threads.py``, ``bench-results/threads.json``; median
+#: per photo / face, 1 thread against 2): MTCNN 170 ms against 948 ms as the machine was (load ~13), 610 ms
+#: against 6,657 ms with a busy process per core; FaceNet one face 129 against 1,427 ms (474 against 6,247);
+#: FaceNet in batches of 16, 79 against 566 ms a face; FAISS IVF training 152 against 1,003 ms. More threads
+#: than the cores left free make these engines' many small parallel steps wait on each other. dlib's embedder
+#: is not affected (its own single thread: 308 and 295 ms). On a machine with idle cores to spare for facedb
+#: alone, measure with that script and raise it.
 DEFAULT_THREADS = 1
 
 
 def configure_threads() -> int:
     """Set torch's thread count from ``FACEDB_THREADS`` (default :data:`DEFAULT_THREADS`; 0 = torch's own
-    default of one per core) if torch is installed; returns the count in force (0 = untouched)."""
-    raw = os.environ.get("FACEDB_THREADS", "").strip()
-    try:
-        n = int(raw) if raw else DEFAULT_THREADS
-    except ValueError:
-        raise InvalidInputError(f"FACEDB_THREADS must be a whole number, got {raw!r}") from None
-    if n < 0:
-        raise InvalidInputError("FACEDB_THREADS must be >= 0")
+    default of one per core) if torch is installed; returns the count in force (0 = untouched).
+    InvalidInputError for a bad value."""
+    n = threads_setting()
     if n:
         try:
             import torch
@@ -243,6 +254,11 @@ def _load_facenet(model_id: str, weights: Path | None, device: str) -> Embedder:
 register(ModelSpec(
     "dlib-resnet", 128, 0.926, "calibrated: FAR 1e-3 (1:1) on LFW peopleDevTrain, MTCNN + dlib chip",
     0.929, "calibrated: FAR 1e-3 (1:1) on LFW peopleDevTrain, MTCNN + dlib chip, flip", impostors=True,
+    # The margin rule's threshold (s1 - 0.5 s2; facedb/decision.py), for FPIR 0.7% on LFW's peopleDevTrain people
+    # (one photo each, 1,182 people, 2,856 strangers): on the disjoint peopleDevTest people it held FPIR at
+    # 0.6-0.9% from 30 to 496 enrolled, and on all of LFW at 0.7-1.1% from 30 to 1,678
+    # (`python scripts/open_set_report.py --margin-fpir 0.007 [--no-flip]`; README "Accuracy").
+    margins=(0.4852, 0.4860),
 ), _load_dlib)
 # The FaceNet weights cannot be downloaded where facedb's numbers were measured, so these two are not
 # measured by us: 0.40 = squared L2 1.20, near the best LFW threshold reported for Sandberg's 20180402
@@ -252,6 +268,7 @@ for _id in ("facenet-vggface2", "facenet-casia"):
                        needs_weights=True), _load_facenet)
 register_family(
     "facenet-custom-",
-    lambda model_id, dim: ModelSpec(model_id, dim or 512, 0.40, "provisional: FaceNet default; calibrate"),
+    lambda model_id, dim: ModelSpec(model_id, dim or 512, 0.40, "provisional: FaceNet default; calibrate",
+                                    needs_weights=True),
     _load_facenet,
 )

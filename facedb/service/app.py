@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..errors import RequestTooLargeError
 from ..hooks import Sender
-from . import errors, routes_admin, routes_people, routes_query
+from . import errors, routes_admin, routes_people, routes_query, routes_visitors
 from .config import ServiceSettings
 from .state import ServiceState
 
@@ -125,8 +125,12 @@ def create_app(settings: ServiceSettings, *, model: Any = None, sender: Sender |
             body["reason"] = "starting" if state.error is None else "failed to start (see the server's log)"
         return JSONResponse(body, status_code=200 if state.ready else 503)
 
-    for router in (routes_query.router, routes_people.router, routes_admin.router):
+    for router in (routes_query.router, routes_people.router, routes_visitors.router, routes_admin.router):
         app.include_router(router)
+    if settings.console:
+        from .console import install as install_console
+
+        install_console(app)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

@@ -58,33 +58,38 @@ def service(request: Request) -> ServiceState:
     return request.app.state.facedb  # type: ignore[no-any-return]
 
 
-def need(scope: Scope) -> Callable[..., Any]:
-    """A dependency admitting keys whose scope includes ``scope``.
+async def admit(request: Request, presented: str | None, scope: Scope) -> Caller:
+    """The Caller for the key ``presented``, if it is live and its scope includes ``scope``: AuthenticationError
+    (401) or PermissionDeniedError (403) otherwise, a revoked key or a too-narrow scope recorded as ``denied``.
+    Every way in (the API's headers, the console's session cookie) comes through here.
 
     It runs on the event loop and reads the key from the worker's own read-only connection (a lookup by
     primary key: microseconds, and WAL readers never wait), so a request costs one hop to the thread pool (its
     route), not two. Recording a refusal, a write, goes to the thread pool."""
+    state = service(request)
+    db = state.ready_db()
+    where = {"method": request.method, "path": request.url.path}
+    try:
+        key = state.authenticate(presented)
+    except AuthenticationError as exc:
+        known = getattr(exc, "key_id", None)
+        if known:
+            await run_in_threadpool(_denied, db, f"key:{known}", {**where, "reason": "revoked key"})
+        raise
+    try:
+        authorise(key, scope)
+    except PermissionDeniedError:
+        await run_in_threadpool(_denied, db, key.actor, {**where, "reason": f"scope {key.scope}, needs {scope.value}"})
+        raise
+    return Caller(state, db, key)
+
+
+def need(scope: Scope) -> Callable[..., Any]:
+    """A dependency admitting keys (``X-API-Key`` or a bearer token) whose scope includes ``scope``."""
 
     async def dependency(request: Request, header: Annotated[str | None, Security(api_key_header)] = None,
                          token: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None) -> Caller:
-        state = service(request)
-        db = state.ready_db()
-        presented = header or (token.credentials if token is not None else None)
-        where = {"method": request.method, "path": request.url.path}
-        try:
-            key = state.authenticate(presented)
-        except AuthenticationError as exc:
-            known = getattr(exc, "key_id", None)
-            if known:
-                await run_in_threadpool(_denied, db, f"key:{known}", {**where, "reason": "revoked key"})
-            raise
-        try:
-            authorise(key, scope)
-        except PermissionDeniedError:
-            await run_in_threadpool(_denied, db, key.actor,
-                                    {**where, "reason": f"scope {key.scope}, needs {scope.value}"})
-            raise
-        return Caller(state, db, key)
+        return await admit(request, header or (token.credentials if token is not None else None), scope)
 
     dependency.__name__ = f"need_{scope.value}"
     return dependency

@@ -22,7 +22,7 @@ class ServiceSettings:
     ``cors_origins``: origins allowed by CORS (empty = CORS off). ``fold_window``: seconds within which
     repeated webhook events for one person are folded; ``hook_attempts`` / ``hook_backoff`` /
     ``hook_timeout``: delivery retries, first retry delay and per-attempt timeout (seconds).
-    ``weights``: a FaceNet weights file."""
+    ``weights``: a FaceNet weights file. ``console``: serve the operator console at ``/console``."""
 
     db: Path = Path("facedb-data")
     host: str = "127.0.0.1"
@@ -35,6 +35,7 @@ class ServiceSettings:
     hook_backoff: float = 0.5
     hook_timeout: float = 5.0
     weights: Path | None = None
+    console: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -55,7 +56,7 @@ class ServiceSettings:
             "max_upload_mb": "FACEDB_MAX_UPLOAD_MB", "cors_origins": "FACEDB_CORS_ORIGINS",
             "fold_window": "FACEDB_HOOK_FOLD_SECONDS", "hook_attempts": "FACEDB_HOOK_ATTEMPTS",
             "hook_backoff": "FACEDB_HOOK_BACKOFF", "hook_timeout": "FACEDB_HOOK_TIMEOUT",
-            "weights": "FACEDB_WEIGHTS"}
+            "weights": "FACEDB_WEIGHTS", "console": "FACEDB_CONSOLE"}
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> ServiceSettings:
@@ -75,6 +76,7 @@ class ServiceSettings:
                 hook_backoff=float(raw.get("hook_backoff", 0.5)),
                 hook_timeout=float(raw.get("hook_timeout", 5.0)),
                 weights=Path(raw["weights"]) if raw.get("weights") else None,
+                console=_flag(raw.get("console", "1"), "FACEDB_CONSOLE"),
             )
         except ValueError as exc:
             raise InvalidInputError(f"a FACEDB_* service setting is not a number: {exc}") from None
@@ -82,9 +84,19 @@ class ServiceSettings:
     def to_env(self) -> dict[str, str]:
         """The ``FACEDB_*`` variables that give these settings back through :meth:`from_env`."""
         out = {var: str(getattr(self, name)) for name, var in self._ENV.items()
-               if name not in ("cors_origins", "weights")}
+               if name not in ("cors_origins", "weights", "console")}
+        out["FACEDB_CONSOLE"] = "1" if self.console else "0"
         out["FACEDB_DB"] = str(Path(self.db).resolve())
         out["FACEDB_CORS_ORIGINS"] = ",".join(self.cors_origins)
         if self.weights is not None:
             out["FACEDB_WEIGHTS"] = str(Path(self.weights).resolve())
         return out
+
+
+def _flag(value: str, var: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise InvalidInputError(f"{var} is 1 or 0 (true or false), got {value!r}")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
@@ -30,6 +32,17 @@ class NewHook(BaseModel):
     key_id: str | None = Field(None, description="Only events caused by this key's requests; none = all.")
 
 
+class Thumbnails(str, Enum):
+    off = "off"
+    enrolled = "enrolled"
+    all = "all"
+
+
+class Rule(str, Enum):
+    fixed = "fixed"
+    gallery = "gallery"
+
+
 class SettingsUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     threshold: float | None = Field(None, description="New default decision threshold (cosine similarity).")
@@ -37,6 +50,14 @@ class SettingsUpdate(BaseModel):
     audit_enabled: bool | None = None
     audit_retention_days: float | None = Field(None, description="Keep audit records this many days (0 = forever).")
     audit_store_probes: bool | None = Field(None, description="Store each probe's embedding (biometric data).")
+    thumbnails: Thumbnails | None = Field(None, description="Face thumbnails kept: off, enrolled (templates) or all "
+                                                            "(also decisions' probes and unknown visitors); "
+                                                            "narrowing erases those no longer covered.")
+    visitors_enabled: bool | None = Field(None, description="Keep faces answered unknown (unknown visitors).")
+    visitors_retention_days: float | None = Field(None, description="Keep them this many days (0-3650].")
+    decision_rule: Rule | None = Field(None, description="fixed (the stored threshold) or gallery (follows the "
+                                                         "gallery size to hold FPIR at decision_target).")
+    decision_target: float | None = Field(None, description="The gallery rule's target FPIR, in (0, 1).")
 
 
 @router.get("/stats", summary="Model, threshold and its provenance, counts, index state; this worker's pid.")
@@ -58,22 +79,66 @@ def check(caller: Annotated[Caller, Depends(ADMIN)]) -> dict[str, Any]:
     return report.to_dict()
 
 
-@router.get("/audit", summary="The audit trail, oldest first, filtered by time, operation and actor; paged.")
+class Order(str, Enum):
+    asc = "asc"
+    desc = "desc"
+
+
+class Decision(str, Enum):
+    match = "match"  # an identity was given (identify: a match; verify: accepted)
+    unknown = "unknown"  # none (identify: unknown; verify: rejected)
+
+
+#: The operations that are decisions about a face (what an access-control operator reviews).
+DECISIONS = ("search", "identify", "verify")
+
+
+@router.get("/audit", summary="The audit trail, oldest first, filtered by time, operation, actor, person and "
+                              "decision; paged.")
 def audit(caller: Annotated[Caller, Depends(ADMIN)],
           since: Annotated[str | None, Query(description="ISO 8601 time (UTC if no zone) or an age: 90m, 24h, 7d.")]
           = None,
           until: Annotated[str | None, Query(description="Before this time (ISO or an age).")] = None,
-          operation: str | None = None,
+          operation: Annotated[str | None, Query(description="One operation, several comma-separated, or "
+                                                             "'decisions' (search, identify, verify).")] = None,
           actor: Annotated[str | None, Query(description="key:<id>, cli:<user>, ...")] = None,
+          identity: Annotated[str | None, Query(description="Records about this person (the name recorded).")]
+          = None,
+          decision: Annotated[Decision | None, Query(description="match (an identity given) or unknown (none).")]
+          = None,
+          after_id: Annotated[int | None, Query(ge=0, le=2**62, description="Only records after this id (a live "
+                                                                            "view's poll; one that finds none is "
+                                                                            "not recorded).")] = None,
+          order: Order = Order.asc,
           limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
           offset: Annotated[int, Query(ge=0, le=2**62)] = 0) -> dict[str, Any]:
     from ..cli.admin import since_time
 
     start, end = since_time(since), since_time(until, "until")
+    ops: str | list[str] | None = operation
+    if operation == "decisions":
+        ops = list(DECISIONS)
+    elif operation is not None and "," in operation:
+        ops = [o.strip() for o in operation.split(",") if o.strip()]
     with caller as db:
-        records = db.audit(start, limit, until=end, operation=operation, actor=actor, offset=offset)
-        db.note("read-audit", detail={"since": start, "until": end, "operation": operation, "actor": actor})
+        records = db.audit(start, limit, until=end, operation=ops, actor=actor, offset=offset, identity=identity,
+                           decided=None if decision is None else decision is Decision.match, after_id=after_id,
+                           newest_first=order is Order.desc)
+        if records or after_id is None:
+            db.note("read-audit", detail={"since": start, "until": end, "operation": operation, "actor": actor,
+                                          **({"identity": identity} if identity is not None else {}),
+                                          **({"decision": decision.value} if decision is not None else {})})
     return {"records": [r.to_dict() for r in records], "limit": limit, "offset": offset}
+
+
+@router.get("/audit/{record_id}/thumbnail", summary="The probe's face thumbnail (JPEG) of a decision, where the "
+                                                    "database keeps them (thumbnails: all).",
+            response_class=Response, responses={200: {"content": {"image/jpeg": {}}}})
+def audit_thumbnail(record_id: Annotated[int, Path(ge=1, le=2**63 - 1)],
+                    caller: Annotated[Caller, Depends(ADMIN)]) -> Response:
+    from .routes_people import thumbnail_response
+
+    return thumbnail_response(caller, "probe", record_id)
 
 
 @router.get("/settings", summary="The decision threshold and its source, the audit trail's settings, the model.")
@@ -85,16 +150,31 @@ def get_settings(caller: Annotated[Caller, Depends(ADMIN)]) -> dict[str, Any]:
 
 @router.patch("/settings", summary="Change the default threshold or the audit trail's settings.")
 def update_settings(body: SettingsUpdate, caller: Annotated[Caller, Depends(ADMIN)]) -> dict[str, Any]:
-    if body.threshold is None and body.audit_enabled is None and body.audit_retention_days is None \
-            and body.audit_store_probes is None:
-        raise InvalidInputError("nothing to change: give threshold or an audit_* setting")
+    if not body.model_fields_set - {"threshold_source"}:
+        raise InvalidInputError("nothing to change: give threshold, an audit_* or visitors_* setting, thumbnails or "
+                                "decision_rule")
     with caller as db:
         from ..settings import Settings, check_threshold
 
         if body.threshold is not None:
             check_threshold(body.threshold)
-        # both validated before either is written: a refused request changes nothing
+        # all validated before any is written: a refused request changes nothing
         Settings.audit_rows(body.audit_enabled, body.audit_retention_days, body.audit_store_probes)
+        Settings.visitor_rows(body.visitors_enabled, body.visitors_retention_days)
+        rule = None
+        if body.decision_rule is not None or body.decision_target is not None:
+            rule = body.decision_rule.value if body.decision_rule is not None else db.settings().rule.kind
+            Settings.rule_rows(rule, body.decision_target)
+            if rule == "gallery" and db.settings().rule.impostors is None:
+                raise InvalidInputError(f"the gallery rule needs an impostor model: {db.model_id} ships none; build "
+                                        "one with `facedb calibrate --far 1e-3 --folder DIR`")
+        if rule is not None:
+            db.set_rule(rule, target=body.decision_target)
+        if body.visitors_enabled is not None or body.visitors_retention_days is not None:
+            db.configure_visitors(enabled=body.visitors_enabled, retention_days=body.visitors_retention_days)
+            db.note("visitors-settings", detail=db.settings().visitors.to_dict())
+        if body.thumbnails is not None:
+            db.configure_thumbnails(body.thumbnails.value)
         if body.threshold is not None:
             db.set_threshold(body.threshold, body.threshold_source[:200] or "set over HTTP")
         if body.audit_enabled is not None or body.audit_retention_days is not None \
@@ -108,8 +188,12 @@ def update_settings(body: SettingsUpdate, caller: Annotated[Caller, Depends(ADMI
 def _settings(caller: Caller) -> dict[str, Any]:
     s = caller.db.settings()
     cfg = caller.state.settings
+    stats = caller.db.stats()
     return {"model_id": s.model_id, "dim": s.dim, "flip": s.flip, "threshold": s.threshold,
             "threshold_source": s.threshold_source, "calibration": s.calibration.to_dict() if s.calibration else None,
+            "decision_rule": s.rule.kind, "decision_target": s.rule.target,
+            "impostor_model": s.rule.impostors is not None, "threshold_in_force": stats.threshold_in_force,
+            "warnings": stats.warnings, "thumbnails": s.thumbnails, "visitors": s.visitors.to_dict(),
             "index_kind": s.index_kind, "audit": s.audit.to_dict(),
             "service": {"max_upload_mb": cfg.max_upload_mb, "fold_window_s": cfg.fold_window,
                         "hook_attempts": cfg.hook_attempts, "cors_origins": list(cfg.cors_origins)}}

@@ -9,10 +9,10 @@ from enum import Enum
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Path, Query, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import InvalidInputError, NoFaceError
+from ..errors import InvalidInputError, NoFaceError, NotFoundError
 from . import uploads
 from .auth import ENROLL, Caller
 
@@ -76,8 +76,10 @@ def list_people(caller: Annotated[Caller, Depends(ENROLL)], query: str | None = 
     with caller as db:
         people = db.people(query, limit=limit, offset=offset)
         total = db.count_people(query)
+        covers = db.cover_templates([p.name for p in people])
         db.note("read-people", detail={"query": query, "limit": limit, "offset": offset})
-    return {"people": [p.to_dict() for p in people], "total": total, "limit": limit, "offset": offset}
+    return {"people": [{**p.to_dict(), "thumbnail_template": covers.get(p.name)} for p in people], "total": total,
+            "limit": limit, "offset": offset}
 
 
 @router.post("/people", status_code=201, summary="Create a person with no templates yet.")
@@ -96,6 +98,9 @@ def list_templates(name: str, caller: Annotated[Caller, Depends(ENROLL)], vector
             if not vectors:
                 row.pop("vector")
             rows.append(row)
+        with_thumbnail = db.store.thumbnail_owners("template", [r["id"] for r in rows])
+        for row in rows:
+            row["has_thumbnail"] = row["id"] in with_thumbnail
         db.note("read-templates", identity=person.name, detail={"vectors": vectors})
     return {"person": person.name, "templates": rows}
 
@@ -192,6 +197,40 @@ def remove_person(name: str, caller: Annotated[Caller, Depends(ENROLL)]) -> dict
         removed = db.remove_person(person.name)
     caller.publish("person.removed", {"person": person.name, "templates": removed}, subject=person.name)
     return {"removed": person.name, "templates": removed}
+
+
+@router.post("/photos/check", summary="Look at a photo before enrolling it: faces, quality problems, whether it is "
+                                     "enrolled already, and the verdict enrolment would reach. Stores nothing.")
+def check_photo(photo: Annotated[UploadFile, File(description="The photo.")],
+                caller: Annotated[Caller, Depends(ENROLL)],
+                on_multiple: Annotated[OnMultiple, Form()] = OnMultiple.error) -> dict[str, Any]:
+    source = uploads.read(photo)
+    with caller as db:
+        result = db.check_photo(source, model=caller.state.photo_model(), name=source.name,
+                                on_multiple=on_multiple.value)
+        db.note("check-photo", identity=result.enrolled_as, image_sha256=result.sha256,
+                detail={"faces": len(result.faces), "verdict": result.verdict})
+    return result.to_dict()
+
+
+@router.get("/templates/{template_id}/thumbnail", summary="A template's face thumbnail (JPEG), where the database "
+                                                          "keeps them.", response_class=Response,
+            responses={200: {"content": {"image/jpeg": {}}}})
+def template_thumbnail(template_id: Annotated[int, Path(ge=1, le=2**63 - 1)],
+                       caller: Annotated[Caller, Depends(ENROLL)]) -> Response:
+    return thumbnail_response(caller, "template", template_id)
+
+
+def thumbnail_response(caller: Caller, kind: str, owner_id: int, *, note: bool = True) -> Response:
+    """The JPEG kept for a template, audit record or unknown face, or NotFoundError. Never cached by the
+    browser (biometric data). ``note``: record the read (a page that listed them has recorded its own)."""
+    with caller as db:
+        jpeg = db.thumbnail(kind, owner_id)
+        if jpeg is None:
+            raise NotFoundError(f"no thumbnail is kept for {kind} {owner_id}")
+        if note:
+            db.note("read-thumbnail", detail={kind: owner_id})
+    return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "private, no-store"})
 
 
 @router.delete("/templates/{template_id}", summary="Erase one template (a wrong photo); the person stays.")

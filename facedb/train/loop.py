@@ -44,19 +44,33 @@ class TrainConfig:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def build_model(cfg: TrainConfig) -> torch.nn.Module:
-    """InceptionResnetV1 with a ``cfg.embedding_size`` bottleneck, from random weights or FaceNet's."""
+def initial_state(init: str) -> dict[str, Any] | None:
+    """The starting weights ``init`` names (``random``: None; ``vggface2``, ``casia-webface`` or a file), read
+    the one safe way (:func:`facedb.models.facenet.read_state_dict`); ModelUnavailableError if they are not an
+    InceptionResnetV1 state dict. Called before any photo is prepared, so a wrong file fails at once."""
+    if init == "random":
+        return None
+    from ..errors import ModelUnavailableError
+    from ..models.facenet import read_state_dict
+    from ..models.weights import resolve_weights
+
+    path = Path(init) if Path(init).is_file() else resolve_weights(
+        {"vggface2": "facenet-vggface2", "casia-webface": "facenet-casia"}.get(init, init))
+    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith("logits.")}
+    if "last_linear.weight" not in state:
+        raise ModelUnavailableError(f"{path} is not a FaceNet (InceptionResnetV1) state dict")
+    return state
+
+
+def build_model(cfg: TrainConfig, state: dict[str, Any] | None = None) -> torch.nn.Module:
+    """InceptionResnetV1 with a ``cfg.embedding_size`` bottleneck, from random weights or FaceNet's (``state``,
+    else read from ``cfg.init``)."""
     from facenet_pytorch import InceptionResnetV1
 
     net = InceptionResnetV1(pretrained=None, classify=False)
-    if cfg.init != "random":
-        from ..models.weights import resolve_weights
-
-        path = Path(cfg.init) if Path(cfg.init).is_file() else resolve_weights(
-            {"vggface2": "facenet-vggface2", "casia-webface": "facenet-casia"}.get(cfg.init, cfg.init))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-        state = {k: v for k, v in state.items() if not k.startswith("logits.")}
+    if state is None:
+        state = initial_state(cfg.init)
+    if state is not None:
         if cfg.embedding_size != state["last_linear.weight"].shape[0]:
             state = {k: v for k, v in state.items() if not k.startswith(("last_linear.", "last_bn."))}
         net.load_state_dict(state, strict=False)
@@ -151,8 +165,12 @@ def train(
     start_epoch = 0
     history: list[dict[str, float]] = []
     if resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-        net.load_state_dict(state["net"])
+        try:
+            state = torch.load(ckpt, map_location=device, weights_only=True)
+            net.load_state_dict(state["net"])
+        except Exception as exc:  # torch's own message would suggest loading unsafely
+            raise FaceDBError(f"{ckpt} is not a facedb training checkpoint for this network "
+                              f"({type(exc).__name__}); remove it or train without --resume") from None
         opt.load_state_dict(state["opt"])
         if head is not None and state.get("head"):
             head.load_state_dict(state["head"])

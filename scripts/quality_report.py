@@ -1,0 +1,150 @@
+"""Crop mode and the probe quality check, measured on ORL (tight crops), Yale (directional light) and LFW.
+
+    python scripts/quality_report.py [--lfw-probes 3000] [--out bench-results/quality-dlib-flip.json]
+
+For each set, through facedb's own pipeline (MTCNN, dlib-resnet, flip) and the decision rule new databases use
+(the margin rule with dlib-resnet's shipped thresholds):
+
+* detection as usual and in crop mode (``cropped=True``: the photo padded before detection, the whole photo
+  taken as the face if still none is found): the share of photos with a face (failures to acquire);
+* open set: one photo enrolled per person for half of the people (a seeded split), their other photos are
+  genuine probes, every photo of the other half is a stranger: rank-1 among genuine probes, correct accepts,
+  **wrong accepts** (a genuine probe accepted as someone else, or a stranger accepted as anyone);
+* the quality check (facedb/quality.py FLOORS): of those decisions, how many wrong accepts it turns into
+  "unusable photo", and how many correct accepts it costs; and each floor alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from facedb.decision import MARGIN_WEIGHT, Policy
+from facedb.evaluate import labelled_folder
+from facedb.models import MODELS
+from facedb.pipeline import FaceChoice, Prepared, get_pipeline
+from facedb.quality import FLOORS, measure, problems
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def embed_set(paths: list[Path], cropped: bool, pipe) -> tuple[np.ndarray, np.ndarray, list[dict[str, float]]]:
+    """(vectors (NaN where no face), found, quality measures) for each photo."""
+    vectors = np.full((len(paths), pipe.embedder.dim), np.nan, dtype=np.float32)
+    found = np.zeros(len(paths), dtype=bool)
+    quality: list[dict[str, float]] = [{} for _ in paths]
+    for s in range(0, len(paths), 32):
+        outcomes = pipe.prepare([(i, p) for i, p in enumerate(paths[s:s + 32], s)], FaceChoice.CENTRAL, cropped)
+        ready = [o for o in outcomes if isinstance(o, Prepared)]
+        if ready:
+            vecs = pipe.embed_crops([o.crop for o in ready], flip=True)
+            for o, v in zip(ready, vecs):
+                vectors[o.key], found[o.key] = v, True
+                q = measure(o.crop, o.face.box, o.face.score, o.face.landmarks, floors=[])
+                quality[o.key] = {k: v for k, v in q.to_dict().items() if k != "problems"}
+    return vectors, found, quality
+
+
+def open_set(vectors: np.ndarray, found: np.ndarray, labels: list[str], policy: Policy, seed: int = 0) -> dict:
+    """Decisions for every probe with a face: (kind, accepted, right person) per probe index."""
+    rng = np.random.default_rng(seed)
+    people = sorted(set(labels))
+    enrolled = set(rng.permutation(people)[: len(people) // 2].tolist())
+    gallery: dict[str, int] = {}
+    for name in sorted(enrolled):
+        idx = [i for i, lab in enumerate(labels) if lab == name and found[i]]
+        if idx:
+            gallery[name] = int(rng.choice(idx))
+    names = sorted(gallery)
+    G = vectors[[gallery[n] for n in names]]
+    out = {}
+    for i, lab in enumerate(labels):
+        if not found[i] or i in gallery.values():
+            continue
+        s = G @ vectors[i]
+        order = np.argsort(-s)
+        s1, s2 = float(s[order[0]]), float(s[order[1]]) if len(order) > 1 else None
+        accepted, _ = policy.judge(s1, s2)
+        best = names[order[0]]
+        kind = "genuine" if lab in gallery else "stranger"
+        out[i] = (kind, accepted, best == lab)
+    return out
+
+
+def summarise(decisions: dict, usable: dict[int, bool] | None = None) -> dict[str, float | int]:
+    rows = [(k, a, r, usable is None or usable[i]) for i, (k, a, r) in decisions.items()]
+    gen = [x for x in rows if x[0] == "genuine"]
+    out: dict[str, float | int] = {"probes": len(rows), "genuine": len(gen), "strangers": len(rows) - len(gen)}
+    out["refused_unusable"] = sum(1 for x in rows if not x[3])
+    out["correct_accepts"] = sum(1 for k, a, r, u in gen if a and r and u)
+    out["wrong_accepts"] = sum(1 for k, a, r, u in rows if a and u and (k == "stranger" or not r))
+    out["wrong_accepts_strangers"] = sum(1 for k, a, r, u in rows if a and u and k == "stranger")
+    usable_gen = [x for x in gen if x[3]]
+    out["rank1_usable"] = float(np.mean([r for _, _, r, _ in usable_gen])) if usable_gen else float("nan")
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=Path(os.environ.get("FACEDB_TEST_DATA", REPO.parent / "shared" /
+                                                                     "facedata")))
+    ap.add_argument("--lfw-probes", type=int, default=3000, help="LFW photos measured (a seeded sample of people)")
+    ap.add_argument("--out", type=Path, default=REPO / "bench-results" / "quality-dlib-flip.json")
+    args = ap.parse_args()
+    pipe = get_pipeline("dlib-resnet")
+    spec = MODELS["dlib-resnet"]
+    policy = Policy("margin", spec.default_threshold(True)[0], MARGIN_WEIGHT, spec.margin_threshold(True))
+    out: dict[str, object] = {"policy": policy.explanation, "floors": FLOORS}
+    t0 = time.time()
+    sets = {"orl": args.data / "att_orl", "yale": args.data / "yale_faces"}
+    lfw_paths, lfw_labels = labelled_folder(args.data / "lfw_deepfunneled")
+    people = sorted({lab for lab in lfw_labels if lfw_labels.count(lab) >= 2})
+    rng = np.random.default_rng(0)
+    pick = set(rng.permutation(people)[:600].tolist())
+    singles = [p for p, lab in zip(lfw_paths, lfw_labels) if lab not in pick and lfw_labels.count(lab) == 1]
+    chosen = [(p, lab) for p, lab in zip(lfw_paths, lfw_labels) if lab in pick][: args.lfw_probes]
+    for name, folder in sets.items():
+        paths, labels = labelled_folder(folder)
+        if name == "yale":  # byte-identical duplicates (normal = noglasses for some): count each picture once
+            import hashlib
+            seen, keep = set(), []
+            for i, p in enumerate(paths):
+                h = hashlib.sha256(p.read_bytes()).hexdigest()
+                if h not in seen:
+                    seen.add(h)
+                    keep.append(i)
+            paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+        sets[name] = (paths, labels)  # type: ignore[assignment]
+    sets["lfw"] = ([p for p, _ in chosen] + singles[: args.lfw_probes // 3],  # type: ignore[assignment]
+                   [lab for _, lab in chosen] + [f"single-{i}" for i in range(len(singles[: args.lfw_probes // 3]))])
+    for name, (paths, labels) in sets.items():  # type: ignore[misc]
+        result: dict[str, object] = {"photos": len(paths), "people": len(set(labels))}
+        for mode in ("detect", "cropped"):
+            vectors, found, quality = embed_set(paths, mode == "cropped", pipe)
+            decisions = open_set(vectors, found, labels, policy)
+            usable = {i: not problems(quality[i], FLOORS) for i in decisions}
+            row: dict[str, object] = {"face_found": float(found.mean()), "all_decisions": summarise(decisions),
+                                      "quality_check": summarise(decisions, usable)}
+            for floor in FLOORS:
+                alone = {i: not problems(quality[i], [floor]) for i in decisions}
+                row[f"floor {floor[0]} {floor[1]} {floor[2]:g}"] = summarise(decisions, alone)
+            q = [quality[i] for i in decisions]
+            row["quality_percentiles"] = {k: [round(float(np.percentile([x[k] for x in q], p)), 3)
+                                              for p in (5, 25, 50, 75, 95)] for k in q[0]} if q else {}
+            result[mode] = row
+            print(name, mode, json.dumps({k: v for k, v in row.items() if k != "quality_percentiles"}), flush=True)
+        out[name] = result
+    out["seconds"] = round(time.time() - t0, 1)
+    args.out.parent.mkdir(exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

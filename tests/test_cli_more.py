@@ -1,0 +1,91 @@
+"""End-to-end CLI tests for `keys`, `hooks` and `rule`: each checks the command's effect on the database."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from facedb import FaceDB
+from facedb.cli import app
+from facedb.decision import ImpostorModel
+from facedb.errors import AuthenticationError
+
+runner = CliRunner()
+
+
+def cli(db, *args, code=0):
+    res = runner.invoke(app, ["--db", str(db), *args])
+    assert res.exit_code == code, res.output
+    return res
+
+
+def jline(res):
+    return json.loads(res.stdout.strip().splitlines()[0])
+
+
+def test_keys_create_list_revoke_take_effect_in_the_database(tmp_path):
+    db = tmp_path / "db"
+    cli(db, "init", "--model", "m", "--dim", "4")
+    made = jline(cli(db, "--json", "keys", "create", "--scope", "identify", "--name", "door-3"))
+    secret = made["key"]
+    with FaceDB.open(db) as d:
+        assert d.authenticate(secret).name == "door-3"  # the printed key works...
+        stored = d.store.conn.execute("SELECT key_hash FROM api_keys").fetchall()
+        assert secret not in str(stored)  # ...and only its hash is stored
+    listed = [json.loads(line) for line in cli(db, "--json", "keys", "list").stdout.splitlines()]
+    assert [(k["name"], k["scope"], k["revoked_at"]) for k in listed] == [("door-3", "identify", None)]
+    assert "key" not in listed[0]
+    cli(db, "keys", "create", "--scope", "identify", "--name", "door-3", code=2)  # a live name is unique
+    cli(db, "keys", "create", "--scope", "root", code=2)
+    cli(db, "keys", "revoke", "door-3")
+    with FaceDB.open(db) as d:
+        with pytest.raises(AuthenticationError):
+            d.authenticate(secret)
+        assert [k.revoked for k in d.api_keys()] == [True]
+    cli(db, "keys", "revoke", "nobody", code=2)
+
+
+def test_hooks_add_list_remove_take_effect_in_the_database(tmp_path):
+    db = tmp_path / "db"
+    cli(db, "init", "--model", "m", "--dim", "4")
+    hook = jline(cli(db, "--json", "hooks", "add", "http://127.0.0.1:9/door", "--events",
+                     "identify.unknown,verify.reject"))
+    assert hook["secret"] and hook["url"] == "http://127.0.0.1:9/door"
+    with FaceDB.open(db) as d:
+        (stored,) = d.webhooks()
+        assert stored.events == ["identify.unknown", "verify.reject"] or set(stored.events) == {
+            "identify.unknown", "verify.reject"}
+    listed = [json.loads(line) for line in cli(db, "--json", "hooks", "list").stdout.splitlines()]
+    assert [h["id"] for h in listed] == [hook["id"]] and "secret" not in listed[0]
+    cli(db, "hooks", "add", "ftp://example/x", "--events", "identify.match", code=2)
+    cli(db, "hooks", "add", "http://127.0.0.1:9/x", "--events", "nonsense.event", code=2)
+    cli(db, "hooks", "remove", str(hook["id"]))
+    with FaceDB.open(db) as d:
+        assert d.webhooks() == []
+    cli(db, "hooks", "remove", str(hook["id"]), code=2)
+
+
+def test_rule_shows_and_switches_the_decision_rule(tmp_path):
+    db = tmp_path / "db"
+    impostors = ImpostorModel.from_scores(np.random.default_rng(0).normal(0.3, 0.1, 100_000), source="test")
+    with FaceDB.create(db, model_id="m", dim=4, threshold=0.5, impostors=impostors) as d:
+        d.add_templates_many([(f"p{i}", np.eye(4, dtype=np.float32)[i % 4]) for i in range(40)])
+    shown = jline(cli(db, "--json", "rule"))
+    assert shown["decision_rule"] == "gallery" and shown["threshold_in_force"] > 0.5
+    assert shown["predicted_fpir"] == pytest.approx(0.01, abs=0.003)
+    fixed = jline(cli(db, "--json", "rule", "fixed"))
+    assert fixed["decision_rule"] == "fixed" and fixed["threshold_in_force"] == 0.5 and fixed["warning"]
+    with FaceDB.open(db) as d:
+        assert d.settings().rule.kind == "fixed"
+        assert d.identify(np.eye(4, dtype=np.float32)[0]).rule == "fixed"
+        assert [r.operation for r in d.audit(operation="rule")] == ["rule"]
+    cli(db, "--json", "rule", "gallery", "--target", "0.001")
+    with FaceDB.open(db) as d:
+        assert (d.settings().rule.kind, d.settings().rule.target) == ("gallery", 0.001)
+    cli(db, "rule", "gallery", "--target", "2", code=2)
+    cli(db, "rule", "sometimes", code=2)
+    with FaceDB.open(db) as d:
+        assert (d.settings().rule.kind, d.settings().rule.target) == ("gallery", 0.001)
