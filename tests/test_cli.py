@@ -287,3 +287,20 @@ def test_cropped_photos_are_padded_and_taken_whole_when_no_face_is_found(tmp_pat
     with FaceDB.open(db) as opened:
         ops = [r.operation for r in opened.audit()]
         assert ops.count("search") == 1 and ops.count("verify") == 1  # the decisions made are on the trail
+
+
+def test_enrolment_reports_photos_stored_whose_face_fails_a_quality_floor(tmp_path, fake_cli):
+    """Stored all the same (enrolment does not refuse on quality), but listed with the floor failed."""
+    db = tmp_path / "db"
+    run(db, "init", "--model", FakeEmbedder.model_id, "--dim", str(FakeEmbedder.dim))
+    flat = photo(tmp_path / "flat.png", [GREY])  # a flat tile: contrast ~2, the floor is 18
+    textured = tmp_path / "textured.png"
+    Image.fromarray(np.random.default_rng(5).integers(30, 226, (40, 40, 3), dtype=np.uint8)).save(textured)
+    out = jlines(run(db, "--json", "enroll", "ann", str(flat), str(textured)))[0]
+    assert out["faces_stored"] == 2
+    assert [q["image"].rsplit("/", 1)[-1] for q in out["quality"]] == ["flat.png"]
+    assert "contrast" in out["quality"][0]["reason"] and "at least 18" in out["quality"][0]["reason"]
+    with FaceDB.open(db) as opened:
+        assert opened.person("ann").templates == 2
+    text = run(db, "enroll", "bob", str(photo(tmp_path / "flat2.png", [BLUE], seed=3))).stdout
+    assert "quality  " in text and "contrast" in text

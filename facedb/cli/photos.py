@@ -100,8 +100,9 @@ def enroll(
 
     Photos already enrolled are recognised by their bytes and skipped before detection, so re-running a folder
     is quick and exits 0. Exit 2 if some photo could not be enrolled (unreadable, no face, several faces,
-    refused); the others are enrolled all the same. Ctrl-C stops promptly and prints what was stored (each
-    photo is its own transaction).
+    refused); the others are enrolled all the same. A photo stored whose face fails a quality floor (tiny, low
+    contrast, lit from one side, over-exposed, turned away) is listed as "quality": enrol a better one beside
+    it. Ctrl-C stops promptly and prints what was stored (each photo is its own transaction).
     """
     from ..images import display_name
     from ..pipeline import list_folder
@@ -159,6 +160,8 @@ def enroll(
             typer.echo(f"skipped  {sk.image}: {sk.reason}")
         for w in report.warnings:
             typer.echo(f"warning  {w.image}: {w.reason}")
+        for q in report.quality:
+            typer.echo(f"quality  {q.image}: {q.reason}")
         if empty and folder is not None and not interrupted:  # interrupted: the rest was never tried
             typer.echo(f"no photo stored for {len(empty)} people: {', '.join(empty[:10])}"
                        f"{' ...' if len(empty) > 10 else ''}")
