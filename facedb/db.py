@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import encryption, engine
+from . import encryption, engine, quality
 from .audit import AuditTrail, acting_as, default_actor
 from .decision import ImpostorModel, Policy, predicted_fpir
 from .errors import (
@@ -966,6 +966,9 @@ class FaceDB:
                     continue
                 report.template_ids.extend(ids)
                 report.faces_stored += len(ids)
+                if problems := quality.measure(item.crop, item.face.box, item.face.score,
+                                               item.face.landmarks).problems:
+                    report.quality.append(Skipped(item.label, "stored; may match badly: " + "; ".join(problems)))
                 if name not in report.people:
                     report.people.append(name)
                 self.trail.record("enroll", [{"image_sha256": item.sha256, "identity": name,

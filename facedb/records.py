@@ -143,8 +143,10 @@ class PhotoCheck(_Record):
 
 @dataclass
 class EnrollReport(_Record):
-    """What an enrolment did: the people touched, photos tried, faces stored, each photo skipped with why, and
-    warnings about photos stored (a face that also matches another enrolled person)."""
+    """What an enrolment did: the people touched, photos tried, faces stored, each photo skipped with why,
+    warnings about photos stored (a face that also matches another enrolled person), and ``quality``: photos
+    stored whose face fails a quality floor (:mod:`facedb.quality`: tiny, low contrast, lit from one side,
+    over-exposed, turned away) and will likely match badly; enrol a better one beside it."""
 
     people: list[str] = field(default_factory=list)
     photos: int = 0
@@ -152,6 +154,7 @@ class EnrollReport(_Record):
     skipped: list[Skipped] = field(default_factory=list)
     template_ids: list[int] = field(default_factory=list)
     warnings: list[Skipped] = field(default_factory=list)
+    quality: list[Skipped] = field(default_factory=list)
 
     @property
     def only_known(self) -> bool:

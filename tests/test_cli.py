@@ -257,3 +257,51 @@ def test_enrolment_workers_default_and_validation(tmp_path, monkeypatch, fake_cl
         assert d.stats()["templates"] == 0  # refused before anything was stored
         with pytest.raises(InvalidInputError):
             d.enroll_many([("red", [src])], workers=-2)
+
+
+def test_cropped_photos_are_padded_and_taken_whole_when_no_face_is_found(tmp_path, fake_cli):
+    """--cropped on enroll, search, verify and detect: a face crop the detector cannot see (here a black
+    square, which the test-double detector never calls a face) is the face itself; without it, "no face"."""
+    db = tmp_path / "db"
+    run(db, "init", "--model", FakeEmbedder.model_id, "--dim", str(FakeEmbedder.dim), "--threshold", "0.8")
+    crop = photo(tmp_path / "badge.png", [])
+
+    res = run(db, "--json", "enroll", "ada", str(crop), ok=False)
+    assert res.exit_code == 2 and "no face" in jlines(res)[0]["skipped"][0]["reason"]
+    with FaceDB.open(db) as opened:
+        assert opened.stats().templates == 0  # nothing stored
+    assert jlines(run(db, "--json", "enroll", "ada", str(crop), "--cropped"))[0]["faces_stored"] == 1
+    with FaceDB.open(db) as opened:
+        assert opened.stats().templates == 1 and opened.person("ada").images == 1
+
+    assert run(db, "--json", "detect", str(crop)).stdout.strip() == ""
+    face = jlines(run(db, "--json", "detect", str(crop), "--cropped"))
+    assert len(face) == 1 and face[0]["box"] == [0.0, 0.0, 40.0, 40.0] and face[0]["det_score"] == 0.0
+
+    assert jlines(run(db, "--json", "search", str(crop)))[0]["faces"] == 0
+    found = jlines(run(db, "--json", "search", str(crop), "--cropped"))
+    assert [r["identity"] for r in found] == ["ada"] and found[0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+
+    res = run(db, "verify", "ada", str(crop), ok=False)
+    assert res.exit_code == 2 and "no face" in res.stderr
+    assert jlines(run(db, "--json", "verify", "ada", str(crop), "--cropped"))[0]["accepted"] is True
+    with FaceDB.open(db) as opened:
+        ops = [r.operation for r in opened.audit()]
+        assert ops.count("search") == 1 and ops.count("verify") == 1  # the decisions made are on the trail
+
+
+def test_enrolment_reports_photos_stored_whose_face_fails_a_quality_floor(tmp_path, fake_cli):
+    """Stored all the same (enrolment does not refuse on quality), but listed with the floor failed."""
+    db = tmp_path / "db"
+    run(db, "init", "--model", FakeEmbedder.model_id, "--dim", str(FakeEmbedder.dim))
+    flat = photo(tmp_path / "flat.png", [GREY])  # a flat tile: contrast ~2, the floor is 18
+    textured = tmp_path / "textured.png"
+    Image.fromarray(np.random.default_rng(5).integers(30, 226, (40, 40, 3), dtype=np.uint8)).save(textured)
+    out = jlines(run(db, "--json", "enroll", "ann", str(flat), str(textured)))[0]
+    assert out["faces_stored"] == 2
+    assert [q["image"].rsplit("/", 1)[-1] for q in out["quality"]] == ["flat.png"]
+    assert "contrast" in out["quality"][0]["reason"] and "at least 18" in out["quality"][0]["reason"]
+    with FaceDB.open(db) as opened:
+        assert opened.person("ann").templates == 2
+    text = run(db, "enroll", "bob", str(photo(tmp_path / "flat2.png", [BLUE], seed=3))).stdout
+    assert "quality  " in text and "contrast" in text

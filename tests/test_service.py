@@ -611,3 +611,29 @@ def test_a_migration_done_meanwhile_by_another_process_is_not_run_twice(tmp_path
     assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert store.api_keys() == [] and store.counts()["people"] == 0
     store.close()
+
+
+def test_cropped_photos_on_every_photo_route(svc):
+    """cropped=true: a face crop the detector cannot see (a black square, never a face to the test double) is
+    taken whole by enrol, identify, verify and detect; without it the same photo has no face."""
+    client, keys, db = svc
+    crop = blank_png()
+    assert_error(enrol(client, keys["enroll"], "Ann", crop), 422, "NothingEnrolled")
+    r = enrol(client, keys["enroll"], "Ann", crop, cropped="true")
+    assert r.status_code == 201 and r.json()["faces_stored"] == 1, r.text
+    with FaceDB.open(db, readonly=True) as d:
+        assert d.person("Ann").templates == 1
+    h = hdr(keys["identify"])
+    assert client.post("/v1/identify", files={"photo": ("p.png", crop)}, headers=h).json()["faces"] == []
+    faces = client.post("/v1/identify", files={"photo": ("p.png", crop)}, data={"cropped": "true"},
+                        headers=h).json()["faces"]
+    assert [f["identity"] for f in faces] == ["Ann"] and faces[0]["det_score"] == 0.0
+    assert_error(client.post("/v1/verify", files={"photo": ("p.png", crop)}, data={"person": "Ann"}, headers=h),
+                 422)
+    verdict = client.post("/v1/verify", files={"photo": ("p.png", crop)}, data={"person": "Ann", "cropped": "true"},
+                          headers=h).json()
+    assert verdict["accepted"] is True
+    boxes = client.post("/v1/detect", files={"photo": ("p.png", crop)}, data={"cropped": "true"}, headers=h)
+    assert [f["box"] for f in boxes.json()["faces"]] == [[0.0, 0.0, 80.0, 40.0]]  # the whole 80x40 photo
+    with FaceDB.open(db, readonly=True) as d:
+        assert [r.identity for r in d.audit(operation="verify")] == ["Ann"]

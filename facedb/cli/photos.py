@@ -19,6 +19,12 @@ ThresholdOpt = Annotated[
                                     "threshold.")
 ]
 
+CroppedOpt = Annotated[
+    bool, typer.Option("--cropped", help="The photos are face crops (badge photos, a camera's own detections): "
+                                         "padded before detection, and where MTCNN still finds no face the whole "
+                                         "photo is taken as the face (its det_score is then 0).")
+]
+
 
 class OnMultiple(str, Enum):
     error = "error"
@@ -88,13 +94,15 @@ def enroll(
                      help="Detection processes beside the embedder; 0 = a thread. Default: cores - 1 for 64+ "
                           "photos with dlib on CPU, else 0."),
     ] = None,
+    cropped: CroppedOpt = False,
 ) -> None:
     """Enrol photos of a person, or a whole folder of people. Prints a summary; skipped photos say why.
 
     Photos already enrolled are recognised by their bytes and skipped before detection, so re-running a folder
     is quick and exits 0. Exit 2 if some photo could not be enrolled (unreadable, no face, several faces,
-    refused); the others are enrolled all the same. Ctrl-C stops promptly and prints what was stored (each
-    photo is its own transaction).
+    refused); the others are enrolled all the same. A photo stored whose face fails a quality floor (tiny, low
+    contrast, lit from one side, over-exposed, turned away) is listed as "quality": enrol a better one beside
+    it. Ctrl-C stops promptly and prints what was stored (each photo is its own transaction).
     """
     from ..images import display_name
     from ..pipeline import list_folder
@@ -133,7 +141,7 @@ def enroll(
         try:
             report = db.enroll_many(batches, on_multiple=on_multiple.value, on_other_match=on_other_match.value,
                                     metadata=parse_meta(meta) or None, people_metadata=per_person,
-                                    progress=progress, workers=workers)
+                                    progress=progress, workers=workers, cropped=cropped)
         except KeyboardInterrupt as exc:
             report = getattr(exc, "report", None)
             if report is None:
@@ -152,6 +160,8 @@ def enroll(
             typer.echo(f"skipped  {sk.image}: {sk.reason}")
         for w in report.warnings:
             typer.echo(f"warning  {w.image}: {w.reason}")
+        for q in report.quality:
+            typer.echo(f"quality  {q.image}: {q.reason}")
         if empty and folder is not None and not interrupted:  # interrupted: the rest was never tried
             typer.echo(f"no photo stored for {len(empty)} people: {', '.join(empty[:10])}"
                        f"{' ...' if len(empty) > 10 else ''}")
@@ -172,6 +182,7 @@ def search(
     k: Annotated[int, typer.Option("-k", "--top", min=1, help="Candidates per face.")] = 5,
     threshold: ThresholdOpt = None,
     weights: WeightsOpt = None,
+    cropped: CroppedOpt = False,
 ) -> None:
     """Who is in these photos? One line per face: the identity or 'unknown' (JSON null), then the candidates.
     A photo with no face says so. Exit 2 if some photo could not be searched (the others are still answered)."""
@@ -187,7 +198,7 @@ def search(
         for photo in photos:
             label = display_name(photo)
             try:
-                matches = db.search(photo, k=k, threshold=threshold, name=label)
+                matches = db.search(photo, k=k, threshold=threshold, name=label, cropped=cropped)
             except IndexUnavailableError:
                 raise  # not this photo's fault: the whole command fails (exit 2)
             except FaceDBError as exc:
@@ -220,10 +231,11 @@ def verify(
     photo: Annotated[Path, typer.Argument(help="The photo (its largest face is used).")],
     threshold: ThresholdOpt = None,
     weights: WeightsOpt = None,
+    cropped: CroppedOpt = False,
 ) -> None:
     """Is this photo NAME? Prints yes or no and the score. Exit 0 for yes, 1 for no, 2 for an error."""
     with open_db(ctx, weights=weights) as db:
-        result = db.verify(photo, name, threshold)
+        result = db.verify(photo, name, threshold, cropped=cropped)
     if state(ctx).json:
         typer.echo(json.dumps(result.to_dict(), ensure_ascii=False))
     else:
@@ -238,6 +250,7 @@ def detect(
     ctx: typer.Context,
     photos: Annotated[list[Path], typer.Argument(help="Photos to look for faces in.")],
     weights: WeightsOpt = None,
+    cropped: CroppedOpt = False,
 ) -> None:
     """Faces in photos: box, detector score and 5 landmarks each (no identification, nothing recorded). Exit 2 if
     some photo could not be read (the others are still done)."""
@@ -248,7 +261,7 @@ def detect(
         for photo in photos:
             label = display_name(photo)
             try:
-                faces = db.detect(photo, name=label)
+                faces = db.detect(photo, name=label, cropped=cropped)
             except FaceDBError as exc:
                 failed += 1
                 typer.echo(f"error: {exc}", err=True)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import InvalidInputError, NoFaceError, NotFoundError
 from . import uploads
 from .auth import ENROLL, Caller
+from .uploads import CroppedForm
 
 router = APIRouter(prefix="/v1", tags=["people"])
 
@@ -116,14 +117,15 @@ def enroll_photos(name: str, photos: Annotated[list[UploadFile], File(descriptio
                   = OnOtherMatch.warn,
                   create: Annotated[bool, Form(description="Create the person if new.")] = True,
                   metadata: Annotated[str | None, Form(description="JSON object of metadata for a new person.")]
-                  = None) -> JSONResponse:
+                  = None, cropped: CroppedForm = False) -> JSONResponse:
     meta = _json_object(metadata)
     sources = [uploads.read(p, f"photo-{i + 1}") for i, p in enumerate(photos)]
     with caller as db:
         if not create:
             db.person(name)  # PersonNotFoundError (404) before any photo is looked at
         report = db.enroll(name, sources, model=caller.state.photo_model(), on_multiple=on_multiple.value,
-                           on_other_match=on_other_match.value, metadata=meta, workers=0)
+                           on_other_match=on_other_match.value, metadata=meta, workers=0,
+                           cropped=cropped)
         if not report.faces_stored:  # FaceDB records each stored photo: record the request that stored none
             db.note("enroll-skipped", identity=name, detail={"photos": report.photos,
                                                              "reasons": [s.reason for s in report.skipped][:20]})

@@ -15,6 +15,7 @@ from ..errors import InvalidInputError
 from ..records import Identification, Verification
 from . import uploads
 from .auth import IDENTIFY, Caller
+from .uploads import CroppedForm
 
 router = APIRouter(prefix="/v1", tags=["decisions"])
 
@@ -57,10 +58,11 @@ def _verified(caller: Caller, result: Verification) -> None:
 @router.post("/identify", summary="Who is in this photo? One answer per face (identity null = unknown).")
 def identify_photo(photo: Annotated[UploadFile, File(description="The photo (JPEG, PNG, ...).")],
                    caller: Annotated[Caller, Depends(IDENTIFY)], k: KForm = 5,
-                   threshold: ThresholdForm = None) -> dict[str, Any]:
+                   threshold: ThresholdForm = None, cropped: CroppedForm = False) -> dict[str, Any]:
     source = uploads.read(photo)
     with caller as db:
-        faces = db.search(source, model=caller.state.photo_model(), k=k, threshold=threshold, name=source.name)
+        faces = db.search(source, model=caller.state.photo_model(), k=k, threshold=threshold, name=source.name,
+                          cropped=cropped)
         if not faces:  # FaceDB records one row per face: record the question that had none
             db.note("search", image_sha256=hashlib.sha256(source.getvalue()).hexdigest(), detail={"faces": 0})
     for face in faces:
@@ -90,10 +92,11 @@ def identify_vector(body: VectorIdentify, caller: Annotated[Caller, Depends(IDEN
 @router.post("/verify", summary="Is this photo the claimed person? 1:1 on the photo's largest face.")
 def verify_photo(photo: Annotated[UploadFile, File(description="The photo; its largest face is used.")],
                  person: Annotated[str, Form(description="Who the photo is claimed to be.")],
-                 caller: Annotated[Caller, Depends(IDENTIFY)], threshold: ThresholdForm = None) -> dict[str, Any]:
+                 caller: Annotated[Caller, Depends(IDENTIFY)], threshold: ThresholdForm = None,
+                 cropped: CroppedForm = False) -> dict[str, Any]:
     source = uploads.read(photo)
     with caller as db:
-        result = db.verify(source, person, threshold, model=caller.state.photo_model())
+        result = db.verify(source, person, threshold, model=caller.state.photo_model(), cropped=cropped)
     _verified(caller, result)
     return result.to_dict()
 
@@ -110,10 +113,10 @@ def verify_vector(body: VectorVerify, caller: Annotated[Caller, Depends(IDENTIFY
 
 @router.post("/detect", summary="Faces in a photo: box, detector score, 5 landmarks (no identification).")
 def detect(photo: Annotated[UploadFile, File(description="The photo.")],
-           caller: Annotated[Caller, Depends(IDENTIFY)]) -> dict[str, Any]:
+           caller: Annotated[Caller, Depends(IDENTIFY)], cropped: CroppedForm = False) -> dict[str, Any]:
     source = uploads.read(photo)
     with caller as db:
-        faces = db.detect(source, model=caller.state.photo_model(), name=source.name)
+        faces = db.detect(source, model=caller.state.photo_model(), name=source.name, cropped=cropped)
         db.note("detect", detail={"faces": len(faces)})
     return {"faces": [{"box": [round(float(c), 1) for c in f.box], "det_score": round(float(f.score), 4),
                        "landmarks": [[round(float(x), 1), round(float(y), 1)] for x, y in f.landmarks]}

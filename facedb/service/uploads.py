@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import io
 import os
+from typing import Annotated
 
-from fastapi import UploadFile
+from fastapi import Form, UploadFile
 
 from ..errors import InvalidInputError
+
+#: The ``cropped`` form field of every photo route (facedb.pipeline.find_faces).
+CroppedForm = Annotated[bool, Form(description="The photo is a face crop (a camera's own detection, a badge "
+                                               "photo): padded before detection, and taken whole when no face "
+                                               "is found in it (det_score 0).")]
 
 
 def label(filename: str | None, fallback: str) -> str:
