@@ -741,7 +741,9 @@ class FaceDB:
             settings = self.settings()
             thr = settings.threshold if threshold is None else threshold
             person = self.store.person(name)
-            _, templates = self.store.person_vectors([person.id])
+            # Photo templates only: the 1:1 threshold is calibrated photo against photo, and a mean template sits
+            # nearer to everyone (a stranger's best score against it is higher), so it would raise the FAR.
+            _, templates = self.store.person_vectors([person.id], photos_only=True)
             if not len(templates):
                 raise InvalidInputError(f"{person.name!r} has no templates to verify against")
             result = engine.verify_scores(x[0], templates, person.name, thr, person.external_id)
@@ -1389,7 +1391,8 @@ class FaceDB:
             s = self.settings()
             state = self.keeper.describe(s)
             counts = self.store.counts()
-            in_force, _ = s.rule.threshold(s.threshold, counts["templates"])
+            # the number the query engine holds the rule to: every template searched, mean templates included
+            in_force, _ = s.rule.threshold(s.threshold, counts["templates"] + counts["mean_templates"])
             return Stats(
                 path=str(self.root), model_id=s.model_id, dim=s.dim, metric=s.metric, flip=s.flip,
                 threshold=s.threshold, threshold_source=s.threshold_source,

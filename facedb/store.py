@@ -1026,11 +1026,13 @@ class Store:
         return (np.array([r[0] for r in rows], dtype=np.int64), np.array([r[1] for r in rows], dtype=np.int64),
                 self._vectors([r[2] for r in rows]))
 
-    def person_vectors(self, person_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    def person_vectors(self, person_ids: Sequence[int], photos_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Every stored vector of the given people, grouped by person: (person id of each row, sorted; vectors
-        ``(m, dim)``). One query and one buffer per 900 people, since the query engine calls this per probe."""
+        ``(m, dim)``); ``photos_only``: without their mean templates. One query and one buffer per 900 people,
+        since the query engine calls this per probe."""
+        own = " AND derived = 0" if photos_only and self._has_derived else ""
         rows = list(self._rows_in(
-            "SELECT person_id, vector FROM embeddings WHERE person_id IN ({marks}) ORDER BY person_id",
+            f"SELECT person_id, vector FROM embeddings WHERE person_id IN ({{marks}}){own} ORDER BY person_id",
             sorted({int(p) for p in person_ids})))
         return np.array([r[0] for r in rows], dtype=np.int64), self._vectors([r[1] for r in rows])
 

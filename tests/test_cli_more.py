@@ -89,3 +89,19 @@ def test_rule_shows_and_switches_the_decision_rule(tmp_path):
     cli(db, "rule", "sometimes", code=2)
     with FaceDB.open(db) as d:
         assert (d.settings().rule.kind, d.settings().rule.target) == ("gallery", 0.001)
+
+
+def test_the_threshold_shown_is_the_one_searches_use_with_mean_templates(tmp_path):
+    """Under the gallery rule the threshold follows the number of templates searched, mean templates included:
+    `rule` and `stats` showed it for the photo templates alone (found by the newcomer check)."""
+    db = tmp_path / "db"
+    impostors = ImpostorModel.from_scores(np.random.default_rng(0).normal(0.3, 0.1, 100_000), source="test")
+    rng = np.random.default_rng(1)
+    with FaceDB.create(db, model_id="m", dim=8, threshold=0.5, impostors=impostors, mean_templates=True) as d:
+        x = rng.standard_normal((30, 8)).astype(np.float32)
+        d.add_templates_many([(f"p{i % 10}", v / np.linalg.norm(v)) for i, v in enumerate(x)])
+        assert (d.stats().templates, d.stats().mean_templates) == (30, 10)
+        used = d.identify(x[0] / np.linalg.norm(x[0])).threshold
+        assert d.stats().threshold_in_force == pytest.approx(used)
+    shown = jline(cli(db, "--json", "rule"))
+    assert shown["templates"] == 40 and shown["threshold_in_force"] == pytest.approx(used)

@@ -164,3 +164,17 @@ def test_mean_templates_follow_every_change_and_are_matched(tmp_path, rng):
         wrong = unit_rows(rng, 1, 16)[0].tobytes()
         db.store.conn.execute("UPDATE embeddings SET vector = ? WHERE derived = 1", (wrong,))
         assert not db.check().ok  # a mean that no longer matches is reported
+
+
+def test_verify_compares_with_photo_templates_only(tmp_path):
+    """The 1:1 threshold is calibrated photo against photo; a mean template is nearer to everyone, so verify
+    leaves it out (found by the newcomer check: a stranger was accepted through the mean alone)."""
+    e = np.eye(16, dtype=np.float32)
+    mean = (e[0] + e[1]) / np.sqrt(2)
+    with FaceDB.create(tmp_path / "db", model_id="m", dim=16, threshold=0.9, mean_templates=True) as db:
+        db.add_templates("ann", e[:2], create=True)
+        assert db.stats().mean_templates == 1
+        result = db.verify(mean, "ann")  # 0.707 to each photo, 1.0 to the mean
+        assert result.accepted is False and result.similarity == pytest.approx(np.sqrt(0.5), abs=1e-5)
+        assert db.verify(e[0], "ann").accepted is True
+        assert db.identify(mean, k=1).identity == "ann"  # 1:N still searches the mean (its FPIR is measured)

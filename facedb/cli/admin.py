@@ -332,7 +332,8 @@ def rule_cmd(
 
     with open_db(ctx, readonly=kind is None) as db:
         s = db.set_rule(kind.value, target=target, margin=margin) if kind is not None else db.settings()
-        templates = db.stats().templates
+        stats = db.stats()
+        templates = stats.templates + stats.mean_templates  # searched, as a query counts them
         policy = s.rule.policy(s.threshold, templates)
         impostors = s.rule.impostors or db._shipped_impostors(s)
         predicted = (predicted_fpir(impostors, policy.threshold, templates)
