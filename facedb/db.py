@@ -473,6 +473,11 @@ class FaceDB:
                 "rule": rule, "target": settings.rule.target, "margin": settings.rule.margin}}], settings)
             return settings
 
+    def shipped_margin(self) -> float | None:
+        """The margin rule's threshold this database's model ships for its flip setting, or None."""
+        spec = self._spec()
+        return spec.margin_threshold(self.settings().flip) if spec is not None else None
+
     def configure_templates(self, *, mean: bool) -> Settings:
         """Keep (``mean=True``) or drop each person's mean template; every person's is recomputed at once."""
         with self._lock:

@@ -619,3 +619,35 @@ def test_serve_no_console_flag_reaches_the_workers(tmp_path, monkeypatch):
         assert r.exit_code == 0, r.output
         assert seen[-1].console is console
         assert ServiceSettings.from_env(seen[-1].to_env()).console is console  # what each worker reads
+
+
+def test_the_margin_rule_can_be_chosen_over_http_and_in_the_console(svc):
+    """PATCH /v1/settings and the console offered fixed and gallery only: a database switched away from the
+    margin rule (the default) could come back only through the CLI (found by the newcomer check)."""
+    client, keys, path = svc
+    adm = {"X-API-Key": keys["admin"]}
+    before = snapshot(path)
+    r = client.patch("/v1/settings", json={"decision_rule": "margin"}, headers=adm)
+    assert r.status_code == 400 and "margin threshold" in r.json()["message"]  # the test model ships none
+    assert snapshot(path) == before
+    got = client.patch("/v1/settings", json={"decision_rule": "margin", "decision_margin": 0.3}, headers=adm).json()
+    assert (got["decision_rule"], got["decision_margin"]) == ("margin", 0.3)
+    with FaceDB.open(path, readonly=True) as db:
+        assert (db.settings().rule.kind, db.settings().rule.margin) == ("margin", 0.3)
+    before = snapshot(path)
+    assert client.patch("/v1/settings", json={"decision_target": 0.02}, headers=adm).status_code == 400
+    assert client.patch("/v1/settings", json={"decision_rule": "fixed", "decision_margin": 0.2},
+                        headers=adm).status_code == 400
+    assert snapshot(path) == before
+    assert client.patch("/v1/settings", json={"decision_margin": 0.35}, headers=adm).json()["decision_margin"] == 0.35
+    csrf = sign_in(client, keys["admin"])
+    page = client.get("/console/settings").text
+    assert 'value="margin" checked' in page and "lead over the runner-up" in page
+    r = client.post("/console/settings/rule", data={"rule": "fixed", "target": "0.01", "csrf": csrf},
+                    follow_redirects=True)
+    assert r.status_code == 200
+    r = client.post("/console/settings/rule", data={"rule": "margin", "target": "0.01", "csrf": csrf},
+                    follow_redirects=True)
+    assert r.status_code == 200, r.text
+    with FaceDB.open(path, readonly=True) as db:
+        assert (db.settings().rule.kind, db.settings().rule.margin) == ("margin", 0.35)

@@ -40,6 +40,7 @@ class Thumbnails(str, Enum):
 
 class Rule(str, Enum):
     fixed = "fixed"
+    margin = "margin"
     gallery = "gallery"
 
 
@@ -55,9 +56,14 @@ class SettingsUpdate(BaseModel):
                                                             "narrowing erases those no longer covered.")
     visitors_enabled: bool | None = Field(None, description="Keep faces answered unknown (unknown visitors).")
     visitors_retention_days: float | None = Field(None, description="Keep them this many days (0-3650].")
-    decision_rule: Rule | None = Field(None, description="fixed (the stored threshold) or gallery (follows the "
-                                                         "gallery size to hold FPIR at decision_target).")
-    decision_target: float | None = Field(None, description="The gallery rule's target FPIR, in (0, 1).")
+    decision_rule: Rule | None = Field(None, description="fixed (the stored threshold), margin (the stored "
+                                                         "threshold and s1 - 0.5 s2 >= decision_margin) or gallery "
+                                                         "(follows the gallery size to hold FPIR at decision_target).")
+    decision_target: float | None = Field(None, description="The gallery rule's target FPIR, in (0, 1); only with "
+                                                            "the gallery rule.")
+    decision_margin: float | None = Field(None, description="The margin rule's threshold for s1 - 0.5 s2; only with "
+                                                            "the margin rule (default: the stored one, else the "
+                                                            "model's).")
 
 
 @router.get("/stats", summary="Model, threshold and its provenance, counts, index state; this worker's pid.")
@@ -152,7 +158,7 @@ def get_settings(caller: Annotated[Caller, Depends(ADMIN)]) -> dict[str, Any]:
 def update_settings(body: SettingsUpdate, caller: Annotated[Caller, Depends(ADMIN)]) -> dict[str, Any]:
     if not body.model_fields_set - {"threshold_source"}:
         raise InvalidInputError("nothing to change: give threshold, an audit_* or visitors_* setting, thumbnails or "
-                                "decision_rule")
+                                "decision_rule / decision_target / decision_margin")
     with caller as db:
         from ..settings import Settings, check_threshold
 
@@ -162,14 +168,19 @@ def update_settings(body: SettingsUpdate, caller: Annotated[Caller, Depends(ADMI
         Settings.audit_rows(body.audit_enabled, body.audit_retention_days, body.audit_store_probes)
         Settings.visitor_rows(body.visitors_enabled, body.visitors_retention_days)
         rule = None
-        if body.decision_rule is not None or body.decision_target is not None:
+        if body.decision_rule is not None or body.decision_target is not None or body.decision_margin is not None:
             rule = body.decision_rule.value if body.decision_rule is not None else db.settings().rule.kind
-            Settings.rule_rows(rule, body.decision_target)
+            # a setting the rule in force ignores is refused, not silently kept
+            if body.decision_target is not None and rule != "gallery":
+                raise InvalidInputError(f"decision_target is the gallery rule's; the rule is {rule}")
+            if body.decision_margin is not None and rule != "margin":
+                raise InvalidInputError(f"decision_margin is the margin rule's; the rule is {rule}")
+            Settings.rule_rows(rule, body.decision_target, margin=body.decision_margin)
             if rule == "gallery" and db.settings().rule.impostors is None:
                 raise InvalidInputError(f"the gallery rule needs an impostor model: {db.model_id} ships none; build "
                                         "one with `facedb calibrate --far 1e-3 --folder DIR`")
         if rule is not None:
-            db.set_rule(rule, target=body.decision_target)
+            db.set_rule(rule, target=body.decision_target, margin=body.decision_margin)
         if body.visitors_enabled is not None or body.visitors_retention_days is not None:
             db.configure_visitors(enabled=body.visitors_enabled, retention_days=body.visitors_retention_days)
             db.note("visitors-settings", detail=db.settings().visitors.to_dict())
@@ -191,7 +202,8 @@ def _settings(caller: Caller) -> dict[str, Any]:
     stats = caller.db.stats()
     return {"model_id": s.model_id, "dim": s.dim, "flip": s.flip, "threshold": s.threshold,
             "threshold_source": s.threshold_source, "calibration": s.calibration.to_dict() if s.calibration else None,
-            "decision_rule": s.rule.kind, "decision_target": s.rule.target,
+            "decision_rule": s.rule.kind, "decision_target": s.rule.target, "decision_margin": s.rule.margin,
+            "margin_available": s.rule.margin is not None or caller.db.shipped_margin() is not None,
             "impostor_model": s.rule.impostors is not None, "threshold_in_force": stats.threshold_in_force,
             "warnings": stats.warnings, "thumbnails": s.thumbnails, "visitors": s.visitors.to_dict(),
             "index_kind": s.index_kind, "audit": s.audit.to_dict(),

@@ -545,9 +545,9 @@ async def settings_threshold(request: Request, caller: Annotated[Caller, Depends
 async def settings_rule(request: Request, caller: Annotated[Caller, Depends(ADMIN)]) -> Response:
     def work(form: FormData) -> tuple[str, str]:
         rule = _text(form, "rule")
-        if rule not in ("fixed", "gallery"):
-            raise InvalidInputError("the decision rule is fixed or gallery")
-        target = _number(form, "target")
+        if rule not in ("fixed", "margin", "gallery"):
+            raise InvalidInputError("the decision rule is fixed, margin or gallery")
+        target = _number(form, "target") if rule == "gallery" else None  # the form always sends the field
         routes_admin.update_settings(routes_admin.SettingsUpdate(decision_rule=routes_admin.Rule(rule),
                                                                  decision_target=target), caller)
         return f"{PATH}/settings", f"Decision rule set to {rule}."
