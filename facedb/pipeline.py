@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from . import quality
 from .detect import Face, MTCNNDetector, in_frame
 from .errors import FaceDBError, InvalidInputError
 from .images import MAX_FILE_BYTES, Photo, PhotoSource, display_name, load_photo
@@ -303,7 +304,8 @@ def find_faces(detector: Any, pixels: np.ndarray, cropped: bool = False) -> tupl
     own frame; ``raw_box`` may refer to a padded copy, which is then what is returned for alignment.
 
     ``cropped``: the photo already is a face crop (a badge photo, a camera's own detection): it is padded before
-    detection, and if still no face is found the whole photo is taken as the face."""
+    detection, and if still no face is found the whole photo is taken as the face, unless it is featureless (a
+    blank or mostly clipped frame: :func:`facedb.quality.featureless`), which has no face."""
     if not cropped:
         return detector.detect(pixels), pixels
     padded, pad = _padded(pixels)
@@ -317,7 +319,7 @@ def _crop_faces(found: list[Face], padded: np.ndarray, pad: int, pixels: np.ndar
     for f in found:
         shifted = in_frame(tuple(c - pad for c in f.align_box), f.score, f.landmarks - pad, w, h)
         faces.append(Face(shifted.box, f.score, shifted.landmarks, f.align_box))  # align in the padded frame
-    if not faces:
+    if not faces and quality.featureless(pixels) is None:  # a blank frame is not taken for a face
         whole = whole_face(w, h)
         faces = [Face(whole.box, 0.0, whole.landmarks, tuple(c + pad for c in whole.box))]
     return faces, padded

@@ -84,6 +84,20 @@ def measure(crop: np.ndarray, box: tuple[float, float, float, float], det_score:
     return FaceQuality(**q, problems=problems(q, FLOORS if floors is None else floors))
 
 
+def featureless(pixels: np.ndarray) -> str | None:
+    """Why a whole photo cannot be a face crop (too little contrast, or mostly over- or under-exposed: a blank
+    frame, a lens cap), or None. Crop mode takes a photo whole as the face only when this is None."""
+    g = _grey(pixels)
+    std = float(g.std())
+    clipped = float(np.mean((g <= 5) | (g >= 250)))
+    floors = {key: limit for key, _, limit in FLOORS}
+    if std < floors["contrast"]:
+        return f"no face: the photo is nearly uniform (contrast {std:.0f}, at least {floors['contrast']:g})"
+    if clipped > floors["clipped"]:
+        return f"no face: {clipped:.0%} of the photo is over- or under-exposed (at most {floors['clipped']:.0%})"
+    return None
+
+
 _WORDS = {"face_px": ("face {v:.0f} px across", "px"), "contrast": ("contrast {v:.0f}", ""),
           "light_asymmetry": ("light {v:.0%} stronger on one side", ""), "clipped": ("{v:.0%} of the face over- or "
                                                                                     "under-exposed", ""),

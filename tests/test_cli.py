@@ -259,32 +259,50 @@ def test_enrolment_workers_default_and_validation(tmp_path, monkeypatch, fake_cl
             d.enroll_many([("red", [src])], workers=-2)
 
 
-def test_cropped_photos_are_padded_and_taken_whole_when_no_face_is_found(tmp_path, fake_cli):
-    """--cropped on enroll, search, verify and detect: a face crop the detector cannot see (here a black
-    square, which the test-double detector never calls a face) is the face itself; without it, "no face"."""
+class BlindDetector:
+    """Test double for a detector that finds no face in a tight crop (MTCNN's failure on badge photos)."""
+
+    def detect(self, image):
+        return []
+
+
+def test_cropped_photos_are_padded_and_taken_whole_when_no_face_is_found(tmp_path, monkeypatch):
+    """--cropped on enroll, search, verify and detect: a face crop the detector cannot see is the face itself;
+    without it, "no face". A featureless frame (uniform grey: a blank camera) is never taken for a face, even
+    with --cropped (found by the newcomer check: a blank image became a person who matched every blank frame)."""
+    blind = facedb.pipeline.FacePipeline(FakeEmbedder(), detector=BlindDetector())
+    monkeypatch.setattr(facedb.pipeline, "get_pipeline", lambda *a, **k: blind)
     db = tmp_path / "db"
     run(db, "init", "--model", FakeEmbedder.model_id, "--dim", str(FakeEmbedder.dim), "--threshold", "0.8")
-    crop = photo(tmp_path / "badge.png", [])
+    crop = tmp_path / "badge.png"
+    Image.fromarray(np.random.default_rng(5).integers(30, 226, (112, 92, 3), dtype=np.uint8)).save(crop)
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (92, 112), (128, 128, 128)).save(blank)
 
     res = run(db, "--json", "enroll", "ada", str(crop), ok=False)
     assert res.exit_code == 2 and "no face" in jlines(res)[0]["skipped"][0]["reason"]
+    res = run(db, "--json", "enroll", "ghost", str(blank), "--cropped", ok=False)
+    assert res.exit_code == 2 and "no face" in jlines(res)[0]["skipped"][0]["reason"]
     with FaceDB.open(db) as opened:
-        assert opened.stats().templates == 0  # nothing stored
+        assert opened.stats().templates == 0 and opened.stats().people == 0  # nothing stored
     assert jlines(run(db, "--json", "enroll", "ada", str(crop), "--cropped"))[0]["faces_stored"] == 1
     with FaceDB.open(db) as opened:
         assert opened.stats().templates == 1 and opened.person("ada").images == 1
 
-    assert run(db, "--json", "detect", str(crop)).stdout.strip() == ""
-    face = jlines(run(db, "--json", "detect", str(crop), "--cropped"))
-    assert len(face) == 1 and face[0]["box"] == [0.0, 0.0, 40.0, 40.0] and face[0]["det_score"] == 0.0
+    assert "box" not in run(db, "--json", "detect", str(crop)).stdout
+    face = [r for r in jlines(run(db, "--json", "detect", str(crop), "--cropped")) if "box" in r]
+    assert len(face) == 1 and face[0]["box"] == [0.0, 0.0, 92.0, 112.0] and face[0]["det_score"] == 0.0
+    assert "box" not in run(db, "--json", "detect", str(blank), "--cropped").stdout
 
     assert jlines(run(db, "--json", "search", str(crop)))[0]["faces"] == 0
     found = jlines(run(db, "--json", "search", str(crop), "--cropped"))
     assert [r["identity"] for r in found] == ["ada"] and found[0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert jlines(run(db, "--json", "search", str(blank), "--cropped"))[0]["faces"] == 0
 
     res = run(db, "verify", "ada", str(crop), ok=False)
     assert res.exit_code == 2 and "no face" in res.stderr
     assert jlines(run(db, "--json", "verify", "ada", str(crop), "--cropped"))[0]["accepted"] is True
+    assert run(db, "verify", "ada", str(blank), "--cropped", ok=False).exit_code == 2
     with FaceDB.open(db) as opened:
         ops = [r.operation for r in opened.audit()]
         assert ops.count("search") == 1 and ops.count("verify") == 1  # the decisions made are on the trail

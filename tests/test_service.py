@@ -3,14 +3,17 @@ database's state after each (the test-double model: colour tiles as faces)."""
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 import warnings
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from facedb import FaceDB
+from facedb.pipeline import FacePipeline
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -21,6 +24,7 @@ from facedb.service.config import ServiceSettings
 from facedb.service.errors import STATUS
 from facedb.service.state import ServiceState
 
+from .conftest import FakeEmbedder
 from .servicekit import BLUE, GREEN, GREY, RED, blank_png, make_db, png, snapshot, wait_ready
 
 
@@ -613,27 +617,39 @@ def test_a_migration_done_meanwhile_by_another_process_is_not_run_twice(tmp_path
     store.close()
 
 
-def test_cropped_photos_on_every_photo_route(svc):
-    """cropped=true: a face crop the detector cannot see (a black square, never a face to the test double) is
-    taken whole by enrol, identify, verify and detect; without it the same photo has no face."""
-    client, keys, db = svc
-    crop = blank_png()
-    assert_error(enrol(client, keys["enroll"], "Ann", crop), 422, "NothingEnrolled")
-    r = enrol(client, keys["enroll"], "Ann", crop, cropped="true")
-    assert r.status_code == 201 and r.json()["faces_stored"] == 1, r.text
-    with FaceDB.open(db, readonly=True) as d:
-        assert d.person("Ann").templates == 1
-    h = hdr(keys["identify"])
-    assert client.post("/v1/identify", files={"photo": ("p.png", crop)}, headers=h).json()["faces"] == []
-    faces = client.post("/v1/identify", files={"photo": ("p.png", crop)}, data={"cropped": "true"},
-                        headers=h).json()["faces"]
-    assert [f["identity"] for f in faces] == ["Ann"] and faces[0]["det_score"] == 0.0
-    assert_error(client.post("/v1/verify", files={"photo": ("p.png", crop)}, data={"person": "Ann"}, headers=h),
-                 422)
-    verdict = client.post("/v1/verify", files={"photo": ("p.png", crop)}, data={"person": "Ann", "cropped": "true"},
-                          headers=h).json()
-    assert verdict["accepted"] is True
-    boxes = client.post("/v1/detect", files={"photo": ("p.png", crop)}, data={"cropped": "true"}, headers=h)
-    assert [f["box"] for f in boxes.json()["faces"]] == [[0.0, 0.0, 80.0, 40.0]]  # the whole 80x40 photo
-    with FaceDB.open(db, readonly=True) as d:
-        assert [r.identity for r in d.audit(operation="verify")] == ["Ann"]
+def test_cropped_photos_on_every_photo_route(tmp_path):
+    """cropped=true: a face crop the detector cannot see is taken whole by enrol, identify, verify and detect;
+    without it the same photo has no face; a featureless (blank) frame has none either way."""
+    class Blind:
+        def detect(self, image):
+            return []
+
+    path = tmp_path / "db"
+    keys = make_db(path)
+    blind = FacePipeline(FakeEmbedder(), detector=Blind())  # type: ignore[arg-type]
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(5).integers(30, 226, (112, 92, 3), dtype=np.uint8)).save(buf, "PNG")
+    crop = buf.getvalue()
+    app = create_app(ServiceSettings(db=path, fold_window=0.0), model=blind, sender=lambda url, body, headers: 200)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        wait_ready(client)
+        assert_error(enrol(client, keys["enroll"], "Ann", crop), 422, "NothingEnrolled")
+        assert_error(enrol(client, keys["enroll"], "Ann", blank_png(), cropped="true"), 422, "NothingEnrolled")
+        r = enrol(client, keys["enroll"], "Ann", crop, cropped="true")
+        assert r.status_code == 201 and r.json()["faces_stored"] == 1, r.text
+        with FaceDB.open(path, readonly=True) as d:
+            assert d.person("Ann").templates == 1
+        h = hdr(keys["identify"])
+        assert client.post("/v1/identify", files={"photo": ("p.png", crop)}, headers=h).json()["faces"] == []
+        faces = client.post("/v1/identify", files={"photo": ("p.png", crop)}, data={"cropped": "true"},
+                            headers=h).json()["faces"]
+        assert [f["identity"] for f in faces] == ["Ann"] and faces[0]["det_score"] == 0.0
+        assert_error(client.post("/v1/verify", files={"photo": ("p.png", crop)}, data={"person": "Ann"},
+                                 headers=h), 422)
+        verdict = client.post("/v1/verify", files={"photo": ("p.png", crop)},
+                              data={"person": "Ann", "cropped": "true"}, headers=h).json()
+        assert verdict["accepted"] is True
+        boxes = client.post("/v1/detect", files={"photo": ("p.png", crop)}, data={"cropped": "true"}, headers=h)
+        assert [f["box"] for f in boxes.json()["faces"]] == [[0.0, 0.0, 92.0, 112.0]]  # the whole photo
+        with FaceDB.open(path, readonly=True) as d:
+            assert [r.identity for r in d.audit(operation="verify")] == ["Ann"]
