@@ -922,7 +922,7 @@ class Store:
             if image is not None:
                 owner = self.image_owner(image["sha256"])
                 if owner is not None:
-                    raise InvalidInputError(f"this photo is already enrolled (as {owner!r})")
+                    raise InvalidInputError(f"already enrolled (as {owner!r})")
                 image_id = self.db["images"].insert({**image, "person_id": pid, "created_at": now}).last_pk
             sql = (
                 "INSERT INTO embeddings (person_id, image_id, box, det_score, vector, created_at) "

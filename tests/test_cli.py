@@ -323,3 +323,19 @@ def test_enrolment_reports_photos_stored_whose_face_fails_a_quality_floor(tmp_pa
         assert opened.person("ann").templates == 2
     text = run(db, "enroll", "bob", str(photo(tmp_path / "flat2.png", [BLUE], seed=3))).stdout
     assert "quality  " in text and "contrast" in text
+
+
+def test_a_photo_stored_meanwhile_by_another_enrolment_is_already_enrolled_not_a_failure(tmp_path, fake_pipeline,
+                                                                                         monkeypatch):
+    """Two enrolments of one folder at once: the slower one met the photo at insert time (after its own check)
+    and reported a failure, exit 2, though every photo was stored (newcomer check)."""
+    path = tmp_path / "db"
+    FaceDB.create(path, model_id=FakeEmbedder.model_id, dim=FakeEmbedder.dim, threshold=0.8).close()
+    pic = photo(tmp_path / "a.png", [RED])
+    with FaceDB.open(path, model=fake_pipeline) as first, FaceDB.open(path, model=fake_pipeline) as second:
+        monkeypatch.setattr(second, "_known_photo", lambda sha256: None)  # its check ran before first's commit
+        assert first.enroll("ann", [pic]).faces_stored == 1
+        report = second.enroll("ann", [pic])
+        assert report.faces_stored == 0 and report.skipped[0].reason.startswith("already enrolled")
+        assert report.failed == [] and report.only_known
+        assert second.person("ann").templates == 1
