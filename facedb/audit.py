@@ -101,6 +101,7 @@ class AuditTrail:
         self._writer: threading.Thread | None = None
         self._closed = False
         self.failure: BaseException | None = None  # why the last background write failed (records kept)
+        self._proven = False  # a record was written by this trail: later decisions may be written after them
         _LIVE.add(self)
 
     def record(self, operation: str, records: Sequence[dict[str, Any]], settings: Settings) -> None:
@@ -127,7 +128,7 @@ class AuditTrail:
                 row["embedding"] = to_blob(np.asarray(vector))
             rows.append(self.store.audit_row(row))  # made here: the writer thread does as little as it can
         retention = settings.audit.retention_days or None
-        if not settings.audit.sync and deferrable(operation) and not self._closed:
+        if not settings.audit.sync and deferrable(operation) and not self._closed and self._proven:
             if self.failure is not None:
                 self.flush()  # retry what the writer could not write; raises if it still cannot
             with self._cond:
@@ -138,10 +139,22 @@ class AuditTrail:
                     self._writer.start()
                 self._cond.notify()
             return
+        # Synchronous: a change, a sync trail, or the first decision of this trail, so that a trail that cannot
+        # be written at all (a read-only folder or file system) refuses before any answer is given.
         with self._cond:
             self._pending.extend(rows)
             self._retention = retention
-        self.flush()
+        try:
+            self.flush()
+        except BaseException:
+            if deferrable(operation):
+                # a decision that fails gives no answer: its records go (older waiting ones stay, in order); a
+                # change's records stay to be retried, since the change itself is already made
+                mine = {id(r) for r in rows}
+                with self._cond:
+                    self._pending = [r for r in self._pending if id(r) not in mine]
+            raise
+        self._proven = True
 
     def flush(self) -> None:
         """Commit every waiting record now, in one transaction (DatabaseError if it cannot be: they stay

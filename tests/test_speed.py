@@ -319,6 +319,30 @@ def test_a_failed_background_write_fails_the_next_decision_and_loses_nothing(tmp
         assert identities == ["p0", "p2"], "the failed record was kept and written; the refused call has none"
 
 
+def test_a_trail_that_cannot_be_written_at_all_refuses_the_first_decision_before_answering(tmp_path, rng,
+                                                                                          monkeypatch):
+    """A read-only folder: `facedb search` printed its answer, then said the trail could not be written and
+    that no decision is given (newcomer check). The first decision of a trail is written before its answer."""
+    root = tmp_path / "db"
+    items = people(rng, 2)
+    with make(root) as db:
+        db.add_templates_many(items)
+    with FaceDB.open(root) as db:
+        def read_only(rows, retention):
+            raise DatabaseError("attempt to write a readonly database (simulated)")
+
+        real = db.store.append_audit_rows
+        monkeypatch.setattr(db.store, "append_audit_rows", read_only)
+        with pytest.raises(DatabaseError, match="audit trail cannot be written"):
+            db.identify(items[0][1][0])
+        monkeypatch.setattr(db.store, "append_audit_rows", real)
+        db.identify(items[1][1][0])  # written before its answer; the refused call gave none and has no record
+        assert [r for r in _audit_rows(root) if r[0] == "identify"] == [("identify", "p1")]
+        db.identify(items[0][1][0])  # from now on the background writer
+        assert db.trail._writer is not None
+    assert sum(op == "identify" for op, _ in _audit_rows(root)) == 2
+
+
 def test_older_databases_keep_synchronous_decision_records(tmp_path):
     root = tmp_path / "db"
     make(root).close()
