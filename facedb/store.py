@@ -1189,7 +1189,8 @@ class Store:
                     wrong += 1
             if wrong:
                 problems.append(f"{wrong} people's mean templates do not match their templates "
-                                "(`FaceDB.configure_templates(mean=...)` recomputes them)")
+                                "(`facedb mean-templates on` or `FaceDB.configure_templates(mean=True)` "
+                                "recomputes them)")
         return checks, problems
 
     # ------------------------------------------------------------------- audit

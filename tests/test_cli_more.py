@@ -105,3 +105,33 @@ def test_the_threshold_shown_is_the_one_searches_use_with_mean_templates(tmp_pat
         assert d.stats().threshold_in_force == pytest.approx(used)
     shown = jline(cli(db, "--json", "rule"))
     assert shown["templates"] == 40 and shown["threshold_in_force"] == pytest.approx(used)
+
+
+def test_mean_templates_command_shows_switches_and_repairs(tmp_path):
+    """`check` reported stale mean templates and pointed at a Python call; the README named `check --repair`,
+    which does not exist (newcomer check). `facedb mean-templates on` recomputes every mean."""
+    import sqlite3
+
+    from facedb.db import STORE_FILE
+
+    db = tmp_path / "db"
+    e = np.eye(8, dtype=np.float32)
+    with FaceDB.create(db, model_id="m", dim=8, threshold=0.5) as d:
+        d.add_templates("ann", e[:2], create=True)
+    shown = jline(cli(db, "--json", "mean-templates"))
+    assert (shown["mean_templates_enabled"], shown["mean_templates"]) == (False, 0)
+    assert jline(cli(db, "--json", "mean-templates", "on"))["mean_templates"] == 1
+    conn = sqlite3.connect(db / STORE_FILE)
+    conn.execute("UPDATE embeddings SET vector = ? WHERE derived = 1", (e[5].tobytes(),))  # a stale mean
+    conn.commit()
+    conn.close()
+    assert "mean-templates on" in cli(db, "check", code=1).stdout
+    cli(db, "mean-templates", "on")
+    assert jline(cli(db, "--json", "check"))["ok"] is True
+    with FaceDB.open(db) as d:
+        mean = next(t for t in d.templates("ann", include_derived=True) if t.derived).vector
+        assert np.allclose(mean, (e[0] + e[1]) / np.sqrt(2), atol=1e-6)
+    assert jline(cli(db, "--json", "mean-templates", "off"))["mean_templates"] == 0
+    cli(db, "mean-templates", "sometimes", code=2)
+    with FaceDB.open(db) as d:
+        assert d.stats().mean_templates == 0 and not d.settings().mean_templates

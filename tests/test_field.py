@@ -298,6 +298,7 @@ COMMAND_TESTS = {
     "visitors enroll": ["test_clustering_db::test_enroll_a_visitor_group_then_they_are_recognised"],
     "visitors forget": ["test_clustering_db::test_visitors_expire_and_forget_leaves_no_bytes_after_vacuum"],
     "thumbnails": ["test_thumbnails::test_cli_init_and_thumbnails_command"],
+    "mean-templates": ["test_cli_more::test_mean_templates_command_shows_switches_and_repairs"],
 }
 
 

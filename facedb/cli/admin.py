@@ -164,6 +164,28 @@ def thumbnails_cmd(
         emit_kv(ctx, {"thumbnails": db.settings().thumbnails, **db.count_thumbnails()})
 
 
+class OnOff(str, Enum):
+    on = "on"
+    off = "off"
+
+
+@command(name="mean-templates")
+def mean_templates_cmd(
+    ctx: typer.Context,
+    state_: Annotated[OnOff | None, typer.Argument(metavar="[on|off]", help="on: keep (and recompute now) each "
+                                                   "person's mean template; off: drop them; none: show.")] = None,
+) -> None:
+    """Each person's mean template, searched beside their photo templates (README "Scores and thresholds"):
+    show, switch on (every mean recomputed from the photo templates: also the repair when `check` finds one
+    stale) or off."""
+    with open_db(ctx, readonly=state_ is None) as db:
+        if state_ is not None:
+            db.configure_templates(mean=state_ is OnOff.on)
+        s = db.stats()
+        emit_kv(ctx, {"mean_templates_enabled": s.mean_templates_enabled, "mean_templates": s.mean_templates,
+                      "people_with_one_template": s.people_with_one_template})
+
+
 @command()
 def stats(ctx: typer.Context) -> None:
     """Model, threshold and its provenance, counts, index state, warnings."""
