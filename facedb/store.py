@@ -376,8 +376,13 @@ def check_name(name: object) -> str:
         raise InvalidInputError("a person's name must be a non-empty string")
     if len(name) > MAX_NAME_LENGTH:
         raise InvalidInputError(f"a person's name is at most {MAX_NAME_LENGTH} characters")
-    if any(ord(c) < 32 or c == "\x7f" for c in name):
+    if any(unicodedata.category(c) == "Cc" for c in name):
         raise InvalidInputError("a person's name may not contain control characters")
+    # Invisible format characters (zero-width space, bidi overrides) make two names look alike or a name look
+    # like another; the joiners some scripts spell with (ZWNJ, ZWJ) stay allowed.
+    hidden = [c for c in name if unicodedata.category(c) == "Cf" and c not in "\u200c\u200d"]
+    if hidden:
+        raise InvalidInputError(f"a person's name may not contain invisible characters (U+{ord(hidden[0]):04X})")
     if name != name.strip():
         raise InvalidInputError("a person's name may not start or end with white space")
     return name

@@ -135,3 +135,18 @@ def test_mean_templates_command_shows_switches_and_repairs(tmp_path):
     cli(db, "mean-templates", "sometimes", code=2)
     with FaceDB.open(db) as d:
         assert d.stats().mean_templates == 0 and not d.settings().mean_templates
+
+
+def test_names_with_invisible_characters_are_refused(tmp_path):
+    """'a\\u200bb' was accepted and displays as 'ab' (newcomer check); bidi overrides spoof names the same way.
+    The joiners some scripts are written with stay allowed."""
+    db = tmp_path / "db"
+    with FaceDB.create(db, model_id="m", dim=4, threshold=0.5) as d:
+        d.add_templates("ab", np.eye(4, dtype=np.float32)[:1], create=True)
+    for bad in ("a\u200bb", "Ann\u202eeoJ", "x\u0085y"):
+        res = cli(db, "add-person", bad, code=2)
+        assert "invisible" in res.stderr or "control" in res.stderr
+        cli(db, "rename", "ab", bad, code=2)
+    cli(db, "add-person", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645")  # Persian, with a ZWNJ
+    with FaceDB.open(db) as d:
+        assert sorted(p.name for p in d.people()) == ["ab", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"]
