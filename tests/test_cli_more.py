@@ -150,3 +150,16 @@ def test_names_with_invisible_characters_are_refused(tmp_path):
     cli(db, "add-person", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645")  # Persian, with a ZWNJ
     with FaceDB.open(db) as d:
         assert sorted(p.name for p in d.people()) == ["ab", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"]
+
+
+def test_a_metadata_key_given_twice_with_two_values_is_refused(tmp_path):
+    """--meta external_id=E1 --meta external_id=E2 silently kept E2 (newcomer check)."""
+    db = tmp_path / "db"
+    FaceDB.create(db, model_id="m", dim=4, threshold=0.5).close()
+    res = cli(db, "add-person", "ann", "--meta", "external_id=E1", "--meta", "external_id=E2", code=2)
+    assert "twice" in res.stderr
+    with FaceDB.open(db) as d:
+        assert [p.name for p in d.people()] == []
+    cli(db, "add-person", "ann", "--meta", "team=a", "--meta", "team=a")
+    with FaceDB.open(db) as d:
+        assert d.person("ann").metadata == {"team": "a"}

@@ -211,6 +211,8 @@ def parse_meta(pairs: list[str] | None) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise InvalidInputError(f"--meta takes key=value, got {pair!r}")
+        if key in out and out[key] != value:  # which one was meant? refuse rather than keep the last
+            raise InvalidInputError(f"--meta gives {key!r} twice ({out[key]!r} and {value!r})")
         out[key] = value
     return out
 
