@@ -389,7 +389,9 @@ def prepare(detector: Any, align: Callable[[np.ndarray, Face], np.ndarray],
         try:
             photo = load_photo(src, name=label)
         except FaceDBError as exc:
-            out.append(Unprepared(key, Skipped(label or "<photo>", str(exc))))
+            reason = str(exc)  # the report names the photo already: "x.jpg: x.jpg: cannot read" said it twice
+            reason = reason[len(label) + 2:] if label and reason.startswith(f"{label}: ") else reason
+            out.append(Unprepared(key, Skipped(label or "<photo>", reason)))
             continue
         out.append(None)
         if photo.pixels.size > BATCH_PIXELS:  # a large photo is not held beside others: done at once

@@ -339,3 +339,14 @@ def test_a_photo_stored_meanwhile_by_another_enrolment_is_already_enrolled_not_a
         assert report.faces_stored == 0 and report.skipped[0].reason.startswith("already enrolled")
         assert report.failed == [] and report.only_known
         assert second.person("ann").templates == 1
+
+
+def test_a_skipped_photo_is_named_once(tmp_path, fake_cli):
+    """`skipped missing.jpg: missing.jpg: cannot read` named the photo twice (newcomer check)."""
+    db = tmp_path / "db"
+    run(db, "init", "--model", FakeEmbedder.model_id, "--dim", str(FakeEmbedder.dim))
+    res = run(db, "enroll", "bob", str(tmp_path / "missing.jpg"), ok=False)
+    line = next(x for x in res.stdout.splitlines() if x.startswith("skipped"))
+    assert res.exit_code == 2 and line.count("missing.jpg") == 1, line
+    with FaceDB.open(db) as opened:
+        assert opened.stats().people == 0
