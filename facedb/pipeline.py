@@ -27,7 +27,7 @@ import numpy as np
 
 from .detect import Face, MTCNNDetector, in_frame
 from .errors import FaceDBError, InvalidInputError
-from .images import MAX_FILE_BYTES, Photo, PhotoSource, display_name, load_photo
+from .images import MAX_FILE_BYTES, Photo, PhotoSource, display_name, is_regular_file, load_photo
 from .models import Embedder, configure_threads, load_embedder, single_threaded
 from .records import Skipped
 
@@ -411,6 +411,8 @@ def source_sha256(src: PhotoSource) -> str | None:
     if isinstance(src, (bytes, bytearray, memoryview)):
         return hashlib.sha256(bytes(src)).hexdigest()
     if isinstance(src, (str, os.PathLike)):
+        if not is_regular_file(src):  # a FIFO or device would block or never end; load_photo refuses it
+            return None
         try:
             if os.path.getsize(src) > MAX_FILE_BYTES:
                 return None

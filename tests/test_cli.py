@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -305,3 +307,41 @@ def test_enrolment_reports_photos_stored_whose_face_fails_a_quality_floor(tmp_pa
         assert opened.person("ann").templates == 2
     text = run(db, "enroll", "bob", str(photo(tmp_path / "flat2.png", [BLUE], seed=3))).stdout
     assert "quality  " in text and "contrast" in text
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_photo_paths_that_are_not_regular_files_are_refused_before_being_opened(tmp_path, fake_cli):
+    db = tmp_path / "db"
+    run(db, "init", "--model", FakeEmbedder.model_id, "--dim", str(FakeEmbedder.dim))
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+
+    def unblock():  # without the check, opening the FIFO waits for a writer forever: give each reader EOF instead
+        if done.wait(5):
+            return
+        while not done.wait(0.1):
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # no reader waiting yet
+                pass
+
+    done = threading.Event()
+    watchdog = threading.Thread(target=unblock, daemon=True)
+    watchdog.start()
+    try:
+        good = photo(tmp_path / "ok.png", [RED])
+        link = tmp_path / "link.png"
+        link.symlink_to(good)  # a symlink to a regular file is a photo like any other
+        res = run(db, "enroll", "ann", str(fifo), str(link), ok=False)
+        assert res.exit_code == 2 and "not a regular file" in res.output, res.output
+        with FaceDB.open(db) as d:
+            assert d.stats()["templates"] == 1
+        for command in ("search", "detect"):
+            res = run(db, command, str(fifo), ok=False)
+            assert res.exit_code == 2 and "not a regular file" in res.output, res.output
+        if os.path.exists("/dev/zero"):
+            res = run(db, "search", "/dev/zero", ok=False)
+            assert res.exit_code == 2 and "not a regular file" in res.output, res.output
+    finally:
+        done.set()
+        watchdog.join()
