@@ -345,3 +345,19 @@ def test_photo_paths_that_are_not_regular_files_are_refused_before_being_opened(
     finally:
         done.set()
         watchdog.join()
+
+
+@pytest.mark.parametrize("args", [["people"], ["--help"]])
+def test_a_reader_that_stops_early_ends_facedb_quietly_with_141(tmp_path, args):
+    db = tmp_path / "db"
+    run(db, "init", "--model", "m", "--dim", "8")
+    for i in range(3):
+        run(db, "add-person", f"p{i}")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "facedb.cli", "--db", str(db), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # `| head` gone before facedb writes a line
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 141 and err == b""
+    with FaceDB.open(db) as d:
+        assert len(d.people()) == 3
