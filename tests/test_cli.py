@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -361,3 +362,21 @@ def test_a_reader_that_stops_early_ends_facedb_quietly_with_141(tmp_path, args):
     assert proc.returncode == 141 and err == b""
     with FaceDB.open(db) as d:
         assert len(d.people()) == 3
+
+
+def test_serve_on_a_port_in_use_is_a_one_line_error_before_the_model_loads(tmp_path, monkeypatch):
+    pytest.importorskip("uvicorn")
+    db = tmp_path / "db"
+    run(db, "init", "--model", "m", "--dim", "8")
+    loaded = []
+    import facedb.cli.service as service_cli
+
+    monkeypatch.setattr(service_cli, "open_db", lambda *a, **k: loaded.append(1))  # never reached
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = run(db, "serve", "--port", str(port), ok=False)
+    assert res.exit_code == 2, res.output
+    assert res.stderr.strip().count("\n") == 0 and "already in use" in res.stderr and str(port) in res.stderr
+    assert loaded == []
