@@ -11,6 +11,7 @@ import threading
 
 import numpy as np
 import pytest
+import typer
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -380,3 +381,21 @@ def test_serve_on_a_port_in_use_is_a_one_line_error_before_the_model_loads(tmp_p
     assert res.exit_code == 2, res.output
     assert res.stderr.strip().count("\n") == 0 and "already in use" in res.stderr and str(port) in res.stderr
     assert loaded == []
+
+
+def test_help_texts_keep_their_square_brackets():
+    """Typer renders help as rich markup, where ``[word]`` is a style tag that vanishes unless escaped."""
+    from rich.markup import RE_TAGS
+
+    def texts(cmd, path):
+        yield path, cmd.help or ""
+        for param in cmd.params:
+            yield path, getattr(param, "help", None) or ""
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from texts(sub, f"{path} {name}")
+
+    swallowed = [(path, m.group(0)) for path, text in texts(typer.main.get_command(app), "facedb")
+                 for m in RE_TAGS.finditer(text) if not m.group(2)]
+    assert swallowed == []
+    res = runner.invoke(app, ["serve", "--help"], terminal_width=200)
+    assert res.exit_code == 0 and "facedb[service]" in res.stdout

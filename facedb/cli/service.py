@@ -76,7 +76,8 @@ def serve(
                                           help="Serve the operator console (web pages) at /console.")] = True,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
 ) -> None:
-    """Run the HTTP API (FastAPI on uvicorn; OpenAPI at /docs). Needs `pip install 'facedb[service]'`."""
+    """Run the HTTP API (FastAPI on uvicorn; OpenAPI at /docs). Needs `pip install 'facedb\\[service]'`."""
+    # (help text is rich markup: an unescaped [service] would be read as a style tag and vanish)
     _check_port(host, port)
     try:
         import facedb.service.app  # noqa: F401  (fastapi and httpx present)
