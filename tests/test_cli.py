@@ -399,3 +399,21 @@ def test_help_texts_keep_their_square_brackets():
     assert swallowed == []
     res = runner.invoke(app, ["serve", "--help"], terminal_width=200)
     assert res.exit_code == 0 and "facedb[service]" in res.stdout
+
+
+def test_json_output_has_a_line_for_every_photo_named(tmp_path, fake_cli):
+    db = tmp_path / "db"
+    run(db, "init", "--model", FakeEmbedder.model_id, "--dim", str(FakeEmbedder.dim))
+    run(db, "enroll", "red", str(photo(tmp_path / "red.png", [RED])))
+    ok, none, missing = photo(tmp_path / "ok.png", [RED], seed=3), photo(tmp_path / "none.png", []), \
+        tmp_path / "missing.jpg"
+    for command in ("search", "detect"):
+        res = run(db, "--json", command, str(missing), str(ok), str(none), ok=False)
+        assert res.exit_code == 2 and "missing.jpg" in res.stderr  # the stderr line stays
+        rows = jlines(res)
+        assert [r["image"] for r in rows] == [str(missing), str(ok), str(none)], command
+        assert "missing.jpg" in rows[0]["error"] and "faces" not in rows[0]
+        assert "error" not in rows[1] and "box" in rows[1]
+        assert rows[2]["faces"] == 0 and "error" not in rows[2]
+    with FaceDB.open(db) as d:
+        assert d.stats()["templates"] == 1  # search and detect changed nothing
