@@ -417,3 +417,20 @@ def test_json_output_has_a_line_for_every_photo_named(tmp_path, fake_cli):
         assert rows[2]["faces"] == 0 and "error" not in rows[2]
     with FaceDB.open(db) as d:
         assert d.stats()["templates"] == 1  # search and detect changed nothing
+
+
+def test_text_search_under_the_margin_rule_shows_the_score_it_decided_on(tmp_path, fake_cli):
+    db = tmp_path / "db"
+    run(db, "init", "--model", FakeEmbedder.model_id, "--dim", str(FakeEmbedder.dim))
+    run(db, "enroll", "red", str(photo(tmp_path / "red.png", [RED])))
+    run(db, "enroll", "green", str(photo(tmp_path / "green.png", [GREEN])))
+    with FaceDB.open(db) as d:
+        d.set_rule("margin", margin=0.3)
+    probe = str(photo(tmp_path / "probe.png", [RED], seed=5))
+    match = jlines(run(db, "--json", "search", probe))[0]
+    assert match["rule"].startswith("margin") and match["score"] is not None
+    line = run(db, "search", probe).stdout
+    assert f"score={match['score']:.4f} (needs {match['score_threshold']:.4f})" in line
+    with FaceDB.open(db) as d:
+        d.set_rule("fixed")
+    assert "score=" not in run(db, "search", probe).stdout  # the fixed rule decides on similarity alone

@@ -220,8 +220,12 @@ def search(
                 sim = "-" if m.similarity is None else f"{m.similarity:.4f}"
                 ext = f" [{m.external_id}]" if m.external_id else ""
                 cands = ", ".join(f"{c.name} {c.similarity:.4f}" for c in m.candidates)
+                # under the margin rule the decision is on score (s1 - 0.5 s2), not similarity: show it, or
+                # "unknown similarity=0.93 threshold=0.929" reads as a contradiction
+                rule = f"\tscore={m.score:.4f} (needs {m.score_threshold:.4f})" \
+                    if m.score is not None and m.score_threshold is not None else ""
                 typer.echo(f"{label}\t{m.identity or 'unknown'}{ext}\tsimilarity={sim}\tthreshold={m.threshold:.4f}"
-                           f"\tbox={m.box}\tcandidates: {cands or '-'}")
+                           f"{rule}\tbox={m.box}\tcandidates: {cands or '-'}")
     if failed:
         raise typer.Exit(EXIT_ERROR)
 
