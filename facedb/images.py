@@ -31,6 +31,11 @@ DEFAULT_MAX_PIXELS = 50_000_000
 #: Files larger than this are refused before being read (a 50 MP JPEG is ~30 MB).
 MAX_FILE_BYTES = 200 * 1024 * 1024
 
+#: Photo file name endings (case-insensitive) that folder listings pick up (``enroll --folder``, ``eval``,
+#: ``calibrate``, ``cluster``): formats Pillow reads. Other files in a photo folder (notes.txt, Thumbs.db) are
+#: ignored with a note; a photo named explicitly is read whatever its name.
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
+
 PhotoSource = Union[str, os.PathLike, bytes, BinaryIO, "Image.Image", np.ndarray]
 
 
@@ -76,6 +81,13 @@ def is_regular_file(path: str | os.PathLike[str]) -> bool:
         return stat.S_ISREG(os.stat(path).st_mode)
     except (OSError, ValueError):
         return False
+
+
+def is_photo_name(name: str | os.PathLike[str]) -> bool:
+    """Whether a file of this name is taken as a photo by folder listings: not hidden (a dot-file such as
+    .DS_Store) and ending in one of :data:`PHOTO_SUFFIXES`."""
+    base = os.path.basename(os.fsdecode(name))
+    return not base.startswith(".") and base.lower().endswith(PHOTO_SUFFIXES)
 
 
 def _to_rgb(im: Image.Image, name: str) -> Image.Image:
