@@ -434,3 +434,19 @@ def test_text_search_under_the_margin_rule_shows_the_score_it_decided_on(tmp_pat
     with FaceDB.open(db) as d:
         d.set_rule("fixed")
     assert "score=" not in run(db, "search", probe).stdout  # the fixed rule decides on similarity alone
+
+
+def test_thresholds_are_shown_without_float_noise_and_stored_exactly(tmp_path):
+    db = tmp_path / "db"
+    run(db, "init", "--model", "m", "--dim", "8", "--threshold", "0.9363130000000001")
+    with FaceDB.open(db) as d:
+        d.set_rule("margin", margin=0.1 + 0.2)  # 0.30000000000000004
+    for command in ("rule", "stats"):
+        text = run(db, command).stdout
+        assert "0.936313\n" in text and "0.3\n" in text and "0000000" not in text, text
+        shown = jlines(run(db, "--json", command))[0]
+        assert shown["threshold_in_force"] == 0.936313
+        assert shown.get("margin_threshold", shown.get("decision_margin")) == 0.3
+    with FaceDB.open(db) as d:  # only the display is rounded
+        assert d.stats()["threshold"] == 0.9363130000000001
+

@@ -214,7 +214,26 @@ def emit(ctx: typer.Context, rows: Iterable[dict[str, Any]], columns: Sequence[s
         typer.echo("  ".join(v.ljust(w) for v, w in zip(t, widths)).rstrip())
 
 
+#: Decimals thresholds and margins are shown with: cosine similarities, where 1e-6 is far below any measured
+#: difference, and the float noise of a computed value (0.9363130000000001) is hidden. Stored values keep theirs.
+SHOWN_DECIMALS = 6
+
+
+def _tidy(obj: Any, key: str = "") -> Any:
+    """``obj`` with every float under a key naming a threshold or margin rounded to SHOWN_DECIMALS (only those:
+    a rate such as a FAR of 1e-7 must not become 0)."""
+    if isinstance(obj, dict):
+        return {k: _tidy(v, str(k)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_tidy(v, key) for v in obj]
+    if isinstance(obj, float) and ("threshold" in key or "margin" in key):
+        return round(obj, SHOWN_DECIMALS)
+    return obj
+
+
 def emit_kv(ctx: typer.Context, obj: dict[str, Any]) -> None:
+    """``obj`` as one JSON line with --json, else aligned ``key  value`` lines; thresholds rounded (_tidy)."""
+    obj = _tidy(obj)
     if state(ctx).json:
         typer.echo(json.dumps(obj, ensure_ascii=False, default=str))
         return
