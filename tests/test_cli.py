@@ -450,3 +450,15 @@ def test_thresholds_are_shown_without_float_noise_and_stored_exactly(tmp_path):
     with FaceDB.open(db) as d:  # only the display is rounded
         assert d.stats()["threshold"] == 0.9363130000000001
 
+
+def test_quality_limits_read_in_the_unit_of_their_value():
+    from facedb.quality import FLOORS, problems
+
+    said = problems({"face_px": 24.0, "contrast": 30.0, "light_asymmetry": 0.81, "clipped": 0.452, "yaw": 0.1},
+                    FLOORS)
+    assert said == ["face 24 px across (at least 40)", "light 81% stronger on one side (at most 45%)",
+                    "45% of the face over- or under-exposed (at most 35%)"]
+    just_over = problems({"face_px": 50.0, "contrast": 30.0, "light_asymmetry": 0.4504, "clipped": 0.0,
+                          "yaw": 0.0}, FLOORS)
+    assert just_over == ["light 45.04% stronger on one side (at most 45%)"]  # never "45% (at most 45%)"
+
