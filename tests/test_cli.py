@@ -462,3 +462,16 @@ def test_quality_limits_read_in_the_unit_of_their_value():
                           "yaw": 0.0}, FLOORS)
     assert just_over == ["light 45.04% stronger on one side (at most 45%)"]  # never "45% (at most 45%)"
 
+
+def test_the_default_model_note_has_its_parentheses_once(monkeypatch):
+    import facedb.models as models
+    import facedb.models.weights as weights
+    from facedb.errors import ModelUnavailableError
+
+    def unavailable(*a, **k):
+        raise ModelUnavailableError("the facenet-vggface2 weights are not available (cannot download: offline).")
+
+    monkeypatch.setattr(weights, "resolve_weights", unavailable)
+    monkeypatch.setattr(models, "_dlib_available", lambda: True)
+    _, note = models.choose_default_model()
+    assert "(cannot download: offline))." in note and ".)." not in note
