@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,11 @@ from .errors import ImageError
 DEFAULT_MAX_PIXELS = 50_000_000
 #: Files larger than this are refused before being read (a 50 MP JPEG is ~30 MB).
 MAX_FILE_BYTES = 200 * 1024 * 1024
+
+#: Photo file name endings (case-insensitive) that folder listings pick up (``enroll --folder``, ``eval``,
+#: ``calibrate``, ``cluster``): formats Pillow reads. Other files in a photo folder (notes.txt, Thumbs.db) are
+#: ignored with a note; a photo named explicitly is read whatever its name.
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 
 PhotoSource = Union[str, os.PathLike, bytes, BinaryIO, "Image.Image", np.ndarray]
 
@@ -66,6 +72,22 @@ def max_pixels() -> int:
 def display_name(path: str | os.PathLike[str]) -> str:
     """A printable file name, even for names that are not valid UTF-8."""
     return os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def is_regular_file(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is (or links to) a regular file. Devices (``/dev/zero``), FIFOs and sockets are not:
+    reading them may never end or never fill, so they are refused before being opened."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def is_photo_name(name: str | os.PathLike[str]) -> bool:
+    """Whether a file of this name is taken as a photo by folder listings: not hidden (a dot-file such as
+    .DS_Store) and ending in one of :data:`PHOTO_SUFFIXES`."""
+    base = os.path.basename(os.fsdecode(name))
+    return not base.startswith(".") and base.lower().endswith(PHOTO_SUFFIXES)
 
 
 def _to_rgb(im: Image.Image, name: str) -> Image.Image:
@@ -184,7 +206,10 @@ def load_photo(source: PhotoSource, *, name: str | None = None, cap: int | None 
         path = Path(source)
         label = name or display_name(path)
         try:
-            if path.stat().st_size > MAX_FILE_BYTES:
+            info = path.stat()  # follows symlinks: a link to a photo is fine
+            if not stat.S_ISREG(info.st_mode):
+                raise ImageError(f"{label}: not a regular file (a device, FIFO, socket or folder is not read)")
+            if info.st_size > MAX_FILE_BYTES:
                 raise ImageError(f"{label}: file is larger than {MAX_FILE_BYTES} bytes")
             data = path.read_bytes()
         except ImageError:

@@ -19,13 +19,10 @@ import numpy as np
 
 from . import cluster as clustering
 from .errors import InvalidInputError
-from .images import PhotoSource, display_name
+from .images import PHOTO_SUFFIXES, PhotoSource, display_name, is_photo_name
 from .pipeline import FaceChoice, FacePipeline, PreparedFaces, prepared_chunks
 from .records import Cluster, ClusterFace, ClusterReport, Skipped
 from .store import Store
-
-#: Photo file name endings ``list_photos`` picks up (case-insensitive).
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
 
 
 def list_photos(folder: Path) -> list[Path]:
@@ -37,8 +34,7 @@ def list_photos(folder: Path) -> list[Path]:
     found: list[Path] = []
     for root, dirs, files in os.walk(folder):  # os.walk does not follow links to folders by default
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [Path(root) / f for f in sorted(files)
-                  if not f.startswith(".") and f.lower().endswith(PHOTO_SUFFIXES)]
+        found += [Path(root) / f for f in sorted(files) if is_photo_name(f)]
     if not found:
         raise InvalidInputError(f"{display_name(folder)} holds no photos ({', '.join(PHOTO_SUFFIXES)})")
     return found

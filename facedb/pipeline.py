@@ -28,7 +28,16 @@ import numpy as np
 from . import quality
 from .detect import Face, MTCNNDetector, in_frame
 from .errors import FaceDBError, InvalidInputError
-from .images import MAX_FILE_BYTES, Photo, PhotoSource, display_name, load_photo
+from .images import (
+    MAX_FILE_BYTES,
+    PHOTO_SUFFIXES,
+    Photo,
+    PhotoSource,
+    display_name,
+    is_photo_name,
+    is_regular_file,
+    load_photo,
+)
 from .models import Embedder, configure_threads, load_embedder, single_threaded
 from .records import Skipped
 
@@ -415,6 +424,8 @@ def source_sha256(src: PhotoSource) -> str | None:
     if isinstance(src, (bytes, bytearray, memoryview)):
         return hashlib.sha256(bytes(src)).hexdigest()
     if isinstance(src, (str, os.PathLike)):
+        if not is_regular_file(src):  # a FIFO or device would block or never end; load_photo refuses it
+            return None
         try:
             if os.path.getsize(src) > MAX_FILE_BYTES:
                 return None
@@ -562,9 +573,11 @@ class FolderLayout:
 
 
 def list_folder(folder: Path) -> FolderLayout:
-    """The people in a folder laid out as ``folder/<person name>/<photos>``: one level, sorted, hidden files
-    skipped; person names are the sub-folder names (NFC-normalised by the store). Symbolic links to folders
-    are not followed (no loops); links to files are.
+    """The people in a folder laid out as ``folder/<person name>/<photos>``: one level, sorted; person names are
+    the sub-folder names (NFC-normalised by the store). Symbolic links to folders are not followed (no loops);
+    links to files are. In a person's folder, files that are not photos by name (:func:`images.is_photo_name`:
+    notes.txt, Thumbs.db, .DS_Store) are left out and named in one note among ``problems``, so that a re-run
+    does not fail on them forever.
 
     Raises InvalidInputError when ``folder`` is not a folder, or when nothing in it fits the layout (e.g.
     photos placed directly in it, the layout face_recognition uses), saying what was found instead.
@@ -574,6 +587,7 @@ def list_folder(folder: Path) -> FolderLayout:
         raise InvalidInputError(f"{display_name(folder)} is not a folder")
     layout = FolderLayout()
     loose = 0
+    not_photos: list[str] = []
     for sub in sorted(folder.iterdir()):
         if sub.name.startswith("."):
             continue
@@ -586,9 +600,10 @@ def list_folder(folder: Path) -> FolderLayout:
             continue
         files, nested = [], []
         for p in sorted(sub.iterdir()):
-            if p.name.startswith("."):
-                continue
-            (files if p.is_file() else nested).append(p)
+            if p.is_file() and not is_photo_name(p.name):
+                not_photos.append(f"{shown}/{display_name(p.name)}")
+            elif not p.name.startswith("."):
+                (files if p.is_file() else nested).append(p)
         for n in nested:
             layout.problems.append(f"{shown}/{display_name(n.name)}/: a folder inside a person's folder, ignored "
                                    "(one level only)")
@@ -596,6 +611,11 @@ def list_folder(folder: Path) -> FolderLayout:
             layout.people.append((sub.name, files))
         else:
             layout.problems.append(f"{shown}/: no photos")
+    if not_photos:
+        n, more = len(not_photos), f" and {len(not_photos) - 5} more" if len(not_photos) > 5 else ""
+        what = "1 file that is not a photo was" if n == 1 else f"{n} files that are not photos were"
+        layout.problems.append(f"{what} ignored (photos end in {', '.join(PHOTO_SUFFIXES)}): "
+                               f"{', '.join(not_photos[:5])}{more}")
     if loose:
         layout.problems.append(f"{loose} file(s) directly in {display_name(folder)}: ignored (photos go in one "
                                "sub-folder per person, named after them)")

@@ -10,6 +10,7 @@ Yale's directional-light photos at a stated cost in genuine probes turned away.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,12 +107,21 @@ _WORDS = {"face_px": ("face {v:.0f} px across", "px"), "contrast": ("contrast {v
 
 
 def problems(q: dict[str, float], floors: list[tuple[str, str, float]]) -> list[str]:
-    """The floors ``q`` fails, each as a sentence with the value and the limit."""
+    """The floors ``q`` fails, each as a sentence with the value and the limit, both in the value's unit
+    ("light 81% stronger on one side (at most 45%)")."""
     out = []
     for key, kind, limit in floors:
         v = q[key]
         if (kind == "min" and v < limit) or (kind == "max" and v > limit):
-            what = _WORDS.get(key, (key + " {v:.3g}", ""))[0].format(v=v)
-            bound = f"at least {limit:g}" if kind == "min" else f"at most {limit:g}"
-            out.append(f"{what} ({bound})")
+            words = _WORDS.get(key, (key + " {v:.3g}", ""))[0]
+            spec = re.search(r"\{v:([^}]*)\}", words)
+            shown = spec.group(1) if spec else ".3g"  # the limit in the value's unit and format (the floors are round)
+            fmt = shown
+            # a value just past its limit would print as the limit itself ("45% (at most 45%)"): add digits
+            for _ in range(3):
+                if format(v, fmt) != format(limit, fmt):
+                    break
+                fmt = re.sub(r"\.(\d+)", lambda m: f".{int(m.group(1)) + 1}", fmt)
+            what = words.replace(spec.group(0), format(v, fmt)) if spec else f"{key} {format(v, fmt)}"
+            out.append(f"{what} ({'at least' if kind == 'min' else 'at most'} {format(limit, shown)})")
     return out

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
+import typer
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -289,7 +293,7 @@ def test_cropped_photos_are_padded_and_taken_whole_when_no_face_is_found(tmp_pat
     with FaceDB.open(db) as opened:
         assert opened.stats().templates == 1 and opened.person("ada").images == 1
 
-    assert "box" not in run(db, "--json", "detect", str(crop)).stdout
+    assert jlines(run(db, "--json", "detect", str(crop))) == [{"image": str(crop), "faces": 0}]
     face = [r for r in jlines(run(db, "--json", "detect", str(crop), "--cropped")) if "box" in r]
     assert len(face) == 1 and face[0]["box"] == [0.0, 0.0, 92.0, 112.0] and face[0]["det_score"] == 0.0
     assert "box" not in run(db, "--json", "detect", str(blank), "--cropped").stdout
@@ -350,3 +354,169 @@ def test_a_skipped_photo_is_named_once(tmp_path, fake_cli):
     assert res.exit_code == 2 and line.count("missing.jpg") == 1, line
     with FaceDB.open(db) as opened:
         assert opened.stats().people == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_photo_paths_that_are_not_regular_files_are_refused_before_being_opened(tmp_path, fake_cli):
+    db = tmp_path / "db"
+    run(db, "init", "--model", FakeEmbedder.model_id, "--dim", str(FakeEmbedder.dim))
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+
+    def unblock():  # without the check, opening the FIFO waits for a writer forever: give each reader EOF instead
+        if done.wait(5):
+            return
+        while not done.wait(0.1):
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # no reader waiting yet
+                pass
+
+    done = threading.Event()
+    watchdog = threading.Thread(target=unblock, daemon=True)
+    watchdog.start()
+    try:
+        good = photo(tmp_path / "ok.png", [RED])
+        link = tmp_path / "link.png"
+        link.symlink_to(good)  # a symlink to a regular file is a photo like any other
+        res = run(db, "enroll", "ann", str(fifo), str(link), ok=False)
+        assert res.exit_code == 2 and "not a regular file" in res.output, res.output
+        with FaceDB.open(db) as d:
+            assert d.stats()["templates"] == 1
+        for command in ("search", "detect"):
+            res = run(db, command, str(fifo), ok=False)
+            assert res.exit_code == 2 and "not a regular file" in res.output, res.output
+        if os.path.exists("/dev/zero"):
+            res = run(db, "search", "/dev/zero", ok=False)
+            assert res.exit_code == 2 and "not a regular file" in res.output, res.output
+    finally:
+        done.set()
+        watchdog.join()
+
+
+@pytest.mark.parametrize("args", [["people"], ["--help"]])
+def test_a_reader_that_stops_early_ends_facedb_quietly_with_141(tmp_path, args):
+    db = tmp_path / "db"
+    run(db, "init", "--model", "m", "--dim", "8")
+    for i in range(3):
+        run(db, "add-person", f"p{i}")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "facedb.cli", "--db", str(db), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # `| head` gone before facedb writes a line
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 141 and err == b""
+    with FaceDB.open(db) as d:
+        assert len(d.people()) == 3
+
+
+def test_serve_on_a_port_in_use_is_a_one_line_error_before_the_model_loads(tmp_path, monkeypatch):
+    pytest.importorskip("uvicorn")
+    db = tmp_path / "db"
+    run(db, "init", "--model", "m", "--dim", "8")
+    loaded = []
+    import facedb.cli.service as service_cli
+
+    monkeypatch.setattr(service_cli, "open_db", lambda *a, **k: loaded.append(1))  # never reached
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = run(db, "serve", "--port", str(port), ok=False)
+    assert res.exit_code == 2, res.output
+    assert res.stderr.strip().count("\n") == 0 and "already in use" in res.stderr and str(port) in res.stderr
+    assert loaded == []
+
+
+def test_help_texts_keep_their_square_brackets():
+    """Typer renders help as rich markup, where ``[word]`` is a style tag that vanishes unless escaped."""
+    from rich.markup import RE_TAGS
+
+    def texts(cmd, path):
+        yield path, cmd.help or ""
+        for param in cmd.params:
+            yield path, getattr(param, "help", None) or ""
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from texts(sub, f"{path} {name}")
+
+    swallowed = [(path, m.group(0)) for path, text in texts(typer.main.get_command(app), "facedb")
+                 for m in RE_TAGS.finditer(text) if not m.group(2)]
+    assert swallowed == []
+    res = runner.invoke(app, ["serve", "--help"], terminal_width=200)
+    assert res.exit_code == 0 and "facedb[service]" in res.stdout
+
+
+def test_json_output_has_a_line_for_every_photo_named(tmp_path, fake_cli):
+    db = tmp_path / "db"
+    run(db, "init", "--model", FakeEmbedder.model_id, "--dim", str(FakeEmbedder.dim))
+    run(db, "enroll", "red", str(photo(tmp_path / "red.png", [RED])))
+    ok, none, missing = photo(tmp_path / "ok.png", [RED], seed=3), photo(tmp_path / "none.png", []), \
+        tmp_path / "missing.jpg"
+    for command in ("search", "detect"):
+        res = run(db, "--json", command, str(missing), str(ok), str(none), ok=False)
+        assert res.exit_code == 2 and "missing.jpg" in res.stderr  # the stderr line stays
+        rows = jlines(res)
+        assert [r["image"] for r in rows] == [str(missing), str(ok), str(none)], command
+        assert "missing.jpg" in rows[0]["error"] and "faces" not in rows[0]
+        assert "error" not in rows[1] and "box" in rows[1]
+        assert rows[2]["faces"] == 0 and "error" not in rows[2]
+    with FaceDB.open(db) as d:
+        assert d.stats()["templates"] == 1  # search and detect changed nothing
+
+
+def test_text_search_under_the_margin_rule_shows_the_score_it_decided_on(tmp_path, fake_cli):
+    db = tmp_path / "db"
+    run(db, "init", "--model", FakeEmbedder.model_id, "--dim", str(FakeEmbedder.dim))
+    run(db, "enroll", "red", str(photo(tmp_path / "red.png", [RED])))
+    run(db, "enroll", "green", str(photo(tmp_path / "green.png", [GREEN])))
+    with FaceDB.open(db) as d:
+        d.set_rule("margin", margin=0.3)
+    probe = str(photo(tmp_path / "probe.png", [RED], seed=5))
+    match = jlines(run(db, "--json", "search", probe))[0]
+    assert match["rule"].startswith("margin") and match["score"] is not None
+    line = run(db, "search", probe).stdout
+    assert f"score={match['score']:.4f} (needs {match['score_threshold']:.4f})" in line
+    with FaceDB.open(db) as d:
+        d.set_rule("fixed")
+    assert "score=" not in run(db, "search", probe).stdout  # the fixed rule decides on similarity alone
+
+
+def test_thresholds_are_shown_without_float_noise_and_stored_exactly(tmp_path):
+    db = tmp_path / "db"
+    run(db, "init", "--model", "m", "--dim", "8", "--threshold", "0.9363130000000001")
+    with FaceDB.open(db) as d:
+        d.set_rule("margin", margin=0.1 + 0.2)  # 0.30000000000000004
+    for command in ("rule", "stats"):
+        text = run(db, command).stdout
+        assert "0.936313\n" in text and "0.3\n" in text and "0000000" not in text, text
+        shown = jlines(run(db, "--json", command))[0]
+        assert shown["threshold_in_force"] == 0.936313
+        assert shown.get("margin_threshold", shown.get("decision_margin")) == 0.3
+    with FaceDB.open(db) as d:  # only the display is rounded
+        assert d.stats()["threshold"] == 0.9363130000000001
+
+
+def test_quality_limits_read_in_the_unit_of_their_value():
+    from facedb.quality import FLOORS, problems
+
+    said = problems({"face_px": 24.0, "contrast": 30.0, "light_asymmetry": 0.81, "clipped": 0.452, "yaw": 0.1},
+                    FLOORS)
+    assert said == ["face 24 px across (at least 40)", "light 81% stronger on one side (at most 45%)",
+                    "45% of the face over- or under-exposed (at most 35%)"]
+    just_over = problems({"face_px": 50.0, "contrast": 30.0, "light_asymmetry": 0.4504, "clipped": 0.0,
+                          "yaw": 0.0}, FLOORS)
+    assert just_over == ["light 45.04% stronger on one side (at most 45%)"]  # never "45% (at most 45%)"
+
+
+def test_the_default_model_note_has_its_parentheses_once(monkeypatch):
+    import facedb.models as models
+    import facedb.models.weights as weights
+    from facedb.errors import ModelUnavailableError
+
+    def unavailable(*a, **k):
+        raise ModelUnavailableError("the facenet-vggface2 weights are not available (cannot download: offline).")
+
+    monkeypatch.setattr(weights, "resolve_weights", unavailable)
+    monkeypatch.setattr(models, "_dlib_available", lambda: True)
+    _, note = models.choose_default_model()
+    assert "(cannot download: offline))." in note and ".)." not in note

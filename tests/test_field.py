@@ -988,6 +988,29 @@ def test_fr11_every_layout_problem_is_reported(tmp_path, fake):
     assert "no photo stored for 1 people: Broken" in text
 
 
+def test_fr11_files_that_are_not_photos_are_noted_once_and_do_not_fail_the_folder(tmp_path, fake):
+    """Found by a new user: README.txt or Thumbs.db in a person's folder failed as unreadable photos, so every
+    re-run exited 2 forever."""
+    db = fake_db(tmp_path / "db")
+    folder = labelled(tmp_path / "staff", 2, 2)
+    for name in ("README.txt", "Thumbs.db", ".DS_Store"):
+        (folder / "person00" / name).write_bytes(b"not a photo")
+    (folder / "person01" / "notes.txt").write_text("badge 117")
+    photo(folder / "person01" / "UPPER.JPG", [PALETTE[1]], seed=7)  # endings are compared case-insensitively
+    res = cli(db, "--json", "enroll", "--folder", folder)  # exit 0: nothing that is a photo failed
+    out = jlines(res)[0]
+    assert out["faces_stored"] == 5 and out["skipped"] == [] and out["photos"] == 5
+    notes = [p for p in out["layout_problems"] if "not photos" in p]
+    assert len(notes) == 1 and notes[0].startswith("4 files that are not photos were ignored")
+    for name in ("person00/README.txt", "person00/Thumbs.db", "person00/.DS_Store", "person01/notes.txt"):
+        assert name in notes[0]
+    assert res.stderr.count("not photos") == 1
+    assert stored_templates(db) == 5
+    again = jlines(cli(db, "--json", "enroll", "--folder", folder))[0]  # a re-run exits 0 too
+    assert again["faces_stored"] == 0 and stored_templates(db) == 5
+    assert "not photos" in cli(db, "eval", "identify", "--folder", folder).stderr
+
+
 def test_fr11_a_folder_name_that_is_not_a_valid_name_is_reported_and_skipped(tmp_path, fake):
     """Found by the newcomer pass: one person folder named "Jean " refused the whole folder, without naming it."""
     db = fake_db(tmp_path / "db")

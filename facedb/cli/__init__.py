@@ -7,7 +7,8 @@ locals: probes are biometric data).
 Exit status: **0** success (or "yes"), **1** a negative answer (``verify``: the claim is rejected; ``check``:
 problems found), **2** an error (bad input or usage, missing database, a photo that could not be used: in
 ``search``, ``detect`` and ``enroll`` the other photos are still done first), **3** an internal error (a bug:
-the traceback is printed), 130 interrupted. The same convention as ``grep``.
+the traceback is printed), 130 interrupted, 141 the reader of stdout went away (``| head``; quietly). The same
+convention as ``grep``.
 
 Heavy modules (faiss, torch) are imported inside commands so that ``facedb --help`` is instant. Commands live
 in one module per area (people, photos, admin, evaluation); a new interface area adds a module and imports it
@@ -16,9 +17,11 @@ at the bottom of this file.
 
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import json
+import os
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -50,6 +53,20 @@ EXIT_ERROR = 2
 EXIT_NO = 1
 #: Exit status of an internal error (a bug in facedb): never 1, which means "no".
 EXIT_BUG = 3
+#: Exit status when whoever reads stdout stopped reading (``facedb people | head -2``): 128 + SIGPIPE, what a
+#: shell reports for a command a broken pipe ended, and never a "no" (1) or an error (2). Nothing is printed.
+EXIT_PIPE = 141
+
+
+def _stdout_gone() -> typer.Exit:
+    """The exit for a broken pipe, after pointing stdout at devnull so that the interpreter's last flush does
+    not fail again (the recipe in Python's ``signal`` documentation)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a file (a test runner's buffer)
+        pass
+    return typer.Exit(EXIT_PIPE)
 
 
 class State:
@@ -135,6 +152,8 @@ def command(*args: Any, group: typer.Typer | None = None, **kwargs: Any) -> Call
                 typer.echo(f"error: {exc}", err=True)
                 raise typer.Exit(EXIT_ERROR) from None
             except OSError as exc:  # the environment: disk full, permission denied, a file gone meanwhile
+                if exc.errno == errno.EPIPE:  # the reader of our output went away: not an error to report
+                    raise _stdout_gone() from None
                 typer.echo(f"error: {exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}", err=True)
                 raise typer.Exit(EXIT_ERROR) from None
             except KeyboardInterrupt:
@@ -195,7 +214,26 @@ def emit(ctx: typer.Context, rows: Iterable[dict[str, Any]], columns: Sequence[s
         typer.echo("  ".join(v.ljust(w) for v, w in zip(t, widths)).rstrip())
 
 
+#: Decimals thresholds and margins are shown with: cosine similarities, where 1e-6 is far below any measured
+#: difference, and the float noise of a computed value (0.9363130000000001) is hidden. Stored values keep theirs.
+SHOWN_DECIMALS = 6
+
+
+def _tidy(obj: Any, key: str = "") -> Any:
+    """``obj`` with every float under a key naming a threshold or margin rounded to SHOWN_DECIMALS (only those:
+    a rate such as a FAR of 1e-7 must not become 0)."""
+    if isinstance(obj, dict):
+        return {k: _tidy(v, str(k)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_tidy(v, key) for v in obj]
+    if isinstance(obj, float) and ("threshold" in key or "margin" in key):
+        return round(obj, SHOWN_DECIMALS)
+    return obj
+
+
 def emit_kv(ctx: typer.Context, obj: dict[str, Any]) -> None:
+    """``obj`` as one JSON line with --json, else aligned ``key  value`` lines; thresholds rounded (_tidy)."""
+    obj = _tidy(obj)
     if state(ctx).json:
         typer.echo(json.dumps(obj, ensure_ascii=False, default=str))
         return
@@ -270,12 +308,27 @@ class Progress:
         self.close()
 
 
+def _stdout_is_devnull() -> bool:
+    try:
+        out, null = os.fstat(sys.stdout.fileno()), os.stat(os.devnull)
+    except (OSError, ValueError):
+        return False
+    return (out.st_dev, out.st_ino) == (null.st_dev, null.st_ino)
+
+
 def main() -> None:
+    was_devnull = _stdout_is_devnull()
     try:
         app()
-    except BrokenPipeError:  # `facedb people | head`
-        sys.stderr.close()
-
+    except BrokenPipeError:  # `facedb people | head`, outside a command
+        raise SystemExit(_stdout_gone().exit_code) from None
+    except SystemExit as exc:
+        # click and rich turn a broken pipe outside a command (`facedb --help | true`) into exit 1, our "no";
+        # click marks it by wrapping stdout in PacifyFlushWrapper, rich by pointing stdout at devnull
+        if exc.code == EXIT_NO and (isinstance(sys.stdout, click.utils.PacifyFlushWrapper)
+                                    or (_stdout_is_devnull() and not was_devnull)):
+            raise SystemExit(EXIT_PIPE) from None
+        raise
 
 from . import admin, cluster, evaluation, people, photos, protect, service  # noqa: E402,F401  (the commands register themselves)
 

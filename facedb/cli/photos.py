@@ -204,6 +204,8 @@ def search(
             except FaceDBError as exc:
                 failed += 1
                 typer.echo(f"error: {exc}", err=True)
+                if state(ctx).json:  # every photo named gets its line, so a script can pair answers with photos
+                    typer.echo(json.dumps({"image": label, "error": str(exc)}, ensure_ascii=False))
                 continue
             if not matches:
                 if state(ctx).json:
@@ -218,8 +220,12 @@ def search(
                 sim = "-" if m.similarity is None else f"{m.similarity:.4f}"
                 ext = f" [{m.external_id}]" if m.external_id else ""
                 cands = ", ".join(f"{c.name} {c.similarity:.4f}" for c in m.candidates)
+                # under the margin rule the decision is on score (s1 - 0.5 s2), not similarity: show it, or
+                # "unknown similarity=0.93 threshold=0.929" reads as a contradiction
+                rule = f"\tscore={m.score:.4f} (needs {m.score_threshold:.4f})" \
+                    if m.score is not None and m.score_threshold is not None else ""
                 typer.echo(f"{label}\t{m.identity or 'unknown'}{ext}\tsimilarity={sim}\tthreshold={m.threshold:.4f}"
-                           f"\tbox={m.box}\tcandidates: {cands or '-'}")
+                           f"{rule}\tbox={m.box}\tcandidates: {cands or '-'}")
     if failed:
         raise typer.Exit(EXIT_ERROR)
 
@@ -265,13 +271,16 @@ def detect(
             except FaceDBError as exc:
                 failed += 1
                 typer.echo(f"error: {exc}", err=True)
+                if state(ctx).json:  # every photo named gets its line, so a script can pair answers with photos
+                    typer.echo(json.dumps({"image": label, "error": str(exc)}, ensure_ascii=False))
                 continue
             for f in faces:
                 row = {"image": label, "box": [round(c, 1) for c in f.box], "det_score": round(f.score, 4),
                        "landmarks": [[round(float(x), 1), round(float(y), 1)] for x, y in f.landmarks]}
-                typer.echo(json.dumps(row) if state(ctx).json else
+                typer.echo(json.dumps(row, ensure_ascii=False) if state(ctx).json else
                            f"{label}\tbox={row['box']}\tscore={row['det_score']}")
-            if not faces and not state(ctx).json:
-                typer.echo(f"{label}\tno face")
+            if not faces:  # as search does: a photo with no face is an answer, not silence
+                typer.echo(json.dumps({"image": label, "faces": 0}, ensure_ascii=False) if state(ctx).json else
+                           f"{label}\tno face")
     if failed:
         raise typer.Exit(EXIT_ERROR)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
+import socket
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -35,6 +37,25 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def _check_port(host: str, port: int) -> None:
+    """InvalidInputError unless ``host:port`` can be listened on now, checked before the model is loaded (as
+    uvicorn binds: with SO_REUSEADDR, so a port in TIME_WAIT after a restart is not refused)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise InvalidInputError(f"cannot listen on {host}:{port}: unknown address ({exc})") from None
+    family, kind, proto, _, address = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        hint = " (another server is using it: stop it or choose another --port)" \
+            if exc.errno == errno.EADDRINUSE else ""
+        raise InvalidInputError(f"cannot listen on {host}:{port}: {why}{hint}") from None
+
+
 @command()
 def serve(
     ctx: typer.Context,
@@ -55,7 +76,9 @@ def serve(
                                           help="Serve the operator console (web pages) at /console.")] = True,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
 ) -> None:
-    """Run the HTTP API (FastAPI on uvicorn; OpenAPI at /docs). Needs `pip install 'facedb[service]'`."""
+    """Run the HTTP API (FastAPI on uvicorn; OpenAPI at /docs). Needs `pip install 'facedb\\[service]'`."""
+    # (help text is rich markup: an unescaped [service] would be read as a style tag and vanish)
+    _check_port(host, port)
     try:
         import facedb.service.app  # noqa: F401  (fastapi and httpx present)
         from facedb.service.server import run
@@ -79,7 +102,14 @@ def serve(
     if not _loopback(host):
         typer.echo(f"warning: listening on {host}, beyond this machine: facedb speaks plain HTTP; put TLS in a "
                    "reverse proxy in front of it", err=True)
-    run(settings, log_level)
+    try:
+        run(settings, log_level)
+    except OSError as exc:  # the port taken between the check above and uvicorn's bind
+        raise InvalidInputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    except SystemExit as exc:  # uvicorn exits 1 after logging why it could not start (a bind, a worker)
+        if exc.code not in (0, None):
+            raise FaceDBError(f"the service could not start on {host}:{port} (uvicorn's message above)") from None
+        raise
 
 
 @command(name="create", group=keys_app)

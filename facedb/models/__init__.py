@@ -183,7 +183,7 @@ def choose_default_model(weights: Path | None = None) -> tuple[str, str | None]:
         resolve_weights("facenet-vggface2", explicit=weights)
         return DEFAULT_MODEL, None
     except ModelUnavailableError as exc:
-        reason = str(exc).splitlines()[0]
+        reason = str(exc).splitlines()[0].rstrip(".")  # it goes inside "(...)." below
     if not _dlib_available():
         raise ModelUnavailableError(
             f"no model can be loaded: {reason}; and dlib is not installed (pip install 'facedb[dlib]')"
