@@ -600,9 +600,11 @@ def list_folder(folder: Path) -> FolderLayout:
             continue
         files, nested = [], []
         for p in sorted(sub.iterdir()):
+            if p.name.startswith("."):  # .DS_Store, macOS's ._IMG.jpg: the system's, not the user's, every run
+                continue
             if p.is_file() and not is_photo_name(p.name):
                 not_photos.append(f"{shown}/{display_name(p.name)}")
-            elif not p.name.startswith("."):
+            else:
                 (files if p.is_file() else nested).append(p)
         for n in nested:
             layout.problems.append(f"{shown}/{display_name(n.name)}/: a folder inside a person's folder, ignored "

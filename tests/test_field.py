@@ -993,7 +993,7 @@ def test_fr11_files_that_are_not_photos_are_noted_once_and_do_not_fail_the_folde
     re-run exited 2 forever."""
     db = fake_db(tmp_path / "db")
     folder = labelled(tmp_path / "staff", 2, 2)
-    for name in ("README.txt", "Thumbs.db", ".DS_Store"):
+    for name in ("README.txt", "Thumbs.db", ".DS_Store", "._IMG_1.jpg"):  # the last two: macOS's, skipped silently
         (folder / "person00" / name).write_bytes(b"not a photo")
     (folder / "person01" / "notes.txt").write_text("badge 117")
     photo(folder / "person01" / "UPPER.JPG", [PALETTE[1]], seed=7)  # endings are compared case-insensitively
@@ -1001,9 +1001,10 @@ def test_fr11_files_that_are_not_photos_are_noted_once_and_do_not_fail_the_folde
     out = jlines(res)[0]
     assert out["faces_stored"] == 5 and out["skipped"] == [] and out["photos"] == 5
     notes = [p for p in out["layout_problems"] if "not photos" in p]
-    assert len(notes) == 1 and notes[0].startswith("4 files that are not photos were ignored")
-    for name in ("person00/README.txt", "person00/Thumbs.db", "person00/.DS_Store", "person01/notes.txt"):
+    assert len(notes) == 1 and notes[0].startswith("3 files that are not photos were ignored")
+    for name in ("person00/README.txt", "person00/Thumbs.db", "person01/notes.txt"):
         assert name in notes[0]
+    assert "DS_Store" not in notes[0] and "._IMG_1" not in notes[0]
     assert res.stderr.count("not photos") == 1
     assert stored_templates(db) == 5
     again = jlines(cli(db, "--json", "enroll", "--folder", folder))[0]  # a re-run exits 0 too
