@@ -228,14 +228,22 @@ def slow_writer(monkeypatch):
     monkeypatch.setattr(audit, "FLUSH_DELAY_S", 30.0)
 
 
+def first_decision(db, fake_pipeline):
+    """A trail's first decision is written before its answer (a trail that cannot be written refuses at once);
+    the ones after it wait for the background writer."""
+    db.search(photo([(120, 120, 120)], 99), model=fake_pipeline)
+    assert not db.trail._pending
+
+
 def test_a_waiting_decision_keeps_its_probe_thumbnail(tmp_path, fake_pipeline, slow_writer):
     # The background audit writer (branch speed) carries the thumbnail with the record it writes later.
     with new_db(tmp_path, thumbnails="all") as db:
         assert db.audit_settings().sync is False
+        first_decision(db, fake_pipeline)
         db.search(photo([BLUE], 1), model=fake_pipeline)
         assert db.trail._pending  # not written yet
-        assert db.count_thumbnails()["probe"] == 1
-        assert [r.has_thumbnail for r in db.audit(operation="search")] == [True]
+        assert db.count_thumbnails()["probe"] == 2
+        assert [r.has_thumbnail for r in db.audit(operation="search")] == [True, True]
 
 
 def test_removal_erases_the_thumbnails_of_decisions_still_waiting(tmp_path, fake_pipeline, slow_writer):
@@ -252,6 +260,7 @@ def test_removal_erases_the_thumbnails_of_decisions_still_waiting(tmp_path, fake
 
 def test_narrowing_erases_the_thumbnails_of_decisions_still_waiting(tmp_path, fake_pipeline, slow_writer):
     with new_db(tmp_path, thumbnails="all") as db:
+        first_decision(db, fake_pipeline)
         db.search(photo([BLUE], 1), model=fake_pipeline)
         assert db.trail._pending
         db.configure_thumbnails("enrolled")
