@@ -520,3 +520,27 @@ def test_the_default_model_note_has_its_parentheses_once(monkeypatch):
     monkeypatch.setattr(models, "_dlib_available", lambda: True)
     _, note = models.choose_default_model()
     assert "(cannot download: offline))." in note and ".)." not in note
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["search", "-k", "0", "x.jpg"], "'--top'"),
+    (["rule", "bogus"], "'bogus' is not one of"),
+    (["nosuchcmd"], "No such command"),
+    (["people", "--limit", "0"], "'--limit'"),
+])
+def test_usage_errors_are_one_line_with_exit_2_from_the_installed_command(tmp_path, args, fragment):
+    """Typer printed usage errors as a boxed panel over several lines (newcomer check); the README promises one
+    line on stderr. Through the real entry point (`facedb.cli:main`), as users run it."""
+    db = tmp_path / "db"
+    run(db, "init", "--model", "m", "--dim", "8")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-m", "facedb.cli", "--db", str(db), *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], \
+        proc.stderr
+    with FaceDB.open(db) as d:
+        assert d.stats().people == 0 and d.settings().rule.kind == "fixed"
+    ok = subprocess.run([sys.executable, "-m", "facedb.cli", "--db", str(db), "stats"], env=env,
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and "model_id" in ok.stdout
