@@ -174,8 +174,8 @@ class TemplateVectors:
 
     def scores(self, ids: np.ndarray, queries: np.ndarray) -> np.ndarray | None:
         """Similarities ``(len(ids), len(queries))`` of the vectors of ``ids`` with ``queries``, or None when any
-        of them is not held. A person's templates sit in consecutive rows (filled in id order), so the rows are
-        read as a few slices, each multiplied in place, rather than gathered into a copy first."""
+        of them is not held. A person's templates sit in consecutive rows (filled in id order), so long runs of
+        rows are read as slices, each multiplied in place, rather than gathered into a copy first."""
         ids = np.asarray(ids, dtype=np.int64)
         q = np.ascontiguousarray(queries, dtype=np.float32).T
         with self._lock:
@@ -187,7 +187,10 @@ class TemplateVectors:
             if int(rows.min()) < 0:
                 return None
             cuts = np.flatnonzero(np.diff(rows) != 1) + 1
-            if len(cuts) > 64:  # scattered rows (after removals and re-use): one gather
+            # One gather for scattered rows (after removals and re-use) and for short runs: a matmul call per
+            # run costs more than copying a few rows. Measured at 512-d, 10 people: 5 templates each, gather 6.7
+            # us against slices 23.8; 20 each, 21.9 against 28.9; 50 each, 64.1 against 38.5.
+            if len(cuts) > 64 or len(rows) < 32 * (len(cuts) + 1):
                 return self._matrix[rows] @ q
             out = np.empty((len(rows), q.shape[1]), dtype=np.float32)
             for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(rows)]):
