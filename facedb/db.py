@@ -462,7 +462,7 @@ class FaceDB:
                         f"the gallery rule needs an impostor model: {self.model_id} ships none; build one from your "
                         "labelled photos with `facedb calibrate --far 1e-3 --folder DIR`")
             if rule == "margin" and margin is None and s.rule.margin is None:
-                margin = spec.margin_threshold(s.flip) if spec is not None else None
+                margin = self.shipped_margin()
                 if margin is None:
                     raise InvalidInputError(
                         f"the margin rule needs a margin threshold: {self.model_id} ships none; calibrate one from "
@@ -1391,13 +1391,23 @@ class FaceDB:
         spec = MODELS.get(s.model_id)
         return spec.impostor_model(s.flip) if spec is not None else None
 
+    def policy_in_force(self) -> tuple[Policy, int]:
+        """(the decision policy a query without a given threshold is held to now, the number of templates it is
+        held to it for: every template searched, mean templates included)."""
+        with self._lock:
+            return self._policy(self.settings(), self.store.counts())
+
+    @staticmethod
+    def _policy(s: Settings, counts: dict[str, int]) -> tuple[Policy, int]:
+        templates = counts["templates"] + counts["mean_templates"]  # as the query engine counts its gallery
+        return s.rule.policy(s.threshold, templates), templates
+
     def stats(self) -> Stats:
         with self._lock:
             s = self.settings()
             state = self.keeper.describe(s)
             counts = self.store.counts()
-            # the number the query engine holds the rule to: every template searched, mean templates included
-            in_force, _ = s.rule.threshold(s.threshold, counts["templates"] + counts["mean_templates"])
+            in_force = self._policy(s, counts)[0].threshold
             return Stats(
                 path=str(self.root), model_id=s.model_id, dim=s.dim, metric=s.metric, flip=s.flip,
                 threshold=s.threshold, threshold_source=s.threshold_source,

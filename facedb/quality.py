@@ -58,6 +58,11 @@ def _grey(crop: np.ndarray) -> np.ndarray:
     return c[h // 6: h - h // 6, w // 6: w - w // 6]
 
 
+def _clipped(g: np.ndarray) -> float:
+    """The share of grey values at or below 5 or at or above 250 (under- or over-exposed)."""
+    return float(np.mean((g <= 5) | (g >= 250)))
+
+
 def measure(crop: np.ndarray, box: tuple[float, float, float, float], det_score: float, landmarks: np.ndarray,
             floors: list[tuple[str, str, float]] | None = None) -> FaceQuality:
     """The quality of one face: ``crop`` is the aligned crop (H, W, 3) uint8, ``box`` (x1, y1, x2, y2) and
@@ -67,7 +72,7 @@ def measure(crop: np.ndarray, box: tuple[float, float, float, float], det_score:
     std = float(g.std())
     lap = g[1:-1, 1:-1] * 4 - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]
     sharp = float(lap.var() / max(std * std, 1e-6))
-    clipped = float(np.mean((g <= 5) | (g >= 250)))
+    clipped = _clipped(g)
     half = g.shape[1] // 2
     asym = float(abs(g[:, :half].mean() - g[:, half:].mean()) / max(mean, 1e-6))
     lm = np.asarray(landmarks, dtype=np.float64)
@@ -90,7 +95,7 @@ def featureless(pixels: np.ndarray) -> str | None:
     frame, a lens cap), or None. Crop mode takes a photo whole as the face only when this is None."""
     g = _grey(pixels)
     std = float(g.std())
-    clipped = float(np.mean((g <= 5) | (g >= 250)))
+    clipped = _clipped(g)
     floors = {key: limit for key, _, limit in FLOORS}
     if std < floors["contrast"]:
         return f"no face: the photo is nearly uniform (contrast {std:.0f}, at least {floors['contrast']:g})"

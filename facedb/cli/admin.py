@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from ..choices import RuleKind, ThumbnailMode
 from ..errors import InvalidInputError
 from . import EXIT_NO, command, emit, emit_kv, open_db, state
 
@@ -56,20 +57,6 @@ def milvus_options(index: IndexKind, uri: str | None, collection: str | None, to
     return {k: v for k, v in given.items() if v}
 
 
-class Thumbnails(str, Enum):
-    off = "off"
-    enrolled = "enrolled"
-    all = "all"
-
-
-class Rule(str, Enum):
-    """Open-set decision rules (facedb/decision.py)."""
-
-    fixed = "fixed"
-    gallery = "gallery"
-    margin = "margin"
-
-
 WeightsOpt = Annotated[Path | None, typer.Option(envvar="FACEDB_WEIGHTS", help="FaceNet weights file (.pt).")]
 
 
@@ -98,19 +85,19 @@ def init(
     milvus_token: MilvusTokenOpt = None,
     mean_templates: Annotated[bool, typer.Option(help="Keep each person's mean template beside their photo "
                                                       "templates (more accurate with 2+ photos each).")] = True,
-    rule: Annotated[Rule | None, typer.Option(help="Open-set decision rule: margin (the best score and its lead over "
-                                                   "the runner-up; the default when the model ships its "
-                                                   "calibration), gallery (the 1:N threshold follows the gallery "
-                                                   "size), or fixed.")] = None,
+    rule: Annotated[RuleKind | None, typer.Option(help="Open-set decision rule: margin (the best score and its "
+                                                       "lead over the runner-up; the default when the model ships "
+                                                       "its calibration), gallery (the 1:N threshold follows the "
+                                                       "gallery size), or fixed.")] = None,
     encrypt: Annotated[bool, typer.Option(help="Encrypt it at rest under the key from --key-file, --key-command or "
                                                 "$FACEDB_KEY (README \"Protecting templates\").")] = False,
     cancellable: Annotated[bool, typer.Option(help="Store templates under a keyed random orthogonal projection of "
                                                     "this database (same scores; unlinkable across databases).")
                            ] = False,
-    thumbnails: Annotated[Thumbnails, typer.Option(help="Face thumbnails kept in the store (biometric data): off, "
+    thumbnails: Annotated[ThumbnailMode, typer.Option(help="Face thumbnails kept in the store (biometric data): off, "
                                                         "enrolled (templates' faces) or all (also decisions' and "
                                                         "unknown visitors' faces). See README \"Console\".")
-                          ] = Thumbnails.enrolled,
+                          ] = ThumbnailMode.enrolled,
 ) -> None:
     """Create a new, empty database."""
     from ..db import FaceDB
@@ -121,14 +108,14 @@ def init(
     margin = spec.margin_threshold(flip)
     impostors = spec.impostor_model(flip)
     if rule is None:
-        rule = Rule.margin if margin is not None else Rule.gallery if impostors is not None else Rule.fixed
+        rule = RuleKind.margin if margin is not None else RuleKind.gallery if impostors is not None else RuleKind.fixed
     thr, source = spec.default_threshold(flip)
     if threshold is not None:
         thr, source = threshold, "given at init"
-    if rule is Rule.gallery and impostors is None:
+    if rule is RuleKind.gallery and impostors is None:
         raise InvalidInputError(f"{spec.id} ships no impostor model for the gallery rule: use --rule fixed and "
                                 "calibrate (`facedb calibrate --far ... --folder DIR` builds one from your photos)")
-    if rule is Rule.margin and margin is None:
+    if rule is RuleKind.margin and margin is None:
         raise InvalidInputError(f"{spec.id} ships no margin threshold for the margin rule: use --rule fixed and "
                                 "calibrate (`facedb calibrate --fpir 0.01 --folder DIR`)")
     key = state(ctx).key() if encrypt else None
@@ -154,7 +141,7 @@ def init(
 @command(name="thumbnails")
 def thumbnails_cmd(
     ctx: typer.Context,
-    mode: Annotated[Thumbnails | None, typer.Argument(help="off, enrolled or all; none: show the setting and "
+    mode: Annotated[ThumbnailMode | None, typer.Argument(help="off, enrolled or all; none: show the setting and "
                                                            "the counts.")] = None,
 ) -> None:
     """Which face thumbnails the database keeps (off, enrolled, all); narrowing erases those no longer kept."""
@@ -342,7 +329,7 @@ def audit_settings(
 @command(name="rule")
 def rule_cmd(
     ctx: typer.Context,
-    kind: Annotated[Rule | None, typer.Argument(help="fixed, margin or gallery; omit to show the rule in force.")
+    kind: Annotated[RuleKind | None, typer.Argument(help="fixed, margin or gallery; omit to show the rule in force.")
                     ] = None,
     target: Annotated[float | None, typer.Option(help="gallery: the FPIR to hold (default 0.01).")] = None,
     margin: Annotated[float | None, typer.Option(help="margin: the threshold for s1 - 0.5 s2 (default: the "
@@ -354,9 +341,7 @@ def rule_cmd(
 
     with open_db(ctx, readonly=kind is None) as db:
         s = db.set_rule(kind.value, target=target, margin=margin) if kind is not None else db.settings()
-        stats = db.stats()
-        templates = stats.templates + stats.mean_templates  # searched, as a query counts them
-        policy = s.rule.policy(s.threshold, templates)
+        policy, templates = db.policy_in_force()
         impostors = s.rule.impostors or db._shipped_impostors(s)
         predicted = (predicted_fpir(impostors, policy.threshold, templates)
                      if impostors and policy.kind in ("fixed", "gallery") else None)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from ..choices import OnMultiple, OnOtherMatch
 from ..errors import FaceDBError, IndexUnavailableError, InvalidInputError
 from . import EXIT_ERROR, EXIT_NO, Progress, command, open_db, parse_meta, state
 from .admin import WeightsOpt
@@ -24,18 +24,6 @@ CroppedOpt = Annotated[
                                          "padded before detection, and where MTCNN still finds no face the whole "
                                          "photo is taken as the face (its det_score is then 0).")
 ]
-
-
-class OnMultiple(str, Enum):
-    error = "error"
-    largest = "largest"
-    skip = "skip"
-
-
-class OnOtherMatch(str, Enum):
-    warn = "warn"
-    refuse = "refuse"
-    allow = "allow"
 
 
 def read_people_meta(path: Path) -> dict[str, dict[str, Any]]:

@@ -10,6 +10,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
+from ..choices import RuleKind, ThumbnailMode
 from ..errors import InvalidInputError
 from ..keys import Scope
 from .auth import ADMIN, Caller
@@ -32,18 +33,6 @@ class NewHook(BaseModel):
     key_id: str | None = Field(None, description="Only events caused by this key's requests; none = all.")
 
 
-class Thumbnails(str, Enum):
-    off = "off"
-    enrolled = "enrolled"
-    all = "all"
-
-
-class Rule(str, Enum):
-    fixed = "fixed"
-    margin = "margin"
-    gallery = "gallery"
-
-
 class SettingsUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     threshold: float | None = Field(None, description="New default decision threshold (cosine similarity).")
@@ -51,12 +40,12 @@ class SettingsUpdate(BaseModel):
     audit_enabled: bool | None = None
     audit_retention_days: float | None = Field(None, description="Keep audit records this many days (0 = forever).")
     audit_store_probes: bool | None = Field(None, description="Store each probe's embedding (biometric data).")
-    thumbnails: Thumbnails | None = Field(None, description="Face thumbnails kept: off, enrolled (templates) or all "
+    thumbnails: ThumbnailMode | None = Field(None, description="Face thumbnails kept: off, enrolled (templates) or all "
                                                             "(also decisions' probes and unknown visitors); "
                                                             "narrowing erases those no longer covered.")
     visitors_enabled: bool | None = Field(None, description="Keep faces answered unknown (unknown visitors).")
     visitors_retention_days: float | None = Field(None, description="Keep them this many days (0-3650].")
-    decision_rule: Rule | None = Field(None, description="fixed (the stored threshold), margin (the stored "
+    decision_rule: RuleKind | None = Field(None, description="fixed (the stored threshold), margin (the stored "
                                                          "threshold and s1 - 0.5 s2 >= decision_margin) or gallery "
                                                          "(follows the gallery size to hold FPIR at decision_target).")
     decision_target: float | None = Field(None, description="The gallery rule's target FPIR, in (0, 1); only with "

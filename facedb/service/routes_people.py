@@ -5,13 +5,13 @@ templates. Scope ``enroll``."""
 from __future__ import annotations
 
 import json
-from enum import Enum
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Path, Query, UploadFile
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..choices import OnMultiple, OnOtherMatch
 from ..errors import InvalidInputError, NoFaceError, NotFoundError
 from . import uploads
 from .auth import ENROLL, Caller
@@ -21,18 +21,6 @@ router = APIRouter(prefix="/v1", tags=["people"])
 
 #: The most people one page lists.
 MAX_PAGE = 1000
-
-
-class OnMultiple(str, Enum):
-    error = "error"
-    largest = "largest"
-    skip = "skip"
-
-
-class OnOtherMatch(str, Enum):
-    warn = "warn"
-    refuse = "refuse"
-    allow = "allow"
 
 
 class NewPerson(BaseModel):

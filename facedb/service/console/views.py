@@ -25,6 +25,7 @@ from starlette.datastructures import FormData
 from starlette.datastructures import UploadFile as StarletteUpload
 
 from ... import __version__
+from ...choices import OnMultiple, OnOtherMatch, RuleKind, ThumbnailMode
 from ...errors import AuthenticationError, FaceDBError, InvalidInputError, PersonNotFoundError
 from ...keys import Scope
 from .. import routes_admin, routes_people, routes_query, routes_visitors
@@ -388,8 +389,8 @@ async def enrol_form(request: Request, caller: Annotated[Caller, Depends(ENROLL)
 
 
 def _enrol(caller: Caller, name: str, photos: list[Any]) -> dict[str, Any]:
-    response = routes_people.enroll_photos(name, photos, caller, routes_people.OnMultiple.error,
-                                           routes_people.OnOtherMatch.warn, True, None)
+    response = routes_people.enroll_photos(name, photos, caller, OnMultiple.error,
+                                           OnOtherMatch.warn, True, None)
     return json.loads(response.body)  # type: ignore[no-any-return]
 
 
@@ -548,7 +549,7 @@ async def settings_rule(request: Request, caller: Annotated[Caller, Depends(ADMI
         if rule not in ("fixed", "margin", "gallery"):
             raise InvalidInputError("the decision rule is fixed, margin or gallery")
         target = _number(form, "target") if rule == "gallery" else None  # the form always sends the field
-        routes_admin.update_settings(routes_admin.SettingsUpdate(decision_rule=routes_admin.Rule(rule),
+        routes_admin.update_settings(routes_admin.SettingsUpdate(decision_rule=RuleKind(rule),
                                                                  decision_target=target), caller)
         return f"{PATH}/settings", f"Decision rule set to {rule}."
 
@@ -562,7 +563,7 @@ async def settings_keeping(request: Request, caller: Annotated[Caller, Depends(A
         if mode not in ("off", "enrolled", "all"):
             raise InvalidInputError("thumbnails is off, enrolled or all")
         body = routes_admin.SettingsUpdate(
-            thumbnails=routes_admin.Thumbnails(mode), visitors_enabled=bool(form.get("visitors_enabled")),
+            thumbnails=ThumbnailMode(mode), visitors_enabled=bool(form.get("visitors_enabled")),
             visitors_retention_days=_number(form, "visitors_retention_days"),
             audit_retention_days=_number(form, "audit_retention_days"),
             audit_store_probes=bool(form.get("audit_store_probes")))
