@@ -861,10 +861,9 @@ class Store:
             self.conn.execute("DELETE FROM embeddings WHERE person_id = ? AND derived = 1", (pid,))
         added: list[int] = []
         if self.get_meta("mean_templates") == "1":
-            blobs = [r[0] for r in self.conn.execute(
-                "SELECT vector FROM embeddings WHERE person_id = ? AND derived = 0", (pid,))]
-            if len(blobs) >= 2:
-                mean = self._vectors(blobs).mean(axis=0)
+            _, own = self.person_vectors([pid], photos_only=True)
+            if len(own) >= 2:
+                mean = own.mean(axis=0)
                 norm = float(np.linalg.norm(mean))
                 if norm > 1e-6:  # templates that cancel out have no mean direction
                     cur = self.conn.execute(
