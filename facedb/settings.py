@@ -88,6 +88,23 @@ def check_margin(value: object) -> float:
     return t
 
 
+#: The longest retention offered (100 years): a record kept longer is kept forever (audit: 0), and a longer
+#: period only ever reached the service as fuzzed or mistyped input.
+MAX_RETENTION_DAYS = 36500.0
+
+
+def check_days(value: object, what: str, *, forever: bool, most: float = MAX_RETENTION_DAYS) -> float:
+    """``value`` as a retention period in days: more than 0 and at most ``most`` (and 0 for "forever" where
+    ``forever``); InvalidInputError otherwise (a bool, a string, NaN, infinity, a negative or too long period)."""
+    low = "0 (forever) or more" if forever else "more than 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InvalidInputError(f"{what} is a number of days, got {value!r}")
+    days = float(value)
+    if not (0 < days <= most or (forever and days == 0)):  # NaN fails both
+        raise InvalidInputError(f"{what} is {low} and at most {most:g} days, got {value!r}")
+    return days
+
+
 def check_k(value: object) -> int:
     """``value`` as a number of candidates: a positive integer; InvalidInputError otherwise."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -349,11 +366,7 @@ class Settings:
         if enabled is not None:
             rows["audit_enabled"] = "1" if enabled else "0"
         if retention_days is not None:
-            if isinstance(retention_days, bool) or not isinstance(retention_days, (int, float)) \
-                    or not 0 <= retention_days < float("inf"):
-                raise InvalidInputError("retention_days must be a finite number of days >= 0 (0 keeps records "
-                                        f"forever), got {retention_days!r}")
-            rows["audit_retention_days"] = repr(float(retention_days))
+            rows["audit_retention_days"] = repr(check_days(retention_days, "the audit retention", forever=True))
         if store_probes is not None:
             rows["audit_store_embeddings"] = "1" if store_probes else "0"
         return rows
@@ -364,13 +377,9 @@ class Settings:
         if enabled is not None:
             rows["visitors_enabled"] = "1" if enabled else "0"
         if retention_days is not None:
-            try:
-                days = float(retention_days)
-            except (TypeError, ValueError):
-                raise InvalidInputError("the visitors' retention is a number of days") from None
-            if not 0 < days <= 3650:  # also refuses NaN; "forever" is not offered for people who did not enrol
-                raise InvalidInputError("the visitors' retention is more than 0 and at most 3650 days")
-            rows["visitors_retention_days"] = repr(days)
+            # "forever" is not offered for people who did not enrol, nor more than ten years
+            rows["visitors_retention_days"] = repr(check_days(retention_days, "the visitors' retention",
+                                                              forever=False, most=3650))
         return rows
 
     @staticmethod

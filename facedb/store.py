@@ -39,7 +39,7 @@ import sqlite3
 import threading
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -341,6 +341,17 @@ MAX_NAME_LENGTH = 256
 
 def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def time_before(seconds: float) -> str:
+    """The ISO 8601 UTC time ``seconds`` ago, as the audit trail writes times. An age reaching before year 1
+    (a retention of 1e16 days, ``--since 99999999999d``) is clamped to the earliest time instead of
+    overflowing: everything is younger than it, which is what such an age means."""
+    now = datetime.now(timezone.utc)
+    try:
+        return (now - timedelta(seconds=float(seconds))).isoformat(timespec="milliseconds")
+    except OverflowError:
+        return datetime.min.replace(tzinfo=timezone.utc).isoformat(timespec="milliseconds")
 
 
 def normalise_name(name: object) -> str:
@@ -1257,10 +1268,7 @@ class Store:
                     chunk = rows[start:start + per]
                     conn.execute(sql + ", ".join([marks] * len(chunk)), [v for row in chunk for v in row[:-1]])
             if retention_days is not None:
-                cutoff = datetime.fromtimestamp(
-                    datetime.now(timezone.utc).timestamp() - retention_days * 86400, timezone.utc
-                ).isoformat(timespec="milliseconds")
-                conn.execute("DELETE FROM audit WHERE time < ?", (cutoff,))
+                conn.execute("DELETE FROM audit WHERE time < ?", (self._cutoff(retention_days),))
 
     def audit(self, since: str | None = None, limit: int | None = None, *, until: str | None = None,
               operation: str | Sequence[str] | None = None, actor: str | None = None, offset: int = 0,
@@ -1405,8 +1413,7 @@ class Store:
 
     @staticmethod
     def _cutoff(retention_days: float) -> str:
-        return datetime.fromtimestamp(datetime.now(timezone.utc).timestamp() - retention_days * 86400,
-                                      timezone.utc).isoformat(timespec="milliseconds")
+        return time_before(retention_days * 86400)
 
     def append_unassigned(self, rows: Sequence[dict[str, Any]], retention_days: float) -> None:
         """Keep faces answered unknown (dicts with vector, and any of actor, image_sha256, box, det_score,

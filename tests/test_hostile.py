@@ -106,3 +106,63 @@ def test_fuzz_cli_arguments(db, args):
     assert res.exception is None or isinstance(res.exception, SystemExit), (args, repr(res.exception))
     if res.exit_code != 0 and args[:1] not in (["rename"], ["remove"], ["add-person"], ["enroll"]):
         assert snapshot(db)[0] == before[0]
+
+
+# ---- periods and times at the edge of what a date can hold (CI: schemathesis set the audit retention to 3.3e16
+# days over PATCH /v1/settings, and every later audit write died in datetime.fromtimestamp with OverflowError)
+@pytest.mark.parametrize("days", [3.3124633176273664e16, 36500.5, float("inf"), float("nan"), -1, True, "7"])
+def test_an_impossible_audit_retention_is_refused_and_changes_nothing(tmp_path, days):
+    from facedb.errors import InvalidInputError
+
+    with FaceDB.create(tmp_path / "db", model_id="own", dim=4, threshold=0.9) as d:
+        before = d.settings().audit.retention_days
+        with pytest.raises(InvalidInputError, match="audit retention"):
+            d.configure_audit(retention_days=days)
+        with pytest.raises(InvalidInputError, match="visitors' retention"):
+            d.configure_visitors(retention_days=days)
+        assert d.settings().audit.retention_days == before
+    with FaceDB.open(tmp_path / "db") as d:  # and nothing reached the file
+        assert d.settings().audit.retention_days == before
+
+
+def test_the_longest_retentions_are_accepted(tmp_path):
+    with FaceDB.create(tmp_path / "db", model_id="own", dim=4, threshold=0.9) as d:
+        assert d.configure_audit(retention_days=36500).retention_days == 36500
+        assert d.configure_audit(retention_days=0).retention_days == 0  # forever
+        assert d.configure_visitors(retention_days=3650).retention_days == 3650
+
+
+def test_a_stored_retention_past_year_one_keeps_every_record_and_writes_on(tmp_path):
+    """A database where an earlier version stored such a retention: decisions are still recorded (none lost to
+    the purge), not refused with an OverflowError."""
+    with FaceDB.create(tmp_path / "db", model_id="own", dim=4, threshold=0.9) as d:
+        d.add_templates("ann", np.eye(4, dtype=np.float32)[:1], create=True)
+        d.identify(np.eye(4, dtype=np.float32)[:1])
+        d.store.set_meta({"audit_retention_days": repr(3.3124633176273664e16)})
+    with FaceDB.open(tmp_path / "db") as d:
+        d.identify(np.eye(4, dtype=np.float32)[:1])
+        d.identify(np.eye(4, dtype=np.float32)[1:2])
+        d.trail.flush()
+        decisions = [r.identity for r in d.audit(operation="identify")]
+    assert decisions == ["ann", "ann", None]
+
+
+def test_time_before_clamps_to_the_first_day_and_orders_like_the_trail():
+    from facedb.store import time_before, utcnow
+
+    assert time_before(1e300) == "0001-01-01T00:00:00.000+00:00" == time_before(float("inf"))
+    assert time_before(1e300) < time_before(86400) < utcnow()
+
+
+def test_audit_since_an_age_older_than_dates_lists_everything(db):
+    every = runner.invoke(app, ["--db", str(db), "--json", "audit"])
+    old = runner.invoke(app, ["--db", str(db), "--json", "audit", "--since", "99999999999d"])
+    assert old.exit_code == every.exit_code == 0, old.output
+    assert old.stdout.strip() and old.stdout.splitlines()[:3] == every.stdout.splitlines()[:3]
+
+
+@pytest.mark.parametrize("when", ["0001-01-01T00:00+14:00", "9999-12-31T23:59-14:00"])
+def test_audit_since_a_time_its_zone_moves_out_of_range_is_one_line(db, when):
+    res = runner.invoke(app, ["--db", str(db), "audit", "--since", when])
+    assert res.exit_code == 2 and "--since takes an ISO time" in res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1

@@ -465,6 +465,24 @@ def test_stats_check_audit_and_settings(svc):
         assert s.threshold == 0.8 and s.threshold_source == "set over HTTP" and s.audit.retention_days == 30
 
 
+def test_a_retention_past_the_calendar_is_refused_and_the_trail_writes_on(svc):
+    # Found by the schemathesis run in CI: 3.3e16 days was stored, then every audit write overflowed (500s).
+    client, keys, db = svc
+    h = hdr(keys["admin"])
+    before = snapshot(db)
+    for days in (3.3124633176273664e16, 36501):
+        assert_error(client.patch("/v1/settings", json={"audit_retention_days": days}, headers=h), 400)
+    assert_error(client.patch("/v1/settings", json={"visitors_retention_days": 3651}, headers=h), 400)
+    assert snapshot(db) == before
+    assert client.get("/v1/keys", headers=h).status_code == 200
+    assert client.get("/v1/audit", params={"since": "99999999999d"}, headers=h).status_code == 200
+    assert_error(client.get("/v1/audit", params={"since": "0001-01-01T00:00+14:00"}, headers=h), 400)
+    assert client.patch("/v1/settings", json={"audit_retention_days": 36500}, headers=h).status_code == 200
+    with FaceDB.open(db, readonly=True) as d:
+        assert d.settings().audit.retention_days == 36500
+        assert "read-keys" in [r.operation for r in d.audit()]
+
+
 def test_hooks_crud(svc):
     client, keys, db = svc
     h = hdr(keys["admin"])

@@ -268,21 +268,22 @@ def rebuild_index(ctx: typer.Context) -> None:
 
 def since_time(value: str | None, option: str = "--since") -> str | None:
     """'2026-11-28T10:00', '90m', '24h', '7d' -> an ISO 8601 UTC time."""
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timezone
+
+    from ..store import time_before
 
     if value is None:
         return None
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     if value[-1:] in units and value[:-1].replace(".", "", 1).isdigit():
-        when = datetime.now(timezone.utc) - timedelta(seconds=float(value[:-1]) * units[value[-1]])
-    else:
-        try:
-            when = datetime.fromisoformat(value)
-        except ValueError:
-            raise InvalidInputError(f"{option} takes an ISO time or an age like 24h or 7d, got {value!r}") from None
+        return time_before(float(value[:-1]) * units[value[-1]])  # an age past year 1 means "from the start"
+    try:
+        when = datetime.fromisoformat(value)
         if when.tzinfo is None:
             when = when.replace(tzinfo=timezone.utc)
-    return when.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+        return when.astimezone(timezone.utc).isoformat(timespec="milliseconds")
+    except (ValueError, OverflowError):  # OverflowError: a zone that moves year 1 or 9999 out of range
+        raise InvalidInputError(f"{option} takes an ISO time or an age like 24h or 7d, got {value!r}") from None
 
 
 @command()

@@ -38,13 +38,15 @@ class SettingsUpdate(BaseModel):
     threshold: float | None = Field(None, description="New default decision threshold (cosine similarity).")
     threshold_source: str = Field("set over HTTP", description="Where the threshold came from (kept with it).")
     audit_enabled: bool | None = None
-    audit_retention_days: float | None = Field(None, description="Keep audit records this many days (0 = forever).")
+    audit_retention_days: float | None = Field(None, description="Keep audit records this many days "
+                                                              "(0 = forever, else at most 36500).")
     audit_store_probes: bool | None = Field(None, description="Store each probe's embedding (biometric data).")
     thumbnails: ThumbnailMode | None = Field(None, description="Face thumbnails kept: off, enrolled (templates) or all "
                                                             "(also decisions' probes and unknown visitors); "
                                                             "narrowing erases those no longer covered.")
     visitors_enabled: bool | None = Field(None, description="Keep faces answered unknown (unknown visitors).")
-    visitors_retention_days: float | None = Field(None, description="Keep them this many days (0-3650].")
+    visitors_retention_days: float | None = Field(None, description="Keep them this many days: more than 0, "
+                                                                 "at most 3650.")
     decision_rule: RuleKind | None = Field(None, description="fixed (the stored threshold), margin (the stored "
                                                          "threshold and s1 - 0.5 s2 >= decision_margin) or gallery "
                                                          "(follows the gallery size to hold FPIR at decision_target).")
