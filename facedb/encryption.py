@@ -26,7 +26,6 @@ step 4 is done (or, when given at the next open, after step 3).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -35,6 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from . import livefiles
 from .errors import DatabaseError, InvalidInputError, KeyMissingError, TamperedError, WrongKeyError
 from .fsio import fsync_dir, overwrite_and_unlink
 from .protect import KEYRING_FILE, DataKey, FileCipher, Keyring, KeySource, Protection, check_new_key, wrap
@@ -212,8 +212,9 @@ def _swap(root: Path, source_key: str | None, new: DataKey, stamp: str, plain_so
         hold.destroy_original(whole=plain_source)
     finally:
         hold.close()
-    with contextlib.suppress(FileNotFoundError):
-        (root / (STORE_FILE + "-shm")).unlink()  # the old file's shared-memory WAL index: remade by the next open
+    # The old file's -shm stays: a process may have opened the new store since the swap and be using it, and
+    # deleting a live -shm is how SQLite databases lose writes (livefiles). SQLite itself re-initialises a
+    # stale one: the first connection to take its lock truncates it.
     if not stamp:  # no index was carried: the old file (if any) must not outlive its key
         if plain_source:
             overwrite_and_unlink(root / INDEX_FILE)
@@ -334,9 +335,11 @@ def plaintext_files(root: Path, encrypted: bool) -> list[str]:
             continue
         if name in _NO_CONTENT or (name.endswith(".lock") and f.stat().st_size == 0):
             continue
+        # through livefiles, never open(): this process (the service answering GET /v1/stats) may hold the
+        # store through SQLite, and closing any descriptor of it would drop that connection's locks (#23)
         try:
-            with open(f, "rb") as fh:
-                head = fh.read(64)
+            with livefiles.raw_fd(f) as fd:
+                head = os.pread(fd, 64, 0)
         except OSError:
             continue
         if not encrypted:
@@ -360,16 +363,18 @@ def plaintext_files(root: Path, encrypted: bool) -> list[str]:
 def _wal_has_plain_pages(path: Path) -> bool:
     """Whether any frame of a WAL holds a plain SQLite page 1 (SQLCipher's frames are ciphertext throughout)."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(32)
+        with livefiles.raw_fd(path) as fd:  # a live WAL: see plaintext_files
+            head = os.pread(fd, 32, 0)
             if len(head) < 32:
                 return False
             page = int.from_bytes(head[8:12], "big") or 65536
-            while frame := f.read(24 + page):
+            offset = 32
+            while frame := os.pread(fd, 24 + page, offset):
                 if len(frame) < 24 + page:
                     return False
                 if int.from_bytes(frame[:4], "big") == 1 and frame[24:40] == SQLITE_HEADER:
                     return True
+                offset += len(frame)
     except OSError:
         return False
     return False

@@ -46,6 +46,7 @@ from typing import Any, ClassVar
 import numpy as np
 import sqlite_utils
 
+from . import livefiles
 from .errors import (
     DatabaseError,
     DatabaseExistsError,
@@ -170,18 +171,14 @@ def _typed_errors(path: Path) -> Iterator[None]:
 
 def is_plain_sqlite(path: Path) -> bool:
     """Whether ``path`` starts with SQLite's plain-text header (an unencrypted database)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(SQLITE_HEADER)) == SQLITE_HEADER
-    except OSError:
-        return False
+    return livefiles.read_head(path, len(SQLITE_HEADER)) == SQLITE_HEADER  # never a plain open(): see livefiles
 
 
 def opens_with(path: Path, key: str | None) -> bool:
     """Whether the database file at ``path`` can be read with ``key`` (None: as a plain database)."""
     driver = _driver(key is not None)
     try:
-        conn = driver.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=30)
+        conn = livefiles.connect(driver, path, readonly=True, isolation_level=None, timeout=30)
     except _Error:
         return False
     try:
@@ -449,13 +446,10 @@ class Store:
     @staticmethod
     def _connect(path: Path, readonly: bool, new: bool = False, key: str | None = None) -> sqlite3.Connection:
         driver = _driver(key is not None)
+        conn = None
         try:
-            if readonly:
-                conn = driver.connect(
-                    f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=30, check_same_thread=False
-                )
-            else:
-                conn = driver.connect(str(path), isolation_level=None, timeout=30, check_same_thread=False)
+            conn = livefiles.connect(driver, path, readonly=readonly, isolation_level=None, timeout=30,
+                                     check_same_thread=False)
             if key is not None:
                 _key_connection(conn, key)
                 conn = _Guarded(conn, path)
@@ -473,6 +467,8 @@ class Store:
                 conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
         except _DatabaseError as exc:
+            if conn is not None:
+                conn.close()  # not left to the garbage collector: it is tracked (livefiles)
             if key is not None and "not a database" in str(exc):
                 from .errors import TamperedError
 
@@ -1625,7 +1621,7 @@ class ExclusiveCopy:
     def __init__(self, path: Path, key: str | None) -> None:
         self.path = Path(path)
         driver = _driver(True)  # sqlcipher3 also reads plain files, and has sqlcipher_export
-        conn = driver.connect(str(self.path), isolation_level=None, timeout=2, check_same_thread=False)
+        conn = livefiles.connect(driver, self.path, isolation_level=None, timeout=2, check_same_thread=False)
         try:
             if key is not None:
                 _key_connection(conn, key)
@@ -1644,7 +1640,10 @@ class ExclusiveCopy:
                                     "database (services, readers) and try again; nothing was changed") from None
             raise DatabaseError(f"{self.path}: cannot take the database for conversion ({exc})") from None
         self.conn = conn
-        self._fd = os.open(self.path, os.O_RDWR)  # the original's inode, to destroy it after the swap
+        # the original's inode, to destroy it after the swap; a descriptor of a file this process holds through
+        # SQLite, so livefiles keeps it open until the connection has closed (closing it first would drop locks)
+        with livefiles.raw_fd(self.path, os.O_RDWR) as fd:
+            self._fd = fd
 
     def copy_to(self, dest: Path, key: str | None, meta: dict[str, str]) -> None:
         """Write the whole database to ``dest`` (SQLCipher under ``key``, or plain), with ``meta`` rows set in
@@ -1669,11 +1668,7 @@ class ExclusiveCopy:
                                   [(k, str(v)) for k, v in meta.items()])
         finally:
             self.conn.execute("DETACH DATABASE fresh")
-        fd = os.open(dest, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        livefiles.fsync_file(dest)
 
     def destroy_original(self, whole: bool) -> None:
         """Overwrite the original file's content with zeros (``whole``: every byte, for a plain-text original;
@@ -1688,7 +1683,5 @@ class ExclusiveCopy:
         os.fsync(self._fd)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
         with contextlib.suppress(*_Error):
-            self.conn.close()
+            self.conn.close()  # the kept descriptor closes with it (livefiles), never before

@@ -72,11 +72,15 @@ def snapshot(path: Path) -> dict[str, Any]:
 
 class Receiver:
     """A webhook receiver on 127.0.0.1: records every POST (time, headers, body) and answers with the statuses
-    in ``script`` in turn (then 200), after ``delay`` seconds."""
+    in ``script`` in turn (then 200), after ``delay`` seconds, or once ``gate`` is set (a threading.Event: a
+    receiver that answers only when the test lets it; ``answered`` counts the answers sent)."""
 
-    def __init__(self, script: list[int] | None = None, delay: float = 0.0) -> None:
+    def __init__(self, script: list[int] | None = None, delay: float = 0.0,
+                 gate: threading.Event | None = None) -> None:
         self.script = list(script or [])
         self.delay = delay
+        self.gate = gate
+        self.answered = 0
         self.received: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         outer = self
@@ -90,6 +94,10 @@ class Receiver:
                                            "status": status})
                 if outer.delay:
                     time.sleep(outer.delay)
+                if outer.gate is not None:
+                    outer.gate.wait(300)
+                with outer.lock:
+                    outer.answered += 1
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()

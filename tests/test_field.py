@@ -889,7 +889,14 @@ from facedb.pipeline import FacePipeline
 from tests.conftest import FakeEmbedder
 from tests.test_field import CountingDetector
 
-pipe = FacePipeline(FakeEmbedder(), detector=CountingDetector(delay={delay}))
+class Logged(CountingDetector):
+    def detect(self, image):
+        with open({log!r}, "a") as f:  # when each detection starts, for the test to count those after Ctrl-C
+            f.write(repr(time.time()) + chr(10))
+        return super().detect(image)
+
+
+pipe = FacePipeline(FakeEmbedder(), detector=Logged(delay={delay}))
 facedb.pipeline.get_pipeline = lambda *a, **k: pipe
 from facedb.cli import main
 sys.argv = ["facedb", "--db", {db!r}, "enroll", "--folder", {folder!r}]
@@ -901,7 +908,8 @@ def test_fr10_ctrl_c_stops_promptly_and_prints_what_was_stored(tmp_path):
     db = fake_db(tmp_path / "db")
     folder = labelled(tmp_path / "staff", 8, 8)  # 64 photos at 0.4 s of detection each: ~25 s of work
     script = tmp_path / "driver.py"
-    script.write_text(DRIVER.format(repo=str(REPO), delay=0.4, db=str(db), folder=str(folder)))
+    log = tmp_path / "detections.log"
+    script.write_text(DRIVER.format(repo=str(REPO), delay=0.4, db=str(db), folder=str(folder), log=str(log)))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
@@ -913,16 +921,18 @@ def test_fr10_ctrl_c_stops_promptly_and_prints_what_was_stored(tmp_path):
                 break
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.5)  # now in the middle of detecting the next chunk
-        sent = time.monotonic()
+        sent = time.time()
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-        took = time.monotonic() - sent
+        out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     stored = stored_templates(db)
     assert proc.returncode == 130, err
-    assert took < 2.0, f"took {took:.1f} s to stop"  # not the rest of the chunk being detected (6 s)
+    # Prompt means no new work after Ctrl-C (not the rest of the chunk: ~15 detections), judged by the work done,
+    # not by the clock: the one detection under way may finish, and one may start before the signal lands.
+    after = [float(t) for t in log.read_text().split() if float(t) > sent]
+    assert len(after) <= 2, f"{len(after)} detections started after Ctrl-C"
     assert "interrupted: people" in out and f"faces stored {stored}" in out, out
     assert 0 < stored < 64 and "Traceback" not in err
     assert jlines(cli(db, "--json", "check"))[0]["ok"] is True

