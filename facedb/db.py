@@ -514,7 +514,9 @@ class FaceDB:
             return self.store.person(name)
 
     def people(self, query: str | None = None, *, limit: int | None = None, offset: int = 0) -> list[Person]:
-        """People by name; ``query`` keeps names or external ids containing it; paged by ``limit``/``offset``."""
+        """People in name order (:func:`facedb.store.name_sort_key`: base letters case- and accent-insensitively,
+        then accents, then case); ``query`` keeps names or external ids containing it, case- and
+        accent-insensitively ("jose" finds "José"); paged by ``limit``/``offset``."""
         limit = None if limit is None else check_count(limit, "limit", 1)
         offset = check_count(offset, "offset")
         with self._lock:

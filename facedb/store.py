@@ -11,6 +11,12 @@ This is the only module that talks to SQLite. Choices, and why:
 * Names are compared as people read them: every name is normalised to Unicode NFC where it enters (enrol,
   add, rename, remove, show, verify; folder names too), so "José" typed and "José" from a macOS folder (NFD)
   are one person.
+* Lists of people are in one order and searched one way in every interface (API, CLI, HTTP, console), both
+  decided here: :func:`name_sort_key` and :func:`name_search_key` (case- and accent-insensitive; not a
+  locale's collation, so the same on every machine). Each person's keys are stored beside the name
+  (``sort_key``, ``search_key``: migration 11), so that SQL orders, pages and counts with them (an index serves
+  ``ORDER BY sort_key LIMIT``) with either driver and no function registered on the connection. Exact-name
+  lookups (enrol into, show, rename, remove) stay exact NFC matches.
 
 * WAL journal, ``synchronous=FULL``: readers never block the writer, and a transaction that returned is on disk
   even across a power cut, not only a process crash.
@@ -323,10 +329,15 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     INSERT OR IGNORE INTO meta (key, value) VALUES ('people_version', '0');
     INSERT OR IGNORE INTO meta (key, value) VALUES ('audit_sync', '1');
     """,
+    # 11: each person's order and search keys beside their name (name_sort_key, name_search_key), filled for
+    # the people already there: listing, paging and searching are then plain SQL on indexed columns
+    lambda conn: _add_name_keys(conn),
 ]
-#: The schema versions that have the service's key and webhook tables, and the thumbnails table.
+#: The schema versions that have the service's key and webhook tables, the thumbnails table, and people's
+#: order and search keys.
 KEYS_VERSION = 6
 THUMBNAILS_VERSION = 8
+NAME_KEYS_VERSION = 11
 SCHEMA_VERSION = len(MIGRATIONS)
 
 #: How many generations of the change log to keep behind the saved index, so that processes holding a
@@ -378,6 +389,69 @@ def _normalise_stored_names(conn: sqlite3.Connection) -> None:
             taken.add(nfc)
 
 
+# What "accent" means when names are searched and ordered: the combining diacritical marks (U+0300-036F and
+# the blocks that extend them: acute, grave, diaeresis, caron, cedilla, ring, tilde...). Marks of other scripts
+# (Indic vowel signs, the kana voicing marks, Hebrew points) spell different letters there, so they count.
+_ACCENTS = ((0x0300, 0x036F), (0x1AB0, 0x1AFF), (0x1DC0, 0x1DFF), (0x20D0, 0x20FF), (0xFE20, 0xFE2F))
+# Letters with a stroke or bar that Unicode does not decompose into a letter and a mark, but that people
+# type as the bare letter ("lodz" for "Łódź", "orsted" for "Ørsted"); after case folding, so lower case only.
+_BARE = str.maketrans({"ø": "o", "ł": "l", "đ": "d", "ħ": "h", "ŧ": "t", "ƀ": "b", "ɨ": "i", "ƶ": "z"})
+# Joins the parts of a stored key; a control character, which no name holds (check_name), and the lowest
+# code point there is, so a shorter part sorts first ("ann" before "anna") exactly as in a tuple.
+_KEY_SEP = "\x01"
+
+
+def _fold_case(text: str) -> str:
+    """Compatibility-decomposed and case-folded: Python's documented caseless match (NFKD, casefold, NFKD):
+    "ß" and "SS", full-width "Ａ" and "A", "ﬁ" and "fi" are alike; accents are still there, decomposed."""
+    return unicodedata.normalize("NFKD", unicodedata.normalize("NFKD", text).casefold())
+
+
+def name_search_key(text: str) -> str:
+    """``text`` as a search compares it: case-folded (:func:`_fold_case`), without accents, recomposed (NFC).
+    A name matches a query when the query's key is part of the name's: "jose" finds "José", "ÉMILE" finds
+    "Émile", "strasse" finds "Straße", "lodz" finds "Łódź"."""
+    bare = "".join(c for c in _fold_case(text) if not any(lo <= ord(c) <= hi for lo, hi in _ACCENTS))
+    return unicodedata.normalize("NFC", bare.translate(_BARE))
+
+
+def name_sort_key(name: str) -> str:
+    """The order of every list of people: a simplified Unicode ordering, not a locale's collation, so the same
+    on every machine and in every interface. Names compare by their base letters first, case- and
+    accent-insensitively (:func:`name_search_key`), then accents (unaccented first: "angel", "Ángel"), then
+    case (the name's code points: "Anna", "anna"). So "zoe", "Émile", "bea", "Bob", "anna", "Ángel" are
+    listed "Ángel", "anna", "bea", "Bob", "Émile", "zoe". Letters Unicode gives no base letter (æ, œ, þ) and other
+    scripts follow their code points, after the Latin letters. Unicode's stability policies keep NFKD and case
+    folding of assigned characters fixed, so a stored key stays right across Python versions."""
+    name = normalise_name(name)
+    return _KEY_SEP.join((name_search_key(name), _fold_case(name), name))
+
+
+def name_search_text(name: str, external_id: str | None) -> str:
+    """What a person's search matches against: their name's and their external id's search keys."""
+    keys = [name_search_key(name)] + ([name_search_key(external_id)] if external_id else [])
+    return _KEY_SEP.join(keys)
+
+
+def _search_needle(query: str) -> str:
+    # without the separator, a query can never match across a name and an external id
+    return name_search_key(normalise_name(query)).replace(_KEY_SEP, "")
+
+
+def _add_name_keys(conn: sqlite3.Connection) -> None:
+    """Migration 11: ``sort_key`` and ``search_key`` on people, filled for every row, and the index that
+    serves a page of the list. Stored columns rather than a collation or function registered on each
+    connection: they work unchanged with the sqlite3 and sqlcipher3 drivers and for any other reader of the
+    file, the index keeps a page of a large gallery one index walk instead of a sort of everyone through
+    Python, and the key can never differ between two processes."""
+    _add_column(conn, "people", "sort_key TEXT")
+    _add_column(conn, "people", "search_key TEXT")
+    rows = conn.execute("SELECT id, name, external_id FROM people").fetchall()
+    conn.executemany("UPDATE people SET sort_key = ?, search_key = ? WHERE id = ?",
+                     [(name_sort_key(name), name_search_text(name, ext), pid) for pid, name, ext in rows])
+    conn.execute("CREATE INDEX IF NOT EXISTS people_sort ON people(sort_key)")
+
+
 def check_name(name: object) -> str:
     name = normalise_name(name) if isinstance(name, str) else name
     if not isinstance(name, str) or not name.strip():
@@ -394,12 +468,6 @@ def check_name(name: object) -> str:
     if name != name.strip():
         raise InvalidInputError("a person's name may not start or end with white space")
     return name
-
-
-def _like(query: str) -> str:
-    """A LIKE pattern matching names that contain ``query`` literally (its % and _ escaped)."""
-    escaped = normalise_name(query).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return f"%{escaped}%"
 
 
 def _check_metadata(metadata: object) -> str:
@@ -680,22 +748,50 @@ class Store:
         return self._person(row)
 
     def people(self, query: str | None = None, limit: int | None = None, offset: int = 0) -> list[Person]:
-        """People by name; ``query`` keeps those whose name or external id contains it (case-insensitive)."""
+        """People in name order (:func:`name_sort_key`); ``query`` keeps those whose name or external id
+        contains it, case- and accent-insensitively (:func:`name_search_key`). Every list of people in every
+        interface comes from here."""
+        if self.version < NAME_KEYS_VERSION:
+            return self._people_unkeyed(query, limit, offset)
         sql, params = self._PERSON_SQL, []
         if query:
-            sql += " WHERE p.name LIKE ? ESCAPE '\\' OR p.external_id LIKE ? ESCAPE '\\'"
-            params += [_like(query)] * 2
-        sql += " ORDER BY p.name"
+            sql += " WHERE instr(p.search_key, ?) > 0"  # instr, not LIKE: the query's % and _ are just text
+            params.append(_search_needle(query))
+        sql += " ORDER BY p.sort_key"
         if limit is not None:
             sql += " LIMIT ? OFFSET ?"
             params += [int(limit), int(offset)]
         return [self._person(r) for r in self.conn.execute(sql, params).fetchall()]
 
     def count_people(self, query: str | None = None) -> int:
+        """How many :meth:`people` lists without a limit."""
         if not query:
             return int(self.conn.execute("SELECT COUNT(*) FROM people").fetchone()[0])
-        return int(self.conn.execute("SELECT COUNT(*) FROM people WHERE name LIKE ? ESCAPE '\\' OR external_id "
-                                     "LIKE ? ESCAPE '\\'", [_like(query)] * 2).fetchone()[0])
+        if self.version < NAME_KEYS_VERSION:
+            return len(self._unkeyed_ids(query))
+        return int(self.conn.execute("SELECT COUNT(*) FROM people WHERE instr(search_key, ?) > 0",
+                                     (_search_needle(query),)).fetchone()[0])
+
+    def _unkeyed_ids(self, query: str | None) -> list[int]:
+        """:meth:`people`'s ids for a database opened read-only before migration 11 gave it stored keys: the
+        same keys, computed here."""
+        needle = _search_needle(query) if query else None
+        rows = self.conn.execute("SELECT id, name, external_id FROM people").fetchall()
+        return [pid for _, pid in sorted((name_sort_key(name), pid) for pid, name, ext in rows
+                                         if needle is None or needle in name_search_text(name, ext))]
+
+    def _people_unkeyed(self, query: str | None, limit: int | None, offset: int) -> list[Person]:
+        ids = self._unkeyed_ids(query)
+        ids = ids[int(offset):] if limit is None else ids[int(offset):int(offset) + int(limit)]
+        found = {r[0]: self._person(r) for r in self._rows_in(self._PERSON_SQL + " WHERE p.id IN ({marks})", ids)}
+        return [found[pid] for pid in ids if pid in found]
+
+    def _set_name_keys(self, pid: int) -> None:
+        """Store person ``pid``'s order and search keys for their name and external id as they are now (in the
+        caller's write transaction: every change to either calls this)."""
+        name, ext = self.conn.execute("SELECT name, external_id FROM people WHERE id = ?", (pid,)).fetchone()
+        self.conn.execute("UPDATE people SET sort_key = ?, search_key = ? WHERE id = ?",
+                          (name_sort_key(name), name_search_text(name, ext), pid))
 
     def person_by_id(self, person_id: int) -> Person:
         row = self.conn.execute(self._PERSON_SQL + " WHERE p.id = ?", (int(person_id),)).fetchone()
@@ -736,7 +832,8 @@ class Store:
         return int(
             self.db["people"]
             .insert({"name": name, "external_id": external_id, "metadata": meta_json,
-                     "created_at": now, "updated_at": now})
+                     "created_at": now, "updated_at": now, "sort_key": name_sort_key(name),
+                     "search_key": name_search_text(name, external_id)})
             .last_pk
         )
 
@@ -753,6 +850,7 @@ class Store:
             if other is not None and other[0] != pid:
                 raise DuplicatePersonError(f"a person named {new!r} already exists")
             self.conn.execute("UPDATE people SET name = ?, updated_at = ? WHERE id = ?", (new, utcnow(), pid))
+            self._set_name_keys(pid)
             self._bump("people_version")
         return self.person(new)
 
@@ -781,6 +879,7 @@ class Store:
                 fields["external_id"] = None
             self.db["people"].update(pid, fields)
             if "external_id" in fields:
+                self._set_name_keys(pid)  # a search matches external ids too
                 self._bump("people_version")  # answers carry the external id: cached names must be re-read
         return self.person(name)
 

@@ -16,11 +16,12 @@ MetaOpt = Annotated[list[str] | None, typer.Option(help="key=value metadata; rep
 @command()
 def people(
     ctx: typer.Context,
-    query: Annotated[str | None, typer.Option(help="Only names or external ids containing this.")] = None,
+    query: Annotated[str | None, typer.Option(
+        help="Only names or external ids containing this (case- and accent-insensitive).")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="At most this many.")] = None,
     offset: Annotated[int, typer.Option(min=0, help="Skip this many first.")] = 0,
 ) -> None:
-    """List enrolled people."""
+    """List enrolled people in name order (base letters, then accents, then case; the same everywhere)."""
     with open_db(ctx, readonly=True) as db:
         rows = [p.to_dict() for p in db.people(query, limit=limit, offset=offset)]
     emit(ctx, rows, ["name", "templates", "images", "external_id", "updated_at"])
