@@ -38,6 +38,7 @@ import time
 import weakref
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -203,12 +204,14 @@ class AuditTrail:
         _LIVE.discard(self)
         self.flush()
 
-    def read(self, since: str | None = None, limit: int | None = None, *, until: str | None = None,
+    def read(self, since: str | datetime | None = None, limit: int | None = None, *,
+             until: str | datetime | None = None,
              operation: str | Sequence[str] | None = None, actor: str | None = None, offset: int = 0,
              **filters: Any) -> list[AuditRecord]:
-        """Records oldest first, filtered by time (ISO 8601 UTC, ``since`` inclusive, ``until`` exclusive),
-        operation and actor, paged by ``limit`` / ``offset``; ``filters`` are :meth:`Store.audit`'s others
-        (identity, decided, after_id, newest_first). Waiting records are committed first."""
+        """Records oldest first, filtered by time (anything :func:`~facedb.store.utc_time` takes: ISO 8601 with
+        any offset, naive = UTC, or an age; ``since`` inclusive, ``until`` exclusive), operation and actor,
+        paged by ``limit`` / ``offset``; ``filters`` are :meth:`Store.audit`'s others (identity, decided,
+        after_id, newest_first). Waiting records are committed first."""
         if self._pending:
             self.flush()
         return [AuditRecord(**row) for row in self.store.audit(since, limit, until=until, operation=operation,

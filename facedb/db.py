@@ -24,6 +24,7 @@ import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -76,7 +77,7 @@ from .settings import (
     check_k,
     check_threshold,
 )
-from .store import SCHEMA_VERSION, Store, normalise_name
+from .store import SCHEMA_VERSION, Store, normalise_name, utc_time
 from .thumbnails import keeps as keeps_thumbnails
 from .vectors import budget_bytes
 from .visitors import VisitorLog
@@ -1019,15 +1020,19 @@ class FaceDB:
     def audit_settings(self) -> AuditSettings:
         return self.settings().audit
 
-    def audit(self, since: str | None = None, limit: int | None = None, *, until: str | None = None,
-              operation: str | Sequence[str] | None = None, actor: str | None = None, offset: int = 0,
-              identity: str | None = None, decided: bool | None = None, after_id: int | None = None,
-              newest_first: bool = False) -> list[AuditRecord]:
-        """The audit trail, oldest first (or ``newest_first``), filtered by time (ISO 8601 UTC), operation (one,
-        or any of several), actor, ``identity`` (a name as recorded), ``decided`` (True: an identity was given;
-        False: unknown or rejected) and ``after_id`` (records after that one: a live view's next poll), paged."""
+    def audit(self, since: str | datetime | None = None, limit: int | None = None, *,
+              until: str | datetime | None = None, operation: str | Sequence[str] | None = None,
+              actor: str | None = None, offset: int = 0, identity: str | None = None, decided: bool | None = None,
+              after_id: int | None = None, newest_first: bool = False) -> list[AuditRecord]:
+        """The audit trail, oldest first (or ``newest_first``), filtered by time (``since`` inclusive, ``until``
+        exclusive: an ISO 8601 time with any offset, ``Z``, ``+05:30``, ``-08:00``, naive = UTC; a ``datetime``;
+        or an age like ``7d``, compared as instants), operation (one, or any of several), actor, ``identity`` (a
+        name as recorded), ``decided`` (True: an identity was given; False: unknown or rejected) and
+        ``after_id`` (records after that one: a live view's next poll), paged. InvalidInputError for a time
+        that is none of these."""
         limit = None if limit is None else check_count(limit, "limit", 1)
         offset = check_count(offset, "offset")
+        since, until = utc_time(since, "since"), utc_time(until, "until")  # refused before the trail is flushed
         with self._lock:
             return self.trail.read(since, limit, until=until, operation=operation, actor=actor, offset=offset,
                                    identity=identity, decided=decided, after_id=after_id, newest_first=newest_first)
@@ -1210,15 +1215,17 @@ class FaceDB:
                 self.store.set_meta(rows)
         return self.settings().visitors
 
-    def visitors(self, since: str | None = None, *, min_size: int = 2, threshold: float | None = None,
+    def visitors(self, since: str | datetime | None = None, *, min_size: int = 2, threshold: float | None = None,
                  rule: str | None = None) -> list[VisitorGroup]:
-        """Groups of kept unknown faces (at least ``min_size`` faces), most faces first; ``since`` (ISO 8601 UTC)
-        shows only groups last seen at or after it. Each group's ``id`` is stable while its faces stay the same
+        """Groups of kept unknown faces (at least ``min_size`` faces), most faces first; ``since`` (as
+        :meth:`audit` takes it: any offset, naive = UTC, a ``datetime`` or an age) shows only groups last seen
+        at or after that instant. Each group's ``id`` is stable while its faces stay the same
         (see :mod:`facedb.visitors`)."""
         from . import visitors as visitor_groups
         from .cluster import _check_positive
 
         min_size = _check_positive(min_size, "min_size")
+        since = utc_time(since, "since")  # refused before expired faces are purged: bad input changes nothing
         with self._lock:
             settings = self.settings()
             self.store.purge_unassigned(settings.visitors.retention_days)

@@ -45,7 +45,7 @@ import sqlite3
 import threading
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -360,6 +360,58 @@ def time_before(seconds: float) -> str:
         return (now - timedelta(seconds=float(seconds))).isoformat(timespec="milliseconds")
     except OverflowError:
         return datetime.min.replace(tzinfo=timezone.utc).isoformat(timespec="milliseconds")
+
+
+#: The units of a relative age (``90m``, ``24h``, ``7d``) wherever a time is taken.
+AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def utc_time(value: str | datetime | None, what: str = "time") -> str | None:
+    """The one way a time given to facedb (an API argument, a CLI option, a query parameter, a console form)
+    becomes the instant it means, in the one form every stored time has (:func:`utcnow`:
+    ``2026-03-02T04:30:00.000+00:00``). Stored times are compared with it as text (``WHERE time >= ?``, a
+    group's ``last_seen``): text order is time order only between strings of exactly that form, which is
+    why nothing else may be compared with a stored time. Accepts an ISO 8601 time with any offset (``Z``,
+    ``+05:30``, ``-08:00``), a date (midnight), a naive time (taken as UTC: a server's local zone is not the
+    asker's), a relative age (``90m``, ``24h``, ``7d``: that long before now; one reaching before year 1
+    means from the start), or a ``datetime`` / ``date`` (naive taken as UTC too). None stays None; anything
+    else is an InvalidInputError naming ``what``, raised before anything is read or changed."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        when = value
+    elif isinstance(value, date):
+        when = datetime(value.year, value.month, value.day)
+    elif isinstance(value, str):
+        text = value.strip()
+        if text[-1:] in AGE_UNITS and text[:-1].replace(".", "", 1).isdigit():
+            return time_before(float(text[:-1]) * AGE_UNITS[text[-1]])
+        if text[-1:] in ("Z", "z"):  # Python 3.10's fromisoformat knows only numeric offsets
+            text = text[:-1] + "+00:00"
+        head, _, tail = text.rpartition(" ")
+        if ":" in head and len(tail) in (2, 4, 5) and tail.replace(":", "", 1).isdigit():
+            text = f"{head}+{tail}"  # an unescaped '+' in a URL's query arrives as a space
+        try:
+            when = datetime.fromisoformat(text)
+        except ValueError:
+            when = None
+        if when is None:
+            raise InvalidInputError(f"{what} takes an ISO time (2026-03-01T23:30:00-05:00; UTC if no zone) or "
+                                    f"an age like 24h or 7d, got {value!r}")
+    else:
+        raise InvalidInputError(f"{what} takes an ISO time string, a datetime or an age like '7d', "
+                                f"got {type(value).__name__}")
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    try:
+        when = when.astimezone(timezone.utc)
+        # Stored times are whole milliseconds: rounding a finer time up keeps both ``>= since`` and
+        # ``< until`` exact against them (truncating would let in a record up to 1 ms early).
+        if when.microsecond % 1000:
+            when += timedelta(microseconds=1000 - when.microsecond % 1000)
+    except OverflowError:  # a zone that moves year 1 or 9999 out of range
+        raise InvalidInputError(f"{what} takes an ISO time within the years 1-9999 in UTC, got {value!r}") from None
+    return when.isoformat(timespec="milliseconds")
 
 
 def normalise_name(name: object) -> str:
@@ -1321,8 +1373,9 @@ class Store:
         """One record as the tuple :meth:`append_audit_rows` inserts (its ``time`` defaults to now): the audit
         table's columns (:attr:`_AUDIT_COLUMNS`, those this schema has), then the probe's thumbnail (JPEG bytes
         or None), which goes to the thumbnails table under the record's id."""
-        row = (r.get("time") or utcnow(), r["operation"], r.get("image_sha256"), r.get("identity"),
-               r.get("similarity"), r.get("threshold"), r["model_id"],
+        # a given time is stored in the one form (utc_time), or text comparisons with it would be wrong
+        row = (utc_time(r.get("time"), "an audit record's time") or utcnow(), r["operation"], r.get("image_sha256"),
+               r.get("identity"), r.get("similarity"), r.get("threshold"), r["model_id"],
                json.dumps(r["detail"]) if r.get("detail") else None, r.get("embedding"))
         if self.version >= 3:
             row = (*row, r.get("actor"))
@@ -1365,16 +1418,19 @@ class Store:
             if retention_days is not None:
                 conn.execute("DELETE FROM audit WHERE time < ?", (self._cutoff(retention_days),))
 
-    def audit(self, since: str | None = None, limit: int | None = None, *, until: str | None = None,
-              operation: str | Sequence[str] | None = None, actor: str | None = None, offset: int = 0,
+    def audit(self, since: str | datetime | None = None, limit: int | None = None, *,
+              until: str | datetime | None = None, operation: str | Sequence[str] | None = None,
+              actor: str | None = None, offset: int = 0,
               identity: str | None = None, decided: bool | None = None, after_id: int | None = None,
               newest_first: bool = False) -> list[dict[str, Any]]:
-        """Audit records at or after ``since`` and before ``until`` (ISO 8601, UTC), of one operation (or any of
-        several) and one actor if given, about ``identity`` if given, with an identity (``decided`` True) or
-        none (False: unknown, rejected), with ids above ``after_id``; oldest first (or newest first), paged by
-        ``limit`` / ``offset``."""
+        """Audit records at or after ``since`` and before ``until`` (anything :func:`utc_time` takes), of one
+        operation (or any of several) and one actor if given, about ``identity`` if given, with an identity
+        (``decided`` True) or none (False: unknown, rejected), with ids above ``after_id``; oldest first (or
+        newest first), paged by ``limit`` / ``offset``."""
         if self.version < 2:
             return []
+        # Compared as text, so both bounds go through utc_time (the stored form) whatever form they came in.
+        since, until = utc_time(since, "since"), utc_time(until, "until")
         where = ["time >= ?"]
         params: list[Any] = [since or ""]
         if until is not None:

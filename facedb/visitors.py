@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ from .audit import current_actor
 from .errors import InvalidInputError
 from .records import VisitorGroup
 from .settings import Settings, check_threshold
-from .store import Store
+from .store import Store, utc_time
 
 
 class VisitorLog:
@@ -107,8 +108,10 @@ def find(store: Store, settings: Settings, gid: str, *, threshold: float | None 
                             "groups again (`facedb visitors`)")
 
 
-def since_filter(found: list[VisitorGroup], since: str | None) -> list[VisitorGroup]:
-    """The groups last seen at or after ``since`` (ISO 8601 UTC)."""
+def since_filter(found: list[VisitorGroup], since: str | datetime | None) -> list[VisitorGroup]:
+    """The groups last seen at or after ``since`` (anything :func:`~facedb.store.utc_time` takes): compared as
+    text with the stored ``last_seen``, so only in the stored form, whatever offset ``since`` came with."""
+    since = utc_time(since, "since")
     return [g for g in found if since is None or g.last_seen >= since]
 
 

@@ -266,31 +266,13 @@ def rebuild_index(ctx: typer.Context) -> None:
     emit_kv(ctx, {"indexed": n})
 
 
-def since_time(value: str | None, option: str = "--since") -> str | None:
-    """'2026-11-28T10:00', '90m', '24h', '7d' -> an ISO 8601 UTC time."""
-    from datetime import datetime, timezone
-
-    from ..store import time_before
-
-    if value is None:
-        return None
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if value[-1:] in units and value[:-1].replace(".", "", 1).isdigit():
-        return time_before(float(value[:-1]) * units[value[-1]])  # an age past year 1 means "from the start"
-    try:
-        when = datetime.fromisoformat(value)
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        return when.astimezone(timezone.utc).isoformat(timespec="milliseconds")
-    except (ValueError, OverflowError):  # OverflowError: a zone that moves year 1 or 9999 out of range
-        raise InvalidInputError(f"{option} takes an ISO time or an age like 24h or 7d, got {value!r}") from None
-
-
 @command()
 def audit(
     ctx: typer.Context,
-    since: Annotated[str | None, typer.Option(help="ISO time (UTC if no zone) or an age: 90m, 24h, 7d.")] = None,
-    until: Annotated[str | None, typer.Option(help="Before this time (ISO, or an age).")] = None,
+    since: Annotated[str | None, typer.Option(help="At or after this time: ISO 8601 with any offset "
+                                                   "(2026-03-01T23:30-05:00, Z; UTC if no zone) or an age: "
+                                                   "90m, 24h, 7d.")] = None,
+    until: Annotated[str | None, typer.Option(help="Before this time (as --since).")] = None,
     operation: Annotated[str | None, typer.Option(help="Only this operation (identify, search, verify, enroll, "
                                                        "remove, ...).")] = None,
     actor: Annotated[str | None, typer.Option(help="Only what this actor asked (cli:USER, key:ID).")] = None,
@@ -298,8 +280,10 @@ def audit(
     offset: Annotated[int, typer.Option(min=0, help="Skip this many records first.")] = 0,
 ) -> None:
     """Read the audit trail of decisions (identity '-' / null = unknown), oldest first."""
+    from ..store import utc_time  # the one parser of times (README "Times"); here so errors name the option
+
     with open_db(ctx, readonly=True) as db:
-        rows = [r.to_dict() for r in db.audit(since_time(since), limit, until=since_time(until, "--until"),
+        rows = [r.to_dict() for r in db.audit(utc_time(since, "--since"), limit, until=utc_time(until, "--until"),
                                               operation=operation, actor=actor, offset=offset)]
     emit(ctx, rows, ["time", "operation", "actor", "identity", "similarity", "threshold", "image_sha256"])
 

@@ -12,7 +12,7 @@ import typer
 
 from ..errors import FaceDBError, InvalidInputError
 from . import EXIT_ERROR, Progress, app, command, emit, emit_kv, open_db, state
-from .admin import WeightsOpt, since_time
+from .admin import WeightsOpt
 
 
 class Rule(str, Enum):
@@ -122,12 +122,15 @@ visitors_app = typer.Typer(
          "one. Without a sub-command: list the groups.", no_args_is_help=False)
 app.add_typer(visitors_app, name="visitors")
 
-SinceOpt = Annotated[str | None, typer.Option(help="Only groups last seen since: an ISO time or an age (24h, 7d).")]
+SinceOpt = Annotated[str | None, typer.Option(help="Only groups last seen at or after this time: ISO 8601 with any "
+                                                   "offset (UTC if no zone) or an age (24h, 7d).")]
 
 
 def _list_visitors(ctx: typer.Context, since: str | None, min_size: int, threshold: float | None,
                    rule: Rule | None) -> None:
-    since = since_time(since)
+    from ..store import utc_time
+
+    since = utc_time(since, "--since")  # here, not in FaceDB.visitors, so that the error names the option
     with open_db(ctx) as db:
         if not db.settings().visitors.enabled:
             typer.echo("note: unknown visitors are not being kept (`facedb visitors settings --enable`)", err=True)

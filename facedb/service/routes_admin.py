@@ -93,9 +93,11 @@ DECISIONS = ("search", "identify", "verify")
 @router.get("/audit", summary="The audit trail, oldest first, filtered by time, operation, actor, person and "
                               "decision; paged.")
 def audit(caller: Annotated[Caller, Depends(ADMIN)],
-          since: Annotated[str | None, Query(description="ISO 8601 time (UTC if no zone) or an age: 90m, 24h, 7d.")]
+          since: Annotated[str | None, Query(description="At or after this time: ISO 8601 with any offset "
+                                                         "(2026-03-01T23:30:00-05:00, Z, +09:00; escape '+' as "
+                                                         "%2B; UTC if no zone) or an age: 90m, 24h, 7d.")]
           = None,
-          until: Annotated[str | None, Query(description="Before this time (ISO or an age).")] = None,
+          until: Annotated[str | None, Query(description="Before this time (as since).")] = None,
           operation: Annotated[str | None, Query(description="One operation, several comma-separated, or "
                                                              "'decisions' (search, identify, verify).")] = None,
           actor: Annotated[str | None, Query(description="key:<id>, cli:<user>, ...")] = None,
@@ -109,9 +111,9 @@ def audit(caller: Annotated[Caller, Depends(ADMIN)],
           order: Order = Order.asc,
           limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
           offset: Annotated[int, Query(ge=0, le=2**62)] = 0) -> dict[str, Any]:
-    from ..cli.admin import since_time
+    from ..store import utc_time
 
-    start, end = since_time(since), since_time(until, "until")
+    start, end = utc_time(since, "since"), utc_time(until, "until")
     ops: str | list[str] | None = operation
     if operation == "decisions":
         ops = list(DECISIONS)

@@ -27,11 +27,12 @@ class EnrollGroup(BaseModel):
                                  "seen, doors (actors), face ids.")
 def list_visitors(caller: Annotated[Caller, Depends(ENROLL)],
                   since: Annotated[str | None, Query(description="Groups last seen at or after this time (ISO "
-                                                                 "8601 or an age: 24h, 7d).")] = None,
+                                                                 "8601 with any offset, UTC if no zone, or an "
+                                                                 "age: 24h, 7d).")] = None,
                   min_size: Annotated[int, Query(ge=1, le=1_000_000)] = 2) -> dict[str, Any]:
-    from ..cli.admin import since_time
+    from ..store import utc_time
 
-    start = since_time(since)
+    start = utc_time(since, "since")
     with caller as db:
         groups = db.visitors(start, min_size=min_size)
         settings = db.settings()

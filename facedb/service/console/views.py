@@ -28,6 +28,7 @@ from ... import __version__
 from ...choices import OnMultiple, OnOtherMatch, RuleKind, ThumbnailMode
 from ...errors import AuthenticationError, FaceDBError, InvalidInputError, PersonNotFoundError
 from ...keys import Scope
+from ...store import utc_time
 from .. import routes_admin, routes_people, routes_query, routes_visitors
 from ..auth import Caller, admit
 from ..errors import error_response
@@ -76,12 +77,13 @@ EVENTS = ("identify.match", "identify.unknown", "verify.accept", "verify.reject"
 
 # ------------------------------------------------------------------------------------------------ rendering
 def _when(value: str | None) -> str:
-    """An ISO 8601 UTC time as ``2026-11-29 13:31:02 UTC``."""
+    """A stored time as ``2026-11-29 13:31:02 UTC``: through utc_time, so that one carrying another offset
+    (or none) is still shown as the UTC instant it is, not its wall-clock digits labelled UTC."""
     if not value:
         return ""
     try:
-        return datetime.fromisoformat(value).strftime("%Y-%m-%d %H:%M:%S UTC")
-    except ValueError:
+        return datetime.fromisoformat(utc_time(value) or "").strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (ValueError, InvalidInputError):
         return value
 
 
