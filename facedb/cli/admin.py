@@ -57,7 +57,8 @@ def milvus_options(index: IndexKind, uri: str | None, collection: str | None, to
     return {k: v for k, v in given.items() if v}
 
 
-WeightsOpt = Annotated[Path | None, typer.Option(envvar="FACEDB_WEIGHTS", help="FaceNet weights file (.pt).")]
+WeightsOpt = Annotated[Path | None, typer.Option(envvar="FACEDB_WEIGHTS", help="Weights file: FaceNet's (.pt), or "
+                                                  "sface's (.onnx; only the published file is accepted).")]
 
 
 @command()
@@ -65,7 +66,7 @@ def init(
     ctx: typer.Context,
     model: Annotated[
         str | None,
-        typer.Option(help="facenet-vggface2, facenet-casia, dlib-resnet, or your own id with --dim."),
+        typer.Option(help="facenet-vggface2, facenet-casia, sface, dlib-resnet, or your own id with --dim."),
     ] = None,
     dim: Annotated[int | None, typer.Option(min=1, help="Vector dimension, for a model facedb does not know.")] = None,
     threshold: Annotated[
