@@ -1,8 +1,9 @@
 """Open-set accuracy levers on LFW, each measured on and off, and the calibration the decision rules ship with.
 
-    python scripts/open_set_report.py [--no-flip] [--write-model-files] [--out bench-results/open-set-dlib-flip.json]
+    python scripts/open_set_report.py [--model dlib-resnet|sface] [--no-flip] [--write-model-files]
+                                      [--out bench-results/open-set-dlib-flip.json]
 
-Through facedb's own pipeline and embedding cache (dlib-resnet; `scripts/warm_eval_cache.py` fills the cache).
+Through facedb's own pipeline and embedding cache (`scripts/warm_eval_cache.py --model M` fills the cache).
 Protocol as `facedb eval identify`: one photo enrolled for each LFW person with >= 2 photos, their other photos
 are genuine probes, every photo of the single-photo people is an impostor probe (a stranger).
 
@@ -34,6 +35,8 @@ from facedb.models import MODELS
 from facedb.pipeline import get_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
+#: How each model's faces are aligned, for the impostor model's provenance.
+ALIGNMENT = {"dlib-resnet": "dlib chip", "sface": "five-point similarity warp to 112x112"}
 
 
 def top2(S: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -118,6 +121,7 @@ def sizes_table(data: OpenSet, sizes: list[int], seeds: int, policies: dict[str,
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="dlib-resnet", choices=sorted(ALIGNMENT))
     ap.add_argument("--no-flip", action="store_true")
     ap.add_argument("--write-model-files", action="store_true")
     ap.add_argument("--margin-fpir", type=float, default=0.01, help="FPIR the margin threshold is calibrated for "
@@ -128,10 +132,10 @@ def main() -> int:
     args = ap.parse_args()
     flip = not args.no_flip
     lfw, proto = args.data / "lfw_deepfunneled", args.data / "lfw_protocol"
-    pipe = get_pipeline("dlib-resnet")
+    pipe = get_pipeline(args.model)
     X, labels, counts = folder_embeddings(lfw, pipe, flip=flip)
     L = np.array(labels)
-    floor = MODELS["dlib-resnet"].default_threshold(flip)[0]
+    floor = MODELS[args.model].default_threshold(flip)[0]
     out: dict[str, object] = {"model_id": pipe.model_id, "flip": flip, "one_to_one_threshold": floor, **counts}
     t0 = time.time()
     dev_train, dev_test = read_people(proto / "peopleDevTrain.txt"), read_people(proto / "peopleDevTest.txt")
@@ -140,7 +144,7 @@ def main() -> int:
     idx = np.flatnonzero(np.isin(L, list(dev_train)))
     a, b, _ = impostor_pairs(L[idx], 2_000_000, np.random.default_rng(0))
     train_imp = np.einsum("ij,ij->i", X[idx][a], X[idx][b])
-    model = ImpostorModel.from_scores(train_imp, source="LFW peopleDevTrain, MTCNN + dlib chip" +
+    model = ImpostorModel.from_scores(train_imp, source=f"LFW peopleDevTrain, MTCNN + {ALIGNMENT[args.model]}" +
                                       (", flip" if flip else ""), flip=flip)
     train = OpenSet(X, labels, dev_train)
     margin = margin_threshold_for(train.Si, floor, args.margin_fpir)
@@ -148,7 +152,7 @@ def main() -> int:
                           "margin_calibrated_for_fpir": args.margin_fpir,
                           "margin_calibrated_on": f"{len(train.names)} DevTrain people, {train.Si.shape[0]} strangers"}
     if args.write_model_files:
-        dest = REPO / "facedb" / "models" / "impostors" / f"dlib-resnet{'-flip' if flip else ''}.json"
+        dest = REPO / "facedb" / "models" / "impostors" / f"{args.model}{'-flip' if flip else ''}.json"
         dest.parent.mkdir(parents=True, exist_ok=True)
         dest.write_text(model.to_json() + "\n")
         out["calibration"]["written"] = str(dest.relative_to(REPO))  # type: ignore[index]
@@ -203,7 +207,7 @@ def main() -> int:
     out["seconds"] = round(time.time() - t0, 1)
     text = json.dumps(out, indent=2)
     print(text)
-    dest = args.out or REPO / "bench-results" / f"open-set-dlib{'-flip' if flip else ''}.json"
+    dest = args.out or REPO / "bench-results" / f"open-set-{args.model.split('-')[0]}{'-flip' if flip else ''}.json"
     dest.parent.mkdir(exist_ok=True)
     dest.write_text(text + "\n")
     return 0
