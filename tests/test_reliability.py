@@ -24,3 +24,16 @@ def test_sigkill_loses_nothing_acknowledged_and_leaves_nothing_half_done():
     r = run_crash_drill(kills=8, seed=1)
     assert r["operations_acknowledged"] > 50, r
     assert r["failures"] == 0, r["failure_samples"]
+
+
+@pytest.mark.slow
+def test_integrity_drill_service_cli_and_console_at_once_lose_nothing():
+    """The short version of scripts/integrity_drill.py (issue #23): a real `facedb serve --workers 2` with the
+    console, CLI processes beside it, worker and CLI SIGKILLs; every acknowledged operation checked at rest."""
+    from facedb.testing.integrity import run_integrity_drill
+
+    r = run_integrity_drill(operations=200, kill_every=50, seed=3, cli_kill_share=0.4)
+    assert r["operations_acknowledged"] >= 200
+    assert r["lost"] == 0 and r["problems"] == 0, r["problem_samples"]
+    assert r["sigkills"].get("worker", 0) >= 3
+    assert r["removals_checked"] > 0 and r["revoked_keys_checked"] > 0

@@ -374,7 +374,7 @@ def test_a_database_made_by_branch_speed_before_the_merge_gets_mains_migrations(
     conn.close()
     store = Store.open(path)
     try:
-        assert store.version == SCHEMA_VERSION == len(MIGRATIONS) == 10
+        assert store.version == SCHEMA_VERSION == len(MIGRATIONS) >= 10  # every later step too
         tables = {r[0] for r in store.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert {"thumbnails", "unassigned_faces"} <= tables
         assert "derived" in {r[1] for r in store.conn.execute("PRAGMA table_info(embeddings)")}
