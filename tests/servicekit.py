@@ -4,16 +4,13 @@ model, photos as PNG bytes, a webhook receiver on loopback, and a real `facedb s
 from __future__ import annotations
 
 import io
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +18,7 @@ import httpx
 from PIL import Image
 
 from facedb import FaceDB
+from facedb.testing.receiver import Receiver  # noqa: F401 (the tests import it from here)
 
 from .conftest import REPO, face_image
 
@@ -68,67 +66,6 @@ def snapshot(path: Path) -> dict[str, Any]:
         return {"counts": db.store.counts(), "generation": s.generation, "threshold": s.threshold,
                 "people": [p.to_dict() for p in db.people()], "keys": [k.to_dict() for k in db.api_keys()],
                 "hooks": [h.to_dict() for h in db.webhooks()], "audit": s.audit.to_dict()}
-
-
-class Receiver:
-    """A webhook receiver on 127.0.0.1: records every POST (time, headers, body) and answers with the statuses
-    in ``script`` in turn (then 200), after ``delay`` seconds, or once ``gate`` is set (a threading.Event: a
-    receiver that answers only when the test lets it; ``answered`` counts the answers sent)."""
-
-    def __init__(self, script: list[int] | None = None, delay: float = 0.0,
-                 gate: threading.Event | None = None) -> None:
-        self.script = list(script or [])
-        self.delay = delay
-        self.gate = gate
-        self.answered = 0
-        self.received: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                with outer.lock:
-                    status = outer.script.pop(0) if outer.script else 200
-                    outer.received.append({"time": time.monotonic(), "headers": dict(self.headers), "body": body,
-                                           "status": status})
-                if outer.delay:
-                    time.sleep(outer.delay)
-                if outer.gate is not None:
-                    outer.gate.wait(300)
-                with outer.lock:
-                    outer.answered += 1
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> Receiver:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def wait_for(self, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                if len(self.received) >= n:
-                    return list(self.received)
-            time.sleep(0.01)
-        raise AssertionError(f"expected {n} deliveries, got {len(self.received)}")
-
-    def events(self) -> list[dict[str, Any]]:
-        with self.lock:
-            return [json.loads(r["body"]) for r in self.received]
 
 
 def free_port() -> int:

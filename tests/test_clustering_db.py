@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facedb import FaceDB, InvalidInputError, ModelMismatchError
+from facedb import FaceDB, InvalidInputError, ModelMismatchError, livefiles
 from facedb.soak import run_visitor_enroll_drill
 
 from . import conftest
@@ -263,7 +263,7 @@ def test_visitors_expire_and_forget_leaves_no_bytes_after_vacuum(tmp_path, fake_
         assert [g.faces for g in d.visitors(min_size=1)] == [3]  # expired: not listed (and purged)
 
     def files_hold(blob: bytes) -> bool:
-        return any(blob in f.read_bytes() for f in db.iterdir() if f.is_file())
+        return any(blob in livefiles.read_all(f) for f in db.iterdir() if f.is_file())
 
     green = jlines(run(db, "--json", "visitors"))[0]["id"]
     assert all(files_hold(blobs[i]) for i in blobs if i not in old)  # the scan finds what is there

@@ -26,7 +26,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import facedb.pipeline
-from facedb import FaceDB
+from facedb import FaceDB, livefiles
 from facedb.cli import app
 from facedb.errors import DatabaseError, ImageError, InvalidInputError
 
@@ -180,7 +180,7 @@ def test_fr01_cli_vacuum_leaves_no_byte_of_a_removed_person(tmp_path):
         d.add_templates("gone", gone, create=True)
 
     def present(vectors):
-        data = [f.read_bytes() for f in db.iterdir() if f.is_file()]
+        data = [livefiles.read_all(f) for f in db.iterdir() if f.is_file()]
         return [any(np.asarray(v, "<f4").tobytes() in blob for blob in data) for v in vectors]
 
     cli(db, "remove", "gone")

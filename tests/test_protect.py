@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facedb import DatabaseError, FaceDB, InvalidInputError
+from facedb import DatabaseError, FaceDB, InvalidInputError, livefiles
 from facedb.errors import KeyMissingError, TamperedError, TamperedFileWarning, WrongKeyError
 from facedb.protect import KEYRING_FILE, generate_key
 
@@ -47,14 +47,14 @@ def files_holding(root: Path, vectors: np.ndarray) -> list[str]:
     found = []
     for f in sorted(Path(root).rglob("*")):
         if f.is_file():
-            data = f.read_bytes()
+            data = livefiles.read_all(f)  # the database may be open in this process: see facedb/livefiles.py
             if any(n in data for n in needles):
                 found.append(f.name)
     return found
 
 
 def digest(root: Path) -> dict[str, str]:
-    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(Path(root).iterdir())
+    return {f.name: hashlib.sha256(livefiles.read_all(f)).hexdigest() for f in sorted(Path(root).iterdir())
             if f.is_file() and not f.name.endswith("-shm") and f.stat().st_size}  # (-shm: changed by any reader)
 
 

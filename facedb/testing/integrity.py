@@ -38,11 +38,12 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .receiver import Receiver
 
 DIM = 16
 MODEL = "vec-test"
@@ -86,33 +87,6 @@ class Ledger:
     def problem(self, line: str) -> None:
         with self.lock:
             self.problems.append(line)
-
-
-class _Receiver:
-    """Webhook receiver on loopback: counts deliveries."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                outer.count += 1
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def _free_port() -> int:
@@ -458,7 +432,7 @@ class Drill:
         with FaceDB.create(self.db, model_id=MODEL, dim=DIM, threshold=0.9) as db:
             db.configure_audit(sync=True)  # the README's promise: no decision answered without its record
             _, self.admin_key = db.create_api_key("admin", "drill-admin")
-        receiver = _Receiver()
+        receiver = Receiver().__enter__()
         port = _free_port()
         self.base = f"http://127.0.0.1:{port}"
         log = open(self.root / "serve.log", "wb")
@@ -502,7 +476,7 @@ class Drill:
                     os.killpg(self.server.pid, signal.SIGKILL)
                     self.server.wait()
             log.close()
-            receiver.close()
+            receiver.__exit__()
         seconds = time.monotonic() - started
         lost = self.verify_at_rest(old_index)
         return {
@@ -514,7 +488,7 @@ class Drill:
             "problem_samples": self.ledger.problems[:10],
             "sigkills": dict(self.ledger.kills),
             "sigkills_total": sum(self.ledger.kills.values()),
-            "webhook_deliveries": receiver.count,
+            "webhook_deliveries": len(receiver.received),
             "people_checked": len(self.people),
             "removals_checked": len(self.removed),
             "revoked_keys_checked": len(self.revoked),
