@@ -566,12 +566,24 @@ class FaceDB:
         Decision records still waiting for the background writer are committed first, so that what the removal
         erases (a removed person's probe thumbnails, thumbnails no longer kept) cannot be written after it."""
         self.trail.flush()
-        with self.store.write():
-            yield
-            self.store.set_meta({"erase_pending": "1"})
-        encryption.failpoint("removal-committed")
-        self.keeper.after_write(self.settings())
-        self._erase()
+        # The index lock is held from the transaction to the erasure (lock order: index lock, then SQLite's
+        # write lock, as every index save takes them), so `check` in another process can tell an erasure under
+        # way (it waits for the lock) from one a killed writer left behind (the mark outlives the lock).
+        with self.keeper.locked():
+            with self.store.write():
+                yield
+                self.store.set_meta({"erase_pending": "1"})
+            encryption.failpoint("removal-committed")
+            self.keeper.after_write(self.settings())
+            self._erase()
+
+    def _erasure_under_way(self) -> bool:
+        """Whether the ``erase_pending`` mark belongs to a removal still under way in another process: once that
+        process releases the index lock (held from its transaction to its erasure) the mark is gone."""
+        if self.store.readonly:
+            return False  # a read-only process takes no index lock: it reports the mark as it finds it
+        with self.keeper.locked():
+            return not self.store.erasure_pending()
 
     def _erase(self) -> None:
         """Rewrite the index file if it holds removed templates, then checkpoint and truncate the WAL."""
@@ -1071,9 +1083,15 @@ class FaceDB:
             return self.store.thumbnail(kind, owner_id)
 
     def cover_templates(self, names: Sequence[str]) -> dict[str, int]:
-        """{name: id of the person's first template with a thumbnail} for those of ``names`` that have one."""
+        """{name: id of the person's first template with a thumbnail} for those of ``names`` that have one. A
+        name no longer enrolled is left out, not an error: the names come from a list read a moment before, and
+        another process may have removed someone since (a list of people must not fail for that)."""
         with self._lock:
-            people = {p.id: p.name for p in (self.store.person(n) for n in names)}
+            found = []
+            for n in names:
+                with contextlib.suppress(PersonNotFoundError):
+                    found.append(self.store.person(n))
+            people = {p.id: p.name for p in found}
             return {people[pid]: tid for pid, tid in self.store.cover_templates(list(people)).items()}
 
     def note(self, operation: str, *, identity: str | None = None, detail: dict[str, Any] | None = None,
@@ -1453,8 +1471,9 @@ class FaceDB:
                 else:
                     checks.append("not encrypted: the database's files hold templates in plain text (`facedb encrypt`)")
                 checks.append("no removal awaits its erasure from the files")
-                if self.store.erasure_pending():
-                    problems.append("a removal's erasure from the index file did not finish (open it writable)")
+                if self.store.erasure_pending() and not self._erasure_under_way():
+                    problems.append("a removal's erasure from the index file did not finish (a process was killed "
+                                    "after the removal: the next writable open finishes it)")
                 gallery = self.keeper.current(self.settings())
                 checks.append(f"up to {CHECK_PROBES} stored templates are found as their own best match")
                 _, ids, _ = self.store.template_map()

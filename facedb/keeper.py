@@ -334,6 +334,12 @@ class IndexKeeper:
                 raise
             return  # on close: a write-through engine records its own generation; nothing here to save
 
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        """The index lock for a block (re-entrant in this keeper): a removal holds it from its transaction to its
+        erasure, so another process that takes it and still finds ``erase_pending`` knows that an erasure was
+        left behind (a killed writer), not one under way."""
+        return self._lock()
+
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
         if self._locked:

@@ -519,6 +519,8 @@ def check_name(name: object) -> str:
         raise InvalidInputError(f"a person's name may not contain invisible characters (U+{ord(hidden[0]):04X})")
     if name != name.strip():
         raise InvalidInputError("a person's name may not start or end with white space")
+    if name in (".", ".."):  # browsers and HTTP clients resolve them as path steps: no URL could reach the person
+        raise InvalidInputError(f"a person's name may not be {name!r}")
     return name
 
 
