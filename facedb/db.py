@@ -43,6 +43,7 @@ from .errors import (
     InvalidInputError,
     ModelMismatchError,
     NoFaceError,
+    NoTemplatesError,
     PersonNotFoundError,
 )
 from .index import backend_for, check_index_params, check_kind
@@ -116,6 +117,12 @@ def _interrupt_after() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
         if held and callable(previous):
             previous(signal.SIGINT, None)  # Python's own handler raises KeyboardInterrupt here
+
+
+def verify_rule(threshold: float | None) -> str:
+    """Which policy held a 1:1 decision, for its audit record and door event: the stored 1:1 threshold (``fixed``:
+    the 1:N rules do not apply to one claimed person) or one ``given`` with the call."""
+    return "fixed" if threshold is None else "given"
 
 
 class FaceDB:
@@ -729,9 +736,9 @@ class FaceDB:
         single = np.ndim(vectors) == 1
         x = self._protect(as_unit_rows(vectors, self.dim))
         out, settings = self._identify(x, k, threshold)
-        self.trail.record("identify", [
-            {"identity": a.identity, "similarity": a.similarity, "threshold": a.threshold, "vector": v}
-            for a, v in zip(out, x)], settings)
+        self.trail.record("identify", [  # the rule: which policy decided (a per-call threshold is "given")
+            {"identity": a.identity, "similarity": a.similarity, "threshold": a.threshold, "vector": v,
+             "detail": {"rule": a.rule}} for a, v in zip(out, x)], settings)
         self.visitor_log.keep([{"identity": a.identity, "similarity": a.similarity, "vector": v}
                                for a, v in zip(out, x)], settings)
         return out[0] if single else out
@@ -765,11 +772,12 @@ class FaceDB:
             # nearer to everyone (a stranger's best score against it is higher), so it would raise the FAR.
             _, templates = self.store.person_vectors([person.id], photos_only=True)
             if not len(templates):
-                raise InvalidInputError(f"{person.name!r} has no templates to verify against")
+                raise NoTemplatesError(f"{person.name!r} has no templates to verify against")
             result = engine.verify_scores(x[0], templates, person.name, thr, person.external_id)
             self.trail.record("verify", [{"image_sha256": sha, "identity": person.name if result.accepted else None,
                                           "similarity": result.similarity, "threshold": thr,
-                                          "detail": {"claimed": person.name}, "vector": x[0]}], settings)
+                                          "detail": {"claimed": person.name, "rule": verify_rule(threshold)},
+                                          "vector": x[0]}], settings)
         return result
 
     # ------------------------------------------------------------------------------------------------- photos
@@ -821,7 +829,8 @@ class FaceDB:
         thumbs = _thumbnails(crops, settings.thumbnails, "probe", "visitor")
         self.trail.record("search", [
             {"image_sha256": analysed.photo.sha256, "identity": a.identity, "similarity": a.similarity,
-             "threshold": a.threshold, "detail": {"box": [round(c, 1) for c in face.box]}, "vector": v,
+             "threshold": a.threshold, "detail": {"box": [round(c, 1) for c in face.box], "rule": a.rule},
+             "vector": v,
              "thumbnail": t} for face, a, v, t in zip(analysed.faces, answers, vectors, thumbs)], settings)
         self.visitor_log.keep([{"identity": a.identity, "similarity": a.similarity, "vector": v,
                                 "image_sha256": analysed.photo.sha256, "box": face.box, "det_score": face.score,
@@ -1103,15 +1112,17 @@ class FaceDB:
                               self.settings())
 
     # ------------------------------------------------------------------------------ API keys and webhooks
-    def create_api_key(self, scope: str, name: str | None = None) -> tuple[ApiKey, str]:
-        """Make an API key for the service (scope ``identify``, ``enroll`` or ``admin``); returns its record and
-        the key itself, which is stored nowhere (only its hash). See ``facedb/keys.py``."""
+    def create_api_key(self, scope: str, name: str | None = None,
+                       grants: Sequence[str] | None = None) -> tuple[ApiKey, str]:
+        """Make an API key for the service (scope ``identify``, ``enroll`` or ``admin``; ``grants``, for identify
+        keys: ``candidates``); returns its record and the key itself, which is stored nowhere (only its hash).
+        See ``facedb/keys.py``."""
         from . import keys
 
         with self._lock:
-            key, secret = keys.create(self.store, scope, name)
-            self.trail.record("key-create", [{"detail": {"key": key.id, "scope": key.scope, "name": key.name}}],
-                              self.settings())
+            key, secret = keys.create(self.store, scope, name, grants)
+            self.trail.record("key-create", [{"detail": {"key": key.id, "scope": key.scope, "name": key.name,
+                                                         "grants": list(key.grants)}}], self.settings())
             return key, secret
 
     def api_keys(self) -> list[ApiKey]:

@@ -52,6 +52,11 @@ class InvalidInputError(FaceDBError, ValueError):
     """An argument that is not acceptable: an empty name, bad metadata, k < 1, ..."""
 
 
+class NoTemplatesError(InvalidInputError):
+    """A 1:1 claim for a person who has no photo templates to compare with (the service answers a door's key
+    as for a refused claim, so that it cannot tell this person apart from a name that is not enrolled)."""
+
+
 class TemplateNotFoundError(NotFoundError, InvalidInputError):
     """No template has that id (an InvalidInputError too, which is what older releases raised)."""
 

@@ -9,6 +9,15 @@ behind GitHub's and Stripe's token storage).
 
 Scopes nest: ``identify`` (identify, verify, detect) < ``enroll`` (+ people and templates) < ``admin`` (+ keys,
 webhooks, settings, audit, stats, check).
+
+**Grants** widen what an ``identify`` key is *told*, never what it may *do*. An identify key is a door's key, and
+a door's key is the one most likely to be stolen (it sits in a device on a wall), so by default it learns a
+decision and nothing more: the identity or unknown, the external id and a coarse confidence band. Candidate
+lists, raw similarities, k > 1 and batches of vectors let a caller rebuild enrolled templates (issue #25: one
+identity-matrix query read out every template), so they are the ``candidates`` grant, off unless an admin asks
+for it (``facedb keys create --scope identify --grant candidates``). Enroll and admin keys see full answers
+already: a grant on them would mean nothing and is refused. No grant lets any key change the decision policy
+(the threshold, the rule): that is the admin's, set in the database's settings.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import hashlib
 import hmac
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from .errors import AuthenticationError, InvalidInputError, PermissionDeniedError
@@ -47,6 +56,27 @@ class Scope(str, Enum):
         return self.rank >= needed.rank
 
 
+#: What a grant may name. ``candidates``: an identify key's answers are the full ones (candidate lists, raw
+#: similarities, k > 1, several vectors per call), as enroll and admin keys get.
+GRANTS = ("candidates",)
+
+
+def check_grants(scope: Scope, grants: object) -> tuple[str, ...]:
+    """``grants`` as a sorted tuple of known grant names, or InvalidInputError (an unknown name; any grant on a
+    key whose scope already includes what it grants)."""
+    if grants is None:
+        return ()
+    if isinstance(grants, str) or not all(isinstance(g, str) for g in grants):  # type: ignore[attr-defined]
+        raise InvalidInputError("grants is a list of grant names")
+    out = tuple(sorted({g.strip() for g in grants}))  # type: ignore[attr-defined]
+    unknown = [g for g in out if g not in GRANTS]
+    if unknown:
+        raise InvalidInputError(f"unknown grant {unknown[0]!r}: grants are {', '.join(GRANTS)}")
+    if out and scope is not Scope.identify:
+        raise InvalidInputError(f"a {scope.value} key sees full answers already: grants are for identify keys")
+    return out
+
+
 def check_scope(value: object) -> Scope:
     try:
         return Scope(value)
@@ -63,6 +93,7 @@ class ApiKey(_Record):
     scope: str
     created_at: str
     revoked_at: str | None = None
+    grants: tuple[str, ...] = field(default=())
 
     @property
     def actor(self) -> str:
@@ -72,10 +103,28 @@ class ApiKey(_Record):
     def revoked(self) -> bool:
         return self.revoked_at is not None
 
+    @property
+    def full_answers(self) -> bool:
+        """Whether this key is told candidates and raw similarities (enroll, admin, or granted ``candidates``),
+        rather than the decision alone (a door's key: see the module's docstring)."""
+        return self.scope != Scope.identify.value or "candidates" in self.grants
+
+    @property
+    def sets_policy(self) -> bool:
+        """Whether this key may hold a decision to a threshold of its own for one call (enroll, admin: they can
+        change the gallery anyway). An identify key never may: the decision policy is the admin's, and a door
+        key that sets ``threshold: -1`` opens the door for anyone (issue #25)."""
+        return self.scope != Scope.identify.value
+
+    def to_dict(self) -> dict[str, object]:
+        return {**super().to_dict(), "grants": list(self.grants)}
+
     @classmethod
     def from_row(cls, row: dict[str, object]) -> ApiKey:
+        grants = tuple(g for g in str(row.get("grants") or "").split(",") if g)
         return cls(id=str(row["id"]), name=row["name"], scope=str(row["scope"]),  # type: ignore[arg-type]
-                   created_at=str(row["created_at"]), revoked_at=row["revoked_at"])  # type: ignore[arg-type]
+                   created_at=str(row["created_at"]), revoked_at=row["revoked_at"],  # type: ignore[arg-type]
+                   grants=grants)
 
 
 def key_hash(key: str) -> str:
@@ -91,15 +140,18 @@ def _check_name(name: str | None) -> str | None:
     return name.strip()
 
 
-def create(store: Store, scope: str | Scope, name: str | None = None) -> tuple[ApiKey, str]:
-    """Make a key of ``scope`` (optionally named, e.g. ``door-3``; names are unique among live keys).
+def create(store: Store, scope: str | Scope, name: str | None = None,
+           grants: object = None) -> tuple[ApiKey, str]:
+    """Make a key of ``scope`` (optionally named, e.g. ``door-3``; names are unique among live keys) with
+    ``grants`` (:data:`GRANTS`; identify keys only).
 
     Returns the stored record and the key itself, which exists nowhere else afterwards."""
     scope = check_scope(scope)
     name = _check_name(name)
+    granted = check_grants(scope, grants)
     key_id = secrets.token_hex(6)
     key = f"{PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
-    row = store.add_api_key(key_id, name, scope.value, key_hash(key))
+    row = store.add_api_key(key_id, name, scope.value, key_hash(key), ",".join(granted))
     return ApiKey.from_row(row), key
 
 

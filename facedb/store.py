@@ -332,12 +332,16 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     # 11: each person's order and search keys beside their name (name_sort_key, name_search_key), filled for
     # the people already there: listing, paging and searching are then plain SQL on indexed columns
     lambda conn: _add_name_keys(conn),
+    # 12: what each API key is told beyond a decision (facedb/keys.py GRANTS, comma-separated): existing keys get
+    # none, so an identify key made before it is answered with the decision alone, as a door's key should be
+    lambda conn: _add_column(conn, "api_keys", "grants TEXT NOT NULL DEFAULT ''"),
 ]
 #: The schema versions that have the service's key and webhook tables, the thumbnails table, and people's
 #: order and search keys.
 KEYS_VERSION = 6
 THUMBNAILS_VERSION = 8
 NAME_KEYS_VERSION = 11
+GRANTS_VERSION = 12
 SCHEMA_VERSION = len(MIGRATIONS)
 
 #: How many generations of the change log to keep behind the saved index, so that processes holding a
@@ -1477,16 +1481,24 @@ class Store:
         return out
 
     # ------------------------------------------------------------ API keys and webhooks (the service's)
-    _KEY_COLUMNS = "id, name, scope, key_hash, created_at, revoked_at"
+    _KEY_COLUMNS_V6 = "id, name, scope, key_hash, created_at, revoked_at"
+
+    @property
+    def _key_columns(self) -> str:
+        """The key table's columns this store's schema has (a read-only store may predate the grants)."""
+        return self._KEY_COLUMNS_V6 + (", grants" if self.version >= GRANTS_VERSION else "")
+
     _HOOK_COLUMNS = "id, url, events, secret, key_id, created_at"
 
     def _need_version(self, version: int, what: str) -> None:
         if self.version < version:
             raise DatabaseError(f"{self.path} predates {what}: open it once writable to upgrade it")
 
-    def add_api_key(self, key_id: str, name: str | None, scope: str, key_hash: str) -> dict[str, Any]:
-        """Store a new API key (its hash only); DuplicateError when a live key already has ``name``."""
-        self._need_version(KEYS_VERSION, "API keys")
+    def add_api_key(self, key_id: str, name: str | None, scope: str, key_hash: str,
+                    grants: str = "") -> dict[str, Any]:
+        """Store a new API key (its hash only) with ``grants`` (comma-separated); DuplicateError when a live key
+        already has ``name``."""
+        self._need_version(GRANTS_VERSION if grants else KEYS_VERSION, "API keys' grants" if grants else "API keys")
         row = {"id": key_id, "name": name, "scope": scope, "key_hash": key_hash, "created_at": utcnow(),
                "revoked_at": None}
         with self.write():
@@ -1495,34 +1507,36 @@ class Store:
                 raise DuplicateError(f"a key named {name!r} already exists (revoke it first)")
             self.conn.execute("INSERT INTO api_keys (id, name, scope, key_hash, created_at, revoked_at) "
                               "VALUES (:id, :name, :scope, :key_hash, :created_at, :revoked_at)", row)
-        return row
+            if grants:
+                self.conn.execute("UPDATE api_keys SET grants = ? WHERE id = ?", (grants, key_id))
+        return {**row, "grants": grants}
 
     def api_key(self, key_id: str) -> dict[str, Any] | None:
         """The key row with id ``key_id`` (revoked or not), or None."""
         if self.version < KEYS_VERSION:
             return None
-        row = self.conn.execute(f"SELECT {self._KEY_COLUMNS} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
-        return dict(zip(self._KEY_COLUMNS.split(", "), row)) if row else None
+        row = self.conn.execute(f"SELECT {self._key_columns} FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        return dict(zip(self._key_columns.split(", "), row)) if row else None
 
     def api_keys(self) -> list[dict[str, Any]]:
         """Every key row, oldest first (revoked ones too: they stay, so the audit trail's actors resolve)."""
         if self.version < KEYS_VERSION:
             return []
-        rows = self.conn.execute(f"SELECT {self._KEY_COLUMNS} FROM api_keys ORDER BY created_at, id").fetchall()
-        return [dict(zip(self._KEY_COLUMNS.split(", "), r)) for r in rows]
+        rows = self.conn.execute(f"SELECT {self._key_columns} FROM api_keys ORDER BY created_at, id").fetchall()
+        return [dict(zip(self._key_columns.split(", "), r)) for r in rows]
 
     def revoke_api_key(self, ref: str) -> dict[str, Any]:
         """Revoke the key whose id is ``ref``, or the live key named ``ref``; returns its row. NotFoundError if
         there is none; revoking a revoked key changes nothing."""
         self._need_version(KEYS_VERSION, "API keys")
         with self.write():
-            row = self.conn.execute(f"SELECT {self._KEY_COLUMNS} FROM api_keys WHERE id = ?", (ref,)).fetchone()
+            row = self.conn.execute(f"SELECT {self._key_columns} FROM api_keys WHERE id = ?", (ref,)).fetchone()
             if row is None:
-                row = self.conn.execute(f"SELECT {self._KEY_COLUMNS} FROM api_keys WHERE name = ? "
+                row = self.conn.execute(f"SELECT {self._key_columns} FROM api_keys WHERE name = ? "
                                         "AND revoked_at IS NULL", (ref,)).fetchone()
             if row is None:
                 raise NotFoundError(f"no API key with id or name {ref!r}")
-            key = dict(zip(self._KEY_COLUMNS.split(", "), row))
+            key = dict(zip(self._key_columns.split(", "), row))
             if key["revoked_at"] is None:
                 key["revoked_at"] = utcnow()
                 self.conn.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", (key["revoked_at"], key["id"]))

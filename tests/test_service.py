@@ -342,26 +342,36 @@ def test_vector_enrol_is_all_or_nothing(svc):
 def test_identify_photo_one_answer_per_face_and_audited(svc):
     client, keys, db = svc
     enrol(client, keys["enroll"], "Ann", png([RED], 1), png([RED], 2))
+    with FaceDB.open(db) as d:  # a door key granted candidates: today's full answers (tests/test_security.py: without)
+        granted = d.create_api_key("identify", "door-full", ["candidates"])[1]
     r = client.post("/v1/identify", files={"photo": ("door.png", png([RED, BLUE], 7))}, data={"k": "3"},
-                    headers=hdr(keys["identify"]))
+                    headers=hdr(granted))
     assert r.status_code == 200
     faces = r.json()["faces"]
     assert [f["identity"] for f in faces] == ["Ann", None]
     assert faces[0]["box"] == [0.0, 0.0, 40.0, 40.0] and faces[0]["similarity"] >= faces[0]["threshold"] == 0.7
-    assert faces[0]["candidates"][0]["name"] == "Ann"
+    assert faces[0]["candidates"][0]["name"] == "Ann" and faces[0]["rule"] == "fixed"
+    door = client.post("/v1/identify", files={"photo": ("door.png", png([RED, BLUE], 7))},
+                       headers=hdr(keys["identify"])).json()["faces"]  # the decision only
+    assert [(f["identity"], f["box"], f["confidence"] is not None) for f in door] == [
+        ("Ann", [0.0, 0.0, 40.0, 40.0], True), (None, faces[1]["box"], False)]
+    assert not {"similarity", "threshold", "candidates", "distance"} & {k for f in door for k in f}
     strict = client.post("/v1/identify", files={"photo": ("door.png", png([RED], 8))}, data={"threshold": "0.999"},
-                         headers=hdr(keys["identify"])).json()["faces"]
-    assert strict[0]["identity"] is None and strict[0]["threshold"] == 0.999
+                         headers=hdr(keys["enroll"])).json()["faces"]  # a per-call threshold: enroll and admin only
+    assert strict[0]["identity"] is None and strict[0]["threshold"] == 0.999 and strict[0]["rule"] == "given"
     assert client.post("/v1/identify", files={"photo": ("e.png", blank_png())},
                        headers=hdr(keys["identify"])).json() == {"faces": []}
     with FaceDB.open(db, readonly=True) as d:
-        ident_id = next(k.id for k in d.api_keys() if k.name == "identify-key")
+        ids = {k.name: k.id for k in d.api_keys()}
         searches = d.audit(operation="search")
-    assert [(s.identity, s.actor) for s in searches[:2]] == [("Ann", f"key:{ident_id}"), (None, f"key:{ident_id}")]
-    assert searches[-1].detail == {"faces": 0} and len(searches) == 4  # a photo with no face is recorded too
+    assert [(s.identity, s.actor) for s in searches[:4]] == [
+        ("Ann", f"key:{ids['door-full']}"), (None, f"key:{ids['door-full']}"),
+        ("Ann", f"key:{ids['identify-key']}"), (None, f"key:{ids['identify-key']}")]
+    assert [s.detail["rule"] for s in searches[:5]] == ["fixed"] * 4 + ["given"]  # which policy decided
+    assert searches[-1].detail == {"faces": 0} and len(searches) == 6  # a photo with no face is recorded too
     for bad in ({"k": "0"}, {"k": "x"}, {"k": str(10**9)}, {"threshold": "2"}, {"threshold": "nan"}):
         assert_error(client.post("/v1/identify", files={"photo": ("d.png", png([RED], 9))}, data=bad,
-                                 headers=hdr(keys["identify"])), 400)
+                                 headers=hdr(keys["enroll"])), 400)
     assert_error(client.post("/v1/identify", files={"photo": ("d.png", b"GIF89a broken")},
                              headers=hdr(keys["identify"])), 400, "ImageError")
     assert_error(client.post("/v1/identify", files={"photo": ("d.png", b"")}, headers=hdr(keys["identify"])), 400)
@@ -398,7 +408,7 @@ def test_verify_photo_and_vector(svc):
     assert_error(client.post("/v1/verify", files={"photo": ("p.png", blank_png())}, data={"person": "Ann"},
                              headers=h), 422, "NoFaceError")
     assert_error(client.post("/v1/verify", files={"photo": ("p.png", png([RED], 5))}, data={"person": "Zed"},
-                             headers=h), 404)
+                             headers=hdr(keys["enroll"])), 404)  # a door key: as a refused claim (test_security)
     assert_error(client.post("/v1/verify", files={"photo": ("p.png", png([RED], 5))}, headers=h), 400)
     with FaceDB.open(db) as d:
         vec = next(d.templates("Ann")).vector.tolist()
@@ -407,6 +417,8 @@ def test_verify_photo_and_vector(svc):
     with FaceDB.open(db, readonly=True) as d:
         verdicts = [(r.detail["claimed"], r.identity) for r in d.audit(operation="verify")]
     assert verdicts == [("Ann", "Ann"), ("Bob", None), ("Ann", "Ann"), ("Bob", None)]
+    with FaceDB.open(db, readonly=True) as d:
+        assert {r.detail["rule"] for r in d.audit(operation="verify")} == {"fixed"}  # the stored policy decided
 
 
 def test_detect(svc):

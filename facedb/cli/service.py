@@ -118,10 +118,13 @@ def keys_create(
     scope: Annotated[ScopeOpt, typer.Option(help="identify (identify, verify, detect), enroll (+ people and "
                                                  "templates), admin (+ keys, webhooks, settings, audit).")],
     name: Annotated[str | None, typer.Option(help="A label, e.g. door-3 (unique among live keys).")] = None,
+    grant: Annotated[list[str] | None, typer.Option(
+        help="For identify keys: 'candidates' lets the key see candidate lists, raw similarities, k > 1 and "
+             "batches of vectors. Without it (the default) a door's key is told the decision only.")] = None,
 ) -> None:
     """Make an API key. The key is printed once and stored nowhere (only its hash)."""
     with open_db(ctx) as db:
-        key, secret = db.create_api_key(scope.value, name)
+        key, secret = db.create_api_key(scope.value, name, grant or None)
     emit_kv(ctx, {**key.to_dict(), "key": secret})
     if not state(ctx).json:
         typer.echo("the key is shown only now: store it (send it as the X-API-Key header)", err=True)
@@ -132,7 +135,9 @@ def keys_list(ctx: typer.Context) -> None:
     """Every API key, revoked ones too (never the keys themselves)."""
     with open_db(ctx, readonly=True) as db:
         rows = [k.to_dict() for k in db.api_keys()]
-    emit(ctx, rows, ["id", "name", "scope", "created_at", "revoked_at"])
+    for row in rows:  # one cell in the table; JSON keeps the list
+        row["grants"] = ",".join(row["grants"]) if not state(ctx).json else row["grants"]
+    emit(ctx, rows, ["id", "name", "scope", "grants", "created_at", "revoked_at"])
 
 
 @command(name="revoke", group=keys_app)

@@ -8,6 +8,7 @@ from ``FACEDB_*`` variables; tests call :func:`create_app` with a test-double mo
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
-from ..errors import RequestTooLargeError
+from ..errors import InvalidInputError, RequestTooLargeError
 from ..hooks import Sender
 from . import errors, routes_admin, routes_people, routes_query, routes_visitors
 from .config import ServiceSettings
@@ -95,6 +96,72 @@ class Transport:
         await response(scope, receive, send)
 
 
+def _json_media(headers: dict[bytes, bytes]) -> bool:
+    """Whether FastAPI will parse this request's body as JSON (its rule: a ``json`` or ``+json`` subtype)."""
+    media = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+    subtype = media.partition(b"/")[2]
+    return subtype == b"json" or subtype.endswith(b"+json")
+
+
+def unreadable_text(body: bytes) -> str | None:
+    r"""Why a JSON body's text cannot be stored or answered, or None. Python's ``json.loads`` takes raw surrogate
+    bytes (it decodes with ``surrogatepass``) and ``"\udc80"`` escapes, and a lone surrogate in a str then fails
+    far from the request, when SQLite or the JSON answer encodes it to UTF-8: a 500 on 8 routes (issue #25,
+    finding 5), including error answers that quote the field. Checked once here, before routing, for every
+    route. The escape is parsed only when ``\u`` occurs at all, so a vector (digits) costs one scan."""
+    try:
+        text = body.decode("utf-8")  # strict: raw surrogate bytes (ED A0..BF ..) and other non-UTF-8 fail here
+    except UnicodeDecodeError:
+        return "the request body is not valid UTF-8 (JSON is UTF-8, RFC 8259)"
+    if "\\u" not in text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None  # malformed JSON: FastAPI's own 400 says where
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return "a string in the request holds a lone UTF-16 surrogate (e.g. \\udc80): it is not text"
+    return None
+
+
+class TextCheck:
+    """Pure ASGI middleware: a JSON body whose strings are not text (:func:`unreadable_text`) is a 400
+    InvalidInputError before any route sees it. It sits inside CORS, so a browser client can read the refusal."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not _json_media(dict(scope.get("headers") or [])):
+            await self.app(scope, receive, send)
+            return
+        chunks = []
+        while True:  # Transport has read the whole body already (bounded): this is one message, replayed
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        why = unreadable_text(body)
+        if why is not None:
+            await errors.error_response(InvalidInputError(why))(scope, receive, send)
+            return
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
 def create_app(settings: ServiceSettings, *, model: Any = None, sender: Sender | None = None) -> FastAPI:
     """The service for ``settings.db``. ``model``: a face pipeline to use instead of loading the database's
     (tests); ``sender``: how webhooks are posted (default: httpx)."""
@@ -131,6 +198,7 @@ def create_app(settings: ServiceSettings, *, model: Any = None, sender: Sender |
         from .console import install as install_console
 
         install_console(app)
+    app.add_middleware(TextCheck)  # added first: innermost, inside CORS
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

@@ -23,6 +23,9 @@ class NewKey(BaseModel):
     scope: Scope = Field(description="identify (identify, verify, detect), enroll (+ people, templates) or admin "
                                      "(+ keys, webhooks, settings, audit).")
     name: str | None = Field(None, description="A label, e.g. door-3 (unique among live keys).")
+    grants: list[str] | None = Field(None, description="identify keys only: ['candidates'] lets the key see "
+                                                       "candidate lists, raw similarities, k > 1 and batches of "
+                                                       "vectors; without it a key is told the decision only.")
 
 
 class NewHook(BaseModel):
@@ -215,7 +218,7 @@ def list_keys(caller: Annotated[Caller, Depends(ADMIN)]) -> dict[str, Any]:
 @router.post("/keys", status_code=201, summary="Make an API key; the key is in this answer and nowhere else.")
 def create_key(body: NewKey, caller: Annotated[Caller, Depends(ADMIN)]) -> dict[str, Any]:
     with caller as db:
-        key, secret = db.create_api_key(body.scope.value, body.name)
+        key, secret = db.create_api_key(body.scope.value, body.name, body.grants)
     return {**key.to_dict(), "key": secret}
 
 

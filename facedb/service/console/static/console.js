@@ -228,7 +228,9 @@
       if (!faces.length) answers.appendChild(el("li", {className: "unknown", text: "No face found in this photo."}));
       faces.forEach((f) => answers.appendChild(el("li", {className: f.identity ? "match" : "unknown"}, [
         el("strong", {text: f.identity || "unknown"}),
-        document.createTextNode(" similarity " + fmt(f.similarity) + " (threshold " + fmt(f.threshold) + ")")])));
+        // a door key is told the decision and a confidence band only (README "Threat model")
+        document.createTextNode("similarity" in f ? " similarity " + fmt(f.similarity) + " (threshold " +
+          fmt(f.threshold) + ")" : f.confidence ? " confidence " + f.confidence : "")])));
       await whenLoaded(img);
       drawBoxes(frame, img, faces, (f) => ({kind: f.identity ? "" : "unknown", text: f.identity || "unknown"}));
     }
