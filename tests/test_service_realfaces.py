@@ -33,11 +33,13 @@ def test_enrol_identify_verify_detect_real_lfw_photos(tmp_path, facedata):
 
     db = tmp_path / "db"
     keys = make_db(db, model_id="dlib-resnet", dim=128, threshold=0.929)
+    with FaceDB.open(db) as d:  # a door key told candidates (README "Threat model"); the plain one below
+        granted = d.create_api_key("identify", "door-full", ["candidates"])[1]
     app = create_app(ServiceSettings(db=db), sender=lambda *a: 200)
     with TestClient(app) as client:
         wait_ready(client, timeout=120)
         assert client.get("/ready").json()["model_loaded"] is True
-        enroll, ident = {"X-API-Key": keys["enroll"]}, {"X-API-Key": keys["identify"]}
+        enroll, ident = {"X-API-Key": keys["enroll"]}, {"X-API-Key": granted}
         for person in ("George_W_Bush", "Colin_Powell"):
             r = client.post(f"/v1/people/{person}/templates", headers=enroll,
                             files=[("photos", photo(person, 1)), ("photos", photo(person, 2))])
@@ -46,6 +48,10 @@ def test_enrol_identify_verify_detect_real_lfw_photos(tmp_path, facedata):
         faces = r.json()["faces"]
         assert len(faces) == 1 and faces[0]["identity"] == "George_W_Bush"
         assert faces[0]["similarity"] >= 0.929 and faces[0]["candidates"][1]["name"] == "Colin_Powell"
+        door = client.post("/v1/identify", files={"photo": photo("George_W_Bush", 3)},
+                           headers={"X-API-Key": keys["identify"]}).json()["faces"]
+        assert [(f["identity"], f["confidence"] in ("low", "medium", "high"), "candidates" in f) for f in door] == [
+            ("George_W_Bush", True, False)]
         stranger = client.post("/v1/identify", files={"photo": photo("Tony_Blair", 1)}, headers=ident).json()
         assert stranger["faces"][0]["identity"] is None
         no = client.post("/v1/verify", files={"photo": photo("Colin_Powell", 3)}, data={"person": "George_W_Bush"},
