@@ -57,26 +57,32 @@ def _identified(caller: Caller, answer: Identification, extra: dict[str, Any]) -
                    subject=answer.identity)
 
 
-def _verified(caller: Caller, result: Verification, rule: str) -> None:
-    caller.publish("verify.accept" if result.accepted else "verify.reject",
-                   {"person": result.name, "similarity": result.similarity, "threshold": result.threshold,
-                    "rule": rule}, subject=result.name)
+def _verified(caller: Caller, result: Verification, rule: str, enrolled: bool = True) -> None:
+    """The door event; for a claim to a name with no templates (a door key's), no similarity was computed and
+    the event says so (``enrolled: false``) instead of carrying a made-up score."""
+    data: dict[str, Any] = {"person": result.name, "similarity": result.similarity if enrolled else None,
+                            "threshold": result.threshold, "rule": rule}
+    if not enrolled:
+        data["enrolled"] = False
+    caller.publish("verify.accept" if result.accepted else "verify.reject", data, subject=result.name)
 
 
 def _verify(caller: Caller, probe: Any, person: str, threshold: float | None, **photo: Any) -> dict[str, Any]:
     """One 1:1 decision. A door key is told the same for a name that is not enrolled (or has no templates) as
     for a refused claim, and that claim is recorded and sent as a rejection like any other; keys told more get
     404 / 400 as before. The photo is read first either way, so "no face" (422) says nothing about the name."""
+    enrolled = True
     with caller as db:
         try:
             result = db.verify(probe, person, threshold, **photo)
         except (PersonNotFoundError, NoTemplatesError):
             if caller.key.full_answers:
                 raise
+            enrolled = False
             stored = db.settings().threshold
             db.note("verify", detail={"claimed": person, "rule": verify_rule(threshold), "enrolled": False})
             result = Verification(name=person, accepted=False, similarity=-1.0, distance=4.0, threshold=stored)
-    _verified(caller, result, verify_rule(threshold))
+    _verified(caller, result, verify_rule(threshold), enrolled)
     return disclosure.verification(caller, result.to_dict())
 
 
