@@ -58,7 +58,11 @@ def main() -> int:
     root = args.db or Path(tmp.name) / "db"
     print(f"database {root}  model {spec.id} ({spec.dim}-d)  threshold {threshold:.3f} ({source})")
     pipe = get_pipeline(spec.id)
-    with FaceDB.create(root, model_id=spec.id, dim=spec.dim, threshold=threshold, threshold_source=source) as db:
+    margin = spec.margin_threshold(True)  # the decision rule `facedb init` gives this model's databases
+    rule = "margin" if margin is not None else "gallery" if spec.impostor_model(True) is not None else "fixed"
+    print(f"decision rule {rule}" + (f" (margin threshold {margin:.4f})" if margin is not None else ""))
+    with FaceDB.create(root, model_id=spec.id, dim=spec.dim, threshold=threshold, threshold_source=source,
+                       impostors=spec.impostor_model(True), margin=margin, rule=rule) as db:
         t = time.perf_counter()
         report = db.enroll_many([(n, f[: args.enrol]) for n, f in pick], model=pipe, on_multiple="largest")
         dt = time.perf_counter() - t
