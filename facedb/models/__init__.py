@@ -147,7 +147,8 @@ def resolve_model(model_id: str | None, *, weights: Path | None = None, dim: int
 
     A weights file names the model: the published file keeps its id, any other gets
     ``facenet-custom-<hash>`` with the dimension read from it. No model id: FaceNet-VGGFace2 when its weights
-    can be had, else dlib-resnet (the note says why). ``check_weights``: for a model that needs weights, fail
+    can be had, else sface, else dlib-resnet (the note says why); an sface file given as
+    weights names sface. ``check_weights``: for a model that needs weights, fail
     now (ModelUnavailableError saying where to put the file) rather than leave a database that can neither
     enrol nor search.
     """
