@@ -1,9 +1,9 @@
 """Crop mode and the probe quality check, measured on ORL (tight crops), Yale (directional light) and LFW.
 
-    python scripts/quality_report.py [--lfw-probes 3000] [--out bench-results/quality-dlib-flip.json]
+    python scripts/quality_report.py [--model sface] [--lfw-probes 3000] [--out bench-results/quality-dlib-flip.json]
 
-For each set, through facedb's own pipeline (MTCNN, dlib-resnet, flip) and the decision rule new databases use
-(the margin rule with dlib-resnet's shipped thresholds):
+For each set, through facedb's own pipeline (MTCNN, the model (default dlib-resnet), flip) and the decision rule
+new databases use (the margin rule with the model's shipped thresholds):
 
 * detection as usual and in crop mode (``cropped=True``: the photo padded before detection, the whole photo
   taken as the face if still none is found): the share of photos with a face (failures to acquire);
@@ -95,10 +95,12 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("FACEDB_TEST_DATA", REPO.parent / "shared" /
                                                                      "facedata")))
     ap.add_argument("--lfw-probes", type=int, default=3000, help="LFW photos measured (a seeded sample of people)")
-    ap.add_argument("--out", type=Path, default=REPO / "bench-results" / "quality-dlib-flip.json")
+    ap.add_argument("--model", default="dlib-resnet")
+    ap.add_argument("--out", type=Path, default=None, help="default bench-results/quality-<model>-flip.json")
     args = ap.parse_args()
-    pipe = get_pipeline("dlib-resnet")
-    spec = MODELS["dlib-resnet"]
+    args.out = args.out or REPO / "bench-results" / f"quality-{args.model.split('-')[0]}-flip.json"
+    pipe = get_pipeline(args.model)
+    spec = MODELS[args.model]
     policy = Policy("margin", spec.default_threshold(True)[0], MARGIN_WEIGHT, spec.margin_threshold(True))
     out: dict[str, object] = {"policy": policy.explanation, "floors": FLOORS}
     t0 = time.time()
