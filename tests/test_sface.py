@@ -314,3 +314,28 @@ def test_sface_verifies_lfw_pairs(facedata):
     for pair in same + diff:
         score = float(at[str(pair.a)] @ at[str(pair.b)])
         assert (score >= threshold) == pair.same, (pair, score, threshold)
+
+
+@needs_sface
+def test_facedb_init_without_a_model_makes_an_sface_database_with_its_shipped_rule(tmp_path, monkeypatch):
+    """Offline (FaceNet's weights cannot be had): `facedb init` says why it chose sface, and the database gets
+    sface's calibrated threshold and margin rule; a database made before keeps its own model."""
+    import json as _json
+
+    from typer.testing import CliRunner
+
+    from facedb import FaceDB
+    from facedb.cli import app
+
+    monkeypatch.setattr(W, "resolve_weights", _facenet_unavailable(W.resolve_weights))
+    runner = CliRunner()
+    old = tmp_path / "old"
+    assert runner.invoke(app, ["--db", str(old), "init", "--model", "dlib-resnet"]).exit_code == 0
+    res = runner.invoke(app, ["--db", str(tmp_path / "db"), "--json", "init"])
+    assert res.exit_code == 0, res.output
+    info = _json.loads(res.stdout.strip().splitlines()[-1])
+    assert info["model_id"] == "sface" and info["dim"] == 128 and info["decision_rule"] == "margin"
+    assert info["threshold"] == models.MODELS["sface"].default_threshold(True)[0]
+    assert "using sface" in res.stderr and "FaceNet weights could not be had" in res.stderr
+    with FaceDB.open(old) as db:
+        assert db.model_id == "dlib-resnet"
