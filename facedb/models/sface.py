@@ -71,13 +71,14 @@ def warp(image: np.ndarray, matrix: np.ndarray, size: int = SIZE) -> np.ndarray:
     x0, y0 = np.floor(sx).astype(np.int64), np.floor(sy).astype(np.int64)
     fx, fy = (sx - x0)[..., None], (sy - y0)[..., None]
     h, w = image.shape[:2]
-    padded = np.zeros((h + 2, w + 2, image.shape[2]), dtype=np.float32)  # a black border one pixel wide
-    padded[1:-1, 1:-1] = image
-    # corners outside the padded frame read the border (black): clip into it
-    xa, xb = np.clip(x0 + 1, 0, w + 1), np.clip(x0 + 2, 0, w + 1)
-    ya, yb = np.clip(y0 + 1, 0, h + 1), np.clip(y0 + 2, 0, h + 1)
-    top = padded[ya, xa] * (1 - fx) + padded[ya, xb] * fx
-    bottom = padded[yb, xa] * (1 - fx) + padded[yb, xb] * fx
+
+    def at(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """The pixels at integer (xs, ys), black where outside the image (no copy of the image is made)."""
+        inside = ((xs >= 0) & (xs < w) & (ys >= 0) & (ys < h))[..., None]
+        return image[np.clip(ys, 0, h - 1), np.clip(xs, 0, w - 1)].astype(np.float32) * inside
+
+    top = at(x0, y0) * (1 - fx) + at(x0 + 1, y0) * fx
+    bottom = at(x0, y0 + 1) * (1 - fx) + at(x0 + 1, y0 + 1) * fx
     out = top * (1 - fy) + bottom * fy
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
