@@ -84,6 +84,7 @@ from .vectors import budget_bytes
 from .visitors import VisitorLog
 
 if TYPE_CHECKING:
+    from .backup import BackupReport
     from .encryption import ConversionReport
     from .hooks import Webhook
     from .images import PhotoSource
@@ -1371,6 +1372,37 @@ class FaceDB:
         except IndexUnavailableError as exc:
             warnings.warn(f"the index moved, but its former collection could not be dropped (drop it by hand): {exc}",
                           stacklevel=3)
+
+    def backup(self, dest: str | os.PathLike[str], *, with_index: bool = False) -> BackupReport:
+        """An online, consistent copy of this database in the new directory ``dest`` while it keeps answering and
+        writing (SQLite's backup API; encrypted stays encrypted, and the manifest names the key it needs; the index
+        only ``with_index``): see ``facedb/backup.py``. Recorded in the audit trail. DatabaseExistsError if
+        ``dest`` exists and is not empty."""
+        from . import backup
+
+        report = backup.backup(self, Path(dest), with_index=with_index)
+        with self._lock:
+            self.trail.record("backup", [{"detail": {"to": report.path, "people": report.people,
+                                                     "templates": report.templates}}], self.settings())
+        return report
+
+    @classmethod
+    def restore(cls, src: str | os.PathLike[str], path: str | os.PathLike[str], *, key: object = None,
+                replace: bool = False) -> BackupReport:
+        """Restore the backup at ``src`` as the database ``path``, after checking it (manifest, SHA-256, key,
+        integrity, model, schema); ``replace`` moves an existing database aside, refused while any process has it
+        open. The restored database passes ``check`` (run here; DatabaseError otherwise) and records the restore
+        in its audit trail. See ``facedb/backup.py``."""
+        from . import backup
+
+        report = backup.restore(Path(src), Path(path), key=key, replace=replace)
+        with cls.open(path, key=key) as db:
+            result = db.check()
+            if not result.ok:
+                raise DatabaseError(f"{path}: the restored database fails its check: {result.problems[0]}")
+            db.trail.record("restore", [{"detail": {"from": str(src), "backup_created_at": report.created_at}}],
+                            db.settings())
+        return report
 
     def vacuum(self) -> None:
         """Compact the store (drop its free pages, so the file shrinks) and rewrite the index's persisted copy.

@@ -113,7 +113,7 @@ def connect(driver: Any, path: Path, *, readonly: bool = False, **kwargs: Any) -
     with _lock:
         before = _inode(path)
         if before is not None and before in _connections and _connections[before][0] != name:
-            raise DatabaseError(f"{path} is open in this process through another SQLite library "
+            raise DatabaseError(f"{path} is in use in this process through another SQLite library "
                                 f"({_connections[before][0]}); close that connection first")
         conn = driver.connect(target, uri=readonly, factory=_tracked_class(driver), **kwargs)
         inode = _inode(path)  # SQLite creates a new file at open

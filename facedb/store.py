@@ -1773,6 +1773,36 @@ class Store:
         finally:
             self.conn.execute("PRAGMA busy_timeout = 30000")
 
+    def backup_to(self, dest: Path) -> None:
+        """Write a consistent copy of this store to the new file ``dest`` through SQLite's online backup API (one
+        step, from one read snapshot, through a connection of its own: writers go on meanwhile, and this store's
+        connection keeps answering). An encrypted store's copy is encrypted under the same key (the backup API
+        copies its ciphertext pages); the copy is fsynced. DatabaseExistsError if ``dest`` exists."""
+        dest = Path(dest)
+        if dest.exists():
+            raise DatabaseExistsError(f"{dest} already exists")
+        source = self._connect(self.path, readonly=True, key=self._key)
+        driver = _driver(self._key is not None)
+        old = os.umask(0o077)  # a copy of biometric data: private from birth
+        try:
+            target = livefiles.connect(driver, dest, isolation_level=None, check_same_thread=False)
+        finally:
+            os.umask(old)
+        try:
+            if self._key is not None:
+                _key_connection(target, self._key)
+            raw_source = source._conn if isinstance(source, _Guarded) else source
+            with _typed_errors(self.path):
+                raw_source.backup(target)  # pages=-1: every page in one step, one snapshot
+        except _Error as exc:
+            target.close()
+            dest.unlink(missing_ok=True)
+            raise DatabaseError(f"{self.path}: backup failed ({exc})") from None
+        finally:
+            source.close()
+        target.close()
+        livefiles.fsync_file(dest)
+
     def erasure_pending(self) -> bool:
         """Whether a removal committed but its index file rewrite did not finish (a crash in between)."""
         return self.get_meta("erase_pending", "0") == "1"

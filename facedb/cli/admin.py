@@ -226,6 +226,35 @@ def vacuum(ctx: typer.Context) -> None:
 
 
 @command()
+def backup(
+    ctx: typer.Context,
+    dest: Annotated[Path, typer.Argument(help="A new directory for the copy.")],
+    with_index: Annotated[bool, typer.Option(
+        "--with-index", help="Copy the index file too (it is derived: a restored database rebuilds it otherwise).")
+    ] = False,
+) -> None:
+    """An online, consistent copy of the database while the service keeps answering and writing; an encrypted
+    one stays encrypted (the copy names the key it needs; the key is never written)."""
+    with open_db(ctx) as db:
+        emit_kv(ctx, db.backup(dest, with_index=with_index).to_dict())
+
+
+@command()
+def restore(
+    ctx: typer.Context,
+    src: Annotated[Path, typer.Argument(help="A directory `facedb backup` made.")],
+    replace: Annotated[bool, typer.Option("--replace", help="Replace the database at --db (moved aside to "
+                                                             "DB.replaced-TIME; refused while any process has it "
+                                                             "open).")] = False,
+) -> None:
+    """Check a backup (its hash, key, integrity, model, schema) and restore it as the database at --db."""
+    from ..db import FaceDB
+
+    st = state(ctx)
+    emit_kv(ctx, {**FaceDB.restore(src, st.db, key=st.key(), replace=replace).to_dict(), "restored_to": str(st.db)})
+
+
+@command()
 def reindex(
     ctx: typer.Context,
     index: Annotated[IndexKind, typer.Option(help="flat, flat16, hnsw, ivf, ivfpq, milvus, or auto.")],

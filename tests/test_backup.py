@@ -1,0 +1,186 @@
+"""Backup and restore (issue #28): an online, consistent copy while another process writes; restore checks the
+copy before it changes anything and refuses to replace a database in use; encrypted stays encrypted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from facedb import DatabaseError, FaceDB, InvalidInputError
+from facedb.errors import DatabaseExistsError, KeyMissingError, TamperedError, WrongKeyError
+
+from .conftest import REPO
+from .test_livefiles import cli
+
+DIM = 16
+
+
+def vecs(i: int, n: int = 2) -> np.ndarray:
+    x = np.random.default_rng(7000 + i).standard_normal((n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def contents(root, key=None) -> dict:
+    """Everything that must come back: people with metadata, templates with their vectors, settings, keys,
+    hooks."""
+    with FaceDB.open(root, readonly=True, key=key) as db:
+        people = {p.name: (p.external_id, p.metadata, p.templates) for p in db.people()}
+        gen, ids, vectors = db.store.templates(db.store.template_map()[1])
+        del gen
+        s = db.settings()
+        return {"people": people, "templates": {int(i): v.tobytes() for i, v in zip(ids, vectors)},
+                "threshold": s.threshold, "keys": [(k.name, k.scope) for k in db.api_keys()],
+                "hooks": [h.url for h in db.webhooks()]}
+
+
+@pytest.fixture()
+def source(tmp_path):
+    root = tmp_path / "db"
+    with FaceDB.create(root, model_id="vec-test", dim=DIM, threshold=0.8) as db:
+        for i in range(6):
+            db.add_templates(f"P{i}", vecs(i), create=True)
+        db.update_person("P1", metadata={"badge": 17}, external_id="E-1")
+        db.create_api_key("identify", "door")
+        db.add_webhook("http://127.0.0.1:9/hook", ["identify.match"])
+    return root
+
+
+def test_backup_and_restore_at_rest_give_back_everything(source, tmp_path):
+    with FaceDB.open(source) as db:
+        report = db.backup(tmp_path / "bk")
+    assert report.people == 6 and report.templates == 12 and not report.encrypted and not report.index
+    manifest = json.loads((tmp_path / "bk" / "backup.json").read_text())
+    assert manifest["model_id"] == "vec-test" and manifest["store_sha256"] == report.store_sha256
+    restored = FaceDB.restore(tmp_path / "bk", tmp_path / "copy")
+    assert restored.people == 6
+    assert contents(tmp_path / "copy") == contents(source)
+    with FaceDB.open(tmp_path / "copy") as db:
+        assert db.check().ok
+        assert db.identify(vecs(3)[0]).identity == "P3"
+        assert [r.operation for r in db.audit(operation=["backup", "restore"])] == ["restore"]
+    with FaceDB.open(source, readonly=True) as db:  # the backup is in the source's trail (made after the copy)
+        assert [r.operation for r in db.audit(operation="backup")] == ["backup"]
+
+
+WRITER = textwrap.dedent("""
+    import sys, numpy as np
+    sys.path.insert(0, {repo!r})
+    from facedb import FaceDB
+    with FaceDB.open({root!r}) as db:
+        for i in range(100, 100 + {n}):
+            x = np.random.default_rng(7000 + i).standard_normal((2, {dim})).astype(np.float32)
+            db.add_templates(f"W{{i:04d}}", x / np.linalg.norm(x, axis=1, keepdims=True), create=True)
+            print(i, flush=True)
+""")
+
+
+def test_a_backup_during_a_write_load_is_one_consistent_snapshot(source, tmp_path):
+    """Another process enrols W0100, W0101, ... in order while backups are made: each backup holds a prefix of
+    them, each person whole (both templates, byte for byte), and restores to a database that passes check."""
+    writer = subprocess.Popen([sys.executable, "-c", WRITER.format(repo=str(REPO), root=str(source), n=120,
+                                                                   dim=DIM)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None
+        writer.stdout.readline()  # the writer is under way
+        with FaceDB.open(source) as db:
+            for b in range(3):
+                db.backup(tmp_path / f"bk{b}")
+    finally:
+        writer.communicate(timeout=600)
+    assert writer.returncode == 0
+    final = contents(source)
+    for b in range(3):
+        FaceDB.restore(tmp_path / f"bk{b}", tmp_path / f"copy{b}")
+        got = contents(tmp_path / f"copy{b}")
+        written = sorted(n for n in got["people"] if n.startswith("W"))
+        assert written == [f"W{i:04d}" for i in range(100, 100 + len(written))]  # a prefix: no gaps
+        assert all(got["people"][n][2] == 2 for n in written)  # each person whole
+        assert all(final["templates"][i] == v for i, v in got["templates"].items())  # byte for byte
+        with FaceDB.open(tmp_path / f"copy{b}", readonly=True) as db:
+            assert db.check().ok
+
+
+def test_restore_checks_the_copy_and_changes_nothing_when_it_is_bad(source, tmp_path):
+    with FaceDB.open(source) as db:
+        db.backup(tmp_path / "bk")
+    store = tmp_path / "bk" / "facedb.sqlite3"
+    data = bytearray(store.read_bytes())  # the backup is not live: a plain read is fine here
+    data[len(data) // 2] ^= 0xFF
+    store.write_bytes(bytes(data))
+    with pytest.raises(TamperedError):
+        FaceDB.restore(tmp_path / "bk", tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
+    with pytest.raises(InvalidInputError, match="not a facedb backup"):
+        FaceDB.restore(tmp_path, tmp_path / "copy")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".copy")] == []
+
+
+def test_restore_never_overwrites_and_refuses_to_replace_a_database_in_use(source, tmp_path):
+    with FaceDB.open(source) as db:
+        db.backup(tmp_path / "bk")
+        db.add_templates("Later", vecs(50), create=True)
+    before = contents(source)
+    with pytest.raises(DatabaseExistsError):
+        FaceDB.restore(tmp_path / "bk", source)
+    with FaceDB.open(source):  # in use (by this process; another process is refused the same way)
+        holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            sys.path.insert(0, {str(REPO)!r})
+            from facedb import FaceDB
+            db = FaceDB.open({str(source)!r}); print("open", flush=True); time.sleep(600)""")],
+            stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+            with pytest.raises(DatabaseError, match="in use"):
+                FaceDB.restore(tmp_path / "bk", source, replace=True)
+        finally:
+            holder.kill()
+            holder.wait()
+    assert contents(source) == before
+    FaceDB.restore(tmp_path / "bk", source, replace=True)  # now nobody has it open
+    assert "Later" not in contents(source)["people"]
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("db.replaced-")]
+    assert len(aside) == 1 and "Later" in contents(aside[0])["people"]
+
+
+def test_an_encrypted_backup_stays_encrypted_and_names_the_key_it_needs(tmp_path):
+    pytest.importorskip("sqlcipher3")
+    from facedb.protect import generate_key
+
+    from .test_protect import files_holding
+
+    key, other = generate_key(), generate_key()
+    root = tmp_path / "enc"
+    with FaceDB.create(root, model_id="vec-test", dim=DIM, threshold=0.8, key=key) as db:
+        db.add_templates("Ann", vecs(1), create=True)
+        report = db.backup(tmp_path / "bk", with_index=True)
+    assert report.encrypted and report.database_id and report.key_version == 1 and report.index
+    assert files_holding(tmp_path / "bk", vecs(1)) == []
+    assert not (tmp_path / "bk" / "facedb.sqlite3").read_bytes().startswith(b"SQLite format 3")
+    assert key not in (tmp_path / "bk" / "backup.json").read_text()
+    with pytest.raises(KeyMissingError):
+        FaceDB.restore(tmp_path / "bk", tmp_path / "copy")
+    with pytest.raises(WrongKeyError):
+        FaceDB.restore(tmp_path / "bk", tmp_path / "copy", key=other)
+    assert not (tmp_path / "copy").exists()
+    FaceDB.restore(tmp_path / "bk", tmp_path / "copy", key=key)
+    assert contents(tmp_path / "copy", key=key) == contents(root, key=key)
+
+
+def test_backup_and_restore_from_the_cli(source, tmp_path):
+    res = cli(source, "--json", "backup", str(tmp_path / "bk"))
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["people"] == 6
+    again = cli(source, "backup", str(tmp_path / "bk"))
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1, again.stderr
+    res = cli(tmp_path / "copy", "restore", str(tmp_path / "bk"))
+    assert res.returncode == 0, res.stderr
+    assert contents(tmp_path / "copy") == contents(source)
+    bad = cli(tmp_path / "copy2", "restore", str(tmp_path))
+    assert bad.returncode == 2 and "not a facedb backup" in bad.stderr and not (tmp_path / "copy2").exists()
