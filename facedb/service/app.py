@@ -74,14 +74,7 @@ class Transport:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+        replay = _replaying(body, receive)
 
         async def stamped(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -94,6 +87,21 @@ class Transport:
         response = errors.error_response(exc)
         response.headers["connection"] = "close"  # the unread rest of the body is not worth reading
         await response(scope, receive, send)
+
+
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """A receive channel that hands the app the body a middleware already read, then the client's own messages
+    (a disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def _json_media(headers: dict[bytes, bytes]) -> bool:
@@ -150,16 +158,7 @@ class TextCheck:
         if why is not None:
             await errors.error_response(InvalidInputError(why))(scope, receive, send)
             return
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, _replaying(body, receive), send)
 
 
 def create_app(settings: ServiceSettings, *, model: Any = None, sender: Sender | None = None) -> FastAPI:
