@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +30,44 @@ from facedb.index import IndexPlace, backend_for
 DIM = 32
 
 
+#: A real Milvus server to run these tests against as well (``scripts/milvus_server.sh start plain`` prints its
+#: URI; .ci/run sets it). Not FACEDB_MILVUS_URI: facedb itself reads that one (it overrides every database's
+#: stored URI), which would send the Lite variant to the server too.
+SERVER_ENV = "FACEDB_TEST_MILVUS_URI"
+#: A second server started with authorisation on (user root, password Milvus): refused credentials for real.
+AUTH_SERVER_ENV = "FACEDB_TEST_MILVUS_AUTH_URI"
+
+
+def wipe(uri: str, token: str = "") -> None:
+    """Drop every alias and collection on a server, so each test starts from an empty one, as with a new Lite
+    file (collection names repeat across tests, and a leftover one is "another facedb database's")."""
+    client = MilvusClient(uri, token=token)
+    for name in client.list_collections():
+        for alias in client.list_aliases(name).get("aliases", []):
+            client.drop_alias(alias)
+        client.drop_collection(name)
+
+
+@pytest.fixture(params=["lite", "server"])
+def uri(request, tmp_path, monkeypatch) -> Iterator[str]:
+    """Each Milvus test runs on Milvus Lite (a file in tmp_path) and, where FACEDB_TEST_MILVUS_URI names one,
+    on a real Milvus server (emptied before and after the test)."""
+    monkeypatch.delenv("FACEDB_MILVUS_URI", raising=False)
+    if request.param == "lite":
+        yield str(tmp_path / "milvus.db")
+        return
+    server = os.environ.get(SERVER_ENV)
+    if not server:
+        pytest.skip(f"no Milvus server: set {SERVER_ENV} (scripts/milvus_server.sh start plain prints one)")
+    wipe(server)
+    yield server
+    wipe(server)
+
+
 @pytest.fixture()
-def lite(tmp_path) -> str:
-    return str(tmp_path / "milvus.db")
+def lite_only(request) -> None:
+    if request.node.callspec.params.get("uri") == "server":
+        pytest.skip("Milvus Lite only: it is about Lite's one-process-at-a-time file, which a server does not have")
 
 
 def gallery(seed: int = 0, people: int = 12, per: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -58,11 +94,11 @@ def held(uri: str, collection: str = "faces") -> tuple[list[int], dict]:
     return sorted(int(r["id"]) for r in rows), info["properties"]
 
 
-def test_enrol_identify_remove_check_reach_the_collection(tmp_path, lite):
+def test_enrol_identify_remove_check_reach_the_collection(tmp_path, uri):
     x, pids = gallery()
-    with make(tmp_path / "db", lite) as db:
+    with make(tmp_path / "db", uri) as db:
         enrol(db, x, pids)
-        ids, props = held(lite)
+        ids, props = held(uri)
         _, store_ids, _ = db.store.template_map()
         assert ids == store_ids.tolist() and props["facedb.generation"] == str(db.store.generation())
         assert props["facedb.model_id"] == "synthetic" and props["facedb.dim"] == str(DIM)
@@ -71,7 +107,7 @@ def test_enrol_identify_remove_check_reach_the_collection(tmp_path, lite):
         gone = db.store.person("p2")
         removed_ids = [t.id for t in db.templates("p2")]
         db.remove_person("p2")
-        ids, props = held(lite)
+        ids, props = held(uri)
         assert not set(removed_ids) & set(ids), "the removal deleted p2's templates from the collection"
         assert props["facedb.generation"] == str(db.store.generation())
         assert all(c.person_id != gone.id for c in db.identify(x[4], k=5).candidates)
@@ -82,23 +118,23 @@ def test_enrol_identify_remove_check_reach_the_collection(tmp_path, lite):
         assert db.index_state().from_file and db.index_state().entries == len(x) - 3
 
 
-def test_a_cli_remove_reaches_the_engine_before_it_returns(tmp_path, lite):
+def test_a_cli_remove_reaches_the_engine_before_it_returns(tmp_path, uri):
     """The writer never loaded the index (a CLI `remove`): a write-through engine still gets the write now."""
     x, pids = gallery()
-    with make(tmp_path / "db", lite) as db:
+    with make(tmp_path / "db", uri) as db:
         enrol(db, x, pids)
     with FaceDB.open(tmp_path / "db") as db:
         assert db.keeper.gallery is None
         db.remove_person("p1")
-        ids, _ = held(lite)
+        ids, _ = held(uri)
         assert len(ids) == len(x) - 3
 
 
-def test_token_is_used_but_never_stored(tmp_path, lite):
+def test_token_is_used_but_never_stored(tmp_path, uri):
     secret = "root:Sesame-7f3a9c"
     x, pids = gallery()
     db = FaceDB.create(tmp_path / "db", model_id="synthetic", dim=DIM, threshold=0.8, index="milvus",
-                       index_options={"milvus_uri": lite, "milvus_token": secret})
+                       index_options={"milvus_uri": uri, "milvus_token": secret})
     enrol(db, x, pids)
     assert db.keeper.place.options["milvus_token"] == secret
     db.close()
@@ -110,9 +146,9 @@ def test_token_is_used_but_never_stored(tmp_path, lite):
     assert not (tmp_path / "db2").exists()
 
 
-def test_catch_up_replays_the_change_log_from_the_generation_the_collection_records(tmp_path, lite):
+def test_catch_up_replays_the_change_log_from_the_generation_the_collection_records(tmp_path, uri):
     x, pids = gallery()
-    with make(tmp_path / "db", lite) as db:
+    with make(tmp_path / "db", uri) as db:
         enrol(db, x[:18], pids[:18])
         physical = db.keeper.gallery.index.physical
         recorded = db.store.generation()
@@ -120,20 +156,20 @@ def test_catch_up_replays_the_change_log_from_the_generation_the_collection_reco
         new_ids = db.store.add_templates("late", x[18:21], create_person=True)
         dropped = [t.id for t in db.templates("p1")]
         db.store.remove_person("p1")
-    ids, props = held(lite)
+    ids, props = held(uri)
     assert props["facedb.generation"] == str(recorded) and set(dropped) <= set(ids) and not set(new_ids) & set(ids)
     with FaceDB.open(tmp_path / "db") as db:
         assert db.identify(x[19], k=1).identity == "late"
         assert db.keeper.gallery.index.physical == physical, "caught up in place, not rebuilt"
         assert db.keeper.gallery.index.reflects == recorded, "replayed from the generation the collection recorded"
         gen = db.store.generation()
-    ids, props = held(lite)
+    ids, props = held(uri)
     assert set(new_ids) <= set(ids) and not set(dropped) & set(ids) and props["facedb.generation"] == str(gen)
 
 
-def test_unreachable_engine_keeps_the_write_and_the_next_open_catches_up(tmp_path, lite, monkeypatch):
+def test_unreachable_engine_keeps_the_write_and_the_next_open_catches_up(tmp_path, uri, monkeypatch):
     x, pids = gallery()
-    with make(tmp_path / "db", lite) as db:
+    with make(tmp_path / "db", uri) as db:
         enrol(db, x[:18], pids[:18])
     monkeypatch.setenv("FACEDB_MILVUS_URI", "http://127.0.0.1:9")  # nothing listens there
     with FaceDB.open(tmp_path / "db") as db:
@@ -147,14 +183,14 @@ def test_unreachable_engine_keeps_the_write_and_the_next_open_catches_up(tmp_pat
     monkeypatch.delenv("FACEDB_MILVUS_URI")
     with FaceDB.open(tmp_path / "db") as db:
         assert db.identify(x[19], k=1).identity == "late"
-    assert len(held(lite)[0]) == 21
+    assert len(held(uri)[0]) == 21
 
 
-def test_collection_dropped_behind_facedbs_back_is_rebuilt(tmp_path, lite):
+def test_collection_dropped_behind_facedbs_back_is_rebuilt(tmp_path, uri):
     x, pids = gallery()
-    db = make(tmp_path / "db", lite)
+    db = make(tmp_path / "db", uri)
     enrol(db, x, pids)
-    client = MilvusClient(lite)
+    client = MilvusClient(uri)
 
     def drop() -> str:
         physical = client.describe_collection("faces")["collection_name"]
@@ -165,37 +201,37 @@ def test_collection_dropped_behind_facedbs_back_is_rebuilt(tmp_path, lite):
     first = drop()
     report = db.check()  # `check` finds it gone and refills it from the store
     assert report.ok and any("rebuilt" in c for c in report.checks), report.checks
-    assert len(held(lite)[0]) == len(x)
+    assert len(held(uri)[0]) == len(x)
     drop()
     with pytest.raises(IndexUnavailableError):  # a running process finds it gone: a typed error, once
         db.identify(x[0])
     assert db.identify(x[0], k=1).identity == "p1", "the next call rebuilds it from the store"
-    assert len(held(lite)[0]) == len(x)
+    assert len(held(uri)[0]) == len(x)
     db.close()
     drop()  # while no process has it open: the next open rebuilds it
     with FaceDB.open(tmp_path / "db") as db:
         assert db.identify(x[0], k=1).identity == "p1"
         assert db.check().ok
-    assert len(held(lite)[0]) == len(x) and client.describe_collection("faces")["collection_name"] != first
+    assert len(held(uri)[0]) == len(x) and client.describe_collection("faces")["collection_name"] != first
 
 
-def test_check_repairs_strays_and_missing_entries(tmp_path, lite):
+def test_check_repairs_strays_and_missing_entries(tmp_path, uri):
     x, pids = gallery()
-    with make(tmp_path / "db", lite) as db:
+    with make(tmp_path / "db", uri) as db:
         enrol(db, x, pids)
-        client = MilvusClient(lite)
+        client = MilvusClient(uri)
         client.upsert("faces", [{"id": 999_999, "person_id": 1, "vector": x[0]}])  # a stray (a resurrected write)
         first = int(db.store.template_map()[1][0])
         client.delete("faces", ids=[first])  # and a template the engine lost
         report = db.check()
         assert report.ok, report.problems
         assert any("deleted" in c for c in report.checks) and any("written" in c for c in report.checks)
-        assert held(lite)[0] == db.store.template_map()[1].tolist()
+        assert held(uri)[0] == db.store.template_map()[1].tolist()
 
 
-def test_two_writers_catching_up_the_same_collection_write_each_entry_once(tmp_path, lite):
+def test_two_writers_catching_up_the_same_collection_write_each_entry_once(tmp_path, uri):
     x, pids = gallery()
-    a = make(tmp_path / "db", lite)
+    a = make(tmp_path / "db", uri)
     enrol(a, x[:18], pids[:18])
     b = FaceDB.open(tmp_path / "db")
     assert b.identify(x[0], k=1).identity == "p1"
@@ -204,26 +240,26 @@ def test_two_writers_catching_up_the_same_collection_write_each_entry_once(tmp_p
     a.remove_person("p2")
     assert b.identify(x[19], k=1).identity == "late"
     assert all(c.name != "p2" for c in b.identify(x[4], k=5).candidates)
-    ids, _ = held(lite)
+    ids, _ = held(uri)
     assert len(ids) == len(set(ids)) == 18, "each template once, p2's gone"
     a.close()
     b.close()
 
 
-def test_read_only_open_never_writes_and_answers_as_of_its_store(tmp_path, lite):
+def test_read_only_open_never_writes_and_answers_as_of_its_store(tmp_path, uri):
     x, pids = gallery()
-    with make(tmp_path / "db", lite) as db:
+    with make(tmp_path / "db", uri) as db:
         enrol(db, x[:18], pids[:18])
         # the store moves on without the engine (a replica's copy ahead of the collection, or a lagging writer)
         db.store.add_templates("late", x[18:21], create_person=True)
         p1 = [t.id for t in db.templates("p1")]
         db.store.remove_person("p1")
-    before = held(lite)
+    before = held(uri)
     with FaceDB.open(tmp_path / "db", readonly=True) as ro:
         assert ro.identify(x[19], k=1).identity == "late", "templates the collection lacks are searched here"
         assert all(c.name != "p1" for c in ro.identify(x[0], k=5).candidates), "removed ones are never answered"
         assert ro.check().ok
-    assert held(lite) == before, "a read-only open wrote nothing to the collection"
+    assert held(uri) == before, "a read-only open wrote nothing to the collection"
     assert set(p1) <= set(before[0])
 
 
@@ -236,56 +272,56 @@ def copy_store(src: Path, dst: Path) -> None:
         a.backup(b)
 
 
-def test_an_older_copy_of_the_store_never_levels_the_collection_back(tmp_path, lite):
+def test_an_older_copy_of_the_store_never_levels_the_collection_back(tmp_path, uri):
     """A replica's copy (or a restored backup) is behind the collection: opened writable it is refused (it
     would delete the writer's newer templates); read-only (CLI --read-only) it answers as of the copy and writes
     nothing; `rebuild-index` makes it the truth when it really is (a restored backup)."""
     x, pids = gallery()
-    with make(tmp_path / "db", lite) as db:
+    with make(tmp_path / "db", uri) as db:
         enrol(db, x[:18], pids[:18])
     copy_store(tmp_path / "db", tmp_path / "copy")
     with FaceDB.open(tmp_path / "db") as db:  # the writer moves on
         db.add_templates("late", x[18:21], create=True)
         db.remove_person("p1")
-    after = held(lite)
+    after = held(uri)
     with FaceDB.open(tmp_path / "copy") as stale, pytest.raises(IndexUnavailableError, match="read-only"):
         stale.identify(x[0])
-    assert held(lite) == after
+    assert held(uri) == after
     runner = CliRunner()
     res = runner.invoke(app, ["--read-only", "--db", str(tmp_path / "copy"), "--json", "check"])
     assert res.exit_code == 0 and json.loads(res.stdout)["ok"], res.output
     with FaceDB.open(tmp_path / "copy", readonly=True) as replica:
         assert replica.identify(x[0], k=1).identity == "p1", "as of its copy, p1 is still enrolled"
         assert all(c.name != "late" for c in replica.identify(x[19], k=3).candidates), "late is not in its copy"
-    assert held(lite) == after, "the replica wrote nothing to the collection"
+    assert held(uri) == after, "the replica wrote nothing to the collection"
     res = runner.invoke(app, ["--db", str(tmp_path / "copy"), "rebuild-index"])
     assert res.exit_code == 0, res.output
     with FaceDB.open(tmp_path / "copy", readonly=True) as restored:
-        assert held(lite)[0] == restored.store.template_map()[1].tolist(), "rebuilt from the copy, explicitly"
+        assert held(uri)[0] == restored.store.template_map()[1].tolist(), "rebuilt from the copy, explicitly"
 
 
-def test_read_only_open_cannot_build_a_missing_collection(tmp_path, lite):
+def test_read_only_open_cannot_build_a_missing_collection(tmp_path, uri):
     x, pids = gallery()
-    with make(tmp_path / "db", lite) as db:
+    with make(tmp_path / "db", uri) as db:
         enrol(db, x, pids)
-    client = MilvusClient(lite)
+    client = MilvusClient(uri)
     client.drop_alias("faces")
     with FaceDB.open(tmp_path / "db", readonly=True) as ro, pytest.raises(IndexUnavailableError, match="read-only"):
         ro.identify(x[0])
 
 
-def test_foreign_collections_are_refused_and_nothing_is_left_behind(tmp_path, lite):
-    client = MilvusClient(lite)
+def test_foreign_collections_are_refused_and_nothing_is_left_behind(tmp_path, uri):
+    client = MilvusClient(uri)
     client.create_collection("theirs", dimension=DIM)  # another application's collection
     with pytest.raises(IndexUnavailableError, match="not the alias facedb keeps"):
-        make(tmp_path / "a", lite, collection="theirs")
+        make(tmp_path / "a", uri, collection="theirs")
     assert not (tmp_path / "a").exists(), "a failed init leaves no database"
     assert client.has_collection("theirs")
     x, pids = gallery()
-    with make(tmp_path / "b", lite, collection="shared") as db:
+    with make(tmp_path / "b", uri, collection="shared") as db:
         enrol(db, x, pids)
     with pytest.raises(IndexUnavailableError, match="another facedb database"):
-        make(tmp_path / "c", lite, collection="shared")
+        make(tmp_path / "c", uri, collection="shared")
     assert not (tmp_path / "c").exists()
     with FaceDB.open(tmp_path / "b") as db:
         assert db.identify(x[0], k=1).identity == "p1", "the first database's collection is untouched"
@@ -294,7 +330,7 @@ def test_foreign_collections_are_refused_and_nothing_is_left_behind(tmp_path, li
         backend_for("milvus").load(IndexPlace(tmp_path / "b", options=options), {}, DIM)
 
 
-def test_unreachable_server_and_refused_token_are_clear_errors(tmp_path, lite, monkeypatch):
+def test_unreachable_server_and_refused_token_are_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(IndexUnavailableError, match=r"127\.0\.0\.1:9.*connecting"):
         make(tmp_path / "a", "http://127.0.0.1:9")
     assert not (tmp_path / "a").exists()
@@ -313,23 +349,23 @@ def test_unreachable_server_and_refused_token_are_clear_errors(tmp_path, lite, m
 
 
 @pytest.mark.slow
-def test_milvus_lite_held_by_another_process_is_a_clear_error(tmp_path, lite):
+def test_milvus_lite_held_by_another_process_is_a_clear_error(tmp_path, uri, lite_only):
     """Milvus Lite serves one process at a time: a second one gets a one-line error saying so (the CLI: exit 2,
     no traceback), and nothing is written to the store."""
     import subprocess
     import sys
 
     x, pids = gallery()
-    with make(tmp_path / "db", lite) as db:
+    with make(tmp_path / "db", uri) as db:
         enrol(db, x, pids)
     from milvus_lite.server_manager import server_manager_instance
 
-    server_manager_instance.release_server(lite)  # this process lets go of it
+    server_manager_instance.release_server(uri)  # this process lets go of it
     import facedb.index.milvus as mv
 
     mv._CLIENTS.clear()
     holder = subprocess.Popen([sys.executable, "-c", f"from pymilvus import MilvusClient; import time; "
-                               f"MilvusClient({lite!r}).list_collections(); print('held', flush=True); "
+                               f"MilvusClient({uri!r}).list_collections(); print('held', flush=True); "
                                f"time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -347,7 +383,7 @@ def test_milvus_lite_held_by_another_process_is_a_clear_error(tmp_path, lite):
         holder.stdout.close()
 
 
-def test_reindex_moves_to_milvus_and_back(tmp_path, lite):
+def test_reindex_moves_to_milvus_and_back(tmp_path, uri):
     x, pids = gallery()
     with FaceDB.create(tmp_path / "db", model_id="synthetic", dim=DIM, threshold=0.8, index="flat") as db:
         enrol(db, x, pids)
@@ -356,21 +392,21 @@ def test_reindex_moves_to_milvus_and_back(tmp_path, lite):
             db.reindex("milvus", index_options={"milvus_uri": "http://127.0.0.1:9"})
         assert db.settings().index_kind == "flat" and not db.settings().index_options, "a failed move changes nothing"
         assert db.identify(x[0], k=1).identity == "p1"
-        report = db.reindex("milvus", index_options={"milvus_uri": lite, "milvus_collection": "moved"})
+        report = db.reindex("milvus", index_options={"milvus_uri": uri, "milvus_collection": "moved"})
         assert report.built == "milvus" and report.indexed == len(x)
         assert not (tmp_path / "db" / "index.faiss").exists(), "the FAISS file is gone"
-        assert len(held(lite, "moved")[0]) == len(x)
+        assert len(held(uri, "moved")[0]) == len(x)
         assert db.identify(x[0], k=1).identity == "p1"
         db.reindex("milvus", index_options={"milvus_collection": "renamed"})
-        assert not MilvusClient(lite).has_collection("moved"), "a move to another collection drops the old one"
-        assert len(held(lite, "renamed")[0]) == len(x)
+        assert not MilvusClient(uri).has_collection("moved"), "a move to another collection drops the old one"
+        assert len(held(uri, "renamed")[0]) == len(x)
         db.reindex("ivf")
         assert (tmp_path / "db" / "index.faiss").exists()
-        assert not MilvusClient(lite).has_collection("renamed"), "moving back drops the collection"
+        assert not MilvusClient(uri).has_collection("renamed"), "moving back drops the collection"
         assert db.identify(x[0], k=1).identity == "p1"
 
 
-def test_cli_init_reindex_and_stats(tmp_path, lite):
+def test_cli_init_reindex_and_stats(tmp_path, uri):
     runner = CliRunner()
     db = tmp_path / "db"
 
@@ -380,8 +416,8 @@ def test_cli_init_reindex_and_stats(tmp_path, lite):
         return res
 
     out = json.loads(cli("--json", "init", "--model", "m", "--dim", str(DIM), "--index", "milvus", "--milvus-uri",
-                         lite, "--milvus-collection", "gate").stdout)
-    assert out["index_kind"] == "milvus" and out["milvus_uri"] == lite and out["milvus_collection"] == "gate"
+                         uri, "--milvus-collection", "gate").stdout)
+    assert out["index_kind"] == "milvus" and out["milvus_uri"] == uri and out["milvus_collection"] == "gate"
     res = cli("init", "--model", "m", "--dim", "8", "--index", "milvus", "--db", str(tmp_path / "x"), code=2)
     assert "needs a URI" in res.stderr
     res = cli("init", "--model", "m", "--dim", "8", "--index", "milvus", "--milvus-uri", "nowhere",
@@ -393,13 +429,13 @@ def test_cli_init_reindex_and_stats(tmp_path, lite):
     stats = json.loads(cli("--json", "stats").stdout)
     assert stats["index_kind"] == "milvus" and stats["templates"] == len(x)
     cli("reindex", "--index", "milvus", "--ef-search", "64")
-    assert json.loads(held(lite, "gate")[1]["facedb.params"])["ef_search"] == 64
+    assert json.loads(held(uri, "gate")[1]["facedb.params"])["ef_search"] == 64
     assert json.loads(cli("--json", "check").stdout)["ok"] is True
 
 
 @pytest.mark.realdata
 @pytest.mark.slow
-def test_cli_end_to_end_on_real_photos_with_milvus(tmp_path, facedata, lite):
+def test_cli_end_to_end_on_real_photos_with_milvus(tmp_path, facedata, uri):
     """init with Milvus, enrol real LFW photos (dlib-resnet), search, remove, check: through the CLI."""
     pytest.importorskip("dlib", reason="dlib is not installed")
     pytest.importorskip("facenet_pytorch", reason="facenet-pytorch is not installed")
@@ -418,7 +454,7 @@ def test_cli_end_to_end_on_real_photos_with_milvus(tmp_path, facedata, lite):
         assert res.exit_code == code, res.output
         return res
 
-    cli("init", "--model", "dlib-resnet", "--index", "milvus", "--milvus-uri", lite)
+    cli("init", "--model", "dlib-resnet", "--index", "milvus", "--milvus-uri", uri)
     report = json.loads(cli("--json", "enroll", "--folder", str(folder), "--workers", "0").stdout)
     assert report["faces_stored"] == 6
 
@@ -428,13 +464,13 @@ def test_cli_end_to_end_on_real_photos_with_milvus(tmp_path, facedata, lite):
 
     # facedb init turns mean templates on: 6 photo templates and one mean per person, all searched.
     assert len(stored_ids()) == 9
-    assert held(lite, "facedb")[0] == stored_ids(), "every enrolled template is in the collection"
+    assert held(uri, "facedb")[0] == stored_ids(), "every enrolled template is in the collection"
     probe = sorted((lfw / "Tony_Blair").glob("*.jpg"))[10]
     rows = [json.loads(x) for x in cli("--json", "search", str(probe)).stdout.splitlines()]
     assert any(r["identity"] == "Tony_Blair" for r in rows)
     cli("remove", "Tony_Blair")
     assert len(stored_ids()) == 6
-    assert held(lite, "facedb")[0] == stored_ids(), "the removal reached the collection"
+    assert held(uri, "facedb")[0] == stored_ids(), "the removal reached the collection"
     rows = [json.loads(x) for x in cli("--json", "search", str(probe)).stdout.splitlines()]
     assert all(r["identity"] != "Tony_Blair" and all(c["name"] != "Tony_Blair" for c in r["candidates"])
                for r in rows)

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# A real Milvus server on this machine, for CI and benchmarks: the standalone server (etcd and RocksMQ built in)
+# that the PyPI package milvus==2.3.5 carries, in a venv of its own (.milvus-venv: it needs nothing from facedb's
+# and its [client] extra pins an old pymilvus, so it is left out). Talks to 127.0.0.1 only.
+#
+#   scripts/milvus_server.sh start NAME [milvus-server options]   # fresh data dir, waits for /healthz, prints the URI
+#   scripts/milvus_server.sh stop NAME                            # SIGINT to the wrapper, waits for the server to go
+#   scripts/milvus_server.sh uri NAME                             # the URI of a running instance
+#
+# e.g. `start auth --authorization-enabled true --proxy-port 19630`: a second instance with authorisation on
+# (user root, password Milvus). State lives in .milvus-run/NAME/ (git-ignored): data, logs, the wrapper's pid.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${MILVUS_VENV:-.milvus-venv}
+RUN=${MILVUS_RUN:-.milvus-run}
+WAIT_S=${MILVUS_WAIT_S:-180}
+cmd=${1:?usage: $0 start|stop|uri NAME [options]}
+name=${2:?usage: $0 start|stop|uri NAME [options]}
+shift 2
+dir=$RUN/$name
+
+running() { [ -f "$dir/wrapper.pid" ] && kill -0 "$(cat "$dir/wrapper.pid")" 2>/dev/null; }
+# The milvus binary the wrapper started (its only child): its environment holds the health port the wrapper chose
+# (the first free one from 9091 up, so a second instance gets another).
+server_pid() { pgrep -P "$(cat "$dir/wrapper.pid")" -x milvus 2>/dev/null | head -1; }
+health_port() { tr '\0' '\n' <"/proc/$1/environ" 2>/dev/null | sed -n 's/^METRICS_PORT=//p'; }
+# The wrapper also moves a taken port to the next free one, so the proxy's port is read from the config it wrote.
+proxy_port() { awk '/^proxy:/{p=1; next} /^[^ #]/{p=0} p && /^  port:/{print $2; exit}' "$dir/data/configs/milvus.yaml"; }
+
+case $cmd in
+start)
+  if running; then echo "milvus $name is already running (pid $(cat "$dir/wrapper.pid"))" >&2; exit 1; fi
+  if [ ! -x "$VENV/bin/milvus-server" ]; then
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q milvus==2.3.5
+  fi
+  rm -rf "$dir" && mkdir -p "$dir"
+  # The embedded etcd's peer port (2380) is not a milvus-server option: with --etcd-port P, the etcd gets a config
+  # file of its own (client P, peer P+1, on 127.0.0.1) through Milvus's ETCD_CONFIG_PATH, so two instances coexist.
+  etcd_port=""
+  prev=""
+  for a in "$@"; do [ "$prev" = --etcd-port ] && etcd_port=$a; prev=$a; done
+  if [ -n "$etcd_port" ]; then
+    cat >"$dir/etcd.yaml" <<EOF
+name: $name
+listen-client-urls: http://127.0.0.1:$etcd_port
+advertise-client-urls: http://127.0.0.1:$etcd_port
+listen-peer-urls: http://127.0.0.1:$((etcd_port + 1))
+initial-advertise-peer-urls: http://127.0.0.1:$((etcd_port + 1))
+initial-cluster: $name=http://127.0.0.1:$((etcd_port + 1))
+EOF
+    export ETCD_CONFIG_PATH=$PWD/$dir/etcd.yaml
+  fi
+  "$VENV/bin/milvus-server" --data "$dir/data" "$@" >"$dir/wrapper.log" 2>&1 </dev/null &
+  echo $! >"$dir/wrapper.pid"
+  t0=$(date +%s)
+  while :; do
+    if ! running; then echo "milvus $name exited while starting; see $dir/" >&2; tail -5 "$dir/wrapper.log" >&2; exit 1; fi
+    pid=$(server_pid || true)
+    port=${pid:+$(health_port "$pid")}
+    if [ -n "${port:-}" ] && curl -fsS "http://127.0.0.1:$port/healthz" 2>/dev/null | grep -q OK; then break; fi
+    if [ $(( $(date +%s) - t0 )) -ge "$WAIT_S" ]; then
+      echo "milvus $name not healthy after ${WAIT_S}s; stopping it; see $dir/" >&2
+      "$0" stop "$name" || true
+      exit 1
+    fi
+    sleep 0.5
+  done
+  echo "$port" >"$dir/health.port"
+  echo "http://127.0.0.1:$(proxy_port)" | tee "$dir/uri"
+  echo "milvus $name healthy in $(( $(date +%s) - t0 )) s (health port $port, pid $(cat "$dir/wrapper.pid"))" >&2
+  ;;
+stop)
+  if ! running; then echo "milvus $name is not running" >&2; exit 0; fi
+  wpid=$(cat "$dir/wrapper.pid")
+  spid=$(server_pid || true)
+  kill -INT "$wpid"  # the wrapper stops its server (SIGTERM, then SIGKILL after 1 s) and exits
+  for _ in $(seq 1 120); do
+    kill -0 "$wpid" 2>/dev/null || { [ -n "$spid" ] && kill -0 "$spid" 2>/dev/null; } || break
+    sleep 0.5
+  done
+  if kill -0 "$wpid" 2>/dev/null; then kill -KILL "$wpid"; fi
+  if [ -n "$spid" ] && kill -0 "$spid" 2>/dev/null; then kill -KILL "$spid"; fi
+  rm -f "$dir/wrapper.pid"
+  echo "milvus $name stopped" >&2
+  ;;
+uri)
+  running || { echo "milvus $name is not running" >&2; exit 1; }
+  cat "$dir/uri"
+  ;;
+*)
+  echo "usage: $0 start|stop|uri NAME [milvus-server options]" >&2; exit 2
+  ;;
+esac
