@@ -75,6 +75,11 @@ class IndexUnavailableError(FaceDBError):
     else (another facedb database, or not facedb at all). The message names the engine and what to do."""
 
 
+class IndexCredentialsError(IndexUnavailableError):
+    """The vector index's engine (a Milvus server) refused facedb's credentials: a wrong or missing token. An
+    IndexUnavailableError too, so callers that handle an engine that cannot be used handle this one."""
+
+
 class IndexBehindWarning(UserWarning):
     """A write reached the store (the truth) but not the shared index engine; the engine records the
     generation it reflects, so the next process that opens it replays the store's change log."""

@@ -24,7 +24,13 @@ from pymilvus import MilvusClient, MilvusException
 from facedb import FaceDB
 from facedb.cli import app
 from facedb.contracts import clustered
-from facedb.errors import IndexBehindWarning, IndexUnavailableError, InvalidInputError, ModelMismatchError
+from facedb.errors import (
+    IndexBehindWarning,
+    IndexCredentialsError,
+    IndexUnavailableError,
+    InvalidInputError,
+    ModelMismatchError,
+)
 from facedb.index import IndexPlace, backend_for
 
 DIM = 32
@@ -346,6 +352,39 @@ def test_unreachable_server_and_refused_token_are_clear_errors(tmp_path, monkeyp
                              env={"FACEDB_MILVUS_TOKEN": "root:wrong"})
     assert res.exit_code == 2 and "FACEDB_MILVUS_TOKEN" in res.stderr and len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "b").exists()
+
+
+def test_a_server_with_authorisation_refuses_a_wrong_token_with_a_clear_error(tmp_path, monkeypatch):
+    """Against a real server with authorisation on: the right token works end to end; a wrong or missing one is
+    an IndexCredentialsError (CLI: one line naming FACEDB_MILVUS_TOKEN, exit 2) and creates nothing."""
+    server = os.environ.get(AUTH_SERVER_ENV)
+    if not server:
+        pytest.skip(f"no Milvus server with authorisation: set {AUTH_SERVER_ENV} (see .ci/run)")
+    import facedb.index.milvus as mv
+
+    monkeypatch.delenv("FACEDB_MILVUS_URI", raising=False)
+    monkeypatch.setattr(mv, "_CLIENTS", {})
+    root = "root:Milvus"  # the server's built-in user and default password
+    wipe(server, root)
+    try:
+        x, pids = gallery()
+        monkeypatch.setenv("FACEDB_MILVUS_TOKEN", root)
+        with make(tmp_path / "db", server) as db:
+            enrol(db, x, pids)
+            assert db.identify(x[4], k=1).identity == "p2"
+        for wrong in ("root:wrong", ""):
+            monkeypatch.setenv("FACEDB_MILVUS_TOKEN", wrong)
+            with FaceDB.open(tmp_path / "db") as db, pytest.raises(IndexCredentialsError, match="refused"):
+                db.identify(x[4], k=1)
+            res = CliRunner().invoke(app, ["--db", str(tmp_path / "new"), "init", "--model", "x", "--dim", str(DIM),
+                                           "--index", "milvus", "--milvus-uri", server],
+                                     env={"FACEDB_MILVUS_TOKEN": wrong})
+            assert res.exit_code == 2, res.output
+            assert "refused the credentials" in res.stderr and "FACEDB_MILVUS_TOKEN" in res.stderr
+            assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.output
+            assert not (tmp_path / "new").exists()
+    finally:
+        wipe(server, root)
 
 
 @pytest.mark.slow

@@ -60,7 +60,7 @@ import grpc
 import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
 
-from ..errors import IndexUnavailableError, InvalidInputError, ModelMismatchError
+from ..errors import IndexCredentialsError, IndexUnavailableError, InvalidInputError, ModelMismatchError
 from ..settings import DEFAULT_MILVUS_COLLECTION
 from . import IndexPlace, VectorIndex
 
@@ -136,12 +136,34 @@ def _explain(uri: str, what: str, exc: BaseException) -> str:
     return text
 
 
+def _refused(exc: BaseException) -> bool:
+    """Whether the server refused the credentials. pymilvus reports a refused token at connect time as "Fail
+    connecting to server ... illegal connection params or server unavailable" (code 2), the same words as a
+    server that is down; the gRPC error it wraps says UNAUTHENTICATED (a 2.3 server: "auth check failure")."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:  # the chain may loop back on itself
+        seen.add(id(cur))
+        code = getattr(cur, "code", None)
+        if isinstance(cur, grpc.RpcError) and callable(code) and code() == grpc.StatusCode.UNAUTHENTICATED:
+            return True
+        if isinstance(cur, MilvusException) and code == 1800:  # Milvus's "auth check failure" on a later call
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
 @contextmanager
 def _engine(uri: str, what: str) -> Iterator[None]:
-    """Milvus and gRPC failures as IndexUnavailableError naming the server and the step."""
+    """Milvus and gRPC failures as IndexUnavailableError naming the server and the step (IndexCredentialsError
+    when the server refused the token)."""
     try:
         yield
     except (MilvusException, grpc.RpcError, ConnectionError) as exc:
+        if _refused(exc):
+            raise IndexCredentialsError(
+                f"Milvus at {uri}: {what} failed: the server refused the credentials (wrong or missing token: set "
+                f"{TOKEN_ENV} to 'user:password' or an API key)") from None
         raise IndexUnavailableError(_explain(uri, what, exc)) from None
 
 
