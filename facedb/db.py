@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import encryption, engine, quality
+from . import encryption, engine, quality, timings
 from .audit import AuditTrail, acting_as, default_actor
 from .decision import ImpostorModel, Policy, predicted_fpir
 from .errors import (
@@ -762,7 +762,8 @@ class FaceDB:
             if not analysed.faces:
                 raise NoFaceError(f"{analysed.photo.name}: no face found")
             face = max(analysed.faces, key=lambda f: f.area)
-            x = pipe.embed_faces(analysed, [face], flip=self.flip)
+            with timings.stage("embed"):
+                x = pipe.embed_faces(analysed, [face], flip=self.flip)
             sha = analysed.photo.sha256
         x = self._protect(x)
         with self._lock:
@@ -825,7 +826,8 @@ class FaceDB:
         if not analysed.faces:
             return []
         crops = analysed.crops(pipe.embedder.align)
-        vectors = self._protect(pipe.embed_crops(crops, flip=self.flip))
+        with timings.stage("embed"):  # a query photo's faces, one batch (enrolment's batches are not timed here)
+            vectors = self._protect(pipe.embed_crops(crops, flip=self.flip))
         answers, settings = self._identify(vectors, k, threshold)
         thumbs = _thumbnails(crops, settings.thumbnails, "probe", "visitor")
         self.trail.record("search", [
@@ -1303,6 +1305,14 @@ class FaceDB:
         """What the vector index holds now (kind, generation, entries, tombstones, persisted copy)."""
         with self._lock:
             return self.keeper.describe(self.settings())
+
+    def loaded_index(self) -> tuple[int, str] | None:
+        """(store generation, kind) of the index this process holds in memory, None before one is loaded. No
+        lock and no I/O (a metrics scrape reads it beside running queries): a snapshot that a query may move
+        on a moment later. The index catches up with the store before each query, so a generation behind the
+        store's means this process has had no query since those changes, not that it answered from them."""
+        gallery = self.keeper.gallery
+        return None if gallery is None else (int(gallery.generation), str(gallery.index.kind))
 
     def load_index(self, *, wait: bool = False) -> IndexState:
         """Bring the index into memory now, level with the store (a service does this at start-up, so that

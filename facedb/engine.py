@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from . import timings
 from .decision import Policy
 from .gallery import Gallery
 from .records import Candidate, Identification, Verification
@@ -164,15 +165,18 @@ def identify(gallery: Gallery, queries: np.ndarray, k: int, policy: Policy | flo
     """The whole 1:N query for unit probe rows ``queries`` (m, dim): one Identification per row."""
     if not isinstance(policy, Policy):
         policy = Policy("given", float(policy), explanation="given")
-    ranked = rank_people(gallery, queries, max(k, 2) if policy.needs_runner_up else k, fetch)
-    lookup = names([pid for pairs in ranked for pid, _ in pairs])
-    return [decide(candidates(pairs, lookup), policy, k) for pairs in ranked]
+    with timings.stage("search"):  # the index's candidates and their exact re-scoring
+        ranked = rank_people(gallery, queries, max(k, 2) if policy.needs_runner_up else k, fetch)
+    with timings.stage("decide"):
+        lookup = names([pid for pairs in ranked for pid, _ in pairs])
+        return [decide(candidates(pairs, lookup), policy, k) for pairs in ranked]
 
 
 def verify_scores(probe: np.ndarray, templates: np.ndarray, name: str, threshold: float,
                   external_id: str | None = None) -> Verification:
     """1:1 decision for one unit probe against a person's templates (best template wins)."""
-    sim = float(np.max(templates @ probe)) if len(templates) else -1.0
+    with timings.stage("decide"):
+        sim = float(np.max(templates @ probe)) if len(templates) else -1.0
     return Verification(
         name=name,
         accepted=sim >= threshold,

@@ -230,6 +230,12 @@ class Dispatcher:
             self.stats.dropped += 1
             log.warning("webhook queue full: %s event dropped", name)
 
+    def backlog(self) -> int:
+        """What waits to be delivered now: events queued, deliveries being sent, and retries scheduled (open fold
+        windows are not counted: they hold no delivery yet). A snapshot from any thread, for metrics."""
+        retries = sum(1 for timer in list(self._timers) if timer[2] == "retry")  # list(): a copy, then counted
+        return self._queue.qsize() + self._in_flight + retries
+
     def invalidate(self) -> None:
         """Re-read the webhooks before the next event (they were just changed)."""
         self._put(("invalidate", None))

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from . import quality
+from . import quality, timings
 from .detect import Face, MTCNNDetector, in_frame
 from .errors import FaceDBError, InvalidInputError
 from .images import (
@@ -192,7 +192,8 @@ class FacePipeline:
         """Decode and detect (ImageError for a bad photo). ``cropped``: the photo is a face crop
         (see :func:`find_faces`)."""
         photo = load_photo(source, name=name)
-        faces, frame = find_faces(self.detector, photo.pixels, cropped)
+        with timings.stage("detect"):  # a query's photo (enrolment detects in batches: prepare())
+            faces, frame = find_faces(self.detector, photo.pixels, cropped)
         return Analysed(photo, faces, frame)
 
     def embed_faces(self, analysed: Analysed, faces: list[Face] | None = None, flip: bool = False) -> np.ndarray:

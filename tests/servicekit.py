@@ -75,14 +75,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def real_server(db: Path, *, workers: int = 2, timeout: float = 120.0, env: dict[str, str] | None = None):
+def real_server(db: Path, *, workers: int = 2, timeout: float = 120.0, env: dict[str, str] | None = None,
+                log_level: str = "warning"):
     """`facedb serve` in a process of its own on a free loopback port; yields (base URL, the process).
     Stopped with SIGTERM (then SIGKILL) at the end; its output is in ``<db>.serve.log``."""
     port = free_port()
     log = open(f"{db}.serve.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "facedb.cli", "--db", str(db), "serve", "--port", str(port), "--workers", str(workers),
-         "--log-level", "warning"],
+         "--log-level", log_level],
         stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO),
         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, start_new_session=True)
     base = f"http://127.0.0.1:{port}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import importlib.util
 import ipaddress
 import os
 import socket
@@ -20,6 +21,11 @@ keys_app = typer.Typer(help="API keys for `facedb serve`: create (shown once), l
 hooks_app = typer.Typer(help="Webhooks for door events from `facedb serve`.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(hooks_app, name="hooks")
+
+
+class LogFormat(str, Enum):
+    text = "text"
+    json = "json"
 
 
 class ScopeOpt(str, Enum):
@@ -75,6 +81,10 @@ def serve(
     console: Annotated[bool, typer.Option("--console/--no-console", envvar="FACEDB_CONSOLE",
                                           help="Serve the operator console (web pages) at /console.")] = True,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
+    log_format: Annotated[LogFormat, typer.Option(envvar="FACEDB_LOG_FORMAT", help="text (uvicorn's lines) or "
+                                                  "json: one JSON object per line, one per request (request id, "
+                                                  "key id, route, status, duration; never a name).")
+                          ] = LogFormat.text,
 ) -> None:
     """Run the HTTP API (FastAPI on uvicorn; OpenAPI at /docs). Needs `pip install 'facedb\\[service]'`."""
     # (help text is rich markup: an unescaped [service] would be read as a style tag and vanish)
@@ -85,11 +95,17 @@ def serve(
     except ImportError as exc:
         raise FaceDBError(f"the service needs its extra: pip install 'facedb[service]' ({exc.name} is missing)"
                           ) from None
+    # looked for, not imported: prometheus_client picks its mode when first imported, which must happen in the
+    # worker, after the server has set PROMETHEUS_MULTIPROC_DIR (server.py)
+    if importlib.util.find_spec("prometheus_client") is None:
+        raise FaceDBError("the service needs its extra: pip install 'facedb[service]' (prometheus_client is "
+                          "missing)")
     from ..service.config import ServiceSettings
 
     settings = ServiceSettings(db=state(ctx).db, host=host, port=port, workers=workers, max_upload_mb=max_upload_mb,
                                cors_origins=tuple(o.strip() for o in cors_origins.split(",") if o.strip()),
-                               fold_window=fold_window, weights=weights, console=console)
+                               fold_window=fold_window, weights=weights, console=console,
+                               log_format=log_format.value)
     st = state(ctx)  # an encrypted database's key source reaches the workers through the environment
     if st.key_file is not None:
         os.environ["FACEDB_KEY_FILE"] = str(Path(st.key_file).resolve())

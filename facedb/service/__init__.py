@@ -4,7 +4,8 @@ The only package that imports FastAPI, uvicorn or httpx (``pip install 'facedb[s
 ``config`` (settings from options and the environment), ``errors`` (FaceDBError -> HTTP status, the one
 table), ``auth`` (API keys as a FastAPI dependency), ``state`` (the resident database, model and index, and
 readiness), ``delivery`` (webhook sending with httpx), ``routes_*`` (the resources), ``app`` (the factory and
-the transport middleware: body size limit, CORS).
+the transport middleware: body size limit, CORS), ``metrics`` (``GET /metrics``: the only module that imports
+prometheus_client), ``logs`` (request ids, JSON request lines) and ``server`` (uvicorn, one or N workers).
 """
 
 from __future__ import annotations

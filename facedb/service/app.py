@@ -11,10 +11,10 @@ import contextlib
 import json
 import os
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -22,7 +22,9 @@ from .. import __version__
 from ..errors import InvalidInputError, RequestTooLargeError
 from ..hooks import Sender
 from . import errors, routes_admin, routes_people, routes_query, routes_visitors
+from .auth import ADMIN, Caller
 from .config import ServiceSettings
+from .logs import JsonFormatter, RequestLog
 from .state import ServiceState
 
 DESCRIPTION = """\
@@ -164,13 +166,17 @@ class TextCheck:
 def create_app(settings: ServiceSettings, *, model: Any = None, sender: Sender | None = None) -> FastAPI:
     """The service for ``settings.db``. ``model``: a face pipeline to use instead of loading the database's
     (tests); ``sender``: how webhooks are posted (default: httpx)."""
+    from .metrics import CONTENT_TYPE, Metrics  # prometheus_client: imported by the worker, not by `facedb --help`
+
     state = ServiceState(settings, model=model, sender=sender)
+    metrics = state.metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(state.start)  # the worker takes connections once this has loaded everything
         try:
-            yield
+            async with metrics.running(state):
+                yield
         finally:
             await run_in_threadpool(state.stop)
 
@@ -191,6 +197,14 @@ def create_app(settings: ServiceSettings, *, model: Any = None, sender: Sender |
             body["reason"] = "starting" if state.error is None else "failed to start (see the server's log)"
         return JSONResponse(body, status_code=200 if state.ready else 503)
 
+    @app.get("/metrics", tags=["service"], response_class=Response,
+             summary="Prometheus metrics (text format; admin key). With several workers: all of them.",
+             responses={200: {"content": {"text/plain": {}}}})
+    async def prometheus_metrics(caller: Annotated[Caller, Depends(ADMIN)]) -> Response:
+        # async: on the event loop, where the worker's key connection (read for the store's generation) is used.
+        # Not in the audit trail: a scrape every 15 s would bury the trail, and the answer holds no one's data.
+        return Response(metrics.scrape(caller.state), media_type=CONTENT_TYPE)
+
     for router in (routes_query.router, routes_people.router, routes_visitors.router, routes_admin.router):
         app.include_router(router)
     if settings.console:
@@ -205,6 +219,8 @@ def create_app(settings: ServiceSettings, *, model: Any = None, sender: Sender |
                            allow_methods=["GET", "POST", "PATCH", "DELETE"],
                            allow_headers=["X-API-Key", "Authorization", "Content-Type"])
     app.add_middleware(Transport, max_body=settings.max_upload_bytes)
+    # added last: outermost, so a refusal by Transport (413) is timed, counted and logged like any answer
+    app.add_middleware(RequestLog, log_json=settings.log_format == "json", metrics=metrics)
     return app
 
 
@@ -212,10 +228,12 @@ def app_from_env() -> FastAPI:
     """The app as ``facedb serve`` configures it, through ``FACEDB_*`` variables (uvicorn ``--factory``)."""
     import logging
 
+    settings = ServiceSettings.from_env()
     log = logging.getLogger("facedb")  # facedb's own messages beside uvicorn's, not every library's
-    if not log.handlers:
+    if not log.handlers:  # (with --log-format json, uvicorn's log config has given it the JSON handler)
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        handler.setFormatter(JsonFormatter() if settings.log_format == "json"
+                             else logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-    return create_app(ServiceSettings.from_env())
+    return create_app(settings)

@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from ..audit import acting_as
 from ..errors import AuthenticationError, PermissionDeniedError
 from ..keys import ApiKey, Scope, authorise
+from .logs import KEY_ID
 from .state import ServiceState
 
 if TYPE_CHECKING:
@@ -73,12 +74,16 @@ async def admit(request: Request, presented: str | None, scope: Scope) -> Caller
         key = state.authenticate(presented)
     except AuthenticationError as exc:
         known = getattr(exc, "key_id", None)
+        _failed(state, "revoked" if known else "invalid" if presented else "missing")
         if known:
+            setattr(request.state, KEY_ID, known)  # the access log's key id: an id, never the key
             await run_in_threadpool(_denied, db, f"key:{known}", {**where, "reason": "revoked key"})
         raise
+    setattr(request.state, KEY_ID, key.id)
     try:
         authorise(key, scope)
     except PermissionDeniedError:
+        _failed(state, "scope")
         await run_in_threadpool(_denied, db, key.actor, {**where, "reason": f"scope {key.scope}, needs {scope.value}"})
         raise
     return Caller(state, db, key)
@@ -93,6 +98,11 @@ def need(scope: Scope) -> Callable[..., Any]:
 
     dependency.__name__ = f"need_{scope.value}"
     return dependency
+
+
+def _failed(state: ServiceState, reason: str) -> None:
+    if state.metrics is not None:
+        state.metrics.auth_failure(reason)
 
 
 def _denied(db: FaceDB, actor: str, detail: dict[str, Any]) -> None:

@@ -10,6 +10,9 @@ from typing import ClassVar
 
 from ..errors import InvalidInputError
 
+#: ``log_format``: uvicorn's text lines, or one JSON object per line (facedb/service/logs.py).
+LOG_FORMATS = ("text", "json")
+
 #: Default request body limit (uploads): 20 MiB, room for a few full-resolution photos per enrolment.
 DEFAULT_MAX_UPLOAD_MB = 20.0
 
@@ -22,7 +25,9 @@ class ServiceSettings:
     ``cors_origins``: origins allowed by CORS (empty = CORS off). ``fold_window``: seconds within which
     repeated webhook events for one person are folded; ``hook_attempts`` / ``hook_backoff`` /
     ``hook_timeout``: delivery retries, first retry delay and per-attempt timeout (seconds).
-    ``weights``: a FaceNet weights file. ``console``: serve the operator console at ``/console``."""
+    ``weights``: a FaceNet weights file. ``console``: serve the operator console at ``/console``.
+    ``log_format``: ``text`` (uvicorn's lines) or ``json`` (one JSON object per line and per request, see
+    ``logs.py``)."""
 
     db: Path = Path("facedb-data")
     host: str = "127.0.0.1"
@@ -36,6 +41,7 @@ class ServiceSettings:
     hook_timeout: float = 5.0
     weights: Path | None = None
     console: bool = True
+    log_format: str = "text"
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -46,6 +52,8 @@ class ServiceSettings:
             raise InvalidInputError("the upload limit must be a positive number of MB")
         if self.fold_window < 0 or self.hook_backoff < 0 or not self.hook_timeout > 0 or self.hook_attempts < 1:
             raise InvalidInputError("webhook settings: fold window and backoff >= 0, timeout > 0, attempts >= 1")
+        if self.log_format not in LOG_FORMATS:
+            raise InvalidInputError(f"the log format is one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
 
     @property
     def max_upload_bytes(self) -> int:
@@ -56,7 +64,7 @@ class ServiceSettings:
             "max_upload_mb": "FACEDB_MAX_UPLOAD_MB", "cors_origins": "FACEDB_CORS_ORIGINS",
             "fold_window": "FACEDB_HOOK_FOLD_SECONDS", "hook_attempts": "FACEDB_HOOK_ATTEMPTS",
             "hook_backoff": "FACEDB_HOOK_BACKOFF", "hook_timeout": "FACEDB_HOOK_TIMEOUT",
-            "weights": "FACEDB_WEIGHTS", "console": "FACEDB_CONSOLE"}
+            "weights": "FACEDB_WEIGHTS", "console": "FACEDB_CONSOLE", "log_format": "FACEDB_LOG_FORMAT"}
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> ServiceSettings:
@@ -77,6 +85,7 @@ class ServiceSettings:
                 hook_timeout=float(raw.get("hook_timeout", 5.0)),
                 weights=Path(raw["weights"]) if raw.get("weights") else None,
                 console=_flag(raw.get("console", "1"), "FACEDB_CONSOLE"),
+                log_format=raw.get("log_format", "text").strip().lower(),
             )
         except ValueError as exc:
             raise InvalidInputError(f"a FACEDB_* service setting is not a number: {exc}") from None

@@ -103,7 +103,11 @@ def install(app: FastAPI) -> None:
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        # the route's template and the request id, not the path: a path holds people's names (see logs.py)
+        from .logs import REQUEST_ID, route_template
+
+        log.error("unexpected error on %s %s (request %s)", request.method, route_template(request.scope),
+                  request.scope.get("state", {}).get(REQUEST_ID, "-"), exc_info=exc)
         return JSONResponse(body("InternalError", "internal error (logged by the server)", 500), status_code=500)
 
     app.add_exception_handler(FaceDBError, facedb_error)

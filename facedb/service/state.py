@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from ..db import FaceDB
     from ..pipeline import FacePipeline
     from ..store import Store
+    from .metrics import Metrics
 
 log = logging.getLogger("facedb.service")
 
@@ -49,6 +50,7 @@ class ServiceState:
         self.dispatcher: Dispatcher | None = None
         self.key_store: Store | None = None
         self.pid = os.getpid()
+        self.metrics: Metrics | None = None  # the app sets it (create_app); a bare state counts nothing
         self._users = 0
         self._users_lock = threading.Lock()
 
@@ -150,5 +152,8 @@ class ServiceState:
         return self.pipeline
 
     def publish(self, event: str, data: dict[str, Any], *, key_id: str | None, subject: str | None) -> None:
+        """A door event: counted in the metrics (decisions, enrolments) and queued for the webhooks."""
+        if self.metrics is not None:
+            self.metrics.event(event, data)
         if self.dispatcher is not None:
             self.dispatcher.publish(event, data, key_id=key_id, subject=subject)
