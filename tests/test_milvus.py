@@ -124,6 +124,46 @@ def test_enrol_identify_remove_check_reach_the_collection(tmp_path, uri):
         assert db.index_state().from_file and db.index_state().entries == len(x) - 3
 
 
+class StaleSearches:
+    """A Milvus client whose searches still return some removed templates first, with a perfect score: what a
+    search at Session or Bounded consistency may do for a moment after another process's delete."""
+
+    def __init__(self, client: MilvusClient, stale: list[int]) -> None:
+        self._client, self.stale, self.searches = client, stale, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._client, name)
+
+    def search(self, *args, **kwargs):
+        self.searches += 1
+        hits = self._client.search(*args, **kwargs)
+        return [[{"id": i, "distance": 1.0, "entity": {"person_id": -1}} for i in self.stale] + list(row)
+                for row in hits]
+
+
+def test_a_removed_template_never_matches_even_when_milvus_still_returns_it(tmp_path, uri, monkeypatch):
+    """Searches no longer wait for every process's writes (Session consistency): the store decides. A template
+    removed in the store (by this process or, through the store's change log, by another) is never an answer or a
+    candidate, even while the collection still proposes it with a perfect score."""
+    x, pids = gallery()
+    with make(tmp_path / "db", uri) as writer, FaceDB.open(tmp_path / "db") as other:
+        enrol(writer, x, pids)
+        assert other.identify(x[4], k=1).identity == "p2"
+        gone = [t.id for t in writer.templates("p2")] + [t.id for t in writer.templates("p5")]
+        writer.remove_person("p2")  # through the engine
+        writer.store.remove_person("p5")  # the store only: a writer that died before telling the engine
+        for db in (writer, other):
+            index = db.keeper.gallery.index
+            stale = StaleSearches(index._client, gone)
+            monkeypatch.setattr(index, "_client", stale)
+            for probe in (x[4], x[15]):  # p2's and p5's own templates
+                answer = db.identify(probe, k=5)
+                assert answer.identity is None or answer.identity not in ("p2", "p5")
+                assert all(c.name not in ("p2", "p5") for c in answer.candidates), answer.candidates
+            assert db.identify(x[0], k=1).identity == "p1", "the live ones are still found"
+            assert stale.searches, "the searches went through the stale client"
+
+
 def test_a_cli_remove_reaches_the_engine_before_it_returns(tmp_path, uri):
     """The writer never loaded the index (a CLI `remove`): a write-through engine still gets the write now."""
     x, pids = gallery()
