@@ -214,9 +214,14 @@ def _expected(journal: Path) -> tuple[set[str], set[str], set[str]]:
     return present, gone, thresholds
 
 
-def run_crash_drill(kills: int = 200, seed: int = 0, min_delay: float = 0.8, max_delay: float = 2.0
-                    ) -> dict[str, Any]:
-    """Kill a writer ``kills`` times at random moments; verify the database after each kill."""
+def _acknowledged(journal: Path) -> int:
+    """How many operations the crash writer's journal says were acknowledged."""
+    return sum(1 for ln in journal.read_text().splitlines() if ln.startswith("done "))
+
+
+def run_crash_drill(kills: int = 200, seed: int = 0, jitter: float = 0.06) -> dict[str, Any]:
+    """Kill a writer ``kills`` times at random moments of its work (after 1-12 more acknowledged operations,
+    then up to ``jitter`` seconds into the next); verify the database after each kill."""
     from .db import FaceDB
 
     rng = np.random.default_rng(seed)
@@ -232,7 +237,14 @@ def run_crash_drill(kills: int = 200, seed: int = 0, min_delay: float = 0.8, max
                  f"{str(journal)!r}, {k})"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             )
-            time.sleep(float(rng.uniform(min_delay, max_delay)))  # the writer needs ~0.7 s to start
+            # The kill lands after a random amount of the writer's *work* (1-12 more acknowledged operations,
+            # then a random instant inside the next one), not after a time: a loaded machine slows the writer's
+            # start and its work alike, and the drill still checks kills in the middle of operations.
+            target = _acknowledged(journal) + int(rng.integers(1, 13))
+            guard = time.monotonic() + 600  # only a hung writer reaches this
+            while _acknowledged(journal) < target and proc.poll() is None and time.monotonic() < guard:
+                time.sleep(0.01)
+            time.sleep(float(rng.uniform(0.0, jitter)))
             if proc.poll() is not None:
                 failures.append(f"kill {k}: writer exited by itself: {proc.stderr.read().decode()[-300:]}")
                 continue
@@ -262,7 +274,7 @@ def run_crash_drill(kills: int = 200, seed: int = 0, min_delay: float = 0.8, max
                         failures.append(f"kill {k}: removed {v} still found")
         with FaceDB.open(root) as db:
             people = len(db.people())
-        acknowledged = sum(1 for ln in journal.read_text().splitlines() if ln.startswith("done "))
+        acknowledged = _acknowledged(journal)
     return {"kills": kills, "failures": len(failures), "failure_samples": failures[:5], "people_at_end": people,
             "operations_acknowledged": acknowledged}
 

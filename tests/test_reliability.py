@@ -22,7 +22,7 @@ def test_four_readers_and_a_writer():
 
 def test_sigkill_loses_nothing_acknowledged_and_leaves_nothing_half_done():
     r = run_crash_drill(kills=8, seed=1)
-    assert r["operations_acknowledged"] > 50, r
+    assert r["operations_acknowledged"] >= 8, r  # at least one before each kill: the work is bounded, not the time
     assert r["failures"] == 0, r["failure_samples"]
 
 
