@@ -80,6 +80,11 @@ class IndexCredentialsError(IndexUnavailableError):
     IndexUnavailableError too, so callers that handle an engine that cannot be used handle this one."""
 
 
+class IndexLoadingError(IndexUnavailableError):
+    """The vector index's engine is up but still loading facedb's collection (a Milvus server restarted moments
+    ago): retry shortly. An IndexUnavailableError too; the message gives the server's progress."""
+
+
 class IndexBehindWarning(UserWarning):
     """A write reached the store (the truth) but not the shared index engine; the engine records the
     generation it reflects, so the next process that opens it replays the store's change log."""

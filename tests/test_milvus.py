@@ -27,6 +27,7 @@ from facedb.contracts import clustered
 from facedb.errors import (
     IndexBehindWarning,
     IndexCredentialsError,
+    IndexLoadingError,
     IndexUnavailableError,
     InvalidInputError,
     ModelMismatchError,
@@ -162,6 +163,29 @@ def test_a_removed_template_never_matches_even_when_milvus_still_returns_it(tmp_
                 assert all(c.name not in ("p2", "p5") for c in answer.candidates), answer.candidates
             assert db.identify(x[0], k=1).identity == "p1", "the live ones are still found"
             assert stale.searches, "the searches went through the stale client"
+
+
+def test_a_collection_the_server_is_still_loading_is_a_quick_clear_error(tmp_path, uri, monkeypatch):
+    """A restarted server reloads its collections by itself, but serves one only after ~30 s (its previous query
+    node's session must expire): opening then waits FACEDB_MILVUS_LOAD_WAIT_S at most and says so (CLI: one line,
+    exit 2), instead of holding a door; the next query checks again."""
+    x, pids = gallery()
+    with make(tmp_path / "db", uri) as db:
+        enrol(db, x, pids)
+    import facedb.index.milvus as mv
+
+    state = {"state": "Loading", "progress": 50}
+    monkeypatch.setattr(mv._client(uri, ""), "get_load_state", lambda *a, **k: dict(state))
+    monkeypatch.setenv("FACEDB_MILVUS_LOAD_WAIT_S", "0.3")
+    with FaceDB.open(tmp_path / "db") as db:
+        with pytest.raises(IndexLoadingError, match=r"still loading.*50%.*retry shortly"):
+            db.identify(x[0])
+        res = CliRunner().invoke(app, ["--db", str(tmp_path / "db"), "check"])
+        assert res.exit_code == 2 and "still loading" in res.stderr, res.output
+        assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.output
+        state.clear()
+        state["state"] = "Loaded"
+        assert db.identify(x[0], k=1).identity == "p1", "ready: the next query goes through"
 
 
 def test_a_cli_remove_reaches_the_engine_before_it_returns(tmp_path, uri):

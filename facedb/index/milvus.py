@@ -57,6 +57,7 @@ import math
 import os
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -65,7 +66,13 @@ import grpc
 import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
 
-from ..errors import IndexCredentialsError, IndexUnavailableError, InvalidInputError, ModelMismatchError
+from ..errors import (
+    IndexCredentialsError,
+    IndexLoadingError,
+    IndexUnavailableError,
+    InvalidInputError,
+    ModelMismatchError,
+)
 from ..settings import DEFAULT_MILVUS_COLLECTION
 from . import IndexPlace, VectorIndex
 
@@ -90,6 +97,12 @@ WRITE_ROWS = 4096
 #: (which waits for its index) may take minutes on a large gallery.
 TIMEOUT_S = 60.0
 SLOW_TIMEOUT_S = 1800.0
+#: Seconds an open waits for a collection the server is already loading (FACEDB_MILVUS_LOAD_WAIT_S) before it says
+#: so with IndexLoadingError (retry shortly) instead of holding the caller: a 2.3 server restarted moments ago
+#: reassigns a collection only once its previous query node's session expires (common.session.ttl, 30 s), and a
+#: door must not hang for that.
+LOAD_WAIT_ENV = "FACEDB_MILVUS_LOAD_WAIT_S"
+LOAD_WAIT_S = 5.0
 #: Galleries built at this size or more get IVF_FLAT instead of HNSW (cheaper to build, less memory).
 HNSW_UP_TO = 2_000_000
 FORMAT = "facedb-templates-1"
@@ -409,6 +422,29 @@ class MilvusIndex:
         return None  # re-scoring reads the store, the truth, which is local; Milvus is a network hop away
 
 
+def _ensure_loaded(client: MilvusClient, uri: str, physical: str) -> None:
+    """A released collection (Milvus Lite, or one no one loaded) is loaded now, as long as that takes. One the
+    server is loading already (a restarted server recovers its loaded collections by itself) is waited for at most
+    FACEDB_MILVUS_LOAD_WAIT_S seconds, then IndexLoadingError names the progress: the next query checks again."""
+    wait = float(os.environ.get(LOAD_WAIT_ENV) or LOAD_WAIT_S)
+    deadline = time.monotonic() + wait
+    with _engine(uri, f"loading collection {physical!r}"):
+        while True:
+            got = client.get_load_state(physical, timeout=TIMEOUT_S)
+            state = str(got.get("state", ""))
+            if state.endswith("Loaded"):
+                return
+            if not state.endswith("Loading"):  # NotLoad: released; facedb loads it
+                client.load_collection(physical, timeout=SLOW_TIMEOUT_S)
+                return
+            if time.monotonic() >= deadline:
+                raise IndexLoadingError(
+                    f"Milvus at {uri}: collection {physical!r} is still loading on the server "
+                    f"({got.get('progress', '?')}% after {wait:g} s; a server restarted moments ago serves it once "
+                    "its previous query node's session expires, ~30 s): retry shortly")
+            time.sleep(0.2)
+
+
 def _sorted_has(sorted_ids: np.ndarray, i: int) -> bool:
     pos = int(np.searchsorted(sorted_ids, i))
     return pos < len(sorted_ids) and int(sorted_ids[pos]) == i
@@ -464,10 +500,7 @@ class MilvusBackend:
         _check_owner(info, place, dim, uri, alias)
         props = info.get("properties") or {}
         physical = str(info["collection_name"])
-        with _engine(uri, f"loading collection {physical!r}"):
-            state = str(client.get_load_state(physical, timeout=TIMEOUT_S).get("state", ""))
-            if not state.endswith("Loaded"):  # a restarted server (or Milvus Lite) may hold it released
-                client.load_collection(physical, timeout=SLOW_TIMEOUT_S)
+        _ensure_loaded(client, uri, physical)
         generation = int(props.get(_P + "generation", "-1"))
         index = MilvusIndex(client, uri, alias, physical, dim, json.loads(props.get(_P + "params", "{}")),
                             readonly=place.readonly, published=True,
