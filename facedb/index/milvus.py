@@ -423,25 +423,29 @@ class MilvusIndex:
 
 
 def _ensure_loaded(client: MilvusClient, uri: str, physical: str) -> None:
-    """A released collection (Milvus Lite, or one no one loaded) is loaded now, as long as that takes. One the
-    server is loading already (a restarted server recovers its loaded collections by itself) is waited for at most
-    FACEDB_MILVUS_LOAD_WAIT_S seconds, then IndexLoadingError names the progress: the next query checks again."""
+    """Make sure the server serves the collection, waiting FACEDB_MILVUS_LOAD_WAIT_S seconds at most: a released
+    one (a restarted server reports its collections released, then reloads them by itself) is asked to load,
+    without blocking on it; one still loading after the wait is an IndexLoadingError naming the progress, and the
+    next query checks again. Milvus Lite loads in process, as long as that takes."""
     wait = float(os.environ.get(LOAD_WAIT_ENV) or LOAD_WAIT_S)
     deadline = time.monotonic() + wait
+    asked = False
     with _engine(uri, f"loading collection {physical!r}"):
         while True:
             got = client.get_load_state(physical, timeout=TIMEOUT_S)
             state = str(got.get("state", ""))
             if state.endswith("Loaded"):
                 return
-            if not state.endswith("Loading"):  # NotLoad: released; facedb loads it
-                client.load_collection(physical, timeout=SLOW_TIMEOUT_S)
-                return
+            if not state.endswith("Loading") and not asked:  # NotLoad: released
+                client.load_collection(physical, timeout=SLOW_TIMEOUT_S, _async=not uri.endswith(".db"))
+                asked = True
+                continue
             if time.monotonic() >= deadline:
+                progress = f"{got['progress']}% " if "progress" in got else ""
                 raise IndexLoadingError(
-                    f"Milvus at {uri}: collection {physical!r} is still loading on the server "
-                    f"({got.get('progress', '?')}% after {wait:g} s; a server restarted moments ago serves it once "
-                    "its previous query node's session expires, ~30 s): retry shortly")
+                    f"Milvus at {uri}: collection {physical!r} is still loading on the server ({progress}after "
+                    f"{wait:g} s; a server restarted moments ago serves it once its previous query node's session "
+                    "expires, ~30 s): retry shortly")
             time.sleep(0.2)
 
 
