@@ -35,13 +35,6 @@ start|restart)
     "$0" stop "$name"
     mapfile -t saved <"$dir/args"
     set -- "${saved[@]}"
-    # The wrapper moves a port it cannot bind (it binds without SO_REUSEADDR, so connections the old server left in
-    # TIME_WAIT count) to the next free one: the restarted server would serve elsewhere. Wait them out.
-    port=$(proxy_port)
-    for _ in $(seq 1 150); do
-      ss -Htan "( sport = :$port )" 2>/dev/null | grep -q . || break
-      sleep 0.5
-    done
   else
     if running; then echo "milvus $name is already running (pid $(cat "$dir/wrapper.pid"))" >&2; exit 1; fi
     if [ ! -x "$VENV/bin/milvus-server" ]; then
@@ -52,6 +45,15 @@ start|restart)
     [ $# -eq 0 ] || printf '%s\n' "$@" >"$dir/args"
     touch "$dir/args"
   fi
+  # The wrapper moves a port it cannot bind (it binds without SO_REUSEADDR, so connections a previous server left
+  # in TIME_WAIT count) to the next free one, and the server would serve elsewhere: wait them out (Linux: 60 s).
+  want=19530
+  prev=""
+  for a in "$@"; do [ "$prev" = --proxy-port ] && want=$a; prev=$a; done
+  for _ in $(seq 1 150); do
+    ss -Htan "( sport = :$want )" 2>/dev/null | grep -q . || break
+    sleep 0.5
+  done
   # The embedded etcd's peer port (2380) is not a milvus-server option: with --etcd-port P, the etcd gets a config
   # file of its own (client P, peer P+1, on 127.0.0.1) through Milvus's ETCD_CONFIG_PATH, so two instances coexist.
   etcd_port=""
@@ -84,6 +86,11 @@ EOF
     sleep 0.5
   done
   echo "$port" >"$dir/health.port"
+  if [ "$(proxy_port)" != "$want" ]; then
+    echo "milvus $name came up on port $(proxy_port), not $want (taken); stopping it" >&2
+    "$0" stop "$name" || true
+    exit 1
+  fi
   echo "http://127.0.0.1:$(proxy_port)" | tee "$dir/uri"
   echo "milvus $name healthy in $(( $(date +%s) - t0 )) s (health port $port, pid $(cat "$dir/wrapper.pid"))" >&2
   ;;
