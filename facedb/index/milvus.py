@@ -437,9 +437,14 @@ def _ensure_loaded(client: MilvusClient, uri: str, physical: str) -> None:
             if state.endswith("Loaded"):
                 return
             if not state.endswith("Loading") and not asked:  # NotLoad: released
-                client.load_collection(physical, timeout=SLOW_TIMEOUT_S, _async=not uri.endswith(".db"))
                 asked = True
-                continue
+                if uri.endswith(".db"):
+                    client.load_collection(physical, timeout=SLOW_TIMEOUT_S)
+                    continue
+                # On a thread of its own: a restarted server's proxy holds even an asynchronous load request
+                # until its query coordinator is back (~30 s measured), and the wait below is the caller's bound.
+                threading.Thread(target=_load_quietly, args=(client, physical), daemon=True,
+                                 name=f"milvus-load-{physical}").start()
             if time.monotonic() >= deadline:
                 progress = f"{got['progress']}% " if "progress" in got else ""
                 raise IndexLoadingError(
@@ -447,6 +452,14 @@ def _ensure_loaded(client: MilvusClient, uri: str, physical: str) -> None:
                     f"{wait:g} s; a server restarted moments ago serves it once its previous query node's session "
                     "expires, ~30 s): retry shortly")
             time.sleep(0.2)
+
+
+def _load_quietly(client: MilvusClient, physical: str) -> None:
+    """Ask the server to load a collection; a failure here is seen (and reported) by the next load-state check."""
+    try:
+        client.load_collection(physical, timeout=SLOW_TIMEOUT_S)
+    except Exception:  # the caller's next get_load_state says what is wrong
+        logging.getLogger(__name__).debug("loading %s failed", physical, exc_info=True)
 
 
 def _sorted_has(sorted_ids: np.ndarray, i: int) -> bool:
