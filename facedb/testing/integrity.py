@@ -202,17 +202,25 @@ class Drill:
         name = self.next_name("h")
         vecs = [unit(self.rng) for _ in range(2)]
         r = self.request("POST", f"/v1/people/{name}/vectors", json={"vectors": vecs})
-        if r is None or r.status_code >= 500:
-            self.ledger.doubt("enrol")
-            self.tainted.add(name)
-            return
-        if r.status_code != 201:
-            self.ledger.problem(f"enrol {name}: HTTP {r.status_code} {r.text[:200]}")
+        if not self._answered(r, "enrol", {name}, 201, f"enrol {name}"):
             return
         ids = r.json()["template_ids"]
         with self.lock:
             self.people[name] = Person(name, dict(zip(ids, vecs)), {}, len(ids))
         self.ledger.ack("enrol", "add-templates")
+
+    def _answered(self, r: Any, op: str, names: set[str], expect: int, what: str) -> bool:
+        """Whether the request was acknowledged with ``expect``; a cut-off one (no answer, a 5xx) is in doubt and
+        taints ``names``, any other answer is a problem."""
+        if r is None or r.status_code >= 500:
+            self.ledger.doubt(op)
+            with self.lock:
+                self.tainted.update(names)
+            return False
+        if r.status_code != expect:
+            self.ledger.problem(f"{what}: HTTP {r.status_code} {r.text[:200]}")
+            return False
+        return True
 
     def http_decide(self, p: Person) -> None:
         if not p.vectors:
@@ -245,12 +253,7 @@ class Drill:
     def http_update(self, p: Person) -> None:
         value = int(self.rng.integers(1 << 30))
         r = self.request("PATCH", f"/v1/people/{p.name}", json={"metadata": {"badge": value}})
-        if r is None or r.status_code >= 500:
-            self.ledger.doubt("update")
-            self.tainted.add(p.name)
-            return
-        if r.status_code != 200:
-            self.ledger.problem(f"update {p.name}: HTTP {r.status_code} {r.text[:200]}")
+        if not self._answered(r, "update", {p.name}, 200, f"update {p.name}"):
             return
         p.meta["badge"] = value
         self.ledger.ack("update", "update")
@@ -258,18 +261,10 @@ class Drill:
     def http_rename(self, p: Person) -> None:
         new = self.next_name("h")
         r = self.request("POST", f"/v1/people/{p.name}/rename", json={"new_name": new})
-        if r is None or r.status_code >= 500:
-            self.ledger.doubt("rename")
-            self.tainted.update({p.name, new})
-            return
-        if r.status_code != 200:
-            self.ledger.problem(f"rename {p.name}: HTTP {r.status_code} {r.text[:200]}")
+        if not self._answered(r, "rename", {p.name, new}, 200, f"rename {p.name}"):
             return
         with self.lock:
-            del self.people[p.name]
-            self.removed[p.name] = []  # the old name must never be answered again
-            p.name = new
-            self.people[new] = p
+            self._renamed(p, new)
         self.ledger.ack("rename", "rename")
 
     def http_remove_template(self, p: Person) -> None:
@@ -277,12 +272,7 @@ class Drill:
             return
         tid, v = next(iter(p.vectors.items()))
         r = self.request("DELETE", f"/v1/templates/{tid}")
-        if r is None or r.status_code >= 500:
-            self.ledger.doubt("remove-template")
-            self.tainted.add(p.name)
-            return
-        if r.status_code != 200:
-            self.ledger.problem(f"remove template {tid} of {p.name}: HTTP {r.status_code} {r.text[:200]}")
+        if not self._answered(r, "remove-template", {p.name}, 200, f"remove template {tid} of {p.name}"):
             return
         del p.vectors[tid]
         p.templates -= 1
@@ -294,16 +284,10 @@ class Drill:
 
     def http_remove(self, p: Person) -> None:
         r = self.request("DELETE", f"/v1/people/{p.name}")
-        if r is None or r.status_code >= 500:
-            self.ledger.doubt("remove")
-            self.tainted.add(p.name)
-            return
-        if r.status_code != 200:
-            self.ledger.problem(f"remove {p.name}: HTTP {r.status_code} {r.text[:200]}")
+        if not self._answered(r, "remove", {p.name}, 200, f"remove {p.name}"):
             return
         with self.lock:
-            del self.people[p.name]
-            self.removed[p.name] = list(p.vectors.values())
+            self._removed(p)
         self.ledger.ack("remove", "remove")
         self.probe_absent(p.name, list(p.vectors.values()))
 
@@ -376,9 +360,9 @@ class Drill:
             apply()
         self.ledger.ack(op, op)
 
-    def _renamed(self, p: Person, new: str) -> None:
+    def _renamed(self, p: Person, new: str) -> None:  # (callers hold self.lock)
         del self.people[p.name]
-        self.removed[p.name] = []
+        self.removed[p.name] = []  # the old name must never be answered again
         p.name = new
         self.people[new] = p
 
