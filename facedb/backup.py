@@ -66,8 +66,13 @@ class BackupReport:
 
 
 def _sha256(path: Path) -> str:
+    """SHA-256 of ``path``, streamed (a store is many GB at scale: never held whole in memory)."""
     h = hashlib.sha256()
-    h.update(livefiles.read_all(path))
+    with livefiles.raw_fd(path) as fd:
+        offset = 0
+        while chunk := os.pread(fd, 1 << 24, offset):
+            h.update(chunk)
+            offset += len(chunk)
     return h.hexdigest()
 
 
