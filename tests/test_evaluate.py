@@ -87,6 +87,17 @@ def test_open_set_protocol_through_a_real_facedb(tmp_path):
     assert report["dir_at_fpir_0.1"] == pytest.approx(np.mean([g[0][1] >= t for g in genuine]))
 
 
+def test_identify_split_leaves_out_people_filed_twice_without_changing_the_draw():
+    # LFW files some enrolled people a second time under another name; as "strangers" they are label errors
+    labels = [f"p{p}" for p in range(30) for _ in range(3)] + [f"s{s}" for s in range(10)]
+    whole = ev.identify_split(labels, 1, np.random.default_rng(7))
+    fixed = ev.identify_split(labels, 1, np.random.default_rng(7), not_strangers={"s3", "s4"})
+    assert fixed.gallery == whole.gallery and fixed.genuine == whole.genuine
+    assert sorted(fixed.impostor) == sorted(set(whole.impostor) - {labels.index("s3"), labels.index("s4")})
+    # every listed folder names its enrolled identity and the evidence
+    assert all(len(v) == 2 and all(v) for v in ev.LFW_NOT_STRANGERS.values())
+
+
 def test_embedding_cache_round_trip_and_damage(tmp_path):
     cache = ev.EmbeddingCache("m", 4, tmp_path)
     cache.put("a" * 64, np.array([1, 0, 0, 0], dtype=np.float32), True)

@@ -12,6 +12,7 @@ from ..errors import FaceDBError
 from .cache import EmbeddingCache, cache_dir
 from .datasets import (
     DATA_ENV,
+    LFW_NOT_STRANGERS,
     Pair,
     Split,
     data_root,
@@ -55,11 +56,11 @@ from .protocols import (
 lfw_report = verification_report
 
 __all__ = [
-    "DATA_ENV", "MAX_IMPOSTOR_PAIRS", "Embedded", "EmbeddingCache", "FaceDBError", "Pair", "PairScores", "Split",
-    "best_threshold", "cache_dir", "calibrate_far_folder", "calibrate_far_pairs", "calibrate_fpir_folder",
-    "data_root", "eer", "embed_cached", "embed_photos", "folder_embeddings", "folder_pair_scores", "fpir_at",
-    "identify_split", "impostor_pairs", "labelled_folder", "lfw_path", "lfw_report", "open_set_metrics",
-    "open_set_report", "open_set_scores", "pair_scores", "plot_verification", "read_pairs", "read_people",
-    "resolvable", "run_identify", "run_lfw", "score_pairs", "tar_at_far", "ten_fold_accuracy", "threshold_at_far",
-    "variant", "verification_report",
+    "DATA_ENV", "LFW_NOT_STRANGERS", "MAX_IMPOSTOR_PAIRS", "Embedded", "EmbeddingCache", "FaceDBError", "Pair",
+    "PairScores", "Split", "best_threshold", "cache_dir", "calibrate_far_folder", "calibrate_far_pairs",
+    "calibrate_fpir_folder", "data_root", "eer", "embed_cached", "embed_photos", "folder_embeddings",
+    "folder_pair_scores", "fpir_at", "identify_split", "impostor_pairs", "labelled_folder", "lfw_path", "lfw_report",
+    "open_set_metrics", "open_set_report", "open_set_scores", "pair_scores", "plot_verification", "read_pairs",
+    "read_people", "resolvable", "run_identify", "run_lfw", "score_pairs", "tar_at_far", "ten_fold_accuracy",
+    "threshold_at_far", "variant", "verification_report",
 ]
