@@ -22,6 +22,13 @@ class ThumbnailMode(str, Enum):
     all = "all"
 
 
+class DetectorKind(str, Enum):
+    """The face detector a database's photos go through (facedb/pipeline.py; README "Models and weights")."""
+
+    mtcnn = "mtcnn"
+    yunet = "yunet"
+
+
 class OnMultiple(str, Enum):
     """Enrolment of a photo with several faces: refuse it (error), take the largest face, or skip it."""
 

@@ -170,7 +170,7 @@ class FaceDB:
                mean_templates: bool = False, actor: str | None = None,
                index_options: dict[str, Any] | None = None, encrypt: bool = False, key: object = None,
                cancellable: bool = False, thumbnails: str = "enrolled",
-               rescore_memory_mb: float | None = None) -> FaceDB:
+               rescore_memory_mb: float | None = None, detector: str = "mtcnn") -> FaceDB:
         """Create an empty database for vectors of ``model_id`` (``dim``-dimensional, unit length).
 
         ``threshold`` is the default (1:1) decision threshold, a cosine similarity (higher is stricter).
@@ -198,8 +198,11 @@ class FaceDB:
         projected by a keyed random orthogonal matrix of this database (``projection.py``; scores unchanged,
         templates unlinkable across databases), fixed for the database's life. ``thumbnails``: which face
         thumbnails are kept, ``off``, ``enrolled`` or ``all`` (see :mod:`facedb.thumbnails`; changed later with
-        :meth:`configure_thumbnails`).
+        :meth:`configure_thumbnails`). ``detector``: the face detector its photos go through, ``mtcnn`` (the
+        default) or ``yunet`` (facedb/pipeline.py; README "Models and weights"), fixed for the database's life.
         """
+        from .pipeline import check_detector
+
         root = Path(path)
         if not model_id:
             raise InvalidInputError("model_id must be given")
@@ -207,6 +210,7 @@ class FaceDB:
             raise InvalidInputError("dim must be a positive integer")
         threshold = check_threshold(threshold)
         check_kind(index)
+        detector = check_detector(detector)
         options = dict(index_options or {})
         rows = _option_rows(index, options)
         if (root / STORE_FILE).exists():
@@ -220,7 +224,7 @@ class FaceDB:
         except OSError as exc:
             raise DatabaseError(f"cannot create {root}: {exc.strerror}") from None
         meta = {**Settings.initial(model_id, dim, threshold, threshold_source, index, flip, impostors, margin, rule,
-                                   mean_templates, thumbnails=thumbnails),
+                                   mean_templates, thumbnails=thumbnails, detector=detector),
                 **rows,
                 "database_id": secrets.token_hex(16)}
         if cancellable:
@@ -784,13 +788,16 @@ class FaceDB:
 
     # ------------------------------------------------------------------------------------------------- photos
     def pipeline(self, model: FacePipeline | None = None, *, weights: Path | None = None) -> FacePipeline:
-        """The face pipeline for this database's model: ``model`` if given (checked), the one given at
-        :meth:`open`, else the process-wide one (loaded once)."""
+        """The face pipeline for this database's model: ``model`` if given (checked; its detector is used, which
+        is how a call picks another detector), the one given at :meth:`open`, else the process-wide one for the
+        database's model and detector (loaded once)."""
         model = model or self._model
         if model is None:
-            from .pipeline import get_pipeline
+            from .pipeline import DetectorSettings, check_detector, get_pipeline
 
-            model = get_pipeline(self.model_id, weights=weights or self._weights)
+            detector = check_detector(self.settings().detector)  # a hand-edited setting: a clear error
+            model = get_pipeline(self.model_id, weights=weights or self._weights,
+                                 settings=DetectorSettings(detector=detector))
         if model.model_id != self.model_id:
             raise ModelMismatchError(
                 f"this database holds {self.model_id!r} embeddings; the model given is {model.model_id!r}")
@@ -1501,7 +1508,7 @@ class FaceDB:
                 index_file_bytes=state.persisted_bytes, index_file_generation=state.persisted_generation,
                 schema_version=SCHEMA_VERSION, created_at=s.created_at, audit=s.audit.to_dict(),
                 warnings=[w for w in [self.calibration_warning(s)] if w],
-                encrypted=self.encrypted, cancellable=bool(s.extra.get("projection_seed")),
+                encrypted=self.encrypted, cancellable=bool(s.extra.get("projection_seed")), detector=s.detector,
                 key_version=self.protection.key_version if self.protection else None,
                 data_key_version=self.protection.data_key_version if self.protection else None,
                 plaintext_files=encryption.plaintext_files(self.root, self.encrypted))

@@ -1,4 +1,6 @@
-"""Face detection with facenet-pytorch's MTCNN (its wheel ships the weights, so this runs offline).
+"""Face detection: the :class:`Detector` protocol every detector meets, and facenet-pytorch's MTCNN (its wheel
+ships the weights, so this runs offline). The other detector, YuNet (OpenCV), is in facedb/yunet.py; which one
+a database uses is its ``detector`` setting (``facedb init --detector``; README "Models and weights").
 
 Returns every face with its box, score and 5 landmarks (left eye, right eye, nose, left and right mouth
 corner), all in the original image's pixel coordinates. Large photos are downscaled before detection
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -41,6 +43,9 @@ class Face:
     landmarks: np.ndarray  # (5, 2) x, y, within the photo
     raw_box: tuple[float, float, float, float] | None = None  # the detector's box, possibly past the edges
     raw_landmarks: np.ndarray | None = None  # (5, 2) x, y in raw_box's frame, unclipped
+    #: True when no detector found this face and its landmarks are an assumed layout (crop mode's last resort:
+    #: the photo taken as the face); such a face has score 0.0.
+    assumed: bool = False
 
     @property
     def align_box(self) -> tuple[float, float, float, float]:
@@ -64,6 +69,33 @@ class Face:
         return max(self.width, 0.0) * max(self.height, 0.0)
 
 
+DETECTORS = ("mtcnn", "yunet")
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """What the pipeline needs of a face detector (MTCNN and YuNet both meet it; tests/test_detectors.py is the
+    contract both pass).
+
+    ``detect(image)``: every face of an (H, W, 3) uint8 RGB image as :class:`Face` objects, highest score first:
+    box (x1, y1, x2, y2) and five landmarks (the image's left eye, right eye, nose tip, left and right mouth
+    corner; x, y in pixels, clipped to the image), the detector's own score in 0..1 (at least its
+    ``min_score``), and the unclipped raw box and landmarks for alignment. An image too small to hold a face
+    gives []. ``detect_many(images)``: the same for each image, in order (batched where the detector can).
+    ``min_score`` (both): report faces down to this score instead of the detector's ``min_score`` (crop mode's
+    second look; a detector may keep a floor of its own below which it reports nothing).
+    """
+
+    name: str
+    min_face_size: int
+    min_score: float
+    max_side: int
+
+    def detect(self, image: np.ndarray, min_score: float | None = None) -> list[Face]: ...
+
+    def detect_many(self, images: list[np.ndarray], min_score: float | None = None) -> list[list[Face]]: ...
+
+
 class MTCNNDetector:
     """MTCNN with facedb's settings.
 
@@ -71,6 +103,8 @@ class MTCNNDetector:
     * ``min_score``: faces below this output-stage probability are dropped.
     * ``max_side``: photos whose longer side exceeds it are downscaled before detection.
     """
+
+    name = "mtcnn"
 
     def __init__(self, min_face_size: int = 20, min_score: float = 0.90, max_side: int = 1280,
                  device: str = "cpu", channels_last: bool = True) -> None:
@@ -95,16 +129,17 @@ class MTCNNDetector:
     #: Photos detected in one batch at most (memory: the pyramid of every photo in the batch at once).
     MAX_BATCH = 32
 
-    def detect(self, image: np.ndarray) -> list[Face]:
-        """Every face in an (H, W, 3) uint8 RGB image, highest score first."""
-        return self._detect([image])[0]
+    def detect(self, image: np.ndarray, min_score: float | None = None) -> list[Face]:
+        """Every face in an (H, W, 3) uint8 RGB image, highest score first; ``min_score`` instead of the
+        detector's own (MTCNN's last stage reports nothing below 0.7 anyway)."""
+        return self._detect([image], min_score)[0]
 
-    def detect_many(self, images: list[np.ndarray]) -> list[list[Face]]:
+    def detect_many(self, images: list[np.ndarray], min_score: float | None = None) -> list[list[Face]]:
         """:meth:`detect` for each image; images of the same size (after the ``max_side`` downscale) go through
         MTCNN together, up to MAX_BATCH at a time."""
-        return self._detect(images)
+        return self._detect(images, min_score)
 
-    def _detect(self, images: list[np.ndarray]) -> list[list[Face]]:
+    def _detect(self, images: list[np.ndarray], min_score: float | None = None) -> list[list[Face]]:
         out: list[list[Face]] = [[] for _ in images]
         groups: dict[tuple[int, ...], list[tuple[int, np.ndarray, float]]] = {}
         for i, image in enumerate(images):
@@ -126,17 +161,18 @@ class MTCNNDetector:
                     boxes, probs, points = self._mtcnn.detect(batch, landmarks=True)
                 for (i, _, scale), b, p, pts in zip(part, boxes, probs, points):
                     h, w = images[i].shape[:2]
-                    out[i] = self._faces(b, p, pts, scale, w, h)
+                    out[i] = self._faces(b, p, pts, scale, w, h, min_score)
         return out
 
     def _faces(self, boxes: np.ndarray | None, probs: np.ndarray, points: np.ndarray, scale: float, w: int,
-               h: int) -> list[Face]:
+               h: int, min_score: float | None = None) -> list[Face]:
         if boxes is None:
             return []
+        floor = self.min_score if min_score is None else min_score
         faces = [
             in_frame(tuple(float(c) / scale for c in box), float(p), np.asarray(pts, dtype=np.float64) / scale, w, h)
             for box, p, pts in zip(boxes, probs, points)
-            if p is not None and p >= self.min_score
+            if p is not None and p >= floor
         ]
         return sorted(faces, key=lambda f: -f.score)
 

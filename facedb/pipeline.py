@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from . import quality, timings
-from .detect import Face, MTCNNDetector, in_frame
+from .detect import DETECTORS, Detector, Face, MTCNNDetector, in_frame
 from .errors import FaceDBError, InvalidInputError
 from .images import (
     MAX_FILE_BYTES,
@@ -46,15 +46,27 @@ def _default_device() -> str:
     return os.environ.get("FACEDB_DEVICE", "cpu")
 
 
+def check_detector(name: object) -> str:
+    """``name`` as a detector's name (``mtcnn`` or ``yunet``), or InvalidInputError listing them."""
+    if name not in DETECTORS:
+        raise InvalidInputError(f"the detector is one of {', '.join(DETECTORS)}, got {name!r}")
+    return str(name)
+
+
 @dataclass(frozen=True)
 class DetectorSettings:
     """Detection settings; ``device`` (``cpu`` or ``cuda``, default ``$FACEDB_DEVICE`` or cpu) also places the
-    embedder."""
+    embedder. ``detector``: ``mtcnn`` (facenet-pytorch's, the default and every older database's) or ``yunet``
+    (OpenCV's FaceDetectorYN, facedb/yunet.py); a database keeps its choice in its settings."""
 
     min_face_size: int = 20
     min_score: float = 0.90
     max_side: int = 1280
     device: str = field(default_factory=_default_device)
+    detector: str = "mtcnn"
+
+    def __post_init__(self) -> None:
+        check_detector(self.detector)
 
 
 class FaceChoice(str, Enum):
@@ -171,7 +183,7 @@ class FacePipeline:
     """
 
     def __init__(self, embedder: Embedder, settings: DetectorSettings | None = None,
-                 detector: MTCNNDetector | None = None, *, weights: Path | None = None) -> None:
+                 detector: Detector | None = None, *, weights: Path | None = None) -> None:
         self.embedder = embedder
         self.settings = settings or DetectorSettings()
         self._detector = detector
@@ -183,7 +195,7 @@ class FacePipeline:
         return self.embedder.model_id
 
     @property
-    def detector(self) -> MTCNNDetector:
+    def detector(self) -> Detector:
         if self._detector is None:
             self._detector = get_detector(self.settings)
         return self._detector
@@ -252,18 +264,26 @@ def jittered(crop: np.ndarray, n: int) -> list[np.ndarray]:
 
 _LOCK = threading.Lock()
 _EMBEDDERS: dict[tuple[str, str, str], Embedder] = {}
-_DETECTORS: dict[DetectorSettings, MTCNNDetector] = {}
+_DETECTORS: dict[DetectorSettings, Detector] = {}
 
 
-def get_detector(settings: DetectorSettings | None = None) -> MTCNNDetector:
-    """The process-wide MTCNN detector for ``settings`` (loaded on first use; torch's thread count set from
-    ``FACEDB_THREADS`` first, see :func:`facedb.models.configure_threads`)."""
+def get_detector(settings: DetectorSettings | None = None) -> Detector:
+    """The process-wide detector (``settings.detector``: MTCNN or YuNet) for ``settings``, loaded on first use;
+    torch's (and OpenCV's) thread count set from ``FACEDB_THREADS`` first (see
+    :func:`facedb.models.configure_threads`). ModelUnavailableError when the detector's engine or weights are
+    missing (the message says how to get them)."""
     settings = settings or DetectorSettings()
     configure_threads()
     with _LOCK:
         if settings not in _DETECTORS:
-            _DETECTORS[settings] = MTCNNDetector(settings.min_face_size, settings.min_score, settings.max_side,
-                                                 settings.device)
+            if settings.detector == "yunet":
+                from .yunet import YuNetDetector
+
+                _DETECTORS[settings] = YuNetDetector(settings.min_face_size, settings.min_score,
+                                                     settings.max_side, settings.device)
+            else:
+                _DETECTORS[settings] = MTCNNDetector(settings.min_face_size, settings.min_score,
+                                                     settings.max_side, settings.device)
         return _DETECTORS[settings]
 
 
@@ -292,21 +312,41 @@ def _label(src: PhotoSource) -> str | None:
 
 
 #: Crop mode pads a photo by this share of its longer side on every side before detection: a tight face crop
-#: leaves MTCNN no margin to find the face in (README "Accuracy": faces that are already cropped).
+#: leaves the detector no margin to find the face in (README "Accuracy": faces that are already cropped).
 CROP_PAD = 0.35
 
+#: How crop mode fills the padding: ``constant`` (the photo's median grey) or ``reflect`` (the photo mirrored
+#: at its edges). Constant, by measurement (README "Accuracy", bench-results/crop-landmarks-*.json).
+CROP_PAD_MODE = "constant"
 
-def _padded(pixels: np.ndarray) -> tuple[np.ndarray, int]:
+#: In crop mode the photo is known to hold one face: when none reaches the detector's ``min_score`` in the
+#: padded frame, the best candidate down to this score gives the landmarks, before any layout is assumed.
+CROP_RELAXED_SCORE = 0.5
+
+
+def _padded(pixels: np.ndarray, mode: str | None = None) -> tuple[np.ndarray, int]:
     pad = int(round(CROP_PAD * max(pixels.shape[:2])))
-    fill = int(np.median(pixels))  # a neutral border: mirrored or stretched edges make ghost faces
+    if (mode or CROP_PAD_MODE) == "reflect":
+        return np.pad(pixels, ((pad, pad), (pad, pad), (0, 0)), mode="symmetric"), pad
+    fill = int(np.median(pixels))  # a neutral border
     return np.pad(pixels, ((pad, pad), (pad, pad), (0, 0)), constant_values=fill), pad
 
 
 def whole_face(width: int, height: int) -> Face:
-    """The photo itself as the face, with the landmarks of an average frontal face placed in it (for crop
-    mode, when even the padded photo shows no face to the detector)."""
+    """The photo itself as the face, with the landmarks of an average frontal face placed in it (crop mode's
+    last resort, when even the padded photo shows no face to the detector); ``assumed`` is True."""
     template = np.array([[0.32, 0.40], [0.68, 0.40], [0.50, 0.58], [0.36, 0.76], [0.64, 0.76]])
-    return Face((0.0, 0.0, float(width), float(height)), 0.0, template * [width, height])
+    return Face((0.0, 0.0, float(width), float(height)), 0.0, template * [width, height], assumed=True)
+
+
+def _relaxed(detector: Any, frame: np.ndarray) -> list[Face]:
+    """The best face the detector sees in ``frame`` down to :data:`CROP_RELAXED_SCORE` (one at most), for a
+    detector that can report below its own ``min_score`` (``detect(image, min_score=...)``); else []."""
+    try:
+        found = detector.detect(frame, min_score=CROP_RELAXED_SCORE)
+    except TypeError:  # a detector without the keyword (a test's fake)
+        return []
+    return found[:1]
 
 
 def find_faces(detector: Any, pixels: np.ndarray, cropped: bool = False) -> tuple[list[Face], np.ndarray]:
@@ -319,19 +359,25 @@ def find_faces(detector: Any, pixels: np.ndarray, cropped: bool = False) -> tupl
     if not cropped:
         return detector.detect(pixels), pixels
     padded, pad = _padded(pixels)
-    return _crop_faces(detector.detect(padded), padded, pad, pixels)
+    return _crop_faces(detector.detect(padded), padded, pad, pixels, detector)
 
 
-def _crop_faces(found: list[Face], padded: np.ndarray, pad: int, pixels: np.ndarray) -> tuple[list[Face], np.ndarray]:
-    """Crop mode: faces found in the padded photo, in the photo's own frame (the whole photo if none)."""
+def _crop_faces(found: list[Face], padded: np.ndarray, pad: int, pixels: np.ndarray,
+                detector: Any = None) -> tuple[list[Face], np.ndarray]:
+    """Crop mode: faces found in the padded photo, in the photo's own frame. None found: the detector's best
+    candidate down to :data:`CROP_RELAXED_SCORE`; still none, the whole photo with an assumed landmark layout
+    (``Face.assumed``), unless it is featureless."""
     h, w = pixels.shape[:2]
+    if not found and detector is not None:
+        found = _relaxed(detector, padded)
     faces = []
     for f in found:
         shifted = in_frame(tuple(c - pad for c in f.align_box), f.score, f.landmarks - pad, w, h)
         faces.append(Face(shifted.box, f.score, shifted.landmarks, f.align_box, f.align_landmarks))  # the padded frame
     if not faces and quality.featureless(pixels) is None:  # a blank frame is not taken for a face
         whole = whole_face(w, h)
-        faces = [Face(whole.box, 0.0, whole.landmarks, tuple(c + pad for c in whole.box), whole.landmarks + pad)]
+        faces = [Face(whole.box, 0.0, whole.landmarks, tuple(c + pad for c in whole.box), whole.landmarks + pad,
+                      assumed=True)]
     return faces, padded
 
 
@@ -358,7 +404,7 @@ def find_faces_many(detector: Any, pixels: list[np.ndarray], cropped: bool = Fal
         return list(zip(many(pixels), pixels))
     padded = [_padded(p) for p in pixels]
     found = many([frame for frame, _ in padded])
-    return [_crop_faces(faces, frame, pad, p) for faces, (frame, pad), p in zip(found, padded, pixels)]
+    return [_crop_faces(faces, frame, pad, p, detector) for faces, (frame, pad), p in zip(found, padded, pixels)]
 
 
 def prepare(detector: Any, align: Callable[[np.ndarray, Face], np.ndarray],
@@ -631,7 +677,7 @@ def list_folder(folder: Path) -> FolderLayout:
 
 __all__ = [
     "ON_MULTIPLE", "Analysed", "DetectorSettings", "FaceChoice", "FacePipeline", "FolderLayout", "Outcome",
-    "Prepared", "PreparedFaces", "Unprepared", "auto_workers", "choose_face", "face_choice", "get_detector",
-    "get_pipeline", "list_folder", "prepare", "prepared_chunks", "source_sha256",
+    "Prepared", "PreparedFaces", "Unprepared", "auto_workers", "check_detector", "choose_face", "face_choice",
+    "get_detector", "get_pipeline", "list_folder", "prepare", "prepared_chunks", "source_sha256",
 ]
 

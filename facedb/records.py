@@ -247,6 +247,7 @@ class Stats(_Record):
     data_key_version: int | None = None  # bumped by every re-encryption (a new data key)
     plaintext_files: list[str] = field(default_factory=list)  # files readable without the key, and why
     cancellable: bool = False  # templates stored under the database's keyed orthogonal projection
+    detector: str = "mtcnn"  # the face detector photos go through (facedb init --detector)
 
 
 @dataclass(frozen=True)

@@ -255,6 +255,7 @@ class Settings:
     created_at: str | None = None
     rule: Rule = field(default_factory=Rule)  # the open-set decision rule (facedb/decision.py)
     mean_templates: bool = False  # keep each person's mean template beside their photo templates
+    detector: str = "mtcnn"  # the face detector photos go through (facedb/pipeline.py); older databases: mtcnn
     extra: dict[str, str] = field(default_factory=dict)  # keys other collaborators own (encryption, keys...)
 
     @classmethod
@@ -274,7 +275,7 @@ class Settings:
                  "generation", "created_at", "decision_rule", "decision_target", "impostor_model", "decision_margin",
                  "decision_weight", "mean_templates",
                  "database_id", *INDEX_OPTION_KEYS, "visitors_enabled", "visitors_retention_days",
-                 "thumbnails", "audit_sync", "settings_version", "people_version"}
+                 "thumbnails", "audit_sync", "settings_version", "people_version", "detector"}
         impostors = None
         if meta.get("impostor_model"):
             try:
@@ -312,23 +313,25 @@ class Settings:
                       impostors=impostors, weight=float(meta.get("decision_weight") or MARGIN_WEIGHT),
                       margin=float(meta["decision_margin"]) if meta.get("decision_margin") else None),
             mean_templates=meta.get("mean_templates") == "1",
+            detector=meta.get("detector") or "mtcnn",
             extra={k: v for k, v in meta.items() if k not in known},
         )
 
     @staticmethod
     def initial(model_id: str, dim: int, threshold: float, threshold_source: str, index_kind: str,
                 flip: bool, impostors: ImpostorModel | None = None, margin: float | None = None,
-                rule: str | None = None, mean_templates: bool = True, thumbnails: str = DEFAULT_MODE
-                ) -> dict[str, str]:
+                rule: str | None = None, mean_templates: bool = True, thumbnails: str = DEFAULT_MODE,
+                detector: str = "mtcnn") -> dict[str, str]:
         """The ``meta`` rows of a new database. The rule: ``rule`` if given, else ``margin`` when the model ships
         a margin threshold, ``gallery`` when it ships an impostor model, else ``fixed``; ``thumbnails``: which
-        face thumbnails are kept (see :mod:`facedb.thumbnails`)."""
+        face thumbnails are kept (see :mod:`facedb.thumbnails`); ``detector``: the face detector (``mtcnn`` or
+        ``yunet``, checked by the caller)."""
         if rule is None:
             rule = "margin" if margin is not None else "gallery" if impostors is not None else "fixed"
         rows = {"model_id": model_id, "dim": str(int(dim)), "metric": "cosine", "threshold": repr(float(threshold)),
                 "threshold_source": threshold_source, "index_kind": index_kind, "flip": "1" if flip else "0",
                 "mean_templates": "1" if mean_templates else "0", "thumbnails": check_mode(thumbnails),
-                "audit_sync": "0", **Settings.rule_rows(rule, 0.01, impostors, margin)}
+                "audit_sync": "0", "detector": detector, **Settings.rule_rows(rule, 0.01, impostors, margin)}
         return rows
 
     @staticmethod

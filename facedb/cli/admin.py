@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from ..choices import RuleKind, ThumbnailMode
+from ..choices import DetectorKind, RuleKind, ThumbnailMode
 from ..errors import InvalidInputError
 from . import EXIT_NO, command, emit, emit_kv, open_db, state
 
@@ -99,6 +99,9 @@ def init(
                                                         "enrolled (templates' faces) or all (also decisions' and "
                                                         "unknown visitors' faces). See README \"Console\".")
                           ] = ThumbnailMode.enrolled,
+    detector: Annotated[DetectorKind, typer.Option(help="Face detector: mtcnn (the default) or yunet (OpenCV's "
+                                                        "YuNet: needs the opencv extra). See README \"Models and "
+                                                        "weights\".")] = DetectorKind.mtcnn,
 ) -> None:
     """Create a new, empty database."""
     from ..db import FaceDB
@@ -119,6 +122,10 @@ def init(
     if rule is RuleKind.margin and margin is None:
         raise InvalidInputError(f"{spec.id} ships no margin threshold for the margin rule: use --rule fixed and "
                                 "calibrate (`facedb calibrate --fpir 0.01 --folder DIR`)")
+    if detector is DetectorKind.yunet and not force:  # OpenCV and the weights now, not at the first enrolment
+        from ..yunet import check_available
+
+        check_available()
     key = state(ctx).key() if encrypt else None
     if encrypt and key is None:
         from ..errors import KeyMissingError
@@ -129,11 +136,13 @@ def init(
                        index=index.value, flip=flip, impostors=impostors, margin=margin, rule=rule.value,
                        mean_templates=mean_templates,
                        index_options=options, encrypt=encrypt,
-                       key=key, cancellable=cancellable, thumbnails=thumbnails.value) as db:
+                       key=key, cancellable=cancellable, thumbnails=thumbnails.value,
+                       detector=detector.value) as db:
         s = db.settings()
         info = {"created": str(db.root), "model_id": db.model_id, "dim": db.dim, "threshold": db.threshold,
                 "flip": db.flip, "index_kind": db.index_kind, "decision_rule": s.rule.kind, **s.index_options,
-                "encrypted": db.encrypted, "cancellable": db.cancellable, "thumbnails": s.thumbnails}
+                "encrypted": db.encrypted, "cancellable": db.cancellable, "thumbnails": s.thumbnails,
+                "detector": s.detector}
     if note:
         typer.echo(note, err=True)
     emit_kv(ctx, info)
