@@ -1124,8 +1124,9 @@ class FaceDB:
     # ------------------------------------------------------------------------------ API keys and webhooks
     def create_api_key(self, scope: str, name: str | None = None,
                        grants: Sequence[str] | None = None) -> tuple[ApiKey, str]:
-        """Make an API key for the service (scope ``identify``, ``enroll`` or ``admin``; ``grants``, for identify
-        keys: ``candidates``); returns its record and the key itself, which is stored nowhere (only its hash).
+        """Make an API key for the service (scope ``identify``, ``enroll``, ``admin`` or ``metrics``: GET /metrics
+        only; ``grants``, for identify keys: ``candidates``); returns its record and the key itself, which is
+        stored nowhere (only its hash).
         See ``facedb/keys.py``."""
         from . import keys
 

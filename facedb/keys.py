@@ -8,7 +8,7 @@ not something a person chose: no dictionary to try, so no need to make each gues
 behind GitHub's and Stripe's token storage).
 
 Scopes nest: ``identify`` (identify, verify, detect) < ``enroll`` (+ people and templates) < ``admin`` (+ keys,
-webhooks, settings, audit, stats, check).
+webhooks, settings, audit, stats, check, metrics). ``metrics`` (a scraper's key) reads ``GET /metrics`` only.
 
 **Grants** widen what an ``identify`` key is *told*, never what it may *do*. An identify key is a door's key, and
 a door's key is the one most likely to be stolen (it sits in a device on a wall), so by default it learns a
@@ -42,18 +42,23 @@ REFUSED = "a valid API key is required (X-API-Key header)"
 
 
 class Scope(str, Enum):
-    """What a key may do; each scope includes the ones before it."""
+    """What a key may do. ``identify`` < ``enroll`` < ``admin``: each includes the ones before it. ``metrics`` is
+    apart: it reads ``GET /metrics`` and nothing else, and ``admin`` includes it. A Prometheus server holds
+    its key in a file on another machine; an admin key there could make keys and read the audit trail."""
 
     identify = "identify"
     enroll = "enroll"
     admin = "admin"
+    metrics = "metrics"
 
     @property
     def rank(self) -> int:
         return list(Scope).index(self)
 
     def allows(self, needed: Scope) -> bool:
-        return self.rank >= needed.rank
+        if needed is Scope.metrics:
+            return self in (Scope.metrics, Scope.admin)
+        return self is not Scope.metrics and self.rank >= needed.rank
 
 
 #: What a grant may name. ``candidates``: an identify key's answers are the full ones (candidate lists, raw

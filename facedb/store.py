@@ -335,6 +335,8 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     # 12: what each API key is told beyond a decision (facedb/keys.py GRANTS, comma-separated): existing keys get
     # none, so an identify key made before it is answered with the decision alone, as a door's key should be
     lambda conn: _add_column(conn, "api_keys", "grants TEXT NOT NULL DEFAULT ''"),
+    # 13: the 'metrics' scope (a Prometheus scraper's key: GET /metrics and nothing else; facedb/keys.py)
+    lambda conn: _widen_key_scopes(conn),
 ]
 #: The schema versions that have the service's key and webhook tables, the thumbnails table, and people's
 #: order and search keys.
@@ -342,6 +344,7 @@ KEYS_VERSION = 6
 THUMBNAILS_VERSION = 8
 NAME_KEYS_VERSION = 11
 GRANTS_VERSION = 12
+METRICS_SCOPE_VERSION = 13
 SCHEMA_VERSION = len(MIGRATIONS)
 
 #: How many generations of the change log to keep behind the saved index, so that processes holding a
@@ -430,6 +433,37 @@ def _add_column(conn: sqlite3.Connection, table: str, definition: str) -> None:
     name = definition.split()[0]
     if name not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
         conn.execute(f"ALTER TABLE {table} ADD COLUMN {definition}")
+
+
+_KEY_SCOPES = "'identify', 'enroll', 'admin', 'metrics'"
+
+
+def _widen_key_scopes(conn: sqlite3.Connection) -> None:
+    """Migration 13: the api_keys table's CHECK admits the 'metrics' scope. SQLite cannot change a CHECK in place,
+    so the table is rebuilt in this transaction: its rows are set aside, the table dropped and made again and
+    the rows put back. webhooks.key_id references api_keys, and foreign keys cannot be switched off inside a
+    transaction: deferred, the references the drop broke are checked at commit, when the rows are back."""
+    sql = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'api_keys'").fetchone()
+    if sql is None or "'metrics'" in sql[0]:  # no table (cannot be at 12) or already widened: nothing to do
+        return
+    conn.execute("PRAGMA defer_foreign_keys = ON")  # reset by SQLite at the transaction's end
+    conn.execute("DROP TABLE IF EXISTS api_keys_v12")
+    conn.execute("CREATE TABLE api_keys_v12 AS SELECT id, name, scope, key_hash, created_at, revoked_at, grants "
+                 "FROM api_keys")
+    conn.execute("DROP TABLE api_keys")
+    conn.execute(f"""CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        name TEXT,
+        scope TEXT NOT NULL CHECK (scope IN ({_KEY_SCOPES})),
+        key_hash TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        revoked_at TEXT,
+        grants TEXT NOT NULL DEFAULT ''
+    )""")
+    conn.execute("INSERT INTO api_keys (id, name, scope, key_hash, created_at, revoked_at, grants) "
+                 "SELECT id, name, scope, key_hash, created_at, revoked_at, grants FROM api_keys_v12")
+    conn.execute("DROP TABLE api_keys_v12")
+    conn.execute("CREATE UNIQUE INDEX api_keys_live_name ON api_keys(name) WHERE revoked_at IS NULL")
 
 
 def _normalise_stored_names(conn: sqlite3.Connection) -> None:
@@ -1499,6 +1533,8 @@ class Store:
         """Store a new API key (its hash only) with ``grants`` (comma-separated); DuplicateError when a live key
         already has ``name``."""
         self._need_version(GRANTS_VERSION if grants else KEYS_VERSION, "API keys' grants" if grants else "API keys")
+        if scope == "metrics":
+            self._need_version(METRICS_SCOPE_VERSION, "the metrics scope")
         row = {"id": key_id, "name": name, "scope": scope, "key_hash": key_hash, "created_at": utcnow(),
                "revoked_at": None}
         with self.write():

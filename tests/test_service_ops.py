@@ -30,7 +30,7 @@ from facedb.service.config import ServiceSettings
 from facedb.service.logs import JsonFormatter
 
 from .conftest import REPO
-from .servicekit import BLUE, RED, make_db, png, ready_on_all_workers, real_server, wait_ready
+from .servicekit import BLUE, RED, make_db, png, ready_on_all_workers, real_server, snapshot, wait_ready
 
 NAME = "Zebulon Quartermaine"  # a name no log line may hold
 
@@ -109,11 +109,89 @@ def test_metrics_count_decisions_enrolments_refusals_and_stages(svc):
     assert "{name" in client.get("/metrics", headers=hdr(keys["admin"])).text  # the enrolment's route template
 
 
-def test_metrics_need_an_admin_key(svc):
-    client, keys, _, _ = svc
+#: one route of each scope's own, and what it needs
+SCOPE_ROUTES = {"identify": ("POST", "/v1/identify/vector"), "enroll": ("GET", "/v1/people"),
+                "admin": ("GET", "/v1/stats"), "metrics": ("GET", "/metrics")}
+#: key scope -> the scopes' routes it reaches (the rest: 403)
+SCOPE_TABLE = {"identify": {"identify"}, "enroll": {"identify", "enroll"},
+               "admin": {"identify", "enroll", "admin", "metrics"}, "metrics": {"metrics"}}
+
+
+def test_scope_table_a_metrics_key_scrapes_and_does_nothing_else(svc):
+    """Every scope's key against one route of every scope: a metrics key (a Prometheus server's) reaches
+    /metrics and nothing else, an admin key everything; no other key scrapes. Each refusal is a 403 recorded as
+    denied under the key's id, and changes nothing."""
+    client, keys, path, _ = svc
+    with FaceDB.open(path) as db:
+        record, keys["metrics"] = db.create_api_key("metrics", "prometheus")
+    assert record.scope == "metrics"
+    before = snapshot(path)
+    got: dict[str, set[str]] = {}
+    for scope, key in keys.items():
+        got[scope] = set()
+        for route, (method, url) in SCOPE_ROUTES.items():
+            r = client.request(method, url, headers=hdr(key),
+                               **({"json": {"vector": np.eye(32)[0].tolist()}} if method == "POST" else {}))
+            assert r.status_code in (200, 403), (scope, url, r.status_code, r.text)
+            if r.status_code == 200:
+                got[scope].add(route)
+            else:
+                assert r.json()["error"] == "PermissionDeniedError", r.text
+    assert got == SCOPE_TABLE
     assert client.get("/metrics").status_code == 401
-    assert client.get("/metrics", headers=hdr(keys["enroll"])).status_code == 403
-    assert client.get("/metrics", headers=hdr(keys["admin"])).status_code == 200
+    with FaceDB.open(path, readonly=True) as db:
+        denied = [r.detail["path"] for r in db.audit(operation="denied", actor=f"key:{record.id}")]
+    assert sorted(denied) == ["/v1/identify/vector", "/v1/people", "/v1/stats"]
+    after = snapshot(path)
+    assert after["counts"] == before["counts"] and after["people"] == before["people"]
+
+
+def test_metrics_keys_from_the_cli_and_a_database_made_before_them(tmp_path):
+    """`facedb keys create --scope metrics`; a database of schema 12 (keys' CHECK without 'metrics', a webhook
+    tied to a key) is migrated on open: its keys and webhooks kept, foreign keys intact, metrics keys allowed."""
+    import sqlite3
+
+    from facedb.store import SCHEMA_VERSION
+
+    from .test_livefiles import cli
+
+    root = tmp_path / "db"
+    with FaceDB.create(root, model_id="vec-test", dim=8, threshold=0.5) as db:
+        door, _ = db.create_api_key("identify", "door", ["candidates"])
+        db.create_api_key("admin", "ops")
+        hook = db.add_webhook("http://127.0.0.1:9/hook", ["*"], key_id=door.id)
+        db.revoke_api_key(door.id)
+        kept = ([k.to_dict() for k in db.api_keys()], [h.to_dict() for h in db.webhooks()])
+    conn = sqlite3.connect(root / "facedb.sqlite3")  # back to schema 12: the table as migration 6 and 12 made it
+    conn.executescript("""
+        PRAGMA foreign_keys = OFF;
+        BEGIN;
+        CREATE TABLE old_keys AS SELECT * FROM api_keys;
+        DROP TABLE api_keys;
+        CREATE TABLE api_keys (id TEXT PRIMARY KEY, name TEXT,
+            scope TEXT NOT NULL CHECK (scope IN ('identify', 'enroll', 'admin')), key_hash TEXT NOT NULL,
+            created_at TEXT NOT NULL, revoked_at TEXT, grants TEXT NOT NULL DEFAULT '');
+        INSERT INTO api_keys SELECT * FROM old_keys;
+        DROP TABLE old_keys;
+        CREATE UNIQUE INDEX api_keys_live_name ON api_keys(name) WHERE revoked_at IS NULL;
+        PRAGMA user_version = 12;
+        COMMIT;
+    """)
+    conn.close()
+    res = cli(root, "--json", "keys", "create", "--scope", "metrics", "--name", "prometheus")
+    assert res.returncode == 0, res.stderr
+    made = json.loads(res.stdout)
+    with FaceDB.open(root, readonly=True) as db:
+        assert db.store.version == SCHEMA_VERSION
+        assert [k.to_dict() for k in db.api_keys() if k.name != "prometheus"] == kept[0]
+        assert [h.to_dict() for h in db.webhooks()] == kept[1] and kept[1][0]["key_id"] == hook.key_id
+        assert [k.scope for k in db.api_keys() if k.name == "prometheus"] == ["metrics"]
+        assert db.store.conn.execute("PRAGMA foreign_key_check").fetchall() == []
+        tables = {r[0] for r in db.store.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert "api_keys_v12" not in tables
+    assert made["scope"] == "metrics"
+    bad = cli(root, "keys", "create", "--scope", "metric")
+    assert bad.returncode == 2
 
 
 def test_metrics_webhook_failures_queue_and_generation_lag(svc):

@@ -32,6 +32,7 @@ class ScopeOpt(str, Enum):
     identify = "identify"
     enroll = "enroll"
     admin = "admin"
+    metrics = "metrics"
 
 
 def _loopback(host: str) -> bool:
@@ -132,7 +133,8 @@ def serve(
 def keys_create(
     ctx: typer.Context,
     scope: Annotated[ScopeOpt, typer.Option(help="identify (identify, verify, detect), enroll (+ people and "
-                                                 "templates), admin (+ keys, webhooks, settings, audit).")],
+                                                 "templates), admin (+ keys, webhooks, settings, audit); metrics: "
+                                                 "GET /metrics only (a Prometheus scraper's key).")],
     name: Annotated[str | None, typer.Option(help="A label, e.g. door-3 (unique among live keys).")] = None,
     grant: Annotated[list[str] | None, typer.Option(
         help="For identify keys: 'candidates' lets the key see candidate lists, raw similarities, k > 1 and "

@@ -22,7 +22,7 @@ from .. import __version__
 from ..errors import InvalidInputError, RequestTooLargeError
 from ..hooks import Sender
 from . import errors, routes_admin, routes_people, routes_query, routes_visitors
-from .auth import ADMIN, Caller
+from .auth import METRICS, Caller
 from .config import ServiceSettings
 from .logs import JsonFormatter, RequestLog
 from .state import ServiceState
@@ -32,7 +32,7 @@ facedb's HTTP API for access-control systems: identify (1:N) and verify (1:1) fa
 vectors, manage people and their templates, read the audit trail, and receive door events by webhook.
 
 Authenticate with `X-API-Key: <key>` (or `Authorization: Bearer <key>`); keys are made with
-`facedb keys create --scope identify|enroll|admin`. Scores are cosine similarities (higher = more alike).
+`facedb keys create --scope identify|enroll|admin|metrics`. Scores are cosine similarities (higher = more alike).
 
 **No liveness detection / anti-spoofing**: a printed photo or a screen showing an enrolled person's face is that
 person's face to facedb. Pair it with a presentation-attack-detecting camera where that matters.
@@ -198,9 +198,9 @@ def create_app(settings: ServiceSettings, *, model: Any = None, sender: Sender |
         return JSONResponse(body, status_code=200 if state.ready else 503)
 
     @app.get("/metrics", tags=["service"], response_class=Response,
-             summary="Prometheus metrics (text format; admin key). With several workers: all of them.",
+             summary="Prometheus metrics (text format; a metrics or admin key). With several workers: all of them.",
              responses={200: {"content": {"text/plain": {}}}})
-    async def prometheus_metrics(caller: Annotated[Caller, Depends(ADMIN)]) -> Response:
+    async def prometheus_metrics(caller: Annotated[Caller, Depends(METRICS)]) -> Response:
         # async: on the event loop, where the worker's key connection (read for the store's generation) is used.
         # Not in the audit trail: a scrape every 15 s would bury the trail, and the answer holds no one's data.
         return Response(metrics.scrape(caller.state), media_type=CONTENT_TYPE)

@@ -113,3 +113,4 @@ def _denied(db: FaceDB, actor: str, detail: dict[str, Any]) -> None:
 IDENTIFY = need(Scope.identify)
 ENROLL = need(Scope.enroll)
 ADMIN = need(Scope.admin)
+METRICS = need(Scope.metrics)  # a metrics key or an admin key

@@ -21,7 +21,8 @@ router = APIRouter(prefix="/v1", tags=["admin"])
 class NewKey(BaseModel):
     model_config = ConfigDict(extra="forbid")
     scope: Scope = Field(description="identify (identify, verify, detect), enroll (+ people, templates) or admin "
-                                     "(+ keys, webhooks, settings, audit).")
+                                     "(+ keys, webhooks, settings, audit); metrics: GET /metrics "
+                                     "only (a Prometheus scraper's key).")
     name: str | None = Field(None, description="A label, e.g. door-3 (unique among live keys).")
     grants: list[str] | None = Field(None, description="identify keys only: ['candidates'] lets the key see "
                                                        "candidate lists, raw similarities, k > 1 and batches of "
