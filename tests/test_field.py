@@ -251,7 +251,8 @@ def test_fr01_cli_train_writes_weights_a_database_can_use(tmp_path, monkeypatch)
 # that they change nothing). A new command without an entry here fails test_fr01_every_command_is_tested_end_to_end.
 COMMAND_TESTS = {
     "init": ["test_cli::test_core_commands",
-             "test_field::test_fr14_init_without_the_weights_fails_and_says_where_to_put_them"],
+             "test_field::test_fr14_init_without_the_weights_fails_and_says_where_to_put_them",
+             "test_detectors::test_settings_and_pipeline_follow_the_databases_detector"],
     "people": ["test_cli::test_core_commands"],
     "show": ["test_cli::test_core_commands"],
     "add-person": ["test_cli::test_core_commands"],
