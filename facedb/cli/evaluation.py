@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ..choices import DetectorKind
 from ..errors import InvalidInputError
 from . import Progress, app, command, emit_kv, open_db, state
 from .admin import WeightsOpt
@@ -73,24 +74,29 @@ def _checked_layout(folder: Path) -> Path:
     return folder
 
 
-def _eval_pipeline(ctx: typer.Context, model: str | None, weights: Path | None) -> Any:
+def _eval_pipeline(ctx: typer.Context, model: str | None, weights: Path | None,
+                   detector: DetectorKind | None = None) -> Any:
     from ..db import STORE_FILE
-    from ..pipeline import get_pipeline
+    from ..pipeline import DetectorSettings, get_pipeline
 
-    if model is None:
+    if model is None:  # the database's model, and then its detector unless one is given
         if (state(ctx).db / STORE_FILE).exists():
             with open_db(ctx, readonly=True) as db:
                 model = db.model_id
+                detector = detector or DetectorKind(db.settings().detector)
         else:
             from ..models import choose_default_model
 
             model, note = choose_default_model(weights)
             if note:
                 typer.echo(note, err=True)
-    return get_pipeline(model, weights=weights)
+    settings = DetectorSettings(detector=(detector or DetectorKind.mtcnn).value)
+    return get_pipeline(model, weights=weights, settings=settings)
 
 
 ModelOpt = Annotated[str | None, typer.Option(help="Model id; default: the database's, else the default model.")]
+DetectorOpt = Annotated[DetectorKind | None, typer.Option(help="Face detector, mtcnn or yunet; default: the "
+                                                               "database's, else mtcnn.")]
 PairsOpt = Annotated[Path | None, typer.Option(help="LFW pairs file; default: $FACEDB_TEST_DATA/lfw_protocol/"
                                                     "pairs.txt.")]
 LfwOpt = Annotated[Path | None, typer.Option(help="LFW photo folder; default: $FACEDB_TEST_DATA/lfw_deepfunneled.")]
@@ -107,13 +113,14 @@ def eval_lfw(
     weights: WeightsOpt = None,
     flip: FlipOpt = True,
     plot: Annotated[Path | None, typer.Option(help="Write ROC and score histograms to this PNG.")] = None,
+    detector: DetectorOpt = None,
 ) -> None:
     """LFW verification: 10-fold accuracy, TAR at FAR 1e-2/1e-3/1e-4, EER (through facedb's own pipeline)."""
     from ..evaluate import run_lfw
 
     pairs_file = _pairs(pairs, "pairs.txt")
     lfw_dir = _lfw_dir(lfw)
-    pipe = _eval_pipeline(ctx, model, weights)
+    pipe = _eval_pipeline(ctx, model, weights, detector)
     with Progress(ctx, "embedding") as progress:
         report = run_lfw(pairs_file, lfw_dir, pipe, flip=flip, progress=progress, plot=plot)
     emit_kv(ctx, report)
@@ -137,6 +144,7 @@ def eval_identify(
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     flip: FlipOpt = True,
+    detector: DetectorOpt = None,
 ) -> None:
     """Open-set identification: rank-1/5 and DIR at FPIR 1% and 0.1%, through a real temporary facedb.
     Photos with no face found are failures to acquire: counted, never scored."""
@@ -145,7 +153,7 @@ def eval_identify(
     if check_calibration and half is None:
         raise InvalidInputError("--check-calibration needs --half a or --half b")
     source = _checked_layout(_folder(folder))
-    pipe = _eval_pipeline(ctx, model, weights)
+    pipe = _eval_pipeline(ctx, model, weights, detector)
     with tempfile.TemporaryDirectory() as tmp, Progress(ctx, "embedding") as progress:
         report = run_identify(source, pipe, Path(tmp), enroll=enroll, seed=seed, half=half.value if half else None,
                               flip=flip, progress=progress, calibrate_on_other_half=check_calibration,

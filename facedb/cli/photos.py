@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..choices import OnMultiple, OnOtherMatch
+from ..choices import DetectorKind, OnMultiple, OnOtherMatch
 from ..errors import FaceDBError, IndexUnavailableError, InvalidInputError
 from . import EXIT_ERROR, EXIT_NO, Progress, command, open_db, parse_meta, state
 from .admin import WeightsOpt
@@ -245,6 +245,8 @@ def detect(
     photos: Annotated[list[Path], typer.Argument(help="Photos to look for faces in.")],
     weights: WeightsOpt = None,
     cropped: CroppedOpt = False,
+    detector: Annotated[DetectorKind | None, typer.Option(help="Face detector for this call, mtcnn or yunet; "
+                                                               "default: the database's.")] = None,
 ) -> None:
     """Faces in photos: box, detector score and 5 landmarks each (no identification, nothing recorded). Exit 2 if
     some photo could not be read (the others are still done)."""
@@ -252,10 +254,16 @@ def detect(
 
     failed = 0
     with open_db(ctx, weights=weights) as db:
+        model = None
+        if detector is not None:
+            from ..pipeline import DetectorSettings, get_pipeline
+
+            model = db.pipeline(get_pipeline(db.model_id, weights=weights,
+                                             settings=DetectorSettings(detector=detector.value)))
         for photo in photos:
             label = display_name(photo)
             try:
-                faces = db.detect(photo, name=label, cropped=cropped)
+                faces = db.detect(photo, name=label, cropped=cropped, model=model)
             except FaceDBError as exc:
                 failed += 1
                 typer.echo(f"error: {exc}", err=True)

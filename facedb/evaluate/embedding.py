@@ -100,8 +100,10 @@ def embed_photos(
 
 
 def variant(pipeline: FacePipeline, flip: bool) -> str:
-    """The cache variant of a pipeline's embeddings: its model id, ``-flip`` with flip augmentation."""
-    return pipeline.model_id + ("-flip" if flip else "")
+    """The cache variant of a pipeline's embeddings: its model id, its detector unless MTCNN (the landmarks, so
+    the crops, differ by detector; MTCNN's caches keep their older names), ``-flip`` with flip augmentation."""
+    detector = getattr(getattr(pipeline, "settings", None), "detector", "mtcnn")
+    return pipeline.model_id + ("" if detector == "mtcnn" else f"-{detector}") + ("-flip" if flip else "")
 
 
 def embed_cached(paths: Sequence[Path], pipeline: FacePipeline, flip: bool,
