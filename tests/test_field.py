@@ -284,6 +284,7 @@ COMMAND_TESTS = {
     "eval lfw": ["test_field::test_fr01_cli_eval_lfw_runs_the_10_fold_protocol"],
     "eval identify": ["test_field::test_fr01_cli_eval_identify_measures_without_touching_the_database"],
     "train": ["test_field::test_fr01_cli_train_writes_weights_a_database_can_use"],
+    "convert-facenet": ["test_facenet_graph::test_cli_convert_facenet_writes_weights_a_database_then_uses"],
     "rule": ["test_cli_more::test_rule_shows_and_switches_the_decision_rule"],
     "keys create": ["test_cli_more::test_keys_create_list_revoke_take_effect_in_the_database"],
     "keys list": ["test_cli_more::test_keys_create_list_revoke_take_effect_in_the_database"],

