@@ -14,8 +14,8 @@ import pytest
 
 import facedb.models as models
 from facedb.errors import InvalidInputError, ModelUnavailableError, WeightsHashError
-from facedb.models import weights as W
 from facedb.models import tf_graph
+from facedb.models import weights as W
 
 SPEC = W.WEIGHTS["facenet-casia-tf"]
 GRAPH = W.carried_graph(SPEC)
@@ -99,7 +99,7 @@ def test_control_inputs_are_removed_and_nothing_else(tmp_path):
 
 
 @pytest.mark.parametrize("data", [b"", b"\x0a\xff\xff\xff\xff\x0f", b"\x0b\x00", b"\xff" * 12,
-                                  "# facedb\nnot a graph\n".encode()])
+                                  b"# facedb\nnot a graph\n"])
 def test_a_file_that_is_not_a_graph_is_a_typed_error(tmp_path, data):
     path = tmp_path / "bad.pb"
     path.write_bytes(data)
@@ -151,7 +151,7 @@ def test_a_graph_that_is_not_that_network_is_refused(tmp_path):
 
     path = tmp_path / "tiny.pb"
     path.write_bytes(tiny_graph())
-    with pytest.raises(InvalidInputError, match="no convolution|no constant"):
+    with pytest.raises(InvalidInputError, match=r"no convolution|no constant"):
         convert_graph(path, tmp_path / "out.pt")
     assert not (tmp_path / "out.pt").exists()
 
