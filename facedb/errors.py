@@ -111,6 +111,19 @@ class RequestTooLargeError(InvalidInputError):
     """A request body (an upload) over the configured size limit."""
 
 
+class TooManyRequestsError(FaceDBError):
+    """Too many failed authentications (from one client address or for one key id), too many requests from one
+    door key, or too many uploads at once from one client: retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestTimeoutError(InvalidInputError):
+    """A request body that did not arrive within the service's body timeout (a stalled or very slow upload)."""
+
+
 class NotReadyError(FaceDBError):
     """The service has not finished loading its model and index yet; retry shortly."""
 

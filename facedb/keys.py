@@ -35,6 +35,7 @@ from .store import Store
 
 PREFIX = "fdb"
 _KEY = re.compile(rf"^{PREFIX}_([0-9a-f]{{12}})_([A-Za-z0-9_-]{{43}})$")
+_KEY_ID = re.compile(rf"^{PREFIX}_([0-9a-f]{{12}})_")
 
 #: What every refused key is told, whatever the reason (no key, unknown, revoked, malformed): nothing more
 #: is revealed to a caller without a valid key.
@@ -175,6 +176,13 @@ def authenticate(store: Store, presented: str | None) -> ApiKey:
         exc.key_id = key.id  # type: ignore[attr-defined]
         raise exc
     return key
+
+
+def claimed_id(presented: str | None) -> str | None:
+    """The key id a presented key names (its public part: ``fdb_<id>_...``), whether or not the key is right; None
+    when it names none. For throttling and recording failed authentications by key id, never the secret."""
+    match = _KEY_ID.match(presented.strip()) if isinstance(presented, str) else None
+    return match.group(1) if match is not None else None
 
 
 def authorise(key: ApiKey, needed: Scope) -> None:

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import warnings
 
+import httpx
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -230,7 +231,8 @@ def test_the_identity_matrix_extraction_rebuilds_no_template_with_a_door_key(tmp
     stored = attack.build_gallery(path, people=12, dim=dim, seed=3)
     with FaceDB.open(path) as db:
         door, door_key = db.create_api_key("identify", "door-1")
-    app = create_app(ServiceSettings(db=path, fold_window=0.0), sender=lambda url, body, headers: 200)
+    # door_rate=0: what the answers disclose, at any pace (the rate limit is tested on its own below)
+    app = create_app(ServiceSettings(db=path, fold_window=0.0, door_rate=0), sender=lambda url, body, headers: 200)
     with TestClient(app, raise_server_exceptions=False) as client:
         wait_ready(client)
         estimates, calls = attack.attack(client, door_key, dim)
@@ -307,3 +309,167 @@ def test_a_lone_surrogate_is_a_400_on_every_json_route(svc):
     r = client.post("/v1/people", content=b'{"name": "Zo\\ud83d\\ude00"}',
                     headers={**hdr(keys["enroll"]), "content-type": "application/json"})
     assert r.status_code == 201 and r.json()["name"] == "Zo\U0001F600"
+
+
+# --------------------------------------------------------------- 2: authentication before the body, timeouts
+def _raw(port: int, request: bytes, *, timeout: float = 60.0) -> bytes:
+    """Send ``request`` (head, and as much body as given) on a new connection and read until the server closes
+    it: the answer. ``timeout`` only bounds a hang (a server that waits for the rest of the body forever)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data  # the server closed the connection
+            data += chunk
+
+
+def _head(path: str, length: int, key: str | None = None, content_type: str = "application/json") -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Type: {content_type}",
+             f"Content-Length: {length}"] + ([f"X-API-Key: {key}"] if key else [])
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def test_a_keyless_body_is_refused_before_it_is_read_and_a_stalled_body_is_dropped(tmp_path):
+    """Finding 2: eight keyless connections declaring 19 MiB and stalling were held in memory 45 s and more (the
+    body was read before the key was checked, with no read timeout). Through a real `facedb serve` on loopback,
+    with raw sockets: a keyless request that declares 19 MiB and sends none of it is answered 401 and closed
+    (the server could not have read a body that never came; before, it waited for it); eight at once too; a
+    request without a key may declare 16 KiB at most (the console's sign-in form): 413; a body with a valid key
+    that stalls is answered 408 after FACEDB_BODY_TIMEOUT and the connection closed."""
+    from urllib.parse import urlsplit
+
+    from .servicekit import real_server
+
+    path = tmp_path / "db"
+    keys = make_db(path, dim=DIM)
+    with real_server(path, workers=1, env={"FACEDB_BODY_TIMEOUT": "1"}) as (base, _):
+        port = urlsplit(base).port
+        big = 19 * 1024 * 1024
+        for route in ("/v1/people/Ann/vectors", "/v1/identify/vector", "/metrics"):
+            answer = _raw(port, _head(route, big))
+            assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+            assert b"AuthenticationError" in answer
+        wrong = keys["identify"][:-4] + "AAAA"  # a real key id, a wrong secret
+        assert _raw(port, _head("/v1/identify/vector", big, wrong)).startswith(b"HTTP/1.1 401 ")
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: _raw(port, _head("/v1/people", big)), range(8)))
+        assert [a.split(b"\r\n", 1)[0] for a in answers] == [b"HTTP/1.1 401 Unauthorized"] * 8
+        login = _raw(port, _head("/console/login", 1024 * 1024, content_type="application/x-www-form-urlencoded"))
+        assert login.startswith(b"HTTP/1.1 413 "), login[:200]
+        # a valid key, a body that stops after 10 of its 1000 bytes: dropped, not held
+        stalled = _raw(port, _head("/v1/identify/vector", 1000, keys["admin"]) + b'{"vector":')
+        assert stalled.startswith(b"HTTP/1.1 408 "), stalled[:200]
+        assert b"RequestTimeoutError" in stalled and b"connection: close" in stalled.lower()
+        # and the service answers as before
+        ok = httpx.post(f"{base}/v1/identify/vector", json={"vector": E[0].tolist()}, headers=hdr(keys["admin"]))
+        assert ok.status_code == 200, ok.text
+
+
+def test_uploads_at_once_per_client_are_bounded(svc):
+    """A client may have ``uploads_per_client`` bodies being read at once; one more is 429 before its body is
+    read. (The transport's counter, driven directly: bodies in flight in the test client arrive whole.)"""
+    client, keys, _, _ = svc
+    guard = client.app.state.facedb.guard
+    for _ in range(guard.uploads):
+        assert guard.start_upload("testclient")
+    try:
+        r = client.post("/v1/identify/vector", json={"vector": E[0].tolist()}, headers=hdr(keys["admin"]))
+        assert r.status_code == 429 and r.headers["retry-after"] == "1", r.text
+    finally:
+        for _ in range(guard.uploads):
+            guard.end_upload("testclient")
+    r = client.post("/v1/identify/vector", json={"vector": E[0].tolist()}, headers=hdr(keys["admin"]))
+    assert r.status_code == 200
+
+
+# ------------------------------------------------------------------- 6: throttling and traces of guessing
+def stopped(client) -> None:
+    """The worker's throttles on a clock that stands still: no allowance comes back while a test runs, however
+    slowly the machine runs it (the limits are per minute)."""
+    from facedb.service.guard import Guard
+
+    client.app.state.facedb.guard = Guard(auth_failures=20, door_rate=10, clock=lambda: 1000.0)
+
+
+def _metric(client, admin_key: str, reason: str) -> float:
+    text = client.get("/metrics", headers=hdr(admin_key)).text
+    line = next(x for x in text.splitlines() if x.startswith(f'facedb_auth_failures_total{{reason="{reason}"}}'))
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_failed_authentications_are_throttled_per_address_and_recorded_without_the_secret(svc):
+    """Finding 6: 150 wrong secrets for a real key id in 0.3 s were all 401 and none was in the audit trail. Now
+    after 20 failures from one address the next is 429 with Retry-After, and so is everything from that address after it
+    (even a right key), while other addresses go on; the trail has one `auth-failed` record for the source with
+    the key id and the address, never the secret; /metrics counts every failure."""
+    client, keys, path, _ = svc
+    door_id = key_id(path, "identify-key")
+    wrong = keys["identify"][:-6] + "xxxxxx"
+    statuses = [client.post("/v1/identify/vector", json={"vector": E[0].tolist()}, headers=hdr(wrong)).status_code
+                for _ in range(25)]
+    assert statuses == [401] * 20 + [429] * 5
+    r = client.post("/v1/identify/vector", json={"vector": E[0].tolist()}, headers=hdr(keys["identify"]))
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    assert r.json()["error"] == "TooManyRequestsError"
+    other = TestClient(client.app, client=("10.1.2.3", 4000))  # the same worker, another address
+    assert other.post("/v1/identify/vector", json={"vector": E[0].tolist()},
+                      headers=hdr(keys["identify"])).status_code == 200
+    failed = audit(path, operation="auth-failed")
+    assert [(r.detail["key_id"], r.detail["address"], r.detail["reason"], r.detail["failures"]) for r in failed] == [
+        (door_id, "testclient", "invalid", 1)]
+    trail = json.dumps([r.to_dict() for r in audit(path)])
+    assert wrong not in trail and wrong.rsplit("_", 1)[1] not in trail
+    admin = TestClient(client.app, client=("10.9.9.9", 1))
+    assert _metric(admin, keys["admin"], "invalid") == 20 and _metric(admin, keys["admin"], "throttled") >= 6
+
+
+def test_a_key_id_under_attack_is_throttled_but_its_right_key_still_opens(svc):
+    """Guessing one key's secret from many addresses: after 20 failures for that key id, wrong secrets for it
+    are 429 from any address, and recorded once per address (60 a minute at most); the right key, from a
+    fresh address, is still admitted: a door's key id cannot be used to lock the door out."""
+    client, keys, path, _ = svc
+    stopped(client)
+    wrong = keys["identify"][:-6] + "yyyyyy"
+    statuses = []
+    for i in range(30):
+        c = TestClient(client.app, client=(f"10.0.0.{i}", 1000))
+        statuses.append(c.post("/v1/identify/vector", json={"vector": E[0].tolist()}, headers=hdr(wrong)).status_code)
+    assert statuses == [401] * 20 + [429] * 10
+    door = TestClient(client.app, client=("10.0.1.1", 1000))
+    assert door.post("/v1/identify/vector", json={"vector": E[0].tolist()},
+                     headers=hdr(keys["identify"])).status_code == 200
+    failed = audit(path, operation="auth-failed")
+    assert len(failed) == 30 and {r.detail["address"] for r in failed} == {f"10.0.0.{i}" for i in range(30)}
+
+
+def test_the_trail_of_failed_authentications_is_bounded(svc):
+    """Many addresses and made-up keys: at most 60 `auth-failed` records a minute per worker (the rest are
+    counted in /metrics, and folded into the next record of their source)."""
+    client, _, path, _ = svc
+    stopped(client)
+    for i in range(80):
+        c = TestClient(client.app, client=(f"10.2.{i}.1", 1000))
+        assert c.get("/v1/people", headers=hdr(f"fdb_{i:012x}_{'A' * 43}")).status_code == 401
+    assert len(audit(path, operation="auth-failed")) == 60
+
+
+def test_a_door_key_is_held_to_its_request_rate(tmp_path, fake_pipeline):
+    """A door key (identify, no grant) makes ``door_rate`` requests a second (bursts of two seconds' worth): here
+    0.01 a second, so the second request is 429 with Retry-After; an enroll key is not held to it."""
+    path = tmp_path / "db"
+    keys = make_db(path, dim=DIM)
+    app = create_app(ServiceSettings(db=path, door_rate=0.01), model=fake_pipeline, sender=lambda *a: 200)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        wait_ready(client)
+        body = {"vector": E[0].tolist()}
+        assert client.post("/v1/identify/vector", json=body, headers=hdr(keys["identify"])).status_code == 200
+        r = client.post("/v1/identify/vector", json=body, headers=hdr(keys["identify"]))
+        assert r.status_code == 429 and int(r.headers["retry-after"]) > 50, r.text
+        assert [client.post("/v1/identify/vector", json=body, headers=hdr(keys["enroll"])).status_code
+                for _ in range(3)] == [200] * 3

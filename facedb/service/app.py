@@ -7,6 +7,7 @@ from ``FACEDB_*`` variables; tests call :func:`create_app` with a test-double mo
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -19,12 +20,18 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
-from ..errors import InvalidInputError, RequestTooLargeError
+from ..errors import (
+    FaceDBError,
+    InvalidInputError,
+    RequestTimeoutError,
+    RequestTooLargeError,
+    TooManyRequestsError,
+)
 from ..hooks import Sender
-from . import errors, routes_admin, routes_people, routes_query, routes_visitors
+from . import auth, errors, routes_admin, routes_people, routes_query, routes_visitors
 from .auth import METRICS, Caller
 from .config import ServiceSettings
-from .logs import JsonFormatter, RequestLog
+from .logs import KEY_ID, JsonFormatter, RequestLog
 from .state import ServiceState
 
 DESCRIPTION = """\
@@ -41,54 +48,123 @@ person's face to facedb. Pair it with a presentation-attack-detecting camera whe
 WORKER_HEADER = b"x-facedb-worker"
 
 
-class Transport:
-    """Pure ASGI middleware: refuses request bodies over the limit with 413 before the app parses them (by
-    Content-Length when given, else by counting while reading), and stamps answers with the worker's pid."""
+#: The body limit of a request that names no key (the console's sign-in form: a key and a token), bytes.
+KEYLESS_BODY = 16 * 1024
 
-    def __init__(self, app: ASGIApp, max_body: int) -> None:
+
+class Transport:
+    """Pure ASGI middleware, in front of everything but the request log and CORS (so that its refusals carry
+    CORS headers like any answer). Before a byte of a request body is read (issue #25, finding 2):
+
+    1. the caller is authenticated: an API route (``/v1/...``, ``/metrics``) by its key (:func:`auth.check_key`,
+       with the failed-authentication throttle: 401 or 429), a console action by its session
+       (:func:`console.session.check_session`); a request with neither (the console's sign-in form, a console
+       action without a live session, which its route then sends to sign in) may send ``KEYLESS_BODY`` bytes;
+    2. the declared ``Content-Length`` is held to that limit (413);
+    3. the client's address may have ``uploads_per_client`` bodies being read at once (429).
+
+    Then the body is read, bounded by the limit (counted, for a chunked body) and by ``body_timeout`` seconds in
+    all (408: a stalled or trickling body is dropped, the connection closed), and replayed to the app. uvicorn
+    has no body timeout of its own (``timeout_keep_alive`` covers only the idle time between requests), so this
+    middleware is it. Every answer is stamped with the worker's pid."""
+
+    def __init__(self, app: ASGIApp, state: ServiceState) -> None:
         self.app = app
-        self.max_body = max_body
+        self.state = state
+        self.max_body = state.settings.max_upload_bytes
+        self.timeout = state.settings.body_timeout
         self.pid = str(os.getpid()).encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        too_large = RequestTooLargeError(f"the request body is over the limit of {self.max_body} bytes "
-                                         "(FACEDB_MAX_UPLOAD_MB)")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
-            await self._refuse(too_large, scope, receive, send)
-            return
-        chunks: list[bytes] = []
-        size = 0
-        more = True
-        while more:  # read the whole body first: bounded by the limit, then replayed to the app
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                await self._refuse(too_large, scope, receive, send)
-                return
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        replay = _replaying(body, receive)
 
         async def stamped(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message = {**message, "headers": [*message.get("headers", []), (WORKER_HEADER, self.pid)]}
             await send(message)
 
-        await self.app(scope, replay, stamped)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
+        if not chunked and (declared is None or declared.strip() in (b"", b"0")):
+            await self.app(scope, receive, stamped)  # no body: nothing to hold
+            return
+        address = auth.client_address(scope)
+        uploading = False
+        try:
+            limit = await self._admit(scope, headers, address)
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                raise RequestTooLargeError(f"the request body is over the limit of {limit} bytes"
+                                           + (" (FACEDB_MAX_UPLOAD_MB)" if limit == self.max_body else
+                                              " for a request without a key"))
+            uploading = self.state.guard.start_upload(address)
+            if not uploading:
+                raise TooManyRequestsError(f"this client is sending {self.state.guard.uploads} request bodies "
+                                           "already: wait for one to finish", 1.0)
+            body = await self._read(receive, limit)
+        except FaceDBError as exc:
+            await self._refuse(exc, scope, receive, stamped)
+            return
+        except _Gone:
+            return
+        finally:
+            if uploading:
+                self.state.guard.end_upload(address)
+        await self.app(scope, _replaying(body, receive), stamped)
 
-    async def _refuse(self, exc: RequestTooLargeError, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _admit(self, scope: Scope, headers: dict[bytes, bytes], address: str) -> int:
+        """Authenticate a request that carries a body, before the body; its body limit in bytes."""
+        path = scope.get("path", "")
+        if path.startswith("/v1/") or path == "/metrics":
+            presented = headers.get(b"x-api-key")
+            bearer = headers.get(b"authorization", b"")
+            if presented is None and bearer[:7].lower() == b"bearer ":
+                presented = bearer[7:]
+            key = await auth.check_key(self.state, presented.decode("latin-1") if presented is not None else None,
+                                       address, {"method": scope.get("method"), "path": path})
+            scope.setdefault("state", {})[KEY_ID] = key.id
+            return self.max_body
+        if path.startswith("/console/") and self.state.settings.console:
+            from .console.session import check_session
+
+            if await check_session(self.state, scope, headers, address):
+                return self.max_body
+        return KEYLESS_BODY
+
+    async def _read(self, receive: Receive, limit: int) -> bytes:
+        """The whole body, or RequestTooLargeError past ``limit`` bytes, RequestTimeoutError past the body
+        timeout; _Gone when the client went away."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise RequestTimeoutError(f"the request body did not arrive within {self.timeout:g} s "
+                                          "(FACEDB_BODY_TIMEOUT)") from None
+            if message["type"] == "http.disconnect":
+                raise _Gone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise RequestTooLargeError(f"the request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(chunks)
+
+    async def _refuse(self, exc: FaceDBError, scope: Scope, receive: Receive, send: Send) -> None:
         response = errors.error_response(exc)
         response.headers["connection"] = "close"  # the unread rest of the body is not worth reading
         await response(scope, receive, send)
+
+
+class _Gone(Exception):
+    """The client disconnected while its body was being read."""
 
 
 def _replaying(body: bytes, receive: Receive) -> Receive:
@@ -211,14 +287,16 @@ def create_app(settings: ServiceSettings, *, model: Any = None, sender: Sender |
         from .console import install as install_console
 
         install_console(app)
-    app.add_middleware(TextCheck)  # added first: innermost, inside CORS
+    app.add_middleware(TextCheck)  # added first: innermost
+    # then Transport inside CORS: its refusals before routing (401, 408, 413, 429) carry the CORS headers, so a
+    # browser client on an allowed origin can read why (issue #25, finding 7)
+    app.add_middleware(Transport, state=state)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_credentials=False,
                            allow_methods=["GET", "POST", "PATCH", "DELETE"],
                            allow_headers=["X-API-Key", "Authorization", "Content-Type"])
-    app.add_middleware(Transport, max_body=settings.max_upload_bytes)
     # added last: outermost, so a refusal by Transport (413) is timed, counted and logged like any answer
     app.add_middleware(RequestLog, log_json=settings.log_format == "json", metrics=metrics)
     return app

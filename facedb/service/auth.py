@@ -19,8 +19,8 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from starlette.concurrency import run_in_threadpool
 
 from ..audit import acting_as
-from ..errors import AuthenticationError, PermissionDeniedError
-from ..keys import ApiKey, Scope, authorise
+from ..errors import AuthenticationError, PermissionDeniedError, TooManyRequestsError
+from ..keys import ApiKey, Scope, authorise, claimed_id
 from .logs import KEY_ID
 from .state import ServiceState
 
@@ -59,10 +59,60 @@ def service(request: Request) -> ServiceState:
     return request.app.state.facedb  # type: ignore[no-any-return]
 
 
+def client_address(scope: Any) -> str:
+    """The client's address as uvicorn gives it (behind a trusted proxy, its ``X-Forwarded-For``: uvicorn's
+    ``--forwarded-allow-ips``), for throttles and the trail of failed authentications."""
+    client = scope.get("client") if isinstance(scope, dict) else None
+    return str(client[0]) if client else "unknown"
+
+
+async def check_key(state: ServiceState, presented: str | None, address: str, where: dict[str, Any]) -> ApiKey:
+    """The live key ``presented`` is, with the failed-authentication throttle (README "Threat model", finding 6):
+
+    * an address that used up its allowance of failures (``auth_failures`` a minute) is refused before its key
+      is looked at: TooManyRequestsError (429, ``Retry-After``);
+    * a failure (no key, unknown or wrong, revoked) takes one from its address's allowance and from its key id's
+      (the public ``fdb_<id>_`` part, when it names one): 401 while both last, 429 once either is used up.
+      A right key is never refused for its id's failures: someone who knows a door's key id cannot lock the
+      door out, only their own address;
+    * failures are recorded in the audit trail (``auth-failed``, a revoked key as ``denied``) with the key id,
+      the address, the reason and how many failures of that (address, key id) were left out since its last
+      record: one record per source a minute and 60 a minute in all per worker, so guessing cannot flood the
+      trail; ``facedb_auth_failures_total`` counts every one.
+
+    Runs on the event loop (the key lookup is one read of the worker's own connection); a record goes to the
+    thread pool. Used by the routes (:func:`admit`) and by the transport, before a request body is read."""
+    guard = state.guard
+    wait = guard.address_wait(address)
+    if wait > 0:
+        _failed(state, "throttled")
+        raise TooManyRequestsError("too many failed authentications from this address: retry later", wait)
+    try:
+        return state.authenticate(presented)
+    except AuthenticationError as exc:
+        known = getattr(exc, "key_id", None)  # a revoked key, presented correctly
+        claimed = known or claimed_id(presented)
+        reason = "revoked" if known else "invalid" if presented else "missing"
+        _failed(state, reason)
+        wait = guard.failed(address, claimed)
+        failures = guard.to_record(address, claimed)
+        if failures is not None and state.db is not None:
+            detail = {**where, "address": address, "key_id": claimed, "failures": failures}
+            if known:
+                await run_in_threadpool(_denied, state.db, f"key:{known}", {**detail, "reason": "revoked key"})
+            else:
+                await run_in_threadpool(_denied, state.db, None, {**detail, "reason": reason}, "auth-failed")
+        if wait > 0:
+            _failed(state, "throttled")
+            raise TooManyRequestsError("too many failed authentications: retry later", wait) from None
+        raise
+
+
 async def admit(request: Request, presented: str | None, scope: Scope) -> Caller:
     """The Caller for the key ``presented``, if it is live and its scope includes ``scope``: AuthenticationError
-    (401) or PermissionDeniedError (403) otherwise, a revoked key or a too-narrow scope recorded as ``denied``.
-    Every way in (the API's headers, the console's session cookie) comes through here.
+    (401), TooManyRequestsError (429: :func:`check_key`'s throttle, or a door key over ``door_rate`` requests a
+    second) or PermissionDeniedError (403) otherwise, a too-narrow scope recorded as ``denied``.
+    Every way in (the API's headers, the console's session) comes through here.
 
     It runs on the event loop and reads the key from the worker's own read-only connection (a lookup by
     primary key: microseconds, and WAL readers never wait), so a request costs one hop to the thread pool (its
@@ -71,13 +121,10 @@ async def admit(request: Request, presented: str | None, scope: Scope) -> Caller
     db = state.ready_db()
     where = {"method": request.method, "path": request.url.path}
     try:
-        key = state.authenticate(presented)
+        key = await check_key(state, presented, client_address(request.scope), where)
     except AuthenticationError as exc:
-        known = getattr(exc, "key_id", None)
-        _failed(state, "revoked" if known else "invalid" if presented else "missing")
-        if known:
-            setattr(request.state, KEY_ID, known)  # the access log's key id: an id, never the key
-            await run_in_threadpool(_denied, db, f"key:{known}", {**where, "reason": "revoked key"})
+        if getattr(exc, "key_id", None):
+            setattr(request.state, KEY_ID, exc.key_id)  # type: ignore[attr-defined]  # an id, never the key
         raise
     setattr(request.state, KEY_ID, key.id)
     try:
@@ -86,6 +133,12 @@ async def admit(request: Request, presented: str | None, scope: Scope) -> Caller
         _failed(state, "scope")
         await run_in_threadpool(_denied, db, key.actor, {**where, "reason": f"scope {key.scope}, needs {scope.value}"})
         raise
+    if not key.full_answers and request.method == "POST":
+        # a door key's decisions (identify, verify, detect: POSTs; its pages are GETs), at a door's pace:
+        # hill-climbing on the confidence bands needs many
+        wait = state.guard.door_wait(key.id)
+        if wait > 0:
+            raise TooManyRequestsError(f"this key may make {state.settings.door_rate:g} requests a second", wait)
     return Caller(state, db, key)
 
 
@@ -105,9 +158,9 @@ def _failed(state: ServiceState, reason: str) -> None:
         state.metrics.auth_failure(reason)
 
 
-def _denied(db: FaceDB, actor: str, detail: dict[str, Any]) -> None:
-    with acting_as(actor):
-        db.note("denied", detail=detail)
+def _denied(db: FaceDB, actor: str | None, detail: dict[str, Any], operation: str = "denied") -> None:
+    with acting_as(actor) if actor is not None else contextlib.nullcontext():
+        db.note(operation, detail=detail)
 
 
 IDENTIFY = need(Scope.identify)

@@ -27,7 +27,15 @@ class ServiceSettings:
     ``hook_timeout``: delivery retries, first retry delay and per-attempt timeout (seconds).
     ``weights``: a FaceNet weights file. ``console``: serve the operator console at ``/console``.
     ``log_format``: ``text`` (uvicorn's lines) or ``json`` (one JSON object per line and per request, see
-    ``logs.py``)."""
+    ``logs.py``).
+
+    Threat model (README): ``body_timeout``: seconds a request body may take to arrive (408 after, the
+    connection closed); ``auth_failures``: failed authentications per minute allowed per client address and
+    per key id before 429; ``door_rate``: requests per second for an identify key without the candidates grant
+    (0 = unlimited); ``uploads_per_client``: request bodies read at once per client address;
+    ``allow_private_hooks``: let webhooks target loopback, link-local and private addresses (off: refused when
+    added over HTTP and when sent); ``docs``: serve Swagger UI at ``/docs`` (off: it loads its scripts from a
+    CDN; ``/openapi.json`` is always served)."""
 
     db: Path = Path("facedb-data")
     host: str = "127.0.0.1"
@@ -42,6 +50,12 @@ class ServiceSettings:
     weights: Path | None = None
     console: bool = True
     log_format: str = "text"
+    body_timeout: float = 30.0
+    auth_failures: int = 20
+    door_rate: float = 10.0
+    uploads_per_client: int = 8
+    allow_private_hooks: bool = False
+    docs: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -52,6 +66,9 @@ class ServiceSettings:
             raise InvalidInputError("the upload limit must be a positive number of MB")
         if self.fold_window < 0 or self.hook_backoff < 0 or not self.hook_timeout > 0 or self.hook_attempts < 1:
             raise InvalidInputError("webhook settings: fold window and backoff >= 0, timeout > 0, attempts >= 1")
+        if not self.body_timeout > 0 or self.auth_failures < 1 or self.door_rate < 0 or self.uploads_per_client < 1:
+            raise InvalidInputError("limits: body timeout > 0, auth failures >= 1, door rate >= 0, uploads per "
+                                    "client >= 1")
         if self.log_format not in LOG_FORMATS:
             raise InvalidInputError(f"the log format is one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
 
@@ -64,7 +81,10 @@ class ServiceSettings:
             "max_upload_mb": "FACEDB_MAX_UPLOAD_MB", "cors_origins": "FACEDB_CORS_ORIGINS",
             "fold_window": "FACEDB_HOOK_FOLD_SECONDS", "hook_attempts": "FACEDB_HOOK_ATTEMPTS",
             "hook_backoff": "FACEDB_HOOK_BACKOFF", "hook_timeout": "FACEDB_HOOK_TIMEOUT",
-            "weights": "FACEDB_WEIGHTS", "console": "FACEDB_CONSOLE", "log_format": "FACEDB_LOG_FORMAT"}
+            "weights": "FACEDB_WEIGHTS", "console": "FACEDB_CONSOLE", "log_format": "FACEDB_LOG_FORMAT",
+            "body_timeout": "FACEDB_BODY_TIMEOUT", "auth_failures": "FACEDB_AUTH_FAILURES",
+            "door_rate": "FACEDB_DOOR_RATE", "uploads_per_client": "FACEDB_UPLOADS_PER_CLIENT",
+            "allow_private_hooks": "FACEDB_ALLOW_PRIVATE_HOOKS", "docs": "FACEDB_DOCS"}
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> ServiceSettings:
@@ -86,6 +106,12 @@ class ServiceSettings:
                 weights=Path(raw["weights"]) if raw.get("weights") else None,
                 console=_flag(raw.get("console", "1"), "FACEDB_CONSOLE"),
                 log_format=raw.get("log_format", "text").strip().lower(),
+                body_timeout=float(raw.get("body_timeout", 30.0)),
+                auth_failures=int(raw.get("auth_failures", 20)),
+                door_rate=float(raw.get("door_rate", 10.0)),
+                uploads_per_client=int(raw.get("uploads_per_client", 8)),
+                allow_private_hooks=_flag(raw.get("allow_private_hooks", "0"), "FACEDB_ALLOW_PRIVATE_HOOKS"),
+                docs=_flag(raw.get("docs", "0"), "FACEDB_DOCS"),
             )
         except ValueError as exc:
             raise InvalidInputError(f"a FACEDB_* service setting is not a number: {exc}") from None
@@ -93,8 +119,9 @@ class ServiceSettings:
     def to_env(self) -> dict[str, str]:
         """The ``FACEDB_*`` variables that give these settings back through :meth:`from_env`."""
         out = {var: str(getattr(self, name)) for name, var in self._ENV.items()
-               if name not in ("cors_origins", "weights", "console")}
-        out["FACEDB_CONSOLE"] = "1" if self.console else "0"
+               if name not in ("cors_origins", "weights", "console", "allow_private_hooks", "docs")}
+        for name in ("console", "allow_private_hooks", "docs"):
+            out[self._ENV[name]] = "1" if getattr(self, name) else "0"
         out["FACEDB_DB"] = str(Path(self.db).resolve())
         out["FACEDB_CORS_ORIGINS"] = ",".join(self.cors_origins)
         if self.weights is not None:

@@ -9,6 +9,7 @@ to the server's log, never to the caller).
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -32,7 +33,9 @@ from ..errors import (
     NotFoundError,
     NotReadyError,
     PermissionDeniedError,
+    RequestTimeoutError,
     RequestTooLargeError,
+    TooManyRequestsError,
 )
 
 log = logging.getLogger("facedb.service")
@@ -40,6 +43,8 @@ log = logging.getLogger("facedb.service")
 #: First match wins (subclasses before their bases).
 STATUS: list[tuple[type[FaceDBError], int]] = [
     (RequestTooLargeError, 413),
+    (RequestTimeoutError, 408),  # a body that did not arrive in time (the connection is closed)
+    (TooManyRequestsError, 429),  # failed authentications, a door key's request rate, uploads per client
     (NotFoundError, 404),  # PersonNotFoundError, TemplateNotFoundError, unknown key or webhook
     (DuplicateError, 409),  # DuplicatePersonError, a key name in use
     (ModelMismatchError, 409),
@@ -74,6 +79,8 @@ def error_response(exc: FaceDBError) -> JSONResponse:
         headers["WWW-Authenticate"] = 'ApiKey header="X-API-Key"'
     if status == 503 and isinstance(exc, NotReadyError):
         headers["Retry-After"] = "2"
+    if isinstance(exc, TooManyRequestsError):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     extra = {"report": exc.report} if isinstance(getattr(exc, "report", None), dict) else {}
     return JSONResponse(body(type(exc).__name__, str(exc), status, **extra), status_code=status, headers=headers)
 

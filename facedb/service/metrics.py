@@ -9,7 +9,7 @@ What is counted, and where it comes from:
   timer (``facedb/timings.py``: the core imports no metrics library, it calls an observer).
 * ``facedb_http_request_duration_seconds{method,route,status}``: every request, by route *template*.
 * ``facedb_enrolments_total``, ``facedb_templates_enrolled_total``, ``facedb_people_removed_total``.
-* ``facedb_auth_failures_total{reason}``: missing, invalid, revoked (401) and scope (403).
+* ``facedb_auth_failures_total{reason}``: missing, invalid, revoked (401), scope (403) and throttled (429).
 * ``facedb_webhook_queue_depth`` and ``facedb_webhook_deliveries_total{result}`` (delivered, retried,
   failed: gave up, dropped: the queue was full), from the dispatcher's own counters.
 * ``facedb_store_generation``, ``facedb_index_generation_lag`` (the store's generation minus the one the
@@ -55,7 +55,7 @@ REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 #: door event -> decision outcome
 OUTCOMES = {"identify.match": "match", "identify.unknown": "unknown", "verify.accept": "accept",
             "verify.reject": "reject"}
-AUTH_REASONS = ("missing", "invalid", "revoked", "scope")
+AUTH_REASONS = ("missing", "invalid", "revoked", "scope", "throttled")
 HOOK_RESULTS = ("delivered", "retried", "failed", "dropped")
 
 
@@ -83,7 +83,8 @@ class Metrics:
         self.templates = Counter("facedb_templates_enrolled", "Templates stored by enrolments.", registry=r)
         self.removals = Counter("facedb_people_removed", "People erased.", registry=r)
         self.auth_failures = Counter("facedb_auth_failures", "Refused credentials: missing, invalid, revoked "
-                                     "(401); scope (a valid key too narrow for the route, 403).", ["reason"],
+                                     "(401); scope (a valid key too narrow for the route, 403); throttled "
+                                     "(429: too many failures from the address or for the key id).", ["reason"],
                                      registry=r)
         self.hook_queue = Gauge("facedb_webhook_queue_depth", "Webhook events and deliveries waiting (queued, "
                                 "being sent, retries scheduled).", registry=r, multiprocess_mode="livesum")

@@ -22,6 +22,7 @@ from ..errors import InvalidInputError, ModelUnavailableError, NotReadyError
 from ..hooks import Dispatcher, Sender
 from ..keys import ApiKey
 from .config import ServiceSettings
+from .guard import Guard
 
 if TYPE_CHECKING:
     from ..db import FaceDB
@@ -51,6 +52,8 @@ class ServiceState:
         self.key_store: Store | None = None
         self.pid = os.getpid()
         self.metrics: Metrics | None = None  # the app sets it (create_app); a bare state counts nothing
+        self.guard = Guard(auth_failures=settings.auth_failures, door_rate=settings.door_rate,
+                           uploads=settings.uploads_per_client)
         self._users = 0
         self._users_lock = threading.Lock()
 

@@ -22,7 +22,7 @@ from typing import Any
 from fastapi import Request
 from starlette.datastructures import FormData
 
-from ...errors import AuthenticationError, InvalidInputError, PermissionDeniedError
+from ...errors import AuthenticationError, FaceDBError, InvalidInputError, PermissionDeniedError
 from ...keys import Scope
 from ..auth import Caller, admit
 
@@ -100,6 +100,26 @@ async def check_csrf(request: Request, caller: Caller) -> FormData | None:
     if given is None or not hmac.compare_digest(given, expected):
         raise InvalidInputError("the console's form token is missing or wrong: reload the page and try again")
     return form
+
+
+async def check_session(state: Any, scope: Any, headers: dict[bytes, bytes], address: str) -> bool:
+    """Whether a console request carries a live session (the transport asks before reading a body: a request
+    without one gets the small body limit of a request without a key)."""
+    from http.cookies import SimpleCookie
+
+    cookie: SimpleCookie = SimpleCookie()
+    try:
+        cookie.load(headers.get(b"cookie", b"").decode("latin-1"))
+    except Exception:  # a malformed cookie header: no session
+        return False
+    morsel = cookie.get(COOKIE)
+    if morsel is None or not morsel.value:
+        return False
+    try:
+        state.authenticate(morsel.value)
+    except FaceDBError:
+        return False
+    return True
 
 
 IDENTIFY = page(Scope.identify)
