@@ -42,6 +42,7 @@ from .errors import IndexBehindWarning, IndexUnavailableError
 from .fsio import locked, remove_stale_temporaries
 from .gallery import Gallery
 from .index import IndexBackend, IndexPlace, VectorIndex, auto_kind, backend_for
+from .index.saved_map import MapSource, SavedMap
 from .records import IndexState
 from .settings import Settings
 from .store import Store
@@ -56,6 +57,10 @@ TOMBSTONE_LIMIT = 0.10
 
 #: The advisory lock every writer of the persisted index takes (see "Erasure" above).
 LOCK_FILE = ".index.lock"
+
+#: A writer closing with no gallery loaded (a bulk import that never queried) builds and saves the index when
+#: the next open would otherwise rebuild it or add this many templates (or more) to the saved copy itself.
+SETTLE_TEMPLATES = 10_000
 
 #: Templates read from the store at a time when building (64 MiB of 512-d vectors): a build holds the index,
 #: a training sample and one batch, not every vector (10M x 512-d is 20 GB).
@@ -197,8 +202,9 @@ class IndexKeeper:
             and stamp.get("params_of") == settings.index_params_raw
 
     def _load(self, settings: Settings) -> Gallery | None:
-        """The persisted copy, if its stamp matches, brought level with the store by a full diff of ids (so any
-        staleness is repaired, however old the copy)."""
+        """The persisted copy, if its stamp matches, brought level with the store: from the map (and re-scoring
+        vectors) saved in it by the change log since its generation, else by a full diff of ids against the
+        store's map (so any staleness is repaired, however old the copy)."""
         stamp = settings.index_stamp
         if stamp is None or not self._stamp_matches(stamp, settings):
             return None
@@ -206,6 +212,18 @@ class IndexKeeper:
             backend = self.backend(str(stamp.get("kind")))
         except Exception:  # a kind no longer registered: rebuild
             return None
+        if stamp.get("map") and getattr(backend, "saves_map", False) and not backend.write_through:
+            # The map comes from the file (no store read at all when nothing changed since it was saved).
+            index = backend.load(self.place, stamp, settings.dim)
+            if index is None or len(index) != stamp.get("count"):
+                return None
+            saved: SavedMap | None = getattr(index, "saved_map", None)
+            index.saved_map = None  # type: ignore[attr-defined]
+            gallery = self._from_saved(backend, index, saved, stamp, settings)
+            if gallery is not None:
+                return gallery
+            gen, ids, pids = self.store.template_map()  # the log no longer reaches back: diff with the store
+            return self._level(backend, index, stamp, settings, gen, ids, pids)
         # The store's id map is read beside the persisted copy (SQLite and FAISS both release the GIL): at 1M
         # templates that takes the open from 6 s to under 5.
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -231,6 +249,41 @@ class IndexKeeper:
             self._fill_vectors(gallery, settings.dim)
             self.from_file = True
             return gallery
+        return self._level(backend, index, stamp, settings, gen, ids, pids)
+
+    def _from_saved(self, backend: IndexBackend, index: VectorIndex, saved: SavedMap | None,
+                    stamp: dict[str, Any], settings: Settings) -> Gallery | None:
+        """A gallery from the map and vectors saved in the index file, levelled with the store by its change log
+        since the stamp's generation; None when the file holds no such section, it is not the stamp's (another
+        generation, another count), or the log no longer reaches back (the caller diffs ids instead)."""
+        if saved is None or saved.generation != stamp.get("generation") \
+                or len(saved.ids) != int(stamp.get("live", stamp.get("count", -1))):
+            return None
+        changes = self.store.changes_since(saved.generation)
+        if changes is None:
+            return None
+        current, added, removed = changes
+        gallery = Gallery(index, saved.generation)
+        gallery.set_map(saved.ids, saved.pids)
+        if self._wants_vectors(index, len(saved.ids), settings.dim):
+            if saved.vectors is not None and int(np.max(saved.ids, initial=0)) < 2**31:
+                gallery.keep_vectors(TemplateVectors.adopt(saved.ids, saved.vectors), self.vector_budget)
+            else:
+                self._fill_vectors(gallery, settings.dim)
+        saved.vectors = None  # the gallery holds them now (no copy)
+        gallery.remove(removed)
+        new_ids, new_pids, vectors = self.store.templates(added)
+        gallery.add(new_ids, new_pids, vectors)
+        gallery.generation = current
+        self._backend = backend
+        self.from_file = not added and not removed
+        self._holds_removed = bool(set(removed) - set(added)) and self._file_holds_removed(settings)
+        return gallery
+
+    def _level(self, backend: IndexBackend, index: VectorIndex, stamp: dict[str, Any], settings: Settings,
+               gen: int, ids: np.ndarray, pids: np.ndarray) -> Gallery:
+        """The persisted ``index`` levelled with the store's map (``gen``, ``ids``, ``pids``) by a diff of ids."""
+        self._backend = backend
         held = index.ids()
         in_index = np.isin(ids, held)
         dead = held[~np.isin(held, ids)]
@@ -320,10 +373,15 @@ class IndexKeeper:
         """Persist the index if it lags its persisted copy by ``SAVE_EVERY`` generations or more (always with
         ``force``), and record the stamp in the store. Removed templates are never written: removals leave the
         index at once (HNSW tombstones are zeroed)."""
-        if self.gallery is None or self.readonly:
+        if self.readonly:
             return
         stamp = settings.index_stamp
-        if not force and self.from_file and stamp is not None:
+        if self.gallery is None:
+            # A writer that changed the gallery without querying it (a bulk import) leaves the index it would
+            # have made the next process build (README "Performance": ready after a restart).
+            if not self._unsettled(settings):
+                return
+        elif not force and self.from_file and stamp is not None and (stamp.get("map") or not self._saves_map()):
             if 0 <= self.gallery.generation - int(stamp.get("generation", -1)) < SAVE_EVERY:
                 return
         try:
@@ -333,6 +391,48 @@ class IndexKeeper:
             if force or self._backend is None or not self._backend.write_through:
                 raise
             return  # on close: a write-through engine records its own generation; nothing here to save
+
+    def _saves_map(self) -> bool:
+        return self._backend is not None and bool(getattr(self._backend, "saves_map", False))
+
+    def _unsettled(self, settings: Settings) -> bool:
+        """Whether the persisted copy is missing, or so far behind the store that the next open would rebuild it
+        or add ``SETTLE_TEMPLATES`` or more to it (or lags ``SAVE_EVERY`` generations, or has no saved map):
+        then a closing writer builds and saves it, so the next process loads it at disk speed. A
+        write-through engine holds its own copy: never."""
+        if settings.generation <= 0 or self._write_through(settings):
+            return False
+        stamp = settings.index_stamp
+        if not stamp or not self._stamp_matches(stamp, settings) or "generation" not in stamp:
+            return True
+        lag = settings.generation - int(stamp["generation"])
+        if lag == 0:
+            return not stamp.get("map") and getattr(self.backend(str(stamp.get("kind"))), "saves_map", False)
+        if lag < 0 or lag >= SAVE_EVERY:
+            return True
+        changes = self.store.changes_since(int(stamp["generation"]))
+        if changes is None:
+            return True
+        n = len(changes[1])
+        trained = (stamp.get("params") or {}).get("trained_on")
+        live = int(stamp.get("live", 0)) + n - len(changes[2])
+        return n >= SETTLE_TEMPLATES or (trained is not None and live > 4 * max(int(trained), 256)) \
+            or (settings.index_kind == "auto" and auto_kind(live, settings.dim) != stamp.get("kind"))
+
+    def _map_source(self, gallery: Gallery) -> MapSource | None:
+        """What the backend saves beside the index (where it does): the map and, where the gallery keeps them in
+        memory, the re-scoring vectors (waiting for a fill still under way: it takes seconds, and saves the next
+        open that long)."""
+        if not self._saves_map():
+            return None
+        ids, pids = gallery.live_ids(), gallery.person_ids()
+        vectors = gallery.vectors
+        rows = None
+        if vectors is not None:
+            vectors.wait()
+            if vectors.error is None and vectors.holds(ids):
+                rows = vectors.get
+        return MapSource(gallery.generation, ids, pids, gallery.index.dim, rows)
 
     def locked(self) -> contextlib.AbstractContextManager[None]:
         """The index lock for a block (re-entrant in this keeper): a removal holds it from its transaction to its
@@ -358,7 +458,7 @@ class IndexKeeper:
         gallery = self.current(settings)
         assert self._backend is not None
         remove_stale_temporaries(self.root, "index")  # a killed writer's half-written file may hold templates
-        fields = self._backend.save(gallery.index, self.place)
+        fields = self._save_fields(gallery, self.place)
         stamp = settings.index_stamp
         old_kind = stamp.get("kind") if stamp else None
         self.store.set_meta({"index_stamp": self._stamp(fields, gallery, settings), **(also or {})})
@@ -401,7 +501,17 @@ class IndexKeeper:
         touching this database's file; returns the stamp (JSON) to record with it. For key conversions."""
         gallery = self.current(settings)
         assert self._backend is not None
-        return self._stamp(self._backend.save(gallery.index, place), gallery, settings)
+        return self._stamp(self._save_fields(gallery, place), gallery, settings)
+
+    def _save_fields(self, gallery: Gallery, place: IndexPlace) -> dict[str, Any]:
+        """Save the gallery's index (with its map and vectors where the backend keeps them: ``saved_map``) to
+        ``place``; the stamp's fields."""
+        assert self._backend is not None
+        source = self._map_source(gallery)
+        if source is None:
+            return self._backend.save(gallery.index, place)
+        fields = self._backend.save(gallery.index, place, source)  # type: ignore[call-arg]
+        return {**fields, "map": {"vectors": source.rows is not None}}
 
     def _stamp(self, fields: dict[str, Any], gallery: Gallery, settings: Settings) -> str:
         """The store's record of a persisted copy: the backend's fields plus what the keeper checks at load."""

@@ -14,14 +14,17 @@ rows with one numpy indexing operation.
   vectors fit the **budget** (:func:`budget_bytes`: ``FACEDB_RESCORE_MEMORY_MB``, default 8,192 MiB, the
   size at which ``auto`` used to leave float32 indexes); beyond it the keeper does not build one and a
   growing gallery drops its own, and re-scoring reads the store, as before.
-* **Erasure and encryption.** Memory only: nothing here is ever written to a file (an encrypted database keeps
-  no plaintext vector on disk; the memory itself is outside what encryption at rest covers, as the index in
-  memory always was). A removed template's row is overwritten with zeros at once.
-* **Filling.** A gallery built from the store adopts the vectors it read (no copy). One loaded from its
-  persisted index (which holds codes only) is filled by a background thread reading the store through a
-  connection of its own (~1 M templates in a few seconds), so opening stays as fast as before; until a
-  candidate's rows are present, its query reads the store (complete answers either way). Removals that land
-  while it runs mark their ids, so that the fill never brings a removed template back.
+* **Erasure and encryption.** A removed template's row is overwritten with zeros at once. The keeper saves
+  the rows inside the index file (``facedb/index/saved_map.py``), which is written whole, sealed by the
+  database's index cipher when the database is encrypted (no plaintext vector on disk), and rewritten at once
+  after a removal, as the index itself is. The memory itself is outside what encryption at rest covers, as
+  the index in memory always was.
+* **Filling.** A gallery built from the store adopts the vectors it read (no copy), and so does one loaded from
+  an index file that holds them (read straight into one matrix at disk speed). One loaded from a file without
+  them (saved by an older version, or while over the budget) is filled by a background thread reading the
+  store through a connection of its own (~1 M templates in ~9 s at 512-d); until a candidate's rows are
+  present, its query reads the store (complete answers either way). Removals that land while it runs mark
+  their ids, so that the fill never brings a removed template back.
 """
 
 from __future__ import annotations
@@ -160,6 +163,16 @@ class TemplateVectors:
             self._slot[ids] = _REMOVED
 
     # ------------------------------------------------------------------------------------------- reads
+    def holds(self, ids: np.ndarray) -> bool:
+        """Whether every one of ``ids`` has its vector here (a saved copy may then include them)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        with self._lock:
+            if not len(ids):
+                return True
+            if int(ids.max()) >= len(self._slot) or int(ids.min()) < 0:
+                return False
+            return bool((self._slot[ids] >= 0).all())
+
     def get(self, ids: np.ndarray) -> np.ndarray | None:
         """The vectors of ``ids`` (``(len(ids), dim)``, a copy), or None when any of them is not held (not
         filled yet): the caller then reads the store."""

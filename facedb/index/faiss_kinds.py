@@ -11,6 +11,10 @@ FAISS sees a byte of it, so no plaintext copy exists outside memory and only one
 stamp records the file's random id instead of a hash: a file from another save does not decrypt as this one,
 and any altered byte fails its chunk's tag (so no separate SHA-256 pass over the file is needed).
 
+After FAISS's bytes the file holds the gallery section the keeper gives (``saved_map.py``: the template ->
+person map and, for ivfpq/flat16, the exact re-scoring vectors), under the same hash or the same cipher, so
+that a process opening the database reads neither out of the store.
+
 Kinds (``facedb init --index`` / ``facedb reindex --index``):
 
 =========  ===========================================  =========  ==============  ===============
@@ -45,6 +49,7 @@ from ..errors import TamperedError, TamperedFileWarning
 from ..fsio import write_atomic
 from ..settings import threads_setting
 from . import IndexPlace, VectorIndex
+from .saved_map import FOOTER, MapSource, SavedMap, footer, parse_footer, read_map, write_map
 
 #: The file the FAISS backend keeps in a database directory.
 INDEX_FILE = "index.faiss"
@@ -75,6 +80,8 @@ class _Faiss:
         self._index = index
         self.params = params
         self.tombstones = 0
+        #: the gallery map (and vectors) saved in the file it was loaded from, for the keeper to take (saved_map)
+        self.saved_map: SavedMap | None = None
 
     def __len__(self) -> int:
         return int(self._index.ntotal)
@@ -418,13 +425,16 @@ def new_index(kind: str, dim: int, params: dict[str, Any] | None = None,
     return cls.new(dim, params)  # type: ignore[attr-defined,no-any-return]
 
 
-def load_index(path: Path, kind: str, dim: int, sha256: str, params: dict[str, Any] | None = None
-               ) -> VectorIndex | None:
-    """The index in ``path`` if its SHA-256 is ``sha256`` and it parses; None otherwise (rebuild).
+def load_index(path: Path, kind: str, dim: int, sha256: str, params: dict[str, Any] | None = None,
+               with_map: bool = False) -> VectorIndex | None:
+    """The index in ``path`` if its SHA-256 is ``sha256`` and it parses; None otherwise (rebuild). With
+    ``with_map``, the gallery section saved after FAISS's bytes (``saved_map``) is read into the index's
+    ``saved_map`` in the same pass that hashes the file (None there when the file has none).
 
     The file is hashed and then parsed through the same open descriptor (``/proc/self/fd``), so FAISS reads
     the bytes that were checked even if the path is replaced meanwhile; streaming avoids holding a copy of a
-    multi-GB file in Python (at 1M x 512 this takes the open from 13 s to about 4 s).
+    multi-GB file in Python (at 1M x 512 this takes the open from 13 s to about 4 s). The section's arrays are
+    read straight into their buffers while hashed, and used only once the whole file's hash matched.
     """
     if kind not in INDEX_KINDS:
         return None
@@ -432,13 +442,28 @@ def load_index(path: Path, kind: str, dim: int, sha256: str, params: dict[str, A
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
+    saved: SavedMap | None = None
     try:
         digest = hashlib.sha256()
-        while chunk := os.read(fd, 1 << 24):
+        size = os.fstat(fd).st_size
+        section = parse_footer(os.pread(fd, FOOTER.size, max(0, size - FOOTER.size)), size) if with_map else None
+        pos = 0
+
+        def read(n: int) -> bytes:  # hashes what it hands out: one pass over the file
+            nonlocal pos
+            chunk = os.pread(fd, n, pos)
+            pos += len(chunk)
             digest.update(chunk)
+            return chunk
+
+        if section is not None:
+            while pos < section[0]:
+                read(min(1 << 24, section[0] - pos))
+            saved = read_map(lambda n: read(min(n, section[0] + section[1] - pos)), dim)
+        while read(1 << 24):
+            pass
         if digest.hexdigest() != sha256:
             return None
-        os.lseek(fd, 0, os.SEEK_SET)
         via_fd = f"/proc/self/fd/{fd}"
         raw = faiss.read_index(via_fd if os.path.exists(via_fd) else str(path))
     except Exception:  # unreadable, or a file FAISS cannot parse: a stale cache, not an error
@@ -451,6 +476,7 @@ def load_index(path: Path, kind: str, dim: int, sha256: str, params: dict[str, A
         return None
     index = INDEX_KINDS[kind](dim, raw, dict(params or {}))
     index.configure()
+    index.saved_map = saved
     return index
 
 
@@ -458,23 +484,27 @@ def _cipher(place: IndexPlace) -> Any:
     return place.options.get("cipher")
 
 
-def _save_sealed(index: _Faiss, path: Path, cipher: Any) -> dict[str, Any]:
-    """Serialise ``index`` through an encrypting callback into ``path`` (atomically)."""
+def _save_sealed(index: _Faiss, path: Path, cipher: Any, gallery: MapSource | None) -> dict[str, Any]:
+    """Serialise ``index`` (and the ``gallery`` section after it) through an encrypting callback into ``path``
+    (atomically)."""
     sealed: dict[str, str] = {}
 
     def write(f: Any) -> None:
         with cipher.sealing(f) as out:
             faiss.write_index(index._index, faiss.PyCallbackIOWriter(out.write, 1 << 22))
+            if gallery is not None:
+                write_map(out.write, gallery)
         sealed["file_id"] = out.file_id
 
     write_atomic(path, write, digest=False)
     return {"cipher": cipher.name, "file_id": sealed["file_id"]}
 
 
-def _load_sealed(path: Path, kind: str, dim: int, file_id: str, cipher: Any, params: dict[str, Any] | None
-                 ) -> VectorIndex | None:
+def _load_sealed(path: Path, kind: str, dim: int, file_id: str, cipher: Any, params: dict[str, Any] | None,
+                 with_map: bool = False) -> VectorIndex | None:
     """The index in the encrypted ``path`` if it is the file ``file_id`` and authenticates; None when it is
-    missing or another save's (a stale cache); TamperedError when it fails authentication."""
+    missing or another save's (a stale cache); TamperedError when it fails authentication. ``with_map``: read
+    the gallery section that follows FAISS's bytes in the same stream (``saved_map``)."""
     try:
         f = open(path, "rb")  # closed below, after FAISS has read through the callback
     except OSError:
@@ -504,6 +534,7 @@ def _load_sealed(path: Path, kind: str, dim: int, file_id: str, cipher: Any, par
             return None
         if failure:
             raise failure[0]
+        saved = read_map(reader.read, dim) if with_map else None  # FAISS's reader reads nothing ahead
         reader.finish()  # every chunk authenticates, including any FAISS did not need
     finally:
         f.close()
@@ -511,16 +542,18 @@ def _load_sealed(path: Path, kind: str, dim: int, file_id: str, cipher: Any, par
         return None
     index = INDEX_KINDS[kind](dim, raw, dict(params or {}))
     index.configure()
+    index.saved_map = saved
     return index
 
 
 class FaissBackend:
     """The FAISS kinds, persisted as ``index.faiss`` beside the store (encrypted when the place has a
-    cipher)."""
+    cipher), with the gallery section (``saved_map``) after FAISS's bytes when the keeper gives one."""
 
     name = "faiss"
     kinds = tuple(INDEX_KINDS)
     write_through = False
+    saves_map = True  # save() takes the gallery section; load() hands it back as the index's saved_map
 
     @staticmethod
     def path(place: IndexPlace) -> Path:
@@ -536,11 +569,13 @@ class FaissBackend:
         if cipher is None:
             if stamp.get("cipher"):
                 return None  # an encrypted file stamped in a database now opened without its key: not ours
-            return load_index(self.path(place), kind, dim, str(stamp.get("sha256", "")), stamp.get("params"))
+            return load_index(self.path(place), kind, dim, str(stamp.get("sha256", "")), stamp.get("params"),
+                              with_map=bool(stamp.get("map")))
         if stamp.get("cipher") != cipher.name or not stamp.get("file_id") or kind not in INDEX_KINDS:
             return None  # a plain file (or another cipher's) is never loaded into an encrypted database
         try:
-            return _load_sealed(self.path(place), kind, dim, str(stamp["file_id"]), cipher, stamp.get("params"))
+            return _load_sealed(self.path(place), kind, dim, str(stamp["file_id"]), cipher, stamp.get("params"),
+                                with_map=bool(stamp.get("map")))
         except TamperedError as exc:
             import warnings
 
@@ -549,19 +584,28 @@ class FaissBackend:
                           TamperedFileWarning, stacklevel=2)
             return None
 
-    def save(self, index: VectorIndex, place: IndexPlace) -> dict[str, Any]:
+    def save(self, index: VectorIndex, place: IndexPlace, gallery: MapSource | None = None) -> dict[str, Any]:
+        """Write ``index`` (and the ``gallery`` section after it, where given) atomically; returns the stamp's
+        fields: the file's SHA-256, or its cipher and file id."""
         assert isinstance(index, _Faiss)
         cipher = _cipher(place)
         if cipher is not None:
-            return _save_sealed(index, self.path(place), cipher)
+            return _save_sealed(index, self.path(place), cipher, gallery)
         sha = hashlib.sha256()
 
         def write(f: Any) -> None:  # streamed and hashed as it goes: no in-memory copy, no second pass to hash
+            done = 0
+
             def out(chunk: bytes) -> None:
+                nonlocal done
                 sha.update(chunk)
                 f.write(chunk)
+                done += len(chunk)
 
             faiss.write_index(index._index, faiss.PyCallbackIOWriter(out, 1 << 22))
+            if gallery is not None:
+                offset = done
+                out(footer(offset, write_map(out, gallery)))
 
         write_atomic(self.path(place), write, digest=False)
         return {"sha256": sha.hexdigest()}

@@ -1,0 +1,212 @@
+"""Ready after a restart (#27): the writer leaves the index it built, with the template -> person map and the
+re-scoring vectors inside it, so the next process answers without reading the store's map or vectors and
+without building anything; answers after reopening equal those of a freshly rebuilt index and of exact search;
+a copy that is not the stamp's is never trusted; the saved vectors are erased and encrypted as the index is."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from facedb import FaceDB
+from facedb.settings import Settings
+from facedb.store import Store
+
+from .conftest import unit_rows
+
+DIM = 32
+KINDS = ["flat", "flat16", "hnsw", "ivf", "ivfpq"]
+KEY = "correct horse battery staple for facedb tests"
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(27)
+    centres = unit_rows(rng, 150, DIM)
+    items = []
+    for p, c in enumerate(centres):
+        t = c + 0.05 * rng.standard_normal((4, DIM))
+        items.append((f"p{p:03d}", (t / np.linalg.norm(t, axis=1, keepdims=True)).astype(np.float32)))
+    probes = centres[:60] + 0.05 * rng.standard_normal((60, DIM))
+    probes = np.concatenate([probes, unit_rows(rng, 20, DIM)])  # 20 strangers
+    return items, (probes / np.linalg.norm(probes, axis=1, keepdims=True)).astype(np.float32)
+
+
+def exact(items, probes, k=3):
+    """Exact search by brute force: each probe's top-k (name, best similarity over the person's templates)."""
+    scores = np.stack([np.max(v @ probes.T, axis=0) for _, v in items], axis=1)  # (probes, people)
+    names = [n for n, _ in items]
+    out = []
+    for row in scores:
+        top = np.argsort(-row, kind="stable")[:k]
+        out.append([(names[j], float(row[j])) for j in top])
+    return out
+
+
+def ranked(answers):
+    return [[(c.name, c.similarity) for c in a.candidates] for a in answers]
+
+
+def same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert [n for n, _ in x] == [n for n, _ in y]
+        assert np.allclose([s for _, s in x], [s for _, s in y], atol=1e-5)
+
+
+def agrees_with_exact(answers, items, probes):
+    """Exact search's decision for every probe (and its best person wherever that is accepted), and every
+    candidate shown with its exact score (an approximate index may miss a lower candidate, or a stranger's
+    nearest non-match, never change a score or a decision here)."""
+    truth = exact(items, probes, k=len(items))
+    for a, t in zip(answers, truth):
+        if t[0][1] >= 0.5:
+            assert a.candidates[0].name == t[0][0]
+        assert a.identity == (t[0][0] if t[0][1] >= 0.5 else None)
+        scores = dict(t)
+        assert all(c.similarity == pytest.approx(scores[c.name], abs=1e-5) for c in a.candidates)
+
+
+def no_store_reads(monkeypatch):
+    """Make the store's whole-gallery reads fail: an open that needs them is not loading from the file."""
+    def refuse(*a, **kw):
+        raise AssertionError("the store's whole map or vectors were read at open")
+
+    monkeypatch.setattr(Store, "template_map", refuse)
+    monkeypatch.setattr(Store, "stream_templates", refuse)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_writer_leaves_index_and_reopen_answers_as_rebuilt_and_exact(tmp_path, data, kind, monkeypatch):
+    items, probes = data
+    root = tmp_path / "db"
+    params = {"nlist": 8, "nprobe": 8} if kind.startswith("ivf") else {}
+    with FaceDB.create(root, model_id="m", dim=DIM, threshold=0.5, index=kind) as db:
+        db.store.set_meta(Settings.index_rows(kind, params))  # what reindex records, without building
+    # 600 templates stand for a bulk import here (a writer settles from SETTLE_TEMPLATES added templates on)
+    monkeypatch.setattr("facedb.keeper.SETTLE_TEMPLATES", 100)
+    with FaceDB.open(root) as db:
+        db.add_templates_many(items)  # a bulk import that never queries
+        assert db.keeper.gallery is None
+    assert (root / "index.faiss").is_file()  # left by the writer's close
+    with FaceDB.open(root) as db:
+        stamp = db.settings().index_stamp
+        assert stamp["generation"] == db.stats().generation and stamp["live"] == 600 and stamp["map"]
+        assert stamp["map"]["vectors"] == (kind in ("ivfpq", "flat16"))
+        with monkeypatch.context() as m:
+            no_store_reads(m)
+            reopened = db.identify(probes, k=3)
+            state = db.index_state()
+        assert state.from_file and state.built == kind
+        assert state.rescore_from == {"ivfpq": "memory", "flat16": "memory"}.get(kind, state.rescore_from)
+        loaded = db.keeper.gallery
+        db.rebuild_index()
+        assert db.keeper.gallery is not loaded  # built afresh from the store
+        rebuilt = db.identify(probes, k=3)
+    same(ranked(reopened), ranked(rebuilt))
+    agrees_with_exact(reopened, items, probes)
+    assert [a.identity for a in reopened] == [a.identity for a in rebuilt]
+
+
+def test_changes_after_the_save_are_levelled_from_the_change_log(tmp_path, data, monkeypatch):
+    """A copy saved at generation g, then a few writes by a process that did not save (a killed one): the
+    next open takes the map and vectors from the file and only the changes since g from the store."""
+    items, probes = data
+    root = tmp_path / "db"
+    with FaceDB.create(root, model_id="m", dim=DIM, threshold=0.5, index="ivfpq") as db:
+        db.reindex("ivfpq", {"nlist": 8, "nprobe": 8})
+        db.add_templates_many(items[:-10])
+    db = FaceDB.open(root)
+    db.add_templates_many(items[-10:])
+    db.close(save_index=False)  # as if killed: the file lacks the last ten people
+    with FaceDB.open(root) as db:
+        saved_at = db.settings().index_stamp["generation"]
+        assert saved_at < db.stats().generation
+        with monkeypatch.context() as m:
+            no_store_reads(m)
+            got = db.identify(probes, k=3)
+        assert db.index_state().rescore_from == "memory" and not db.index_state().from_file
+        generation = db.stats().generation
+    agrees_with_exact(got, items, probes)
+    with FaceDB.open(root) as db:  # the close saved the levelled copy
+        assert db.settings().index_stamp["generation"] == generation
+
+
+def test_a_copy_that_is_not_the_stamps_is_never_trusted(tmp_path, data):
+    items, probes = data
+    root = tmp_path / "db"
+    with FaceDB.create(root, model_id="m", dim=DIM, threshold=0.5, index="ivfpq") as db:
+        db.reindex("ivfpq", {"nlist": 8, "nprobe": 8})
+        db.add_templates_many(items[:100])
+        db.save_index()
+        old = (root / "index.faiss").read_bytes()  # saved at an earlier generation
+        db.add_templates_many(items[100:])
+        db.save_index()
+    (root / "index.faiss").write_bytes(old)  # an older copy put back: its SHA-256 is not the stamp's
+    with FaceDB.open(root) as db:
+        got = db.identify(probes, k=3)
+        assert not db.index_state().from_file  # rebuilt
+    agrees_with_exact(got, items, probes)
+
+    # A stamp that names another generation than the section the file holds: the map is not taken from it
+    with FaceDB.open(root) as db:
+        stamp = db.settings().index_stamp
+        taken = []
+        real = db.keeper._from_saved
+        db.keeper._from_saved = lambda *a: taken.append(real(*a)) or taken[-1]
+        db.store.set_meta({"index_stamp": __import__("json").dumps({**stamp, "generation": stamp["generation"] - 1})})
+        got = db.identify(probes, k=3)
+        assert taken == [None]
+    agrees_with_exact(got, items, probes)
+
+
+def test_saved_vectors_are_erased_with_the_person(tmp_path, data):
+    items, probes = data
+    root = tmp_path / "db"
+    with FaceDB.create(root, model_id="m", dim=DIM, threshold=0.5, index="ivfpq") as db:
+        db.reindex("ivfpq", {"nlist": 8, "nprobe": 8})
+        db.add_templates_many(items)
+    gone = items[5][1]
+    data_before = (root / "index.faiss").read_bytes()
+    assert all(np.asarray(v, "<f4").tobytes() in data_before for v in gone)  # the re-scoring vectors are there
+    with FaceDB.open(root) as db:
+        db.remove_person("p005")
+        data_after = (root / "index.faiss").read_bytes()  # rewritten by the removal
+        assert not any(np.asarray(v, "<f4").tobytes() in data_after for v in gone)
+    with FaceDB.open(root) as db:
+        got = db.identify(probes, k=3)
+    agrees_with_exact(got, [it for it in items if it[0] != "p005"], probes)
+
+
+def test_encrypted_database_saves_them_sealed(tmp_path, data, monkeypatch):
+    items, probes = data
+    root = tmp_path / "db"
+    with FaceDB.create(root, model_id="m", dim=DIM, threshold=0.5, index="ivfpq", key=KEY) as db:
+        db.reindex("ivfpq", {"nlist": 8, "nprobe": 8})
+        db.add_templates_many(items)
+    raw = (root / "index.faiss").read_bytes()
+    assert not any(np.asarray(v, "<f4").tobytes() in raw for _, t in items for v in t)
+    with FaceDB.open(root, key=KEY) as db:
+        assert db.settings().index_stamp["map"] == {"vectors": True}
+        with monkeypatch.context() as m:
+            no_store_reads(m)
+            got = db.identify(probes, k=3)
+        assert db.index_state().from_file and db.index_state().rescore_from == "memory"
+    agrees_with_exact(got, items, probes)
+
+
+def test_small_writes_leave_the_saved_copy_to_be_levelled_at_open(tmp_path, data):
+    """A writer that added a few templates to a database whose copy is recent does not rebuild on close: the
+    next open adds them to the saved copy (the settle threshold is for bulk imports)."""
+    items, probes = data
+    root = tmp_path / "db"
+    with FaceDB.create(root, model_id="m", dim=DIM, threshold=0.5, index="ivfpq") as db:
+        db.reindex("ivfpq", {"nlist": 8, "nprobe": 8})
+        db.add_templates_many(items[:-1])
+    saved = (root / "index.faiss").stat().st_mtime_ns
+    with FaceDB.open(root) as db:
+        db.add_templates(*items[-1], create=True)
+    assert (root / "index.faiss").stat().st_mtime_ns == saved
+    with FaceDB.open(root) as db:
+        got = db.identify(probes, k=3)
+    agrees_with_exact(got, items, probes)
