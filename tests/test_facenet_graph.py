@@ -249,3 +249,53 @@ def test_the_converted_network_gives_the_graphs_embeddings_on_20_lfw_faces(faced
     assert np.abs(ours - theirs).max() < 1e-4
     sims = ours @ ours.T
     assert sims[~np.eye(20, dtype=bool)].max() < 0.9  # 20 different people: not one vector for everyone
+
+
+# ------------------------------------------------------------------------------------------------ fine-tuning
+class FoldedNet:
+    """A small network whose batch norms hold folded statistics as the converted graph's do (mean 0,
+    variance 1 - eps, scale 1, offset = the folded bias)."""
+
+    @staticmethod
+    def make():
+        import torch
+
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.AvgPool2d(8), torch.nn.Conv2d(3, 8, 3, bias=False),
+                                  torch.nn.BatchNorm2d(8, eps=0.001), torch.nn.ReLU(),
+                                  torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4))
+        bn = net[2]
+        with torch.no_grad():
+            bn.running_mean.zero_()
+            bn.running_var.fill_(1 - bn.eps)
+            bn.weight.fill_(1.0)
+            bn.bias.copy_(torch.linspace(-0.5, 0.5, 8))
+        return net
+
+
+@pytest.mark.skipif(not have_torch, reason="torch is not installed")
+@pytest.mark.parametrize("freeze", [None, True])
+def test_fine_tuning_folded_weights_keeps_their_batch_norms_frozen(tmp_path, freeze):
+    """From folded weights a step that learns nothing (lr 0) leaves the network as it was: its batch norms
+    are not switched to batch statistics (which would drop the folded mean) nor their running statistics moved.
+    Before the fix, training mode moved them and the embeddings changed."""
+    import torch
+
+    from facedb.train.loop import TrainConfig, embed_all, folded_batch_norms, train
+
+    net = FoldedNet.make()
+    assert folded_batch_norms(net) and not folded_batch_norms(torch.nn.Sequential(torch.nn.BatchNorm2d(3)))
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 256, (24, 160, 160, 3), dtype=np.uint8)
+    labels = np.repeat(np.arange(6), 4)
+    val = labels >= 4
+    before = embed_all(net, crops, "cpu")
+    cfg = TrainConfig(embedding_size=4, epochs=1, steps_per_epoch=2, people_per_batch=3, faces_per_person=2, lr=0.0,
+                      weight_decay=0.0, freeze_bn=freeze)
+    train(crops, labels, val, cfg, tmp_path / "w.pt", net=net, log=lambda m: None)
+    assert np.abs(embed_all(net, crops, "cpu") - before).max() < 1e-6
+    assert not net[2].training or not net.training  # still frozen after validation switched modes back
+    net = FoldedNet.make()
+    train(crops, labels, val, TrainConfig(**{**cfg.__dict__, "freeze_bn": False, "history": []}), tmp_path / "x.pt",
+          net=net, log=lambda m: None)
+    assert np.abs(embed_all(net, crops, "cpu") - before).max() > 1e-3  # what unfrozen batch norms do

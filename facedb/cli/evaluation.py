@@ -237,7 +237,8 @@ def train(
     mining: Annotated[Mining, typer.Option(help="Triplet mining: semi-hard or batch-hard.")] = Mining.semi_hard,
     embedding_size: Annotated[int, typer.Option(min=2, help="128 as in the paper, 512 as in the released weights.")
                               ] = 128,
-    init_from: Annotated[str, typer.Option("--init", help="random, vggface2, casia-webface, or a .pt file.")
+    init_from: Annotated[str, typer.Option("--init", help="random, vggface2, casia-webface, casia-tf (offline: the "
+                                                     "converted CASIA graph), or a .pt file.")
                          ] = "random",
     epochs: Annotated[int, typer.Option(min=1, help="Epochs.")] = 10,
     steps: Annotated[int, typer.Option(min=1, help="Batches per epoch.")] = 100,

