@@ -184,3 +184,87 @@ def test_backup_and_restore_from_the_cli(source, tmp_path):
     assert contents(tmp_path / "copy") == contents(source)
     bad = cli(tmp_path / "copy2", "restore", str(tmp_path))
     assert bad.returncode == 2 and "not a facedb backup" in bad.stderr and not (tmp_path / "copy2").exists()
+
+
+@pytest.mark.slow
+def test_backups_while_the_service_writes_restore_every_acknowledged_person_and_a_live_database_is_kept(tmp_path):
+    """The deployment's case: `facedb serve` runs on the database and a client enrols through it without pause
+    while `facedb backup` (another process) copies it twice. Each copy restores to a database that passes
+    `check` and holds the seed people exactly as they were (metadata, external id, keys, webhooks, settings),
+    every enrolment acknowledged before that backup began, and nothing the service did not acknowledge or
+    was not answering at that moment, each person whole and byte for byte; it identifies each of them as the
+    original does. `facedb restore --replace` onto the database the service has open is refused (exit 2, one
+    line) and changes nothing; the service goes on answering."""
+    import threading
+
+    import httpx
+
+    from .servicekit import make_db, real_server
+
+    root = tmp_path / "db"
+    keys = make_db(root, model_id="vec-test", dim=DIM)
+    with FaceDB.open(root) as db:
+        for i in range(6):
+            db.add_templates(f"P{i}", vecs(i), create=True)
+        db.update_person("P1", metadata={"badge": 17}, external_id="E-1")
+    seed = contents(root)
+    sent: dict[str, np.ndarray] = {}  # every enrolment sent (acknowledged or not)
+    acked: list[str] = []  # in the order acknowledged
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def writer(base: str) -> None:
+        with httpx.Client(base_url=base, timeout=120, headers={"X-API-Key": keys["enroll"]}) as http:
+            i = 0
+            while not stop.is_set():
+                name = f"W{i:04d}"
+                sent[name] = vecs(100 + i)
+                r = http.post(f"/v1/people/{name}/vectors", json={"vectors": sent[name].tolist()})
+                if r.status_code != 201:
+                    errors.append(f"{name}: {r.status_code} {r.text[:200]}")
+                    return
+                acked.append(name)
+                i += 1
+
+    with real_server(root, workers=1) as (base, _):
+        thread = threading.Thread(target=writer, args=(base,), daemon=True)
+        thread.start()
+        before: list[set[str]] = []
+        for b in range(2):
+            while len(acked) < 5 * (b + 1):  # under way (a count of its work, not a time)
+                assert thread.is_alive(), errors
+                thread.join(0.01)
+            before.append(set(acked))
+            res = cli(root, "--json", "backup", str(tmp_path / f"bk{b}"))
+            assert res.returncode == 0, res.stderr
+        res = cli(root, "restore", str(tmp_path / "bk0"), "--replace")
+        assert res.returncode == 2 and "in use" in res.stderr and len(res.stderr.strip().splitlines()) == 1, \
+            res.stderr
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith("db.replaced-")]
+        n = len(acked)
+        while len(acked) < n + 3:  # the service still writes, to the same database
+            assert thread.is_alive(), errors
+            thread.join(0.01)
+        stop.set()
+        thread.join(120)
+        assert errors == []
+    final = contents(root)
+    assert set(acked) <= set(final["people"])
+    for b in range(2):
+        copy = tmp_path / f"copy{b}"
+        res = cli(copy, "--json", "restore", str(tmp_path / f"bk{b}"))
+        assert res.returncode == 0, res.stderr
+        got = contents(copy)
+        assert {k: v for k, v in got.items() if k not in ("people", "templates")} == \
+            {k: v for k, v in seed.items() if k not in ("people", "templates")}
+        assert {n: got["people"][n] for n in seed["people"]} == seed["people"]
+        written = set(got["people"]) - set(seed["people"])
+        assert before[b] <= written <= set(sent), (sorted(before[b] - written), sorted(written - set(sent)))
+        with FaceDB.open(copy, readonly=True) as db:
+            assert db.check().ok
+            for name in written:
+                assert sorted(t.vector.tobytes() for t in db.templates(name)) == \
+                    sorted(v.tobytes() for v in sent[name]), name
+            for name in sorted(written)[:10] + list(seed["people"]):
+                probe = next(db.templates(name)).vector
+                assert db.identify(probe).identity == name
