@@ -41,6 +41,7 @@ from .errors import (
     ErasureWarning,
     IndexUnavailableError,
     InvalidInputError,
+    ModelChangedError,
     ModelMismatchError,
     NoFaceError,
     NoTemplatesError,
@@ -91,6 +92,7 @@ if TYPE_CHECKING:
     from .keys import ApiKey
     from .pipeline import FaceChoice, FacePipeline, Outcome
     from .protect import FileCipher, Protection
+    from .reembed import ReembedReport
 
 STORE_FILE = "facedb.sqlite3"
 INDEX_FILE = "index.faiss"  # the FAISS backend's file (facedb.index.faiss_kinds.INDEX_FILE)
@@ -641,9 +643,10 @@ class FaceDB:
                        boxes: Sequence[Sequence[float] | None] | None = None,
                        det_scores: Sequence[float | None] | None = None, image: dict[str, Any] | None = None,
                        create: bool = False, metadata: dict[str, Any] | None = None,
-                       external_id: str | None = None, thumbnails: Sequence[bytes | None] | None = None
-                       ) -> list[int]:
-        """:meth:`add_templates` without its audit record (enrolment records its own)."""
+                       external_id: str | None = None, thumbnails: Sequence[bytes | None] | None = None,
+                       made_by: str | None = None) -> list[int]:
+        """:meth:`add_templates` without its audit record (enrolment records its own). ``made_by``: the model that
+        embedded the photos, checked in the store's transaction (ModelChangedError after a move)."""
         if model_id is not None:
             self._same_model(model_id, np.shape(vectors)[-1] if np.ndim(vectors) else self.dim)
         x = self._protect(as_unit_rows(vectors, self.dim))
@@ -651,7 +654,7 @@ class FaceDB:
             thumbnails = None
         ids = self.store.add_templates(name, x, boxes=boxes, det_scores=det_scores, image=image,
                                        create_person=create, metadata=metadata, external_id=external_id,
-                                       thumbnails=thumbnails)
+                                       thumbnails=thumbnails, model_id=made_by)
         self.keeper.after_write(self.settings())
         return ids
 
@@ -708,21 +711,34 @@ class FaceDB:
 
         return fetch
 
-    def _identify(self, x: np.ndarray, k: int, threshold: float | None) -> tuple[list[Identification], Settings]:
+    def _identify(self, x: np.ndarray, k: int, threshold: float | None, made_by: str | None = None
+                  ) -> tuple[list[Identification], Settings]:
         """Answers, and the settings they were made under (read once per query: at 1M templates the whole
-        query takes ~1 ms, and each SQLite round trip ~10-20 us)."""
+        query takes ~1 ms, and each SQLite round trip ~10-20 us). ``made_by``: the model that embedded ``x``;
+        ModelChangedError when the database is (or, by the time the answer is made, was moved to) another one,
+        so that a probe of the old model is never scored against a gallery moved to a new one (``reembed``)."""
         k = check_k(k)
         threshold = None if threshold is None else check_threshold(threshold)
         with self._lock:
             settings = self.settings()
+            self._made_by(made_by, settings.model_id)
             try:
                 gallery = self.keeper.current(settings)
                 policy = Policy("given", threshold, explanation="given") if threshold is not None else \
                     settings.rule.policy(settings.threshold, len(gallery))
-                return engine.identify(gallery, x, k, policy, self._fetch(gallery), self._lookup_names), settings
+                answers = engine.identify(gallery, x, k, policy, self._fetch(gallery), self._lookup_names)
+                if made_by is not None:  # one small read: a move that committed while the answer was made
+                    self._made_by(made_by, self.store.get_meta("model_id") or "")
+                return answers, settings
             except IndexUnavailableError:
                 self.keeper.forget()  # a remote engine failed (or its collection was dropped): reopen next time
                 raise
+
+    @staticmethod
+    def _made_by(made_by: str | None, model_id: str) -> None:
+        if made_by is not None and made_by != model_id:
+            raise ModelChangedError(f"the database was moved to {model_id!r} while this photo was embedded by "
+                                    f"{made_by!r}; ask again")
 
     def _lookup_names(self, person_ids: Sequence[int]) -> dict[int, tuple[str, str | None]]:
         """Names of people, from memory while no one was renamed or removed (the query just read the people
@@ -772,6 +788,8 @@ class FaceDB:
         x = self._protect(x)
         with self._lock:
             settings = self.settings()
+            if sha is not None:
+                self._made_by(pipe.model_id, settings.model_id)
             thr = settings.threshold if threshold is None else threshold
             person = self.store.person(name)
             # Photo templates only: the 1:1 threshold is calibrated photo against photo, and a mean template sits
@@ -828,14 +846,20 @@ class FaceDB:
         ``cropped``: the photo is a face crop (see :func:`facedb.pipeline.find_faces`)."""
         check_k(k)
         threshold = None if threshold is None else check_threshold(threshold)
-        pipe = self.pipeline(model)
-        analysed = pipe.analyse(photo, name=name, cropped=cropped)
-        if not analysed.faces:
-            return []
-        crops = analysed.crops(pipe.embedder.align)
-        with timings.stage("embed"):  # a query photo's faces, one batch (enrolment's batches are not timed here)
-            vectors = self._protect(pipe.embed_crops(crops, flip=self.flip))
-        answers, settings = self._identify(vectors, k, threshold)
+        for attempt in (1, 2):  # a second time only when the database moved to another model meanwhile
+            pipe = self.pipeline(model)
+            analysed = pipe.analyse(photo, name=name, cropped=cropped)
+            if not analysed.faces:
+                return []
+            crops = analysed.crops(pipe.embedder.align)
+            with timings.stage("embed"):  # a query photo's faces, one batch (enrolment's are not timed here)
+                vectors = self._protect(pipe.embed_crops(crops, flip=self.flip))
+            try:
+                answers, settings = self._identify(vectors, k, threshold, made_by=pipe.model_id)
+                break
+            except ModelChangedError:
+                if attempt == 2 or hasattr(photo, "read"):  # a file object cannot be read twice
+                    raise
         thumbs = _thumbnails(crops, settings.thumbnails, "probe", "visitor")
         self.trail.record("search", [
             {"image_sha256": analysed.photo.sha256, "identity": a.identity, "similarity": a.similarity,
@@ -986,7 +1010,11 @@ class FaceDB:
                 continue
             # Checked photo by photo against the gallery as it is now, so that two photos of one face filed
             # under two new names in the same job are caught too.
-            other = self._other_match(name, vec) if on_other_match != "allow" else None
+            try:
+                other = self._other_match(name, vec, pipe.model_id) if on_other_match != "allow" else None
+            except ModelChangedError as exc:  # moved to another model (reembed) since this photo was embedded
+                report.skipped.append(Skipped(item.label, str(exc)))
+                continue
             if other is not None:
                 note = f"matches {other[0]!r} (similarity {other[1]:.4f} >= threshold {other[2]:.4f})"
                 if on_other_match == "refuse":
@@ -1001,7 +1029,7 @@ class FaceDB:
                                               image=item.image, create=True, metadata=meta or None,
                                               external_id=external_id,
                                               thumbnails=_thumbnails([item.crop], self.settings().thumbnails,
-                                                                     "template"))
+                                                                     "template"), made_by=pipe.model_id)
                 except (InvalidInputError, ModelMismatchError, DuplicatePersonError) as exc:
                     report.skipped.append(Skipped(item.label, str(exc)))
                     continue
@@ -1015,10 +1043,12 @@ class FaceDB:
                 self.trail.record("enroll", [{"image_sha256": item.sha256, "identity": name,
                                               "detail": {"templates": len(ids)}}], self.settings())
 
-    def _other_match(self, name: str, vector: np.ndarray) -> tuple[str, float, float] | None:
+    def _other_match(self, name: str, vector: np.ndarray, made_by: str | None = None
+                     ) -> tuple[str, float, float] | None:
         """The best-matching enrolled person other than ``name`` (NFC), if they reach the threshold:
-        (their name, similarity, threshold)."""
-        answers, settings = self._identify(self._protect(np.asarray(vector, dtype=np.float32)[None]), 2, None)
+        (their name, similarity, threshold). ``made_by``: the model that made ``vector`` (see :meth:`_identify`)."""
+        answers, settings = self._identify(self._protect(np.asarray(vector, dtype=np.float32)[None]), 2, None,
+                                           made_by=made_by)
         other = next((c for c in answers[0].candidates if c.name != name), None)
         if other is None or other.similarity < settings.threshold:
             return None
@@ -1390,6 +1420,26 @@ class FaceDB:
         except IndexUnavailableError as exc:
             warnings.warn(f"the index moved, but its former collection could not be dropped (drop it by hand): {exc}",
                           stacklevel=3)
+
+    def reembed(self, model_id: str, *, photos: str | os.PathLike[str] | None = None, crops: bool = True,
+                drop_unembeddable: bool = False, dry_run: bool = False, weights: str | os.PathLike[str] | None = None,
+                model: FacePipeline | None = None, progress: Any = None) -> ReembedReport:
+        """Move the database to another embedding model ``model_id`` (all or nothing): every photo template made
+        again by the new model from the photos in ``photos`` (``<folder>/<person>/<photos>``, recognised by their
+        bytes) first, else from its kept face thumbnail (``crops``); the new model's id, dimension, thresholds and
+        decision rule as ``facedb init`` sets them; mean templates recomputed; the index rebuilt; recorded in the
+        audit trail. Templates that can be made from neither refuse the move (UnembeddableError naming them and
+        why; nothing changed) unless ``drop_unembeddable`` (they are erased; their people stay). ``dry_run``:
+        compute and report, change nothing. ``model``: the new model's face pipeline (else loaded, with
+        ``weights``); ``progress(done, total)``: called as templates are made. InvalidInputError for an unknown
+        model, a person folder naming no one enrolled, or the model in use; ModelUnavailableError for missing
+        weights; DatabaseError read-only. See :mod:`facedb.reembed` and README "Moving a database to another
+        model"."""
+        from .reembed import move
+
+        return move(self, model_id, photos=Path(photos) if photos is not None else None, use_crops=crops,
+                    drop_unembeddable=drop_unembeddable, dry_run=dry_run,
+                    weights=Path(weights) if weights is not None else None, model=model, progress=progress)
 
     def backup(self, dest: str | os.PathLike[str], *, with_index: bool = False) -> BackupReport:
         """An online, consistent copy of this database in the new directory ``dest`` while it keeps answering and

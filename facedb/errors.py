@@ -44,6 +44,11 @@ class ModelMismatchError(FaceDBError):
     """Vectors or a model that differ from the model (or dimension) the database was created with."""
 
 
+class ModelChangedError(ModelMismatchError):
+    """The database moved to another model (``facedb reembed``) while a probe was being embedded by the old one:
+    the probe is not compared with the new gallery. Ask again (``FaceDB.search`` does, once)."""
+
+
 class InvalidVectorError(FaceDBError, ValueError):
     """A vector of the wrong shape, with NaN/inf, or not of unit length."""
 

@@ -59,6 +59,7 @@ from .errors import (
     DuplicateError,
     DuplicatePersonError,
     InvalidInputError,
+    ModelChangedError,
     NotFoundError,
     PersonNotFoundError,
     TemplateNotFoundError,
@@ -796,7 +797,10 @@ class Store:
     def versions(self) -> tuple[int, int, int]:
         """(generation, settings version, people version) in one read: what a query checks its cached
         settings, index and names against (a store from before the counters reads 0 for them)."""
-        got = dict(self.conn.execute("SELECT key, value FROM meta WHERE key IN (?, ?, ?)", self.VERSION_KEYS))
+        got = dict(self.conn.execute("SELECT key, value FROM meta WHERE key IN (?, ?, ?, ?)", (*self.VERSION_KEYS,
+                                                                                                "dim")))
+        if got.get("dim") and int(got["dim"]) != self.dim:
+            self.dim = int(got["dim"])  # another process moved the database to another model (facedb/reembed.py)
         return int(got.get("generation") or 0), int(got.get("settings_version") or 0), \
             int(got.get("people_version") or 0)
 
@@ -1096,6 +1100,7 @@ class Store:
         metadata: dict[str, Any] | None = None,
         external_id: str | None = None,
         thumbnails: Sequence[bytes | None] | None = None,
+        model_id: str | None = None,
     ) -> list[int]:
         """Store unit ``vectors`` (n, dim) for ``name``, with the image they came from, in one transaction.
 
@@ -1103,6 +1108,8 @@ class Store:
         path, size, width, height; the same sha256 cannot be stored twice. ``metadata`` is merged into the
         person's; ``external_id`` (if given) becomes theirs (DuplicatePersonError if another person has it).
         ``thumbnails``: a JPEG (or None) per vector, kept with its template (see :mod:`facedb.thumbnails`).
+        ``model_id``: the model that made the vectors, checked in the transaction (ModelChangedError when the
+        database was moved to another model meanwhile: facedb/reembed.py).
         """
         n = len(vectors)
         boxes = list(boxes) if boxes is not None else [None] * n
@@ -1112,6 +1119,9 @@ class Store:
             raise InvalidInputError("boxes, det_scores and thumbnails must have one entry per vector")
         now = utcnow()
         with self.write():
+            if model_id is not None and self.get_meta("model_id") != model_id:
+                raise ModelChangedError(f"the database was moved to {self.get_meta('model_id')!r} while these "
+                                        f"photos were embedded by {model_id!r}: enrol them again")
             try:
                 pid = self._person_id(name)
                 if metadata or external_id is not None:
@@ -1146,6 +1156,58 @@ class Store:
             added, removed = self._refresh_mean(pid)
             self._bump_generation(ids + added, removed)
         return ids
+
+    def replace_all_templates(self, vectors: dict[int, np.ndarray], thumbnails: dict[int, bytes | None],
+                              drop: Sequence[int], meta: dict[str, str], unset: Sequence[str]) -> dict[str, int]:
+        """Put the whole gallery under another model in one transaction (facedb/reembed.py): every photo template
+        gets its new vector (``vectors``: template id -> unit vector of the new ``meta["dim"]``) or is dropped
+        (``drop``, with its photo's row once it has no template left); thumbnails in ``thumbnails`` replace the
+        template's (None: it keeps none); the unknown visitors' faces (the old model's vectors) are forgotten;
+        ``meta`` rows are written and ``unset`` keys deleted; mean templates are recomputed; the change log is
+        cut at the new generation, so every process rebuilds its index from the store instead of replaying it.
+        InvalidInputError (nothing changed) when the photo templates are not exactly those given. Returns
+        {"templates", "dropped", "visitors_forgotten", "mean_templates"}."""
+        dim = int(meta["dim"])
+        old_dim = self.dim
+        with self.write():
+            own = " WHERE derived = 0" if self._has_derived else ""
+            held = {int(r[0]) for r in self.conn.execute(f"SELECT id FROM embeddings{own}")}
+            given = set(vectors) | {int(i) for i in drop}
+            if held != given:
+                raise InvalidInputError(f"the gallery changed while it was re-embedded ({len(held - given)} templates "
+                                        f"added, {len(given - held)} removed): nothing was changed; run it again")
+            try:
+                images = [r[0] for r in self._rows_in("SELECT DISTINCT image_id FROM embeddings WHERE id IN "
+                                                      "({marks}) AND image_id IS NOT NULL", [int(i) for i in drop])]
+                list(self._rows_in("DELETE FROM embeddings WHERE id IN ({marks})", [int(i) for i in drop]))
+                list(self._rows_in("DELETE FROM images WHERE id IN ({marks}) AND NOT EXISTS (SELECT 1 FROM "
+                                   "embeddings e WHERE e.image_id = images.id)", images))
+                self.dim = dim  # what the rows read back from here on are
+                self.conn.executemany("UPDATE embeddings SET vector = ? WHERE id = ?",
+                                      [(to_blob(v), int(i)) for i, v in vectors.items()])
+                if self.version >= THUMBNAILS_VERSION:
+                    ids = [int(i) for i in thumbnails]
+                    list(self._rows_in("DELETE FROM thumbnails WHERE embedding_id IN ({marks})", ids))
+                    self._insert_thumbnails(self.conn, "embedding_id", ids, [thumbnails[i] for i in ids])
+                forgotten = 0
+                if self._has_unassigned():
+                    forgotten = self.conn.execute("DELETE FROM unassigned_faces").rowcount
+                self.db["meta"].upsert_all([{"key": k, "value": str(v)} for k, v in meta.items()], pk="key")
+                list(self._rows_in("DELETE FROM meta WHERE key IN ({marks})", list(unset)))
+                means = 0
+                for (pid,) in self.conn.execute("SELECT id FROM people").fetchall():
+                    means += len(self._refresh_mean(pid)[0])
+                gen = str(self.generation() + 1)
+                self.conn.execute("UPDATE meta SET value = ? WHERE key = 'generation'", (gen,))
+                self.conn.execute("DELETE FROM changes")
+                self.conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('changes_floor', ?)", (gen,))
+                self._bump("settings_version")
+                self._bump("people_version")
+            except BaseException:
+                self.dim = old_dim
+                raise
+        return {"templates": len(vectors), "dropped": len(drop), "visitors_forgotten": forgotten,
+                "mean_templates": means}
 
     def image_owner(self, sha256: str) -> str | None:
         row = self.conn.execute(

@@ -275,6 +275,8 @@ COMMAND_TESTS = {
     "restore": ["test_backup::test_backup_and_restore_from_the_cli",
                 "test_backup::test_restore_never_overwrites_and_refuses_to_replace_a_database_in_use"],
     "reindex": ["test_field::test_fr01_cli_reindex_changes_the_index_and_keeps_the_answers"],
+    "reembed": ["test_reembed::test_cli_reembed_moves_the_database_and_reports",
+                "test_reembed::test_bad_input_leaves_the_database_exactly_as_it_was"],
     "rebuild-index": ["test_cli::test_core_commands"],
     "audit": ["test_cli::test_audit_trail"],
     "audit-settings": ["test_cli::test_audit_trail"],

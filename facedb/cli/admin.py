@@ -297,6 +297,45 @@ def reindex(
             raise InvalidInputError(str(exc)) from None
 
 
+@command()
+def reembed(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option(help="The model to move to: sface, dlib-resnet, facenet-vggface2, "
+                                            "facenet-casia (or a FaceNet weights file's id with --weights).")],
+    photos: Annotated[Path | None, typer.Option(help="The enrolled photos, laid out as `enroll --folder` takes "
+                                                      "them (<dir>/<person>/<photos>): used first, matched by "
+                                                      "their bytes.")] = None,
+    crops: Annotated[bool, typer.Option(help="Re-embed from the kept face thumbnails where no photo is given.")
+                     ] = True,
+    drop_unembeddable: Annotated[bool, typer.Option(help="Erase the templates that cannot be made again (their "
+                                                         "people stay, to enrol again) instead of refusing the "
+                                                         "move.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Make every template, report, change nothing.")] = False,
+    weights: WeightsOpt = None,
+) -> None:
+    """Move the database to another embedding model: every template made again by it (from --photos, else from
+    the kept face crops), with that model's thresholds and rule, all at once or not at all."""
+    from . import Progress
+
+    with open_db(ctx) as db:
+        with Progress(ctx, "re-embedding", total=None, unit="template") as bar:
+            report = db.reembed(model, photos=photos, crops=crops, drop_unembeddable=drop_unembeddable,
+                                dry_run=dry_run, weights=weights, progress=lambda done, total: bar(done))
+    out = report.to_dict()
+    unembeddable = out.pop("unembeddable")
+    if not state(ctx).json:
+        for u in unembeddable:
+            typer.echo(f"{'dropped' if report.moved else 'cannot re-embed'}: {u['person']} (template "
+                       f"{u['template_id']}): {u['reason']}", err=True)
+        for note in report.photos_ignored:
+            typer.echo(f"photo not used: {note}", err=True)
+        out.pop("photos_ignored")
+        out["unembeddable"] = len(unembeddable)
+    else:
+        out["unembeddable"] = unembeddable
+    emit_kv(ctx, out)
+
+
 @command(name="rebuild-index")
 def rebuild_index(ctx: typer.Context) -> None:
     """Rebuild the index from the store (it is also rebuilt by itself whenever found stale)."""
