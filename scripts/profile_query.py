@@ -12,6 +12,23 @@ probes twice: plain (the p50 / p99 reported) and with every step wrapped in a ti
 microseconds per query of each step (mean), inclusive of the steps inside it; the wrappers add ~1 us each).
 Steps that the code being profiled does not have are left out, so the same script profiles older versions
 (``PYTHONPATH=old-checkout python scripts/profile_query.py ...``). JSON goes to ``--out``.
+
+
+**Ready after a restart** (``--ready``, issue #27): how long a fresh process takes from ``FaceDB.open`` to its
+first correct answer on a database that a bulk writer just filled, as a door's service restarted after an
+import lives it. ``--build`` makes it once: ``FaceDB.create(index="auto")``, ``--n`` synthetic templates of
+``--dim`` dimensions at ``--per`` a person added with ``add_templates_many`` (audit trail on, the default), then
+the writer's ``close`` (which now builds and saves the index: timed as ``writer_close_s``). Each measurement is
+a new Python process: import, ``FaceDB.open``, one genuine probe identified and checked (``first_answer_s``),
+the wait until the re-scoring vectors are in memory (``full_speed_s``), 100 untimed warm-up identifies, then
+``--queries`` single identifies timed (p50/p99; right person first over the genuine ones; decisions identical
+to exact search, computed here with numpy), file sizes and resident memory; a second process profiles the open
+and first answer with cProfile (the top functions by cumulative time). ``--before CHECKOUT`` also measures that
+code (``git worktree add /tmp/wt-before <commit>``) on a copy of the store alone, as the writer used to leave
+it (no index file, no stamp):
+
+    python scripts/profile_query.py --ready --build --db /tmp/ready/m1p5 --n 1000000 --per 5 --dim 128 \
+        --before /tmp/wt-before --out bench-results/ready-1m5-128.json
 """
 
 from __future__ import annotations
@@ -157,6 +174,159 @@ def profile(args: argparse.Namespace) -> dict[str, object]:
             "load_average": os.getloadavg(), "facedb": __import__("facedb").__file__}
 
 
+def build_ready(args: argparse.Namespace) -> dict[str, object]:
+    """The database a bulk writer leaves (see the module docstring), its probes and exact answers beside it."""
+    from bench_search import THRESHOLD, exact_reference, synth
+
+    from facedb import FaceDB
+
+    templates, truth, genuine, impostor = synth(args.n, args.dim, args.queries * 2 // 3, per=args.per)
+    probes = np.concatenate([genuine, impostor])[: args.queries]
+    top, dec = exact_reference(templates, probes)
+    people = templates.shape[0]
+    warmup = templates[np.random.default_rng(99).choice(people, 100, replace=False), 0]
+    args.db.parent.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    db = FaceDB.create(args.db, model_id="synthetic", dim=args.dim, threshold=THRESHOLD, index="auto")
+    step = max(1, 100_000 // args.per)
+    for start in range(0, people, step):
+        stop = min(people, start + step)
+        db.add_templates_many([(f"id{i}", templates[i]) for i in range(start, stop)])
+    import_s = time.perf_counter() - t
+    del templates
+    t = time.perf_counter()
+    db.close()  # the writer leaves the index it builds here
+    close_s = time.perf_counter() - t
+    np.savez(probes_path(args.db), probes=probes, truth=truth, genuines=len(genuine), top=np.array(top),
+             dec=np.array([d or "" for d in dec]), warmup=warmup)
+    print(f"store import {import_s:.1f} s, writer close (index built and saved) {close_s:.1f} s", flush=True)
+    return {"import_s": import_s, "writer_close_s": close_s, "load_average_at_build": os.getloadavg()}
+
+
+def probes_path(db: Path) -> Path:
+    return db.parent / f"{db.name}-probes.npz"
+
+
+def measure_ready(db_path: Path, probes_file: Path, profile_open: bool) -> dict[str, object]:
+    """One fresh process's figures (see the module docstring); run as a child of this script."""
+    t = time.perf_counter()
+    from facedb import FaceDB
+
+    import_s = time.perf_counter() - t
+    data = np.load(probes_file)
+    probes, truth, g = data["probes"], data["truth"], int(data["genuines"])
+    profiler = None
+    if profile_open:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    t = time.perf_counter()
+    db = FaceDB.open(db_path)
+    first = db.identify(probes[0], k=5)
+    first_s = time.perf_counter() - t
+    if profiler is not None:
+        profiler.disable()
+    state = db.index_state()
+    out: dict[str, object] = {
+        "import_s": import_s, "first_answer_s": first_s, "first_answer_correct": first.identity == f"id{truth[0]}",
+        "from_file": state.from_file, "rescore_from_at_first_answer": state.rescore_from, "built": state.built,
+        "templates": state.live, "load_average": os.getloadavg()}
+    if profiler is not None:
+        import pstats
+
+        stats = pstats.Stats(profiler)
+        rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][3])[:30]  # type: ignore[attr-defined]
+        out["profile_top_cumulative"] = [
+            {"function": f"{Path(f).name}:{line}({name})", "calls": int(nc), "own_s": round(tt, 4),
+             "cum_s": round(ct, 4)} for (f, line, name), (_, nc, tt, ct, _) in rows]
+        db.close()
+        return out
+    vectors = getattr(db.keeper.gallery, "vectors", None)
+    if vectors is not None:
+        vectors.wait()
+    out["full_speed_s"] = time.perf_counter() - t
+    for w in data["warmup"]:
+        db.identify(w, k=5)
+    times, answers = [], []
+    for p in probes:
+        t1 = time.perf_counter()
+        answers.append(db.identify(p, k=5))
+        times.append(time.perf_counter() - t1)
+    p50, p99 = np.percentile(np.array(times) * 1e3, [50, 99])
+    top1 = [a.candidates[0].name if a.candidates else None for a in answers]
+    out.update({
+        "p50_ms": float(p50), "p99_ms": float(p99), "queries": len(probes),
+        "right_person_first": float(np.mean([top1[i] == f"id{truth[i]}" for i in range(g)])),
+        "same_top_as_exact": float(np.mean([top1[i] == data["top"][i] for i in range(g)])),
+        "same_decision_as_exact": float(np.mean([(a.identity or "") == d for a, d in zip(answers, data["dec"])])),
+        "rescore_from": db.index_state().rescore_from, "rss_mb": rss_mb(),
+        "files_bytes": {f.name: f.stat().st_size for f in sorted(db_path.iterdir()) if f.is_file()},
+        "load_average_after": os.getloadavg()})
+    db.close()
+    return out
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child(db: Path, probes: Path, profile_open: bool, code: Path | None = None) -> dict[str, object]:
+    """Run :func:`measure_ready` in a new Python process (``code``: another checkout's facedb)."""
+    import subprocess
+
+    env = dict(os.environ)
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
+    cmd = [sys.executable, __file__, "--db", str(db), "--measure-child", str(probes)]
+    if profile_open:
+        cmd.append("--profile-open")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def before_copy(db: Path) -> Path:
+    """The store alone, as the writer used to leave it: no index file, no stamp."""
+    import shutil
+    import sqlite3
+
+    dest = db.parent / f"{db.name}-before"
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir()
+    shutil.copy2(db / "facedb.sqlite3", dest / "facedb.sqlite3")
+    with sqlite3.connect(dest / "facedb.sqlite3") as conn:
+        conn.execute("DELETE FROM meta WHERE key = 'index_stamp'")
+    return dest
+
+
+def run_ready(args: argparse.Namespace) -> None:
+    res: dict[str, object] = {"n": args.n, "per": args.per, "dim": args.dim, "index": "auto", "audit": True,
+                              "machine": f"{os.cpu_count()} cores, shared", "load_average_at_start": os.getloadavg()}
+    if args.build:
+        res["build"] = build_ready(args)
+    probes = probes_path(args.db)
+    res["after"] = child(args.db, probes, False)
+    print("after:", json.dumps(res["after"]), flush=True)
+    res["after_open_profile"] = child(args.db, probes, True)
+    if args.before:
+        copy = before_copy(args.db)
+        res["before"] = child(copy, probes, True, args.before)  # profiled: the build dominates it
+        res["before"]["code"] = str(args.before)  # type: ignore[index]
+        print("before:", json.dumps({k: v for k, v in res["before"].items() if k != "profile_top_cumulative"}),
+              flush=True)
+        import shutil
+
+        shutil.rmtree(copy, ignore_errors=True)
+    res["load_average_at_end"] = os.getloadavg()
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--db", type=Path, required=True)
@@ -166,7 +336,18 @@ def main() -> None:
     ap.add_argument("--kind", default="ivfpq")
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--ready", action="store_true", help="measure open-to-first-answer (see above)")
+    ap.add_argument("--dim", type=int, default=128, help="--ready: template dimension")
+    ap.add_argument("--before", type=Path, default=None, help="--ready: also measure this checkout's code")
+    ap.add_argument("--measure-child", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--profile-open", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.measure_child is not None:
+        print(json.dumps(measure_ready(args.db, args.measure_child, args.profile_open)))
+        return
+    if args.ready:
+        run_ready(args)
+        return
     if args.build:
         build(args)
     res = profile(args)
