@@ -308,3 +308,22 @@ def test_a_yunet_database_enrols_and_identifies_with_yunet(tmp_path, facedata):
     ((own,), (other,)) = cli("detect", str(probe)), cli("detect", str(probe), "--detector", "mtcnn")
     assert other["det_score"] == pytest.approx(mt.score, abs=1e-3) and own["det_score"] != other["det_score"]
     assert cli("stats")[0]["detector"] == "yunet"
+
+
+def test_only_the_yunet_module_imports_opencv_and_only_when_used():
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "facedb"
+    importers = set()
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n == "cv2" or n.startswith("cv2.") for n in names):
+                importers.add(path.relative_to(root).as_posix())
+    assert importers == {"yunet.py"}
+    code = "import sys, facedb.yunet, facedb.pipeline, facedb.cli; assert 'cv2' not in sys.modules; print('lazy')"
+    assert "lazy" in subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
