@@ -1,7 +1,11 @@
 """Speed of each face model through facedb's pipeline: ms per face (embedding an aligned crop) and ms per photo
-(decode, MTCNN, align, embed: a photo to a vector), on one thread, medians over LFW photos.
+(decode, MTCNN, align, embed: a photo to a vector), on one thread, medians over LFW photos; and a photo to a
+decision at the door: ``FaceDB.search`` on a database made by ``facedb init --model M`` (its defaults: flip,
+margin rule, audit trail on) with one photo each of ``--gallery`` LFW people enrolled, probed with their other
+photos and with strangers.
 
-    python scripts/bench_models.py [--model sface --model dlib-resnet] [--photos 100] [--out FILE.json]
+    python scripts/bench_models.py [--model sface --model dlib-resnet] [--photos 100] [--gallery 100]
+                                   [--out FILE.json]
 
 ``FACEDB_THREADS`` (default 1) sets the threads of torch (MTCNN) and onnxruntime (sface). Numbers are for the
 machine it runs on (its load included: the JSON records the load average before and after); compare models only
@@ -14,27 +18,68 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from facedb import FaceDB
 from facedb.evaluate import labelled_folder
 from facedb.pipeline import FaceChoice, Prepared, get_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def photo_to_decision(model_id: str, paths: list[Path], labels: list[str], gallery: int, probes: int
+                      ) -> dict[str, object]:
+    """ms from a photo file to an answer (``FaceDB.search``: decode, detect, align, embed with the database's
+    flip, search, decide, audit record), p50/p90 over ``probes`` photos: half of enrolled people, half strangers."""
+    by_person: dict[str, list[Path]] = {}
+    for p, name in zip(paths, labels):
+        by_person.setdefault(name, []).append(p)
+    rng = np.random.default_rng(1)
+    several = sorted(n for n, ps in by_person.items() if len(ps) >= 2)
+    enrolled = [several[i] for i in rng.choice(len(several), gallery, replace=False)]
+    singles = sorted(n for n, ps in by_person.items() if len(ps) == 1)
+    genuine = [by_person[n][1] for n in enrolled][: probes // 2]
+    strangers = [by_person[singles[i]][0] for i in rng.choice(len(singles), probes - len(genuine), replace=False)]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "db"
+        subprocess.run([sys.executable, "-m", "facedb.cli", "--db", str(root), "-q", "init", "--model", model_id],
+                       check=True, stdout=subprocess.DEVNULL)
+        with FaceDB.open(root) as db:
+            db.enroll_many([(n, [by_person[n][0]]) for n in enrolled])
+            db.search(genuine[0])  # warm-up: models loaded, index built
+            ms, named, accepted_strangers = [], 0, 0
+            for i, probe in enumerate(genuine + strangers):
+                t = time.perf_counter()
+                answer = db.search(probe)
+                ms.append(1000 * (time.perf_counter() - t))
+                who = answer[0].identity if answer else None
+                if i < len(genuine):
+                    named += who == enrolled[i]
+                else:
+                    accepted_strangers += who is not None
+            settings = db.settings()
+    return {"ms_p50": round(float(np.median(ms)), 1), "ms_p90": round(float(np.percentile(ms, 90)), 1),
+            "gallery_people": gallery, "genuine_probes": len(genuine), "named_right": named,
+            "stranger_probes": len(strangers), "strangers_accepted": accepted_strangers,
+            "flip": settings.flip, "rule": settings.rule.kind}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", default=None)
     ap.add_argument("--photos", type=int, default=100)
+    ap.add_argument("--gallery", type=int, default=100, help="people enrolled for the photo-to-decision run")
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("FACEDB_TEST_DATA", REPO.parent / "shared" /
                                                                      "facedata")))
     ap.add_argument("--out", type=Path, default=REPO / "bench-results" / "models-speed.json")
     args = ap.parse_args()
-    paths, _ = labelled_folder(args.data / "lfw_deepfunneled")
+    paths, labels = labelled_folder(args.data / "lfw_deepfunneled")
     pick = [paths[i] for i in np.random.default_rng(0).choice(len(paths), args.photos, replace=False)]
     out: dict[str, object] = {"photos": len(pick), "threads": os.environ.get("FACEDB_THREADS", "1"),
                               "machine": f"{platform.machine()}, {os.cpu_count()} cores",
@@ -65,6 +110,7 @@ def main() -> int:
                "ms_align_and_embed_with_flip_p50": round(float(np.median(flip_ms)), 1),
                "ms_per_photo_p50": round(float(np.median(photo_ms)), 1),
                "ms_per_photo_p90": round(float(np.percentile(photo_ms, 90)), 1), "faces": len(face_ms)}
+        row["decision"] = photo_to_decision(model_id, paths, labels, args.gallery, args.photos)
         out["models"][model_id] = row  # type: ignore[index]
         print(model_id, row, flush=True)
     out["load_after"] = os.getloadavg()[0]
