@@ -22,8 +22,13 @@ Folding: the first event for a (webhook, event, subject, key) is sent at once; t
 them with ``count`` (how many were folded) and ``first_time`` / ``last_time``. A person standing in front of a
 door for a minute makes a handful of deliveries, not hundreds.
 
-Delivery runs on a scheduler thread and a few sender threads: :meth:`Dispatcher.publish` only puts the event
-on a bounded queue (dropping it, counted, when the queue is full). Failed attempts (no connection, a timeout,
+Delivery runs on a scheduler thread and, per webhook, a lane of its own (a bounded queue and at most
+``per_hook`` sender threads): :meth:`Dispatcher.publish` only puts the event on a bounded queue (dropping it,
+counted, when the queue is full), and a receiver that answers slowly or never holds only its own lane, never
+another webhook's (issue #25, finding 3). Removing a webhook (:meth:`Dispatcher.forget`) drops its queued
+deliveries, retries and fold windows at once and waits for the attempt in flight, so nothing reaches it after
+the removal is acknowledged; every attempt first asks ``live(hook)`` (the store), so a webhook removed through
+another worker or the CLI is not sent to either. Failed attempts (no connection, a timeout,
 HTTP 408, 429 or 5xx) are retried with exponential backoff and jitter up to ``max_attempts``; any other
 status is final. Deliveries live in memory: events queued when a process stops are lost (the audit trail is
 the durable record of decisions). Folding is per process: each service worker folds its own events.
@@ -43,8 +48,8 @@ import secrets
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -89,6 +94,27 @@ class Webhook(_Record):
     def from_row(cls, row: dict[str, Any]) -> Webhook:
         return cls(id=int(row["id"]), url=str(row["url"]), events=str(row["events"]).split(","),
                    key_id=row["key_id"], created_at=str(row["created_at"]), secret=str(row["secret"]))
+
+
+def public_address(address: str) -> bool:
+    """Whether an IP address is on the public internet: not loopback, link-local (169.254.0.0/16, where cloud
+    metadata services answer), private (10/8, 172.16/12, 192.168/16, fc00::/7), shared (100.64/10), reserved,
+    documentation, multicast or unspecified. An IPv4 address written as IPv6 (``::ffff:127.0.0.1``) is judged
+    as the IPv4 address it is. Webhooks go to public addresses only unless the admin allows private ones (a
+    webhook is a request the service makes on an admin's word: it must not reach what only the server can)."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 zone id (fe80::1%eth0) is link-local anyway
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return bool(ip.is_global) and not ip.is_multicast
+
+
+class TargetRefusedError(InvalidInputError):
+    """A webhook URL whose host is (or resolves to) an address webhooks may not reach."""
 
 
 def check_url(url: object) -> str:
@@ -184,23 +210,48 @@ class DispatcherStats:
     retried: int = 0
     failed: int = 0
 
+    cancelled: int = 0  # deliveries dropped because their webhook was removed
+    refused: int = 0  # deliveries not sent: the target is an address webhooks may not reach
+
     def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
+
+
+@dataclass
+class _Lane:
+    """One webhook's deliveries: queued, and how many of its sender threads run and send."""
+
+    queue: deque[Delivery] = field(default_factory=deque)
+    threads: int = 0
+    sending: int = 0
+
+
+def _ident(hook: Webhook) -> tuple[int, str]:
+    """A webhook's identity: its id and its secret (an id alone could be reused after a removal)."""
+    return hook.id, hook.secret
 
 
 class Dispatcher:
     """Folds events and delivers them to the webhooks that want them, off the caller's thread.
 
     ``hooks()`` lists the webhooks (read at most every ``hooks_ttl`` seconds, or after :meth:`invalidate`);
-    ``send`` posts one delivery. ``backoff`` is the first retry's delay in seconds, doubled per attempt up to
-    ``max_backoff``.
+    ``send`` posts one delivery; ``live(hook)``, when given, says whether a webhook is still stored (asked before
+    every attempt). ``backoff`` is the first retry's delay in seconds, doubled per attempt up to
+    ``max_backoff``. ``per_hook``: sender threads per webhook; ``lane_size``: deliveries queued per webhook
+    (more are dropped, counted).
     """
 
     def __init__(self, hooks: Callable[[], list[Webhook]], send: Sender, *, fold_window: float = 10.0,
                  max_attempts: int = 6, backoff: float = 0.5, max_backoff: float = 60.0, queue_size: int = 10_000,
-                 senders: int = 4, hooks_ttl: float = 2.0) -> None:
+                 per_hook: int = 2, lane_size: int = 1000, hooks_ttl: float = 2.0,
+                 live: Callable[[Webhook], bool] | None = None) -> None:
         self._hooks_source = hooks
         self._send = send
+        self._live = live
+        self.per_hook = per_hook
+        self.lane_size = lane_size
+        self._lanes: dict[tuple[int, str], _Lane] = {}
+        self._removed: set[tuple[int, str]] = set()
         self.fold_window = fold_window
         self.max_attempts = max_attempts
         self.backoff = backoff
@@ -213,7 +264,6 @@ class Dispatcher:
         self._windows: dict[tuple[int, str, str | None, str | None], _Window] = {}
         self._hooks: list[Webhook] = []
         self._hooks_read = -1e18
-        self._pool = ThreadPoolExecutor(max_workers=senders, thread_name_prefix="facedb-hook")
         self._in_flight = 0
         self._idle = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="facedb-hooks", daemon=True)
@@ -246,6 +296,29 @@ class Dispatcher:
         except queue.Full:
             log.warning("webhook queue full: %s lost", item[0])
 
+    def forget(self, hook: Webhook, timeout: float = 10.0) -> int:
+        """Drop everything pending for a removed webhook, now: its queued deliveries, its retries and its fold
+        windows (the scheduler drops those it holds; none of them is sent, since every attempt checks the
+        removal first), and wait up to ``timeout`` seconds for an attempt already on the wire to end, so that
+        nothing reaches the webhook after its removal is acknowledged. Returns the deliveries dropped here."""
+        ident = _ident(hook)
+        with self._idle:
+            self._removed.add(ident)
+            lane = self._lanes.pop(ident, None)
+            dropped = len(lane.queue) if lane is not None else 0
+            if lane is not None:
+                lane.queue.clear()
+                self._in_flight -= dropped
+            self.stats.cancelled += dropped
+            self._idle.notify_all()
+        self._put(("forget", ident))
+        self._hooks_read = -1e18
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while lane is not None and lane.sending and time.monotonic() < deadline:
+                self._idle.wait(0.05)
+        return dropped
+
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """Wait until nothing is queued, in flight or waiting for a retry or a fold window (tests, shutdown)."""
         deadline = time.monotonic() + timeout
@@ -262,7 +335,10 @@ class Dispatcher:
         self._stopping = True
         self._put(("stop", None))
         self._thread.join(timeout=1.0)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._idle:  # what is still queued is not sent (the lanes' threads end after their attempt)
+            for lane in self._lanes.values():
+                self._in_flight -= len(lane.queue)
+                lane.queue.clear()
 
     # ----------------------------------------------------------------------------------- the scheduler thread
     _busy = False
@@ -291,6 +367,8 @@ class Dispatcher:
                     heapq.heappush(self._timers, (item[0], next(self._seq), "retry", item[1]))
                 elif kind == "invalidate":
                     self._hooks_read = -1e18
+                elif kind == "forget":
+                    self._drop_pending(item)
                 elif kind == "stop":
                     return
                 now = time.monotonic()
@@ -307,9 +385,21 @@ class Dispatcher:
                 with self._idle:
                     self._idle.notify_all()
 
+    def _drop_pending(self, ident: tuple[int, str]) -> None:
+        """The scheduler's part of :meth:`forget`: the removed webhook's fold windows and scheduled retries."""
+        for fold_key in [k for k in self._windows if k[0] == ident[0]]:
+            self._windows.pop(fold_key)
+        kept = [t for t in self._timers
+                if _ident(t[3][1] if t[2] == "fold" else t[3].hook) != ident]
+        self.stats.cancelled += sum(1 for t in self._timers if t[2] == "retry") - sum(1 for t in kept
+                                                                                  if t[2] == "retry")
+        heapq.heapify(kept)
+        self._timers = kept
+        self._hooks = [h for h in self._hooks if _ident(h) != ident]
+
     def _on_event(self, event: Event) -> None:
         for hook in self._current_hooks():
-            if not hook.wants(event.name, event.key_id):
+            if _ident(hook) in self._removed or not hook.wants(event.name, event.key_id):
                 continue
             fold_key = (hook.id, event.name, event.subject, event.key_id)
             window = self._windows.get(fold_key)
@@ -328,6 +418,8 @@ class Dispatcher:
     def _close_window(self, payload: tuple[tuple[int, str, str | None, str | None], Webhook]) -> None:
         fold_key, hook = payload
         window = self._windows.pop(fold_key, None)
+        if _ident(hook) in self._removed:
+            return
         if window is not None and window.count and window.last is not None and window.first is not None:
             self._submit(self._delivery(hook, window.last, window.count, window.first, window.last))
 
@@ -340,17 +432,52 @@ class Dispatcher:
         return Delivery(hook, raw, event.name, delivery_id)
 
     def _submit(self, delivery: Delivery) -> None:
+        """Queue a delivery on its webhook's lane, starting a sender thread for the lane if it has fewer than
+        ``per_hook``: one webhook's slow receiver holds its own threads only."""
+        ident = _ident(delivery.hook)
         with self._idle:
+            if ident in self._removed or self._stopping:
+                self.stats.cancelled += 1
+                return
+            lane = self._lanes.setdefault(ident, _Lane())
+            if len(lane.queue) >= self.lane_size:
+                self.stats.dropped += 1
+                log.warning("webhook %s: %d deliveries waiting, %s delivery dropped", delivery.hook.url,
+                            len(lane.queue), delivery.event)
+                return
+            lane.queue.append(delivery)
             self._in_flight += 1
-        try:
-            self._pool.submit(self._attempt, delivery)
-        except RuntimeError:  # shut down
-            with self._idle:
-                self._in_flight -= 1
+            if lane.threads >= self.per_hook:
+                return
+            lane.threads += 1
+        threading.Thread(target=self._lane_run, args=(ident, lane), name=f"facedb-hook-{delivery.hook.id}",
+                         daemon=True).start()
 
     # -------------------------------------------------------------------------------------- sender threads
+    def _lane_run(self, ident: tuple[int, str], lane: _Lane) -> None:
+        """A webhook's sender thread: its lane's deliveries, one at a time, until the lane is empty."""
+        while True:
+            with self._idle:
+                if not lane.queue or self._stopping:
+                    lane.threads -= 1
+                    if not lane.threads and not lane.queue and self._lanes.get(ident) is lane:
+                        del self._lanes[ident]  # an idle lane holds nothing: made again by the next delivery
+                    self._idle.notify_all()
+                    return
+                delivery = lane.queue.popleft()
+                lane.sending += 1
+            try:
+                self._attempt(delivery)
+            finally:
+                with self._idle:
+                    lane.sending -= 1
+                    self._idle.notify_all()
+
     def _attempt(self, delivery: Delivery) -> None:
         try:
+            if _ident(delivery.hook) in self._removed or (self._live is not None and not self._live(delivery.hook)):
+                self.stats.cancelled += 1  # removed here, or through another worker or the CLI
+                return
             delivery.attempt += 1
             ts = int(time.time())
             headers = {"Content-Type": "application/json", EVENT_HEADER: delivery.event,
@@ -359,6 +486,11 @@ class Dispatcher:
                        "User-Agent": "facedb-webhooks"}
             try:
                 status = int(self._send(delivery.hook.url, delivery.body, headers))
+            except TargetRefusedError as exc:  # final: asking again reaches the same address
+                self.stats.refused += 1
+                log.warning("webhook %s: %s; %s delivery %s not sent", delivery.hook.url, exc, delivery.event,
+                            delivery.id)
+                return
             except Exception as exc:
                 log.info("webhook %s: %s", delivery.hook.url, exc)
                 status = 0

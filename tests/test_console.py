@@ -32,7 +32,8 @@ def svc(tmp_path, fake_pipeline):
     """(client, keys, db path): a service with the console, on a fresh database with the test-double model."""
     path = tmp_path / "db"
     keys = make_db(path)
-    app = create_app(ServiceSettings(db=path, fold_window=0.0), model=fake_pipeline,
+    # allow_private_hooks: the settings page registers a webhook on 127.0.0.1 (refused by default)
+    app = create_app(ServiceSettings(db=path, fold_window=0.0, allow_private_hooks=True), model=fake_pipeline,
                      sender=lambda url, body, headers: 200)
     with TestClient(app, raise_server_exceptions=False) as client:
         wait_ready(client)

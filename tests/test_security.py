@@ -46,7 +46,7 @@ def svc(tmp_path, fake_pipeline):
     app = create_app(ServiceSettings(db=path, fold_window=0.0), model=fake_pipeline, sender=sender)
     with TestClient(app, raise_server_exceptions=False) as client:
         wait_ready(client)
-        r = client.post("/v1/hooks", json={"url": "http://127.0.0.1:9/door", "events": ["*"]},
+        r = client.post("/v1/hooks", json={"url": "http://93.184.216.34/door", "events": ["*"]},
                         headers=hdr(keys["admin"]))
         assert r.status_code == 201, r.text
         yield client, keys, path, sent
@@ -473,3 +473,193 @@ def test_a_door_key_is_held_to_its_request_rate(tmp_path, fake_pipeline):
         assert r.status_code == 429 and int(r.headers["retry-after"]) > 50, r.text
         assert [client.post("/v1/identify/vector", json=body, headers=hdr(keys["enroll"])).status_code
                 for _ in range(3)] == [200] * 3
+
+
+# -------------------------------------------------------------------------------------------- 3: webhooks
+@pytest.fixture
+def hooked(tmp_path, fake_pipeline):
+    """(client, keys, db path) for a service that posts webhooks for real (httpx), to receivers on 127.0.0.1
+    (allowed here: the default refuses them), with folding and quick retries."""
+    path = tmp_path / "db"
+    keys = make_db(path, dim=DIM)
+    app = create_app(ServiceSettings(db=path, fold_window=5.0, hook_backoff=0.2, hook_attempts=6, hook_timeout=3,
+                                     allow_private_hooks=True), model=fake_pipeline)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        wait_ready(client)
+        yield client, keys, path
+
+
+def test_a_removed_hook_gets_nothing_after_its_removal_is_acknowledged(hooked):
+    """Finding 3: a removed hook still received signed door events for ~16 s (its pending retries and fold
+    windows kept its URL and secret). Here the hook answers 500 (retries pending) and a repeat is folded (a
+    window open) when it is removed: after the DELETE's answer it receives nothing more, while another hook
+    goes on receiving; the dispatcher is idle at once (nothing left to send to it)."""
+    from facedb.testing.receiver import Receiver
+
+    client, keys, _ = hooked
+    admin = hdr(keys["admin"])
+    with Receiver(script=[500] * 100) as failing, Receiver() as healthy:
+        gone = client.post("/v1/hooks", json={"url": failing.url, "events": ["*"]}, headers=admin).json()
+        client.post("/v1/hooks", json={"url": healthy.url, "events": ["*"]}, headers=admin)
+        for _ in range(2):  # the second is folded into the first's window, for both hooks
+            client.post("/v1/identify/vector", json={"vector": E[0].tolist()}, headers=admin)
+        failing.wait_for(2)  # the first attempt and a retry: more retries and a fold window are pending
+        assert client.delete(f"/v1/hooks/{gone['id']}", headers=admin).status_code == 200
+        seen = len(failing.received)
+        client.post("/v1/identify/vector", json={"vector": E[1].tolist()}, headers=admin)
+        client.post("/v1/people", json={"name": "Ann"}, headers=hdr(keys["enroll"]))
+        dispatcher = client.app.state.facedb.dispatcher
+        assert dispatcher.wait_idle(timeout=60)  # before the fix: only once the retries and window had run out
+        assert len(failing.received) == seen
+        assert dispatcher.stats.cancelled >= 1
+        assert [e["event"] for e in healthy.events()].count("identify.unknown") >= 2
+
+
+def test_a_hook_removed_elsewhere_is_not_sent_to():
+    """Every attempt asks the store whether its webhook is still there (one removed through another worker or
+    the CLI): here the store says no, and nothing is sent."""
+    from facedb.hooks import Dispatcher, Webhook
+
+    sent = []
+    hook = Webhook(id=1, url="http://93.184.216.34/x", events=["identify.match"], key_id=None, created_at="now",
+                   secret="s" * 20)
+    d = Dispatcher(lambda: [hook], lambda url, body, headers: sent.append(url) or 200, fold_window=0,
+                   live=lambda h: False)
+    d.publish("identify.match", {}, key_id=None, subject="Ann")
+    assert d.wait_idle(10) and sent == [] and d.stats.cancelled == 1
+    d.close()
+
+
+class _Trickle:
+    """A webhook receiver that answers a byte every second and never finishes its answer (the issue's slow
+    hook); counts the connections it holds at once."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/slow"
+        self.open = self.most = self.accepted = 0
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+
+        self.server.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn) -> None:
+        with self.lock:
+            self.open += 1
+            self.accepted += 1
+            self.most = max(self.most, self.open)
+        try:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 10_000:
+                if self.stop.is_set():
+                    break
+                conn.sendall(bytes([byte]))
+                self.stop.wait(1.0)
+        except OSError:
+            pass  # the sender gave up and cut the connection
+        finally:
+            conn.close()
+            with self.lock:
+                self.open -= 1
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.close()
+
+
+def test_a_slow_hook_does_not_starve_the_others():
+    """Finding 3: one hook answering a byte every 3 s held the four shared sender threads, so a healthy hook got
+    3 of 11 events in 2 minutes. Now each webhook has its own lane (two threads) and each attempt a deadline
+    (httpx's timeout is per read, which a trickle never trips): the healthy hook receives all 11 events, the
+    slow one never holds more than its two connections, and its attempts are cut at the deadline."""
+    from facedb.hooks import Dispatcher, Webhook
+    from facedb.service.delivery import http_sender
+    from facedb.testing.receiver import Receiver
+
+    slow = _Trickle()
+    try:
+        with Receiver() as healthy:
+            hooks = [Webhook(id=i, url=url, events=["identify.unknown"], key_id=None, created_at="now",
+                             secret=f"{i}" * 20) for i, url in ((1, slow.url), (2, healthy.url))]
+            d = Dispatcher(lambda: hooks, http_sender(2.0, allow_private=True), fold_window=0, max_attempts=2,
+                           backoff=0.1)
+            for i in range(11):
+                d.publish("identify.unknown", {"n": i}, key_id=f"door{i}", subject=None)
+            got = healthy.wait_for(11, timeout=120)
+            assert sorted(json.loads(r["body"])["data"]["n"] for r in got) == list(range(11))
+            assert slow.most <= 2  # its own lane's two threads, whatever it does
+            d.wait_idle(120)
+            assert d.stats.failed >= 1 and slow.accepted >= 2  # attempts were cut at the deadline and retried
+            d.close()
+    finally:
+        slow.close()
+
+
+BLOCKED = ["http://127.0.0.1:9/x", "http://localhost:9/x", "http://169.254.169.254/latest/meta-data",
+           "http://10.0.0.7/x", "http://192.168.1.20/x", "http://172.16.0.1/x", "http://[::1]/x",
+           "http://[::ffff:127.0.0.1]/x", "http://[fe80::1]/x", "http://100.64.0.1/x", "http://0.0.0.0/x"]
+
+
+def test_webhooks_to_loopback_link_local_and_private_addresses_are_refused(svc):
+    """Finding 3: any URL was accepted, loopback and link-local (cloud metadata) included. Now refused (400,
+    nothing stored) unless the admin sets FACEDB_ALLOW_PRIVATE_HOOKS=1; a public address is taken."""
+    from .servicekit import snapshot
+
+    client, keys, path, _ = svc
+    before = snapshot(path)
+    for url in BLOCKED:
+        r = client.post("/v1/hooks", json={"url": url, "events": ["*"]}, headers=hdr(keys["admin"]))
+        assert r.status_code == 400 and "FACEDB_ALLOW_PRIVATE_HOOKS" in r.json()["message"], (url, r.text)
+    assert snapshot(path) == before
+    r = client.post("/v1/hooks", json={"url": "https://93.184.216.34/door", "events": ["*"]},
+                    headers=hdr(keys["admin"]))
+    assert r.status_code == 201
+
+
+def test_a_hook_that_resolves_to_a_private_address_at_send_time_is_not_sent_to(monkeypatch):
+    """DNS rebinding: a name that resolved to a public address when the hook was added, and to 127.0.0.1 when an
+    event is sent, gets nothing (the name is resolved and checked at every send, and the send connects to the
+    address checked, so a second resolution cannot differ). With private targets allowed, the same send reaches
+    127.0.0.1 with the name in its Host header: the address checked is the one connected to."""
+    import socket as socketlib
+
+    from facedb.hooks import Dispatcher, Webhook
+    from facedb.service.delivery import check_target, http_sender
+    from facedb.testing.receiver import Receiver
+
+    real = socketlib.getaddrinfo
+    answer = {"door-events.example": "93.184.216.34"}
+
+    def fake(host, port, *args, **kwargs):
+        if host in answer:
+            return [(socketlib.AF_INET, socketlib.SOCK_STREAM, 6, "", (answer[host], port))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socketlib, "getaddrinfo", fake)
+    with Receiver() as rx:
+        port = rx.server.server_address[1]
+        url = f"http://door-events.example:{port}/hook"
+        check_target(url, allow_private=False)  # public when added: taken
+        answer["door-events.example"] = "127.0.0.1"  # and now it is loopback
+        hook = Webhook(id=1, url=url, events=["identify.unknown"], key_id=None, created_at="now", secret="s" * 20)
+        for allowed in (False, True):
+            d = Dispatcher(lambda: [hook], http_sender(5.0, allow_private=allowed), fold_window=0, max_attempts=1)
+            d.publish("identify.unknown", {}, key_id=None, subject=None)
+            assert d.wait_idle(30)
+            d.close()
+            if not allowed:
+                assert rx.received == [] and d.stats.refused == 1
+        assert len(rx.received) == 1 and rx.received[0]["headers"]["Host"] == f"door-events.example:{port}"

@@ -33,8 +33,9 @@ def svc(tmp_path, fake_pipeline):
     """(client, keys, db path) for a service on a fresh database with the test-double model."""
     path = tmp_path / "db"
     keys = make_db(path)
-    app = create_app(ServiceSettings(db=path, max_upload_mb=0.25, fold_window=0.0), model=fake_pipeline,
-                     sender=lambda url, body, headers: 200)
+    # allow_private_hooks: the tests register webhooks on 127.0.0.1 (the default refuses them: test_security.py)
+    app = create_app(ServiceSettings(db=path, max_upload_mb=0.25, fold_window=0.0, allow_private_hooks=True),
+                     model=fake_pipeline, sender=lambda url, body, headers: 200)
     with TestClient(app, raise_server_exceptions=False) as client:
         wait_ready(client)
         yield client, keys, path

@@ -143,8 +143,9 @@ def served(tmp_path, fake_pipeline):
     """(client, keys, db, receiver factory) with real httpx delivery to receivers on 127.0.0.1."""
     path = tmp_path / "db"
     keys = make_db(path)
-    app = create_app(ServiceSettings(db=path, fold_window=0.5, hook_backoff=0.05, hook_timeout=5),
-                     model=fake_pipeline)
+    # the receivers listen on 127.0.0.1: a private target, allowed here (refused by default: test_security.py)
+    app = create_app(ServiceSettings(db=path, fold_window=0.5, hook_backoff=0.05, hook_timeout=5,
+                                     allow_private_hooks=True), model=fake_pipeline)
     with TestClient(app) as client:
         wait_ready(client)
         yield client, keys, path

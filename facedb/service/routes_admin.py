@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import __version__
 from ..choices import RuleKind, ThumbnailMode
 from ..errors import InvalidInputError
+from ..hooks import check_url
 from ..keys import Scope
 from .auth import ADMIN, Caller
 
@@ -240,6 +241,10 @@ def list_hooks(caller: Annotated[Caller, Depends(ADMIN)]) -> dict[str, Any]:
 
 @router.post("/hooks", status_code=201, summary="Register a webhook; its signing secret is in this answer only.")
 def add_hook(body: NewHook, caller: Annotated[Caller, Depends(ADMIN)]) -> dict[str, Any]:
+    from .delivery import check_target
+
+    check_url(body.url)  # the URL's form first, then where it points: loopback, link-local, private are refused
+    check_target(body.url, caller.state.settings.allow_private_hooks)  # (unless allowed: issue #25, finding 3)
     with caller as db:
         hook = db.add_webhook(body.url, body.events, key_id=body.key_id)
     if caller.state.dispatcher is not None:
@@ -247,11 +252,11 @@ def add_hook(body: NewHook, caller: Annotated[Caller, Depends(ADMIN)]) -> dict[s
     return {**hook.to_dict(), "secret": hook.secret}
 
 
-@router.delete("/hooks/{hook_id}", summary="Remove a webhook.")
+@router.delete("/hooks/{hook_id}", summary="Remove a webhook: nothing is sent to it after this answer.")
 def remove_hook(hook_id: Annotated[int, Path(ge=1, le=2**63 - 1)], caller: Annotated[Caller, Depends(ADMIN)]
                 ) -> dict[str, Any]:
     with caller as db:
         hook = db.remove_webhook(hook_id)
-    if caller.state.dispatcher is not None:
-        caller.state.dispatcher.invalidate()
+    if caller.state.dispatcher is not None:  # its queued deliveries, retries and fold windows go now, and the
+        caller.state.dispatcher.forget(hook, timeout=caller.state.settings.hook_timeout + 1)  # one on the wire ends
     return hook.to_dict()

@@ -69,14 +69,24 @@ class ServiceState:
         if self._sender is None:
             from .delivery import http_sender
 
-            self._sender = http_sender(self.settings.hook_timeout)
+            self._sender = http_sender(self.settings.hook_timeout, allow_private=self.settings.allow_private_hooks)
         s = self.settings
         self.dispatcher = Dispatcher(self._hooks, self._sender, fold_window=s.fold_window,
-                                     max_attempts=s.hook_attempts, backoff=s.hook_backoff)
+                                     max_attempts=s.hook_attempts, backoff=s.hook_backoff, live=self._hook_live)
         self._load()
 
     def _hooks(self) -> list[Any]:
         return self.db.webhooks() if self.db is not None else []
+
+    def _hook_live(self, hook: Any) -> bool:
+        """Whether ``hook`` is still stored (asked before every delivery attempt: a webhook removed through
+        another worker or the CLI gets nothing more from this one). When the store cannot say: yes."""
+        if self.db is None:
+            return False
+        try:
+            return any(h.id == hook.id and h.secret == hook.secret for h in self.db.webhooks())
+        except Exception:
+            return True
 
     def _load(self) -> None:
         from ..db import FaceDB
