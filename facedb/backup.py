@@ -76,6 +76,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _overlap(a: Path, b: Path) -> bool:
+    """Whether the directories ``a`` and ``b`` are one, or one is inside the other (links resolved)."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
 def _fresh_dir(path: Path, what: str) -> None:
     """Create ``path`` (0700); DatabaseExistsError if it exists and is not an empty directory."""
     if path.exists() and not (path.is_dir() and not any(path.iterdir())):
@@ -90,8 +96,12 @@ def _fresh_dir(path: Path, what: str) -> None:
 def backup(db: Any, dest: Path, *, with_index: bool = False) -> BackupReport:
     """Back up the open FaceDB ``db`` into the new directory ``dest`` (see the module's docstring). The copy's
     counts are read from the copy itself (the snapshot), not from the live database. DatabaseExistsError if
-    ``dest`` exists and is not empty; nothing is left behind on failure."""
+    ``dest`` exists and is not empty, InvalidInputError if it is inside the database's directory; nothing is
+    left behind on failure."""
     dest = Path(dest)
+    if _overlap(dest, db.root):  # lost with the database, and moved aside with it by restore --replace
+        raise InvalidInputError(f"{dest} is inside the database directory {db.root}: a backup there goes with "
+                                "the database; back up to another directory (another disk, at best)")
     _fresh_dir(dest, "back up")
     try:
         db.store.backup_to(dest / STORE_FILE)
@@ -178,8 +188,13 @@ def verify(src: Path, key: object = None) -> BackupReport:
 def restore(src: Path, dest: Path, *, key: object = None, replace: bool = False) -> BackupReport:
     """Restore the backup at ``src`` as the database directory ``dest`` after :func:`verify`. ``dest`` must
     not exist (or be empty) unless ``replace``: then the database there is held exclusively (DatabaseError if any
-    process has it open; nothing changed) and moved aside to ``dest.replaced-<time>``. Returns the manifest."""
+    process has it open; nothing changed) and moved aside to ``dest.replaced-<time>``. InvalidInputError if
+    ``src`` and ``dest`` overlap (one directory, or one inside the other). Returns the manifest."""
     src, dest = Path(src), Path(dest)
+    read_manifest(src)  # not a backup at all: say that first
+    if _overlap(src, dest):  # --replace would move the backup aside, or turn it into a database
+        raise InvalidInputError(f"{dest} and the backup {src} overlap (the same directory, or one inside the "
+                                "other): restore into another directory")
     manifest = verify(src, key)
     occupied = dest.exists() and not (dest.is_dir() and not any(dest.iterdir()))
     if occupied and not replace:

@@ -339,3 +339,31 @@ def test_litestream_streams_a_live_store_and_every_point_restores_whole(source, 
         assert all(final["templates"][i] == v for i, v in got["templates"].items())  # byte for byte
         with FaceDB.open(copy, readonly=True) as db:
             assert db.check().ok
+
+
+def test_a_backup_inside_the_database_or_a_restore_over_its_own_backup_is_refused(source, tmp_path):
+    """Found trying the commands as a new user: `facedb backup db/bk` put the backup inside the database's own
+    directory (lost with it, and moved aside with it by `restore --replace`), and `facedb --db bk restore bk
+    --replace` turned the backup into a database (the backup itself moved aside). Both are refused with one
+    line and exit 2, and nothing is made or moved."""
+    before = contents(source)
+    with FaceDB.open(source) as db, pytest.raises(InvalidInputError, match="inside the database"):
+        db.backup(source / "bk")
+    assert not (source / "bk").exists()
+    res = cli(source, "backup", str(source / "sub" / "bk"))
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (source / "sub").exists()
+    with FaceDB.open(source) as db:
+        db.backup(tmp_path / "bk")
+    listing = sorted(p.name for p in (tmp_path / "bk").iterdir())
+    for dest in (tmp_path / "bk", tmp_path / "bk" / "db"):
+        with pytest.raises(InvalidInputError, match="overlap"):
+            FaceDB.restore(tmp_path / "bk", dest, replace=True)
+        assert sorted(p.name for p in (tmp_path / "bk").iterdir()) == listing
+    with pytest.raises(InvalidInputError, match="overlap"):  # a backup kept inside the target
+        FaceDB.restore(tmp_path / "bk", tmp_path, replace=True)
+    res = cli(tmp_path / "bk", "restore", str(tmp_path / "bk"), "--replace")
+    assert res.returncode == 2 and "overlap" in res.stderr, res.stderr
+    assert sorted(p.name for p in (tmp_path / "bk").iterdir()) == listing
+    assert not [p for p in tmp_path.iterdir() if ".replaced-" in p.name]
+    assert contents(source) == before
