@@ -36,6 +36,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--skip-levers", action="store_true")
+    ap.add_argument("--skip-open-set", action="store_true", help="sections 1-2 only (verification, 1:1 calibration)")
     args = ap.parse_args()
     lfw = args.data / "lfw_deepfunneled"
     proto = args.data / "lfw_protocol"
@@ -85,6 +86,8 @@ def main() -> int:
 
     # 3 + 4. open set, and FPIR calibration across halves
     with tempfile.TemporaryDirectory() as tmp:
+        if args.skip_open_set:
+            return write(out, args, tag, plot)
         full = ev.run_identify(lfw, pipe, Path(tmp) / "full", flip=args.flip)
         out["open_set_lfw"] = full
         print(f"open set: gallery {full['gallery_people']} people, {full['genuine_probes']} genuine + "
@@ -104,6 +107,10 @@ def main() -> int:
     # 5. levers
     if not args.skip_levers:
         out["levers"] = levers(lfw, pipe, args.flip)
+    return write(out, args, tag, plot)
+
+
+def write(out: dict[str, object], args: argparse.Namespace, tag: str, plot: Path) -> int:
     path = args.out or Path(f"bench-results/accuracy-{tag}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2, default=float))
