@@ -1875,7 +1875,8 @@ class Store:
         """Write a consistent copy of this store to the new file ``dest`` through SQLite's online backup API (one
         step, from one read snapshot, through a connection of its own: writers go on meanwhile, and this store's
         connection keeps answering). An encrypted store's copy is encrypted under the same key (the backup API
-        copies its ciphertext pages); the copy is fsynced. DatabaseExistsError if ``dest`` exists."""
+        copies its ciphertext pages); the copy is fsynced, in rollback-journal mode (one file, nothing beside it).
+        DatabaseExistsError if ``dest`` exists."""
         dest = Path(dest)
         if dest.exists():
             raise DatabaseExistsError(f"{dest} already exists")
@@ -1892,6 +1893,9 @@ class Store:
             raw_source = source._conn if isinstance(source, _Guarded) else source
             with _typed_errors(self.path):
                 raw_source.backup(target)  # pages=-1: every page in one step, one snapshot
+                # The copy is a file at rest, not a live store: a rollback journal, so that reading it (from
+                # read-only media, too) needs no -wal and -shm beside it. Opened writable, a store turns WAL on.
+                target.execute("PRAGMA journal_mode = DELETE")
         except _Error as exc:
             target.close()
             dest.unlink(missing_ok=True)

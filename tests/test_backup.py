@@ -367,3 +367,24 @@ def test_a_backup_inside_the_database_or_a_restore_over_its_own_backup_is_refuse
     assert sorted(p.name for p in (tmp_path / "bk").iterdir()) == listing
     assert not [p for p in tmp_path.iterdir() if ".replaced-" in p.name]
     assert contents(source) == before
+
+
+def test_a_backup_is_its_files_alone_and_reading_it_writes_nothing_there(source, tmp_path):
+    """Found trying the commands as a new user: the store's copy kept the WAL journal mode of the live store, so
+    the backup itself (counting the copy), `verify` and `restore` left facedb.sqlite3-wal and -shm in the backup
+    directory, and a backup on read-only media (a snapshot, a write-protected disk) could not be opened without
+    them. The copy is a single rollback-journal file: backing up, verifying and restoring leave exactly the
+    files the manifest describes, unchanged."""
+    with FaceDB.open(source) as db:
+        db.backup(tmp_path / "bk", with_index=True)
+    bk = tmp_path / "bk"
+    files = {p.name: p.read_bytes() for p in bk.iterdir()}
+    assert sorted(files) == ["backup.json", "facedb.sqlite3", "index.faiss"]
+    assert files["facedb.sqlite3"][18:20] == b"\x01\x01"  # SQLite's header: rollback journal, not WAL
+    FaceDB.restore(bk, tmp_path / "copy")
+    res = cli(tmp_path / "copy2", "restore", str(bk))
+    assert res.returncode == 0, res.stderr
+    assert {p.name: p.read_bytes() for p in bk.iterdir()} == files
+    with FaceDB.open(tmp_path / "copy") as db:  # the restored database is a live one again: WAL
+        assert db.store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.check().ok
