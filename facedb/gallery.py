@@ -74,13 +74,20 @@ class Gallery:
             else:
                 self.vectors.put(ids, vectors)
 
-    def set_map(self, ids: np.ndarray, person_ids: np.ndarray) -> None:
-        """Attach the person map to an index loaded from its persisted copy (which holds the vectors)."""
-        order = np.argsort(ids, kind="stable")
-        self._ids = np.asarray(ids, dtype=np.int64)[order]
-        self._pids = np.asarray(person_ids, dtype=np.int64)[order]
+    def set_map(self, ids: np.ndarray, person_ids: np.ndarray, per_person: int = 0) -> None:
+        """Attach the person map to an index loaded from its persisted copy (which holds the vectors).
+        ``per_person``: templates per person (rounded up) where the copy recorded it, so the first query does
+        not count them (a sort of every person id: ~0.2 s at 1M)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        person_ids = np.asarray(person_ids, dtype=np.int64)
+        if len(ids) > 1 and not bool(np.all(ids[1:] > ids[:-1])):  # saved copies are sorted already
+            order = np.argsort(ids, kind="stable")
+            ids, person_ids = ids[order], person_ids[order]
+        self._ids, self._pids = ids, person_ids
         self._by_person = None
         self._dense = None
+        if per_person > 0:
+            self._per_person = (per_person, len(ids))
         self._index_dense(self._ids, self._pids)
 
     def remove(self, ids: Sequence[int]) -> None:

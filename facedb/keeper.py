@@ -153,11 +153,18 @@ class IndexKeeper:
         if self.gallery is None and not self._write_through(settings):
             return
         try:
-            self.current(settings)
+            gallery = self.current(settings)
         except IndexUnavailableError as exc:
             self._replace(None)  # reconnect and catch up on the next query
             warnings.warn(f"stored, but the index engine is behind until it can be reached: {exc}",
                           IndexBehindWarning, stacklevel=3)
+            return
+        # A process that holds its gallery (a service) and has just taken a bulk write saves before the call
+        # returns, so that a restart (or a crash) does not leave the next open to add it to the old copy.
+        stamp = settings.index_stamp
+        if not self.readonly and not self._write_through(settings) and len(gallery) and (
+                not stamp or abs(len(gallery) - int(stamp.get("live", 0))) >= SETTLE_TEMPLATES):
+            self.save(settings, force=True)
 
     def _write_through(self, settings: Settings) -> bool:
         if self._backend is not None:
@@ -264,7 +271,7 @@ class IndexKeeper:
             return None
         current, added, removed = changes
         gallery = Gallery(index, saved.generation)
-        gallery.set_map(saved.ids, saved.pids)
+        gallery.set_map(saved.ids, saved.pids, per_person=saved.per_person)
         if self._wants_vectors(index, len(saved.ids), settings.dim):
             if saved.vectors is not None and int(np.max(saved.ids, initial=0)) < 2**31:
                 gallery.keep_vectors(TemplateVectors.adopt(saved.ids, saved.vectors), self.vector_budget)

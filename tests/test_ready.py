@@ -210,3 +210,25 @@ def test_small_writes_leave_the_saved_copy_to_be_levelled_at_open(tmp_path, data
     with FaceDB.open(root) as db:
         got = db.identify(probes, k=3)
     agrees_with_exact(got, items, probes)
+
+
+def test_a_process_holding_its_gallery_saves_after_a_bulk_write(tmp_path, data, monkeypatch):
+    """A service (its gallery loaded) that takes a bulk import saves before the call returns: a crash right
+    after it leaves a copy level with the store."""
+    items, probes = data
+    root = tmp_path / "db"
+    monkeypatch.setattr("facedb.keeper.SETTLE_TEMPLATES", 100)
+    with FaceDB.create(root, model_id="m", dim=DIM, threshold=0.5, index="ivfpq") as db:
+        db.reindex("ivfpq", {"nlist": 8, "nprobe": 8})
+        db.add_templates_many(items[:10])
+    db = FaceDB.open(root)
+    db.identify(probes[0])  # loaded, as a service's is
+    db.add_templates_many(items[10:20])  # 40 templates: below the threshold, kept in memory only
+    assert db.settings().index_stamp["generation"] < db.stats().generation
+    db.add_templates_many(items[20:])  # 520 more: saved before the call returns
+    assert db.settings().index_stamp["generation"] == db.stats().generation
+    db.close(save_index=False)  # as if killed now
+    with FaceDB.open(root) as db:
+        got = db.identify(probes, k=3)
+        assert db.index_state().from_file
+    agrees_with_exact(got, items, probes)

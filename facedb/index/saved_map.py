@@ -12,7 +12,7 @@ the same cipher and authenticated chunk by chunk (encrypted databases: no plaint
 rewritten when a removal must be erased, copied by ``backup --with-index`` and carried by key conversions.
 
 Layout (little-endian): the magic ``FDBMAP01``, a u32 header length, a JSON header ``{"generation", "n",
-"dim", "vectors"}``, then ``n`` int64 template ids (sorted), ``n`` int64 person ids, and with ``vectors``
+"dim", "vectors", "per_person"}``, then ``n`` int64 template ids (sorted), ``n`` int64 person ids, and with ``vectors``
 ``n x dim`` float32 rows in id order. A plain file ends with a 24-byte footer (``FDBMAPZ1``, the section's
 offset, its length), so the reader can find the section without parsing FAISS's part; an encrypted file is
 read as one stream, the section right after what FAISS consumed.
@@ -50,6 +50,7 @@ class SavedMap:
     pids: np.ndarray
     vectors: np.ndarray | None = None
     dim: int = 0
+    per_person: int = 0  # templates per person, rounded up, when saved (0: not recorded)
 
 
 @dataclass
@@ -70,8 +71,10 @@ def write_map(out: Callable[[bytes], object], source: MapSource) -> int:
     (the caller checked it did just before: the save then fails as a whole and the old file stays)."""
     ids = np.ascontiguousarray(source.ids, dtype="<i8")
     pids = np.ascontiguousarray(source.pids, dtype="<i8")
+    people = len(np.unique(pids)) if len(pids) else 0
+    per_person = -(-len(ids) // max(people, 1)) if len(ids) else 1  # as Gallery.templates_per_person counts
     header = json.dumps({"generation": int(source.generation), "n": len(ids), "dim": int(source.dim),
-                         "vectors": source.rows is not None}).encode()
+                         "vectors": source.rows is not None, "per_person": per_person}).encode()
     written = 0
     for part in (MAGIC, struct.pack("<I", len(header)), header):
         out(part)
@@ -106,9 +109,11 @@ def parse_footer(tail: bytes, size: int) -> tuple[int, int] | None:
     return int(offset), int(length)
 
 
-def read_map(read: Callable[[int], bytes], dim: int) -> SavedMap | None:
+def read_map(read: Callable[[int], bytes], dim: int,
+             readinto: Callable[[memoryview], int] | None = None) -> SavedMap | None:
     """The section from ``read(n)`` (which returns up to ``n`` bytes, fewer only at the end), or None when it is
-    not one (damaged, another dimension, cut short): the caller then reads the map from the store."""
+    not one (damaged, another dimension, cut short): the caller then reads the map from the store.
+    ``readinto(view)``, where given, fills the arrays in place instead (a plain file: no copy in Python)."""
     head = _exactly(read, len(MAGIC) + 4)
     if head is None or head[:len(MAGIC)] != MAGIC:
         return None
@@ -120,7 +125,8 @@ def read_map(read: Callable[[int], bytes], dim: int) -> SavedMap | None:
         meta = json.loads(raw) if raw is not None else None
         n, gen, has_vectors = int(meta["n"]), int(meta["generation"]), bool(meta["vectors"])
         saved_dim = int(meta["dim"])
-    except (ValueError, TypeError, KeyError):
+        per_person = int(meta.get("per_person", 0))
+    except (ValueError, TypeError, KeyError, AttributeError):
         return None
     if n < 0 or saved_dim != dim:
         return None
@@ -128,11 +134,24 @@ def read_map(read: Callable[[int], bytes], dim: int) -> SavedMap | None:
     pids = np.empty(n, dtype="<i8")
     vectors = np.empty((n, dim), dtype="<f4") if has_vectors else None
     for array in (ids, pids, vectors):
-        if array is not None and not _fill(read, memoryview(array.reshape(-1)).cast("B")):
+        if array is None:
+            continue
+        view = memoryview(array.reshape(-1)).cast("B")
+        if not (_fill_into(readinto, view) if readinto is not None else _fill(read, view)):
             return None
     if n and (np.any(np.diff(ids) <= 0) or ids[0] < 0):
         return None  # not the sorted ids the keeper wrote
-    return SavedMap(gen, ids, pids, vectors, dim)
+    return SavedMap(gen, ids, pids, vectors, dim, per_person)
+
+
+def _fill_into(readinto: Callable[[memoryview], int], view: memoryview) -> bool:
+    done = 0
+    while done < len(view):
+        got = readinto(view[done:done + READ_BYTES])
+        if not got:
+            return False
+        done += got
+    return True
 
 
 def _exactly(read: Callable[[int], bytes], n: int) -> bytes | None:
