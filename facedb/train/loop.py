@@ -94,15 +94,15 @@ def _tensor(batch: np.ndarray, device: str) -> torch.Tensor:
 
 
 def folded_batch_norms(net: torch.nn.Module) -> bool:
-    """True when the network's 2-d batch norms hold folded statistics (running mean 0, variance 1 - eps, scale
-    1: the converted TensorFlow graph, facedb/models/facenet_graph.py). In training mode such a batch norm would
-    normalise by the batch and drop the mean the folded offset still subtracts, so its statistics cannot be
-    updated: they are frozen instead (fine-tuning with frozen batch norms)."""
+    """True when the network's 2-d batch norms hold folded statistics (running mean 0, variance 1 - eps: the
+    converted TensorFlow graph, facedb/models/facenet_graph.py, or a fine-tune of it, whose frozen statistics
+    stay so). In training mode such a batch norm would normalise by the batch and drop the mean the folded
+    offset still subtracts, so its statistics cannot be updated: they are frozen instead (fine-tuning with
+    frozen batch norms)."""
     bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     return bool(bns) and all(
         m.running_mean is not None and not m.running_mean.any()
-        and torch.allclose(m.running_var, torch.full_like(m.running_var, 1 - m.eps))
-        and torch.equal(m.weight, torch.ones_like(m.weight)) for m in bns)
+        and torch.allclose(m.running_var, torch.full_like(m.running_var, 1 - m.eps)) for m in bns)
 
 
 def training_mode(net: torch.nn.Module, freeze_bn: bool) -> None:
