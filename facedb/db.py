@@ -1182,6 +1182,28 @@ class FaceDB:
             self.trail.record("key-revoke", [{"detail": {"key": key.id, "name": key.name}}], self.settings())
             return key
 
+    def start_console_session(self, token_hash: str, key_id: str, *, now: float, idle_s: float,
+                              absolute_s: float) -> None:
+        """Store a console sign-in session (the SHA-256 of its token; facedb/service/console/session.py) for the
+        key ``key_id``, forgetting sessions past their idle or absolute expiry; recorded as ``console-sign-in``."""
+        with self._lock:
+            self.store.add_console_session(token_hash, key_id, now, now - absolute_s, now - idle_s)
+            self.trail.record("console-sign-in", [{"detail": {"key": key_id}}], self.settings())
+
+    def touch_console_session(self, token_hash: str, now: float) -> None:
+        """A console session was used at ``now`` (Unix seconds): its idle expiry starts again."""
+        with self._lock:
+            self.store.touch_console_session(token_hash, now)
+
+    def end_console_session(self, token_hash: str, reason: str = "console-sign-out") -> bool:
+        """End a console session (sign-out: recorded as ``reason``; an expired one found on use); whether there
+        was one."""
+        with self._lock:
+            ended = self.store.remove_console_session(token_hash)
+            if ended and reason:
+                self.trail.record(reason, [{}], self.settings())
+            return ended
+
     def authenticate(self, presented: str | None) -> ApiKey:
         """The live key ``presented`` is, or AuthenticationError (saying nothing about why)."""
         from . import keys

@@ -338,6 +338,17 @@ MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     lambda conn: _add_column(conn, "api_keys", "grants TEXT NOT NULL DEFAULT ''"),
     # 13: the 'metrics' scope (a Prometheus scraper's key: GET /metrics and nothing else; facedb/keys.py)
     lambda conn: _widen_key_scopes(conn),
+    # 14: the console's sign-in sessions (facedb/service/console/session.py): the SHA-256 of a random token, the
+    # key it signed in with, when it began and when it was last used (Unix seconds, for idle and absolute expiry)
+    """
+    CREATE TABLE IF NOT EXISTS console_sessions (
+        token_hash TEXT PRIMARY KEY,
+        key_id TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        seen_at REAL NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS console_sessions_key ON console_sessions(key_id);
+    """,
 ]
 #: The schema versions that have the service's key and webhook tables, the thumbnails table, and people's
 #: order and search keys.
@@ -346,6 +357,7 @@ THUMBNAILS_VERSION = 8
 NAME_KEYS_VERSION = 11
 GRANTS_VERSION = 12
 METRICS_SCOPE_VERSION = 13
+SESSIONS_VERSION = 14
 SCHEMA_VERSION = len(MIGRATIONS)
 
 #: How many generations of the change log to keep behind the saved index, so that processes holding a
@@ -1638,7 +1650,42 @@ class Store:
             if key["revoked_at"] is None:
                 key["revoked_at"] = utcnow()
                 self.conn.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ?", (key["revoked_at"], key["id"]))
+            if self.version >= SESSIONS_VERSION:  # its console sessions end with it
+                self.conn.execute("DELETE FROM console_sessions WHERE key_id = ?", (key["id"],))
         return key
+
+    # --------------------------------------------------------------------- console sessions (the service's)
+    def add_console_session(self, token_hash: str, key_id: str, now: float, expired_before: float,
+                            idle_before: float) -> None:
+        """Store a console session (the token's hash, never the token) and forget the sessions that began
+        before ``expired_before`` or were last used before ``idle_before`` (Unix seconds)."""
+        self._need_version(SESSIONS_VERSION, "console sessions")
+        with self.write():
+            self.conn.execute("DELETE FROM console_sessions WHERE created_at < ? OR seen_at < ?",
+                              (expired_before, idle_before))
+            self.conn.execute("INSERT INTO console_sessions (token_hash, key_id, created_at, seen_at) "
+                              "VALUES (?, ?, ?, ?)", (token_hash, key_id, now, now))
+
+    def console_session(self, token_hash: str) -> dict[str, Any] | None:
+        """The session row for a token's hash (``key_id``, ``created_at``, ``seen_at``), or None."""
+        if self.version < SESSIONS_VERSION:
+            return None
+        row = self.conn.execute("SELECT key_id, created_at, seen_at FROM console_sessions WHERE token_hash = ?",
+                                (token_hash,)).fetchone()
+        return {"key_id": row[0], "created_at": float(row[1]), "seen_at": float(row[2])} if row else None
+
+    def touch_console_session(self, token_hash: str, now: float) -> None:
+        """Mark a session used at ``now`` (its idle expiry starts again)."""
+        self._need_version(SESSIONS_VERSION, "console sessions")
+        with self.write():
+            self.conn.execute("UPDATE console_sessions SET seen_at = ? WHERE token_hash = ?", (now, token_hash))
+
+    def remove_console_session(self, token_hash: str) -> bool:
+        """End a session (sign-out, or found expired); whether there was one."""
+        self._need_version(SESSIONS_VERSION, "console sessions")
+        with self.write():
+            cur = self.conn.execute("DELETE FROM console_sessions WHERE token_hash = ?", (token_hash,))
+        return cur.rowcount > 0
 
     def add_webhook(self, url: str, events: Sequence[str], secret: str, key_id: str | None) -> dict[str, Any]:
         """Store a webhook (for one key's requests, or database-wide when ``key_id`` is None)."""

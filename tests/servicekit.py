@@ -125,3 +125,13 @@ def ready_on_all_workers(base: str, workers: int, timeout: float = 120.0) -> set
             pass
         time.sleep(0.05)
     return seen
+
+
+def console_login(client: Any, key: str, **kwargs: Any) -> Any:
+    """POST the console's sign-in form as a browser does: the sign-in page first (which sets the form's
+    anti-forgery cookie and puts the same token in the form), then the form with ``key`` and that token."""
+    import re
+
+    page = client.get("/console/login")
+    token = re.search(r'name="csrf" value="([^"]*)"', page.text).group(1)
+    return client.post("/console/login", data={"key": key, "csrf": token}, **kwargs)

@@ -22,7 +22,7 @@ with warnings.catch_warnings():
 from facedb.service.app import create_app
 from facedb.service.config import ServiceSettings
 
-from .servicekit import BLUE, GREEN, RED, blank_png, make_db, png, snapshot, wait_ready
+from .servicekit import BLUE, GREEN, RED, blank_png, console_login, make_db, png, snapshot, wait_ready
 
 CONSOLE = Path(__file__).resolve().parents[1] / "facedb" / "service" / "console"
 
@@ -42,7 +42,7 @@ def svc(tmp_path, fake_pipeline):
 
 def sign_in(client, key: str) -> str:
     """Sign in with ``key``; returns the page's anti-forgery token."""
-    r = client.post("/console/login", data={"key": key}, follow_redirects=True)
+    r = console_login(client, key, follow_redirects=True)
     assert r.status_code in (200, 403), r.text
     return re.search(r'name="csrf-token" content="([^"]*)"', r.text).group(1)
 
@@ -73,10 +73,10 @@ def test_pages_need_a_signed_in_key(svc):
 
 def test_sign_in_sets_an_http_only_session_cookie_and_never_puts_the_key_in_a_url(svc):
     client, keys, path = svc
-    r = client.post("/console/login", data={"key": keys["enroll"]}, follow_redirects=False)
+    r = console_login(client, keys["enroll"], follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/console/"
-    cookie = r.headers["set-cookie"]
-    assert f"facedb_console={keys['enroll']}" in cookie
+    cookie = next(c for c in r.headers.get_list("set-cookie") if c.startswith("facedb_console="))
+    assert keys["enroll"] not in cookie and keys["enroll"].rsplit("_", 1)[1] not in cookie  # a session, not the key
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/console" in cookie
     assert "Max-Age" not in cookie and "expires" not in cookie.lower()  # a session cookie
     r = client.get("/console/", follow_redirects=False)
@@ -89,7 +89,7 @@ def test_sign_in_sets_an_http_only_session_cookie_and_never_puts_the_key_in_a_ur
 
 def test_over_https_the_cookie_is_secure(svc):
     client, keys, _ = svc
-    r = client.post("/console/login", data={"key": keys["admin"]}, headers={"X-Forwarded-Proto": "https"},
+    r = console_login(client, keys["admin"], headers={"X-Forwarded-Proto": "https"},
                     follow_redirects=False)
     assert "Secure" in r.headers["set-cookie"]
 
@@ -97,7 +97,7 @@ def test_over_https_the_cookie_is_secure(svc):
 @pytest.mark.parametrize("bad", ["", "nonsense", "fdb_0123456789ab_" + "x" * 43])
 def test_a_wrong_key_is_refused(svc, bad):
     client, _, _ = svc
-    r = client.post("/console/login", data={"key": bad}, follow_redirects=False)
+    r = console_login(client, bad, follow_redirects=False)
     assert r.status_code == 401 and "This key was refused" in r.text
     assert "set-cookie" not in r.headers
     assert client.get("/console/people", follow_redirects=False).status_code == 303
@@ -113,7 +113,7 @@ def test_a_revoked_key_is_refused_at_sign_in_and_at_the_next_click(svc):
     assert r.status_code == 303 and r.headers["location"] == "/console/login?refused=1"
     assert 'facedb_console=""' in r.headers["set-cookie"] or "Max-Age=0" in r.headers["set-cookie"]
     assert "no longer accepted" in client.get("/console/login?refused=1").text
-    r = client.post("/console/login", data={"key": keys["enroll"]}, follow_redirects=False)
+    r = console_login(client, keys["enroll"], follow_redirects=False)
     assert r.status_code == 401
     denied = audit(path, operation="denied")
     assert denied and all(d.detail["reason"] == "revoked key" for d in denied)
@@ -121,8 +121,8 @@ def test_a_revoked_key_is_refused_at_sign_in_and_at_the_next_click(svc):
 
 def test_sign_out_forgets_the_key(svc):
     client, keys, _ = svc
-    sign_in(client, keys["admin"])
-    r = client.post("/console/logout", follow_redirects=False)
+    csrf = sign_in(client, keys["admin"])
+    r = client.post("/console/logout", data={"csrf": csrf}, follow_redirects=False)
     assert r.headers["location"] == "/console/login?out=1" and "facedb_console" in r.headers["set-cookie"]
     assert client.get("/console/people", follow_redirects=False).status_code == 303
 

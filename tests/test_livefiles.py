@@ -31,7 +31,7 @@ from facedb import FaceDB, livefiles
 from facedb.db import STORE_FILE
 
 from .conftest import REPO
-from .servicekit import make_db, real_server
+from .servicekit import console_login, make_db, real_server
 
 DIM = 16
 
@@ -279,7 +279,7 @@ def test_no_service_or_console_route_opens_a_live_file(tmp_path, guard, fake_pip
         for route in ("/v1/stats", "/v1/check", "/v1/audit", "/v1/settings", "/v1/keys", "/v1/hooks",
                       "/v1/people", "/v1/visitors"):
             assert client.get(route, headers=h).status_code == 200, route
-        assert client.post("/console/login", data={"key": keys["admin"]}).status_code == 200
+        assert console_login(client, keys["admin"]).status_code == 200
         for page in ("/console/", "/console/settings", "/console/people", "/console/people/Ann",
                      "/console/decisions", "/console/visitors", "/console/identify", "/console/enrol"):
             assert client.get(page).status_code == 200, page

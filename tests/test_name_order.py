@@ -25,7 +25,7 @@ with warnings.catch_warnings():
 from facedb.service.app import create_app
 from facedb.service.config import ServiceSettings
 
-from .servicekit import make_db, wait_ready
+from .servicekit import console_login, make_db, wait_ready
 
 # lower case, upper case, accented, and names alike but for case or an accent; enrolled in this (no) order
 NAMES = ["zoe", "Émile", "Bob", "anna", "Zoë", "Straße", "Ángel", "bea", "José", "emma", "Anna", "Łukasz", "angel"]
@@ -211,7 +211,7 @@ def test_http_lists_and_searches_alike(svc):
 
 def test_console_people_page_lists_and_searches_alike(svc):
     client, keys = svc
-    r = client.post("/console/login", data={"key": keys["enroll"]}, follow_redirects=True)
+    r = console_login(client, keys["enroll"], follow_redirects=True)
     assert r.status_code == 200
 
     def names(q=""):

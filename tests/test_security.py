@@ -26,7 +26,7 @@ from facedb.service.app import create_app
 from facedb.service.config import ServiceSettings
 
 from .conftest import REPO
-from .servicekit import BLUE, GREEN, RED, make_db, png, wait_ready
+from .servicekit import BLUE, GREEN, RED, console_login, make_db, png, wait_ready
 
 DIM = 32
 E = np.eye(DIM)
@@ -174,7 +174,7 @@ def test_the_console_tells_a_door_key_the_decision_only(svc):
 
     client, keys, path, _ = svc
     enrol_colours(client, keys)
-    page = client.post("/console/login", data={"key": keys["identify"]}, follow_redirects=True)
+    page = console_login(client, keys["identify"], follow_redirects=True)
     csrf = re.search(r'name="csrf-token" content="([^"]*)"', page.text).group(1)
     photo = {"photo": ("d.png", png([RED, BLUE], 4))}
     faces = client.post("/console/api/identify", files=photo, data={"threshold": "-1", "k": "1000"},
@@ -663,3 +663,104 @@ def test_a_hook_that_resolves_to_a_private_address_at_send_time_is_not_sent_to(m
             if not allowed:
                 assert rx.received == [] and d.stats.refused == 1
         assert len(rx.received) == 1 and rx.received[0]["headers"]["Host"] == f"door-events.example:{port}"
+
+
+# ----------------------------------------------------------------------------------- 4: console sessions
+def _console_csrf(page_text: str) -> str:
+    import re
+
+    return re.search(r'name="csrf-token" content="([^"]*)"', page_text).group(1)
+
+
+def _sessions(path) -> list[tuple]:
+    store = Store.open(path / STORE_FILE, readonly=True)
+    try:
+        return store.conn.execute("SELECT token_hash, key_id, created_at, seen_at FROM console_sessions").fetchall()
+    finally:
+        store.close()
+
+
+def test_the_console_cookie_is_a_session_and_signing_out_ends_every_copy_of_it(svc):
+    """Finding 4: the console's cookie was the raw API key, never expired, and still changed settings after the
+    browser signed out. Now it is a random session token (the store keeps its SHA-256, never the token or the
+    key); signing out deletes the session on the server, so a copied cookie stops working at once: its pages
+    go back to sign-in and its settings change is refused, the database unchanged."""
+    import hashlib
+
+    from .servicekit import console_login, snapshot
+
+    client, keys, path, _ = svc
+    page = console_login(client, keys["admin"], follow_redirects=True)
+    token = client.cookies.get("facedb_console", path="/console")
+    assert token and keys["admin"] not in token and keys["admin"].rsplit("_", 1)[1] not in token
+    assert [(h, k) for h, k, *_ in _sessions(path)] == [
+        (hashlib.sha256(token.encode()).hexdigest(), key_id(path, "admin-key"))]
+    csrf = _console_csrf(page.text)
+    thief = TestClient(client.app, cookies={"facedb_console": token})  # a copy of the cookie
+    assert thief.get("/console/settings", follow_redirects=False).status_code == 200
+    assert client.post("/console/logout", data={"csrf": csrf}, follow_redirects=False).status_code == 303
+    assert _sessions(path) == []
+    before = snapshot(path)
+    r = thief.get("/console/settings", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/console/login?refused=1"
+    r = thief.post("/console/settings/threshold", data={"threshold": "0.1", "csrf": csrf}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].startswith("/console/login")
+    assert snapshot(path) == before
+    assert [r.operation for r in audit(path, operation=["console-sign-in", "console-sign-out"])] == [
+        "console-sign-in", "console-sign-out"]
+
+
+@pytest.mark.parametrize(("column", "age"), [("seen_at", 30 * 60 + 5), ("created_at", 12 * 3600 + 5)],
+                         ids=["idle 30 min", "absolute 12 h"])
+def test_a_console_session_expires_idle_and_absolute(svc, column, age):
+    """A session ends 30 minutes after its last request and 12 hours after sign-in however busy (here its times
+    are moved back in the store, as the clock would): the next click goes to sign-in and the row is gone."""
+    import sqlite3
+    import time
+
+    from .servicekit import console_login
+
+    client, keys, path, _ = svc
+    console_login(client, keys["enroll"], follow_redirects=True)
+    assert client.get("/console/people", follow_redirects=False).status_code == 200
+    with sqlite3.connect(path / STORE_FILE) as conn:
+        conn.execute(f"UPDATE console_sessions SET {column} = ?", (time.time() - age,))
+    r = client.get("/console/people", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/console/login?refused=1"
+    assert _sessions(path) == []
+
+
+def test_revoking_a_key_ends_its_console_sessions(svc):
+    from .servicekit import console_login
+
+    client, keys, path, _ = svc
+    console_login(client, keys["enroll"], follow_redirects=True)
+    console_login(TestClient(client.app), keys["admin"], follow_redirects=True)
+    assert len(_sessions(path)) == 2
+    with FaceDB.open(path) as db:
+        db.revoke_api_key("enroll-key")
+    assert [k for _, k, *_ in _sessions(path)] == [key_id(path, "admin-key")]
+    assert client.get("/console/people", follow_redirects=False).headers["location"] == "/console/login?refused=1"
+
+
+def test_sign_in_and_sign_out_forms_carry_anti_forgery_tokens(svc):
+    """Finding 4: the sign-in and sign-out forms had no CSRF token (a foreign page could sign a browser in with
+    the attacker's key). Now sign-in needs the token its page put in the form and in a cookie of its own (400
+    without it, or with another: no session made), and sign-out needs the session's (400: the session lives)."""
+    client, keys, path, _ = svc
+    page = client.get("/console/login")
+    token = client.cookies.get("facedb_console_login", path="/console")
+    assert token and f'name="csrf" value="{token}"' in page.text
+    for data in ({"key": keys["admin"]}, {"key": keys["admin"], "csrf": "forged"}):
+        r = client.post("/console/login", data=data, follow_redirects=False)
+        assert r.status_code == 400 and "token" in r.text
+        assert "facedb_console=" not in r.headers.get("set-cookie", "")
+    foreign = TestClient(client.app)  # another site's page: it has no sign-in cookie to repeat
+    r = foreign.post("/console/login", data={"key": keys["admin"], "csrf": token}, follow_redirects=False)
+    assert r.status_code == 400
+    assert _sessions(path) == []
+    r = client.post("/console/login", data={"key": keys["admin"], "csrf": token}, follow_redirects=True)
+    assert r.status_code == 200 and len(_sessions(path)) == 1
+    r = client.post("/console/logout", data={"csrf": "forged"}, follow_redirects=False)
+    assert r.status_code == 400 and len(_sessions(path)) == 1
+    assert client.get("/console/settings", follow_redirects=False).status_code == 200

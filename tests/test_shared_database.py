@@ -47,7 +47,7 @@ def test_a_list_of_people_survives_a_removal_between_its_reads(root, monkeypatch
     from facedb.service.app import create_app
     from facedb.service.config import ServiceSettings
 
-    from .servicekit import wait_ready
+    from .servicekit import console_login, wait_ready
 
     with FaceDB.open(root) as db:
         key = db.create_api_key("admin", "a")[1]
@@ -67,7 +67,7 @@ def test_a_list_of_people_survives_a_removal_between_its_reads(root, monkeypatch
         r = client.get("/v1/people", headers={"X-API-Key": key})
         assert r.status_code == 200, r.text
         assert "Ann" in [p["name"] for p in r.json()["people"]]
-        assert client.post("/console/login", data={"key": key}).status_code == 200
+        assert console_login(client, key).status_code == 200
         page = client.get("/console/people")
         assert page.status_code == 200 and "Ann" in page.text
     assert victims == []

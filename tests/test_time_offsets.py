@@ -27,7 +27,7 @@ from facedb.service.app import create_app
 from facedb.service.config import ServiceSettings
 
 from .conftest import FakeEmbedder
-from .servicekit import make_db, wait_ready
+from .servicekit import console_login, make_db, wait_ready
 
 runner = CliRunner()
 
@@ -267,7 +267,7 @@ def test_http_bad_times_are_400_json_and_change_nothing(path, keys, client, rout
 
 
 def test_console_decisions_since_is_an_instant(keys, client):
-    r = client.post("/console/login", data={"key": keys["admin"]}, follow_redirects=True)
+    r = console_login(client, keys["admin"], follow_redirects=True)
     assert r.status_code == 200
     got = client.get("/console/api/decisions", params={"since": "2026-03-01T23:30:00-05:00"}).json()["records"]
     assert names(got) == ["D", "C"]  # newest first

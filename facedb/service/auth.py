@@ -118,7 +118,7 @@ async def admit(request: Request, presented: str | None, scope: Scope) -> Caller
     primary key: microseconds, and WAL readers never wait), so a request costs one hop to the thread pool (its
     route), not two. Recording a refusal, a write, goes to the thread pool."""
     state = service(request)
-    db = state.ready_db()
+    state.ready_db()  # 503 while loading
     where = {"method": request.method, "path": request.url.path}
     try:
         key = await check_key(state, presented, client_address(request.scope), where)
@@ -126,6 +126,15 @@ async def admit(request: Request, presented: str | None, scope: Scope) -> Caller
         if getattr(exc, "key_id", None):
             setattr(request.state, KEY_ID, exc.key_id)  # type: ignore[attr-defined]  # an id, never the key
         raise
+    return await admit_key(request, key, scope)
+
+
+async def admit_key(request: Request, key: ApiKey, scope: Scope) -> Caller:
+    """The Caller for a live ``key`` (authenticated by :func:`admit`, or the key of a console session): its
+    scope checked (403, recorded as ``denied``) and a door key's request rate (429)."""
+    state = service(request)
+    db = state.ready_db()
+    where = {"method": request.method, "path": request.url.path}
     setattr(request.state, KEY_ID, key.id)
     try:
         authorise(key, scope)

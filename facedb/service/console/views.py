@@ -10,8 +10,10 @@ visitors (enroll); Decisions, Settings (admin).
 
 from __future__ import annotations
 
+import hmac
 import json
 import math
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
@@ -34,18 +36,23 @@ from ..auth import Caller, admit
 from ..errors import error_response
 from . import HERE
 from .session import (
+    ABSOLUTE_S,
     ADMIN,
     COOKIE,
     ENROLL,
     FLASH,
     IDENTIFY,
+    LOGIN_COOKIE,
     PATH,
     ScopeTooNarrow,
     SignInRequired,
     check_csrf,
     csrf_token,
+    new_token,
     secure,
+    session_caller,
     signed_in,
+    token_hash,
 )
 
 router = APIRouter(prefix="/console", include_in_schema=False)
@@ -110,7 +117,7 @@ def render(request: Request, template: str, caller: Caller | None = None, status
     nav = [(slug, label, scope is not None and scope.allows(needed)) for slug, label, needed in NAV]
     html = env.get_template(template).render(
         request_path=request.url.path, caller=caller, key=caller.key if caller else None, nav=nav,
-        csrf=csrf_token(caller.console_key) if caller is not None else "",  # type: ignore[attr-defined]
+        csrf=csrf_token(caller.console_session) if caller is not None else context.pop("login_csrf", ""),  # type: ignore[attr-defined]
         flash=flash, version=__version__, **context)
     response = HTMLResponse(html, status_code=status, headers=HEADERS)
     if flash is not None:
@@ -150,8 +157,7 @@ def install_handlers(app: FastAPI) -> None:
 
     async def too_narrow(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, ScopeTooNarrow)
-        caller = await admit(request, signed_in(request), Scope.identify)
-        caller.console_key = signed_in(request)  # type: ignore[attr-defined]
+        caller = await session_caller(request, Scope.identify)
         return render(request, "denied.html", caller, status=403, needed=exc.needed.value)
 
     app.add_exception_handler(SignInRequired, sign_in)
@@ -183,47 +189,80 @@ def _person_url(name: str) -> str:
 @router.get("", response_class=HTMLResponse)
 @router.get("/", response_class=HTMLResponse)
 async def home(request: Request) -> Response:
-    key = signed_in(request)
-    if key is None:
+    if signed_in(request) is None:
         return RedirectResponse(f"{PATH}/login", status_code=303)
-    try:
-        caller = await admit(request, key, Scope.identify)
-    except AuthenticationError:
-        raise SignInRequired(refused=True) from None
+    caller = await session_caller(request, Scope.identify)
     first = "people" if Scope(caller.key.scope).allows(Scope.enroll) else "identify"
     return RedirectResponse(f"{PATH}/{first}", status_code=303)
 
 
-@router.get("/login", response_class=HTMLResponse)
-def login_page(request: Request, refused: int = 0, out: int = 0) -> HTMLResponse:
-    message = ("Your key is no longer accepted (revoked, or wrong): sign in again." if refused else
-               "Signed out." if out else None)
-    return render(request, "login.html", message=message, error=bool(refused))
-
-
-@router.post("/login", response_class=HTMLResponse)
-async def login(request: Request, key: Annotated[str, Form(max_length=200)] = "") -> Response:
-    try:
-        caller = await admit(request, key.strip(), Scope.identify)
-    except AuthenticationError:
-        return render(request, "login.html", status=401, error=True,
-                      message="This key was refused: it is wrong, unknown or revoked.")
-    response = RedirectResponse(f"{PATH}/", status_code=303)
-    response.set_cookie(COOKIE, key.strip(), path=PATH, httponly=True, samesite="strict", secure=secure(request))
-    await run_in_threadpool(_note, caller, "console-sign-in")
+def _login_page(request: Request, status: int = 200, message: str | None = None, error: bool = False) -> Response:
+    """The sign-in page, with the anti-forgery token its form must repeat (in a cookie of its own: double
+    submit; kept while the browser has one, so two tabs agree)."""
+    token = request.cookies.get(LOGIN_COOKIE) or new_token()
+    response = render(request, "login.html", status=status, message=message, error=error, login_csrf=token)
+    if request.cookies.get(LOGIN_COOKIE) != token:
+        response.set_cookie(LOGIN_COOKIE, token, path=PATH, httponly=True, samesite="strict", secure=secure(request))
     return response
 
 
+@router.get("/login", response_class=HTMLResponse)
+def login_page(request: Request, refused: int = 0, out: int = 0) -> Response:
+    message = ("Your session is no longer accepted (signed out, expired, or its key revoked): sign in again."
+               if refused else "Signed out." if out else None)
+    return _login_page(request, message=message, error=bool(refused))
+
+
+@router.post("/login", response_class=HTMLResponse)
+async def login(request: Request, key: Annotated[str, Form(max_length=200)] = "",
+                csrf: Annotated[str, Form(max_length=100)] = "") -> Response:
+    """Sign in: the form's token must repeat the sign-in cookie's (a foreign page cannot sign this browser in
+    with a key of its choosing); the key is checked as the API checks it (throttled, failures recorded); a new
+    session's token goes in the cookie, the key nowhere."""
+    expected = request.cookies.get(LOGIN_COOKIE)
+    if not expected or not hmac.compare_digest(csrf, expected):
+        return _login_page(request, status=400, error=True,
+                           message="The sign-in form's token is missing or wrong: sign in again from this page.")
+    try:
+        caller = await admit(request, key.strip(), Scope.identify)
+    except AuthenticationError:
+        return _login_page(request, status=401, error=True,
+                           message="This key was refused: it is wrong, unknown or revoked.")
+    token = new_token()
+    await run_in_threadpool(_start, caller, token)
+    response = RedirectResponse(f"{PATH}/", status_code=303)
+    response.set_cookie(COOKIE, token, path=PATH, httponly=True, samesite="strict", secure=secure(request))
+    response.delete_cookie(LOGIN_COOKIE, path=PATH)
+    return response
+
+
+def _start(caller: Caller, token: str) -> None:
+    from .session import IDLE_S
+
+    with caller as db:
+        db.start_console_session(token_hash(token), caller.key.id, now=time.time(), idle_s=IDLE_S,
+                                 absolute_s=ABSOLUTE_S)
+
+
 @router.post("/logout")
-def logout(request: Request) -> Response:
+async def logout(request: Request) -> Response:
+    """Sign out: the session is deleted on the server (a copy of the cookie stops working too); the form's
+    anti-forgery token must match the session (another site cannot sign this browser out)."""
     response = RedirectResponse(f"{PATH}/login?out=1", status_code=303)
+    try:
+        caller = await session_caller(request, Scope.identify)
+    except SignInRequired:  # no live session: nothing to end on the server
+        response.delete_cookie(COOKIE, path=PATH)
+        return response
+    await check_csrf(request, caller)
+    await run_in_threadpool(_end, caller, token_hash(caller.console_session))  # type: ignore[attr-defined]
     response.delete_cookie(COOKIE, path=PATH)
     return response
 
 
-def _note(caller: Caller, operation: str) -> None:
+def _end(caller: Caller, hashed: str) -> None:
     with caller as db:
-        db.note(operation)
+        db.end_console_session(hashed)
 
 
 # ------------------------------------------------------------------------------------------ check a photo
