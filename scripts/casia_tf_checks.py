@@ -93,8 +93,10 @@ def main() -> int:
             print(name, out["alignment"][name], file=sys.stderr, flush=True)  # type: ignore[index]
     if args.finetuned is not None:
         tuned = FaceNet.load(model_id_for(args.finetuned, "facenet-vggface2"), weights=args.finetuned)
+        start_rep = (out["alignment"]["facedb"] if not args.skip_alignment  # type: ignore[index]
+                     else accuracy(pipe.embedder, crops, pairs, keep))  # the same network on the same crops
         out["finetune"] = {"train_command": args.train_command, "finetuned_model_id": tuned.model_id,
-                           "start": accuracy(pipe.embedder, crops, pairs, keep),
+                           "start": start_rep,
                            "finetuned": accuracy(tuned, crops, pairs, keep)}
         print(out["finetune"], file=sys.stderr, flush=True)
     out["load_average_at_end"] = os.getloadavg()
