@@ -365,6 +365,12 @@ SCHEMA_VERSION = len(MIGRATIONS)
 CHANGES_KEPT = 1000
 
 MAX_NAME_LENGTH = 256
+#: A person's metadata, as stored JSON (bytes), and their external id (characters): limits for every interface.
+MAX_METADATA_BYTES = 16 * 1024
+MAX_EXTERNAL_ID_LENGTH = 256
+#: The last words of the service's person routes (/v1/people/{name}/templates, ...; the console's .../rename,
+#: .../update, .../remove): a name with '/' may not end in one (check_name).
+NAME_ROUTE_WORDS = ("templates", "vectors", "rename", "update", "remove")
 
 
 def utcnow() -> str:
@@ -572,6 +578,15 @@ def check_name(name: object) -> str:
         raise InvalidInputError("a person's name may not start or end with white space")
     if name in (".", ".."):  # browsers and HTTP clients resolve them as path steps: no URL could reach the person
         raise InvalidInputError(f"a person's name may not be {name!r}")
+    if "/" in name:
+        # A name is a path in the service's URLs (/v1/people/{name}/...): "Ann/templates" would be read as Ann's
+        # templates, and clients collapse "//" and resolve "." and ".." steps (issue #25). Such names are refused
+        # everywhere (CLI and API alike), so that every person can be reached by name over HTTP.
+        parts = name.split("/")
+        if any(p.strip() in ("", ".", "..") for p in parts) or parts[-1] in NAME_ROUTE_WORDS:
+            raise InvalidInputError(
+                f"a person's name with '/' is a URL path too: no empty, '.' or '..' part, and no last part "
+                f"{', '.join(repr(w) for w in NAME_ROUTE_WORDS)} (it would name a route); got {name!r}")
     return name
 
 
@@ -581,9 +596,19 @@ def _check_metadata(metadata: object) -> str:
     if not isinstance(metadata, dict):
         raise InvalidInputError("metadata must be a JSON object (a dict)")
     try:
-        return json.dumps(metadata, sort_keys=True, allow_nan=False)
+        text = json.dumps(metadata, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidInputError(f"metadata is not JSON-serialisable: {exc}") from None
+    if len(text.encode("utf-8")) > MAX_METADATA_BYTES:  # a badge number and a department, not a document
+        raise InvalidInputError(f"a person's metadata is at most {MAX_METADATA_BYTES} bytes as JSON")
+    return text
+
+
+def _check_external_id(external_id: object) -> None:
+    if not isinstance(external_id, str) or not external_id:
+        raise InvalidInputError("external_id must be a non-empty string")
+    if len(external_id) > MAX_EXTERNAL_ID_LENGTH:
+        raise InvalidInputError(f"external_id is at most {MAX_EXTERNAL_ID_LENGTH} characters")
 
 
 def _apply(conn: sqlite3.Connection, step: str | Callable[[sqlite3.Connection], None]) -> None:
@@ -928,8 +953,8 @@ class Store:
     def _insert_person(self, name: str, external_id: str | None, metadata: dict[str, Any] | None) -> int:
         name = check_name(name)
         meta_json = _check_metadata(metadata)
-        if external_id is not None and (not isinstance(external_id, str) or not external_id):
-            raise InvalidInputError("external_id must be a non-empty string")
+        if external_id is not None:
+            _check_external_id(external_id)
         if self.conn.execute("SELECT 1 FROM people WHERE name = ?", (name,)).fetchone():
             raise DuplicatePersonError(f"a person named {name!r} already exists")
         if external_id is not None and self.conn.execute(
@@ -968,8 +993,8 @@ class Store:
         and/or external id, in one transaction."""
         if metadata is not None:
             _check_metadata(metadata)
-        if external_id is not None and (not isinstance(external_id, str) or not external_id):
-            raise InvalidInputError("external_id must be a non-empty string")
+        if external_id is not None:
+            _check_external_id(external_id)
         with self.write():
             pid = self._person_id(name)
             fields: dict[str, Any] = {"updated_at": utcnow()}

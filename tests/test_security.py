@@ -764,3 +764,111 @@ def test_sign_in_and_sign_out_forms_carry_anti_forgery_tokens(svc):
     r = client.post("/console/logout", data={"csrf": "forged"}, follow_redirects=False)
     assert r.status_code == 400 and len(_sessions(path)) == 1
     assert client.get("/console/settings", follow_redirects=False).status_code == 200
+
+
+# ------------------------------------------------------------------------------------------ 7: input bounds
+def test_docs_are_off_unless_asked_for(tmp_path, fake_pipeline):
+    """Finding 7: /docs needed no key and loaded Swagger UI from a public CDN (no integrity check, no CSP), on the
+    console's origin. Off by default now (and /redoc, the same from the CDN); the OpenAPI document stays;
+    FACEDB_DOCS=1 turns the page on for a development machine."""
+    path = tmp_path / "db"
+    make_db(path, dim=DIM)
+    for docs in (False, True):
+        app = create_app(ServiceSettings(db=path, docs=docs), model=fake_pipeline, sender=lambda *a: 200)
+        with TestClient(app, raise_server_exceptions=False) as client:
+            wait_ready(client)
+            assert client.get("/docs").status_code == (200 if docs else 404)
+            assert client.get("/redoc").status_code == 404
+            assert client.get("/openapi.json").status_code == 200
+    assert ServiceSettings.from_env({"FACEDB_DOCS": "1"}).docs is True and ServiceSettings().docs is False
+
+
+def test_refusals_before_routing_carry_cors_headers(tmp_path, fake_pipeline):
+    """Finding 7: a 413 carried no CORS headers (the body limit sat outside CORS), so a browser client on an
+    allowed origin could not read why. Now 413, 401 before the body, 408 and 429 answer with them as every
+    route does."""
+    path = tmp_path / "db"
+    keys = make_db(path, dim=DIM)
+    origin = {"Origin": "https://door-panel.example"}
+    app = create_app(ServiceSettings(db=path, cors_origins=("https://door-panel.example",), max_upload_mb=0.01),
+                     model=fake_pipeline, sender=lambda *a: 200)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        wait_ready(client)
+        big = {"vectors": [E[0].tolist()] * 400}
+        answers = [client.post("/v1/identify/vector", json=big, headers={**origin, **hdr(keys["admin"])}),
+                   client.post("/v1/identify/vector", json=big, headers=origin)]
+        assert [r.status_code for r in answers] == [413, 401]
+        assert [r.headers.get("access-control-allow-origin") for r in answers] == ["https://door-panel.example"] * 2
+
+
+UNREACHABLE = ["Ann/templates", "Ann/vectors", "Ann/rename", "a//b", "a/./b", "a/../b", "/a", "a/", "x/ /y"]
+
+
+def test_names_a_url_cannot_reach_are_refused_everywhere(svc, tmp_path):
+    """Finding 7: the person "Ann/templates" was unreachable over HTTP (the path read as Ann's templates), and
+    names with "." or ".." steps from clients that normalise paths. Such names are refused at creation and
+    rename, by the API and the CLI alike (one rule, in the store); a name with "/" that a URL can reach still
+    works, by its encoded path."""
+    client, keys, path, _ = svc
+    h = hdr(keys["enroll"])
+    for name in UNREACHABLE:
+        r = client.post("/v1/people", json={"name": name}, headers=h)
+        assert r.status_code == 400 and "URL path" in r.json()["message"], (name, r.text)
+    assert client.post("/v1/people", json={"name": "Ann/Bob"}, headers=h).status_code == 201
+    assert client.get("/v1/people/Ann%2FBob", headers=h).json()["name"] == "Ann/Bob"
+    r = client.post("/v1/people/Ann%2FBob/rename", json={"new_name": "Ann/templates"}, headers=h)
+    assert r.status_code == 400
+    cli = CliRunner()
+    for argv in (["add-person", "Ann/vectors"], ["rename", "Ann/Bob", "a/../b"]):
+        out = cli.invoke(cli_app, ["--db", str(path), *argv])
+        assert out.exit_code == 2 and "URL path" in out.output, out.output
+    with FaceDB.open(path, readonly=True) as db:
+        assert [p.name for p in db.people()] == ["Ann/Bob"]
+
+
+def test_metadata_and_external_ids_have_size_limits(svc):
+    """Finding 7: metadata had no size limit. A person's metadata is at most 16 KiB as JSON and an external id
+    256 characters, over the API (400) and the CLI alike; nothing is stored."""
+    from .servicekit import snapshot
+
+    client, keys, path, _ = svc
+    h = hdr(keys["enroll"])
+    before = snapshot(path)
+    bad = [{"name": "Ann", "metadata": {"notes": "x" * 17_000}}, {"name": "Ann", "external_id": "E" * 257}]
+    for body in bad:
+        r = client.post("/v1/people", json=body, headers=h)
+        assert r.status_code == 400 and "at most" in r.json()["message"], r.text
+    assert snapshot(path) == before
+    assert client.post("/v1/people", json={"name": "Ann", "metadata": {"notes": "x" * 16_000}},
+                       headers=h).status_code == 201
+    r = client.patch("/v1/people/Ann", json={"metadata": {"more": "y" * 1_000}}, headers=h)
+    assert r.status_code == 400  # merged, 17 KB: over
+    out = CliRunner().invoke(cli_app, ["--db", str(path), "add-person", "Bob", "--external-id", "E" * 300])
+    assert out.exit_code == 2 and "at most" in out.output, out.output
+
+
+NUMBERS = [  # (method, route, body or query): numbers far outside their field's range
+    ("patch", "/v1/settings", {"audit_retention_days": 1e308}),
+    ("patch", "/v1/settings", {"visitors_retention_days": -1}),
+    ("patch", "/v1/settings", {"threshold": 1e20}),
+    ("patch", "/v1/settings", {"decision_rule": "gallery", "decision_target": 5}),
+    ("post", "/v1/identify/vector", {"vector": E[0].tolist(), "k": 10**12}),
+    ("post", "/v1/identify/vector", {"vector": [1e308] * DIM}),
+    ("get", "/v1/people?limit=1000000000000", None),
+    ("get", "/v1/people?offset=-1", None),
+    ("get", "/v1/audit?limit=100000000000000000000", None),
+    ("get", "/v1/visitors?min_size=100000000000000000000", None),
+    ("delete", "/v1/templates/100000000000000000000", None),
+]
+
+
+def test_numeric_fields_are_bounded(svc):
+    """Every numeric field refuses values outside its range with a 400 (never a 500, never stored)."""
+    from .servicekit import snapshot
+
+    client, keys, path, _ = svc
+    before = snapshot(path)
+    for method, route, body in NUMBERS:
+        r = client.request(method.upper(), route, json=body, headers=hdr(keys["admin"]))
+        assert r.status_code == 400, (route, body, r.text)
+    assert snapshot(path) == before

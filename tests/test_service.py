@@ -71,7 +71,7 @@ def test_health_ready_and_openapi(svc):
             "/v1/hooks", "/v1/audit", "/v1/stats", "/v1/check", "/v1/settings"} <= paths
     assert "ApiKey" in spec["components"]["securitySchemes"]
     assert "liveness" in spec["info"]["description"]
-    assert client.get("/docs").status_code == 200
+    assert client.get("/docs").status_code == 404  # off unless FACEDB_DOCS=1 (it loads from a CDN: test_security)
 
 
 def test_start_up_takes_no_request_before_the_model_and_index_are_loaded(tmp_path, fake_pipeline, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import importlib.util
 import ipaddress
@@ -87,7 +88,7 @@ def serve(
                                                   "key id, route, status, duration; never a name).")
                           ] = LogFormat.text,
 ) -> None:
-    """Run the HTTP API (FastAPI on uvicorn; OpenAPI at /docs). Needs `pip install 'facedb\\[service]'`."""
+    """Run the HTTP API (FastAPI on uvicorn; OpenAPI at /openapi.json). Needs `pip install 'facedb\\[service]'`."""
     # (help text is rich markup: an unescaped [service] would be read as a style tag and vanish)
     _check_port(host, port)
     try:
@@ -103,10 +104,12 @@ def serve(
                           "missing)")
     from ..service.config import ServiceSettings
 
-    settings = ServiceSettings(db=state(ctx).db, host=host, port=port, workers=workers, max_upload_mb=max_upload_mb,
-                               cors_origins=tuple(o.strip() for o in cors_origins.split(",") if o.strip()),
-                               fold_window=fold_window, weights=weights, console=console,
-                               log_format=log_format.value)
+    # the settings without an option of their own (FACEDB_BODY_TIMEOUT, FACEDB_HOOK_ATTEMPTS, ...) from the
+    # environment, then the options: built from the options alone, they were put back to their defaults
+    settings = dataclasses.replace(
+        ServiceSettings.from_env(), db=state(ctx).db, host=host, port=port, workers=workers,
+        max_upload_mb=max_upload_mb, cors_origins=tuple(o.strip() for o in cors_origins.split(",") if o.strip()),
+        fold_window=fold_window, weights=weights, console=console, log_format=log_format.value)
     st = state(ctx)  # an encrypted database's key source reaches the workers through the environment
     if st.key_file is not None:
         os.environ["FACEDB_KEY_FILE"] = str(Path(st.key_file).resolve())

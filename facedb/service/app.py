@@ -256,7 +256,11 @@ def create_app(settings: ServiceSettings, *, model: Any = None, sender: Sender |
         finally:
             await run_in_threadpool(state.stop)
 
-    app = FastAPI(title="facedb", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    # /docs (Swagger UI) and /redoc load their scripts from a public CDN: off unless the admin asks for them
+    # (FACEDB_DOCS=1, e.g. on a development machine); /openapi.json, the document itself, is always served
+    # (issue #25, finding 7)
+    app = FastAPI(title="facedb", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+                  docs_url="/docs" if settings.docs else None, redoc_url=None)
     app.state.facedb = state
     errors.install(app)
 
