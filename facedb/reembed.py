@@ -172,7 +172,8 @@ def photo_map(db: FaceDB, folder: Path, report: ReembedReport) -> dict[str, Path
         person = normalise_name(name)
         for path in files:
             sha = source_sha256(path)
-            owner = db.store.image_owner(sha) if sha else None
+            with db._lock:  # one FaceDB is shared by threads: its connection is used under its lock
+                owner = db.store.image_owner(sha) if sha else None
             if owner is None:
                 report.photos_ignored.append(f"{display_name(name)}/{display_name(path.name)}: not enrolled here")
             elif owner != person:
@@ -186,11 +187,9 @@ def photo_map(db: FaceDB, folder: Path, report: ReembedReport) -> dict[str, Path
 def sources(db: FaceDB, photos: dict[str, Path]) -> list[_Source]:
     """Every photo template of the database (mean templates are recomputed, not re-embedded), with its photo file
     where one was given."""
-    out = []
-    for t in db.store.iter_templates():
-        out.append(_Source(t.id, t.person, t.image_sha256, t.box,
-                           photos.get(t.image_sha256) if t.image_sha256 else None))
-    return out
+    with db._lock:
+        return [_Source(t.id, t.person, t.image_sha256, t.box, photos.get(t.image_sha256) if t.image_sha256 else None)
+                for t in db.store.iter_templates()]
 
 
 # ------------------------------------------------------------------------------------------------- embedding
@@ -282,7 +281,7 @@ def compute(db: FaceDB, pipe: FacePipeline, todo: Sequence[_Source], *, use_crop
             else:
                 report.from_photos += 1
         if not isinstance(crop, np.ndarray):
-            jpeg = db.store.thumbnail("template", src.template_id) if use_crops else None
+            jpeg = db.thumbnail("template", src.template_id) if use_crops else None
             if jpeg is not None:
                 crop = crop_from_thumbnail(pipe, jpeg)
                 if isinstance(crop, str):
@@ -331,7 +330,8 @@ def move(db: FaceDB, model_id: str, *, photos: Path | None = None, use_crops: bo
     given = photo_map(db, photos, report) if photos is not None else {}
     todo = sources(db, given)
     if not drop_unembeddable:  # refused at once when the cheap part already shows it, before hours of embedding
-        kept = db.store.thumbnail_owners("template", [t.template_id for t in todo]) if use_crops else set()
+        with db._lock:
+            kept = db.store.thumbnail_owners("template", [t.template_id for t in todo]) if use_crops else set()
         hopeless = [Unembeddable(t.template_id, t.person, "vector added without a photo" if t.sha256 is None else
                                  "no photo given" + (" and no face crop kept" if use_crops else ""))
                     for t in todo if t.photo is None and t.template_id not in kept]
