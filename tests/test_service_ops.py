@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,17 @@ from facedb.service.config import ServiceSettings
 from facedb.service.logs import JsonFormatter
 
 from .conftest import REPO
-from .servicekit import BLUE, RED, make_db, png, ready_on_all_workers, real_server, snapshot, wait_ready
+from .servicekit import (
+    BLUE,
+    RED,
+    free_port,
+    make_db,
+    png,
+    ready_on_all_workers,
+    real_server,
+    snapshot,
+    wait_ready,
+)
 
 NAME = "Zebulon Quartermaine"  # a name no log line may hold
 
@@ -364,8 +375,10 @@ def test_systemd_unit_verifies(tmp_path):
     assert {"FACEDB_DB", "FACEDB_PORT", "FACEDB_WORKERS", "FACEDB_HOST"} <= set(settings)
     assert settings["FACEDB_DB"].startswith("/var/lib/facedb/")  # inside the unit's only writable directory
     for option in ("NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes", "Restart=on-failure",
-                   "User=facedb", "EnvironmentFile=/etc/facedb/facedb.env", "ReadWritePaths=/var/lib/facedb"):
+                   "User=facedb", "EnvironmentFile=/etc/facedb/facedb.env", "ReadWritePaths=/var/lib/facedb",
+                   "SystemCallErrorNumber=EPERM"):
         assert option in unit.splitlines()
+    assert not [line for line in unit.splitlines() if line.startswith(("ProcSubset=", "MemoryDenyWriteExecute="))]
     ServiceSettings.from_env(settings)  # every value there is one `facedb serve` accepts
 
 
@@ -547,3 +560,75 @@ def test_sigterm_under_load_drains_in_flight_requests_and_loses_nothing_acknowle
                        headers=hdr(keys["enroll"]), timeout=60)
         assert r.status_code == 200, r.text
         assert [a["identity"] for a in r.json()["results"]] == names
+
+
+@pytest.mark.slow
+def test_the_units_sandbox_lets_facedb_load_its_model_answer_and_stop(tmp_path):
+    """`systemd-analyze verify` checks the unit's syntax, not that facedb can run inside it. Here `facedb serve`
+    runs with the unit's settings file (2 workers, JSON logs) inside what the unit does to a process, emulated
+    (tests/unit_sandbox.py: its system-call filter through libseccomp from systemd's own group lists, its /proc
+    in a namespace): it loads dlib-resnet and MTCNN, answers an identify, stops on SIGTERM, and writes nothing
+    but JSON lines. Found this way: the unit as first written killed facedb at `import numpy` (mbind, in
+    @resources, with no SystemCallErrorNumber=), and its ProcSubset=pid hid /proc/cpuinfo from PyTorch (a
+    warning on every convolution)."""
+    import signal
+
+    from . import unit_sandbox
+    from .conftest import test_data_dir
+    from .test_livefiles import cli
+
+    why = unit_sandbox.available()
+    if why is not None:
+        pytest.skip(why)
+    unit = REPO / "deploy" / "facedb.service"
+    db = tmp_path / "db"
+    assert cli(db, "init", "--model", "dlib-resnet").returncode == 0
+    with FaceDB.open(db) as d:
+        key = d.create_api_key("identify", "door", ["candidates"])[1]
+    settings = dict(line.split("=", 1) for line in (REPO / "deploy" / "facedb.env").read_text().splitlines()
+                    if line and not line.startswith("#"))
+    port = free_port()
+    env = {**os.environ, **settings, "FACEDB_DB": str(db), "FACEDB_PORT": str(port), "FACEDB_HOST": "127.0.0.1",
+           "PYTHONPATH": str(REPO)}
+    serve = [sys.executable, str(REPO / "tests" / "unit_sandbox.py"), str(unit), "--", sys.executable, "-m",
+             "facedb.cli", "serve"]
+    options = unit_sandbox.proc_options(unit)
+    inner = " ".join(shlex.quote(a) for a in serve)
+    if options:
+        inner = f"mount -t proc -o {options} proc /proc && exec {inner}"
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(["unshare", "--mount", "--pid", "--fork", "sh", "-c", inner], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600  # a hang guard: loading two workers' models is the work waited for
+        while True:
+            assert proc.poll() is None, f"facedb died in the unit's sandbox: {log_path.read_text()}"
+            try:
+                if httpx.get(f"{base}/ready", timeout=5).json().get("model_loaded"):
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        photos = sorted((test_data_dir() / "lfw_deepfunneled" / "George_W_Bush").glob("*.jpg"))[:1]
+        if photos:
+            r = httpx.post(f"{base}/v1/identify", files={"photo": ("p.jpg", photos[0].read_bytes())},
+                           headers=hdr(key), timeout=120)
+            assert r.status_code == 200 and len(r.json()["faces"]) == 1, r.text  # detected and embedded
+        else:  # no photos here: MTCNN still runs on a synthetic one
+            r = httpx.post(f"{base}/v1/identify", files={"photo": ("p.png", png([RED], 1))}, headers=hdr(key),
+                           timeout=120)
+            assert r.status_code in (200, 422), r.text
+        server = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(server) == 1
+        os.kill(int(server[0]), signal.SIGTERM)  # `facedb serve`, PID 1 of its namespace
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    lines = [line for line in log_path.read_text().splitlines() if line.strip()]
+    assert lines and all(line.startswith("{") for line in lines), [x for x in lines if not x.startswith("{")][:5]
+    assert any("Stopping parent process" in json.loads(line)["message"] for line in lines)
