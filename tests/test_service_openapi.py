@@ -12,7 +12,11 @@ import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
-from schemathesis.checks import not_a_server_error  # noqa: E402
+from schemathesis.checks import (  # noqa: E402
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -52,7 +56,8 @@ def test_no_request_gets_a_server_error(case, api):
     if case.path.startswith("/v1/keys/") and case.method == "DELETE":
         key = keys["enroll"]  # never let a generated request revoke the key the run uses (403 instead)
     response = case.call(headers={"X-API-Key": key})
-    case.validate_response(response, checks=[not_a_server_error])
+    case.validate_response(response, checks=[not_a_server_error, status_code_conformance,
+                                             response_schema_conformance])
     if response.status_code >= 400:
         body = response.json()
         assert set(body) >= {"error", "message", "status"} and body["status"] == response.status_code

@@ -286,7 +286,7 @@ def create_app(settings: ServiceSettings, *, model: Any = None, sender: Sender |
         return Response(metrics.scrape(caller.state), media_type=CONTENT_TYPE)
 
     for router in (routes_query.router, routes_people.router, routes_visitors.router, routes_admin.router):
-        app.include_router(router)
+        app.include_router(router, responses=errors.ERROR_RESPONSES)  # every refusal, in the OpenAPI document
     if settings.console:
         from .console import install as install_console
 

@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import (
@@ -61,6 +62,34 @@ STATUS: list[tuple[type[FaceDBError], int]] = [
     (DatabaseError, 503),  # cannot write (locked past the timeout, disk full, read-only)
     (FaceDBError, 500),
 ]
+
+
+class ErrorBody(BaseModel):
+    """Every refusal's body (``report``: an enrolment's per-photo report, where one was made)."""
+
+    model_config = ConfigDict(extra="allow")
+    error: str
+    message: str
+    status: int
+
+
+#: The refusals any API route may answer, for the OpenAPI document (so that clients and schemathesis's
+#: conformance checks know them): the one error body for each.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": why} for code, why in (
+        (400, "Bad input (InvalidInputError, InvalidVectorError, ImageError)"),
+        (401, "No key, an unknown or a revoked key (AuthenticationError)"),
+        (403, "A key whose scope or grants do not allow this (PermissionDeniedError)"),
+        (404, "An unknown person, template, key, webhook or route"),
+        (405, "A method the route does not take"),
+        (408, "The request body did not arrive in time (RequestTimeoutError)"),
+        (409, "A name or external id taken; another model's vectors"),
+        (413, "A request body over the limit (RequestTooLargeError)"),
+        (422, "No face where one was needed; nothing of an enrolment stored"),
+        (429, "Too many failed authentications, a door key's request rate, uploads at once (Retry-After)"),
+        (500, "A bug: the traceback is in the server's log"),
+        (503, "Starting, the index unreachable, photos to a vectors-only database, the store not writable"),
+    )}
 
 
 def status_of(exc: FaceDBError) -> int:
