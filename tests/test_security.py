@@ -872,3 +872,18 @@ def test_numeric_fields_are_bounded(svc):
         r = client.request(method.upper(), route, json=body, headers=hdr(keys["admin"]))
         assert r.status_code == 400, (route, body, r.text)
     assert snapshot(path) == before
+
+
+def test_console_sign_in_is_throttled_like_the_api(svc):
+    """Wrong keys typed into the console's sign-in form count as the API's failures do: after 20 from one
+    address the page answers 429 with Retry-After (and says so), even for the right key, until the allowance
+    comes back."""
+    from .servicekit import console_login
+
+    client, keys, path, _ = svc
+    stopped(client)
+    statuses = [console_login(client, keys["admin"][:-5] + "zzzzz").status_code for _ in range(22)]
+    assert statuses == [401] * 20 + [429] * 2
+    r = console_login(client, keys["admin"], follow_redirects=False)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1 and "Too many" in r.text
+    assert _sessions(path) == []

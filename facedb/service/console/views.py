@@ -28,7 +28,7 @@ from starlette.datastructures import UploadFile as StarletteUpload
 
 from ... import __version__
 from ...choices import OnMultiple, OnOtherMatch, RuleKind, ThumbnailMode
-from ...errors import AuthenticationError, FaceDBError, InvalidInputError, PersonNotFoundError
+from ...errors import AuthenticationError, FaceDBError, InvalidInputError, PersonNotFoundError, TooManyRequestsError
 from ...keys import Scope
 from ...store import utc_time
 from .. import routes_admin, routes_people, routes_query, routes_visitors
@@ -228,6 +228,11 @@ async def login(request: Request, key: Annotated[str, Form(max_length=200)] = ""
     except AuthenticationError:
         return _login_page(request, status=401, error=True,
                            message="This key was refused: it is wrong, unknown or revoked.")
+    except TooManyRequestsError as exc:
+        response = _login_page(request, status=429, error=True, message="Too many refused keys from here: try "
+                               f"again in {math.ceil(exc.retry_after)} seconds.")
+        response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+        return response
     token = new_token()
     await run_in_threadpool(_start, caller, token)
     response = RedirectResponse(f"{PATH}/", status_code=303)
