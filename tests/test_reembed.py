@@ -466,3 +466,51 @@ def test_real_faces_dlib_to_sface_from_kept_crops_and_from_photos(tmp_path, face
             named = [db.search(path)[0].identity for _, path in probes]
             assert sum(n == p for n, (p, _) in zip(named, probes)) >= 9, named
             assert db.check().ok
+
+
+# ------------------------------------------------------------------------------------------------- service
+def test_a_running_service_answers_under_the_new_model_after_a_move(tmp_path, pipes, monkeypatch):
+    """A service started on the old model loads the new one at its first photo request after another process
+    moved the database (without it, every photo request would be refused as another model's)."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from facedb.service.app import create_app
+    from facedb.service.state import ServiceSettings
+
+    from .servicekit import make_db as make_service_db
+    from .servicekit import png, wait_ready
+
+    monkeypatch.setitem(MODELS, "fake-colour", ModelSpec("fake-colour", 32, 0.8, "test double"))
+    path = tmp_path / "db"
+    keys = make_service_db(path)
+    app = create_app(ServiceSettings(db=path), sender=lambda *a: 200)
+    with TestClient(app) as client:
+        wait_ready(client)
+        enrol = client.post("/v1/people/Ann/templates", files=[("photos", ("a.png", png([RED], 1), "image/png"))],
+                            headers={"X-API-Key": keys["enroll"]})
+        assert enrol.status_code == 201, enrol.text
+
+        def who() -> str | None:
+            r = client.post("/v1/identify", files={"photo": ("p.png", png([RED], 7))},
+                            headers={"X-API-Key": keys["identify"]})
+            assert r.status_code == 200, r.text
+            return r.json()["faces"][0]["identity"]
+
+        assert who() == "Ann"
+        with FaceDB.open(path) as db:
+            assert db.reembed("fake-colour-b").moved
+        assert who() == "Ann"
+        stats = client.get("/v1/stats", headers={"X-API-Key": keys["admin"]}).json()
+        assert (stats["model_id"], stats["templates"]) == ("fake-colour-b", 1)
+
+
+@pytest.mark.parametrize("index", ["hnsw", "ivf", "flat16", "auto"])
+def test_every_faiss_index_kind_is_rebuilt_for_the_new_model(tmp_path, pipes, index):
+    root = make_db(tmp_path / "db", tmp_path / "photos", index=index)
+    with FaceDB.open(root) as db:
+        assert names_found(db, tmp_path)["red"] == "red"
+        db.reembed("fake-colour-b")
+        assert db.check().ok and db.index_state().entries == 9
+    with FaceDB.open(root) as db:
+        assert names_found(db, tmp_path) == {**{n: n for n in PEOPLE}, "stranger": None}
