@@ -160,11 +160,14 @@ class ServiceState:
 
     def photo_model(self) -> FacePipeline:
         db = self.db
-        if db is not None and self._given_model is None and db.settings().model_id != self.model_id:
-            # the database was moved to another model (`facedb reembed`, by another process): load that one now
-            # (loaded once per process; two requests racing here load the same cached pipeline)
-            self.pipeline = self._load_model(db)
-            self.model_id = db.settings().model_id
+        if db is not None and self._given_model is None:
+            with db._lock:  # its connection is used under its lock
+                current = db.settings().model_id
+            if current != self.model_id:
+                # the database was moved to another model (`facedb reembed`, by another process): load that one
+                # now (once per process; two requests racing here get the same process-wide pipeline)
+                self.pipeline = self._load_model(db)
+                self.model_id = current
         if self.pipeline is None:
             raise ModelUnavailableError(f"facedb cannot compute {self.model_id!r} embeddings itself: this database "
                                         "takes vectors (use the /vector routes)")
