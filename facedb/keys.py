@@ -79,7 +79,9 @@ def check_grants(scope: Scope, grants: object) -> tuple[str, ...]:
     if unknown:
         raise InvalidInputError(f"unknown grant {unknown[0]!r}: grants are {', '.join(GRANTS)}")
     if out and scope is not Scope.identify:
-        raise InvalidInputError(f"a {scope.value} key sees full answers already: grants are for identify keys")
+        raise InvalidInputError("a metrics key reads GET /metrics only: grants are for identify keys"
+                                if scope is Scope.metrics else
+                                f"a {scope.value} key sees full answers already: grants are for identify keys")
     return out
 
 

@@ -204,6 +204,8 @@ def test_metrics_keys_from_the_cli_and_a_database_made_before_them(tmp_path):
     assert made["scope"] == "metrics"
     bad = cli(root, "keys", "create", "--scope", "metric")
     assert bad.returncode == 2
+    granted = cli(root, "keys", "create", "--scope", "metrics", "--grant", "candidates")  # it sees no answers
+    assert granted.returncode == 2 and "reads GET /metrics only" in granted.stderr, granted.stderr
 
 
 def test_metrics_webhook_failures_queue_and_generation_lag(svc):
