@@ -1481,17 +1481,26 @@ class FaceDB:
                 replace: bool = False) -> BackupReport:
         """Restore the backup at ``src`` as the database ``path``, after checking it (manifest, SHA-256, key,
         integrity, model, schema); ``replace`` moves an existing database aside, refused while any process has it
-        open. The restored database passes ``check`` (run here; DatabaseError otherwise) and records the restore
-        in its audit trail. See ``facedb/backup.py``."""
+        open. The restored database records the restore in its audit trail and passes ``check`` (run here;
+        DatabaseError otherwise). A database indexed in a shared engine (Milvus) comes back pointing at the same
+        collection, which may have seen writes the backup lacks: IndexUnavailableError then says that the files
+        are in place and how to give the database an index of its own. See ``facedb/backup.py``."""
         from . import backup
 
         report = backup.restore(Path(src), Path(path), key=key, replace=replace)
-        with cls.open(path, key=key) as db:
-            result = db.check()
-            if not result.ok:
-                raise DatabaseError(f"{path}: the restored database fails its check: {result.problems[0]}")
+        with cls.open(path, key=key) as db:  # recorded first: the files are in place whatever the check says
             db.trail.record("restore", [{"detail": {"from": str(src), "backup_created_at": report.created_at}}],
                             db.settings())
+            try:
+                result = db.check()
+            except IndexUnavailableError as exc:
+                raise IndexUnavailableError(
+                    f"{path}: restored (the backup's files are in place), but its index is not usable as it is: "
+                    f"{exc}. To replace the original, `facedb --db {path} rebuild-index`; to run beside it, give "
+                    f"it a collection of its own: `facedb --db {path} reindex --index milvus --milvus-collection "
+                    "NAME`") from None
+            if not result.ok:
+                raise DatabaseError(f"{path}: the restored database fails its check: {result.problems[0]}")
         return report
 
     def vacuum(self) -> None:

@@ -388,3 +388,34 @@ def test_a_backup_is_its_files_alone_and_reading_it_writes_nothing_there(source,
     with FaceDB.open(tmp_path / "copy") as db:  # the restored database is a live one again: WAL
         assert db.store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert db.check().ok
+
+
+@pytest.mark.slow
+def test_a_database_on_milvus_restores_and_says_how_to_give_it_its_own_collection(tmp_path):
+    """Found trying the commands as a new user: a database indexed in Milvus comes back pointing at the same
+    collection, which had seen writes the backup lacks; restore then failed with "run rebuild-index" although it
+    had put the copy in place, and a copy run beside the original would share (and overwrite) its collection.
+    The restore now says the files are in place, records itself, and names both ways on; the copy given its
+    own collection answers as of its backup while the original answers as before."""
+    pytest.importorskip("pymilvus", reason="pymilvus is not installed (the milvus extra)")
+    from facedb.errors import IndexUnavailableError
+
+    lite = str(tmp_path / "lite.db")
+    options = {"milvus_uri": lite, "milvus_collection": "faces"}
+    with FaceDB.create(tmp_path / "orig", model_id="vec-test", dim=DIM, threshold=0.8, index="milvus",
+                       index_options=options) as db:
+        for i in range(5):
+            db.add_templates(f"P{i}", vecs(i, 1), create=True)
+        db.backup(tmp_path / "bk")
+        for i in range(5, 8):  # the collection moves on past the backup
+            db.add_templates(f"P{i}", vecs(i, 1), create=True)
+    with pytest.raises(IndexUnavailableError, match=r"restored .the backup's files are in place.*--milvus-collection"):
+        FaceDB.restore(tmp_path / "bk", tmp_path / "copy")
+    with FaceDB.open(tmp_path / "copy", readonly=True) as db:
+        assert [r.operation for r in db.audit(operation="restore")] == ["restore"]
+    with FaceDB.open(tmp_path / "copy") as db:  # what `reindex --milvus-collection copy_own` does (Milvus Lite
+        db.reindex("milvus", None, {**options, "milvus_collection": "copy_own"})  # serves this process only)
+        assert db.check().ok
+        assert db.identify(vecs(6, 1)[0]).identity is None and db.identify(vecs(2, 1)[0]).identity == "P2"
+    with FaceDB.open(tmp_path / "orig") as db:
+        assert db.identify(vecs(6, 1)[0]).identity == "P6" and db.check().ok
