@@ -37,6 +37,8 @@ def main() -> int:
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--skip-levers", action="store_true")
     ap.add_argument("--skip-open-set", action="store_true", help="sections 1-2 only (verification, 1:1 calibration)")
+    ap.add_argument("--skip-calibration", action="store_true",
+                    help="no section 2 (scripts/calibrate_from_cache.py does it from the cached photos only)")
     args = ap.parse_args()
     lfw = args.data / "lfw_deepfunneled"
     proto = args.data / "lfw_protocol"
@@ -56,6 +58,8 @@ def main() -> int:
           f"1e-4 {rep['tar_at_far_0.0001']:.4f} (resolvable: {rep['far_0.0001_resolvable']}); "
           f"EER {rep['eer']:.4f}; failures to acquire {rep['failures_to_acquire']}/{rep['photos']}")
 
+    if args.skip_calibration and args.skip_open_set:
+        return write(out, args, tag, plot)
     # 2. 1:1 calibration holds
     dev_train = ev.run_lfw(proto / "pairsDevTrain.txt", lfw, pipe, flip=args.flip)
     dev_test = ev.pair_scores(proto / "pairsDevTest.txt", lfw, pipe, flip=args.flip)
