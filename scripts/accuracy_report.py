@@ -38,7 +38,7 @@ def main() -> int:
     ap.add_argument("--skip-levers", action="store_true")
     ap.add_argument("--skip-open-set", action="store_true", help="sections 1-2 only (verification, 1:1 calibration)")
     ap.add_argument("--skip-calibration", action="store_true",
-                    help="no section 2 (scripts/calibrate_from_cache.py does it from the cached photos only)")
+                    help="with --skip-open-set: section 1 alone (calibrate_from_cache.py does 2 from cached photos)")
     args = ap.parse_args()
     lfw = args.data / "lfw_deepfunneled"
     proto = args.data / "lfw_protocol"
