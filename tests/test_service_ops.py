@@ -502,7 +502,9 @@ def test_sigterm_under_load_drains_in_flight_requests_and_loses_nothing_acknowle
     (hook / "sitecustomize.py").write_text(
         "import os\nimport facedb.audit\nfacedb.audit.FLUSH_DELAY_S = 3600.0\n"
         f"open({str(hook / 'took')!r}, 'a').write(f'{{os.getpid()}}\\n')\n")
-    env = {"FACEDB_HOOK_FOLD_SECONDS": "0", "PYTHONPATH": f"{hook}{os.pathsep}{REPO}"}
+    # the held bodies wait out the load (a count of answers, however long a loaded machine takes): no body
+    # timeout (FACEDB_BODY_TIMEOUT, 30 s by default) may cut them first
+    env = {"FACEDB_HOOK_FOLD_SECONDS": "0", "FACEDB_BODY_TIMEOUT": "3600", "PYTHONPATH": f"{hook}{os.pathsep}{REPO}"}
     with real_server(db, workers=workers, env=env, log_level="info") as (base, proc):
         if workers > 1:
             assert len(ready_on_all_workers(base, workers)) == workers
