@@ -377,6 +377,8 @@ def move(db: FaceDB, model_id: str, *, photos: Path | None = None, use_crops: bo
             done = db.store.replace_all_templates(vectors, thumbs, drop, meta, unset)
             failpoint("reembed-written")  # every row written, not yet committed: the kill test's step
         db._model = model  # the pipeline given (or none: the process-wide one of the new model)
+        if weights is not None:
+            db._weights = weights  # the new model's weights file, for this object's later photos
         settings = db.settings()
         report.templates, report.dropped = done["templates"], done["dropped"]
         report.mean_templates, report.visitors_forgotten = done["mean_templates"], done["visitors_forgotten"]
