@@ -366,6 +366,7 @@ def test_a_keyless_body_is_refused_before_it_is_read_and_a_stalled_body_is_dropp
         stalled = _raw(port, _head("/v1/identify/vector", 1000, keys["admin"]) + b'{"vector":')
         assert stalled.startswith(b"HTTP/1.1 408 "), stalled[:200]
         assert b"RequestTimeoutError" in stalled and b"connection: close" in stalled.lower()
+        assert b"within 1 s" in stalled  # FACEDB_BODY_TIMEOUT reached the worker (serve once reset it to 30)
         # and the service answers as before
         ok = httpx.post(f"{base}/v1/identify/vector", json={"vector": E[0].tolist()}, headers=hdr(keys["admin"]))
         assert ok.status_code == 200, ok.text
