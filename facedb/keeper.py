@@ -74,6 +74,15 @@ def training_rows(n: int) -> int:
     return int(min(n, max(65_536, min(160 * math.sqrt(max(n, 1)), 40 * 8192))))
 
 
+def _outdated(stamp: dict[str, Any]) -> bool:
+    """Whether a saved copy lacks what this version saves with it: the gallery section, or (plain files) the
+    vectors' own digest that lets an open check them in the background. Such a copy is saved again."""
+    saved = stamp.get("map")
+    if not isinstance(saved, dict):
+        return True
+    return bool(saved.get("vectors")) and "sha256" in stamp and not saved.get("vectors_sha256")
+
+
 class IndexKeeper:
     """Loads, catches up, rebuilds, saves, verifies and describes one database's index."""
 
@@ -274,7 +283,11 @@ class IndexKeeper:
         gallery.set_map(saved.ids, saved.pids, per_person=saved.per_person)
         if self._wants_vectors(index, len(saved.ids), settings.dim):
             if saved.vectors is not None and int(np.max(saved.ids, initial=0)) < 2**31:
-                gallery.keep_vectors(TemplateVectors.adopt(saved.ids, saved.vectors), self.vector_budget)
+                if saved.check is not None:  # verified in the background; queries re-score from the store meanwhile
+                    vectors = TemplateVectors.adopt_checked(saved.ids, saved.vectors, saved.check)
+                else:
+                    vectors = TemplateVectors.adopt(saved.ids, saved.vectors)
+                gallery.keep_vectors(vectors, self.vector_budget)
             else:
                 self._fill_vectors(gallery, settings.dim)
         saved.vectors = None  # the gallery holds them now (no copy)
@@ -388,7 +401,7 @@ class IndexKeeper:
             # have made the next process build (README "Performance": ready after a restart).
             if not self._unsettled(settings):
                 return
-        elif not force and self.from_file and stamp is not None and (stamp.get("map") or not self._saves_map()):
+        elif not force and self.from_file and stamp is not None and not (self._saves_map() and _outdated(stamp)):
             if 0 <= self.gallery.generation - int(stamp.get("generation", -1)) < SAVE_EVERY:
                 return
         try:
@@ -414,7 +427,7 @@ class IndexKeeper:
             return True
         lag = settings.generation - int(stamp["generation"])
         if lag == 0:
-            return not stamp.get("map") and getattr(self.backend(str(stamp.get("kind"))), "saves_map", False)
+            return _outdated(stamp) and getattr(self.backend(str(stamp.get("kind"))), "saves_map", False)
         if lag < 0 or lag >= SAVE_EVERY:
             return True
         changes = self.store.changes_since(int(stamp["generation"]))
@@ -497,6 +510,8 @@ class IndexKeeper:
             done = {"erase_pending": "0"} if settings.extra.get("erase_pending") == "1" else {}
             if rewrite:
                 self._save_locked(settings, done)
+                if self.gallery is not None and self.gallery.vectors is not None:
+                    self.gallery.vectors.own()  # let the replaced file (which held the removed rows) go
             else:
                 remove_stale_temporaries(self.root, "index")
                 if done:
@@ -518,7 +533,8 @@ class IndexKeeper:
         if source is None:
             return self._backend.save(gallery.index, place)
         fields = self._backend.save(gallery.index, place, source)  # type: ignore[call-arg]
-        return {**fields, "map": {"vectors": source.rows is not None}}
+        digests = fields.pop("map_digests", {})
+        return {**fields, "map": {"vectors": source.rows is not None, **digests}}
 
     def _stamp(self, fields: dict[str, Any], gallery: Gallery, settings: Settings) -> str:
         """The store's record of a persisted copy: the backend's fields plus what the keeper checks at load."""
@@ -621,7 +637,7 @@ class IndexKeeper:
                 persisted = 0
         vectors = g.vectors if g is not None else None
         rescore = None if g is None or g.index.exact else "index" if g.index.keeps_vectors else \
-            "store" if vectors is None else "loading" if vectors.loading else "memory"
+            "store" if vectors is None or vectors.error is not None else "loading" if vectors.loading else "memory"
         return IndexState(
             kind=settings.index_kind,
             built=g.index.kind if g is not None else stamp.get("kind"),

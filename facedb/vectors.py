@@ -20,18 +20,20 @@ rows with one numpy indexing operation.
   after a removal, as the index itself is. The memory itself is outside what encryption at rest covers, as
   the index in memory always was.
 * **Filling.** A gallery built from the store adopts the vectors it read (no copy), and so does one loaded from
-  an index file that holds them (read straight into one matrix at disk speed). One loaded from a file without
-  them (saved by an older version, or while over the budget) is filled by a background thread reading the
-  store through a connection of its own (~1 M templates in ~9 s at 512-d); until a candidate's rows are
-  present, its query reads the store (complete answers either way). Removals that land while it runs mark
-  their ids, so that the fill never brings a removed template back.
+  an index file that holds them (memory-mapped from a plain file, copy-on-write; decrypted into one matrix from
+  an encrypted one). After an erasure rewrote the file, mapped rows are copied into the process (``own``).
+  One loaded from a file without them (saved by an older version, or while over the budget) is filled by a
+  background thread reading the store through a connection of its own (~1 M templates in ~9 s at 512-d);
+  until a candidate's rows are present, its query reads the store (complete answers either way). Removals that
+  land while it runs mark their ids, so that the fill never brings a removed template back. Rows mapped from
+  a plain index file are checked against their own digest in the background the same way (``adopt_checked``).
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -89,6 +91,51 @@ class TemplateVectors:
         out._slot[np.asarray(ids, dtype=np.int64)] = np.arange(len(ids), dtype=np.int32)
         out._next = out._live = len(ids)
         return out
+
+    @classmethod
+    def adopt_checked(cls, ids: np.ndarray, vectors: np.ndarray, check: Callable[[], bool]) -> TemplateVectors:
+        """Keep ``vectors`` (rows of sorted ``ids``, memory-mapped from an index file) once ``check()`` says they
+        are the saved ones, which a background thread finds out (hashing them: seconds at 1M); until then the
+        rows are absent, so queries re-score from the store. Writes that land meanwhile are kept: removed ids
+        never come back, and added ones keep their rows. A failed check leaves ``error`` set and no rows."""
+        out = cls(vectors.shape[1], 0)
+        ids = np.asarray(ids, dtype=np.int64)
+        if len(ids) and int(ids[-1]) > _MAX_ID:
+            raise ValueError("template ids beyond 2**31 cannot be kept in memory")
+        # sized by the largest id, so that removals meanwhile are marked and never brought back
+        out._slot = np.full(int(ids[-1]) + 1 if len(ids) else 17, _ABSENT, dtype=np.int32)
+        out._done.clear()
+        threading.Thread(target=out._adopt_when_checked, args=(ids, vectors, check), name="facedb-vectors",
+                         daemon=True).start()
+        return out
+
+    def _adopt_when_checked(self, ids: np.ndarray, vectors: np.ndarray, check: Callable[[], bool]) -> None:
+        try:
+            if not check():
+                from .errors import TamperedError
+
+                raise TamperedError("the re-scoring vectors in the index file do not match its stamp: they are "
+                                    "not used (re-scoring reads the store)")
+            with self._lock:
+                untouched = self._next == 0 and not bool((self._slot == _REMOVED).any())
+                if untouched and not self._stop:  # the common case: take the mapped matrix as it is
+                    self._matrix = np.ascontiguousarray(vectors, dtype=np.float32)
+                    self._slot[ids] = np.arange(len(ids), dtype=np.int32)
+                    self._next = self._live = len(ids)
+                    return
+            for s in range(0, len(ids), 65536):  # writes landed meanwhile: put the rows, skipping those
+                if self._stop:
+                    break
+                self.put(ids[s:s + 65536], vectors[s:s + 65536], live=False)
+        except BaseException as exc:
+            self.error = exc
+            import warnings
+
+            from .errors import TamperedFileWarning
+
+            warnings.warn(str(exc), TamperedFileWarning, stacklevel=1)
+        finally:
+            self._done.set()
 
     def __len__(self) -> int:
         return self._live
@@ -237,6 +284,13 @@ class TemplateVectors:
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for a background fill to finish; whether it has."""
         return self._done.wait(timeout)
+
+    def own(self) -> None:
+        """Copy rows that are memory-mapped from an index file into this process's memory, so that the file
+        can go once it is replaced (after an erasure, its old copy must not stay allocated for this process)."""
+        with self._lock:
+            if not self._matrix.flags.owndata and self._matrix.base is not None:
+                self._matrix = self._matrix.copy()
 
     def close(self) -> None:
         """Stop a background fill (at its next batch) and let the memory go."""

@@ -5,10 +5,13 @@ a copy that is not the stamp's is never trusted; the saved vectors are erased an
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
 from facedb import FaceDB
+from facedb.errors import TamperedFileWarning
 from facedb.settings import Settings
 from facedb.store import Store
 
@@ -96,6 +99,7 @@ def test_writer_leaves_index_and_reopen_answers_as_rebuilt_and_exact(tmp_path, d
         with monkeypatch.context() as m:
             no_store_reads(m)
             reopened = db.identify(probes, k=3)
+            db.load_index(wait=True)  # the mapped vectors' check, in the background
             state = db.index_state()
         assert state.from_file and state.built == kind
         assert state.rescore_from == {"ivfpq": "memory", "flat16": "memory"}.get(kind, state.rescore_from)
@@ -125,6 +129,7 @@ def test_changes_after_the_save_are_levelled_from_the_change_log(tmp_path, data,
         with monkeypatch.context() as m:
             no_store_reads(m)
             got = db.identify(probes, k=3)
+            db.load_index(wait=True)
         assert db.index_state().rescore_from == "memory" and not db.index_state().from_file
         generation = db.stats().generation
     agrees_with_exact(got, items, probes)
@@ -170,9 +175,12 @@ def test_saved_vectors_are_erased_with_the_person(tmp_path, data):
     data_before = (root / "index.faiss").read_bytes()
     assert all(np.asarray(v, "<f4").tobytes() in data_before for v in gone)  # the re-scoring vectors are there
     with FaceDB.open(root) as db:
+        db.identify(probes[0])  # loaded: its vectors are mapped from the file
+        assert not db.keeper.gallery.vectors._matrix.flags.owndata
         db.remove_person("p005")
         data_after = (root / "index.faiss").read_bytes()  # rewritten by the removal
         assert not any(np.asarray(v, "<f4").tobytes() in data_after for v in gone)
+        assert db.keeper.gallery.vectors._matrix.flags.owndata  # the old file is no longer mapped
     with FaceDB.open(root) as db:
         got = db.identify(probes, k=3)
     agrees_with_exact(got, [it for it in items if it[0] != "p005"], probes)
@@ -232,3 +240,57 @@ def test_a_process_holding_its_gallery_saves_after_a_bulk_write(tmp_path, data, 
         got = db.identify(probes, k=3)
         assert db.index_state().from_file
     agrees_with_exact(got, items, probes)
+
+
+def test_mapped_vectors_are_checked_in_the_background_and_answers_meanwhile_come_from_the_store(
+        tmp_path, data, monkeypatch):
+    """The part of the file before the vectors is checked at open; the vectors (gigabytes at 1M) are checked
+    in the background: until then queries re-score from the store (the same answers), and a removal made
+    meanwhile is never brought back by them."""
+    items, probes = data
+    root = tmp_path / "db"
+    with FaceDB.create(root, model_id="m", dim=DIM, threshold=0.5, index="ivfpq") as db:
+        db.reindex("ivfpq", {"nlist": 8, "nprobe": 8})
+        db.add_templates_many(items)
+    from facedb.index import faiss_kinds
+
+    release = threading.Event()
+    real = faiss_kinds._vectors_check
+
+    def slow_check(vectors, expected):
+        check = real(vectors, expected)
+        return lambda: release.wait(30) and check()
+
+    monkeypatch.setattr(faiss_kinds, "_vectors_check", slow_check)
+    with FaceDB.open(root) as db:
+        during = db.identify(probes, k=3)
+        assert db.index_state().rescore_from == "loading"
+        threading.Timer(0.5, release.set).start()  # the removal's erasure waits for the check to save them
+        db.remove_person("p007")
+        db.load_index(wait=True)
+        assert db.index_state().rescore_from == "memory"
+        after = db.identify(probes, k=3)
+    agrees_with_exact(during, items, probes)
+    agrees_with_exact(after, [it for it in items if it[0] != "p007"], probes)
+
+
+def test_altered_vectors_are_never_used(tmp_path, data):
+    items, probes = data
+    root = tmp_path / "db"
+    with FaceDB.create(root, model_id="m", dim=DIM, threshold=0.5, index="ivfpq") as db:
+        db.reindex("ivfpq", {"nlist": 8, "nprobe": 8})
+        db.add_templates_many(items)
+    raw = bytearray((root / "index.faiss").read_bytes())
+    at = bytes(raw).find(np.asarray(items[3][1][0], "<f4").tobytes())
+    assert at > 0
+    raw[at:at + 4] = np.float32(0.9).tobytes()  # p003's first template, altered in the saved vectors
+    (root / "index.faiss").write_bytes(bytes(raw))
+    with pytest.warns(TamperedFileWarning):
+        with FaceDB.open(root) as db:
+            got = db.identify(probes, k=3)
+            db.load_index(wait=True)
+            assert db.index_state().rescore_from == "store"  # the altered rows are not used
+            got_after = db.identify(probes, k=3)
+            assert db.check().ok  # the check heals the file (rebuilt from the store, saved)
+    agrees_with_exact(got, items, probes)
+    agrees_with_exact(got_after, items, probes)
