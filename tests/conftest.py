@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,18 @@ import pytest
 
 from facedb.detect import Face
 from facedb.pipeline import FacePipeline
+
+
+@pytest.fixture(autouse=True)
+def _sigint_handler_unchanged():
+    """A test that leaves this process's Ctrl-C handler changed (an in-process server, a library installing its
+    own) makes later Ctrl-C tests lose their signal: fail the test that did it, and put the handler back."""
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    after = signal.getsignal(signal.SIGINT)
+    if after is not before:
+        signal.signal(signal.SIGINT, before)
+        pytest.fail(f"the test left the SIGINT handler changed: {before!r} -> {after!r}")
 
 REPO = Path(__file__).resolve().parent.parent
 
