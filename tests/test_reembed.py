@@ -31,6 +31,7 @@ from facedb.pipeline import FacePipeline
 from facedb.reembed import UnembeddableError
 
 from .conftest import REPO, FakeDetector, FakeEmbedder, face_image, unit_rows
+from .test_livefiles import guard  # noqa: F401  (the fixture that fails on any other open of a live file)
 
 RED, GREEN, BLUE, GREY = (208, 48, 48), (48, 208, 48), (48, 48, 208), (144, 144, 144)
 PEOPLE = {"red": RED, "green": GREEN, "blue": BLUE}
@@ -514,3 +515,19 @@ def test_every_faiss_index_kind_is_rebuilt_for_the_new_model(tmp_path, pipes, in
         assert db.check().ok and db.index_state().entries == 9
     with FaceDB.open(root) as db:
         assert names_found(db, tmp_path) == {**{n: n for n in PEOPLE}, "stranger": None}
+
+
+def test_a_move_opens_no_live_file_outside_livefiles(tmp_path, pipes, guard):  # noqa: F811 (the imported fixture)
+    """The move on a database another connection holds open: no file of the live database is opened other than
+    through its SQLite connection (README "Guarantees": POSIX would drop that connection's locks)."""
+    root = make_db(tmp_path / "db", tmp_path / "photos")
+    other = FaceDB.open(root, readonly=True)
+    try:
+        assert other.stats().templates == 6
+        with FaceDB.open(root) as db:
+            db.reembed("fake-colour-b", photos=tmp_path / "photos")
+            assert db.check().ok
+        assert other.stats().templates == 6 and other.model_id == "fake-colour-b"
+    finally:
+        other.close()
+    assert guard == []
