@@ -46,6 +46,12 @@ def _default_device() -> str:
     return os.environ.get("FACEDB_DEVICE", "cpu")
 
 
+#: Each detector's default ``min_score``: its scores are on different scales. MTCNN's 0.90 is facedb's long-standing
+#: floor; YuNet scores a clear frontal face 0.92-0.95 and at 0.90 missed 5.3% of ORL's faces and 1.1% of 1,000
+#: LFW photos, at 0.70 none (scripts/bench_detect.py; README "Models and weights", "Detectors").
+DEFAULT_MIN_SCORE = {"mtcnn": 0.90, "yunet": 0.70}
+
+
 def check_detector(name: object) -> str:
     """``name`` as a detector's name (``mtcnn`` or ``yunet``), or InvalidInputError listing them."""
     if name not in DETECTORS:
@@ -57,10 +63,11 @@ def check_detector(name: object) -> str:
 class DetectorSettings:
     """Detection settings; ``device`` (``cpu`` or ``cuda``, default ``$FACEDB_DEVICE`` or cpu) also places the
     embedder. ``detector``: ``mtcnn`` (facenet-pytorch's, the default and every older database's) or ``yunet``
-    (OpenCV's FaceDetectorYN, facedb/yunet.py); a database keeps its choice in its settings."""
+    (OpenCV's FaceDetectorYN, facedb/yunet.py); a database keeps its choice in its settings. ``min_score``: the
+    detector's own score a face must reach; None: the detector's default (:data:`DEFAULT_MIN_SCORE`)."""
 
     min_face_size: int = 20
-    min_score: float = 0.90
+    min_score: float | None = None
     max_side: int = 1280
     device: str = field(default_factory=_default_device)
     detector: str = "mtcnn"
@@ -274,16 +281,17 @@ def get_detector(settings: DetectorSettings | None = None) -> Detector:
     missing (the message says how to get them)."""
     settings = settings or DetectorSettings()
     configure_threads()
+    score = DEFAULT_MIN_SCORE[settings.detector] if settings.min_score is None else settings.min_score
     with _LOCK:
         if settings not in _DETECTORS:
             if settings.detector == "yunet":
                 from .yunet import YuNetDetector
 
-                _DETECTORS[settings] = YuNetDetector(settings.min_face_size, settings.min_score,
-                                                     settings.max_side, settings.device)
+                _DETECTORS[settings] = YuNetDetector(settings.min_face_size, score, settings.max_side,
+                                                     settings.device)
             else:
-                _DETECTORS[settings] = MTCNNDetector(settings.min_face_size, settings.min_score,
-                                                     settings.max_side, settings.device)
+                _DETECTORS[settings] = MTCNNDetector(settings.min_face_size, score, settings.max_side,
+                                                     settings.device)
         return _DETECTORS[settings]
 
 

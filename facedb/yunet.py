@@ -107,13 +107,14 @@ class YuNetDetector:
 
     * ``min_face_size``: faces whose box is narrower and lower than this, in pixels of the (downscaled)
       image, are dropped (YuNet itself finds faces from ~10 px).
-    * ``min_score``: YuNet's own confidence (0..1) a face must reach.
+    * ``min_score``: YuNet's own confidence (0..1) a face must reach (default 0.70: its scores run lower than
+      MTCNN's; see facedb.pipeline.DEFAULT_MIN_SCORE).
     * ``max_side``: photos whose longer side exceeds it (or :data:`WORK_SIDE`) are downscaled before detection.
     """
 
     name = "yunet"
 
-    def __init__(self, min_face_size: int = 20, min_score: float = 0.90, max_side: int = 1280,
+    def __init__(self, min_face_size: int = 20, min_score: float = 0.70, max_side: int = 1280,
                  device: str = "cpu", weights: Path | None = None) -> None:
         from .settings import threads_setting
 
