@@ -129,6 +129,26 @@ def thumbnail_geometry(db: FaceDB, to_model: str) -> dict[str, object]:
             "eye_distance_px_p10_p90": [round(float(np.percentile(eyes, q)), 1) for q in (10, 90)] if eyes else None}
 
 
+def upsample_crops(factor: float) -> None:
+    """The experiment ``--crop-upsample``: kept crops enlarged before facedb.reembed detects and aligns them."""
+    import io
+
+    from PIL import Image
+
+    import facedb.reembed as reembed
+
+    real = reembed.crop_from_thumbnail
+
+    def larger(pipe, jpeg):  # type: ignore[no-untyped-def]
+        img = Image.open(io.BytesIO(jpeg)).convert("RGB")
+        img = img.resize((round(img.width * factor), round(img.height * factor)), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        return real(pipe, buf.getvalue())
+
+    reembed.crop_from_thumbnail = larger
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--people", type=int, default=300)
@@ -138,9 +158,15 @@ def main() -> None:
     ap.add_argument("--no-flip", dest="flip", action="store_false")
     ap.add_argument("--no-baseline", dest="baseline", action="store_false")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sources", default="crops,photos", help="which moves to measure (crops, photos or both)")
+    ap.add_argument("--crop-upsample", type=float, default=1.0,
+                    help="an experiment: enlarge each kept crop by this factor (Lanczos) before it is detected "
+                         "again and aligned (1: what facedb does)")
     ap.add_argument("--out", type=Path, default=REPO / "bench-results" / "reembed-dlib-to-sface.json")
     args = ap.parse_args()
     started = time.time()
+    if args.crop_upsample != 1.0:
+        upsample_crops(args.crop_upsample)
     result: dict[str, object] = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                                  "load_average_at_start": os.getloadavg(), "cpus": os.cpu_count(),
                                  "from": args.source, "to": args.target, "flip": args.flip, "seed": args.seed}
@@ -177,7 +203,7 @@ def main() -> None:
         vecs, kept = probe_vectors(args.target, [p for _, p in probes], args.flip)
         truth = [probes[i][0] for i in kept]
         result["probes"] = {"given": len(probes), "with_a_face": len(kept), "seconds": round(time.time() - t0, 1)}
-        for source in ("crops", "photos"):
+        for source in args.sources.split(","):
             root = work / source
             shutil.copytree(base, root)
             t0 = time.time()
