@@ -159,7 +159,13 @@ class Gallery:
 
     def _person_order(self) -> np.ndarray:
         if self._by_person is None:  # made on the first re-scoring (then kept up to date by add and remove)
-            self._by_person = np.sort(_person_keys(self._pids, self._ids))
+            keys = _person_keys(self._pids, self._ids)
+            # A bulk import adds each person's templates together, so the keys usually come sorted already:
+            # checking costs ~2 ms at 1M, the sort ~0.1 s (0.45 s on the loaded development machine), which the
+            # first answer after an open would pay.
+            if len(keys) > 1 and not bool(np.all(keys[1:] >= keys[:-1])):
+                keys.sort()
+            self._by_person = keys
         return self._by_person
 
     def person_templates(self, person_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
