@@ -131,6 +131,18 @@ def _oriented(im: Image.Image) -> Image.Image:
         return im
 
 
+def pixel_count(data: bytes) -> int | None:
+    """Width x height an encoded image declares in its header, without decoding its pixels; None when the header
+    cannot be read (the decoder then says why). For refusing a photo over a limit before it costs anything."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            w, h = Image.open(io.BytesIO(data)).size
+        return int(w) * int(h)
+    except Exception:
+        return None
+
+
 def _decode(data: bytes, name: str, cap: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():

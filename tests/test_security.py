@@ -888,3 +888,25 @@ def test_console_sign_in_is_throttled_like_the_api(svc):
     r = console_login(client, keys["admin"], follow_redirects=False)
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1 and "Too many" in r.text
     assert _sessions(path) == []
+
+
+def test_a_decision_photo_over_the_door_camera_pixel_limit_is_refused_before_decoding(svc):
+    """Finding 7: a 49-megapixel PNG of ~140 KB was decoded for identify (2 s, +330 MB). The decision routes
+    (identify, verify, detect) now refuse a photo whose header declares more than FACEDB_DECISION_MAX_PIXELS
+    (16 MP by default: a 4K door camera's frame is 8.3 MP) with a 400 before decoding it; enrolment keeps the
+    larger FACEDB_MAX_PIXELS."""
+    import io
+
+    from PIL import Image
+
+    client, keys, path, _ = svc
+    buf = io.BytesIO()
+    Image.new("L", (7000, 7000)).save(buf, "PNG")  # 49 MP, a small file
+    big = buf.getvalue()
+    assert len(big) < 200_000
+    h = hdr(keys["enroll"])
+    for route, data in (("/v1/identify", {}), ("/v1/verify", {"person": "Ann"}), ("/v1/detect", {})):
+        r = client.post(route, files={"photo": ("door.png", big)}, data=data, headers=h)
+        assert r.status_code == 400 and "FACEDB_DECISION_MAX_PIXELS" in r.json()["message"], (route, r.text)
+    assert audit(path, operation=["search", "verify", "detect"]) == []
+    assert ServiceSettings.from_env({"FACEDB_DECISION_MAX_PIXELS": "50000000"}).decision_max_pixels == 50_000_000

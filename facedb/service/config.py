@@ -35,7 +35,9 @@ class ServiceSettings:
     (0 = unlimited); ``uploads_per_client``: request bodies read at once per client address;
     ``allow_private_hooks``: let webhooks target loopback, link-local and private addresses (off: refused when
     added over HTTP and when sent); ``docs``: serve Swagger UI at ``/docs`` (off: it loads its scripts from a
-    CDN; ``/openapi.json`` is always served)."""
+    CDN; ``/openapi.json`` is always served); ``decision_max_pixels``: the largest photo (width x height) the
+    decision routes (identify, verify, detect) decode: a door camera's (4K is 8.3 MP); enrolment keeps
+    ``FACEDB_MAX_PIXELS``."""
 
     db: Path = Path("facedb-data")
     host: str = "127.0.0.1"
@@ -56,6 +58,7 @@ class ServiceSettings:
     uploads_per_client: int = 8
     allow_private_hooks: bool = False
     docs: bool = False
+    decision_max_pixels: int = 16_000_000
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -66,6 +69,8 @@ class ServiceSettings:
             raise InvalidInputError("the upload limit must be a positive number of MB")
         if self.fold_window < 0 or self.hook_backoff < 0 or not self.hook_timeout > 0 or self.hook_attempts < 1:
             raise InvalidInputError("webhook settings: fold window and backoff >= 0, timeout > 0, attempts >= 1")
+        if self.decision_max_pixels < 1:
+            raise InvalidInputError("the decision photo pixel limit must be at least 1")
         if not self.body_timeout > 0 or self.auth_failures < 1 or self.door_rate < 0 or self.uploads_per_client < 1:
             raise InvalidInputError("limits: body timeout > 0, auth failures >= 1, door rate >= 0, uploads per "
                                     "client >= 1")
@@ -84,7 +89,8 @@ class ServiceSettings:
             "weights": "FACEDB_WEIGHTS", "console": "FACEDB_CONSOLE", "log_format": "FACEDB_LOG_FORMAT",
             "body_timeout": "FACEDB_BODY_TIMEOUT", "auth_failures": "FACEDB_AUTH_FAILURES",
             "door_rate": "FACEDB_DOOR_RATE", "uploads_per_client": "FACEDB_UPLOADS_PER_CLIENT",
-            "allow_private_hooks": "FACEDB_ALLOW_PRIVATE_HOOKS", "docs": "FACEDB_DOCS"}
+            "allow_private_hooks": "FACEDB_ALLOW_PRIVATE_HOOKS", "docs": "FACEDB_DOCS",
+            "decision_max_pixels": "FACEDB_DECISION_MAX_PIXELS"}
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> ServiceSettings:
@@ -112,6 +118,7 @@ class ServiceSettings:
                 uploads_per_client=int(raw.get("uploads_per_client", 8)),
                 allow_private_hooks=_flag(raw.get("allow_private_hooks", "0"), "FACEDB_ALLOW_PRIVATE_HOOKS"),
                 docs=_flag(raw.get("docs", "0"), "FACEDB_DOCS"),
+                decision_max_pixels=int(raw.get("decision_max_pixels", 16_000_000)),
             )
         except ValueError as exc:
             raise InvalidInputError(f"a FACEDB_* service setting is not a number: {exc}") from None

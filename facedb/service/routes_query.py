@@ -92,7 +92,7 @@ def identify_photo(photo: Annotated[UploadFile, File(description="The photo (JPE
                    threshold: ThresholdForm = None, cropped: CroppedForm = False) -> dict[str, Any]:
     disclosure.check_policy(caller, threshold)
     k = disclosure.check_reach(caller, k)
-    source = uploads.read(photo)
+    source = uploads.read(photo, max_pixels=caller.state.settings.decision_max_pixels)
     with caller as db:
         faces = db.search(source, model=caller.state.photo_model(), k=k, threshold=threshold, name=source.name,
                           cropped=cropped)
@@ -130,7 +130,7 @@ def verify_photo(photo: Annotated[UploadFile, File(description="The photo; its l
                  caller: Annotated[Caller, Depends(IDENTIFY)], threshold: ThresholdForm = None,
                  cropped: CroppedForm = False) -> dict[str, Any]:
     disclosure.check_policy(caller, threshold)
-    source = uploads.read(photo)
+    source = uploads.read(photo, max_pixels=caller.state.settings.decision_max_pixels)
     return _verify(caller, source, person, threshold, model=caller.state.photo_model(), cropped=cropped)
 
 
@@ -145,7 +145,7 @@ def verify_vector(body: VectorVerify, caller: Annotated[Caller, Depends(IDENTIFY
 @router.post("/detect", summary="Faces in a photo: box, detector score, 5 landmarks (no identification).")
 def detect(photo: Annotated[UploadFile, File(description="The photo.")],
            caller: Annotated[Caller, Depends(IDENTIFY)], cropped: CroppedForm = False) -> dict[str, Any]:
-    source = uploads.read(photo)
+    source = uploads.read(photo, max_pixels=caller.state.settings.decision_max_pixels)
     with caller as db:
         faces = db.detect(source, model=caller.state.photo_model(), name=source.name, cropped=cropped)
         db.note("detect", detail={"faces": len(faces)})
