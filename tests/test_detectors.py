@@ -53,8 +53,10 @@ def test_detector_contract(name, facedata):
     photos = [load_photo(facedata / "lfw_deepfunneled" / rel).pixels for rel in LFW_ONE_FACE]
     found = [det.detect(p) for p in photos]
     for rel, faces, pixels in zip(LFW_ONE_FACE, found, photos):
-        assert len(faces) == 1, rel
-        f = faces[0]
+        assert faces, rel
+        assert [g.score for g in faces] == sorted((g.score for g in faces), reverse=True)
+        f = faces[0]  # LFW centres its labelled person; someone behind may be found too (YuNet at 0.70)
+        assert abs((f.box[0] + f.box[2]) / 2 - 125) < 30 and abs((f.box[1] + f.box[3]) / 2 - 125) < 30, rel
         assert isinstance(f, Face) and det.min_score <= f.score <= 1.0 and not f.assumed
         h, w = pixels.shape[:2]
         assert 0 <= f.box[0] < f.box[2] <= w and 0 <= f.box[1] < f.box[3] <= h and 40 < f.width < 200
@@ -75,7 +77,7 @@ def test_detector_contract(name, facedata):
     assert det.detect_many([]) == []
     # a large photo is downscaled (max_side) and its boxes come back in its own pixels
     big = np.asarray(Image.fromarray(photos[0]).resize((1600, 1600), Image.BILINEAR))
-    (f_big,) = det.detect(big)
+    f_big = det.detect(big)[0]
     assert iou(tuple(np.array(f_big.box) / 6.4), found[0][0].box) > 0.8
 
 
@@ -90,7 +92,7 @@ def test_both_detectors_feed_the_same_alignment(facedata):
     pipe = get_pipeline("sface")
     for rel in LFW_ONE_FACE:
         pixels = load_photo(facedata / "lfw_deepfunneled" / rel).pixels
-        (a,), (b,) = mtcnn.detect(pixels), yunet.detect(pixels)
+        a, b = mtcnn.detect(pixels)[0], yunet.detect(pixels)[0]
         assert np.abs(a.landmarks[:2] - b.landmarks[:2]).max() < 8, rel
         ea, eb = pipe.embed_crops([pipe.embedder.align(pixels, a), pipe.embedder.align(pixels, b)])
         assert float(ea @ eb) > 0.85, rel
@@ -295,13 +297,13 @@ def test_a_yunet_database_enrols_and_identifies_with_yunet(tmp_path, facedata):
         return [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
 
     assert cli("init", "--model", "sface", "--detector", "yunet")[0]["detector"] == "yunet"
-    cli("enroll", "--folder", str(folder))
+    cli("enroll", "--folder", str(folder), "--on-multiple", "largest")  # YuNet sees Tony_Blair_0001's neighbour
     probe = lfw / "Tony_Blair" / "Tony_Blair_0002.jpg"
     assert cli("search", str(probe))[0]["identity"] == "Tony_Blair"
     con = sqlite3.connect(db / "facedb.sqlite3")
     boxes = sorted(json.loads(b) for (b,) in con.execute("SELECT box FROM embeddings WHERE derived = 0"))
     con.close()
-    yunet = [detector("yunet").detect(load_photo(folder / p / f"{p}_0001.jpg").pixels)[0].box
+    yunet = [max(detector("yunet").detect(load_photo(folder / p / f"{p}_0001.jpg").pixels), key=lambda f: f.area).box
              for p in ["Colin_Powell", "Tony_Blair"]]
     assert all(any(np.allclose(b, y, atol=0.5) for b in boxes) for y in yunet)
     mt = detector("mtcnn").detect(load_photo(probe).pixels)[0]
