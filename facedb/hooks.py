@@ -357,9 +357,9 @@ class Dispatcher:
             timeout = max(0.0, self._timers[0][0] - time.monotonic()) if self._timers else 0.5
             try:
                 kind, item = self._queue.get(timeout=timeout)
-                self._busy = True
             except queue.Empty:
                 kind, item = "tick", None
+            self._busy = True  # a tick too: a timer popped and not yet submitted is not idle (wait_idle)
             try:
                 if kind == "event":
                     self._on_event(item)

@@ -504,7 +504,7 @@ def test_a_removed_hook_gets_nothing_after_its_removal_is_acknowledged(hooked):
         client.post("/v1/hooks", json={"url": healthy.url, "events": ["*"]}, headers=admin)
         for _ in range(2):  # the second is folded into the first's window, for both hooks
             client.post("/v1/identify/vector", json={"vector": E[0].tolist()}, headers=admin)
-        failing.wait_for(2)  # the first attempt and a retry: more retries and a fold window are pending
+        failing.wait_for(2, timeout=60)  # the first attempt and a retry: more retries and a fold window are pending
         assert client.delete(f"/v1/hooks/{gone['id']}", headers=admin).status_code == 200
         seen = len(failing.received)
         client.post("/v1/identify/vector", json={"vector": E[1].tolist()}, headers=admin)
