@@ -1,0 +1,88 @@
+"""The README's models table, every model on the same protocol through facedb, rendered from the JSON the
+measuring scripts wrote (nothing is measured here, and nothing is typed by hand: a figure no script has
+measured prints as "–").
+
+    python scripts/models_table.py [--out bench-results/models-table.md]
+
+Sources, each with flip (the `facedb init` default):
+  bench-results/accuracy-<M>-flip.json   scripts/accuracy_report.py: LFW pairs.txt 10-fold, TAR at FAR 1e-3 / 1e-4
+                                         (1e-4 is not resolvable with pairs.txt's 3,000 impostor pairs: shown in
+                                         brackets, as the report flags it)
+  bench-results/open-set-<M>-flip.json   scripts/open_set_report.py: DIR at FPIR 1% / 0.1%, one photo each of 1,678
+                                         people (raw LFW labels; "corrected": LFW_NOT_STRANGERS left out) and three
+                                         photos (610 people, best template or mean)
+  bench-results/stranger-rate-orl-yale.json  scripts/stranger_rate.py: ORL and Yale, every person a stranger
+  bench-results/models-speed.json        scripts/bench_models.py: ms per face (one aligned crop, one thread)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench-results"
+#: Where each model's weights come from and under which licence (README "Models and weights").
+MODELS = {
+    "sface": ("SFace 2021dec (OpenCV Zoo), 128-d", "Apache-2.0"),
+    "dlib-resnet": ("dlib ResNet, 128-d", "CC0 (dlib's model files)"),
+    "facenet-casia-tf": ("FaceNet 20180408-102900 (CASIA-WebFace), 512-d, converted from the graph", "MIT"),
+}
+FILES = {"sface": "sface", "dlib-resnet": "dlib", "facenet-casia-tf": "facenet-casia-tf"}
+
+
+def load(name: str) -> dict:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def pct(value: object, resolvable: bool = True) -> str:
+    if not isinstance(value, (int, float)):
+        return "–"
+    text = f"{100 * value:.1f}%"
+    return text if resolvable else f"({text})"
+
+
+def row(model: str, speed: dict, strangers: dict) -> str:
+    stem = FILES[model]
+    acc = load(f"accuracy-{stem}-flip.json").get("lfw_pairs", {})
+    openset = load(f"open-set-{stem}-flip.json")
+    one = openset.get("scores_1_photo", {}).get("raw", {})
+    fixed = openset.get("label_corrected", {}).get("scores_1_photo", {}).get("raw", {})
+    three = openset.get("three_photos", {}).get("best_or_mean, raw", {})
+    orl_yale = strangers.get("models", {}).get(model, {})
+    ms = speed.get("models", {}).get(model, {}).get("ms_per_face_p50")
+    ten = (f"{100 * acc['accuracy_mean']:.2f}% ± {100 * acc['accuracy_std']:.2f}" if "accuracy_mean" in acc
+           else "–")
+    cells = [
+        MODELS[model][0], ten, pct(acc.get("tar_at_far_0.001")),
+        pct(acc.get("tar_at_far_0.0001"), bool(acc.get("far_0.0001_resolvable", True))),
+        f"{pct(one.get('dir_at_fpir_0.01'))} / {pct(one.get('dir_at_fpir_0.001'))}",
+        f"{pct(fixed.get('dir_at_fpir_0.01'))} / {pct(fixed.get('dir_at_fpir_0.001'))}",
+        f"{pct(three.get('dir_at_fpir_0.01'))} / {pct(three.get('dir_at_fpir_0.001'))}",
+        f"{pct(orl_yale.get('orl', {}).get('fpir'))} / {pct(orl_yale.get('yale', {}).get('fpir'))}",
+        f"{ms:.0f}" if isinstance(ms, (int, float)) else "–", MODELS[model][1],
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=RESULTS / "models-table.md")
+    args = ap.parse_args()
+    speed, strangers = load("models-speed.json"), load("stranger-rate-orl-yale.json")
+    lines = ["| model | LFW 10-fold | TAR at FAR 1e-3 | TAR at FAR 1e-4 | DIR at FPIR 1% / 0.1%, 1 photo | "
+             "the same, corrected labels | DIR at FPIR 1% / 0.1%, 3 photos | ORL / Yale strangers let in | "
+             "ms per face | licence |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [row(m, speed, strangers) for m in MODELS]
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
