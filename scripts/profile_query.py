@@ -189,7 +189,8 @@ def build_ready(args: argparse.Namespace) -> dict[str, object]:
     warmup = templates[np.random.default_rng(99).choice(people, 100, replace=False), 0]
     args.db.parent.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    db = FaceDB.create(args.db, model_id="synthetic", dim=args.dim, threshold=THRESHOLD, index="auto")
+    db = FaceDB.create(args.db, model_id="synthetic", dim=args.dim, threshold=THRESHOLD, index="auto",
+                       encrypt=args.encrypt)  # the key: $FACEDB_KEY, which the measuring processes open with
     step = max(1, 100_000 // args.per)
     for start in range(0, people, step):
         stop = min(people, start + step)
@@ -310,6 +311,7 @@ def before_copy(db: Path) -> Path:
 
 def run_ready(args: argparse.Namespace) -> None:
     res: dict[str, object] = {"n": args.n, "per": args.per, "dim": args.dim, "index": "auto", "audit": True,
+                              "encrypted": args.encrypt,
                               "machine": f"{os.cpu_count()} cores, shared", "load_average_at_start": os.getloadavg()}
     if args.build:
         res["build"] = build_ready(args)
@@ -344,6 +346,7 @@ def main() -> None:
     ap.add_argument("--ready", action="store_true", help="measure open-to-first-answer (see above)")
     ap.add_argument("--dim", type=int, default=128, help="--ready: template dimension")
     ap.add_argument("--before", type=Path, default=None, help="--ready: also measure this checkout's code")
+    ap.add_argument("--encrypt", action="store_true", help="--ready --build: an encrypted database ($FACEDB_KEY)")
     ap.add_argument("--measure-child", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--profile-open", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
