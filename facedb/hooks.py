@@ -127,6 +127,15 @@ def check_url(url: object) -> str:
         raise InvalidInputError(f"not a URL: {url!r}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidInputError(f"a webhook URL is http:// or https:// with a host, got {url!r}")
+    try:
+        parts.port  # noqa: B018  (urlsplit checks the port only when asked: ":99999" and ":abc" raise here)
+    except ValueError:
+        raise InvalidInputError(f"a webhook URL's port is a number from 0 to 65535, got {url!r}") from None
+    if "@" in parts.netloc:
+        # credentials in a URL would be stored, listed by `hooks list` and GET /v1/hooks and written to the audit
+        # trail in the clear; the signature (the hook's secret) is how a receiver authenticates facedb
+        raise InvalidInputError("a webhook URL may not hold credentials (user:password@): the receiver checks "
+                                "the X-FaceDB-Signature header instead")
     return url
 
 

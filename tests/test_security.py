@@ -910,3 +910,39 @@ def test_a_decision_photo_over_the_door_camera_pixel_limit_is_refused_before_dec
         assert r.status_code == 400 and "FACEDB_DECISION_MAX_PIXELS" in r.json()["message"], (route, r.text)
     assert audit(path, operation=["search", "verify", "detect"]) == []
     assert ServiceSettings.from_env({"FACEDB_DECISION_MAX_PIXELS": "50000000"}).decision_max_pixels == 50_000_000
+
+
+# ================================================ second pass (issue #25): what a tester found against `facedb serve`
+BAD_HOOK_URLS = ("http://93.184.216.34:99999/door", "http://93.184.216.34:abc/door",
+                 "http://user:pw@93.184.216.34/door", "https://token@93.184.216.34/door")
+
+
+def test_a_webhook_url_with_a_bad_port_or_credentials_is_bad_input_everywhere(svc, tmp_path):
+    """A port past 65535 or not a number gave 500 (urlsplit().port raised ValueError in delivery.resolve) over
+    HTTP and in the console, and `facedb hooks add` stored it; a URL with user:password@ was stored and listed.
+    Now 400 / InvalidInputError / exit 2, nothing stored."""
+    from facedb.errors import InvalidInputError
+
+    from .servicekit import snapshot
+
+    client, keys, path, _ = svc
+    before = snapshot(path)
+    for url in BAD_HOOK_URLS:
+        r = client.post("/v1/hooks", json={"url": url, "events": ["*"]}, headers=hdr(keys["admin"]))
+        assert r.status_code == 400 and r.json()["error"] == "InvalidInputError", (url, r.text)
+    console_login(client, keys["admin"])
+    csrf = _console_csrf(client.get("/console/settings").text)
+    for url in BAD_HOOK_URLS:
+        r = client.post("/console/settings/hooks", data={"csrf": csrf, "url": url, "events": ["identify.match"]})
+        assert r.status_code == 400, (url, r.text[:300])
+    assert snapshot(path) == before
+    other = tmp_path / "cli-db"
+    make_db(other, dim=DIM)
+    runner = CliRunner()
+    for url in BAD_HOOK_URLS:
+        result = runner.invoke(cli_app, ["--db", str(other), "hooks", "add", url, "--events", "*"])
+        assert result.exit_code == 2, (url, result.output)
+        with FaceDB.open(other) as db, pytest.raises(InvalidInputError):
+            db.add_webhook(url, "*")
+    with FaceDB.open(other, readonly=True) as db:
+        assert db.webhooks() == []
