@@ -946,3 +946,67 @@ def test_a_webhook_url_with_a_bad_port_or_credentials_is_bad_input_everywhere(sv
             db.add_webhook(url, "*")
     with FaceDB.open(other, readonly=True) as db:
         assert db.webhooks() == []
+
+
+@pytest.mark.parametrize("scope", ["identify", "admin"])
+def test_a_name_that_could_never_be_enrolled_is_refused_before_anything_is_recorded(svc, scope):
+    """A door key sent `person` = 5 MiB of "Z" (not enrolled): 200, a 5 MiB audit detail, the name echoed and a
+    2 MiB verify.reject webhook; NUL bytes and names over 256 characters were taken too. Now the store's name
+    rules hold (length, control and invisible characters, white space at the ends): 400 InvalidInputError before
+    anything is recorded or sent, the same for a name that is enrolled and one that is not."""
+    from facedb.store import MAX_NAME_LENGTH
+
+    client, keys, path, sent = svc
+    enrol_colours(client, keys)
+    deliveries_before = len(sent)
+    trail_before = len(audit(path))
+    h = hdr(keys[scope])
+    for name in ("Z" * (5 * 1024 * 1024), "Z" * (MAX_NAME_LENGTH + 1), "Ann\x00", "Ann\u202e", " Ann", ""):
+        r = client.post("/v1/verify/vector", json={"person": name, "vector": E[0].tolist()}, headers=h)
+        assert r.status_code == 400 and r.json()["error"] == "InvalidInputError", (name[:20], r.text[:300])
+        assert len(r.content) < 1000  # the name is not echoed back
+        r = client.post("/v1/verify", files={"photo": ("p.png", png([RED], 2))}, data={"person": name}, headers=h)
+        assert r.status_code == 400 and r.json()["error"] == "InvalidInputError", (name[:20], r.text[:300])
+    assert len(audit(path)) == trail_before
+    import time
+
+    time.sleep(0.3)  # the dispatcher's threads post at once (its sender appends to a list): give them the chance
+    assert len(sent) == deliveries_before
+
+
+def test_verify_echoes_the_normalised_name_whether_or_not_enrolled(svc):
+    """`person: "Jose\u0301"` (NFD) answered `"name": "José"` (the stored NFC form) for an enrolled person but
+    echoed "Rene\u0301" as sent for one who is not: the echo told a door key who is enrolled. Now the name is
+    normalised the same way in both cases."""
+    client, keys, path, _ = svc
+    r = client.post("/v1/people", json={"name": "Jos\u00e9"}, headers=hdr(keys["enroll"]))
+    assert r.status_code == 201
+    r = client.post("/v1/people/Jos\u00e9/vectors", json={"vectors": [E[3].tolist()]}, headers=hdr(keys["enroll"]))
+    assert r.status_code in (200, 201), r.text
+    h = hdr(keys["identify"])
+    names = {}
+    for sent_name in ("Jose\u0301", "Rene\u0301"):
+        r = client.post("/v1/verify/vector", json={"person": sent_name, "vector": E[9].tolist()}, headers=h)
+        assert r.status_code == 200, r.text
+        names[sent_name] = r.json()["name"]
+    assert names == {"Jose\u0301": "Jos\u00e9", "Rene\u0301": "Ren\u00e9"}
+    claims = [r.detail["claimed"] for r in audit(path, operation="verify")]
+    assert claims == ["Jos\u00e9", "Ren\u00e9"]
+
+
+def test_parser_refusals_answer_documented_error_classes(svc):
+    """JSON nested 5,000 levels, a 5,000-digit integer, a multipart part over 1 MiB and broken multipart were
+    refused as `"error": "HTTPError"`, a class neither README's error table nor /openapi.json lists. Now
+    InvalidInputError (400), like any other bad input."""
+    client, keys, _, _ = svc
+    h = hdr(keys["admin"])
+    json_bodies = (b'{"vector": ' + b"[" * 5000 + b"]" * 5000 + b"}", b'{"vector": [' + b"7" * 5000 + b"]}")
+    for content in json_bodies:
+        r = client.post("/v1/identify/vector", content=content, headers={**h, "content-type": "application/json"})
+        assert (r.status_code, r.json()["error"]) == (400, "InvalidInputError"), r.text[:300]
+    r = client.post("/v1/verify", files={"photo": ("p.png", png([RED], 2))}, data={"person": "Z" * (1100 * 1024)},
+                    headers=h)
+    assert (r.status_code, r.json()["error"]) == (400, "InvalidInputError"), r.text[:300]
+    r = client.post("/v1/identify", content=b"--x\r\nbroken", headers={**h, "content-type": "multipart/form-data; "
+                                                                                           "boundary=x"})
+    assert (r.status_code, r.json()["error"]) == (400, "InvalidInputError"), r.text[:300]

@@ -133,7 +133,10 @@ def install(app: FastAPI) -> None:
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        names = {404: "NotFound", 405: "MethodNotAllowed"}
+        # Starlette's and FastAPI's own refusals (a multipart part over 1 MiB, broken multipart, JSON nested too
+        # deep for the parser, an integer of thousands of digits) as the documented classes: bad input is
+        # InvalidInputError, too large is RequestTooLargeError, never an "HTTPError" no client knows
+        names = {400: "InvalidInputError", 404: "NotFound", 405: "MethodNotAllowed", 413: "RequestTooLargeError"}
         message = exc.detail if isinstance(exc.detail, str) else "refused"
         return JSONResponse(body(names.get(exc.status_code, "HTTPError"), message, exc.status_code),
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..db import verify_rule
 from ..errors import InvalidInputError, NoTemplatesError, PersonNotFoundError
 from ..records import Identification, Verification
+from ..store import check_name
 from . import disclosure, uploads
 from .auth import IDENTIFY, Caller
 from .uploads import CroppedForm
@@ -70,7 +71,13 @@ def _verified(caller: Caller, result: Verification, rule: str, enrolled: bool = 
 def _verify(caller: Caller, probe: Any, person: str, threshold: float | None, **photo: Any) -> dict[str, Any]:
     """One 1:1 decision. A door key is told the same for a name that is not enrolled (or has no templates) as
     for a refused claim, and that claim is recorded and sent as a rejection like any other; keys told more get
-    404 / 400 as before. The photo is read first either way, so "no face" (422) says nothing about the name."""
+    404 / 400 as before. The photo is read first either way, so "no face" (422) says nothing about the name.
+
+    ``person`` is held to the store's name rules first (length, control and invisible characters, ...) and
+    normalised (NFC) as the store does: a name that could never be enrolled is a 400 before anything is recorded
+    or sent (a 5 MiB name was recorded, echoed and sent by webhook), and the answer echoes the normalised name
+    whether or not it is enrolled (echoing it as sent for a stranger only told a door key who is enrolled)."""
+    person = check_name(person)
     enrolled = True
     with caller as db:
         try:
