@@ -423,7 +423,9 @@ class Drill:
         self.server = subprocess.Popen(
             [sys.executable, "-m", "facedb.cli", "--db", str(self.db), "serve", "--port", str(port),
              "--workers", str(self.workers), "--console", "--log-level", "warning", "--fold-window", "0"],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+            # the drill's webhook receiver listens on loopback, which a service refuses as a hook target by default
+            stdout=log, stderr=subprocess.STDOUT, env={**self.env, "FACEDB_ALLOW_PRIVATE_HOOKS": "1"},
+            start_new_session=True)
         started = time.monotonic()
         old_index = self.root / "index-before.faiss"
         try:
