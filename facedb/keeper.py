@@ -508,6 +508,7 @@ class IndexKeeper:
             settings = Settings.parse(self.store.all_meta())
             rewrite = not self._write_through(settings) and self._file_holds_removed(settings)
             done = {"erase_pending": "0"} if settings.extra.get("erase_pending") == "1" else {}
+            self._erase_engine(settings)
             if rewrite:
                 self._save_locked(settings, done)
                 if self.gallery is not None and self.gallery.vectors is not None:
@@ -517,6 +518,21 @@ class IndexKeeper:
                 if done:
                     self.store.set_meta(done)
         return rewrite
+
+    def _erase_engine(self, settings: Settings) -> None:
+        """A write-through engine with an ``erase`` step (Milvus: flush the deletes, ask for compaction) takes it
+        now, once, in the process that made the removal; unreachable, it warns (the deletes reach it on the next
+        open's replay, and the next removal's compaction covers them)."""
+        if not self._write_through(settings) or self.gallery is None:
+            return
+        erase = getattr(self.gallery.index, "erase", None)
+        if erase is None:
+            return
+        try:
+            erase()
+        except IndexUnavailableError as exc:
+            warnings.warn(f"removed, but the index engine was not asked to compact its storage: {exc}",
+                          IndexBehindWarning, stacklevel=4)
 
     def save_to(self, place: IndexPlace, settings: Settings) -> str:
         """Write the current gallery to another place (a staging directory, under another cipher) without
@@ -593,6 +609,19 @@ class IndexKeeper:
         gen, ids, pids = self.store.template_map()
         checks.append("index holds exactly the stored templates, mapped to the right people")
         held = gallery.index.ids()
+        probe = getattr(gallery.index, "still_held", None)
+        if probe is not None:  # a remote engine: did every removal's erasure reach it? (asked before any repair)
+            gone = self.store.removed_template_ids()
+            back = probe(gone) if len(gone) else np.zeros(0, dtype=np.int64)
+            checks.append(f"no removed template is still returned by the index engine ({len(gone)} removed ids "
+                          "queried by id)")
+            listed = f"{', '.join(map(str, back[:10].tolist()))}{' ...' if len(back) > 10 else ''}"
+            if len(back) and self.readonly:  # a copy of the store ahead of the writer's engine writes
+                checks.append(f"the index engine still returns {len(back)} templates this copy of the store removed "
+                              f"(ids {listed}): they map to no one here; the writer's next open deletes them")
+            elif len(back):
+                problems.append(f"{len(back)} removed templates are still returned by the index engine (ids "
+                                f"{listed}); deleted again now: run check again")
         if self._backend is not None and self._backend.write_through and gallery.generation == gen:
             held = self._level_engine(gallery, held, ids, checks)
         if gallery.generation == gen:
@@ -618,6 +647,9 @@ class IndexKeeper:
             return held
         if len(stray):
             gallery.index.remove(stray)
+            erase = getattr(gallery.index, "erase", None)
+            if erase is not None:
+                erase()  # deleted rows leave the engine's storage at its compaction: ask for it
             checks.append(f"{len(stray)} index engine entries the store no longer holds were deleted")
         if len(missing):
             m_ids, m_pids, vectors = self.store.templates(missing)

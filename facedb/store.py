@@ -1392,6 +1392,16 @@ class Store:
                     removed.add(tid)
         return current, sorted(added), sorted(removed)
 
+    def removed_template_ids(self) -> np.ndarray:
+        """Ids (int64, sorted) of templates the change log records as removed and the store no longer holds: for
+        ``check`` to ask a remote index engine whether it still returns any. Covers the log as kept (the last
+        ``CHANGES_KEPT`` generations); older removals are covered by ``check``'s full listing of the engine."""
+        with self.read():
+            rows = self.conn.execute(
+                "SELECT DISTINCT embedding_id FROM changes WHERE op = 'remove' "
+                "AND embedding_id NOT IN (SELECT id FROM embeddings)").fetchall()
+        return np.array(sorted(r[0] for r in rows), dtype=np.int64)
+
     def prune_changes(self, upto_generation: int) -> None:
         """Forget the change log up to ``upto_generation - CHANGES_KEPT``."""
         floor = upto_generation - CHANGES_KEPT

@@ -68,7 +68,7 @@ listen-peer-urls: http://127.0.0.1:$((etcd_port + 1))
 initial-advertise-peer-urls: http://127.0.0.1:$((etcd_port + 1))
 initial-cluster: $name=http://127.0.0.1:$((etcd_port + 1))
 EOF
-    export ETCD_CONFIG_PATH=$PWD/$dir/etcd.yaml
+    export ETCD_CONFIG_PATH=$(realpath "$dir/etcd.yaml")  # MILVUS_RUN may be absolute
   fi
   "$VENV/bin/milvus-server" --data "$dir/data" "$@" >"$dir/wrapper.log" 2>&1 </dev/null &
   echo $! >"$dir/wrapper.pid"

@@ -289,6 +289,7 @@ class MilvusIndex:
         self._overlay_ids = np.zeros(0, dtype=np.int64)  # read-only: templates the collection lacks
         self._overlay = np.zeros((0, dim), dtype=np.float32)
         self._hidden = np.zeros(0, dtype=np.int64)  # read-only: held by the collection, gone from the store
+        self.compaction_job: int | None = None  # the last compaction asked for after a removal (server job id)
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         with _engine(self.uri, what):
@@ -348,6 +349,26 @@ class MilvusIndex:
             self._call("deleting templates", self._client.delete, self.name,
                        ids=[int(i) for i in ids[s:s + MAX_TOPK]])
         self.refresh()
+
+    def erase(self) -> None:
+        """Ask the server to drop deleted rows from its storage as soon as it can: a Milvus delete is only a
+        marker (a delta log entry) until compaction rewrites the segments that hold the rows. The flush seals
+        the deletes into the segments' delta logs (without it they wait in the growing segment and the message
+        queue); the compaction request then rewrites the segments without the deleted rows. The compaction runs
+        on the server, in the background (its job id is kept in ``compaction_job``); the files it replaces are
+        removed by the server's garbage collection later (see README "Scale-out", Erasure). Called once per
+        removal, by the process that made it (``FaceDB``'s erasure step) and by ``check`` after deleting strays:
+        not by ``remove``, which other processes' catch-ups repeat before a query (a flush took ~1 s on a 2.3
+        server, and a door must not pay it); a manual compaction covers every segment of the collection, so it
+        also clears rows deleted by such catch-ups. IndexUnavailableError when the server cannot be reached."""
+        self._call("flushing the removal", self._client.flush, self.name)
+        self.compaction_job = int(self._call("asking for compaction", self._client.compact, self.name))
+
+    def still_held(self, ids: np.ndarray) -> np.ndarray:
+        """Which of ``ids`` (template ids, int64) the collection still returns to a query by primary key, at
+        Strong consistency: for ``check``, asked about templates the store removed (any found is an erasure that
+        did not reach the server). Sorted int64 array."""
+        return self._present(np.asarray(ids, dtype=np.int64))
 
     # -------------------------------------------------------------------------------------------- searches
     def _search_params(self, limit: int) -> dict[str, Any]:
