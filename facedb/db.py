@@ -1487,8 +1487,9 @@ class FaceDB:
         are in place and how to give the database an index of its own. See ``facedb/backup.py``."""
         from . import backup
 
-        report = backup.restore(Path(src), Path(path), key=key, replace=replace)
-        with cls.open(path, key=key) as db:  # recorded first: the files are in place whatever the check says
+        root = Path(path).resolve()  # "." would name the directory moved aside (the process's cwd goes with it)
+        report = backup.restore(Path(src), root, key=key, replace=replace)
+        with cls.open(root, key=key) as db:  # recorded first: the files are in place whatever the check says
             db.trail.record("restore", [{"detail": {"from": str(src), "backup_created_at": report.created_at}}],
                             db.settings())
             try:

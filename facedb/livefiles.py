@@ -31,6 +31,7 @@ file, and drives the service and the CLI on one database at once.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import threading
 from collections.abc import Iterator
@@ -221,3 +222,40 @@ def read_all(path: Path | str) -> bytes:
             chunks.append(chunk)
             offset += len(chunk)
         return b"".join(chunks)
+
+
+# ------------------------------------------------------------------------------------- holding unopened
+#: SQLite's POSIX lock bytes (os_unix.c): in the database file PENDING, RESERVED and the 510-byte SHARED range
+#: (every connection reading or writing, and every WAL-mode connection for as long as it is open, holds part of
+#: it); in the ``-shm`` file the WAL locks and the dead-man-switch byte (held by every WAL-mode connection).
+_DB_LOCK_RANGE = (0x40000000, 512)
+_SHM_LOCK_RANGE = (120, 9)
+
+
+@contextlib.contextmanager
+def hold_unopened(path: Path | str) -> Iterator[None]:
+    """Hold the database file ``path`` against every other SQLite user for the block, without opening it
+    through SQLite: no key is needed, and a damaged or unreadable file is held as well as a sound one. Write
+    locks are taken (never waited for) on the bytes SQLite locks in the file and in its ``-shm``; another
+    process that opens the database meanwhile waits for them and then fails its busy timeout.
+
+    DatabaseError if another process has the database open (or holds a lock on it), or if this process has it
+    open through SQLite (its own locks would not conflict, and closing a descriptor would drop them); nothing
+    is held then. Locks go when the block ends (the descriptors are closed: this process has no connection
+    on the file, so that releases only these locks)."""
+    path = Path(path)
+    if connections_on(path):
+        raise DatabaseError(f"{path} is in use by this process: close it before replacing it")
+    with contextlib.ExitStack() as stack:
+        targets = [(path, _DB_LOCK_RANGE)]
+        if Path(f"{path}-shm").exists():
+            targets.append((Path(f"{path}-shm"), _SHM_LOCK_RANGE))
+        for target, (start, length) in targets:
+            fd = stack.enter_context(raw_fd(target, os.O_RDWR))
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, start, os.SEEK_SET)
+            except OSError:
+                raise DatabaseError(f"{path} is in use by another process: stop every process using the database "
+                                    "(the service: `systemctl stop facedb`; readers) and try again; nothing was "
+                                    "changed") from None
+        yield

@@ -4,6 +4,8 @@ copy before it changes anything and refuses to replace a database in use; encryp
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -419,3 +421,209 @@ def test_a_database_on_milvus_restores_and_says_how_to_give_it_its_own_collectio
         assert db.identify(vecs(6, 1)[0]).identity is None and db.identify(vecs(2, 1)[0]).identity == "P2"
     with FaceDB.open(tmp_path / "orig") as db:
         assert db.identify(vecs(6, 1)[0]).identity == "P6" and db.check().ok
+
+
+# ------------------------------------------------------------------ issue #28, found by a new user (second pass)
+def _holder(root: Path) -> subprocess.Popen:
+    """Another process with the database at ``root`` open (as the service has it), until killed."""
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from facedb import FaceDB
+        db = FaceDB.open({str(root)!r}); db.people(); print("open", flush=True); time.sleep(600)""")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+    return holder
+
+
+def _listing(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if not p.name.endswith(("-wal", "-shm")))
+
+
+def test_replace_moves_only_a_database_directory_and_none_with_an_open_database_beneath(source, tmp_path):
+    """`facedb --db state restore B --replace` moved `state/` (holding the service's open `state/db`) aside, and
+    --replace moved any folder or plain file aside: the guard looked only at `state/facedb.sqlite3`. Now a
+    target that is not a database directory, or holds an open database anywhere beneath it, is refused (exit 2,
+    one line) and nothing is moved."""
+    with FaceDB.open(source) as db:
+        db.backup(tmp_path / "bk")
+    state = tmp_path / "state"
+    with FaceDB.create(state / "db", model_id="vec-test", dim=DIM, threshold=0.8) as db:
+        db.add_templates("Live", vecs(60), create=True)
+    other, afile = tmp_path / "other", tmp_path / "afile"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    afile.write_text("mine")
+    holder = _holder(state / "db")
+    try:
+        for target in (state, other, afile):
+            with pytest.raises(InvalidInputError, match="not a facedb database directory"):
+                FaceDB.restore(tmp_path / "bk", target, replace=True)
+            res = cli(target, "restore", str(tmp_path / "bk"), "--replace")
+            assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+            assert "not a facedb database directory" in res.stderr
+        res = cli(state / "db", "restore", str(tmp_path / "bk"), "--replace")  # the open database itself
+        assert res.returncode == 2 and "in use by another process" in res.stderr, res.stderr
+        # a database directory with another, open, database kept inside it
+        with FaceDB.create(tmp_path / "outer", model_id="vec-test", dim=DIM, threshold=0.8):
+            pass
+        holder.kill()
+        holder.wait()
+        (state / "db").rename(tmp_path / "outer" / "inner")
+        holder = _holder(tmp_path / "outer" / "inner")
+        before = _listing(tmp_path / "outer")
+        with pytest.raises(DatabaseError, match=r"inner/facedb\.sqlite3 is in use by another process"):
+            FaceDB.restore(tmp_path / "bk", tmp_path / "outer", replace=True)
+        assert _listing(tmp_path / "outer") == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert other.is_dir() and (other / "notes.txt").read_text() == "mine" and afile.read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if ".replaced-" in p.name or p.name.startswith(".")]
+    assert "Live" in contents(tmp_path / "outer" / "inner")["people"]
+
+
+def test_replace_moves_a_damaged_database_aside(source, tmp_path):
+    """A database that cannot be opened (its header damaged) is still a database directory by its files: with
+    nobody holding it, `restore --replace` moves it aside as any other (it said "cannot take the database for
+    conversion (file is not a database)", exactly when a restore is needed)."""
+    with FaceDB.open(source) as db:
+        db.backup(tmp_path / "bk")
+    store = source / "facedb.sqlite3"
+    data = bytearray(store.read_bytes())  # closed everywhere: a plain write is fine
+    data[:100] = bytes(100)
+    store.write_bytes(bytes(data))
+    res = cli(source, "--json", "restore", str(tmp_path / "bk"), "--replace")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["restored_to"] == str(source) and out["path"] == str(tmp_path / "bk")
+    aside = Path(out["replaced"])
+    assert aside.parent == tmp_path and aside.name.startswith("db.replaced-")
+    assert (aside / "facedb.sqlite3").read_bytes()[:100] == bytes(100)
+    assert len(contents(source)["people"]) == 6
+
+
+def test_an_encrypted_database_whose_keyring_is_gone_or_whose_key_was_rotated_is_replaced(tmp_path):
+    """After `rotate-key` (A to C), an older backup (under A) could not be restored in place with either key:
+    the replace step opened the live database with the backup's key. Neither can a database whose facedb.keys
+    is gone. The backup's key opens the backup; the database replaced needs no key; a wrong key names the
+    backup and the key it needs."""
+    pytest.importorskip("sqlcipher3")
+    from facedb.protect import generate_key
+
+    key_a, key_c = generate_key(), generate_key()
+    root = tmp_path / "enc"
+    with FaceDB.create(root, model_id="vec-test", dim=DIM, threshold=0.8, key=key_a) as db:
+        db.add_templates("Ann", vecs(1), create=True)
+        db.backup(tmp_path / "bk")
+        db.add_templates("Later", vecs(2), create=True)
+    FaceDB.rotate_key(root, key=key_a, new_key=key_c)
+    with pytest.raises(WrongKeyError, match=re.escape(f"the backup {tmp_path / 'bk'}") + ".*key version 1"):
+        FaceDB.restore(tmp_path / "bk", root, key=key_c, replace=True)
+    assert "Later" in contents(root, key=key_c)["people"]
+    report = FaceDB.restore(tmp_path / "bk", root, key=key_a, replace=True)
+    assert sorted(contents(root, key=key_a)["people"]) == ["Ann"]
+    assert "Later" in contents(Path(report.replaced), key=key_c)["people"]
+    (root / "facedb.keys").unlink()  # the keyring lost: the database is unreadable, and still replaced
+    report = FaceDB.restore(tmp_path / "bk", root, key=key_a, replace=True)
+    assert sorted(contents(root, key=key_a)["people"]) == ["Ann"]
+    assert not (Path(report.replaced) / "facedb.keys").exists()
+
+
+def test_restore_replace_of_the_current_directory(source, tmp_path):
+    """`cd db && facedb --db . restore B --replace` crashed (ValueError: PosixPath('.') has an empty name,
+    exit 3). Paths are resolved first; the restore lands in the directory named, not the one moved aside."""
+    with FaceDB.open(source) as db:
+        db.backup(tmp_path / "bk")
+        db.add_templates("Later", vecs(50), create=True)
+    res = subprocess.run([sys.executable, "-m", "facedb.cli", "--db", ".", "--json", "restore",
+                          str(tmp_path / "bk"), "--replace"], capture_output=True, text=True, cwd=str(source),
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["restored_to"] == str(source)
+    assert "Later" not in contents(source)["people"] and len(contents(source)["people"]) == 6
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("db.replaced-")]
+    assert len(aside) == 1 and "Later" in contents(aside[0])["people"]
+    with FaceDB.open(source, readonly=True) as db:
+        assert [r.operation for r in db.audit(operation="restore")] == ["restore"]
+
+
+KILLED_BACKUP = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {repo!r})
+    from facedb import FaceDB, backup
+    def die(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+    backup.write_atomic = die  # killed just before the manifest is written
+    with FaceDB.open({root!r}) as db:
+        db.backup({dest!r})
+""")
+
+
+def test_a_killed_backup_leaves_no_partial_destination(source, tmp_path):
+    """A SIGKILLed backup left DEST with facedb.sqlite3 alone, and running it again said "already exists". The
+    backup is built beside DEST and renamed into place whole; a rerun cleans the dead run's staging."""
+    dest = tmp_path / "bk"
+    res = subprocess.run([sys.executable, "-c", KILLED_BACKUP.format(repo=str(REPO), root=str(source),
+                                                                     dest=str(dest))], timeout=300)
+    assert res.returncode == -9
+    assert not dest.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".bk.")]  # the dead run's staging
+    res = cli(source, "backup", str(dest))
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in dest.iterdir()) == ["backup.json", "facedb.sqlite3"]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".bk.")]
+    FaceDB.restore(dest, tmp_path / "copy")
+    assert contents(tmp_path / "copy") == contents(source)
+
+
+def test_a_backup_from_a_newer_schema_is_refused(source, tmp_path):
+    """The manifest's schema_version was not checked (99 restored with rc 0)."""
+    with FaceDB.open(source) as db:
+        db.backup(tmp_path / "bk")
+    manifest = tmp_path / "bk" / "backup.json"
+    data = json.loads(manifest.read_text())
+    for bad, why in ((99, "schema version 99; this facedb knows up to"), ("x", "no valid schema_version")):
+        manifest.write_text(json.dumps({**data, "schema_version": bad}))
+        res = cli(tmp_path / "copy", "restore", str(tmp_path / "bk"))
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and why in res.stderr, res.stderr
+        assert not (tmp_path / "copy").exists()
+
+
+def test_backup_and_restore_messages_say_what_happened(source, tmp_path, monkeypatch):
+    """Messages found unclear: a bare tuple for a manifest mismatch; a raw "Directory not empty" when another
+    restore made the new folder meanwhile; `backup ""` said ". is inside the database directory" (inverted);
+    restore printed the manifest's original path instead of the folder it restores from."""
+    from facedb import backup
+
+    with FaceDB.open(source) as db:
+        db.backup(tmp_path / "made")
+    (tmp_path / "made").rename(tmp_path / "moved")
+    bk = tmp_path / "moved"
+    report = FaceDB.restore(bk, tmp_path / "copy")
+    assert report.path == str(bk) and report.restored_to == str(tmp_path / "copy") and report.replaced is None
+    res = cli(source, "backup", "")
+    assert res.returncode == 2 and "DEST is empty" in res.stderr, res.stderr
+    inverted = re.escape(f"database directory {source} is inside")
+    with FaceDB.open(source) as db, pytest.raises(InvalidInputError, match=inverted):
+        db.backup(tmp_path)
+    manifest = bk / "backup.json"
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**data, "people": 7}))
+    with pytest.raises(DatabaseError, match="holds model vec-test, dimension 16, 6 people, 12 templates; the "
+                                            "manifest says model vec-test, dimension 16, 7 people"):
+        backup.verify(bk)
+    manifest.write_text(json.dumps(data))
+    real_verify = backup.verify
+
+    def another_restore_meanwhile(src, key=None):
+        found = real_verify(src, key)
+        (tmp_path / "race").mkdir()
+        (tmp_path / "race" / "facedb.sqlite3").write_bytes(b"")
+        return found
+
+    monkeypatch.setattr(backup, "verify", another_restore_meanwhile)
+    with pytest.raises(DatabaseExistsError, match="made by another process meanwhile"):
+        backup.restore(bk, tmp_path / "race")
+    assert sorted(p.name for p in (tmp_path / "race").iterdir()) == ["facedb.sqlite3"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".race")]

@@ -237,15 +237,17 @@ def vacuum(ctx: typer.Context) -> None:
 @command()
 def backup(
     ctx: typer.Context,
-    dest: Annotated[Path, typer.Argument(help="A new directory for the copy.")],
+    dest: Annotated[str, typer.Argument(help="A new directory for the copy.")],
     with_index: Annotated[bool, typer.Option(
         "--with-index", help="Copy the index file too (it is derived: a restored database rebuilds it otherwise).")
     ] = False,
 ) -> None:
     """An online, consistent copy of the database while the service keeps answering and writing; an encrypted
     one stays encrypted (the copy names the key it needs; the key is never written)."""
+    if not dest.strip():  # Path("") is ".": the current directory is never what an empty argument meant
+        raise InvalidInputError("DEST is empty: name a new directory for the backup")
     with open_db(ctx) as db:
-        emit_kv(ctx, db.backup(dest, with_index=with_index).to_dict())
+        emit_kv(ctx, db.backup(Path(dest), with_index=with_index).to_dict())
 
 
 @command()
@@ -254,13 +256,14 @@ def restore(
     src: Annotated[Path, typer.Argument(help="A directory `facedb backup` made.")],
     replace: Annotated[bool, typer.Option("--replace", help="Replace the database at --db (moved aside to "
                                                              "DB.replaced-TIME; refused while any process has it "
-                                                             "open).")] = False,
+                                                             "open, or if --db is not a facedb database).")] = False,
 ) -> None:
     """Check a backup (its hash, key, integrity, model, schema) and restore it as the database at --db."""
     from ..db import FaceDB
 
     st = state(ctx)
-    emit_kv(ctx, {**FaceDB.restore(src, st.db, key=st.key(), replace=replace).to_dict(), "restored_to": str(st.db)})
+    # the key opens the backup (its database's key when it was made); the database replaced needs none
+    emit_kv(ctx, FaceDB.restore(src, st.db, key=st.key(), replace=replace).to_dict())
 
 
 @command()
