@@ -1010,3 +1010,122 @@ def test_parser_refusals_answer_documented_error_classes(svc):
     r = client.post("/v1/identify", content=b"--x\r\nbroken", headers={**h, "content-type": "multipart/form-data; "
                                                                                            "boundary=x"})
     assert (r.status_code, r.json()["error"]) == (400, "InvalidInputError"), r.text[:300]
+
+
+# ------------------------------------------------------------------- 1: request heads (raw sockets, real server)
+def _answer_to(sock) -> bytes:
+    """What the server writes until it closes the connection (a reset counts as closed)."""
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_request_heads_are_bounded_in_bytes_and_time(tmp_path):
+    """uvicorn (httptools) has no header size limit and no header timeout: a keyless client buffered 128 MiB of
+    one header line (+245 MiB) and was answered 200; a connection sending nothing, or a header line every few
+    seconds, stayed open. Through a real `facedb serve` with raw sockets: a head over FACEDB_MAX_HEADER_KB is
+    answered 431 and closed before the client has sent it all; a connection that sends nothing is closed, and one
+    that trickles header lines is answered 408 and closed, after FACEDB_HEADER_TIMEOUT; a normal request and a
+    head just under the limit are served as before."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from .servicekit import real_server
+
+    path = tmp_path / "db"
+    make_db(path, dim=DIM)
+    env = {"FACEDB_HEADER_TIMEOUT": "1", "FACEDB_MAX_HEADER_KB": "8"}
+    with real_server(path, workers=1, env=env) as (base, _):
+        port = urlsplit(base).port
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            sent = 0
+            try:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Junk: ")
+                for _ in range(64 * 16):  # up to 64 MiB, 64 KiB at a time; the server closes long before
+                    sock.sendall(b"Z" * 65536)
+                    sent += 65536
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            answer = _answer_to(sock)
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        assert b"RequestTooLargeError" in answer and sent < 64 * 1024 * 1024
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            assert _answer_to(sock) == b""  # nothing sent: closed (after 1 s), not held
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            sock.settimeout(0.3)
+            answer = b""
+            for i in range(200):  # a header line every 0.3 s, until the server answers (bounds a hang only)
+                try:
+                    sock.sendall(b"X-Line-%d: 1\r\n" % i)
+                    answer = sock.recv(65536)
+                except TimeoutError:
+                    continue
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                break
+            sock.settimeout(60)
+            answer += _answer_to(sock)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+        assert b"RequestTimeoutError" in answer and b"FACEDB_HEADER_TIMEOUT" in answer
+        ok = httpx.get(f"{base}/health", headers={"X-Junk": "Z" * 6000})
+        assert ok.status_code == 200
+        with httpx.Client() as client:  # a kept-alive connection: each request has its own head time
+            assert [client.get(f"{base}/health").status_code for _ in range(3)] == [200, 200, 200]
+
+
+def test_connections_per_client_address_are_bounded(tmp_path):
+    """150 half-sent requests from one address starved a server with 160 file descriptors. A worker now keeps
+    FACEDB_CONNECTIONS_PER_CLIENT connections per address: the next is answered 429 and closed at once; when one
+    closes, a new one is served."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from .servicekit import real_server
+
+    path = tmp_path / "db"
+    make_db(path, dim=DIM)
+    env = {"FACEDB_HEADER_TIMEOUT": "600", "FACEDB_CONNECTIONS_PER_CLIENT": "4"}
+    with real_server(path, workers=1, env=env) as (base, _):
+        port = urlsplit(base).port
+        held = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(4)]
+        try:
+            for sock in held:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # half-sent heads
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+                answer = _answer_to(sock)
+            assert answer.startswith(b"HTTP/1.1 429 ") and b"FACEDB_CONNECTIONS_PER_CLIENT" in answer, answer[:300]
+        finally:
+            held.pop().close()
+        try:
+            for _ in range(100):  # the server sees the close asynchronously: retry until it has
+                r = httpx.get(f"{base}/health", headers={"Connection": "close"})
+                if r.status_code == 200:
+                    break
+            assert r.status_code == 200
+        finally:
+            for sock in held:
+                sock.close()
+
+
+def test_x_forwarded_for_is_not_believed_unless_the_proxy_is_named(tmp_path):
+    """uvicorn believed X-Forwarded-For from 127.0.0.1 by default, so a local process chose its own client
+    address: it escaped the per-address throttle and wrote any address into the trail. Now proxy headers are off
+    unless `facedb serve --forwarded-allow-ips` (FACEDB_FORWARDED_ALLOW_IPS) names the proxy."""
+    from .servicekit import real_server
+
+    path = tmp_path / "db"
+    make_db(path, dim=DIM)
+    spoofed = {"X-API-Key": "fdb_000000000000_wrong", "X-Forwarded-For": "203.0.113.9"}
+    with real_server(path, workers=1) as (base, _):
+        assert httpx.get(f"{base}/v1/people", headers=spoofed).status_code == 401
+    with real_server(path, workers=1, env={"FACEDB_FORWARDED_ALLOW_IPS": "127.0.0.1"}) as (base, _):
+        assert httpx.get(f"{base}/v1/people", headers=spoofed).status_code == 401
+    addresses = [r.detail["address"] for r in audit(path, operation="auth-failed")]
+    assert addresses == ["127.0.0.1", "203.0.113.9"]

@@ -82,6 +82,10 @@ def serve(
     weights: WeightsOpt = None,
     console: Annotated[bool, typer.Option("--console/--no-console", envvar="FACEDB_CONSOLE",
                                           help="Serve the operator console (web pages) at /console.")] = True,
+    forwarded_allow_ips: Annotated[str, typer.Option(
+        envvar="FACEDB_FORWARDED_ALLOW_IPS",
+        help="Your reverse proxy's addresses (comma-separated, or *): only these may set the client address with "
+             "X-Forwarded-For. Default: none, the address is the connection's peer.")] = "",
     log_level: Annotated[str, typer.Option(help="uvicorn's log level.")] = "info",
     log_format: Annotated[LogFormat, typer.Option(envvar="FACEDB_LOG_FORMAT", help="text (uvicorn's lines) or "
                                                   "json: one JSON object per line, one per request (request id, "
@@ -109,7 +113,8 @@ def serve(
     settings = dataclasses.replace(
         ServiceSettings.from_env(), db=state(ctx).db, host=host, port=port, workers=workers,
         max_upload_mb=max_upload_mb, cors_origins=tuple(o.strip() for o in cors_origins.split(",") if o.strip()),
-        fold_window=fold_window, weights=weights, console=console, log_format=log_format.value)
+        fold_window=fold_window, weights=weights, console=console, log_format=log_format.value,
+        forwarded_allow_ips=",".join(a.strip() for a in forwarded_allow_ips.split(",") if a.strip()))
     st = state(ctx)  # an encrypted database's key source reaches the workers through the environment
     if st.key_file is not None:
         os.environ["FACEDB_KEY_FILE"] = str(Path(st.key_file).resolve())

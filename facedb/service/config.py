@@ -37,7 +37,16 @@ class ServiceSettings:
     added over HTTP and when sent); ``docs``: serve Swagger UI at ``/docs`` (off: it loads its scripts from a
     CDN; ``/openapi.json`` is always served); ``decision_max_pixels``: the largest photo (width x height) the
     decision routes (identify, verify, detect) decode: a door camera's (4K is 8.3 MP); enrolment keeps
-    ``FACEDB_MAX_PIXELS``."""
+    ``FACEDB_MAX_PIXELS``.
+
+    Before a request reaches the app (facedb/service/protocol.py): ``header_timeout``: seconds from a
+    connection's start (or its previous answer) to the end of the next request's head (408 / closed after);
+    ``max_header_kb``: the request line and headers together, KiB (431 after); ``connections_per_client``:
+    connections open at once per client address (the next is answered 429 and closed).
+    ``forwarded_allow_ips``: the reverse proxies (comma-separated addresses, or ``*``) whose
+    ``X-Forwarded-For`` / ``X-Forwarded-Proto`` are believed; empty (the default): none, the client address is
+    the connection's peer (uvicorn's own default trusted 127.0.0.1, so any local process could pose as any
+    address)."""
 
     db: Path = Path("facedb-data")
     host: str = "127.0.0.1"
@@ -59,6 +68,10 @@ class ServiceSettings:
     allow_private_hooks: bool = False
     docs: bool = False
     decision_max_pixels: int = 16_000_000
+    header_timeout: float = 10.0
+    max_header_kb: float = 32.0
+    connections_per_client: int = 32
+    forwarded_allow_ips: str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -74,12 +87,19 @@ class ServiceSettings:
         if not self.body_timeout > 0 or self.auth_failures < 1 or self.door_rate < 0 or self.uploads_per_client < 1:
             raise InvalidInputError("limits: body timeout > 0, auth failures >= 1, door rate >= 0, uploads per "
                                     "client >= 1")
+        if not self.header_timeout > 0 or not self.max_header_kb > 0 or self.connections_per_client < 1:
+            raise InvalidInputError("connection limits: header timeout > 0, header size > 0, connections per "
+                                    "client >= 1")
         if self.log_format not in LOG_FORMATS:
             raise InvalidInputError(f"the log format is one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_header_bytes(self) -> int:
+        return int(self.max_header_kb * 1024)
 
     _ENV: ClassVar[dict[str, str]] = {
             "db": "FACEDB_DB", "host": "FACEDB_HOST", "port": "FACEDB_PORT", "workers": "FACEDB_WORKERS",
@@ -90,7 +110,9 @@ class ServiceSettings:
             "body_timeout": "FACEDB_BODY_TIMEOUT", "auth_failures": "FACEDB_AUTH_FAILURES",
             "door_rate": "FACEDB_DOOR_RATE", "uploads_per_client": "FACEDB_UPLOADS_PER_CLIENT",
             "allow_private_hooks": "FACEDB_ALLOW_PRIVATE_HOOKS", "docs": "FACEDB_DOCS",
-            "decision_max_pixels": "FACEDB_DECISION_MAX_PIXELS"}
+            "decision_max_pixels": "FACEDB_DECISION_MAX_PIXELS", "header_timeout": "FACEDB_HEADER_TIMEOUT",
+            "max_header_kb": "FACEDB_MAX_HEADER_KB", "connections_per_client": "FACEDB_CONNECTIONS_PER_CLIENT",
+            "forwarded_allow_ips": "FACEDB_FORWARDED_ALLOW_IPS"}
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> ServiceSettings:
@@ -119,6 +141,11 @@ class ServiceSettings:
                 allow_private_hooks=_flag(raw.get("allow_private_hooks", "0"), "FACEDB_ALLOW_PRIVATE_HOOKS"),
                 docs=_flag(raw.get("docs", "0"), "FACEDB_DOCS"),
                 decision_max_pixels=int(raw.get("decision_max_pixels", 16_000_000)),
+                header_timeout=float(raw.get("header_timeout", 10.0)),
+                max_header_kb=float(raw.get("max_header_kb", 32.0)),
+                connections_per_client=int(raw.get("connections_per_client", 32)),
+                forwarded_allow_ips=",".join(a.strip() for a in raw.get("forwarded_allow_ips", "").split(",")
+                                             if a.strip()),
             )
         except ValueError as exc:
             raise InvalidInputError(f"a FACEDB_* service setting is not a number: {exc}") from None

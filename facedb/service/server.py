@@ -25,6 +25,7 @@ from .logs import uvicorn_log_config
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 APP = "facedb.service.app:app_from_env"
+PROTOCOL = "facedb.service.protocol:BoundedHttpToolsProtocol"
 
 
 def run(settings: ServiceSettings, log_level: str = "info") -> None:
@@ -33,6 +34,12 @@ def run(settings: ServiceSettings, log_level: str = "info") -> None:
     log_config = uvicorn_log_config(settings.log_format, log_level)
     config = uvicorn.Config(APP, factory=True, host=settings.host, port=settings.port, workers=settings.workers,
                             log_level=log_level, server_header=False, timeout_graceful_shutdown=10,
+                            # httptools with bounded heads and connections per address (protocol.py)
+                            http=PROTOCOL,
+                            # X-Forwarded-For only from the proxies the admin names: uvicorn trusts 127.0.0.1 by
+                            # default, which let any local process pose as any client address
+                            proxy_headers=bool(settings.forwarded_allow_ips),
+                            forwarded_allow_ips=settings.forwarded_allow_ips or None,
                             # json: the app writes one line per request itself (route template, key id)
                             access_log=settings.log_format != "json",
                             **({"log_config": log_config} if log_config is not None else {}))
