@@ -251,7 +251,11 @@ def hold_unopened(path: Path | str) -> Iterator[None]:
         if Path(f"{path}-shm").exists():
             targets.append((Path(f"{path}-shm"), _SHM_LOCK_RANGE))
         for target, (start, length) in targets:
-            fd = stack.enter_context(raw_fd(target, os.O_RDWR))
+            try:
+                fd = stack.enter_context(raw_fd(target, os.O_RDWR))  # a write lock needs a descriptor for writing
+            except OSError as exc:
+                raise DatabaseError(f"{target}: cannot open it to hold it ({exc.strerror}); nothing was "
+                                    "changed") from None
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, start, os.SEEK_SET)
             except OSError:

@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -627,3 +630,51 @@ def test_backup_and_restore_messages_say_what_happened(source, tmp_path, monkeyp
         backup.restore(bk, tmp_path / "race")
     assert sorted(p.name for p in (tmp_path / "race").iterdir()) == ["facedb.sqlite3"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".race")]
+
+
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+
+
+def test_the_backup_timer_units_commands_make_a_dated_backup_and_prune_old_ones(source, tmp_path):
+    """deploy/facedb-backup.service's own commands (read from the unit, run as systemd would: its environment,
+    `%%` as `%`): a dated backup that restores whole; backups older than the retention and a killed run's
+    staging older than a day are removed, newer ones kept. The unit and its timer pass `systemd-analyze
+    verify` where systemd is installed (ExecStart's facedb pointed at this checkout's, as a site would have it
+    installed)."""
+    unit = (REPO / "deploy" / "facedb-backup.service").read_text()
+    installed = "/opt/facedb/.venv/bin/facedb"
+    here = str(Path(sys.executable).parent / "facedb")
+    unit = unit.replace(installed, here)
+    env = {"FACEDB_DB": str(source), "FACEDB_BACKUP_DIR": str(tmp_path / "backups"), "FACEDB_BACKUP_KEEP_DAYS": "30"}
+    (tmp_path / "backups").mkdir()
+    old, recent = tmp_path / "backups" / "db-20200101T030000Z", tmp_path / "backups" / "db-20991231T030000Z"
+    stale, running = tmp_path / "backups" / ".db-x.backup-1", tmp_path / "backups" / ".db-y.backup-2"
+    for folder, days in ((old, 40), (recent, 2), (stale, 2), (running, 0)):
+        folder.mkdir()
+        then = time.time() - days * 86400
+        os.utime(folder, (then, then))
+    for line in unit.splitlines():
+        if not line.startswith(("ExecStart=", "ExecStartPost=")):
+            continue
+        command = line.split("=", 1)[1].replace("%%", "%")
+        for name, value in env.items():
+            command = command.replace("${" + name + "}", value)
+        done = subprocess.run(shlex.split(command), capture_output=True, text=True, timeout=300,
+                              env={**os.environ, **env, "PYTHONPATH": str(REPO)})
+        assert done.returncode == 0, done.stderr
+    made = {p.name for p in (tmp_path / "backups").iterdir()} - {running.name, recent.name}
+    assert len(made) == 1 and re.fullmatch(r"db-\d{8}T\d{6}Z", made.pop() if made else "") and \
+        running.is_dir() and recent.is_dir(), sorted(p.name for p in (tmp_path / "backups").iterdir())
+    new = [p for p in (tmp_path / "backups").iterdir() if p.name not in (running.name, recent.name)]
+    FaceDB.restore(new[0], tmp_path / "copy")
+    assert contents(tmp_path / "copy") == contents(source)
+    if SYSTEMD_ANALYZE is None:
+        pytest.skip("systemd-analyze is not installed (Debian package systemd): the units were not verified")
+    (tmp_path / "units").mkdir()
+    (tmp_path / "units" / "facedb-backup.service").write_text(unit)
+    shutil.copy(REPO / "deploy" / "facedb-backup.timer", tmp_path / "units" / "facedb-backup.timer")
+    out = subprocess.run([SYSTEMD_ANALYZE, "verify", str(tmp_path / "units" / "facedb-backup.service"),
+                          str(tmp_path / "units" / "facedb-backup.timer")], capture_output=True, text=True,
+                         env={**os.environ, "SYSTEMD_LOG_LEVEL": "notice"})
+    complaints = [line for line in (out.stdout + out.stderr).splitlines() if "facedb-backup" in line]
+    assert out.returncode == 0 and not complaints, out.stdout + out.stderr
