@@ -49,7 +49,8 @@ def row(model: str, speed: dict, strangers: dict) -> str:
     stem = FILES[model]
     acc = load(f"accuracy-{stem}-flip.json").get("lfw_pairs", {})
     openset = load(f"open-set-{stem}-flip.json")
-    one = openset.get("scores_1_photo", {}).get("raw", {})
+    # one photo each: open_set_report's figures, else accuracy_report's own open-set run (the same protocol)
+    one = openset.get("scores_1_photo", {}).get("raw", {}) or load(f"accuracy-{stem}-flip.json").get("open_set_lfw", {})
     fixed = openset.get("label_corrected", {}).get("scores_1_photo", {}).get("raw", {})
     three = openset.get("three_photos", {}).get("best_or_mean, raw", {})
     orl_yale = strangers.get("models", {}).get(model, {})
