@@ -158,7 +158,8 @@ def test_a_door_key_is_told_the_decision_only(svc):
     r = client.post("/v1/identify", files={"photo": ("d.png", png([RED], 4))}, data={"k": "5"}, headers=h)
     assert r.status_code == 403
     door = f"key:{key_id(path, 'identify-key')}"
-    assert [r.actor for r in audit(path, operation="denied")] == [door] * 4
+    # one record per reason a minute (the two k=1000 refusals are one record; the next says how many it stands for)
+    assert [r.actor for r in audit(path, operation="denied")] == [door] * 3
     # keys that are granted candidates, and enroll / admin keys, keep the full answers
     with FaceDB.open(path) as db:
         granted = db.create_api_key("identify", "door-full", ["candidates"])[1]
@@ -958,12 +959,16 @@ def test_a_name_that_could_never_be_enrolled_is_refused_before_anything_is_recor
 
     client, keys, path, sent = svc
     enrol_colours(client, keys)
+    deliveries(sent, "person.enrolled", at_least=2)  # Ann's and Bob's, posted from the dispatcher's threads
     deliveries_before = len(sent)
     trail_before = len(audit(path))
     h = hdr(keys[scope])
     for name in ("Z" * (5 * 1024 * 1024), "Z" * (MAX_NAME_LENGTH + 1), "Ann\x00", "Ann\u202e", " Ann", ""):
         r = client.post("/v1/verify/vector", json={"person": name, "vector": E[0].tolist()}, headers=h)
-        assert r.status_code == 400 and r.json()["error"] == "InvalidInputError", (name[:20], r.text[:300])
+        # (a door key's 5 MiB body is over its vector route's body limit: refused before it is parsed)
+        refusal = (413, "RequestTooLargeError") if scope == "identify" and len(name) > 16 * 1024 else \
+            (400, "InvalidInputError")
+        assert (r.status_code, r.json()["error"]) == refusal, (name[:20], r.text[:300])
         assert len(r.content) < 1000  # the name is not echoed back
         r = client.post("/v1/verify", files={"photo": ("p.png", png([RED], 2))}, data={"person": name}, headers=h)
         assert r.status_code == 400 and r.json()["error"] == "InvalidInputError", (name[:20], r.text[:300])
@@ -1129,3 +1134,73 @@ def test_x_forwarded_for_is_not_believed_unless_the_proxy_is_named(tmp_path):
         assert httpx.get(f"{base}/v1/people", headers=spoofed).status_code == 401
     addresses = [r.detail["address"] for r in audit(path, operation="auth-failed")]
     assert addresses == ["127.0.0.1", "203.0.113.9"]
+
+
+def test_scope_refusals_are_recorded_boundedly_and_throttled(svc):
+    """200 `GET /v1/audit` with a door key wrote 200 `denied` rows. Now refusals of a live key are recorded as
+    failed authentications are (one record per source and reason a minute, saying how many it stands for) and
+    throttled like them: 429 with Retry-After once the address's allowance is used up."""
+    client, keys, path, _ = svc
+    stopped(client)
+    h = hdr(keys["identify"])
+    codes = [client.get("/v1/audit", headers=h).status_code for _ in range(200)]
+    assert codes[:20] == [403] * 20 and set(codes[20:]) == {429}
+    r = client.get("/v1/audit", headers=h)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    denied = audit(path, operation="denied")
+    assert len(denied) == 1 and denied[0].detail["reason"] == "scope identify, needs admin"
+    assert denied[0].detail["address"] == "testclient"
+
+
+def test_a_door_keys_vector_body_is_bounded_by_the_dimension(svc):
+    """A door key made the server parse a 19 MiB JSON vector before the dimension check (+230 MiB, 2 s). A door
+    key's body on the vector routes may now be as large as one vector of the database's dimension can be
+    (32 bytes a number, and 16 KiB for the rest): 413 before parsing; keys told more keep the upload limit."""
+    client, keys, _, _ = svc
+    enrol_colours(client, keys)
+    huge = [0.001] * 200_000  # ~1.4 MB of JSON
+    for route, extra in (("/v1/identify/vector", {}), ("/v1/verify/vector", {"person": "Ann"})):
+        r = client.post(route, json={"vector": huge, **extra}, headers=hdr(keys["identify"]))
+        assert (r.status_code, r.json()["error"]) == (413, "RequestTooLargeError"), r.text[:300]
+        assert "dimension" in r.json()["message"]
+        r = client.post(route, json={"vector": huge, **extra}, headers=hdr(keys["admin"]))
+        assert (r.status_code, r.json()["error"]) == (409, "ModelMismatchError"), r.text[:300]  # read, then refused
+        # the longest numbers a valid vector of this dimension can have still fit
+        longest = [-1.2345678901234567e-05] * DIM
+        r = client.post(route, content=json.dumps({"vector": longest, **extra}, indent=8),
+                        headers={**hdr(keys["identify"]), "content-type": "application/json"})
+        assert r.status_code in (200, 400) and r.json().get("error") != "RequestTooLargeError", r.text[:300]
+
+
+def test_cors_preflights_carry_the_worker_header(tmp_path, fake_pipeline):
+    """CORS preflight answers (made by the CORS middleware, outside the one that stamped the worker's pid) had no
+    X-FaceDB-Worker header; every other answer has it."""
+    import os
+
+    path = tmp_path / "db"
+    make_db(path, dim=DIM)
+    app = create_app(ServiceSettings(db=path, cors_origins=("https://door-panel.example",)), model=fake_pipeline,
+                     sender=lambda *a: 200)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        wait_ready(client)
+        pre = client.options("/v1/identify/vector", headers={
+            "Origin": "https://door-panel.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "X-API-Key"})
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "https://door-panel.example"
+        assert pre.headers["x-facedb-worker"] == str(os.getpid())
+        assert client.get("/health").headers["x-facedb-worker"] == str(os.getpid())
+
+
+def test_signing_out_deletes_the_console_cookie_as_it_was_set(svc):
+    """The console set its cookie SameSite=Strict but deleted it with Starlette's default SameSite=lax (a
+    different cookie to some browsers, and a weaker attribute on the answer). Deletions now carry the same
+    attributes as the cookie they delete."""
+    from .servicekit import console_login
+
+    client, keys, _, _ = svc
+    page = console_login(client, keys["admin"], follow_redirects=True)
+    r = client.post("/console/logout", data={"csrf": _console_csrf(page.text)}, follow_redirects=False)
+    assert r.status_code == 303
+    deleted = [c for c in r.headers.get_list("set-cookie") if c.startswith("facedb_console=")]
+    assert deleted and all("max-age=0" in c.lower() and "samesite=strict" in c.lower() and "httponly" in c.lower()
+                           for c in deleted), deleted

@@ -51,6 +51,15 @@ WORKER_HEADER = b"x-facedb-worker"
 #: The body limit of a request that names no key (the console's sign-in form: a key and a token), bytes.
 KEYLESS_BODY = 16 * 1024
 
+#: The decision routes that take a JSON vector, and what one number of it may take in the body (a float's
+#: longest text, "-1.2345678901234567e-05", and ", "), and the rest of the largest valid request (a name of
+#: 256 characters written as \uXXXX escapes, the field names, white space): a door key sends one vector a
+#: call, so its body is bounded by the dimension; a 19 MiB vector was parsed before its length was checked
+#: (+230 MiB, 2 s; issue #25, second pass, finding 7).
+VECTOR_ROUTES = ("/v1/identify/vector", "/v1/verify/vector")
+BYTES_PER_NUMBER = 32
+VECTOR_SLACK = 16 * 1024
+
 
 class Transport:
     """Pure ASGI middleware, in front of everything but the request log and CORS (so that its refusals carry
@@ -66,30 +75,23 @@ class Transport:
     Then the body is read, bounded by the limit (counted, for a chunked body) and by ``body_timeout`` seconds in
     all (408: a stalled or trickling body is dropped, the connection closed), and replayed to the app. uvicorn
     has no body timeout of its own (``timeout_keep_alive`` covers only the idle time between requests), so this
-    middleware is it. Every answer is stamped with the worker's pid."""
+    middleware is it. (The worker's pid is stamped by :class:`WorkerStamp`, outside CORS.)"""
 
     def __init__(self, app: ASGIApp, state: ServiceState) -> None:
         self.app = app
         self.state = state
         self.max_body = state.settings.max_upload_bytes
         self.timeout = state.settings.body_timeout
-        self.pid = str(os.getpid()).encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-
-        async def stamped(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), (WORKER_HEADER, self.pid)]}
-            await send(message)
-
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         chunked = b"chunked" in headers.get(b"transfer-encoding", b"").lower()
         if not chunked and (declared is None or declared.strip() in (b"", b"0")):
-            await self.app(scope, receive, stamped)  # no body: nothing to hold
+            await self.app(scope, receive, send)  # no body: nothing to hold
             return
         address = auth.client_address(scope)
         uploading = False
@@ -98,21 +100,22 @@ class Transport:
             if declared is not None and declared.isdigit() and int(declared) > limit:
                 raise RequestTooLargeError(f"the request body is over the limit of {limit} bytes"
                                            + (" (FACEDB_MAX_UPLOAD_MB)" if limit == self.max_body else
-                                              " for a request without a key"))
+                                              " for a request without a key" if limit == KEYLESS_BODY else
+                                              " for one vector of this database's dimension"))
             uploading = self.state.guard.start_upload(address)
             if not uploading:
                 raise TooManyRequestsError(f"this client is sending {self.state.guard.uploads} request bodies "
                                            "already: wait for one to finish", 1.0)
             body = await self._read(receive, limit)
         except FaceDBError as exc:
-            await self._refuse(exc, scope, receive, stamped)
+            await self._refuse(exc, scope, receive, send)
             return
         except _Gone:
             return
         finally:
             if uploading:
                 self.state.guard.end_upload(address)
-        await self.app(scope, _replaying(body, receive), stamped)
+        await self.app(scope, _replaying(body, receive), send)
 
     async def _admit(self, scope: Scope, headers: dict[bytes, bytes], address: str) -> int:
         """Authenticate a request that carries a body, before the body; its body limit in bytes."""
@@ -125,6 +128,9 @@ class Transport:
             key = await auth.check_key(self.state, presented.decode("latin-1") if presented is not None else None,
                                        address, {"method": scope.get("method"), "path": path})
             scope.setdefault("state", {})[KEY_ID] = key.id
+            db = self.state.db
+            if path in VECTOR_ROUTES and not key.full_answers and db is not None:
+                return min(self.max_body, db.dim * BYTES_PER_NUMBER + VECTOR_SLACK)  # one vector a call
             return self.max_body
         if path.startswith("/console/") and self.state.settings.console:
             from .console.session import check_session
@@ -161,6 +167,27 @@ class Transport:
         response = errors.error_response(exc)
         response.headers["connection"] = "close"  # the unread rest of the body is not worth reading
         await response(scope, receive, send)
+
+
+class WorkerStamp:
+    """Pure ASGI middleware, outside CORS: every answer carries ``X-FaceDB-Worker: <pid>``, CORS preflights
+    (answered by the CORS middleware itself) included."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.pid = str(os.getpid()).encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def stamped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (WORKER_HEADER, self.pid)]}
+            await send(message)
+
+        await self.app(scope, receive, stamped)
 
 
 class _Gone(Exception):
@@ -301,6 +328,7 @@ def create_app(settings: ServiceSettings, *, model: Any = None, sender: Sender |
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_credentials=False,
                            allow_methods=["GET", "POST", "PATCH", "DELETE"],
                            allow_headers=["X-API-Key", "Authorization", "Content-Type"])
+    app.add_middleware(WorkerStamp)  # outside CORS: its preflight answers carry the worker's pid too
     # added last: outermost, so a refusal by Transport (413) is timed, counted and logged like any answer
     app.add_middleware(RequestLog, log_json=settings.log_format == "json", metrics=metrics)
     return app

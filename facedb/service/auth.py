@@ -35,10 +35,11 @@ bearer = HTTPBearer(auto_error=False, scheme_name="Bearer", description="The sam
 class Caller:
     """Who is asking (``key``), what they may reach (``db``, ``state``), and ``with caller:`` to act as them."""
 
-    def __init__(self, state: ServiceState, db: FaceDB, key: ApiKey) -> None:
+    def __init__(self, state: ServiceState, db: FaceDB, key: ApiKey, address: str = "unknown") -> None:
         self.state = state
         self.db = db
         self.key = key
+        self.address = address  # the client's (auth.client_address), for the refusal throttle
         self._stack: contextlib.ExitStack | None = None
 
     def __enter__(self) -> FaceDB:
@@ -136,11 +137,20 @@ async def admit_key(request: Request, key: ApiKey, scope: Scope) -> Caller:
     db = state.ready_db()
     where = {"method": request.method, "path": request.url.path}
     setattr(request.state, KEY_ID, key.id)
+    address = client_address(request.scope)
     try:
         authorise(key, scope)
     except PermissionDeniedError:
         _failed(state, "scope")
-        await run_in_threadpool(_denied, db, key.actor, {**where, "reason": f"scope {key.scope}, needs {scope.value}"})
+        reason = f"scope {key.scope}, needs {scope.value}"
+        refusals = denied_to_record(state, address, key.id, reason)
+        if refusals is not None:
+            await run_in_threadpool(_denied, db, key.actor, {**where, "reason": reason, "address": address,
+                                                             "refusals": refusals})
+        wait = state.guard.failed(address, key.id)
+        if wait > 0:
+            _failed(state, "throttled")
+            raise TooManyRequestsError("too many refused requests: retry later", wait) from None
         raise
     if not key.full_answers and request.method == "POST":
         # a door key's decisions (identify, verify, detect: POSTs; its pages are GETs), at a door's pace:
@@ -148,7 +158,16 @@ async def admit_key(request: Request, key: ApiKey, scope: Scope) -> Caller:
         wait = state.guard.door_wait(key.id)
         if wait > 0:
             raise TooManyRequestsError(f"this key may make {state.settings.door_rate:g} requests a second", wait)
-    return Caller(state, db, key)
+    return Caller(state, db, key, address)
+
+
+def denied_to_record(state: ServiceState, address: str, key_id: str, reason: str) -> int | None:
+    """Whether a refusal of a live key (too narrow a scope, a door key asking for more than it may) goes to the
+    audit trail: how many refusals of this (address, key) the record stands for, or None to leave it out. Bounded
+    as failed authentications are (:meth:`Guard.to_record`: one record per source a minute, a total per
+    minute; the source is the address, the key and the reason, so each kind of refusal leaves its trace): 200
+    ``GET /v1/audit`` with a door key wrote 200 rows (issue #25, second pass)."""
+    return state.guard.to_record(address, f"denied:{key_id}:{reason}")
 
 
 def need(scope: Scope) -> Callable[..., Any]:

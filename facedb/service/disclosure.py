@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import PermissionDeniedError
-from .auth import Caller
+from ..errors import PermissionDeniedError, TooManyRequestsError
+from .auth import Caller, denied_to_record
 
 #: Bands of an accepted match, by where its similarity lies between the threshold it had to reach and 1: the
 #: lower third "low", the middle "medium", the top "high". Relative to the threshold so that they mean the same
@@ -48,8 +48,13 @@ def band(similarity: float | None, threshold: float, accepted: bool) -> str | No
 def refuse(caller: Caller, reason: str, message: str) -> None:
     """Record ``denied`` (with ``reason``) under the caller's key and raise PermissionDeniedError(``message``): a
     door key asking for what it is not allowed leaves a trace, as a too-narrow scope does (auth.admit)."""
-    with caller as db:
-        db.note("denied", detail={"reason": reason})
+    refusals = denied_to_record(caller.state, caller.address, caller.key.id, reason)
+    if refusals is not None:  # bounded like failed authentications: a refusal loop cannot flood the trail
+        with caller as db:
+            db.note("denied", detail={"reason": reason, "address": caller.address, "refusals": refusals})
+    wait = caller.state.guard.failed(caller.address, caller.key.id)  # throttled as failed authentications are
+    if wait > 0:
+        raise TooManyRequestsError("too many refused requests: retry later", wait)
     raise PermissionDeniedError(message)
 
 

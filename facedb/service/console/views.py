@@ -121,7 +121,7 @@ def render(request: Request, template: str, caller: Caller | None = None, status
         flash=flash, version=__version__, **context)
     response = HTMLResponse(html, status_code=status, headers=HEADERS)
     if flash is not None:
-        response.delete_cookie(FLASH, path=PATH)
+        response.delete_cookie(FLASH, path=PATH, httponly=True, samesite="strict", secure=secure(request))
     return response
 
 
@@ -152,7 +152,7 @@ def install_handlers(app: FastAPI) -> None:
         assert isinstance(exc, SignInRequired)
         response = RedirectResponse(f"{PATH}/login{'?refused=1' if exc.refused else ''}", status_code=303)
         if exc.refused:
-            response.delete_cookie(COOKIE, path=PATH)
+            response.delete_cookie(COOKIE, path=PATH, httponly=True, samesite="strict", secure=secure(request))
         return response
 
     async def too_narrow(request: Request, exc: Exception) -> Response:
@@ -237,7 +237,7 @@ async def login(request: Request, key: Annotated[str, Form(max_length=200)] = ""
     await run_in_threadpool(_start, caller, token)
     response = RedirectResponse(f"{PATH}/", status_code=303)
     response.set_cookie(COOKIE, token, path=PATH, httponly=True, samesite="strict", secure=secure(request))
-    response.delete_cookie(LOGIN_COOKIE, path=PATH)
+    response.delete_cookie(LOGIN_COOKIE, path=PATH, httponly=True, samesite="strict", secure=secure(request))
     return response
 
 
@@ -257,11 +257,11 @@ async def logout(request: Request) -> Response:
     try:
         caller = await session_caller(request, Scope.identify)
     except SignInRequired:  # no live session: nothing to end on the server
-        response.delete_cookie(COOKIE, path=PATH)
+        response.delete_cookie(COOKIE, path=PATH, httponly=True, samesite="strict", secure=secure(request))
         return response
     await check_csrf(request, caller)
     await run_in_threadpool(_end, caller, token_hash(caller.console_session))  # type: ignore[attr-defined]
-    response.delete_cookie(COOKIE, path=PATH)
+    response.delete_cookie(COOKIE, path=PATH, httponly=True, samesite="strict", secure=secure(request))
     return response
 
 
