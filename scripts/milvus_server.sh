@@ -7,6 +7,8 @@
 #   scripts/milvus_server.sh stop NAME                            # SIGINT to the wrapper, waits for the server to go
 #   scripts/milvus_server.sh restart NAME                         # stop, start again on the same data and options
 #   scripts/milvus_server.sh uri NAME                             # the URI of a running instance
+#   scripts/milvus_server.sh kill NAME                            # a crash: SIGKILL to the server (fault drills);
+#                                                                 # `restart NAME` brings it back on the same data
 #
 # e.g. `start auth --authorization-enabled true --proxy-port 19630`: a second instance with authorisation on
 # (user root, password Milvus). State lives in .milvus-run/NAME/ (git-ignored): data, logs, the wrapper's pid.
@@ -115,11 +117,18 @@ stop)
   rm -f "$dir/wrapper.pid"
   echo "milvus $name stopped" >&2
   ;;
+kill)
+  running || { echo "milvus $name is not running" >&2; exit 1; }
+  spid=$(server_pid || true)
+  [ -n "$spid" ] || { echo "milvus $name has no server process" >&2; exit 1; }
+  kill -KILL "$spid"
+  echo "milvus $name: server pid $spid killed (SIGKILL)" >&2
+  ;;
 uri)
   running || { echo "milvus $name is not running" >&2; exit 1; }
   cat "$dir/uri"
   ;;
 *)
-  echo "usage: $0 start|stop|uri NAME [milvus-server options]" >&2; exit 2
+  echo "usage: $0 start|stop|restart|kill|uri NAME [milvus-server options]" >&2; exit 2
   ;;
 esac
