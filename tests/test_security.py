@@ -1044,7 +1044,7 @@ def test_request_heads_are_bounded_in_bytes_and_time(tmp_path):
     from .servicekit import real_server
 
     path = tmp_path / "db"
-    make_db(path, dim=DIM)
+    keys = make_db(path, dim=DIM)
     env = {"FACEDB_HEADER_TIMEOUT": "1", "FACEDB_MAX_HEADER_KB": "8"}
     with real_server(path, workers=1, env=env) as (base, _):
         port = urlsplit(base).port
@@ -1083,6 +1083,11 @@ def test_request_heads_are_bounded_in_bytes_and_time(tmp_path):
         assert ok.status_code == 200
         with httpx.Client() as client:  # a kept-alive connection: each request has its own head time
             assert [client.get(f"{base}/health").status_code for _ in range(3)] == [200, 200, 200]
+            # bodies are not heads: a 100 KB request (head and body in one read) on the same kept-alive
+            # connection, twice (the second once counted whole as head bytes: 431)
+            batch = {"vectors": [E[0].tolist()] * 600}
+            assert [client.post(f"{base}/v1/identify/vector", json=batch, headers=hdr(keys["admin"])).status_code
+                    for _ in range(2)] == [200, 200]
 
 
 def test_connections_per_client_address_are_bounded(tmp_path):

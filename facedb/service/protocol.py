@@ -56,6 +56,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._max_head = cls._settings.max_header_bytes
         self._in_head = True  # the parser waits for (or is in) a request's line and headers
         self._head_bytes = 0
+        self._heads = 0  # heads completed on this connection
         self._head_timer: asyncio.TimerHandle | None = None
         self._peer: str | None = None
 
@@ -88,11 +89,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     # ------------------------------------------------------------------------------------------- the head
     def data_received(self, data: bytes) -> None:
-        was_in_head = self._in_head
+        was_in_head, heads = self._in_head, self._heads
         super().data_received(data)
-        # a read that began and ended inside a head counts whole (one that began in a body is not counted:
-        # an undercount of one read at most, never a refusal of a request whose head was small)
-        if was_in_head and self._in_head and not self.transport.is_closing():
+        # only a read that began and ended inside one and the same head counts, whole (a read that completed a
+        # head, e.g. a whole request and its body in one read, or that began in a body is not counted: an
+        # undercount of one read at most, never a refusal of a request whose head was small)
+        if was_in_head and self._in_head and self._heads == heads and not self.transport.is_closing():
             self._head_bytes += len(data)
             if self._head_bytes > self._max_head:
                 self._refuse(431, "RequestTooLargeError",
@@ -105,6 +107,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_bytes = 0
+        self._heads += 1
         self._disarm()
         super().on_headers_complete()
 
