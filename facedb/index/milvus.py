@@ -55,6 +55,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import threading
 import time
@@ -574,6 +575,25 @@ class MilvusBackend:
         index.name, index.fresh = index.alias, False
         if old is not None and old != index.physical:
             self._drop(client, uri, old)
+            self._drop_orphans(index)
+
+    def _drop_orphans(self, index: MilvusIndex) -> None:
+        """Drop this database's collections the alias does not point to (``<alias>__<8 hex>``): what a rebuild
+        killed before it swung the alias left behind (found by scripts/milvus_drill.py). They hold copies of
+        templates, which must not outlive an erasure. Called after a rebuild is published (one writer host at a
+        time, and a rebuild holds the database's index lock, so none of them is another rebuild in progress)."""
+        client, uri = index._client, index.uri
+        mine = ((_describe(client, uri, index.physical) or {}).get("properties") or {}).get(_P + "database")
+        if not mine:
+            return
+        with _engine(uri, "listing collections"):
+            names = client.list_collections(timeout=TIMEOUT_S)
+        pattern = re.compile(re.escape(index.alias) + r"__[0-9a-f]{8}")
+        for name in names:
+            if name != index.physical and pattern.fullmatch(name):
+                info = _describe(client, uri, name) or {}
+                if (info.get("properties") or {}).get(_P + "database") == mine:
+                    self._drop(client, uri, name)
 
     @staticmethod
     def _drop(client: MilvusClient, uri: str, physical: str) -> None:
