@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sqlite3
 import threading
 import unicodedata
@@ -390,6 +391,7 @@ def time_before(seconds: float) -> str:
 
 #: The units of a relative age (``90m``, ``24h``, ``7d``) wherever a time is taken.
 AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_AGE_NUMBER = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 
 
 def utc_time(value: str | datetime | None, what: str = "time") -> str | None:
@@ -410,7 +412,9 @@ def utc_time(value: str | datetime | None, what: str = "time") -> str | None:
         when = datetime(value.year, value.month, value.day)
     elif isinstance(value, str):
         text = value.strip()
-        if text[-1:] in AGE_UNITS and text[:-1].replace(".", "", 1).isdigit():
+        # an age: a number without a sign, in decimal or exponent notation ("1e9d" as "9999999999999s": both
+        # reach before year 1 and mean from the start; one took the exponent as a 400, the other not, #25)
+        if text[-1:] in AGE_UNITS and _AGE_NUMBER.fullmatch(text[:-1]):
             return time_before(float(text[:-1]) * AGE_UNITS[text[-1]])
         if text[-1:] in ("Z", "z"):  # Python 3.10's fromisoformat knows only numeric offsets
             text = text[:-1] + "+00:00"

@@ -1209,3 +1209,17 @@ def test_signing_out_deletes_the_console_cookie_as_it_was_set(svc):
     deleted = [c for c in r.headers.get_list("set-cookie") if c.startswith("facedb_console=")]
     assert deleted and all("max-age=0" in c.lower() and "samesite=strict" in c.lower() and "httponly" in c.lower()
                            for c in deleted), deleted
+
+
+def test_audit_ages_past_the_start_mean_the_same_however_written(svc):
+    """`GET /v1/audit?since=9999999999999s` answered 200 with everything (an age reaching before year 1 means from
+    the start) while `since=1e9d`, as long an age, was a 400. Now an age's number may be written in exponent
+    notation too, with the same answer; an age that is not a number (inf, nan, a sign) is still a 400."""
+    client, keys, _, _ = svc
+    h = hdr(keys["admin"])
+    answers = [client.get("/v1/audit", params={"since": since}, headers=h) for since in ("9999999999999s", "1e9d")]
+    assert [r.status_code for r in answers] == [200, 200]
+    assert len(answers[1].json()["records"]) == len(answers[0].json()["records"]) + 1  # + the first read-audit
+    for since in ("infd", "nand", "-5d", "1e9"):
+        r = client.get("/v1/audit", params={"since": since}, headers=h)
+        assert (r.status_code, r.json()["error"]) == (400, "InvalidInputError"), (since, r.text)
