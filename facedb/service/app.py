@@ -95,8 +95,9 @@ class Transport:
             return
         address = auth.client_address(scope)
         uploading = False
+        door: list[Any] = []  # the door key whose vector body is bounded by the dimension, if it is one
         try:
-            limit = await self._admit(scope, headers, address)
+            limit = await self._admit(scope, headers, address, door)
             if declared is not None and declared.isdigit() and int(declared) > limit:
                 raise RequestTooLargeError(f"the request body is over the limit of {limit} bytes"
                                            + (" (FACEDB_MAX_UPLOAD_MB)" if limit == self.max_body else
@@ -108,6 +109,8 @@ class Transport:
                                            "already: wait for one to finish", 1.0)
             body = await self._read(receive, limit)
         except FaceDBError as exc:
+            if door and isinstance(exc, RequestTooLargeError):
+                await self._record_door_refusal(door[0], address, scope)  # the attempt is in the trail
             await self._refuse(exc, scope, receive, send)
             return
         except _Gone:
@@ -117,8 +120,9 @@ class Transport:
                 self.state.guard.end_upload(address)
         await self.app(scope, _replaying(body, receive), send)
 
-    async def _admit(self, scope: Scope, headers: dict[bytes, bytes], address: str) -> int:
-        """Authenticate a request that carries a body, before the body; its body limit in bytes."""
+    async def _admit(self, scope: Scope, headers: dict[bytes, bytes], address: str, door: list[Any]) -> int:
+        """Authenticate a request that carries a body, before the body; its body limit in bytes. A door key on a
+        vector route is appended to ``door``."""
         path = scope.get("path", "")
         if path.startswith("/v1/") or path == "/metrics":
             presented = headers.get(b"x-api-key")
@@ -130,6 +134,7 @@ class Transport:
             scope.setdefault("state", {})[KEY_ID] = key.id
             db = self.state.db
             if path in VECTOR_ROUTES and not key.full_answers and db is not None:
+                door.append(key)
                 return min(self.max_body, db.dim * BYTES_PER_NUMBER + VECTOR_SLACK)  # one vector a call
             return self.max_body
         if path.startswith("/console/") and self.state.settings.console:
@@ -138,6 +143,18 @@ class Transport:
             if await check_session(self.state, scope, headers, address):
                 return self.max_body
         return KEYLESS_BODY
+
+    async def _record_door_refusal(self, key: Any, address: str, scope: Scope) -> None:
+        """Record a door key's vector body over one vector's size as ``denied`` (bounded like every refusal,
+        :func:`auth.denied_to_record`): several vectors in one call are how a door key would read the gallery
+        out, and the attempt must be in the trail as the 403 for ``k > 1`` is."""
+        reason = "a vector body over one vector's size from an identify key without the candidates grant"
+        refusals = auth.denied_to_record(self.state, address, key.id, reason)
+        db = self.state.db
+        if refusals is not None and db is not None:
+            detail = {"method": scope.get("method"), "path": scope.get("path"), "reason": reason,
+                      "address": address, "refusals": refusals}
+            await run_in_threadpool(auth.record_denied, db, key.actor, detail)
 
     async def _read(self, receive: Receive, limit: int) -> bytes:
         """The whole body, or RequestTooLargeError past ``limit`` bytes, RequestTimeoutError past the body

@@ -100,9 +100,9 @@ async def check_key(state: ServiceState, presented: str | None, address: str, wh
         if failures is not None and state.db is not None:
             detail = {**where, "address": address, "key_id": claimed, "failures": failures}
             if known:
-                await run_in_threadpool(_denied, state.db, f"key:{known}", {**detail, "reason": "revoked key"})
+                await run_in_threadpool(record_denied, state.db, f"key:{known}", {**detail, "reason": "revoked key"})
             else:
-                await run_in_threadpool(_denied, state.db, None, {**detail, "reason": reason}, "auth-failed")
+                await run_in_threadpool(record_denied, state.db, None, {**detail, "reason": reason}, "auth-failed")
         if wait > 0:
             _failed(state, "throttled")
             raise TooManyRequestsError("too many failed authentications: retry later", wait) from None
@@ -145,7 +145,7 @@ async def admit_key(request: Request, key: ApiKey, scope: Scope) -> Caller:
         reason = f"scope {key.scope}, needs {scope.value}"
         refusals = denied_to_record(state, address, key.id, reason)
         if refusals is not None:
-            await run_in_threadpool(_denied, db, key.actor, {**where, "reason": reason, "address": address,
+            await run_in_threadpool(record_denied, db, key.actor, {**where, "reason": reason, "address": address,
                                                              "refusals": refusals})
         wait = state.guard.failed(address, key.id)
         if wait > 0:
@@ -186,7 +186,8 @@ def _failed(state: ServiceState, reason: str) -> None:
         state.metrics.auth_failure(reason)
 
 
-def _denied(db: FaceDB, actor: str | None, detail: dict[str, Any], operation: str = "denied") -> None:
+def record_denied(db: FaceDB, actor: str | None, detail: dict[str, Any], operation: str = "denied") -> None:
+    """Write one refusal to the audit trail under ``actor`` (None: no one's). A write: call it in a thread."""
     with acting_as(actor) if actor is not None else contextlib.nullcontext():
         db.note(operation, detail=detail)
 
