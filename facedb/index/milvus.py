@@ -359,9 +359,10 @@ class MilvusIndex:
         on the server, in the background (its job id is kept in ``compaction_job``); the files it replaces are
         removed by the server's garbage collection later (see README "Scale-out", Erasure). Called once per
         removal, by the process that made it (``FaceDB``'s erasure step) and by ``check`` after deleting strays:
-        not by ``remove``, which other processes' catch-ups repeat before a query (a flush took ~1 s on a 2.3
-        server, and a door must not pay it); a manual compaction covers every segment of the collection, so it
-        also clears rows deleted by such catch-ups. IndexUnavailableError when the server cannot be reached."""
+        not by ``remove``, which other processes' catch-ups repeat before a query (a removal with its flush took
+        ~1 s on a 2.3 server, and a door must not pay it); a manual compaction covers every segment of the
+        collection, so it also clears rows deleted by such catch-ups. IndexUnavailableError when the server
+        cannot be reached."""
         self._call("flushing the removal", self._client.flush, self.name)
         self.compaction_job = int(self._call("asking for compaction", self._client.compact, self.name))
 
