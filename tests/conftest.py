@@ -14,6 +14,12 @@ import pytest
 from facedb.detect import Face
 from facedb.pipeline import FacePipeline
 
+# A suite started in the background by a non-interactive shell (`make test &`, a CI step without job control)
+# inherits SIGINT *ignored* (POSIX), and so would every facedb process the tests start: the Ctrl-C tests would
+# see their signal dropped (exit 0 instead of 130). The tests need the terminal's default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 @pytest.fixture(autouse=True)
 def _sigint_handler_unchanged():

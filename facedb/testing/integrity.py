@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -387,11 +388,14 @@ class Drill:
                     self.ledger.problem(f"GET {path}: HTTP {r.status_code} {r.text[:200]}")
             try:
                 with httpx.Client(base_url=self.base, timeout=120, follow_redirects=True) as c:
-                    c.post("/console/login", data={"key": self.admin_key})
+                    # sign in as a browser does: the sign-in page sets the form's anti-forgery token first
+                    form = c.get("/console/login")
+                    token = re.search(r'name="csrf" value="([^"]*)"', form.text)
+                    c.post("/console/login", data={"key": self.admin_key, "csrf": token.group(1) if token else ""})
                     for page in ("/console/", "/console/people", "/console/settings", "/console/decisions"):
                         r = c.get(page)
-                        if r.status_code != 200:
-                            self.ledger.problem(f"console {page}: HTTP {r.status_code}")
+                        if r.status_code != 200 or r.url.path == "/console/login":  # sent back to sign in
+                            self.ledger.problem(f"console {page}: HTTP {r.status_code} at {r.url.path}")
             except httpx.HTTPError:
                 pass
             self.stop.wait(0.2)
