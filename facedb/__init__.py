@@ -1,6 +1,6 @@
 """facedb: a face-recognition identity database (FaceNet method; SQLite store + FAISS index).
 
-Scores are cosine similarities of unit vectors everywhere (higher is more similar); see facedb.scores.
+Scores are cosine similarities of unit vectors everywhere (higher is more similar); see facedb.gallery.scores.
 """
 
 from typing import TYPE_CHECKING, Any

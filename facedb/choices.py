@@ -7,7 +7,7 @@ from enum import Enum
 
 
 class RuleKind(str, Enum):
-    """Open-set decision rules (:mod:`facedb.decision`); margin is the default for models that ship one."""
+    """Open-set decision rules (:mod:`facedb.gallery.decision`); margin is the default for models that ship one."""
 
     fixed = "fixed"
     margin = "margin"
@@ -15,7 +15,7 @@ class RuleKind(str, Enum):
 
 
 class ThumbnailMode(str, Enum):
-    """Which face thumbnails the store keeps (:mod:`facedb.thumbnails`)."""
+    """Which face thumbnails the store keeps (:mod:`facedb.gallery.thumbnails`)."""
 
     off = "off"
     enrolled = "enrolled"
@@ -23,7 +23,7 @@ class ThumbnailMode(str, Enum):
 
 
 class DetectorKind(str, Enum):
-    """The face detector a database's photos go through (facedb/pipeline.py; README "Models and weights")."""
+    """The face detector a database's photos go through (facedb/faces/pipeline.py; README "Models and weights")."""
 
     mtcnn = "mtcnn"
     yunet = "yunet"

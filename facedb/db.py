@@ -6,7 +6,7 @@ kept level with the store), the query engine (``engine.py``: candidates, exact r
 face pipeline (``pipeline.py``: photos to templates) and the audit trail (``audit.py``).
 
 A database is a directory (created 0700) holding ``facedb.sqlite3`` and the index's persisted copy (both 0600),
-and for an encrypted database its keyring ``facedb.keys`` (see ``protect.py`` and ``encryption.py``).
+and for an encrypted database its keyring ``facedb.operations.keys`` (see ``protect.py`` and ``encryption.py``).
 Consistency rule: before answering, a FaceDB brings its index to the store's generation (see ``keeper.py``), so a
 search that starts after an ``add``/``remove`` has returned - in this process or any other - sees its effect.
 Erasure rule: when ``remove_person``/``remove_template``/``merge_people`` returns, no file of the directory holds
@@ -31,9 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import encryption, engine, quality, timings
-from .audit import AuditTrail, acting_as, default_actor
-from .decision import ImpostorModel, Policy, predicted_fpir
+from . import timings
 from .errors import (
     DatabaseError,
     DatabaseExistsError,
@@ -47,9 +45,29 @@ from .errors import (
     NoTemplatesError,
     PersonNotFoundError,
 )
-from .index import backend_for, check_index_params, check_kind
-from .keeper import IndexKeeper
-from .memo import NameCache, SettingsMemo
+from .faces import quality
+from .gallery import engine
+from .gallery.decision import ImpostorModel, Policy, predicted_fpir
+from .gallery.index import backend_for, check_index_params, check_kind
+from .gallery.scores import as_unit_rows
+from .gallery.settings import (
+    AuditSettings,
+    Calibration,
+    Settings,
+    VisitorSettings,
+    check_count,
+    check_index_options,
+    check_k,
+    check_threshold,
+)
+from .gallery.settings_cache import NameCache, SettingsMemo
+from .gallery.store import SCHEMA_VERSION, Store, normalise_name, utc_time
+from .gallery.thumbnails import keeps as keeps_thumbnails
+from .gallery.upkeep import IndexKeeper
+from .gallery.vectors import budget_bytes
+from .operations.audit import AuditTrail, acting_as, default_actor
+from .operations.visitors import VisitorLog
+from .protection import encryption
 from .records import (
     AuditRecord,
     CheckReport,
@@ -68,34 +86,19 @@ from .records import (
     Verification,
     VisitorGroup,
 )
-from .scores import as_unit_rows
-from .settings import (
-    AuditSettings,
-    Calibration,
-    Settings,
-    VisitorSettings,
-    check_count,
-    check_index_options,
-    check_k,
-    check_threshold,
-)
-from .store import SCHEMA_VERSION, Store, normalise_name, utc_time
-from .thumbnails import keeps as keeps_thumbnails
-from .vectors import budget_bytes
-from .visitors import VisitorLog
 
 if TYPE_CHECKING:
-    from .backup import BackupReport
-    from .encryption import ConversionReport
-    from .hooks import Webhook
-    from .images import PhotoSource
-    from .keys import ApiKey
-    from .pipeline import FaceChoice, FacePipeline, Outcome
-    from .protect import FileCipher, Protection
-    from .reembed import ReembedReport
+    from .faces.images import PhotoSource
+    from .faces.pipeline import FaceChoice, FacePipeline, Outcome
+    from .operations.backup import BackupReport
+    from .operations.hooks import Webhook
+    from .operations.keys import ApiKey
+    from .operations.reembed import ReembedReport
+    from .protection.encryption import ConversionReport
+    from .protection.keyring import FileCipher, Protection
 
 STORE_FILE = "facedb.sqlite3"
-INDEX_FILE = "index.faiss"  # the FAISS backend's file (facedb.index.faiss_kinds.INDEX_FILE)
+INDEX_FILE = "index.faiss"  # the FAISS backend's file (facedb.gallery.index.faiss_kinds.INDEX_FILE)
 
 #: How many stored templates ``check`` searches for to prove the index finds them.
 CHECK_PROBES = 64
@@ -177,7 +180,7 @@ class FaceDB:
 
         ``threshold`` is the default (1:1) decision threshold, a cosine similarity (higher is stricter).
         ``impostors``: the model's 1:1 impostor score tail; given, the database uses the gallery rule (the 1:N
-        threshold follows the gallery size to hold FPIR at 1%; see :mod:`facedb.decision`); ``margin``: the
+        threshold follows the gallery size to hold FPIR at 1%; see :mod:`facedb.gallery.decision`); ``margin``: the
         model's margin threshold (the margin rule: ``s1 - 0.5 s2`` must reach it, and ``s1`` the 1:1 threshold).
         ``rule``: ``fixed``, ``gallery`` or ``margin``; by default ``margin`` when a margin threshold is given,
         else ``gallery`` when an impostor model is, else ``fixed``. ``mean_templates``: keep each person's mean
@@ -195,15 +198,15 @@ class FaceDB:
         collection of another model (ModelMismatchError) leaves no database behind.
 
         ``encrypt`` (or a ``key``): the database is encrypted at rest (README "Protecting templates") under the
-        key-encryption key ``key`` (a string, bytes, a key file's Path or a ``facedb.protect.KeySource``; default
-        ``$FACEDB_KEY``; KeyMissingError when there is none). ``cancellable``: every template and probe is
+        key-encryption key ``key`` (a string, bytes, a key file's Path or a ``facedb.protection.keyring.KeySource``;
+        default ``$FACEDB_KEY``; KeyMissingError when there is none). ``cancellable``: every template and probe is
         projected by a keyed random orthogonal matrix of this database (``projection.py``; scores unchanged,
         templates unlinkable across databases), fixed for the database's life. ``thumbnails``: which face
-        thumbnails are kept, ``off``, ``enrolled`` or ``all`` (see :mod:`facedb.thumbnails`; changed later with
+        thumbnails are kept, ``off``, ``enrolled`` or ``all`` (see :mod:`facedb.gallery.thumbnails`; changed later with
         :meth:`configure_thumbnails`). ``detector``: the face detector its photos go through, ``mtcnn`` (the
-        default) or ``yunet`` (facedb/pipeline.py; README "Models and weights"), fixed for the database's life.
+        default) or ``yunet`` (facedb/faces/pipeline.py; README "Models and weights"), fixed for the database's life.
         """
-        from .pipeline import check_detector
+        from .faces.pipeline import check_detector
 
         root = Path(path)
         if not model_id:
@@ -230,7 +233,7 @@ class FaceDB:
                 **rows,
                 "database_id": secrets.token_hex(16)}
         if cancellable:
-            from . import projection
+            from .protection import projection
 
             meta.update({"projection": projection.METHOD, "projection_seed": projection.new_seed()})
         protection = None
@@ -273,13 +276,13 @@ class FaceDB:
         ``index_options``: for a Milvus index, ``milvus_token`` and/or ``milvus_uri`` for this object only
         (default: FACEDB_MILVUS_TOKEN, FACEDB_MILVUS_URI, else the stored URI); never stored.
         ``key``: an encrypted database's key-encryption key (a string, bytes, a key file's Path or a
-        ``facedb.protect.KeySource``; default ``$FACEDB_KEY``): KeyMissingError without one, WrongKeyError for
-        another, TamperedError when the ciphertext fails authentication; nothing is changed then. Ignored for a
+        ``facedb.protection.keyring.KeySource``; default ``$FACEDB_KEY``): KeyMissingError without one, WrongKeyError
+        for another, TamperedError when the ciphertext fails authentication; nothing is changed then. Ignored for a
         plain database.
         ``rescore_memory_mb``: memory (MiB) this process may give the exact vectors that re-score candidates of
         index kinds that do not keep them (ivfpq, flat16, milvus): 2 KiB per 512-d template; beyond it they are
         read from the store (default ``$FACEDB_RESCORE_MEMORY_MB``, else 8,192; 0: always the store). See
-        ``facedb/vectors.py``.
+        ``facedb/gallery/vectors.py``.
         """
         root = Path(path)
         if not (root / STORE_FILE).is_file():
@@ -344,7 +347,7 @@ class FaceDB:
             if not seed:
                 self._projection = False
             else:
-                from .projection import Projection
+                from .protection.projection import Projection
 
                 self._projection = Projection(seed, self.dim)
         return self._projection(x) if self._projection else x
@@ -383,7 +386,7 @@ class FaceDB:
         """Re-wrap the data key under ``new_key`` (default ``$FACEDB_NEW_KEY``; fast); with ``reencrypt``, also
         re-encrypt everything under a new data key (needs the database closed everywhere else). ``key`` is the
         key in use. Wrong or missing keys change nothing."""
-        from .protect import ENV_NEW_KEY, KeySource
+        from .protection.keyring import ENV_NEW_KEY, KeySource
 
         if not reencrypt:
             report = encryption.rotate_key(Path(path), key, new_key)
@@ -463,7 +466,7 @@ class FaceDB:
 
     def set_rule(self, rule: str, *, target: float | None = None, impostors: ImpostorModel | None = None,
                  margin: float | None = None) -> Settings:
-        """Choose the open-set decision rule (:mod:`facedb.decision`): ``fixed`` (the stored threshold),
+        """Choose the open-set decision rule (:mod:`facedb.gallery.decision`): ``fixed`` (the stored threshold),
         ``margin`` (the stored threshold as a floor and ``s1 - 0.5 s2 >= margin``; needs a margin threshold:
         ``margin``, the one stored, or the model's own) or ``gallery`` (the threshold follows the gallery size to
         hold FPIR at ``target``; needs an impostor model: ``impostors``, the one stored, or the model's own)."""
@@ -505,7 +508,7 @@ class FaceDB:
 
     def _spec(self) -> Any:
         """The model's registered spec (None for your own model id)."""
-        from .models import MODELS
+        from .faces.models import MODELS
 
         return MODELS.get(self.model_id)
 
@@ -529,8 +532,8 @@ class FaceDB:
             return self.store.person(name)
 
     def people(self, query: str | None = None, *, limit: int | None = None, offset: int = 0) -> list[Person]:
-        """People in name order (:func:`facedb.store.name_sort_key`: base letters case- and accent-insensitively,
-        then accents, then case); ``query`` keeps names or external ids containing it, case- and
+        """People in name order (:func:`facedb.gallery.store.name_sort_key`: base letters case- and
+        accent-insensitively, then accents, then case); ``query`` keeps names or external ids containing it, case- and
         accent-insensitively ("jose" finds "José"); paged by ``limit``/``offset``."""
         limit = None if limit is None else check_count(limit, "limit", 1)
         offset = check_count(offset, "offset")
@@ -770,7 +773,7 @@ class FaceDB:
 
         ``probe`` is a unit vector ``(dim,)``, or a photo (path, bytes, file object, PIL image, HWC uint8
         array), in which the largest face is used (NoFaceError if there is none; ``cropped``: the photo is a
-        face crop, see :func:`facedb.pipeline.find_faces`).
+        face crop, see :func:`facedb.faces.pipeline.find_faces`).
         """
         threshold = None if threshold is None else check_threshold(threshold)
         sha = None
@@ -811,7 +814,7 @@ class FaceDB:
         database's model and detector (loaded once)."""
         model = model or self._model
         if model is None:
-            from .pipeline import DetectorSettings, check_detector, get_pipeline
+            from .faces.pipeline import DetectorSettings, check_detector, get_pipeline
 
             detector = check_detector(self.settings().detector)  # a hand-edited setting: a clear error
             model = get_pipeline(self.model_id, weights=weights or self._weights,
@@ -831,8 +834,8 @@ class FaceDB:
                     on_multiple: str = "error") -> PhotoCheck:
         """Look at a photo before enrolling it: its faces with their quality problems, and whether enrolment
         would store it (verdict ``ok``, ``no face``, ``several faces`` or ``duplicate``). Stores nothing and
-        records nothing. See :mod:`facedb.precheck`."""
-        from .precheck import check_photo
+        records nothing. See :mod:`facedb.faces.precheck`."""
+        from .faces.precheck import check_photo
 
         def owner_of(sha256: str) -> str | None:
             with self._lock:
@@ -843,7 +846,7 @@ class FaceDB:
     def search(self, photo: PhotoSource, *, model: FacePipeline | None = None, k: int = 5,
                threshold: float | None = None, name: str | None = None, cropped: bool = False) -> list[FaceMatch]:
         """Identify every face in a photo: one FaceMatch per face (an empty list when there is none).
-        ``cropped``: the photo is a face crop (see :func:`facedb.pipeline.find_faces`)."""
+        ``cropped``: the photo is a face crop (see :func:`facedb.faces.pipeline.find_faces`)."""
         check_k(k)
         threshold = None if threshold is None else check_threshold(threshold)
         for attempt in (1, 2):  # a second time only when the database moved to another model meanwhile
@@ -895,15 +898,15 @@ class FaceDB:
         a face that matches *another* enrolled person at or above the threshold is enrolled with a warning
         (``warn``), skipped (``refuse``) or enrolled silently (``allow``). ``metadata`` goes to every person,
         ``people_metadata[name]`` to one. ``cropped``: the photos are face crops (badge photos, a camera's own
-        detections; see :func:`facedb.pipeline.find_faces`). Detection runs beside the embedder: in a thread
-        by default, or in ``workers`` spawned processes (see :func:`facedb.pipeline.prepared_chunks`; a script
+        detections; see :func:`facedb.faces.pipeline.find_faces`). Detection runs beside the embedder: in a thread
+        by default, or in ``workers`` spawned processes (see :func:`facedb.faces.pipeline.prepared_chunks`; a script
         doing this must guard its entry point with ``if __name__ == "__main__":``); ``None`` = as many as suit
         the job.
 
         Interrupted (KeyboardInterrupt), it stops promptly and the exception carries ``report``: what was
         stored so far (each photo is its own transaction, so nothing is half stored).
         """
-        from .pipeline import face_choice, prepared_chunks
+        from .faces.pipeline import face_choice, prepared_chunks
 
         choice = face_choice(on_multiple)
         batch_size = check_count(batch_size, "batch_size", 1)
@@ -913,7 +916,7 @@ class FaceDB:
             raise InvalidInputError(f"on_other_match is one of {', '.join(ON_OTHER_MATCH)}")
         if self.readonly:
             raise DatabaseError(f"{self.root} is open read-only: cannot enrol")
-        from .store import check_name
+        from .gallery.store import check_name
 
         # Every name and every person's data is checked before any photo is read: bad input changes nothing.
         names = {check_name(name) for name, _ in batches}
@@ -955,7 +958,7 @@ class FaceDB:
                      people_metadata: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
         """{name (NFC): metadata to store, with an ``external_id`` key where one is to be set}, checked: metadata
         are JSON objects, and external ids are unique among these people and not another person's."""
-        from .store import _check_metadata
+        from .gallery.store import _check_metadata
 
         common = dict(metadata or {})
         _check_metadata(common)
@@ -991,7 +994,7 @@ class FaceDB:
     def _store_chunk(self, chunk: list[Outcome], pipe: FacePipeline, on_other_match: str,
                      people_data: dict[str, dict[str, Any]], report: EnrollReport) -> None:
         """Embed a chunk's prepared photos in one batch and store each in its own transaction."""
-        from .pipeline import Prepared
+        from .faces.pipeline import Prepared
 
         report.photos += len(chunk)
         fresh: list[Prepared] = []
@@ -1101,9 +1104,9 @@ class FaceDB:
     # ----------------------------------------------------------------------------------------- thumbnails
     def configure_thumbnails(self, mode: str) -> str:
         """Which face thumbnails this database keeps: ``off``, ``enrolled`` or ``all`` (see
-        :mod:`facedb.thumbnails`). Narrowing it erases the thumbnails no longer covered, from every file of the
+        :mod:`facedb.gallery.thumbnails`). Narrowing it erases the thumbnails no longer covered, from every file of the
         database as a removal does. Faces stored before it was widened get none. Returns the new setting."""
-        from . import thumbnails
+        from .gallery import thumbnails
 
         mode = thumbnails.check_mode(mode)
         if self.readonly:
@@ -1157,8 +1160,8 @@ class FaceDB:
         """Make an API key for the service (scope ``identify``, ``enroll``, ``admin`` or ``metrics``: GET /metrics
         only; ``grants``, for identify keys: ``candidates``); returns its record and the key itself, which is
         stored nowhere (only its hash).
-        See ``facedb/keys.py``."""
-        from . import keys
+        See ``facedb/operations/keys.py``."""
+        from .operations import keys
 
         with self._lock:
             key, secret = keys.create(self.store, scope, name, grants)
@@ -1168,14 +1171,14 @@ class FaceDB:
 
     def api_keys(self) -> list[ApiKey]:
         """Every API key, revoked ones too, oldest first (never the keys themselves)."""
-        from .keys import ApiKey
+        from .operations.keys import ApiKey
 
         with self._lock:
             return [ApiKey.from_row(r) for r in self.store.api_keys()]
 
     def revoke_api_key(self, ref: str) -> ApiKey:
         """Revoke a key by id or by name (NotFoundError if none); its next request is refused, in every process."""
-        from .keys import ApiKey
+        from .operations.keys import ApiKey
 
         with self._lock:
             key = ApiKey.from_row(self.store.revoke_api_key(ref))
@@ -1206,17 +1209,17 @@ class FaceDB:
 
     def authenticate(self, presented: str | None) -> ApiKey:
         """The live key ``presented`` is, or AuthenticationError (saying nothing about why)."""
-        from . import keys
+        from .operations import keys
 
         with self._lock:
             return keys.authenticate(self.store, presented)
 
     def add_webhook(self, url: str, events: str | Sequence[str], *, key_id: str | None = None,
                     secret: str | None = None) -> Webhook:
-        """Register a webhook for ``events`` (names or a comma-separated string; see ``facedb/hooks.py``), for
-        one key's requests or (``key_id`` None) the whole database. The signing secret is made unless given;
+        """Register a webhook for ``events`` (names or a comma-separated string; see ``facedb/operations/hooks.py``),
+        for one key's requests or (``key_id`` None) the whole database. The signing secret is made unless given;
         it is on the returned record (``.secret``) and not in its ``to_dict()``."""
-        from .hooks import Webhook, check_events, check_url, new_secret
+        from .operations.hooks import Webhook, check_events, check_url, new_secret
 
         url, names = check_url(url), check_events(events)
         if secret is not None and (not isinstance(secret, str) or len(secret) < 16):
@@ -1229,13 +1232,13 @@ class FaceDB:
 
     def webhooks(self) -> list[Webhook]:
         """Every webhook, with its secret on the record."""
-        from .hooks import Webhook
+        from .operations.hooks import Webhook
 
         with self._lock:
             return [Webhook.from_row(r) for r in self.store.webhooks()]
 
     def remove_webhook(self, hook_id: int) -> Webhook:
-        from .hooks import Webhook
+        from .operations.hooks import Webhook
 
         with self._lock:
             hook = Webhook.from_row(self.store.remove_webhook(hook_id))
@@ -1245,8 +1248,8 @@ class FaceDB:
     # --------------------------------------------------------------------------------------------- clustering
     def cluster_threshold(self, rule: str | None = None) -> tuple[float, str]:
         """The default clustering threshold (cosine similarity) for ``rule`` and where it comes from: derived
-        from the database's threshold (see :func:`facedb.cluster.default_threshold`)."""
-        from . import cluster as clustering
+        from the database's threshold (see :func:`facedb.operations.cluster.default_threshold`)."""
+        from .operations import cluster as clustering
 
         s = self.settings()
         rule = rule or clustering.DEFAULT_RULE
@@ -1260,8 +1263,9 @@ class FaceDB:
         clusters (largest first, each with its central face), the faces left unclustered and the photos that
         gave no face. Faces are embedded as this database embeds (its model and flip setting); ``threshold``
         (cosine similarity) defaults to :meth:`cluster_threshold`. Reads nothing from and writes nothing to the
-        gallery; :meth:`enroll_clusters` stores the result on request. See :mod:`facedb.cluster` for the rules."""
-        from .photo_clusters import cluster_photos
+        gallery; :meth:`enroll_clusters` stores the result on request. See :mod:`facedb.operations.cluster` for the
+        rules."""
+        from .operations.photo_clusters import cluster_photos
 
         if threshold is None:
             threshold, source = self.cluster_threshold(rule)
@@ -1274,7 +1278,7 @@ class FaceDB:
     def enroll_clusters(self, report: ClusterReport, prefix: str = "cluster-") -> list[tuple[str, list[int]]]:
         """Store every cluster of a :meth:`cluster` report as a new person (``cluster-0001``, ... to rename
         later), in one transaction; returns (name, template ids) per cluster."""
-        from .photo_clusters import enroll_clusters
+        from .operations.photo_clusters import enroll_clusters
 
         if self.readonly:
             raise DatabaseError(f"{self.root} is open read-only: cannot enrol")
@@ -1290,8 +1294,8 @@ class FaceDB:
 
     def duplicates(self, threshold: float | None = None) -> DuplicatesReport:
         """People who look enrolled twice (under two names), people whose templates split into separate
-        groups, and outlier templates: a report, nothing is changed. See :mod:`facedb.duplicates`."""
-        from .duplicates import find_duplicates
+        groups, and outlier templates: a report, nothing is changed. See :mod:`facedb.operations.duplicates`."""
+        from .operations.duplicates import find_duplicates
 
         with self._lock:
             return find_duplicates(self.store, self.settings(), threshold)
@@ -1312,9 +1316,9 @@ class FaceDB:
         """Groups of kept unknown faces (at least ``min_size`` faces), most faces first; ``since`` (as
         :meth:`audit` takes it: any offset, naive = UTC, a ``datetime`` or an age) shows only groups last seen
         at or after that instant. Each group's ``id`` is stable while its faces stay the same
-        (see :mod:`facedb.visitors`)."""
-        from . import visitors as visitor_groups
-        from .cluster import _check_positive
+        (see :mod:`facedb.operations.visitors`)."""
+        from .operations import visitors as visitor_groups
+        from .operations.cluster import _check_positive
 
         min_size = _check_positive(min_size, "min_size")
         since = utc_time(since, "since")  # refused before expired faces are purged: bad input changes nothing
@@ -1329,8 +1333,8 @@ class FaceDB:
         """Enrol a visitor group (as listed by :meth:`visitors`) as ``name`` (a new or existing person): its faces
         become templates and leave the kept faces, in one transaction. InvalidInputError when the group has
         changed since it was listed (nothing is changed then)."""
-        from . import visitors as visitor_groups
-        from .store import check_name
+        from .gallery.store import check_name
+        from .operations import visitors as visitor_groups
 
         check_name(name)
         if self.readonly:
@@ -1349,7 +1353,7 @@ class FaceDB:
     def forget_visitors(self, group: str, *, threshold: float | None = None, rule: str | None = None) -> int:
         """Erase a visitor group's faces (and any copy of their vectors in the audit trail); returns how many.
         After :meth:`vacuum` no byte of them remains in the database's files."""
-        from . import visitors as visitor_groups
+        from .operations import visitors as visitor_groups
 
         if self.readonly:
             raise DatabaseError(f"{self.root} is open read-only: cannot forget")
@@ -1377,7 +1381,7 @@ class FaceDB:
     def load_index(self, *, wait: bool = False) -> IndexState:
         """Bring the index into memory now, level with the store (a service does this at start-up, so that
         its first query does not pay for it). ``wait``: also wait until the exact re-scoring vectors are in
-        memory (kinds that do not keep them read the store until then; ``facedb/vectors.py``)."""
+        memory (kinds that do not keep them read the store until then; ``facedb/gallery/vectors.py``)."""
         with self._lock:
             settings = self.settings()
             gallery = self.keeper.current(settings)
@@ -1401,7 +1405,7 @@ class FaceDB:
 
     def reindex(self, kind: str, params: dict[str, Any] | None = None,
                 index_options: dict[str, Any] | None = None) -> ReindexReport:
-        """Change the index kind (see ``facedb.index.index_kinds()``, or auto) and its parameters, and rebuild.
+        """Change the index kind (see ``facedb.gallery.index.index_kinds()``, or auto) and its parameters, and rebuild.
         ``index_options``: where a remote kind keeps it (``milvus_uri``, ``milvus_collection``; stored) and its
         ``milvus_token`` (not stored). If the rebuild fails (an unreachable server...), the database keeps its
         former index settings."""
@@ -1455,9 +1459,9 @@ class FaceDB:
         compute and report, change nothing. ``model``: the new model's face pipeline (else loaded, with
         ``weights``); ``progress(done, total)``: called as templates are made. InvalidInputError for an unknown
         model, a person folder naming no one enrolled, or the model in use; ModelUnavailableError for missing
-        weights; DatabaseError read-only. See :mod:`facedb.reembed` and README "Moving a database to another
+        weights; DatabaseError read-only. See :mod:`facedb.operations.reembed` and README "Moving a database to another
         model"."""
-        from .reembed import move
+        from .operations.reembed import move
 
         return move(self, model_id, photos=Path(photos) if photos is not None else None, use_crops=crops,
                     drop_unembeddable=drop_unembeddable, dry_run=dry_run,
@@ -1466,9 +1470,9 @@ class FaceDB:
     def backup(self, dest: str | os.PathLike[str], *, with_index: bool = False) -> BackupReport:
         """An online, consistent copy of this database in the new directory ``dest`` while it keeps answering and
         writing (SQLite's backup API; encrypted stays encrypted, and the manifest names the key it needs; the index
-        only ``with_index``): see ``facedb/backup.py``. Recorded in the audit trail. DatabaseExistsError if
+        only ``with_index``): see ``facedb/operations/backup.py``. Recorded in the audit trail. DatabaseExistsError if
         ``dest`` exists and is not empty."""
-        from . import backup
+        from .operations import backup
 
         report = backup.backup(self, Path(dest), with_index=with_index)
         with self._lock:
@@ -1484,8 +1488,8 @@ class FaceDB:
         open. The restored database records the restore in its audit trail and passes ``check`` (run here;
         DatabaseError otherwise). A database indexed in a shared engine (Milvus) comes back pointing at the same
         collection, which may have seen writes the backup lacks: IndexUnavailableError then says that the files
-        are in place and how to give the database an index of its own. See ``facedb/backup.py``."""
-        from . import backup
+        are in place and how to give the database an index of its own. See ``facedb/operations/backup.py``."""
+        from .operations import backup
 
         root = Path(path).resolve()  # "." would name the directory moved aside (the process's cwd goes with it)
         report = backup.restore(Path(src), root, key=key, replace=replace)
@@ -1556,7 +1560,7 @@ class FaceDB:
     @staticmethod
     def _shipped_impostors(s: Settings) -> ImpostorModel | None:
         """The impostor model the database's model ships (for warnings on databases made before it existed)."""
-        from .models import MODELS
+        from .faces.models import MODELS
 
         spec = MODELS.get(s.model_id)
         return spec.impostor_model(s.flip) if spec is not None else None
@@ -1655,7 +1659,7 @@ def _secrets_of(options: dict[str, Any], uri_too: bool = False) -> dict[str, Any
 
 def _thumbnails(crops: Sequence[np.ndarray], mode: str, *kinds: str) -> list[bytes | None]:
     """A JPEG thumbnail of each aligned crop when the setting ``mode`` keeps any of ``kinds``, else Nones."""
-    from . import thumbnails
+    from .gallery import thumbnails
 
     if not any(thumbnails.keeps(mode, k) for k in kinds):
         return [None] * len(crops)

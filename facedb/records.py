@@ -115,7 +115,7 @@ class Skipped(_Record):
 @dataclass(frozen=True)
 class FaceCheck(_Record):
     """One face found in a photo looked at before enrolment: box (x1, y1, x2, y2) and 5 landmarks in the photo's
-    pixels, the detector's score, and the quality floors it fails (:mod:`facedb.quality`), as sentences."""
+    pixels, the detector's score, and the quality floors it fails (:mod:`facedb.faces.quality`), as sentences."""
 
     box: list[float]
     det_score: float
@@ -125,7 +125,7 @@ class FaceCheck(_Record):
 
 @dataclass(frozen=True)
 class PhotoCheck(_Record):
-    """What enrolling a photo would meet (:mod:`facedb.precheck`): its faces, the ``verdict`` (``ok``, ``no
+    """What enrolling a photo would meet (:mod:`facedb.faces.precheck`): its faces, the ``verdict`` (``ok``, ``no
     face``, ``several faces``, ``duplicate``) and why, the face enrolment would use (``chosen``, an index into
     ``faces``), who the photo is enrolled as already, and the chosen face's quality warnings."""
 
@@ -145,7 +145,7 @@ class PhotoCheck(_Record):
 class EnrollReport(_Record):
     """What an enrolment did: the people touched, photos tried, faces stored, each photo skipped with why,
     warnings about photos stored (a face that also matches another enrolled person), and ``quality``: photos
-    stored whose face fails a quality floor (:mod:`facedb.quality`: tiny, low contrast, lit from one side,
+    stored whose face fails a quality floor (:mod:`facedb.faces.quality`: tiny, low contrast, lit from one side,
     over-exposed, turned away) and will likely match badly; enrol a better one beside it."""
 
     people: list[str] = field(default_factory=list)
@@ -222,7 +222,7 @@ class Stats(_Record):
     threshold: float
     threshold_source: str
     calibration: dict[str, Any] | None
-    decision_rule: str  # "fixed", or "gallery" (the 1:N threshold follows the gallery size; facedb/decision.py)
+    decision_rule: str  # "fixed", or "gallery" (the 1:N threshold follows the gallery size; facedb/gallery/decision.py)
     decision_target: float  # the FPIR the gallery rule holds
     decision_margin: float | None  # the margin rule's threshold for s1 - 0.5 s2
     threshold_in_force: float  # the 1:N threshold a search is held to now, at today's gallery size
@@ -274,7 +274,7 @@ class AuditRecord(_Record):
     model_id: str
     detail: dict[str, Any] | None
     has_embedding: bool
-    has_thumbnail: bool = False  # the probe's face thumbnail is kept (facedb/thumbnails.py)
+    has_thumbnail: bool = False  # the probe's face thumbnail is kept (facedb/gallery/thumbnails.py)
 
 
 # --------------------------------------------------------------------------------------------- clustering

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from facedb import evaluate as ev
-from facedb.pipeline import get_pipeline
+from facedb.faces.pipeline import get_pipeline
 
 
 def main() -> int:

@@ -9,7 +9,7 @@
 photo (the one nearest the centre, as facedb's evaluation does), embedded with dlib-resnet and flip
 augmentation (what a new database uses) through the evaluation cache (``facedb.evaluate.embed_cached``: photos
 not yet cached are embedded, ~0.15 s each). Photos where no face was found are left out (stated). Every rule of
-``facedb.cluster`` at its default threshold (derived from dlib-resnet's 0.929), and scikit-learn's DBSCAN
+``facedb.operations.cluster`` at its default threshold (derived from dlib-resnet's 0.929), and scikit-learn's DBSCAN
 (cosine, eps = 1 - threshold, min_samples 2) and HDBSCAN (min_cluster_size 2) as baselines, each on the same
 vectors: pairwise precision / recall / F, BCubed precision / recall / F, NMI, clusters, unclustered faces, time.
 Singletons (unclustered, DBSCAN's noise) count as clusters of one. A threshold sweep is run on LFW's
@@ -40,10 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
-from facedb import cluster as clustering
 from facedb.evaluate import EmbeddingCache, labelled_folder, read_people
 from facedb.evaluate.clustering import clustering_report
-from facedb.pipeline import source_sha256
+from facedb.faces.pipeline import source_sha256
+from facedb.operations import cluster as clustering
 
 HERE = Path(__file__).resolve().parent
 DB_THRESHOLD = 0.929  # dlib-resnet with flip: FAR 1e-3 on LFW peopleDevTrain (README "Accuracy")
@@ -71,7 +71,7 @@ def lfw_vectors(cached_only: bool) -> tuple[np.ndarray, np.ndarray, dict[str, ob
         y = np.array(labels)[keep]
     else:
         from facedb.evaluate import embed_cached
-        from facedb.pipeline import get_pipeline
+        from facedb.faces.pipeline import get_pipeline
 
         emb = embed_cached(paths, get_pipeline("dlib-resnet"), flip=True)
         x, found, y = emb.vectors, emb.found, np.array(labels)

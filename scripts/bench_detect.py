@@ -26,8 +26,8 @@ import numpy as np
 from PIL import Image
 
 from facedb.evaluate import labelled_folder
-from facedb.images import load_photo
-from facedb.pipeline import DetectorSettings, FaceChoice, choose_face, get_detector
+from facedb.faces.images import load_photo
+from facedb.faces.pipeline import DetectorSettings, FaceChoice, choose_face, get_detector
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from facedb import FaceDB
-from facedb.pipeline import auto_workers, get_pipeline, list_folder
+from facedb.faces.pipeline import auto_workers, get_pipeline, list_folder
 
 
 def main() -> None:
@@ -52,7 +52,7 @@ def main() -> None:
         torch.save(InceptionResnetV1().state_dict(), weights)
     elif args.weights:
         weights = Path(args.weights)
-    from facedb.pipeline import DetectorSettings
+    from facedb.faces.pipeline import DetectorSettings
 
     pipe = get_pipeline(args.model, weights=weights, settings=DetectorSettings(device=args.device))
     pipe.analyse(photos[0])  # load the models before timing

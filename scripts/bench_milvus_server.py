@@ -1,7 +1,7 @@
 """Vector identify through a real Milvus server: Strong vs Session consistency, and the first search after a
 server restart. Writes JSON (bench-results/milvus-server.json by default).
 
-Gallery: P people x T templates, synthetic unit vectors (the clustered data of facedb.contracts), 128-d (the
+Gallery: P people x T templates, synthetic unit vectors (the clustered data of facedb.testing.contracts), 128-d (the
 offline models' dimension). Probes are enrolled templates' neighbours; the same probes go through a flat (exact,
 in-process) database built from the same vectors, and every identity must agree.
 
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-import facedb.index.milvus as mv
+import facedb.gallery.index.milvus as mv
 from facedb import FaceDB
-from facedb.contracts import clustered
 from facedb.errors import IndexLoadingError
+from facedb.testing.contracts import clustered
 
 HERE = Path(__file__).resolve().parent
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from facedb import FaceDB
 from facedb.evaluate import labelled_folder
-from facedb.pipeline import FaceChoice, Prepared, get_pipeline
+from facedb.faces.pipeline import FaceChoice, Prepared, get_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_search import synth  # the same face-like generator
 
 from facedb import FaceDB
-from facedb.protect import generate_key
+from facedb.protection.keyring import generate_key
 
 DIM = 512
 
@@ -149,7 +149,7 @@ def removal_costs(root: Path, key: str | None, victims: list[str]) -> dict[str, 
 
 def projection_cost(reps: int = 2000) -> float:
     """Microseconds to project one probe (``--cancellable``), median over ``reps``."""
-    from facedb.projection import Projection, new_seed
+    from facedb.protection.projection import Projection, new_seed
 
     project = Projection(new_seed(), DIM)
     probe = np.random.default_rng(0).standard_normal((1, DIM)).astype(np.float32)

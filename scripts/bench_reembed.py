@@ -1,5 +1,5 @@
 """What a move to another model costs in accuracy: templates re-made from the kept face crops against templates
-made from the photos (``facedb reembed``, facedb/reembed.py).
+made from the photos (``facedb reembed``, facedb/operations/reembed.py).
 
     python scripts/bench_reembed.py [--people 300] [--strangers 500] [--from dlib-resnet] [--to sface]
                                     [--no-flip] [--no-baseline] [--out bench-results/reembed-dlib-to-sface.json]
@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from facedb import FaceDB
-from facedb.models import resolve_model
-from facedb.pipeline import find_faces, get_pipeline
+from facedb.faces.models import resolve_model
+from facedb.faces.pipeline import find_faces, get_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,7 +106,7 @@ def measure(db: FaceDB, probes: np.ndarray, truth: list[str | None]) -> dict[str
 
 def thumbnail_geometry(db: FaceDB, to_model: str) -> dict[str, object]:
     """The kept crops' size, and how often crop-mode detection finds a face in them again, with the eye distance."""
-    from facedb.images import load_photo
+    from facedb.faces.images import load_photo
 
     pipe = get_pipeline(to_model)
     sizes, found, eyes = set(), 0, []
@@ -130,12 +130,13 @@ def thumbnail_geometry(db: FaceDB, to_model: str) -> dict[str, object]:
 
 
 def upsample_crops(factor: float) -> None:
-    """The experiment ``--crop-upsample``: kept crops enlarged before facedb.reembed detects and aligns them."""
+    """The experiment ``--crop-upsample``: kept crops enlarged before facedb.operations.reembed detects and aligns
+    them."""
     import io
 
     from PIL import Image
 
-    import facedb.reembed as reembed
+    import facedb.operations.reembed as reembed
 
     real = reembed.crop_from_thumbnail
 

@@ -167,7 +167,7 @@ def bench_photos(args: argparse.Namespace, tmp: Path, rows: list[dict[str, Any]]
         print(f"photo identify skipped: no LFW photos at {lfw} (set FACEDB_TEST_DATA)")
         res["photo"] = {"skipped": f"no LFW photos at {lfw}"}
         return
-    from facedb.pipeline import get_pipeline
+    from facedb.faces.pipeline import get_pipeline
 
     pipe = get_pipeline("dlib-resnet")
     folders = sorted(p for p in lfw.iterdir() if p.is_dir() and len(list(p.iterdir())) >= 2)

@@ -52,10 +52,10 @@ def child(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    from facedb.images import load_photo
-    from facedb.models import configure_threads, load_embedder
-    from facedb.models.facenet import model_id_for
-    from facedb.pipeline import get_detector
+    from facedb.faces.images import load_photo
+    from facedb.faces.models import configure_threads, load_embedder
+    from facedb.faces.models.facenet import model_id_for
+    from facedb.faces.pipeline import get_detector
 
     detector = get_detector()  # applies FACEDB_THREADS
     threads = torch.get_num_threads()

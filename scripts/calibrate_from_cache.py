@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from facedb.evaluate import EmbeddingCache, impostor_pairs, labelled_folder, read_people, threshold_at_far
-from facedb.models import spec_for
-from facedb.pipeline import source_sha256
+from facedb.faces.models import spec_for
+from facedb.faces.pipeline import source_sha256
 
 
 def scores(folder: Path, people: set[str], cache: EmbeddingCache, seed: int) -> dict[str, object]:

@@ -27,8 +27,8 @@ import numpy as np
 from PIL import Image
 
 from facedb.evaluate import read_pairs, ten_fold_accuracy
-from facedb.models.facenet import FaceNet, model_id_for
-from facedb.pipeline import FaceChoice, Prepared, get_pipeline
+from facedb.faces.models.facenet import FaceNet, model_id_for
+from facedb.faces.pipeline import FaceChoice, Prepared, get_pipeline
 
 
 def sandberg_crop(image: np.ndarray, box: tuple[float, float, float, float], margin: int, size: int,

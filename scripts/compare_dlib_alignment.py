@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from facedb import evaluate as ev
-from facedb.detect import Face
-from facedb.images import load_photo
-from facedb.pipeline import FaceChoice, choose_face, get_pipeline
+from facedb.faces.detect import Face
+from facedb.faces.images import load_photo
+from facedb.faces.pipeline import FaceChoice, choose_face, get_pipeline
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from facedb.soak import run_crash_drill
+from facedb.testing.soak import run_crash_drill
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -12,7 +12,7 @@ distance between the eyes in the photo; each model's alignment maps it into its 
 * ``dlib-resnet``: dlib's own 5-point fit and ``get_face_chip`` (150x150, padding 0.25): the eyes are found
   again by MTCNN in the chip, padded (the chip's geometry is dlib's, not exposed).
 
-A thumbnail (facedb/thumbnails.py) is the crop shrunk to 96x96, so its eye distance is the crop's times 96 over
+A thumbnail (facedb/gallery/thumbnails.py) is the crop shrunk to 96x96, so its eye distance is the crop's times 96 over
 the crop's side. The ratio target / thumbnail is how much a move from one model's thumbnails must upsample the
 face for the other model (above 1: the thumbnail has fewer pixels across the face than the new model reads).
 """
@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from facedb.models.facenet import IMAGE_SIZE as FACENET_SIZE
-from facedb.models.facenet import MARGIN as FACENET_MARGIN
-from facedb.models.sface import SIZE as SFACE_SIZE
-from facedb.models.sface import TEMPLATE
-from facedb.pipeline import find_faces, get_detector, get_pipeline
-from facedb.thumbnails import SIZE as THUMB
+from facedb.faces.models.facenet import IMAGE_SIZE as FACENET_SIZE
+from facedb.faces.models.facenet import MARGIN as FACENET_MARGIN
+from facedb.faces.models.sface import SIZE as SFACE_SIZE
+from facedb.faces.models.sface import TEMPLATE
+from facedb.faces.pipeline import find_faces, get_detector, get_pipeline
+from facedb.gallery.thumbnails import SIZE as THUMB
 
 REPO = Path(__file__).resolve().parents[1]
 

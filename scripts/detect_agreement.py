@@ -83,12 +83,12 @@ def main() -> None:
 
     import torch
 
-    from facedb.detect import MTCNNDetector
     from facedb.evaluate import embed_photos, read_pairs
     from facedb.evaluate.metrics import best_threshold
-    from facedb.images import load_photo
-    from facedb.models import MODELS, configure_threads
-    from facedb.pipeline import FacePipeline, get_pipeline
+    from facedb.faces.detect import MTCNNDetector
+    from facedb.faces.images import load_photo
+    from facedb.faces.models import MODELS, configure_threads
+    from facedb.faces.pipeline import FacePipeline, get_pipeline
 
     lfw = data_root() / "lfw_deepfunneled"
     if not lfw.is_dir():

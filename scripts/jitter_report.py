@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from facedb.evaluate import embed_cached, identify_split, labelled_folder, threshold_at_far
-from facedb.pipeline import FaceChoice, Prepared, get_pipeline
+from facedb.faces.pipeline import FaceChoice, Prepared, get_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -50,7 +50,7 @@ def server(cmd: str, name: str, run_dir: str, *args: str) -> str:
 
 
 def gallery(people: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    from facedb.contracts import clustered
+    from facedb.testing.contracts import clustered
 
     return clustered(np.random.default_rng(seed), people, 3, DIM)
 

@@ -9,7 +9,7 @@ are genuine probes, every photo of the single-photo people is an impostor probe 
 
 1. Calibration (on LFW's peopleDevTrain people only): the impostor model (1:1 impostor score tail: the gallery
    rule) and the margin rule's threshold for FPIR 1% (``s1 - 0.5 s2``, with ``s1`` held to the 1:1 default).
-   ``--write-model-files`` writes the impostor model to facedb/models/impostors/.
+   ``--write-model-files`` writes the impostor model to facedb/faces/models/impostors/.
 2. The rules on the disjoint peopleDevTest people at gallery sizes 30, 100, 300 and all (8 random galleries
    each): fixed 1:1 threshold, gallery rule, margin rule: FPIR and DIR.
 3. The same rules on all of LFW at 30, 300, 1,000 and 1,680 people (the out-of-the-box table; the calibration
@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-from facedb.decision import MARGIN_WEIGHT, ImpostorModel, Policy, gallery_threshold
 from facedb.evaluate import (
     LFW_NOT_STRANGERS,
     folder_embeddings,
@@ -39,8 +38,9 @@ from facedb.evaluate import (
     read_people,
     threshold_at_far,
 )
-from facedb.models import MODELS
-from facedb.pipeline import get_pipeline
+from facedb.faces.models import MODELS
+from facedb.faces.pipeline import get_pipeline
+from facedb.gallery.decision import MARGIN_WEIGHT, ImpostorModel, Policy, gallery_threshold
 
 REPO = Path(__file__).resolve().parents[1]
 #: How each model's faces are aligned, for the impostor model's provenance.

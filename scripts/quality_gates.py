@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from facedb import evaluate as ev
-from facedb.images import load_photo
-from facedb.models.facenet import crop_face
-from facedb.pipeline import FaceChoice, choose_face, get_pipeline
+from facedb.faces.images import load_photo
+from facedb.faces.models.facenet import crop_face
+from facedb.faces.pipeline import FaceChoice, choose_face, get_pipeline
 
 
 def quality(pixels: np.ndarray, face) -> tuple[float, float, float, float]:

@@ -19,7 +19,7 @@ flip) and the decision rule new databases use (the margin rule with the model's 
   genuine probes, every photo of the other half is a stranger: rank-1 among genuine probes, correct accepts,
   **wrong accepts** (a genuine probe accepted as someone else, or a stranger accepted as anyone); DIR at FPIR
   1% (the threshold on the best score that lets at most 1% of the strangers in);
-* the quality check (facedb/quality.py FLOORS): of those decisions, how many wrong accepts it turns into
+* the quality check (facedb/faces/quality.py FLOORS): of those decisions, how many wrong accepts it turns into
   "unusable photo", and how many correct accepts it costs; and each floor alone.
 """
 
@@ -34,12 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-from facedb import pipeline as facedb_pipeline
-from facedb.decision import MARGIN_WEIGHT, Policy
 from facedb.evaluate import labelled_folder
-from facedb.models import MODELS
-from facedb.pipeline import DetectorSettings, FaceChoice, Prepared, get_pipeline, whole_face
-from facedb.quality import FLOORS, measure, problems
+from facedb.faces import pipeline as facedb_pipeline
+from facedb.faces.models import MODELS
+from facedb.faces.pipeline import DetectorSettings, FaceChoice, Prepared, get_pipeline, whole_face
+from facedb.faces.quality import FLOORS, measure, problems
+from facedb.gallery.decision import MARGIN_WEIGHT, Policy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,8 +74,8 @@ def embed_set(paths: list, cropped: bool, pipe, assumed_only: bool = False
 def tight_crops(paths: list[Path], pipe) -> tuple[list[np.ndarray], int]:
     """Each photo cut to the (clipped, whole-pixel) box of its central face as the pipeline's detector finds it;
     a photo without a face is kept whole. Returns (the crops, how many photos had no face)."""
-    from facedb.images import load_photo
-    from facedb.pipeline import choose_face
+    from facedb.faces.images import load_photo
+    from facedb.faces.pipeline import choose_face
 
     crops, missed = [], 0
     for p in paths:

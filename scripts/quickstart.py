@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from facedb import FaceDB
-from facedb.models import choose_default_model, spec_for
-from facedb.pipeline import get_pipeline, list_folder
+from facedb.faces.models import choose_default_model, spec_for
+from facedb.faces.pipeline import get_pipeline, list_folder
 
 
 def default_folder() -> Path:

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from facedb.soak import run_concurrency
+from facedb.testing.soak import run_concurrency
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from facedb.decision import MARGIN_WEIGHT, Policy, gallery_threshold
 from facedb.evaluate import folder_embeddings
-from facedb.models import MODELS
-from facedb.pipeline import get_pipeline
+from facedb.faces.models import MODELS
+from facedb.faces.pipeline import get_pipeline
+from facedb.gallery.decision import MARGIN_WEIGHT, Policy, gallery_threshold
 
 REPO = Path(__file__).resolve().parents[1]
 SETS = {"orl": "att_orl", "yale": "yale_faces"}

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from facedb.evaluate import EmbeddingCache, labelled_folder
-from facedb.pipeline import FaceChoice, Prepared, get_pipeline, source_sha256
+from facedb.faces.pipeline import FaceChoice, Prepared, get_pipeline, source_sha256
 
 
 def main() -> int:

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facedb.detect import Face
-from facedb.pipeline import FacePipeline
+from facedb.faces.detect import Face
+from facedb.faces.pipeline import FacePipeline
 
 # A suite started in the background by a non-interactive shell (`make test &`, a CI step without job control)
 # inherits SIGINT *ignored* (POSIX), and so would every facedb process the tests start: the Ctrl-C tests would

@@ -157,7 +157,7 @@ def test_restore_never_overwrites_and_refuses_to_replace_a_database_in_use(sourc
 
 def test_an_encrypted_backup_stays_encrypted_and_names_the_key_it_needs(tmp_path):
     pytest.importorskip("sqlcipher3")
-    from facedb.protect import generate_key
+    from facedb.protection.keyring import generate_key
 
     from .test_protect import files_holding
 
@@ -508,11 +508,11 @@ def test_replace_moves_a_damaged_database_aside(source, tmp_path):
 
 def test_an_encrypted_database_whose_keyring_is_gone_or_whose_key_was_rotated_is_replaced(tmp_path):
     """After `rotate-key` (A to C), an older backup (under A) could not be restored in place with either key:
-    the replace step opened the live database with the backup's key. Neither can a database whose facedb.keys
+    the replace step opened the live database with the backup's key. Neither can a database whose facedb.operations.keys
     is gone. The backup's key opens the backup; the database replaced needs no key; a wrong key names the
     backup and the key it needs."""
     pytest.importorskip("sqlcipher3")
-    from facedb.protect import generate_key
+    from facedb.protection.keyring import generate_key
 
     key_a, key_c = generate_key(), generate_key()
     root = tmp_path / "enc"
@@ -527,10 +527,10 @@ def test_an_encrypted_database_whose_keyring_is_gone_or_whose_key_was_rotated_is
     report = FaceDB.restore(tmp_path / "bk", root, key=key_a, replace=True)
     assert sorted(contents(root, key=key_a)["people"]) == ["Ann"]
     assert "Later" in contents(Path(report.replaced), key=key_c)["people"]
-    (root / "facedb.keys").unlink()  # the keyring lost: the database is unreadable, and still replaced
+    (root / "facedb.operations.keys").unlink()  # the keyring lost: the database is unreadable, and still replaced
     report = FaceDB.restore(tmp_path / "bk", root, key=key_a, replace=True)
     assert sorted(contents(root, key=key_a)["people"]) == ["Ann"]
-    assert not (Path(report.replaced) / "facedb.keys").exists()
+    assert not (Path(report.replaced) / "facedb.operations.keys").exists()
 
 
 def test_restore_replace_of_the_current_directory(source, tmp_path):
@@ -554,7 +554,8 @@ def test_restore_replace_of_the_current_directory(source, tmp_path):
 KILLED_BACKUP = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {repo!r})
-    from facedb import FaceDB, backup
+    from facedb import FaceDB
+    from facedb.operations import backup
     def die(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     backup.write_atomic = die  # killed just before the manifest is written
@@ -597,7 +598,7 @@ def test_backup_and_restore_messages_say_what_happened(source, tmp_path, monkeyp
     """Messages found unclear: a bare tuple for a manifest mismatch; a raw "Directory not empty" when another
     restore made the new folder meanwhile; `backup ""` said ". is inside the database directory" (inverted);
     restore printed the manifest's original path instead of the folder it restores from."""
-    from facedb import backup
+    from facedb.operations import backup
 
     with FaceDB.open(source) as db:
         db.backup(tmp_path / "made")

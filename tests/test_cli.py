@@ -15,7 +15,7 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-import facedb.pipeline
+import facedb.faces.pipeline
 from facedb import FaceDB, InvalidInputError
 from facedb.cli import app
 
@@ -40,7 +40,7 @@ def jlines(result):
 @pytest.fixture
 def fake_cli(monkeypatch, fake_pipeline):
     """CLI wired to the test-double face pipeline (colour tiles as faces)."""
-    monkeypatch.setattr(facedb.pipeline, "get_pipeline", lambda *a, **k: fake_pipeline)
+    monkeypatch.setattr(facedb.faces.pipeline, "get_pipeline", lambda *a, **k: fake_pipeline)
     return fake_pipeline
 
 
@@ -222,7 +222,7 @@ def test_audit_retention_drops_old_records(tmp_path):
 def test_flip_is_a_database_setting_used_for_enrol_and_search(tmp_path, fake_cli):
     """With flip (the default) a template is the renormalised mean of the crop's and its mirror's embedding;
     with --no-flip the crop's alone. Both ways the database's own setting is applied, and stats shows it."""
-    from facedb.images import load_photo
+    from facedb.faces.images import load_photo
 
     src = photo(tmp_path / "red.png", [RED], seed=3)
     face = fake_cli.detector.detect(load_photo(src).pixels)[0]
@@ -246,7 +246,7 @@ def test_flip_is_a_database_setting_used_for_enrol_and_search(tmp_path, fake_cli
 
 
 def test_enrolment_workers_default_and_validation(tmp_path, monkeypatch, fake_cli):
-    from facedb.pipeline import auto_workers
+    from facedb.faces.pipeline import auto_workers
 
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     assert auto_workers(63) == 0 and auto_workers(64) == 4 and auto_workers(500, "cuda") == 0
@@ -274,8 +274,8 @@ def test_cropped_photos_are_padded_and_taken_whole_when_no_face_is_found(tmp_pat
     """--cropped on enroll, search, verify and detect: a face crop the detector cannot see is the face itself;
     without it, "no face". A featureless frame (uniform grey: a blank camera) is never taken for a face, even
     with --cropped (found by the newcomer check: a blank image became a person who matched every blank frame)."""
-    blind = facedb.pipeline.FacePipeline(FakeEmbedder(), detector=BlindDetector())
-    monkeypatch.setattr(facedb.pipeline, "get_pipeline", lambda *a, **k: blind)
+    blind = facedb.faces.pipeline.FacePipeline(FakeEmbedder(), detector=BlindDetector())
+    monkeypatch.setattr(facedb.faces.pipeline, "get_pipeline", lambda *a, **k: blind)
     db = tmp_path / "db"
     run(db, "init", "--model", FakeEmbedder.model_id, "--dim", str(FakeEmbedder.dim), "--threshold", "0.8")
     crop = tmp_path / "badge.png"
@@ -497,7 +497,7 @@ def test_thresholds_are_shown_without_float_noise_and_stored_exactly(tmp_path):
 
 
 def test_quality_limits_read_in_the_unit_of_their_value():
-    from facedb.quality import FLOORS, problems
+    from facedb.faces.quality import FLOORS, problems
 
     said = problems({"face_px": 24.0, "contrast": 30.0, "light_asymmetry": 0.81, "clipped": 0.452, "yaw": 0.1},
                     FLOORS)
@@ -509,8 +509,8 @@ def test_quality_limits_read_in_the_unit_of_their_value():
 
 
 def test_the_default_model_note_has_its_parentheses_once(monkeypatch):
-    import facedb.models as models
-    import facedb.models.weights as weights
+    import facedb.faces.models as models
+    import facedb.faces.models.weights as weights
     from facedb.errors import ModelUnavailableError
 
     def unavailable(*a, **k):

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from facedb import FaceDB
 from facedb.cli import app
-from facedb.decision import ImpostorModel
 from facedb.errors import AuthenticationError
+from facedb.gallery.decision import ImpostorModel
 
 runner = CliRunner()
 

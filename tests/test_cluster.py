@@ -1,4 +1,5 @@
-"""facedb.cluster (graph and grouping rules) against brute-force oracles and known answers, and the clustering
+"""facedb.operations.cluster (graph and grouping rules) against brute-force oracles and known answers, and the
+clustering
 metrics against brute force."""
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 
 from facedb import InvalidInputError, InvalidVectorError
-from facedb.cluster import (
+from facedb.evaluate.clustering import bcubed, clustering_report, nmi, pairwise_prf
+from facedb.operations.cluster import (
     RULES,
     Graph,
     average_linkage,
@@ -19,7 +21,6 @@ from facedb.cluster import (
     default_threshold,
     knn_graph,
 )
-from facedb.evaluate.clustering import bcubed, clustering_report, nmi, pairwise_prf
 
 from .conftest import unit_rows
 

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facedb import FaceDB, InvalidInputError, ModelMismatchError, livefiles
-from facedb.soak import run_visitor_enroll_drill
+from facedb import FaceDB, InvalidInputError, ModelMismatchError
+from facedb.gallery import livefiles
+from facedb.testing.soak import run_visitor_enroll_drill
 
 from . import conftest
 from .conftest import FakeEmbedder, face_image, unit_rows
@@ -29,9 +30,9 @@ RED, GREEN, BLUE = (200, 40, 40), (40, 200, 40), (40, 40, 200)
 @pytest.fixture
 def fake_cli(monkeypatch, fake_pipeline):
     """CLI wired to the test-double face pipeline (colour tiles as faces)."""
-    import facedb.pipeline
+    import facedb.faces.pipeline
 
-    monkeypatch.setattr(facedb.pipeline, "get_pipeline", lambda *a, **k: fake_pipeline)
+    monkeypatch.setattr(facedb.faces.pipeline, "get_pipeline", lambda *a, **k: fake_pipeline)
     return fake_pipeline
 
 

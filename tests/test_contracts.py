@@ -1,12 +1,12 @@
-"""The contracts of facedb/contracts.py, run for every registered index kind and for the SQLite store."""
+"""The contracts of facedb/testing/contracts.py, run for every registered index kind and for the SQLite store."""
 
 from __future__ import annotations
 
 import pytest
 
-from facedb import contracts
-from facedb.index import IndexPlace, backend_for, index_kinds
-from facedb.store import Store
+from facedb.gallery.index import IndexPlace, backend_for, index_kinds
+from facedb.gallery.store import Store
+from facedb.testing import contracts
 
 KINDS = sorted(index_kinds())
 
@@ -40,7 +40,7 @@ def test_store_contract(tmp_path):
 
 def test_contracts_can_fail(tmp_path):
     """The checks are not vacuous: a backend whose search ignores removals is caught."""
-    from facedb.index.faiss_kinds import FaissBackend
+    from facedb.gallery.index.faiss_kinds import FaissBackend
 
     class Forgetful(FaissBackend):
         def new(self, kind, dim, params, train, place):
@@ -57,7 +57,7 @@ def test_write_through_contract_can_fail(tmp_path):
     pytest.importorskip("pymilvus", reason="pymilvus is not installed (pip install 'facedb[milvus]')")
     from dataclasses import replace
 
-    from facedb.index.milvus import MilvusBackend
+    from facedb.gallery.index.milvus import MilvusBackend
 
     class Leaky(MilvusBackend):
         def load(self, place, stamp, dim):

@@ -18,10 +18,10 @@ from facedb import (
     InvalidVectorError,
     ModelMismatchError,
     PersonNotFoundError,
-    livefiles,
 )
 from facedb.db import INDEX_FILE, STORE_FILE
-from facedb.store import SCHEMA_VERSION
+from facedb.gallery import livefiles
+from facedb.gallery.store import SCHEMA_VERSION
 
 from .conftest import unit_rows
 
@@ -34,7 +34,7 @@ def storage(request, monkeypatch):
     encrypted run sets $FACEDB_KEY, which make_db encrypts with and every FaceDB.open reads."""
     if request.param == "encrypted":
         pytest.importorskip("sqlcipher3", reason="the crypto extra is not installed")
-        from facedb.protect import generate_key
+        from facedb.protection.keyring import generate_key
 
         monkeypatch.setenv("FACEDB_KEY", generate_key())
     else:
@@ -394,7 +394,7 @@ def test_a_database_made_by_the_previous_release_opens_and_is_migrated(tmp_path)
     import shutil
     import unicodedata
 
-    from facedb.store import SCHEMA_VERSION
+    from facedb.gallery.store import SCHEMA_VERSION
 
     root = tmp_path / "db"
     shutil.copytree(Path(__file__).parent / "data" / "v2-db", root)

@@ -1,4 +1,4 @@
-"""The open-set decision rules (facedb/decision.py): the impostor model against the empirical distribution, the
+"""The open-set decision rules (facedb/gallery/decision.py): the impostor model against the empirical distribution, the
 gallery rule against a simulation of strangers facing galleries of growing size, and the rule in the database."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from facedb import FaceDB, InvalidInputError
-from facedb.decision import ImpostorModel, gallery_threshold, predicted_fpir
+from facedb.gallery.decision import ImpostorModel, gallery_threshold, predicted_fpir
 
 from .conftest import unit_rows
 
@@ -107,11 +107,11 @@ def test_the_margin_rule_decides_on_the_lead_over_the_runner_up(tmp_path):
 
 
 def test_calibrating_fpir_under_the_margin_rule_sets_the_margin_threshold(tmp_path, monkeypatch, fake_pipeline):
-    import facedb.pipeline
+    import facedb.faces.pipeline
 
     from .test_field import cli, jlines, labelled
 
-    monkeypatch.setattr(facedb.pipeline, "get_pipeline", lambda *a, **k: fake_pipeline)
+    monkeypatch.setattr(facedb.faces.pipeline, "get_pipeline", lambda *a, **k: fake_pipeline)
     monkeypatch.setenv("FACEDB_CACHE", str(tmp_path / "cache"))
     db = tmp_path / "db"
     with FaceDB.create(db, model_id=fake_pipeline.model_id, dim=fake_pipeline.embedder.dim, threshold=0.5,

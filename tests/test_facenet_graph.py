@@ -12,10 +12,10 @@ import struct
 import numpy as np
 import pytest
 
-import facedb.models as models
+import facedb.faces.models as models
 from facedb.errors import InvalidInputError, ModelUnavailableError, WeightsHashError
-from facedb.models import tf_graph
-from facedb.models import weights as W
+from facedb.faces.models import tf_graph
+from facedb.faces.models import weights as W
 
 SPEC = W.WEIGHTS["facenet-casia-tf"]
 GRAPH = W.carried_graph(SPEC)
@@ -122,7 +122,7 @@ def test_the_conversion_fills_every_tensor_from_the_graph_and_is_deterministic(t
     import torch
     from facenet_pytorch import InceptionResnetV1
 
-    from facedb.models.facenet_graph import convert_graph, graph_state_dict
+    from facedb.faces.models.facenet_graph import convert_graph, graph_state_dict
 
     state = graph_state_dict(GRAPH)
     want = {k for k in InceptionResnetV1(pretrained=None).state_dict()}
@@ -147,7 +147,7 @@ def test_the_conversion_fills_every_tensor_from_the_graph_and_is_deterministic(t
 
 @needs_graph
 def test_a_graph_that_is_not_that_network_is_refused(tmp_path):
-    from facedb.models.facenet_graph import convert_graph
+    from facedb.faces.models.facenet_graph import convert_graph
 
     path = tmp_path / "tiny.pb"
     path.write_bytes(tiny_graph())
@@ -229,7 +229,7 @@ def test_the_converted_network_gives_the_graphs_embeddings_on_20_lfw_faces(faced
     folded in); facedb's FaceNet runs the converted weights on the same crops, in a batch."""
     import cv2
 
-    from facedb.pipeline import FaceChoice, Prepared, get_pipeline
+    from facedb.faces.pipeline import FaceChoice, Prepared, get_pipeline
 
     pipe = get_pipeline("facenet-casia-tf")
     people = sorted(p for p in (facedata / "lfw_deepfunneled").iterdir() if p.is_dir())[::200][:20]

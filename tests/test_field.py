@@ -25,10 +25,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import facedb.pipeline
-from facedb import FaceDB, livefiles
+import facedb.faces.pipeline
+from facedb import FaceDB
 from facedb.cli import app
 from facedb.errors import DatabaseError, ImageError, InvalidInputError
+from facedb.gallery import livefiles
 
 from .conftest import REPO, FakeDetector, FakeEmbedder, face_image, unit_rows
 
@@ -74,7 +75,7 @@ def private_cache(tmp_path, monkeypatch):
 @pytest.fixture
 def fake(monkeypatch, fake_pipeline):
     """The CLI and FaceDB wired to the test-double pipeline (colour tiles as faces)."""
-    monkeypatch.setattr(facedb.pipeline, "get_pipeline", lambda *a, **k: fake_pipeline)
+    monkeypatch.setattr(facedb.faces.pipeline, "get_pipeline", lambda *a, **k: fake_pipeline)
     return fake_pipeline
 
 
@@ -233,14 +234,14 @@ def test_fr01_cli_eval_lfw_runs_the_10_fold_protocol(tmp_path, fake):
 def test_fr01_cli_train_writes_weights_a_database_can_use(tmp_path, monkeypatch):
     pytest.importorskip("torch")
     pytest.importorskip("facenet_pytorch")
-    monkeypatch.setattr(facedb.pipeline, "get_detector", lambda *a, **k: FakeDetector())
+    monkeypatch.setattr(facedb.faces.pipeline, "get_detector", lambda *a, **k: FakeDetector())
     out = tmp_path / "model.pt"
     res = cli(tmp_path / "db", "--json", "train", "--folder", labelled(tmp_path / "people", 6, 3), "--out", out,
               "--embedding-size", "8", "--epochs", "1", "--steps", "1", "--people-per-batch", "2",
               "--faces-per-person", "2", "--val-fraction", "0.34")
     result = jlines(res)[0]
     assert out.stat().st_size > 0 and result["model_id"].startswith("facenet-custom-")
-    from facedb.models.facenet import embedding_dim
+    from facedb.faces.models.facenet import embedding_dim
 
     assert embedding_dim(out) == 8
     info = jlines(cli(tmp_path / "db", "--json", "init", "--model", "facenet", "--weights", out))[0]
@@ -549,7 +550,7 @@ def _loaded(data: bytes) -> Image.Image:
 
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_fr05_every_photo_form_gives_the_same_pixels_for_every_orientation(tmp_path, orientation):
-    from facedb.images import load_photo
+    from facedb.faces.images import load_photo
 
     rng = np.random.default_rng(orientation)
     upright = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)  # not square: a turn changes the shape
@@ -624,7 +625,7 @@ def _in_mode(mode: str) -> tuple[Image.Image, np.ndarray]:
 @pytest.mark.parametrize("mode", sorted(getattr(Image, "MODES", ["1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr",
                                                                   "LAB", "HSV", "I", "F", "I;16"])))
 def test_fr06_every_pillow_mode_is_converted_faithfully_or_refused(tmp_path, mode):
-    from facedb.images import load_photo
+    from facedb.faces.images import load_photo
 
     im, expected = _in_mode(mode)
     sources = {"PIL image": im}
@@ -648,7 +649,7 @@ def test_fr06_every_pillow_mode_is_converted_faithfully_or_refused(tmp_path, mod
 
 def test_fr06_float_greyscale_tiff_in_0_1_is_not_black(tmp_path, fake):
     """The reported instance: a 32-bit float TIFF with values in [0, 1] answered 'no face'."""
-    from facedb.images import load_photo
+    from facedb.faces.images import load_photo
 
     grey = np.asarray(Image.fromarray(face_image([RED, BLUE], 3)).convert("L")).astype(np.float32) / 255
     path = tmp_path / "float.tif"
@@ -665,7 +666,7 @@ def test_fr06_float_greyscale_tiff_in_0_1_is_not_black(tmp_path, fake):
     (np.array([[np.nan, 0.5], [0.2, 0.1]], np.float32), "NaN"),
 ])
 def test_fr06_float_pixels_without_a_known_scale_are_refused(tmp_path, values, why):
-    from facedb.images import load_photo
+    from facedb.faces.images import load_photo
 
     path = tmp_path / "f.tif"
     Image.fromarray(np.tile(values, (20, 20)), "F").save(path)
@@ -675,7 +676,7 @@ def test_fr06_float_pixels_without_a_known_scale_are_refused(tmp_path, values, w
 
 # ------------------------------------------------------------------------------------------------ item 7
 def test_fr07_in_frame_clips_boxes_and_landmarks_keeping_the_raw_box():
-    from facedb.detect import in_frame
+    from facedb.faces.detect import in_frame
 
     lm = np.array([[-5.0, 10], [30, -2], [20, 20], [160, 40], [10, 300]])
     face = in_frame((-44.9, 53.4, 173.0, 291.1), 0.99, lm, 150, 250)
@@ -853,11 +854,11 @@ class CountingDetector(FakeDetector):
 
 
 def test_fr10_rerunning_a_folder_skips_known_photos_before_detection_and_exits_0(tmp_path, monkeypatch):
-    from facedb.pipeline import FacePipeline
+    from facedb.faces.pipeline import FacePipeline
 
     detector = CountingDetector()
     pipe = FacePipeline(FakeEmbedder(), detector=detector)  # type: ignore[arg-type]
-    monkeypatch.setattr(facedb.pipeline, "get_pipeline", lambda *a, **k: pipe)
+    monkeypatch.setattr(facedb.faces.pipeline, "get_pipeline", lambda *a, **k: pipe)
     db = fake_db(tmp_path / "db")
     folder = labelled(tmp_path / "staff", 3, 2)
     first = jlines(cli(db, "--json", "enroll", "--folder", folder))[0]
@@ -891,8 +892,8 @@ def test_fr10_exit_status_of_enroll(tmp_path, fake):
 DRIVER = """
 import sys, time
 sys.path.insert(0, {repo!r})
-import facedb.pipeline
-from facedb.pipeline import FacePipeline
+import facedb.faces.pipeline
+from facedb.faces.pipeline import FacePipeline
 from tests.conftest import FakeEmbedder
 from tests.test_field import CountingDetector
 
@@ -904,7 +905,7 @@ class Logged(CountingDetector):
 
 
 pipe = FacePipeline(FakeEmbedder(), detector=Logged(delay={delay}))
-facedb.pipeline.get_pipeline = lambda *a, **k: pipe
+facedb.faces.pipeline.get_pipeline = lambda *a, **k: pipe
 from facedb.cli import main
 sys.argv = ["facedb", "--db", {db!r}, "enroll", "--folder", {folder!r}]
 main()
@@ -1256,7 +1257,7 @@ def test_fr15_the_model_loader_and_the_trainer_share_the_safe_reader(tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("facenet_pytorch")
     from facedb.errors import ModelUnavailableError
-    from facedb.models.facenet import FaceNet
+    from facedb.faces.models.facenet import FaceNet
     from facedb.train.loop import TrainConfig, build_model
 
     bad = _not_state_dicts(tmp_path)["pickled module"]
@@ -1330,18 +1331,18 @@ def test_fr16_an_unexpected_failure_never_exits_as_a_no(tmp_path, fake, monkeypa
 THREADS_PROBE = """
 import os, torch
 try:
-    from facedb.pipeline import get_detector
+    from facedb.faces.pipeline import get_detector
     get_detector()  # loading the detector alone applies the setting (training prepares crops this way)
     print("detector", torch.get_num_threads())
 except ImportError:
     print("detector absent")
-from facedb.pipeline import get_pipeline
+from facedb.faces.pipeline import get_pipeline
 get_pipeline("dlib-resnet").detector  # and so does loading a model with its detector
 print("pipeline", torch.get_num_threads())
 import faiss
-from facedb.index import faiss_kinds  # and loading the FAISS backend, for its OpenMP threads
+from facedb.gallery.index import faiss_kinds  # and loading the FAISS backend, for its OpenMP threads
 print("faiss", faiss.omp_get_max_threads())
-from facedb.models import configure_threads
+from facedb.faces.models import configure_threads
 os.environ["FACEDB_THREADS"] = "2"
 configure_threads()
 print("two", torch.get_num_threads())
@@ -1354,7 +1355,7 @@ except Exception as exc:
 TORCH_DEFAULT_PROBE = """
 import torch
 before = torch.get_num_threads()
-from facedb.models import configure_threads
+from facedb.faces.models import configure_threads
 configure_threads()
 print(before, torch.get_num_threads())
 """
@@ -1372,7 +1373,7 @@ def test_fr17_torch_thread_count_is_a_setting_with_a_chosen_default():
     pytest.importorskip("torch")
     pytest.importorskip("facenet_pytorch")
     pytest.importorskip("dlib")
-    from facedb.models import DEFAULT_THREADS
+    from facedb.gallery.settings import DEFAULT_THREADS
 
     d = DEFAULT_THREADS
     assert _threads({}, THREADS_PROBE) == [  # the default is facedb's measured one, not torch's own
@@ -1417,7 +1418,7 @@ def test_fr19_open_takes_the_model_the_readme_says_it_takes(tmp_path, fake_pipel
     with FaceDB.open(tmp_path / "db", model=fake_pipeline) as d:
         assert d.search(photo(tmp_path / "p.png", [RED], 3))[0].identity == "red"
     from facedb.errors import ModelMismatchError
-    from facedb.pipeline import FacePipeline
+    from facedb.faces.pipeline import FacePipeline
 
     class Other(FakeEmbedder):
         model_id = "other"

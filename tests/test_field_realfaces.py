@@ -39,7 +39,7 @@ def lfw(facedata) -> Path:
 def dlib_pipeline():
     for module in ("dlib", "facenet_pytorch"):
         pytest.importorskip(module, reason=f"{module} is not installed")
-    from facedb.pipeline import get_pipeline
+    from facedb.faces.pipeline import get_pipeline
 
     return get_pipeline("dlib-resnet")
 

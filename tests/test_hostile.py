@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
-import facedb.pipeline
+import facedb.faces.pipeline
 from facedb import FaceDB
 from facedb.cli import app
 
@@ -23,7 +23,7 @@ runner = CliRunner()
 
 @pytest.fixture
 def db(tmp_path, monkeypatch, fake_pipeline):
-    monkeypatch.setattr(facedb.pipeline, "get_pipeline", lambda *a, **k: fake_pipeline)
+    monkeypatch.setattr(facedb.faces.pipeline, "get_pipeline", lambda *a, **k: fake_pipeline)
     root = tmp_path / "db"
     assert runner.invoke(app, ["--db", str(root), "init", "--model", FakeEmbedder.model_id, "--dim",
                                str(FakeEmbedder.dim)]).exit_code == 0
@@ -148,7 +148,7 @@ def test_a_stored_retention_past_year_one_keeps_every_record_and_writes_on(tmp_p
 
 
 def test_time_before_clamps_to_the_first_day_and_orders_like_the_trail():
-    from facedb.store import time_before, utcnow
+    from facedb.gallery.store import time_before, utcnow
 
     assert time_before(1e300) == "0001-01-01T00:00:00.000+00:00" == time_before(float("inf"))
     assert time_before(1e300) < time_before(86400) < utcnow()

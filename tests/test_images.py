@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from facedb.errors import ImageError
-from facedb.images import load_photo
+from facedb.faces.images import load_photo
 
 
 def encode(im: Image.Image, fmt: str, **kw) -> bytes:

@@ -10,7 +10,7 @@ Three kinds of test: the reproduction (a real ``facedb serve`` and CLI processes
 place that used to touch a live file (each leaves this process's locks in place: a second process cannot
 take the database exclusively); and a guard that instruments ``open`` while the product runs its whole
 repertoire (API, service and console routes) and fails on any open of a live database file not made by
-``facedb.livefiles``.
+``facedb.gallery.livefiles``.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ import httpx
 import numpy as np
 import pytest
 
-from facedb import FaceDB, livefiles
+from facedb import FaceDB
 from facedb.db import STORE_FILE
+from facedb.gallery import livefiles
 
 from .conftest import REPO
 from .servicekit import console_login, make_db, real_server
@@ -126,7 +127,7 @@ def test_a_second_open_in_the_same_process_keeps_the_locks(live):
 
 
 def test_the_wal_scan_keeps_the_locks(live):
-    from facedb import encryption
+    from facedb.protection import encryption
 
     wal = live.root / (STORE_FILE + "-wal")
     assert wal.exists()
@@ -158,7 +159,7 @@ def test_a_second_sqlite_library_on_a_live_file_is_refused(tmp_path):
     open through both in one process would lose locks the same way."""
     pytest.importorskip("sqlcipher3")
     from facedb.errors import DatabaseError
-    from facedb.store import ExclusiveCopy
+    from facedb.gallery.store import ExclusiveCopy
 
     with FaceDB.create(tmp_path / "db", model_id="vec-test", dim=DIM, threshold=0.9) as db:
         db.add_templates("Ann", vec(1)[None], create=True)
@@ -213,7 +214,7 @@ def guard(monkeypatch):
         return os.path.basename(p) == STORE_FILE and p in held()
 
     def caller_ok() -> bool:
-        return sys._getframe(2).f_globals.get("__name__") == "facedb.livefiles"
+        return sys._getframe(2).f_globals.get("__name__") == "facedb.gallery.livefiles"
 
     def checked(real):
         def opener(file, *args, **kwargs):
@@ -291,7 +292,7 @@ def test_no_encryption_path_opens_a_live_file(tmp_path, guard):
     """Encrypted databases: open, stats and check beside a second connection; encrypt and re-encrypt (which
     hold the file exclusively and overwrite the replaced original)."""
     pytest.importorskip("sqlcipher3")
-    from facedb.protect import generate_key
+    from facedb.protection.keyring import generate_key
 
     key = generate_key()
     enc = tmp_path / "enc"

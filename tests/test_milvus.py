@@ -23,7 +23,6 @@ from pymilvus import MilvusClient, MilvusException
 
 from facedb import FaceDB
 from facedb.cli import app
-from facedb.contracts import clustered
 from facedb.errors import (
     IndexBehindWarning,
     IndexCredentialsError,
@@ -32,7 +31,8 @@ from facedb.errors import (
     InvalidInputError,
     ModelMismatchError,
 )
-from facedb.index import IndexPlace, backend_for
+from facedb.gallery.index import IndexPlace, backend_for
+from facedb.testing.contracts import clustered
 
 DIM = 32
 
@@ -253,7 +253,7 @@ def test_a_collection_the_server_is_still_loading_is_a_quick_clear_error(tmp_pat
     x, pids = gallery()
     with make(tmp_path / "db", uri) as db:
         enrol(db, x, pids)
-    import facedb.index.milvus as mv
+    import facedb.gallery.index.milvus as mv
 
     state = {"state": "Loading", "progress": 50}
     monkeypatch.setattr(mv._client(uri, ""), "get_load_state", lambda *a, **k: dict(state))
@@ -485,7 +485,7 @@ def test_unreachable_server_and_refused_token_are_clear_errors(tmp_path, monkeyp
     with pytest.raises(IndexUnavailableError, match=r"127\.0\.0\.1:9.*connecting"):
         make(tmp_path / "a", "http://127.0.0.1:9")
     assert not (tmp_path / "a").exists()
-    import facedb.index.milvus as mv
+    import facedb.gallery.index.milvus as mv
 
     def refuse(**kwargs):
         raise MilvusException(code=1800, message="auth check failure, please check username and password")
@@ -505,7 +505,7 @@ def test_a_server_with_authorisation_refuses_a_wrong_token_with_a_clear_error(tm
     server = os.environ.get(AUTH_SERVER_ENV)
     if not server:
         pytest.skip(f"no Milvus server with authorisation: set {AUTH_SERVER_ENV} (see .ci/run)")
-    import facedb.index.milvus as mv
+    import facedb.gallery.index.milvus as mv
 
     monkeypatch.delenv("FACEDB_MILVUS_URI", raising=False)
     monkeypatch.setattr(mv, "_CLIENTS", {})
@@ -545,7 +545,7 @@ def test_milvus_lite_held_by_another_process_is_a_clear_error(tmp_path, uri, lit
     from milvus_lite.server_manager import server_manager_instance
 
     server_manager_instance.release_server(uri)  # this process lets go of it
-    import facedb.index.milvus as mv
+    import facedb.gallery.index.milvus as mv
 
     mv._CLIENTS.clear()
     holder = subprocess.Popen([sys.executable, "-c", f"from pymilvus import MilvusClient; import time; "

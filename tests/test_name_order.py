@@ -1,6 +1,6 @@
 """Names as people read them: every list of people (Python API, CLI, HTTP, console) is in one order and
 searched one way: case-insensitive, accent-insensitive, in a collation that is no locale's
-(``facedb.store.name_sort_key``: base letters first, then accents, then case). Exact-name lookups stay exact."""
+(``facedb.gallery.store.name_sort_key``: base letters first, then accents, then case). Exact-name lookups stay exact."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from urllib.parse import quote
 import pytest
 from typer.testing import CliRunner
 
-import facedb.pipeline
+import facedb.faces.pipeline
 from facedb import FaceDB, PersonNotFoundError
 from facedb.cli import app
 from facedb.db import STORE_FILE
-from facedb.store import name_search_key, name_sort_key
+from facedb.gallery.store import name_search_key, name_sort_key
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -138,7 +138,7 @@ def test_a_database_from_before_the_keys_lists_alike_read_only_and_is_migrated(t
 
 def test_an_encrypted_database_lists_and_searches_alike(tmp_path, monkeypatch):
     pytest.importorskip("sqlcipher3", reason="the crypto extra is not installed")
-    from facedb.protect import generate_key
+    from facedb.protection.keyring import generate_key
 
     monkeypatch.delenv("FACEDB_KEY", raising=False)
     key = generate_key()
@@ -152,7 +152,7 @@ def test_an_encrypted_database_lists_and_searches_alike(tmp_path, monkeypatch):
 def test_cli_people_lists_and_searches_alike(tmp_path, monkeypatch, fake_pipeline):
     import json
 
-    monkeypatch.setattr(facedb.pipeline, "get_pipeline", lambda *a, **k: fake_pipeline)
+    monkeypatch.setattr(facedb.faces.pipeline, "get_pipeline", lambda *a, **k: fake_pipeline)
     root = tmp_path / "db"
     runner = CliRunner()
 

@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facedb import DatabaseError, FaceDB, InvalidInputError, livefiles
+from facedb import DatabaseError, FaceDB, InvalidInputError
 from facedb.errors import KeyMissingError, TamperedError, TamperedFileWarning, WrongKeyError
-from facedb.protect import KEYRING_FILE, generate_key
+from facedb.gallery import livefiles
+from facedb.protection.keyring import KEYRING_FILE, generate_key
 
 from .conftest import unit_rows
 
@@ -47,7 +48,7 @@ def files_holding(root: Path, vectors: np.ndarray) -> list[str]:
     found = []
     for f in sorted(Path(root).rglob("*")):
         if f.is_file():
-            data = livefiles.read_all(f)  # the database may be open in this process: see facedb/livefiles.py
+            data = livefiles.read_all(f)  # the database may be open in this process: see facedb/gallery/livefiles.py
             if any(n in data for n in needles):
                 found.append(f.name)
     return found
@@ -235,7 +236,7 @@ def test_wrong_missing_and_misplaced_keys_are_typed_errors_that_change_nothing(t
         FaceDB.open(root, key="a passphrase that is not the key")
     inside = root / "key.txt"
     inside.write_text(key)
-    from facedb.protect import KeySource
+    from facedb.protection.keyring import KeySource
 
     with pytest.raises(InvalidInputError, match="inside the database directory"):
         FaceDB.open(root, key=KeySource(file=inside))
@@ -252,7 +253,7 @@ def test_wrong_missing_and_misplaced_keys_are_typed_errors_that_change_nothing(t
 
 def test_passphrases_and_binary_key_files_work(tmp_path, rng):
     phrase = "correct horse battery staple"
-    from facedb.protect import KeySource
+    from facedb.protection.keyring import KeySource
 
     with make(tmp_path / "a", key=phrase) as db:
         db.add_templates("a", unit_rows(rng, 1, DIM), create=True)
@@ -340,8 +341,8 @@ def test_rotate_key_rewraps_fast_and_the_old_key_stops_working(tmp_path, rng, ke
     vecs = unit_rows(rng, 10, DIM)
     with make(root, key=key) as db:
         db.add_templates("a", vecs, create=True)
-    from facedb.protect import Keyring
-    from facedb.store import opens_with
+    from facedb.gallery.store import opens_with
+    from facedb.protection.keyring import Keyring
 
     data_key = Keyring.read(root).unlock(key.encode())["current"].store_key()
     new = generate_key()
@@ -563,9 +564,9 @@ def test_check_and_stats_report_a_plain_text_file_in_an_encrypted_database(tmp_p
 
 
 def test_encrypted_index_backends_meet_the_contract(tmp_path):
-    from facedb import contracts
-    from facedb.index import IndexPlace, backend_for
-    from facedb.protect import DataKey
+    from facedb.gallery.index import IndexPlace, backend_for
+    from facedb.protection.keyring import DataKey
+    from facedb.testing import contracts
 
     cipher = DataKey(1, os.urandom(32)).file_cipher("index")
     for kind in ("flat", "hnsw", "ivfpq"):
@@ -574,7 +575,7 @@ def test_encrypted_index_backends_meet_the_contract(tmp_path):
 
 
 def test_file_cipher_rejects_reordered_truncated_extended_and_foreign_files():
-    from facedb.protect import DataKey
+    from facedb.protection.keyring import DataKey
 
     cipher = DataKey(1, os.urandom(32)).file_cipher("index")
     data = os.urandom(10_000)
@@ -674,7 +675,7 @@ def test_cli_encryption_commands_and_their_effect(tmp_path, rng):
 
 # ------------------------------------------------------------------------------------- cancellable
 def test_cancellable_templates_keep_every_score_and_are_unlinkable(tmp_path, rng):
-    from facedb.projection import Projection, new_seed
+    from facedb.protection.projection import Projection, new_seed
 
     a, b = unit_rows(rng, 200, DIM), unit_rows(rng, 200, DIM)
     p = Projection(new_seed(), DIM)

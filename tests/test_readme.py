@@ -31,10 +31,10 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import facedb.pipeline
+import facedb.faces.pipeline
 from facedb import FaceDB
 from facedb.cli import app
-from facedb.pipeline import FacePipeline
+from facedb.faces.pipeline import FacePipeline
 
 from .conftest import REPO, FakeDetector, FakeEmbedder, face_image
 from .conftest import test_data_dir as shared_data_dir
@@ -207,8 +207,8 @@ class Scene:
         people the README enrols (identities below 10), only photos in which MTCNN finds exactly one face."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         if self.real:
-            from facedb.images import load_photo
-            from facedb.pipeline import get_detector
+            from facedb.faces.images import load_photo
+            from facedb.faces.pipeline import get_detector
 
             files = sorted((self.lfw / self.people[identity]).glob("*.jpg"))
             while True:
@@ -289,7 +289,7 @@ def random_facenet_weights(path: Path) -> str | None:
         return None
     torch.manual_seed(0)
     torch.save(InceptionResnetV1(pretrained=None).state_dict(), path)
-    from facedb.models.facenet import model_id_for
+    from facedb.faces.models.facenet import model_id_for
 
     return model_id_for(path, "facenet-vggface2")
 
@@ -313,8 +313,8 @@ def scene(request, tmp_path, monkeypatch) -> Scene:
     else:
         scene = Scene(real=False)
         pipe = FacePipeline(ReadmeEmbedder(noise=0.01), detector=FakeDetector())  # type: ignore[arg-type]
-        monkeypatch.setattr(facedb.pipeline, "get_pipeline", lambda *a, **k: pipe)
-        monkeypatch.setattr(facedb.pipeline, "get_detector", lambda *a, **k: FakeDetector(), raising=False)
+        monkeypatch.setattr(facedb.faces.pipeline, "get_pipeline", lambda *a, **k: pipe)
+        monkeypatch.setattr(facedb.faces.pipeline, "get_detector", lambda *a, **k: FakeDetector(), raising=False)
     build_files(scene, tmp_path)
     return scene
 

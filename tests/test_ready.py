@@ -12,8 +12,8 @@ import pytest
 
 from facedb import FaceDB
 from facedb.errors import TamperedFileWarning
-from facedb.settings import Settings
-from facedb.store import Store
+from facedb.gallery.settings import Settings
+from facedb.gallery.store import Store
 
 from .conftest import unit_rows
 
@@ -87,7 +87,7 @@ def test_writer_leaves_index_and_reopen_answers_as_rebuilt_and_exact(tmp_path, d
     with FaceDB.create(root, model_id="m", dim=DIM, threshold=0.5, index=kind) as db:
         db.store.set_meta(Settings.index_rows(kind, params))  # what reindex records, without building
     # 600 templates stand for a bulk import here (a writer settles from SETTLE_TEMPLATES added templates on)
-    monkeypatch.setattr("facedb.keeper.SETTLE_TEMPLATES", 100)
+    monkeypatch.setattr("facedb.gallery.upkeep.SETTLE_TEMPLATES", 100)
     with FaceDB.open(root) as db:
         db.add_templates_many(items)  # a bulk import that never queries
         assert db.keeper.gallery is None
@@ -225,7 +225,7 @@ def test_a_process_holding_its_gallery_saves_after_a_bulk_write(tmp_path, data, 
     after it leaves a copy level with the store."""
     items, probes = data
     root = tmp_path / "db"
-    monkeypatch.setattr("facedb.keeper.SETTLE_TEMPLATES", 100)
+    monkeypatch.setattr("facedb.gallery.upkeep.SETTLE_TEMPLATES", 100)
     with FaceDB.create(root, model_id="m", dim=DIM, threshold=0.5, index="ivfpq") as db:
         db.reindex("ivfpq", {"nlist": 8, "nprobe": 8})
         db.add_templates_many(items[:10])
@@ -252,7 +252,7 @@ def test_mapped_vectors_are_checked_in_the_background_and_answers_meanwhile_come
     with FaceDB.create(root, model_id="m", dim=DIM, threshold=0.5, index="ivfpq") as db:
         db.reindex("ivfpq", {"nlist": 8, "nprobe": 8})
         db.add_templates_many(items)
-    from facedb.index import faiss_kinds
+    from facedb.gallery.index import faiss_kinds
 
     release = threading.Event()
     real = faiss_kinds._vectors_check

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from facedb import FaceDB
 from facedb.cli import app
-from facedb.models import MODELS
+from facedb.faces.models import MODELS
 
 pytestmark = pytest.mark.realdata
 
@@ -40,15 +40,15 @@ def lfw(facedata) -> Path:
 def dlib_pipeline():
     need("dlib")
     need("facenet_pytorch")
-    from facedb.pipeline import get_pipeline
+    from facedb.faces.pipeline import get_pipeline
 
     return get_pipeline("dlib-resnet")
 
 
 def test_mtcnn_finds_one_face_in_lfw_photos_and_none_in_blank(lfw):
     need("facenet_pytorch")
-    from facedb.images import load_photo
-    from facedb.pipeline import DetectorSettings, get_detector
+    from facedb.faces.images import load_photo
+    from facedb.faces.pipeline import DetectorSettings, get_detector
 
     det = get_detector(DetectorSettings())
     for rel in ONE_FACE:
@@ -67,8 +67,8 @@ def test_large_photos_are_downscaled_and_boxes_stay_in_original_pixels(lfw):
     need("facenet_pytorch")
     from PIL import Image
 
-    from facedb.images import load_photo
-    from facedb.pipeline import DetectorSettings, get_detector
+    from facedb.faces.images import load_photo
+    from facedb.faces.pipeline import DetectorSettings, get_detector
 
     small = load_photo(lfw / ONE_FACE[0]).pixels
     big = np.asarray(Image.fromarray(small).resize((1000, 1000), Image.BILINEAR))
@@ -123,8 +123,8 @@ def test_facenet_path_runs_with_random_weights(tmp_path, lfw):
     import torch
     from facenet_pytorch import InceptionResnetV1
 
-    from facedb.models.facenet import FaceNet
-    from facedb.pipeline import FacePipeline
+    from facedb.faces.models.facenet import FaceNet
+    from facedb.faces.pipeline import FacePipeline
 
     torch.manual_seed(0)
     weights = tmp_path / "random-facenet.pt"
@@ -132,7 +132,7 @@ def test_facenet_path_runs_with_random_weights(tmp_path, lfw):
     net = FaceNet.load("facenet-vggface2", weights=weights)
     assert net.model_id.startswith("facenet-custom-")  # not the published weights: a distinct id
     pipe = FacePipeline(net)
-    from facedb.images import load_photo
+    from facedb.faces.images import load_photo
 
     items = []
     for rel in ONE_FACE[:5]:
@@ -228,8 +228,8 @@ def test_channels_last_mtcnn_finds_the_same_faces_as_the_default_layout(lfw):
     need("facenet_pytorch")
     import torch
 
-    from facedb.detect import MTCNNDetector
-    from facedb.images import load_photo
+    from facedb.faces.detect import MTCNNDetector
+    from facedb.faces.images import load_photo
 
     reference, fast = MTCNNDetector(channels_last=False), MTCNNDetector(channels_last=True)
     assert fast._mtcnn.pnet.conv1.weight.is_contiguous(memory_format=torch.channels_last)

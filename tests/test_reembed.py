@@ -1,4 +1,4 @@
-"""Moving a database to another embedding model (``facedb reembed``, facedb/reembed.py): its effect on the
+"""Moving a database to another embedding model (``facedb reembed``, facedb/operations/reembed.py): its effect on the
 database, bad input changing nothing, SIGKILL at each step, readers and writers during the move, encryption.
 
 Two test-double models stand in for the old and the new model (colour tiles as faces, ``conftest.py``): the old
@@ -22,13 +22,13 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import facedb.pipeline
+import facedb.faces.pipeline
 from facedb import FaceDB
 from facedb.cli import app
 from facedb.errors import DatabaseError, InvalidInputError, ModelUnavailableError
-from facedb.models import MODELS, ModelSpec
-from facedb.pipeline import FacePipeline
-from facedb.reembed import UnembeddableError
+from facedb.faces.models import MODELS, ModelSpec
+from facedb.faces.pipeline import FacePipeline
+from facedb.operations.reembed import UnembeddableError
 
 from .conftest import REPO, FakeDetector, FakeEmbedder, face_image, unit_rows
 from .test_livefiles import guard  # noqa: F401  (the fixture that fails on any other open of a live file)
@@ -60,7 +60,7 @@ def pipes(monkeypatch):
     found = {FakeEmbedder.model_id: FacePipeline(FakeEmbedder(), detector=FakeDetector()),  # type: ignore[arg-type]
              FakeEmbedderB.model_id: FacePipeline(FakeEmbedderB(), detector=FakeDetector())}  # type: ignore[arg-type]
     monkeypatch.setitem(MODELS, SPEC_B.id, SPEC_B)
-    monkeypatch.setattr(facedb.pipeline, "get_pipeline", lambda model_id, **k: found[model_id])
+    monkeypatch.setattr(facedb.faces.pipeline, "get_pipeline", lambda model_id, **k: found[model_id])
     return found
 
 
@@ -255,10 +255,10 @@ KILL_SCRIPT = """
 import sys, time
 sys.path.insert(0, {repo!r})
 import numpy as np
-import facedb.pipeline
+import facedb.faces.pipeline
 from facedb import FaceDB
-from facedb.models import MODELS
-from facedb.pipeline import FacePipeline
+from facedb.faces.models import MODELS
+from facedb.faces.pipeline import FacePipeline
 from tests.conftest import FakeDetector, FakeEmbedder
 from tests.test_reembed import SPEC_B, FakeEmbedderB
 
@@ -271,9 +271,9 @@ class Slow(FakeEmbedderB):
 MODELS[SPEC_B.id] = SPEC_B
 found = {{"fake-colour": FacePipeline(FakeEmbedder(), detector=FakeDetector()),
           "fake-colour-b": FacePipeline(Slow(), detector=FakeDetector())}}
-facedb.pipeline.get_pipeline = lambda model_id, **k: found[model_id]
-import facedb.reembed
-facedb.reembed.BATCH = 1  # one embedding call per template: the kill lands between two
+facedb.faces.pipeline.get_pipeline = lambda model_id, **k: found[model_id]
+import facedb.operations.reembed
+facedb.operations.reembed.BATCH = 1  # one embedding call per template: the kill lands between two
 with FaceDB.open({root!r}) as db:
     db.reembed("fake-colour-b")
 print("moved", flush=True)
@@ -390,7 +390,7 @@ def test_templates_enrolled_while_the_move_computes_are_moved_too(tmp_path, pipe
 # ------------------------------------------------------------------------------------------------ encryption
 def test_an_encrypted_database_stays_encrypted(tmp_path, pipes):
     pytest.importorskip("sqlcipher3")
-    from facedb.protect import generate_key
+    from facedb.protection.keyring import generate_key
 
     key = generate_key()
     root = make_db(tmp_path / "db", tmp_path / "photos", key=key)
@@ -443,7 +443,7 @@ def test_cli_reembed_moves_the_database_and_reports(tmp_path, pipes):
 def test_real_faces_dlib_to_sface_from_kept_crops_and_from_photos(tmp_path, facedata):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("dlib")
-    from facedb.models import resolve_model
+    from facedb.faces.models import resolve_model
 
     try:
         resolve_model("sface")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from facedb.soak import run_concurrency, run_crash_drill
+from facedb.testing.soak import run_concurrency, run_crash_drill
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from facedb import FaceDB
 from facedb.cli import app as cli_app
 from facedb.db import STORE_FILE
-from facedb.store import SCHEMA_VERSION, Store
+from facedb.gallery.store import SCHEMA_VERSION, Store
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -522,7 +522,7 @@ def test_a_removed_hook_gets_nothing_after_its_removal_is_acknowledged(hooked):
 def test_a_hook_removed_elsewhere_is_not_sent_to():
     """Every attempt asks the store whether its webhook is still there (one removed through another worker or
     the CLI): here the store says no, and nothing is sent."""
-    from facedb.hooks import Dispatcher, Webhook
+    from facedb.operations.hooks import Dispatcher, Webhook
 
     sent = []
     hook = Webhook(id=1, url="http://93.184.216.34/x", events=["identify.match"], key_id=None, created_at="now",
@@ -589,7 +589,7 @@ def test_a_slow_hook_does_not_starve_the_others():
     3 of 11 events in 2 minutes. Now each webhook has its own lane (two threads) and each attempt a deadline
     (httpx's timeout is per read, which a trickle never trips): the healthy hook receives all 11 events, the
     slow one never holds more than its two connections, and its attempts are cut at the deadline."""
-    from facedb.hooks import Dispatcher, Webhook
+    from facedb.operations.hooks import Dispatcher, Webhook
     from facedb.service.delivery import http_sender
     from facedb.testing.receiver import Receiver
 
@@ -640,7 +640,7 @@ def test_a_hook_that_resolves_to_a_private_address_at_send_time_is_not_sent_to(m
     127.0.0.1 with the name in its Host header: the address checked is the one connected to."""
     import socket as socketlib
 
-    from facedb.hooks import Dispatcher, Webhook
+    from facedb.operations.hooks import Dispatcher, Webhook
     from facedb.service.delivery import check_target, http_sender
     from facedb.testing.receiver import Receiver
 
@@ -957,7 +957,7 @@ def test_a_name_that_could_never_be_enrolled_is_refused_before_anything_is_recor
     2 MiB verify.reject webhook; NUL bytes and names over 256 characters were taken too. Now the store's name
     rules hold (length, control and invisible characters, white space at the ends): 400 InvalidInputError before
     anything is recorded or sent, the same for a name that is enrolled and one that is not."""
-    from facedb.store import MAX_NAME_LENGTH
+    from facedb.gallery.store import MAX_NAME_LENGTH
 
     client, keys, path, sent = svc
     enrol_colours(client, keys)

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from facedb import FaceDB
-from facedb.pipeline import FacePipeline
+from facedb.faces.pipeline import FacePipeline
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -637,7 +637,7 @@ def test_a_migration_done_meanwhile_by_another_process_is_not_run_twice(tmp_path
     """Found while writing `serve`: two workers opening a database of the previous release at once both read
     its old version, and the second to take the write lock re-ran the migrations the first had just applied
     ("table api_keys already exists"). A store that read version 0 and migrates now must do nothing."""
-    from facedb.store import SCHEMA_VERSION, Store
+    from facedb.gallery.store import SCHEMA_VERSION, Store
 
     path = tmp_path / "db"
     FaceDB.create(path, model_id="m", dim=4, threshold=0.5).close()

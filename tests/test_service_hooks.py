@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from facedb import FaceDB
-from facedb.hooks import Dispatcher, Webhook, check_events, sign, verify_signature
+from facedb.operations.hooks import Dispatcher, Webhook, check_events, sign, verify_signature
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

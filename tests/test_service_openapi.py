@@ -22,7 +22,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from fastapi.testclient import TestClient
 
-from facedb.pipeline import FacePipeline  # noqa: E402
+from facedb.faces.pipeline import FacePipeline  # noqa: E402
 from facedb.service.app import create_app  # noqa: E402
 from facedb.service.config import ServiceSettings  # noqa: E402
 

@@ -163,7 +163,7 @@ def test_metrics_keys_from_the_cli_and_a_database_made_before_them(tmp_path):
     tied to a key) is migrated on open: its keys and webhooks kept, foreign keys intact, metrics keys allowed."""
     import sqlite3
 
-    from facedb.store import SCHEMA_VERSION
+    from facedb.gallery.store import SCHEMA_VERSION
 
     from .test_livefiles import cli
 
@@ -500,7 +500,7 @@ def test_sigterm_under_load_drains_in_flight_requests_and_loses_nothing_acknowle
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(
-        "import os\nimport facedb.audit\nfacedb.audit.FLUSH_DELAY_S = 3600.0\n"
+        "import os\nimport facedb.operations.audit\nfacedb.operations.audit.FLUSH_DELAY_S = 3600.0\n"
         f"open({str(hook / 'took')!r}, 'a').write(f'{{os.getpid()}}\\n')\n")
     # the held bodies wait out the load (a count of answers, however long a loaded machine takes): no body
     # timeout (FACEDB_BODY_TIMEOUT, 30 s by default) may cut them first

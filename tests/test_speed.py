@@ -18,9 +18,9 @@ import pytest
 
 from facedb import DatabaseError, FaceDB
 from facedb.db import STORE_FILE
-from facedb.gallery import Gallery
-from facedb.settings import Settings
-from facedb.vectors import TemplateVectors, budget_bytes
+from facedb.gallery.indexed import Gallery
+from facedb.gallery.settings import Settings
+from facedb.gallery.vectors import TemplateVectors, budget_bytes
 
 from .conftest import unit_rows
 
@@ -197,7 +197,7 @@ def test_template_vectors_remove_zeroes_and_reuses_rows(rng):
 
 # ----------------------------------------------------------------------------------------------- gallery
 def test_gallery_maps_stay_right_through_adds_and_removes(rng):
-    from facedb.index.faiss_kinds import new_index
+    from facedb.gallery.index.faiss_kinds import new_index
 
     gallery = Gallery(new_index("flat", DIM), 0)
     truth: dict[int, int] = {}
@@ -224,7 +224,7 @@ def test_gallery_maps_stay_right_through_adds_and_removes(rng):
 
 # ------------------------------------------------------------------------------------------ streamed build
 def test_a_streamed_build_trained_on_a_sample_holds_everything(tmp_path, rng, monkeypatch):
-    import facedb.keeper as keeper
+    import facedb.gallery.upkeep as keeper
 
     monkeypatch.setattr(keeper, "BUILD_BATCH", 97)
     monkeypatch.setattr(keeper, "training_rows", lambda n: min(n, 400))
@@ -359,7 +359,7 @@ def test_older_databases_keep_synchronous_decision_records(tmp_path):
 def test_a_database_made_by_branch_speed_before_the_merge_gets_mains_migrations(tmp_path):
     # Branch speed numbered its migration (the version counters) 7 before merging main's 7-9 (visitors,
     # thumbnails, derived templates): such a database at version 7 must still get main's tables and column.
-    from facedb.store import MIGRATIONS, SCHEMA_VERSION, Store, _apply
+    from facedb.gallery.store import MIGRATIONS, SCHEMA_VERSION, Store, _apply
 
     root = tmp_path / "db"
     make(root).close()
@@ -413,8 +413,8 @@ def test_every_settings_writer_is_seen_by_a_memoised_reader(tmp_path, rng):
 
 def test_the_coarse_quantizer_is_an_index_parameter_checked_before_a_reindex(tmp_path):
     from facedb.errors import InvalidInputError
-    from facedb.index import check_index_params
-    from facedb.index.faiss_kinds import QUANTIZERS
+    from facedb.gallery.index import check_index_params
+    from facedb.gallery.index.faiss_kinds import QUANTIZERS
 
     for q in QUANTIZERS:
         assert check_index_params("ivfpq", {"quantizer": q, "quantizer_ef": 64}) == {"quantizer": q,
@@ -550,7 +550,7 @@ def _photos(n: int, faces_each: int = 1):
 def test_prepare_detects_a_chunk_in_one_batch_and_keeps_every_choice(fake_pipeline):
     # main's FaceChoice.ALL and speed's batched detection together: one detect_many call for the chunk, the
     # same faces as one photo at a time.
-    from facedb.pipeline import FaceChoice, Prepared, PreparedFaces, Unprepared, prepare
+    from facedb.faces.pipeline import FaceChoice, Prepared, PreparedFaces, Unprepared, prepare
 
     align = fake_pipeline.embedder.align
     items = [*_photos(4, faces_each=2), (9, b"not an image")]
@@ -569,7 +569,7 @@ def test_prepare_detects_a_chunk_in_one_batch_and_keeps_every_choice(fake_pipeli
 def test_prepare_stops_before_detecting_when_the_consumer_is_gone():
     import threading
 
-    from facedb.pipeline import prepare
+    from facedb.faces.pipeline import prepare
 
     stop = threading.Event()
     det = BatchingDetector()

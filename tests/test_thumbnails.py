@@ -1,4 +1,4 @@
-"""Face thumbnails (facedb/thumbnails.py): what each setting keeps, that they go with what they belong to
+"""Face thumbnails (facedb/gallery/thumbnails.py): what each setting keeps, that they go with what they belong to
 (removal, template removal, audit retention, forgotten visitors, enrolled visitors), that narrowing the setting
 erases them from every file, and that older databases keep none until told. The test-double model: colour
 tiles as faces."""
@@ -16,7 +16,7 @@ from PIL import Image
 
 from facedb import FaceDB
 from facedb.errors import InvalidInputError
-from facedb.thumbnails import SIZE, check_mode, dropped, encode, keeps
+from facedb.gallery.thumbnails import SIZE, check_mode, dropped, encode, keeps
 
 from .conftest import face_image
 
@@ -223,7 +223,7 @@ class _Renamed:
 @pytest.fixture
 def slow_writer(monkeypatch):
     """The background audit writer waits long enough that a test acts while decision records still wait."""
-    from facedb import audit
+    from facedb.operations import audit
 
     monkeypatch.setattr(audit, "FLUSH_DELAY_S", 30.0)
 

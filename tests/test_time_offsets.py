@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-import facedb.store
+import facedb.gallery.store
 from facedb import FaceDB, InvalidInputError
 from facedb.cli import app
-from facedb.store import utc_time
+from facedb.gallery.store import utc_time
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -86,7 +86,7 @@ def test_dates_ages_and_finer_times():
     assert utc_time("2026-03-02T04:30:00.000001+00:00") == "2026-03-02T04:30:00.001+00:00"
     assert utc_time("2026-03-02T04:30:00.002-01:00") == "2026-03-02T05:30:00.002+00:00"
     # an age is that long before now, in the same stored form
-    assert utc_time("7d") < utc_time("1h") < facedb.store.utcnow()
+    assert utc_time("7d") < utc_time("1h") < facedb.gallery.store.utcnow()
     assert utc_time("7d").endswith("+00:00") and len(utc_time("7d")) == len(A)
     # an unescaped '+' in a URL arrives as a space: read back as the offset it was
     assert utc_time("2026-03-02T13:30:00 09:00") == "2026-03-02T04:30:00.000+00:00"
@@ -152,7 +152,7 @@ def seed_visitors(path: Path, monkeypatch) -> None:
         db.configure_visitors(enabled=True, retention_days=3650)
         for when, axis in ((A, 0), (B, 0), (C, 1), ("2026-03-02T05:01:00.000+00:00", 1)):
             v = e[axis] + 0.01 * e[axis + 2]
-            m.setattr(facedb.store, "utcnow", lambda when=when: when)
+            m.setattr(facedb.gallery.store, "utcnow", lambda when=when: when)
             db.store.append_unassigned([{"vector": v / np.linalg.norm(v), "actor": "door"}], 3650)
 
 

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from facedb.errors import ModelUnavailableError
-from facedb.models import weights as W
+from facedb.faces.models import weights as W
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB of test bytes standing in for a weights file
 

@@ -38,6 +38,11 @@ except ImportError:  # pragma: no cover - typer with click as a dependency
 
 from ..errors import FaceDBError, InvalidInputError
 
+#: The --weights option of every command that embeds photos.
+WeightsOpt = Annotated[Path | None, typer.Option(envvar="FACEDB_WEIGHTS", help="Weights file: FaceNet's (.pt), or "
+                                                  "sface's (.onnx; only the published file is accepted).")]
+
+
 if TYPE_CHECKING:
     from ..db import FaceDB
 
@@ -86,7 +91,7 @@ class State:
 
     def key(self) -> Any:
         """The key-encryption key's source: --key-file, --key-command, else $FACEDB_KEY (None if unset)."""
-        from ..protect import KeySource
+        from ..protection.keyring import KeySource
 
         return KeySource.from_options(self.key_file, self.key_command)
 
@@ -184,8 +189,8 @@ def state(ctx: typer.Context) -> State:
 
 
 def open_db(ctx: typer.Context, weights: Path | None = None, readonly: bool = False) -> FaceDB:
-    from ..audit import default_actor
     from ..db import FaceDB
+    from ..operations.audit import default_actor
 
     st = state(ctx)
     return FaceDB.open(st.db, weights=weights, readonly=readonly or st.read_only, actor=default_actor("cli"),

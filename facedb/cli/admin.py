@@ -12,7 +12,7 @@ import typer
 
 from ..choices import DetectorKind, RuleKind, ThumbnailMode
 from ..errors import InvalidInputError
-from . import EXIT_NO, command, emit, emit_kv, open_db, state
+from . import EXIT_NO, WeightsOpt, command, emit, emit_kv, open_db, state
 
 
 class IndexKind(str, Enum):
@@ -28,7 +28,7 @@ class IndexKind(str, Enum):
 
 
 class Quantizer(str, Enum):
-    """IVF coarse quantizers (``facedb/index/faiss_kinds.py`` QUANTIZERS)."""
+    """IVF coarse quantizers (``facedb/gallery/index/faiss_kinds.py`` QUANTIZERS)."""
 
     flat = "flat"
     pca = "pca"
@@ -55,10 +55,6 @@ def milvus_options(index: IndexKind, uri: str | None, collection: str | None, to
         return {}
     given = {"milvus_uri": uri, "milvus_collection": collection, "milvus_token": token}
     return {k: v for k, v in given.items() if v}
-
-
-WeightsOpt = Annotated[Path | None, typer.Option(envvar="FACEDB_WEIGHTS", help="Weights file: FaceNet's (.pt), or "
-                                                  "sface's (.onnx; only the published file is accepted).")]
 
 
 @command()
@@ -105,7 +101,7 @@ def init(
 ) -> None:
     """Create a new, empty database."""
     from ..db import FaceDB
-    from ..models import resolve_model
+    from ..faces.models import resolve_model
 
     options = milvus_options(index, milvus_uri, milvus_collection, milvus_token)
     spec, note = resolve_model(model, weights=weights, dim=dim, check_weights=not force)
@@ -123,7 +119,7 @@ def init(
         raise InvalidInputError(f"{spec.id} ships no margin threshold for the margin rule: use --rule fixed and "
                                 "calibrate (`facedb calibrate --fpir 0.01 --folder DIR`)")
     if detector is DetectorKind.yunet and not force:  # OpenCV and the weights now, not at the first enrolment
-        from ..yunet import check_available
+        from ..faces.yunet import check_available
 
         check_available()
     key = state(ctx).key() if encrypt else None
@@ -361,7 +357,7 @@ def audit(
     offset: Annotated[int, typer.Option(min=0, help="Skip this many records first.")] = 0,
 ) -> None:
     """Read the audit trail of decisions (identity '-' / null = unknown), oldest first."""
-    from ..store import utc_time  # the one parser of times (README "Times"); here so errors name the option
+    from ..gallery.store import utc_time  # the one parser of times (README "Times"); here so errors name the option
 
     with open_db(ctx, readonly=True) as db:
         rows = [r.to_dict() for r in db.audit(utc_time(since, "--since"), limit, until=utc_time(until, "--until"),
@@ -403,7 +399,7 @@ def rule_cmd(
 ) -> None:
     """Show or choose the open-set decision rule: a fixed threshold, the margin rule, or a threshold that follows
     the gallery size (README "Scores and thresholds")."""
-    from ..decision import predicted_fpir
+    from ..gallery.decision import predicted_fpir
 
     with open_db(ctx, readonly=kind is None) as db:
         s = db.set_rule(kind.value, target=target, margin=margin) if kind is not None else db.settings()

@@ -11,12 +11,11 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import FaceDBError, InvalidInputError
-from . import EXIT_ERROR, Progress, app, command, emit, emit_kv, open_db, state
-from .admin import WeightsOpt
+from . import EXIT_ERROR, Progress, WeightsOpt, app, command, emit, emit_kv, open_db, state
 
 
 class Rule(str, Enum):
-    """Grouping rules (facedb.cluster.RULES)."""
+    """Grouping rules (facedb.operations.cluster.RULES)."""
 
     average = "average"
     chinese_whispers = "chinese-whispers"
@@ -31,7 +30,7 @@ RuleOpt = Annotated[Rule, typer.Option(help="average (linkage; the default: keep
 
 
 def _check_outputs(out: Path | None, sheet: Path | None) -> None:
-    from ..sheet import SHEET_SUFFIXES
+    from ..operations.contact_sheet import SHEET_SUFFIXES
 
     if sheet is not None and sheet.suffix.lower() not in SHEET_SUFFIXES:
         raise InvalidInputError(f"--sheet is written as .html or .png, not {sheet.name!r}")
@@ -45,7 +44,7 @@ def _check_outputs(out: Path | None, sheet: Path | None) -> None:
 def _write_outputs(report: Any, sources: list[Any], out: Path | None, sheet: Path | None,
                    sheet_clusters: int) -> None:
     from ..fsio import write_atomic
-    from ..sheet import write_sheet
+    from ..operations.contact_sheet import write_sheet
 
     target = out
     try:
@@ -80,7 +79,7 @@ def cluster_cmd(
 ) -> None:
     """Group every face in unlabelled photos by identity. Prints one line per cluster; writes JSON and a contact
     sheet on request. The gallery is not read or changed, unless --enroll-as-new."""
-    from ..photo_clusters import list_photos
+    from ..operations.photo_clusters import list_photos
 
     if folder is not None and photos:
         raise InvalidInputError("give PHOTO... or --folder DIR, not both")
@@ -128,7 +127,7 @@ SinceOpt = Annotated[str | None, typer.Option(help="Only groups last seen at or 
 
 def _list_visitors(ctx: typer.Context, since: str | None, min_size: int, threshold: float | None,
                    rule: Rule | None) -> None:
-    from ..store import utc_time
+    from ..gallery.store import utc_time
 
     since = utc_time(since, "--since")  # here, not in FaceDB.visitors, so that the error names the option
     with open_db(ctx) as db:

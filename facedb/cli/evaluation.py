@@ -16,8 +16,7 @@ import typer
 
 from ..choices import DetectorKind
 from ..errors import InvalidInputError
-from . import Progress, app, command, emit_kv, open_db, state
-from .admin import WeightsOpt
+from . import Progress, WeightsOpt, app, command, emit_kv, open_db, state
 
 eval_app = typer.Typer(help="Measure accuracy: LFW verification, open-set identification.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
@@ -67,7 +66,7 @@ def _folder(folder: Path | None) -> Path:
 def _checked_layout(folder: Path) -> Path:
     """``folder`` after reporting on stderr what in it does not fit the one-sub-folder-per-person layout
     (InvalidInputError when nothing does), as ``enroll --folder`` does."""
-    from ..pipeline import list_folder
+    from ..faces.pipeline import list_folder
 
     for problem in list_folder(folder).problems:
         typer.echo(f"warning: {problem}", err=True)
@@ -77,7 +76,7 @@ def _checked_layout(folder: Path) -> Path:
 def _eval_pipeline(ctx: typer.Context, model: str | None, weights: Path | None,
                    detector: DetectorKind | None = None) -> Any:
     from ..db import STORE_FILE
-    from ..pipeline import DetectorSettings, get_pipeline
+    from ..faces.pipeline import DetectorSettings, get_pipeline
 
     if model is None:  # the database's model, and then its detector unless one is given
         if (state(ctx).db / STORE_FILE).exists():
@@ -85,7 +84,7 @@ def _eval_pipeline(ctx: typer.Context, model: str | None, weights: Path | None,
                 model = db.model_id
                 detector = detector or DetectorKind(db.settings().detector)
         else:
-            from ..models import choose_default_model
+            from ..faces.models import choose_default_model
 
             model, note = choose_default_model(weights)
             if note:
@@ -189,7 +188,7 @@ def calibrate(
     from datetime import datetime, timezone
 
     from ..evaluate import calibrate_far_folder, calibrate_far_pairs, calibrate_fpir_folder, read_people
-    from ..settings import check_rate
+    from ..gallery.settings import check_rate
 
     if (far is None) == (fpir is None):
         raise InvalidInputError("give exactly one of --far or --fpir")
@@ -273,7 +272,7 @@ def train(
                       faces_per_person=faces_per_person, lr=lr, center_loss=center_loss, device=device.value,
                       seed=seed, minutes=minutes)
     result = run_training(crops, labels, val_mask, cfg, out, resume=resume, log=lambda m: typer.echo(m, err=True))
-    from ..models.facenet import model_id_for
+    from ..faces.models.facenet import model_id_for
 
     result["model_id"] = model_id_for(out, "facenet-vggface2")
     result["use_with"] = f"facedb init --model facenet --weights {out}"
@@ -290,17 +289,17 @@ def convert_facenet(
 ) -> None:
     """Convert a frozen FaceNet graph into weights facedb (and facenet-pytorch) can load, without TensorFlow."""
     from ..errors import ModelUnavailableError
-    from ..models.facenet import model_id_for
+    from ..faces.models.facenet import model_id_for
 
     if not graph.is_file():
         raise InvalidInputError(f"no graph file at {graph}")
     try:
-        from ..models.facenet_graph import convert_graph
+        from ..faces.models.facenet_graph import convert_graph
     except ImportError as exc:  # torch / facenet-pytorch missing
         raise ModelUnavailableError(f"converting needs torch and facenet-pytorch ({exc}); see README 'Install'"
                                     ) from None
     convert_graph(graph, out)
-    from ..models.weights import sha256_file
+    from ..faces.models.weights import sha256_file
 
     model_id = model_id_for(out, "facenet-casia-tf")
     emit_kv(ctx, {"weights": str(out), "sha256": sha256_file(out), "model_id": model_id,

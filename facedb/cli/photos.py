@@ -30,7 +30,7 @@ def read_people_meta(path: Path) -> dict[str, dict[str, Any]]:
     """Per-person metadata from a CSV file (a ``name`` column; the other columns become metadata, except
     ``external_id``, which sets the person's external id) or a JSON object ``{name: {key: value}}`` (the same
     ``external_id`` key). Names are NFC-normalised like every name."""
-    from ..store import normalise_name
+    from ..gallery.store import normalise_name
 
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -92,9 +92,9 @@ def enroll(
     contrast, lit from one side, over-exposed, turned away) is listed as "quality": enrol a better one beside
     it. Ctrl-C stops promptly and prints what was stored (each photo is its own transaction).
     """
-    from ..images import display_name
-    from ..pipeline import list_folder
-    from ..store import check_name, normalise_name
+    from ..faces.images import display_name
+    from ..faces.pipeline import list_folder
+    from ..gallery.store import check_name, normalise_name
 
     problems: list[str] = []
     if folder is not None:
@@ -174,8 +174,8 @@ def search(
 ) -> None:
     """Who is in these photos? One line per face: the identity or 'unknown' (JSON null), then the candidates.
     A photo with no face says so. Exit 2 if some photo could not be searched (the others are still answered)."""
-    from ..images import display_name
-    from ..settings import check_threshold
+    from ..faces.images import display_name
+    from ..gallery.settings import check_threshold
 
     if threshold is not None:
         check_threshold(threshold)
@@ -250,13 +250,13 @@ def detect(
 ) -> None:
     """Faces in photos: box, detector score and 5 landmarks each (no identification, nothing recorded). Exit 2 if
     some photo could not be read (the others are still done)."""
-    from ..images import display_name
+    from ..faces.images import display_name
 
     failed = 0
     with open_db(ctx, weights=weights) as db:
         model = None
         if detector is not None:
-            from ..pipeline import DetectorSettings, get_pipeline
+            from ..faces.pipeline import DetectorSettings, get_pipeline
 
             model = db.pipeline(get_pipeline(db.model_id, weights=weights,
                                              settings=DetectorSettings(detector=detector.value)))

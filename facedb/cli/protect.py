@@ -25,7 +25,7 @@ def genkey(
 ) -> None:
     """Make a new random 256-bit key (64 hex digits) for --key-file / $FACEDB_KEY. Keep it outside the database
     directory: whoever has both has the templates."""
-    from ..protect import generate_key
+    from ..protection.keyring import generate_key
 
     key = generate_key()
     if out is None:
@@ -70,7 +70,7 @@ def rotate_key(
     """Change the key-encryption key (the key in use: --key-file, --key-command or $FACEDB_KEY). The old key no
     longer opens the database afterwards (copies and backups made before keep needing it)."""
     from ..db import FaceDB
-    from ..protect import ENV_NEW_KEY, KeySource
+    from ..protection.keyring import ENV_NEW_KEY, KeySource
 
     st = state(ctx)
     new = KeySource.from_options(new_key_file, new_key_command, env=ENV_NEW_KEY)

@@ -97,7 +97,8 @@ def serve(
     _check_port(host, port)
     try:
         import facedb.service.app  # noqa: F401  (fastapi and httpx present)
-        from facedb.service.server import run
+
+        from ..service.server import run
     except ImportError as exc:
         raise FaceDBError(f"the service needs its extra: pip install 'facedb[service]' ({exc.name} is missing)"
                           ) from None

@@ -3,7 +3,7 @@
 * :mod:`.metrics`: pure error-rate arithmetic (FAR, TAR, FPIR, DIR, EER, LFW 10-fold accuracy);
 * :mod:`.datasets`: LFW pairs / people files and labelled folders, open-set splits;
 * :mod:`.cache`: the evaluation embedding cache (safe for concurrent runs);
-* :mod:`.embedding`: photos -> one embedding each, through :func:`facedb.pipeline.prepare`;
+* :mod:`.embedding`: photos -> one embedding each, through :func:`facedb.faces.pipeline.prepare`;
 * :mod:`.protocols`: LFW verification, open-set identification and threshold calibration (CLI targets);
 * :mod:`.plots`: ROC and score histograms.
 """

@@ -86,7 +86,7 @@ def labelled_folder(folder: Path, people: set[str] | None = None) -> tuple[list[
     """(photo paths, person labels) of a folder with one sub-folder per person (only ``people``, if given).
     Labels are the folder names in Unicode NFC, as the store and :func:`read_people` give names, so that a
     folder copied from a Mac (NFD names) matches a people file typed elsewhere."""
-    from ..pipeline import list_folder
+    from ..faces.pipeline import list_folder
 
     paths: list[Path] = []
     labels: list[str] = []

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FaceDBError
-from ..pipeline import FaceChoice, FacePipeline, Prepared, source_sha256
+from ..faces.pipeline import FaceChoice, FacePipeline, Prepared, source_sha256
 from .cache import EmbeddingCache
 
 

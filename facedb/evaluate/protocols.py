@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from ..decision import MARGIN_WEIGHT
 from ..errors import InvalidInputError
-from ..pipeline import FacePipeline
-from ..settings import check_rate
+from ..faces.pipeline import FacePipeline
+from ..gallery.decision import MARGIN_WEIGHT
+from ..gallery.settings import check_rate
 from .datasets import Pair, Split, identify_split, labelled_folder, read_pairs
 from .embedding import Embedded, embed_cached, require_faces
 from .metrics import (
@@ -123,7 +123,7 @@ def open_set_scores(db_root: Path, vectors: np.ndarray, split: Split, model_id: 
     dim = vectors.shape[1]
     key = None
     if encrypt:
-        from ..protect import generate_key
+        from ..protection.keyring import generate_key
 
         key = generate_key()
     with FaceDB.create(db_root, model_id=model_id, dim=dim, threshold=1.0, key=key) as db:
@@ -289,7 +289,7 @@ def calibrate_fpir_folder(folder: Path, pipeline: FacePipeline, fpir: float, gal
     ``gallery_size`` people (of those with more than ``enroll`` photos) are enrolled, every photo of everyone
     else probes as an impostor; the threshold is the best-match similarity exceeded by at most ``fpir`` of them.
     With ``margin_floor`` (the database's 1:1 threshold), also the margin rule's threshold for ``fpir``
-    (``margin_threshold``: facedb/decision.py).
+    (``margin_threshold``: facedb/gallery/decision.py).
 
     InvalidInputError when the folder has too few people for that gallery and enough strangers to resolve
     ``fpir`` (the gallery must leave people out to probe with).

@@ -27,7 +27,7 @@ from ..errors import (
     RequestTooLargeError,
     TooManyRequestsError,
 )
-from ..hooks import Sender
+from ..operations.hooks import Sender
 from . import auth, errors, routes_admin, routes_people, routes_query, routes_visitors
 from .auth import METRICS, Caller
 from .config import ServiceSettings

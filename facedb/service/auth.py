@@ -18,9 +18,9 @@ from fastapi import Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from ..audit import acting_as
 from ..errors import AuthenticationError, PermissionDeniedError, TooManyRequestsError
-from ..keys import ApiKey, Scope, authorise, claimed_id
+from ..operations.audit import acting_as
+from ..operations.keys import ApiKey, Scope, authorise, claimed_id
 from .logs import KEY_ID
 from .state import ServiceState
 

@@ -1,8 +1,8 @@
-"""Webhook sending with httpx, for :class:`facedb.hooks.Dispatcher` (which owns folding, signing, retries and the
-per-webhook lanes), and where a webhook may point (issue #25, finding 3).
+"""Webhook sending with httpx, for :class:`facedb.operations.hooks.Dispatcher` (which owns folding, signing, retries
+and the per-webhook lanes), and where a webhook may point (issue #25, finding 3).
 
 * **Targets.** Unless the admin allows private targets (``FACEDB_ALLOW_PRIVATE_HOOKS=1``), a webhook's host must
-  be, or resolve only to, public addresses (:func:`facedb.hooks.public_address`): loopback, link-local (cloud
+  be, or resolve only to, public addresses (:func:`facedb.operations.hooks.public_address`): loopback, link-local (cloud
   metadata at 169.254.169.254), private, shared and reserved ranges are refused when the webhook is added over
   HTTP (:func:`check_target`, 400) and again at every send, after resolving the name then (DNS rebinding: a
   name that resolved to a public address when added and to 127.0.0.1 now is refused). The send then connects
@@ -24,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from ..hooks import Sender, TargetRefusedError, public_address
+from ..operations.hooks import Sender, TargetRefusedError, public_address
 
 
 class UnresolvedError(TargetRefusedError):

@@ -11,7 +11,7 @@ such a key must never do:
   threshold (they can change the gallery and, for admin, the stored policy anyway).
 * **Read the gallery.** A similarity is an inner product with a template: 128 unit-vector probes with k = 1000
   returned every enrolled template (cosine 1.0). So an identify key without the ``candidates`` grant
-  (:data:`facedb.keys.GRANTS`) is answered with the decision only: identity or null, external id and a
+  (:data:`facedb.operations.keys.GRANTS`) is answered with the decision only: identity or null, external id and a
   confidence *band* (:func:`band`) for a match, nothing for an unknown; no candidates, no raw similarity, no
   threshold. It may send one vector per call, k is 1, and asking for more (k > 1, several vectors) is refused
   (403, ``denied``) so that the attempt is in the audit trail. Verify answers a name that is not enrolled (or has

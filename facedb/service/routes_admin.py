@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import __version__
 from ..choices import RuleKind, ThumbnailMode
 from ..errors import InvalidInputError
-from ..hooks import check_url
-from ..keys import Scope
+from ..operations.hooks import check_url
+from ..operations.keys import Scope
 from .auth import ADMIN, Caller
 
 router = APIRouter(prefix="/v1", tags=["admin"])
@@ -116,7 +116,7 @@ def audit(caller: Annotated[Caller, Depends(ADMIN)],
           order: Order = Order.asc,
           limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
           offset: Annotated[int, Query(ge=0, le=2**62)] = 0) -> dict[str, Any]:
-    from ..store import utc_time
+    from ..gallery.store import utc_time
 
     start, end = utc_time(since, "since"), utc_time(until, "until")
     ops: str | list[str] | None = operation
@@ -158,7 +158,7 @@ def update_settings(body: SettingsUpdate, caller: Annotated[Caller, Depends(ADMI
         raise InvalidInputError("nothing to change: give threshold, an audit_* or visitors_* setting, thumbnails or "
                                 "decision_rule / decision_target / decision_margin")
     with caller as db:
-        from ..settings import Settings, check_threshold
+        from ..gallery.settings import Settings, check_threshold
 
         if body.threshold is not None:
             check_threshold(body.threshold)

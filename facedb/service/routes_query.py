@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..db import verify_rule
 from ..errors import InvalidInputError, NoTemplatesError, PersonNotFoundError
+from ..gallery.store import check_name
 from ..records import Identification, Verification
-from ..store import check_name
 from . import disclosure, uploads
 from .auth import IDENTIFY, Caller
 from .uploads import CroppedForm

@@ -30,7 +30,7 @@ def list_visitors(caller: Annotated[Caller, Depends(ENROLL)],
                                                                  "8601 with any offset, UTC if no zone, or an "
                                                                  "age: 24h, 7d).")] = None,
                   min_size: Annotated[int, Query(ge=1, le=1_000_000)] = 2) -> dict[str, Any]:
-    from ..store import utc_time
+    from ..gallery.store import utc_time
 
     start = utc_time(since, "since")
     with caller as db:

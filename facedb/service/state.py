@@ -16,18 +16,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import keys
-from ..audit import default_actor
 from ..errors import InvalidInputError, ModelUnavailableError, NotReadyError
-from ..hooks import Dispatcher, Sender
-from ..keys import ApiKey
+from ..operations import keys
+from ..operations.audit import default_actor
+from ..operations.hooks import Dispatcher, Sender
+from ..operations.keys import ApiKey
 from .config import ServiceSettings
 from .guard import Guard
 
 if TYPE_CHECKING:
     from ..db import FaceDB
-    from ..pipeline import FacePipeline
-    from ..store import Store
+    from ..faces.pipeline import FacePipeline
+    from ..gallery.store import Store
     from .metrics import Metrics
 
 log = logging.getLogger("facedb.service")
@@ -97,7 +97,7 @@ class ServiceState:
             self.pipeline = self._load_model(db)
             db.load_index()
             from ..db import STORE_FILE
-            from ..store import Store
+            from ..gallery.store import Store
 
             self.key_store = Store.open(db.root / STORE_FILE, readonly=True,  # see authenticate()
                                         key=db.protection.store_key() if db.protection is not None else None)
@@ -116,7 +116,7 @@ class ServiceState:
         run (its photo routes then answer 503, its vector routes work)."""
         if self._given_model is not None:
             return db.pipeline(self._given_model)  # checks it is the database's model
-        from ..models import spec_for
+        from ..faces.models import spec_for
 
         try:
             spec_for(db.model_id)

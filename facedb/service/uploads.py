@@ -1,5 +1,5 @@
 """Uploaded photos: bytes with a printable label, handed to the same loader (and hostile-input defences) as
-files on disk (``facedb.images.load_photo``)."""
+files on disk (``facedb.faces.images.load_photo``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from fastapi import Form, UploadFile
 
 from ..errors import ImageError, InvalidInputError
 
-#: The ``cropped`` form field of every photo route (facedb.pipeline.find_faces).
+#: The ``cropped`` form field of every photo route (facedb.faces.pipeline.find_faces).
 CroppedForm = Annotated[bool, Form(description="The photo is a face crop (a camera's own detection, a badge "
                                                "photo): padded before detection, and taken whole when no face "
                                                "is found in it (det_score 0).")]
@@ -32,7 +32,7 @@ def read(upload: UploadFile, fallback: str = "photo", max_pixels: int | None = N
     if not data:
         raise InvalidInputError(f"{label(upload.filename, fallback)}: empty upload")
     if max_pixels is not None:
-        from ..images import pixel_count
+        from ..faces.images import pixel_count
 
         pixels = pixel_count(data)
         if pixels is not None and pixels > max_pixels:

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import FaceDBError
+from ..faces.models.facenet import IMAGE_SIZE, crop_face
 from ..fsio import write_atomic
-from ..models.facenet import IMAGE_SIZE, crop_face
 
 
 def prepare_crops(folder: Path, cache: Path | None = None, progress: Callable[[int], None] | None = None,
@@ -23,7 +23,7 @@ def prepare_crops(folder: Path, cache: Path | None = None, progress: Callable[[i
     path) the result is saved once and reused (loaded without pickle).
     """
     from ..evaluate import labelled_folder
-    from ..pipeline import FaceChoice, Prepared, get_detector, prepare
+    from ..faces.pipeline import FaceChoice, Prepared, get_detector, prepare
 
     if cache is not None and cache.is_file():
         with np.load(cache, allow_pickle=False) as z:

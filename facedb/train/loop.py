@@ -55,13 +55,13 @@ INIT_WEIGHTS = {"vggface2": "facenet-vggface2", "casia-webface": "facenet-casia"
 def initial_state(init: str) -> dict[str, Any] | None:
     """The starting weights ``init`` names (``random``: None; ``vggface2``, ``casia-webface``, ``casia-tf``, a
     model id or a file), read
-    the one safe way (:func:`facedb.models.facenet.read_state_dict`); ModelUnavailableError if they are not an
+    the one safe way (:func:`facedb.faces.models.facenet.read_state_dict`); ModelUnavailableError if they are not an
     InceptionResnetV1 state dict. Called before any photo is prepared, so a wrong file fails at once."""
     if init == "random":
         return None
     from ..errors import ModelUnavailableError
-    from ..models.facenet import read_state_dict
-    from ..models.weights import resolve_weights
+    from ..faces.models.facenet import read_state_dict
+    from ..faces.models.weights import resolve_weights
 
     path = Path(init) if Path(init).is_file() else resolve_weights(INIT_WEIGHTS.get(init, init))
     state = {k: v for k, v in read_state_dict(path).items() if not k.startswith("logits.")}
@@ -95,7 +95,7 @@ def _tensor(batch: np.ndarray, device: str) -> torch.Tensor:
 
 def folded_batch_norms(net: torch.nn.Module) -> bool:
     """True when the network's 2-d batch norms hold folded statistics (running mean 0, variance 1 - eps: the
-    converted TensorFlow graph, facedb/models/facenet_graph.py, or a fine-tune of it, whose frozen statistics
+    converted TensorFlow graph, facedb/faces/models/facenet_graph.py, or a fine-tune of it, whose frozen statistics
     stay so). In training mode such a batch norm would normalise by the batch and drop the mean the folded
     offset still subtracts, so its statistics cannot be updated: they are frozen instead (fine-tuning with
     frozen batch norms)."""

@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 
 from ...errors import InvalidInputError, PermissionDeniedError
-from ...keys import ApiKey, Scope
+from ...operations.keys import ApiKey, Scope
 from ..auth import Caller, admit_key
 
 COOKIE = "facedb_console"

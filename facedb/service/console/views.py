@@ -29,8 +29,8 @@ from starlette.datastructures import UploadFile as StarletteUpload
 from ... import __version__
 from ...choices import OnMultiple, OnOtherMatch, RuleKind, ThumbnailMode
 from ...errors import AuthenticationError, FaceDBError, InvalidInputError, PersonNotFoundError, TooManyRequestsError
-from ...keys import Scope
-from ...store import utc_time
+from ...gallery.store import utc_time
+from ...operations.keys import Scope
 from .. import routes_admin, routes_people, routes_query, routes_visitors
 from ..auth import Caller, admit
 from ..errors import error_response

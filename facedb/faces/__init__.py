@@ -1,0 +1,1 @@
+"""Photo to template: loading images, detecting and aligning faces, the embedding models, quality."""

@@ -1,0 +1,205 @@
+"""The query engine: probe vectors -> candidate templates -> exact per-person scores -> top-k people -> a
+decision. ``identify``, ``search``, ``verify`` and ``check`` all answer through here.
+
+Rules (stated once, here):
+
+* A person's score for a probe is the **best** (highest) cosine similarity over all of their templates.
+* ``identify`` ranks people by that score and returns the top k (fewer if fewer people exist).
+* The decision is the best person if their score is ``>= threshold``, else *unknown* (``identity=None``).
+* An approximate index only proposes candidates: every candidate person is re-scored exactly from all of
+  their stored vectors before ranking, so it may miss a person but never changes a score.
+* ``verify`` accepts iff the claimed person's score is ``>= threshold``; it reads the person's stored vectors,
+  not the index, so it is exact whatever the index.
+
+The engine never touches the store: the caller hands it a ``fetch`` function (person ids -> their stored
+vectors) and a ``names`` function (person ids -> names).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from .. import timings
+from ..records import Candidate, Identification, Verification
+from .decision import Policy
+from .indexed import Gallery
+from .scores import similarity_to_distance
+
+#: person ids -> (person id of each row, sorted ascending; their template vectors (rows, dim) float32)
+VectorFetch = Callable[[Sequence[int]], tuple[np.ndarray, np.ndarray]]
+#: (person ids, probes (m, dim)) -> (person id of each row, sorted; similarities (rows, m)), or None (use fetch)
+ScoreFetch = Callable[[Sequence[int], np.ndarray], "tuple[np.ndarray, np.ndarray] | None"]
+#: person ids -> {person id: (name, external id or None)}
+NameLookup = Callable[[Sequence[int]], dict[int, tuple[str, str | None]]]
+Ranked = list[list[tuple[int, float]]]
+
+#: Probes re-scored per block: bounds the (people x probes) score matrix.
+RESCORE_BLOCK = 256
+
+
+def candidate_people(gallery: Gallery, queries: np.ndarray, k: int, max_rounds: int | None = None) -> Ranked:
+    """For each query row, up to k (person id, best similarity found) pairs, best first, from the index.
+
+    Searches the index for more templates than k, and widens the search for the queries whose templates
+    came from fewer than k distinct people, until k people are found or the gallery is exhausted (or
+    ``max_rounds`` widenings, for approximate indexes); so on an exact index the result is exactly the
+    top-k people.
+    """
+    m = len(queries)
+    results: Ranked = [[] for _ in range(m)]
+    total = len(gallery.index)
+    if total == 0 or m == 0:
+        return results
+    pending = np.arange(m)
+    # Enough templates for k people at the gallery's templates per person (a person's templates cluster
+    # together, so fewer would mostly come back from k/t people and need a second search).
+    kk = min(total, max(4 * k, 16, k * gallery.templates_per_person()))
+    rounds = 0
+    while len(pending):
+        sims, ids = gallery.index.search(queries[pending], kk)
+        pids = gallery.person_of(ids)
+        still: list[int] = []
+        for row, q in enumerate(pending):
+            people, best = first_people(pids[row], sims[row], k)
+            if len(people) < k and kk < total and (max_rounds is None or rounds < max_rounds):
+                still.append(int(q))
+            else:
+                results[q] = list(zip(people.tolist(), best.tolist()))
+        pending = np.array(still, dtype=np.int64)
+        kk = min(total, kk * 4)
+        rounds += 1
+    return results
+
+
+def first_people(pids: np.ndarray, sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``k`` distinct people in one query's results (template person ids ``pids``, -1 for none, with
+    their ``sims``, best first): (person ids, each one's best similarity among them), best first."""
+    valid = pids >= 0
+    if not valid.all():
+        pids, sims = pids[valid], sims[valid]
+    _, first = np.unique(pids, return_index=True)  # each person's first (best) row
+    first.sort()
+    first = first[:k]
+    return pids[first], sims[first]
+
+
+def rescore(queries: np.ndarray, ranked: Ranked, k: int, fetch: VectorFetch, score: ScoreFetch | None = None
+            ) -> Ranked:
+    """Replace each candidate's score by their exact best similarity over all of their stored templates,
+    re-rank, keep k. ``score``, where given, computes the similarities where the vectors are (in memory);
+    ``fetch`` is used when it cannot."""
+    if len(ranked) > RESCORE_BLOCK:
+        return [r for s in range(0, len(ranked), RESCORE_BLOCK)
+                for r in rescore(queries[s:s + RESCORE_BLOCK], ranked[s:s + RESCORE_BLOCK], k, fetch, score)]
+    wanted = [pid for pairs in ranked for pid, _ in pairs]
+    got = score(wanted, queries) if score is not None else None
+    if got is None:
+        pids, vectors = fetch(wanted)
+        sims = vectors @ queries.T
+    else:
+        pids, sims = got
+    if not len(pids):
+        return [[] for _ in ranked]
+    people, starts = np.unique(pids, return_index=True)  # rows come grouped by person, sorted
+    best = np.maximum.reduceat(sims, starts, axis=0)  # (people, queries): best template each
+    out = []
+    for j, pairs in enumerate(ranked):
+        cand = np.fromiter((pid for pid, _ in pairs), dtype=np.int64, count=len(pairs))
+        rows = np.minimum(np.searchsorted(people, cand), len(people) - 1)
+        held = people[rows] == cand  # people removed since the index proposed them have no vectors: dropped
+        cand, scores = cand[held], best[rows[held], j]
+        order = np.argsort(-scores, kind="stable")[:k]
+        out.append(list(zip(cand[order].tolist(), scores[order].astype(float).tolist())))
+    return out
+
+
+def rank_people(gallery: Gallery, queries: np.ndarray, k: int, fetch: VectorFetch) -> Ranked:
+    """The top-k people for each query with exact scores: straight from an exact index, else from a wider
+    candidate list (k + max(5, k) people) re-scored exactly (from the gallery's in-memory vectors where it
+    holds them, else through ``fetch``)."""
+    if gallery.index.exact:
+        return candidate_people(gallery, queries, k)
+    return rescore(queries, candidate_people(gallery, queries, k + max(5, k), max_rounds=2), k, fetch,
+                   gallery.person_scores)
+
+
+def candidates(pairs: list[tuple[int, float]], names: dict[int, tuple[str, str | None]]) -> list[Candidate]:
+    """Candidate records for (person id, similarity) pairs; people no longer in ``names`` are dropped."""
+    return [
+        Candidate(name=names[pid][0], person_id=pid, similarity=sim, distance=float(similarity_to_distance(sim)),
+                  external_id=names[pid][1])
+        for pid, sim in pairs
+        if pid in names
+    ]
+
+
+def decide(cands: list[Candidate], policy: Policy | float, k: int | None = None) -> Identification:
+    """The open-set decision for one probe from its ranked candidates, by ``policy`` (a float: a plain
+    threshold), which the answer carries so it can be explained; ``k`` trims the candidates shown (the margin
+    rule reads the runner-up even when one candidate is asked for)."""
+    if not isinstance(policy, Policy):
+        policy = Policy("given", float(policy), explanation="given")
+    shown = cands if k is None else cands[:k]
+    if not cands:
+        return Identification(identity=None, similarity=None, distance=None, threshold=policy.threshold,
+                              candidates=[], rule=policy.explanation, score_threshold=policy.margin)
+    best = cands[0]
+    accepted, score = policy.judge(best.similarity, cands[1].similarity if len(cands) > 1 else None)
+    return Identification(
+        identity=best.name if accepted else None,
+        similarity=best.similarity,
+        distance=best.distance,
+        threshold=policy.threshold,
+        candidates=shown,
+        external_id=best.external_id if accepted else None,
+        rule=policy.explanation,
+        score=score,
+        score_threshold=policy.margin if score is not None else None,
+    )
+
+
+def identify(gallery: Gallery, queries: np.ndarray, k: int, policy: Policy | float, fetch: VectorFetch,
+             names: NameLookup) -> list[Identification]:
+    """The whole 1:N query for unit probe rows ``queries`` (m, dim): one Identification per row."""
+    if not isinstance(policy, Policy):
+        policy = Policy("given", float(policy), explanation="given")
+    with timings.stage("search"):  # the index's candidates and their exact re-scoring
+        ranked = rank_people(gallery, queries, max(k, 2) if policy.needs_runner_up else k, fetch)
+    with timings.stage("decide"):
+        lookup = names([pid for pairs in ranked for pid, _ in pairs])
+        return [decide(candidates(pairs, lookup), policy, k) for pairs in ranked]
+
+
+def verify_scores(probe: np.ndarray, templates: np.ndarray, name: str, threshold: float,
+                  external_id: str | None = None) -> Verification:
+    """1:1 decision for one unit probe against a person's templates (best template wins)."""
+    with timings.stage("decide"):
+        sim = float(np.max(templates @ probe)) if len(templates) else -1.0
+    return Verification(
+        name=name,
+        accepted=sim >= threshold,
+        similarity=sim,
+        distance=float(similarity_to_distance(sim)),
+        threshold=threshold,
+        external_id=external_id,
+    )
+
+
+def self_match_misses(gallery: Gallery, vectors: np.ndarray, fetch: VectorFetch) -> int:
+    """How many of these stored template vectors the query path does not find as a perfect match (``check``)."""
+    ranked = rank_people(gallery, vectors, 1, fetch)
+    return sum(1 for pairs in ranked if not pairs or pairs[0][1] < 1.0 - 1e-4)
+
+
+def neighbours(gallery: Gallery, queries: np.ndarray, min_similarity: float
+               ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """For each query, every live template with similarity ``>= min_similarity``: (template ids, person ids,
+    similarities), best first (through the index's range search; approximate kinds may miss some)."""
+    out = []
+    for ids, sims in gallery.index.range_search(queries, min_similarity):
+        pids = gallery.person_of(ids)
+        live = pids >= 0
+        out.append((ids[live], pids[live], sims[live]))
+    return out

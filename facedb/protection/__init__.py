@@ -1,0 +1,1 @@
+"""Template protection: the keyring and file cipher, database encryption, cancellable templates."""
