@@ -310,3 +310,24 @@ def test_no_encryption_path_opens_a_live_file(tmp_path, guard):
         with FaceDB.open(root, key=key) as db:
             assert [p.name for p in db.people()] == [name] and db.check().ok
     assert guard == []
+
+
+def test_a_connection_collected_in_the_middle_of_a_raw_read_does_not_close_its_descriptor(tmp_path):
+    """CI found `read_all` failing with EBADF: a connection dropped without close() (a failed open) is released
+    by its __del__ whenever the collector runs, which closed the parked descriptor a raw read was using (and the
+    number could have been reused for another file). It is now closed when that read ends."""
+    import gc
+    import sqlite3
+
+    path = tmp_path / "x.sqlite3"
+    conn = livefiles.connect(sqlite3, path)
+    conn.execute("CREATE TABLE t (v)")
+    conn.execute("INSERT INTO t VALUES (zeroblob(70000))")
+    conn.commit()
+    with livefiles.raw_fd(path) as fd:
+        del conn
+        gc.collect()  # the tracked connection's __del__ releases the file here, inside the block
+        assert livefiles.connections_on(path) == 0
+        assert len(os.pread(fd, 100, 0)) == 100 and os.pread(fd, 16, 0).startswith(b"SQLite format 3")
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed when the block ended

@@ -50,6 +50,11 @@ _connections: dict[_Inode, list[Any]] = {}  # a database file's inode -> [librar
 _companions: dict[_Inode, _Inode] = {}  # a companion file's inode -> its database file's inode (while live)
 _parked: dict[_Inode, dict[tuple[_Inode, int], int]] = {}  # database inode -> {(file inode, flags): descriptor}
 _classes: dict[str, type] = {}
+#: Parked descriptors a ``raw_fd`` block is using now, and how many blocks: a connection dropped without close()
+#: is released by its ``__del__``, which the garbage collector may run in the middle of such a block (even on the
+#: same thread); its parked descriptors are then closed when the last block using them ends, not under it.
+_busy: dict[int, int] = {}
+_close_when_idle: set[int] = set()
 
 
 def _inode(path: Path | str) -> _Inode | None:
@@ -137,6 +142,9 @@ def _release(inode: _Inode) -> None:
         for companion in [c for c, base in _companions.items() if base == inode]:
             del _companions[companion]
         for fd in _parked.pop(inode, {}).values():
+            if _busy.get(fd):
+                _close_when_idle.add(fd)
+                continue
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -170,11 +178,21 @@ def raw_fd(path: Path | str, flags: int = os.O_RDONLY) -> Iterator[int]:
                 st = os.fstat(fd)
                 slots[((st.st_dev, st.st_ino), flags)] = fd
             parked = True
+            _busy[fd] = _busy.get(fd, 0) + 1
     try:
         yield fd
     finally:
         if not parked:
             _close_unless_live(fd)
+        else:
+            with _lock:
+                _busy[fd] -= 1
+                if not _busy[fd]:
+                    del _busy[fd]
+                    if fd in _close_when_idle:
+                        _close_when_idle.discard(fd)
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
 
 
 def _close_unless_live(fd: int) -> None:
