@@ -40,6 +40,7 @@ from .conftest import REPO, FakeDetector, FakeEmbedder, face_image
 from .conftest import test_data_dir as shared_data_dir
 
 README = REPO / "README.md"
+DOCS = REPO / "docs"
 
 # Words the README uses for a value, and what they stand for here (in order of the CLI block: `show NAME`,
 # `rename OLD NEW`, `remove NAME`, `add-person NAME`, `update NAME`, `templates NAME`, `remove-template ID`).
@@ -107,28 +108,42 @@ REAL_PEOPLE = ["Colin_Powell", "Tony_Blair", "Gerhard_Schroeder", "Jean_Chretien
 
 
 # ----------------------------------------------------------------------------------------------- the README
-def code_blocks(lang: str) -> list[tuple[int, str]]:
-    """(first line number, text) of every ```lang block of the README."""
-    out, current, start = [], None, 0
-    for no, line in enumerate(README.read_text(encoding="utf-8").splitlines(), 1):
-        if current is None and line.strip() == f"```{lang}":
-            current, start = [], no + 1
-        elif current is not None and line.strip() == "```":
-            out.append((start, "\n".join(current)))
-            current = None
-        elif current is not None:
-            current.append(line)
+def pages() -> list[Path]:
+    """The README, then every page of docs/ (the reference and the measurements moved there, #29)."""
+    return [README, *sorted(DOCS.glob("*.md"))]
+
+
+def page_text() -> str:
+    """All the pages' text, one after another (for checks of running text)."""
+    return "\n".join(p.read_text(encoding="utf-8") for p in pages())
+
+
+def code_blocks(lang: str) -> list[tuple[str, str]]:
+    """("page:first line", text) of every ```lang block of the README and the docs pages, in page order."""
+    out = []
+    for page in pages():
+        current, start = None, 0
+        where = page.relative_to(REPO).as_posix()
+        for no, line in enumerate(page.read_text(encoding="utf-8").splitlines(), 1):
+            if current is None and line.strip() == f"```{lang}":
+                current, start = [], no + 1
+            elif current is not None and line.strip() == "```":
+                out.append((f"{where}:{start}", "\n".join(current)))
+                current = None
+            elif current is not None:
+                current.append(line)
     return out
 
 
-def bash_lines() -> list[tuple[int, str]]:
-    """Every logical line (continuations joined, comments dropped) of the README's bash blocks."""
+def bash_lines() -> list[tuple[str, str]]:
+    """Every logical line (continuations joined, comments dropped) of the pages' bash blocks, with "page:line"."""
     out = []
-    for start, text in code_blocks("bash"):
+    for where, text in code_blocks("bash"):
+        page, _, start = where.rpartition(":")
         pending, first = "", 0
         for offset, raw in enumerate(text.splitlines()):
             if not pending:
-                first = start + offset
+                first = int(start) + offset
             if raw.rstrip().endswith("\\"):
                 pending += raw.rstrip()[:-1] + " "
                 continue
@@ -136,7 +151,7 @@ def bash_lines() -> list[tuple[int, str]]:
             pending = ""
             code = " ".join(shlex.split(line, comments=True)) if line else ""
             if code:
-                out.append((first, line))
+                out.append((f"{page}:{first}", line))
     return out
 
 
@@ -341,7 +356,7 @@ def test_readme_bash_blocks_run(scene, tmp_path, monkeypatch):
             name, _, value = line.split(None, 1)[1].partition("=")
             monkeypatch.setenv(name, os.path.expanduser(value))  # HOME is tmp_path/home here
             continue
-        assert line.startswith("facedb "), f"README line {lineno} is neither run nor skipped: {line!r}"
+        assert line.startswith("facedb "), f"{lineno} is neither run nor skipped: {line!r}"
         extra: list[str] = []
         if (key := table_key(line, EXTRA_ARGS)) is not None:
             used_extra.add(key)
@@ -350,7 +365,7 @@ def test_readme_bash_blocks_run(scene, tmp_path, monkeypatch):
             args, used = substitute(words[1:], subs)
             used_subs |= used
             res = runner.invoke(app, [*args, *extra])
-            assert res.exit_code == 0, (f"README line {lineno}: facedb {' '.join(args)} exited {res.exit_code}\n"
+            assert res.exit_code == 0, (f"{lineno}: facedb {' '.join(args)} exited {res.exit_code}\n"
                                         f"{res.stdout}\n{res.stderr}")
             ran.append(args)
     assert used_skips == set(skipped), f"skip entries that match no README line: {set(skipped) - used_skips}"
@@ -395,7 +410,7 @@ def runnable_python() -> str:
     for name in PY_NAMES:
         assert re.search(rf"\b{name}\b", code), f"the README's Python block no longer uses {name!r}"
     defs = "\n".join(f"{name} = {value}" for name, value in PY_NAMES.items())
-    return f"{PY_PREAMBLE}\n{defs}\n# --- README.md, line {lineno} ---\n{code}\n"
+    return f"{PY_PREAMBLE}\n{defs}\n# --- {lineno} ---\n{code}\n"
 
 
 def check_python_block_effects(root: Path, printed: str) -> None:
@@ -429,7 +444,7 @@ def test_readme_python_block_runs(scene, tmp_path, capsys):
 
 def test_readme_inline_api_calls_run(scene, tmp_path):
     """Calls the README gives in running text, such as ``FaceDB.open(path, model=...)`` (a TypeError before)."""
-    text = README.read_text(encoding="utf-8")
+    text = page_text()
     calls = re.findall(r"`(FaceDB\.open\([^`]*\))`", text)
     assert any("model=" in c for c in calls), calls
     FaceDB.create("db", model_id="dlib-resnet", dim=128, threshold=0.929).close()
@@ -481,7 +496,7 @@ def test_options_the_readme_names_in_prose_are_the_commands_current_ones():
 
     common = {o for p in root.params for o in names(p)}
     wrong, checked = [], 0
-    for span in re.findall(r"`([^`\n]+)`", README.read_text(encoding="utf-8")):
+    for span in re.findall(r"`([^`\n]+)`", page_text()):
         words = span.split()
         words = words[1:] if words[:1] == ["facedb"] else words
         if not words or words[0] not in root.commands:
