@@ -1,0 +1,99 @@
+"""The docs site (#29): `mkdocs build --strict` is the link checker, run here because CI runs exactly the README's
+test command. Every page of docs/ is in the nav (the README's docs map, same order), every relative link and
+anchor between pages resolves, and the README's own links (which MkDocs does not build) point at files and
+headings that exist."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO
+
+DOCS = REPO / "docs"
+
+
+def nav_pages() -> list[str]:
+    """The pages mkdocs.yml's nav lists, in order (paths relative to docs/)."""
+    text = (REPO / "mkdocs.yml").read_text(encoding="utf-8").split("\nnav:\n", 1)[1]
+    return re.findall(r"^  - .+: (\S+\.md)$", text, flags=re.MULTILINE)
+
+
+def readme_links() -> list[tuple[str, str]]:
+    """(target file, anchor or "") of every relative Markdown link in the README."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    out = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+://|mailto:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        out.append((path, anchor))
+    return out
+
+
+def heading_anchors(page: Path) -> set[str]:
+    """The anchors MkDocs gives a page's headings (Python-Markdown's toc slugify; code blocks skipped)."""
+    from markdown.extensions.toc import slugify
+
+    anchors, fence = set(), False
+    for line in page.read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            fence = not fence
+        elif not fence and (m := re.match(r"#{1,6} (.+)", line)):
+            anchors.add(slugify(m.group(1).strip(), "-"))
+    return anchors
+
+
+def test_mkdocs_build_strict_passes(tmp_path):
+    """A broken link, a missing anchor or a page left out of the nav is a warning, and --strict fails on it."""
+    pytest.importorskip("mkdocs", reason="mkdocs is not installed (the dev extra pins mkdocs==1.6.1)")
+    site = tmp_path / "site"
+    out = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    # it built what the nav promises, not nothing
+    pages = nav_pages()
+    assert len(pages) >= 15, pages
+    for page in pages:
+        html = site / ("index.html" if page == "index.md" else page.removesuffix(".md") + "/index.html")
+        assert html.is_file(), html
+
+
+def test_strict_build_fails_on_a_broken_link(tmp_path):
+    """The checker is live: a copy of docs/ with one link to a missing page and one to a missing anchor fails."""
+    pytest.importorskip("mkdocs", reason="mkdocs is not installed (the dev extra pins mkdocs==1.6.1)")
+    import shutil
+
+    docs = tmp_path / "docs"
+    shutil.copytree(DOCS, docs)
+    with open(docs / "limits.md", "a", encoding="utf-8") as f:
+        f.write("\n[gone](no-such-page.md) [lost](cli.md#no-such-heading)\n")
+    config = (REPO / "mkdocs.yml").read_text(encoding="utf-8").replace("docs_dir: docs", f"docs_dir: {docs}")
+    (tmp_path / "mkdocs.yml").write_text(config, encoding="utf-8")
+    out = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(tmp_path / "mkdocs.yml"),
+                          "--site-dir", str(tmp_path / "site")], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "no-such-page.md" in out.stderr and "no-such-heading" in out.stderr, out.stderr
+
+
+def test_every_docs_page_is_in_the_nav_and_in_the_readme_map():
+    pages = nav_pages()
+    on_disk = sorted(p.name for p in DOCS.glob("*.md"))
+    assert sorted(pages) == on_disk
+    mapped = [path.removeprefix("docs/") for path, _ in readme_links() if path.startswith("docs/")]
+    assert [p for p in pages if p != "index.md"] == [p for p in dict.fromkeys(mapped) if p != "index.md"], \
+        "the README's docs map lists the pages in the nav's order"
+
+
+def test_readme_links_resolve():
+    links = readme_links()
+    assert len(links) >= 15, links
+    for path, anchor in links:
+        target = REPO / path if path else REPO / "README.md"
+        assert target.exists(), f"README links to {path}, which does not exist"
+        if anchor:
+            assert target.suffix == ".md" and anchor in heading_anchors(target), f"README: {path}#{anchor}"
