@@ -23,12 +23,11 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from facedb import FaceDB  # noqa: E402
+from facedb.testing.serving import wait_until_ready  # noqa: E402
 
 MIB = 1024 * 1024
 
@@ -100,13 +99,7 @@ def main() -> None:
     proc = subprocess.Popen([sys.executable, "-m", "facedb.cli", "--db", str(root), "serve", "--port", str(port),
                              "--workers", "1", "--log-level", "warning"], env=env, cwd=str(REPO))
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        wait_until_ready(f"http://127.0.0.1:{port}", proc, timeout=60)
         out = {"load_average": os.getloadavg(), "body_timeout_s": args.body_timeout or "default",
                "runs": [measure(port, proc.pid, None, args.hold), measure(port, proc.pid, key, args.hold)]}
     finally:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import httpx
 
+from facedb.testing.serving import wait_until_ready
+
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOLS = {"httptools": "httptools", "bounded": "facedb.service.protocol:BoundedHttpToolsProtocol"}
 
@@ -85,13 +87,7 @@ def run(protocol: str, db: Path, args: argparse.Namespace) -> dict:
                             env=env, cwd=str(REPO), start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_until_ready(base, proc, timeout=60)
         times = []
         with httpx.Client() as client:
             for _ in range(50):

@@ -19,6 +19,7 @@ from PIL import Image
 
 from facedb import FaceDB
 from facedb.testing.receiver import Receiver  # noqa: F401 (the tests import it from here)
+from facedb.testing.serving import wait_until_ready
 
 from .conftest import REPO, face_image
 
@@ -88,18 +89,7 @@ def real_server(db: Path, *, workers: int = 2, timeout: float = 120.0, env: dict
         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"facedb serve exited: {Path(f'{db}.serve.log').read_text()}")
-            try:
-                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not ready in {timeout} s: {Path(f'{db}.serve.log').read_text()}")
-            time.sleep(0.2)
+        wait_until_ready(base, proc, timeout, log=Path(f"{db}.serve.log"))
         yield base, proc
     finally:
         if proc.poll() is None:

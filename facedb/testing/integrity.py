@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from .receiver import Receiver
+from .serving import wait_until_ready
 
 DIM = 16
 MODEL = "vec-test"
@@ -487,15 +488,7 @@ class Drill:
         }
 
     def _wait_ready(self, timeout: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.server.poll() is not None:
-                raise RuntimeError(f"facedb serve exited: {(self.root / 'serve.log').read_text()[-2000:]}")
-            with contextlib.suppress(self.httpx.HTTPError):
-                if self.httpx.get(f"{self.base}/ready", timeout=5).status_code == 200:
-                    return
-            time.sleep(0.2)
-        raise RuntimeError("facedb serve was not ready in time")
+        wait_until_ready(self.base, self.server, timeout, log=self.root / "serve.log")
 
     def verify_at_rest(self, old_index: Path) -> int:
         """The exact checks on the files the service left; returns how many acknowledged effects are missing
