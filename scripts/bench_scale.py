@@ -210,6 +210,18 @@ def step_query(args: argparse.Namespace, work: Path, state: dict) -> None:
            "identity_at_1": float(np.mean([top[i] == f"id{data['truth'][i]}" for i in range(g)])),
            "same_top1_as_exact": float(np.mean([top[i] == f"id{data['exact_id'][i]}" for i in range(g)])),
            "same_decision_as_exact": float(np.mean([a.identity == e for a, e in zip(answers, exact_dec)])),
+           "same_decision_genuine": float(np.mean([a.identity == e for a, e in zip(answers[:g], exact_dec[:g])])),
+           "same_decision_impostor": float(np.mean([a.identity == e for a, e in zip(answers[g:], exact_dec[g:])])),
+           # how the index's decisions differ from exact ones, where they do (an approximate index can miss
+           # the best template of an impostor that brute force finds just over the threshold)
+           "differ_index_unknown_exact_match": sum(a.identity is None and e is not None
+                                                   for a, e in zip(answers, exact_dec)),
+           "differ_index_match_exact_unknown": sum(a.identity is not None and e is None
+                                                   for a, e in zip(answers, exact_dec)),
+           "differ_other_person": sum(a.identity is not None and e is not None and a.identity != e
+                                      for a, e in zip(answers, exact_dec)),
+           "false_match_impostor_index": float(np.mean([a.identity is not None for a in answers[g:]])),
+           "false_match_impostor_exact": float(np.mean([e is not None for e in exact_dec[g:]])),
            "rss_mb": status_mb("VmRSS"), "peak_rss_mb": status_mb("VmHWM"), "rss_before_open_mb": rss_before,
            "rescore_from": state_now.rescore_from, "load_average": os.getloadavg()[0],
            "store_bytes": (work / "db" / "facedb.sqlite3").stat().st_size,
@@ -282,7 +294,9 @@ def main() -> None:
     print(f"  open + first answer {summary['open_s']['median']:.1f} s; p50 {summary['p50_ms']['median']:.3f} ms "
           f"({summary['p50_ms']['min']:.3f}-{summary['p50_ms']['max']:.3f}), p99 {summary['p99_ms']['median']:.3f} ms"
           f"; RSS {summary['rss_mb']['median']:.0f} MB (peak {summary['peak_rss_mb']['median']:.0f}); "
-          f"identity@1 {r['identity_at_1']:.4f}; same decisions as exact {r['same_decision_as_exact']:.4f}; "
+          f"identity@1 {r['identity_at_1']:.4f}; same decisions as exact {r['same_decision_as_exact']:.4f} "
+          f"(genuine {r['same_decision_genuine']:.4f}, impostors {r['same_decision_impostor']:.4f}; impostor "
+          f"false matches {r['false_match_impostor_index']:.4f} vs exact {r['false_match_impostor_exact']:.4f}); "
           f"re-scoring from {r['rescore_from']}")
 
 
