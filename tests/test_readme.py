@@ -310,74 +310,59 @@ def random_facenet_weights(path: Path) -> str | None:
 
 
 @pytest.fixture(params=["test-double", pytest.param("dlib-resnet", marks=pytest.mark.slow)])
-def scene(request, tmp_path, monkeypatch) -> Scene:
-    """A temporary working directory with the README's files, and the pipeline the variant uses."""
+def variant(request, monkeypatch) -> Scene:
+    """The pipeline the variant uses (the test double, or MTCNN and dlib-resnet on real LFW photos); no files yet."""
     shared = shared_data_dir() / "lfw_deepfunneled"  # before FACEDB_TEST_DATA points at the README's own data
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "home").mkdir()
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # `export FACEDB_DB=~/gate-db`
-    monkeypatch.setenv("FACEDB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("FACEDB_TEST_DATA", str(tmp_path / "data"))
-    monkeypatch.delenv("FACEDB_DB", raising=False)
     if request.param == "dlib-resnet":
         if not shared.is_dir():
             pytest.skip(f"labelled face photos not found at {shared} (set FACEDB_TEST_DATA)")
         for module in ("dlib", "facenet_pytorch"):
             pytest.importorskip(module, reason=f"{module} is not installed")
-        scene = Scene(real=True, lfw=shared)
-    else:
-        scene = Scene(real=False)
-        pipe = FacePipeline(ReadmeEmbedder(noise=0.01), detector=FakeDetector())  # type: ignore[arg-type]
-        monkeypatch.setattr(facedb.faces.pipeline, "get_pipeline", lambda *a, **k: pipe)
-        monkeypatch.setattr(facedb.faces.pipeline, "get_detector", lambda *a, **k: FakeDetector(), raising=False)
-    build_files(scene, tmp_path)
-    return scene
+        return Scene(real=True, lfw=shared)
+    pipe = FacePipeline(ReadmeEmbedder(noise=0.01), detector=FakeDetector())  # type: ignore[arg-type]
+    monkeypatch.setattr(facedb.faces.pipeline, "get_pipeline", lambda *a, **k: pipe)
+    monkeypatch.setattr(facedb.faces.pipeline, "get_detector", lambda *a, **k: FakeDetector(), raising=False)
+    return Scene(real=False)
 
 
-# ----------------------------------------------------------------------------------------------- the tests
-def test_readme_bash_blocks_run(scene, tmp_path, monkeypatch):
-    runner = CliRunner()
-    subs = dict(PLACEHOLDERS)
-    model_id = random_facenet_weights(tmp_path / "gate-v1.pt")
-    skipped = dict(SKIPPED)
-    if model_id is None:
-        skipped["facedb init --db gate-db --model facenet"] = "torch and facenet-pytorch are not installed"
-        skipped["facedb eval lfw --model facenet-custom-"] = "torch and facenet-pytorch are not installed"
-    else:
-        subs["facenet-custom-..."] = model_id
-    if not scene.real:
-        skipped.update(FAST_SKIPPED)
-    used_subs, used_skips, used_extra, ran = set(), set(), set(), []
-    for lineno, line in bash_lines():
-        if (key := table_key(line, skipped)) is not None:
-            used_skips.add(key)
-            continue
-        if line.startswith("export "):
-            name, _, value = line.split(None, 1)[1].partition("=")
-            monkeypatch.setenv(name, os.path.expanduser(value))  # HOME is tmp_path/home here
-            continue
-        assert line.startswith("facedb "), f"{lineno} is neither run nor skipped: {line!r}"
-        extra: list[str] = []
-        if (key := table_key(line, EXTRA_ARGS)) is not None:
-            used_extra.add(key)
-            extra = EXTRA_ARGS[key][0]
-        for words in commands_of(line):
-            args, used = substitute(words[1:], subs)
-            used_subs |= used
-            res = runner.invoke(app, [*args, *extra])
-            assert res.exit_code == 0, (f"{lineno}: facedb {' '.join(args)} exited {res.exit_code}\n"
-                                        f"{res.stdout}\n{res.stderr}")
-            ran.append(args)
-    assert used_skips == set(skipped), f"skip entries that match no README line: {set(skipped) - used_skips}"
-    assert used_subs == set(subs), f"placeholders the README no longer uses: {set(subs) - used_subs}"
-    assert used_extra == set(EXTRA_ARGS) - (set(FAST_SKIPPED) if not scene.real else set())
-    assert len(ran) >= 29, ran  # 28 invocations in the CLI block, 2 in the training one, train skipped if fast
+def enter(scene: Scene, root: Path, monkeypatch) -> None:
+    """Make ``root`` the working directory of a fresh scene: the files the pages name, a home of its own."""
+    root.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(root)
+    (root / "home").mkdir()
+    monkeypatch.setenv("HOME", str(root / "home"))  # `export FACEDB_DB=~/gate-db`
+    monkeypatch.setenv("FACEDB_CACHE", str(root / "cache"))
+    monkeypatch.setenv("FACEDB_TEST_DATA", str(root / "data"))
+    monkeypatch.delenv("FACEDB_DB", raising=False)
+    scene.used.clear()  # each page starts from the first photos again
+    build_files(scene, root)
 
-    # the effects the README's lines promise, on the database they built
-    if model_id is not None:  # the training block's `init --db gate-db`: in the working directory
-        with FaceDB.open(tmp_path / "gate-db") as gate:
-            assert gate.model_id == model_id and gate.dim == 512
-    with FaceDB.open(tmp_path / "home" / "gate-db") as d:  # the CLI block's: `export FACEDB_DB=~/gate-db`
+
+@pytest.fixture
+def scene(variant, tmp_path, monkeypatch) -> Scene:
+    """A temporary working directory with the pages' files, and the pipeline the variant uses."""
+    enter(variant, tmp_path, monkeypatch)
+    return variant
+
+
+# ----------------------------------------------------------------------------------------------- the effects
+# What each page's bash lines promise, checked on what they built (``root``: the page's working directory).
+# Every page with bash lines has an entry, so a page cannot be run without its effects being looked at.
+def readme_tour_effects(root: Path, scene: Scene, model_id: str | None, ran: list[list[str]]) -> None:
+    assert len(ran) == 10, ran  # the tour's 10 commands
+    with FaceDB.open(root / "home" / "gate-db") as d:  # `export FACEDB_DB=~/gate-db`
+        people = {p.name: p for p in d.people()}
+        assert set(people) == {"Ada Lovelace", "Ada King", "Grace Hopper"}  # Alan Turing removed
+        assert people["Ada Lovelace"].metadata == {"badge": "117"} and people["Ada Lovelace"].templates == 2
+        assert d.settings().calibration.target == "fpir"
+        ops = {r.operation for r in d.audit()}
+        assert {"enroll", "search", "verify", "remove", "calibrate"} <= ops, ops
+        assert d.check().ok
+
+
+def cli_reference_effects(root: Path, scene: Scene, model_id: str | None, ran: list[list[str]]) -> None:
+    assert len(ran) >= 27, ran  # 28 invocations in the CLI block, train skipped if fast
+    with FaceDB.open(root / "home" / "gate-db") as d:  # the CLI block's: `export FACEDB_DB=~/gate-db`
         people = {p.name: p for p in d.people()}
         assert set(people) == {"Ada Lovelace", "Alan M. Turing", "Grace Hopper"}  # Ada King merged, Alan renamed
         assert people["Ada Lovelace"].metadata == {"badge": "117"} and people["Ada Lovelace"].templates == 3
@@ -392,9 +377,78 @@ def test_readme_bash_blocks_run(scene, tmp_path, monkeypatch):
         ops = [r.operation for r in d.audit()]
         assert {"enroll", "search", "verify", "rename", "remove", "merge", "update", "remove-template",
                 "calibrate", "reindex"} <= set(ops)
-    assert (tmp_path / "roc.png").stat().st_size > 0
+    assert (root / "roc.png").stat().st_size > 0
     if scene.real:
-        assert (tmp_path / "model.pt").stat().st_size > 0
+        assert (root / "model.pt").stat().st_size > 0
+
+
+def training_effects(root: Path, scene: Scene, model_id: str | None, ran: list[list[str]]) -> None:
+    if model_id is None:  # both lines skipped: torch and facenet-pytorch are not installed
+        assert ran == []
+        return
+    assert len(ran) == 2, ran
+    with FaceDB.open(root / "gate-db") as gate:  # `init --db gate-db`: in the working directory
+        assert gate.model_id == model_id and gate.dim == 512
+
+
+PAGE_EFFECTS = {
+    "README.md": readme_tour_effects,
+    "docs/cli.md": cli_reference_effects,
+    "docs/training.md": training_effects,
+}
+
+
+# ----------------------------------------------------------------------------------------------- the tests
+def test_readme_bash_blocks_run(variant, tmp_path, monkeypatch):
+    """Every bash line of the README and the docs pages, each page in a fresh scene of its own (pages are read
+    on their own: the tour and the CLI reference both create ~/gate-db)."""
+    scene = variant
+    runner = CliRunner()
+    subs = dict(PLACEHOLDERS)
+    model_id = random_facenet_weights(tmp_path / "gate-v1.pt")
+    skipped = dict(SKIPPED)
+    if model_id is None:
+        skipped["facedb init --db gate-db --model facenet"] = "torch and facenet-pytorch are not installed"
+        skipped["facedb eval lfw --model facenet-custom-"] = "torch and facenet-pytorch are not installed"
+    else:
+        subs["facenet-custom-..."] = model_id
+    if not scene.real:
+        skipped.update(FAST_SKIPPED)
+    by_page: dict[str, list[tuple[str, str]]] = {}
+    for where, line in bash_lines():
+        by_page.setdefault(where.rpartition(":")[0], []).append((where, line))
+    assert set(by_page) == set(PAGE_EFFECTS), "a page with bash lines needs its effects checked (PAGE_EFFECTS)"
+    used_subs, used_skips, used_extra = set(), set(), set()
+    for page, lines in by_page.items():
+        root = tmp_path / page.replace("/", "-")
+        enter(scene, root, monkeypatch)
+        if model_id is not None:
+            (root / "gate-v1.pt").write_bytes((tmp_path / "gate-v1.pt").read_bytes())
+        ran = []
+        for lineno, line in lines:
+            if (key := table_key(line, skipped)) is not None:
+                used_skips.add(key)
+                continue
+            if line.startswith("export "):
+                name, _, value = shlex.split(line, comments=True)[1].partition("=")  # a comment is no value
+                monkeypatch.setenv(name, os.path.expanduser(value))  # HOME is the page's own here
+                continue
+            assert line.startswith("facedb "), f"{lineno} is neither run nor skipped: {line!r}"
+            extra: list[str] = []
+            if (key := table_key(line, EXTRA_ARGS)) is not None:
+                used_extra.add(key)
+                extra = EXTRA_ARGS[key][0]
+            for words in commands_of(line):
+                args, used = substitute(words[1:], subs)
+                used_subs |= used
+                res = runner.invoke(app, [*args, *extra])
+                assert res.exit_code == 0, (f"{lineno}: facedb {' '.join(args)} exited {res.exit_code}\n"
+                                            f"{res.stdout}\n{res.stderr}")
+                ran.append(args)
+        PAGE_EFFECTS[page](root, scene, model_id, ran)
+    assert used_skips == set(skipped), f"skip entries that match no page's line: {set(skipped) - used_skips}"
+    assert used_subs == set(subs), f"placeholders the pages no longer use: {set(subs) - used_subs}"
+    assert used_extra == set(EXTRA_ARGS) - (set(FAST_SKIPPED) if not scene.real else set())
 
 
 def python_block() -> tuple[int, str]:
@@ -510,3 +564,17 @@ def test_options_the_readme_names_in_prose_are_the_commands_current_ones():
             if option not in known:
                 wrong.append(f"`{span}`: {option}")
     assert checked > 20 and wrong == []
+
+
+def test_quickstart_output_is_the_recorded_run():
+    """The demo output the README shows is what a recorded `make demo` run printed (#29: the README showed 57/59
+    where a fresh run printed 59/59). bench-results/quickstart.log is that run's whole output."""
+    readme = README.read_text(encoding="utf-8")
+    shown = readme.split("it ends with:\n\n```\n", 1)[1].split("\n```", 1)[0].splitlines()
+    log = (REPO / "bench-results" / "quickstart.log").read_text(encoding="utf-8").splitlines()
+    assert log[0].startswith("# ") and "scripts/quickstart.py" in log[0] and "load average" in log[0]
+    assert log[-1].startswith("# exit 0"), log[-1]
+    printed = [line for line in log if line.startswith(("enrolled people, probes", "strangers, probes"))]
+    assert len(shown) == 2 and shown == printed, (shown, printed)
+    model = next(line for line in log if line.startswith("database ")).split("model ", 1)[1].split()[0]
+    assert f"Here ({model}," in readme  # the README names the model the run used
