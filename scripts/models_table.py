@@ -1,6 +1,6 @@
-"""The README's models table, every model on the same protocol through facedb, rendered from the JSON the
-measuring scripts wrote (nothing is measured here, and nothing is typed by hand: a figure no script has
-measured prints as "–").
+"""The models table of docs/thresholds-and-accuracy.md, every model on the same protocol through facedb, rendered
+from the JSON the measuring scripts wrote (nothing is measured here, and nothing is typed by hand: a figure no
+script has measured prints as "–").
 
     python scripts/models_table.py [--out bench-results/models-table.md]
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench-results"
-#: Where each model's weights come from and under which licence (README "Models and weights").
+#: Where each model's weights come from and under which licence (docs/models.md, "Models and weights").
 MODELS = {
     "sface": ("SFace 2021dec (OpenCV Zoo), 128-d", "Apache-2.0"),
     "dlib-resnet": ("dlib ResNet, 128-d", "CC0 (dlib's model files)"),
@@ -69,17 +69,23 @@ def row(model: str, speed: dict, strangers: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=RESULTS / "models-table.md")
-    args = ap.parse_args()
+def render() -> str:
+    """The table as Markdown (header, rule, one row per model), from the JSON in bench-results/ as it is now.
+    docs/thresholds-and-accuracy.md quotes it verbatim; tests/test_docs_figures.py checks that it still does."""
     speed, strangers = load("models-speed.json"), load("stranger-rate-orl-yale.json")
     lines = ["| model | LFW 10-fold | TAR at FAR 1e-3 | TAR at FAR 1e-4 | DIR at FPIR 1% / 0.1%, 1 photo | "
              "the same, corrected labels | DIR at FPIR 1% / 0.1%, 3 photos | ORL / Yale strangers let in | "
              "ms per face | licence |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [row(m, speed, strangers) for m in MODELS]
-    text = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=RESULTS / "models-table.md")
+    args = ap.parse_args()
+    text = render()
     print(text, end="")
     args.out.write_text(text)
     return 0
