@@ -90,6 +90,12 @@ class IndexLoadingError(IndexUnavailableError):
     ago): retry shortly. An IndexUnavailableError too; the message gives the server's progress."""
 
 
+class IndexUnreachableError(IndexUnavailableError):
+    """The vector index's engine could not be reached (connection refused, timed out, server unavailable): it may
+    be down or restarting. An IndexUnavailableError too. Queries are answered meanwhile by an exact search of
+    the store's templates where they fit memory (``facedb/gallery/standin.py``); other calls fail with this."""
+
+
 class IndexBehindWarning(UserWarning):
     """A write reached the store (the truth) but not the shared index engine; the engine records the
     generation it reflects, so the next process that opens it replays the store's change log."""

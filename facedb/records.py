@@ -210,6 +210,9 @@ class IndexState(_Record):
     # None (exact kind: no re-scoring, or not loaded)
     rescore_from: str | None = None
     rescore_bytes: int = 0  # memory the in-memory vectors take
+    # while a remote engine cannot answer (loading after a restart, unreachable): why, and queries are answered
+    # by an exact search of the store's templates (facedb/gallery/standin.py); None when the index answers
+    stand_in: str | None = None
 
 
 @dataclass(frozen=True)

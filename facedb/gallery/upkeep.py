@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -41,10 +42,12 @@ import numpy as np
 from ..errors import IndexBehindWarning, IndexUnavailableError
 from ..fsio import locked, remove_stale_temporaries
 from ..records import IndexState
+from . import index_check
 from .index import IndexBackend, IndexPlace, VectorIndex, auto_kind, backend_for
 from .index.saved_map import MapSource, SavedMap
 from .indexed import Gallery
 from .settings import Settings
+from .standin import OPEN_WAIT_S, RETRY_S, EngineOpening, StandIn, after_s, cannot_answer
 from .store import Store
 from .vectors import TemplateVectors, budget_bytes, bytes_for
 
@@ -100,6 +103,8 @@ class IndexKeeper:
         self._published: tuple[Gallery, int] | None = None  # write-through: (gallery, generation) last recorded
         self._holds_removed = False  # the persisted copy just loaded holds removed templates: rewrite it
         self._locked = False  # this keeper holds the index lock now (its methods do not take it again)
+        self.stand_in: StandIn | None = None  # answers queries while a remote engine cannot (standin.py)
+        self._opening: EngineOpening | None = None  # an attempt at opening the engine: running, or not yet read
 
     # ------------------------------------------------------------------------------------------------ policy
     @staticmethod
@@ -128,13 +133,66 @@ class IndexKeeper:
 
     # ------------------------------------------------------------------------------------------- freshness
     def current(self, settings: Settings) -> Gallery:
-        """The gallery, caught up with the store's generation in ``settings`` (rebuilt when it must be)."""
+        """The gallery queries answer from, caught up with the store's generation in ``settings`` (rebuilt when
+        it must be). While a remote engine cannot answer (loading after a restart, unreachable: it did not open
+        within FACEDB_STAND_IN_AFTER_S) and the store's vectors fit the memory budget, that is the **stand-in**,
+        an exact search of the store's templates (``standin.py``), until the engine opens again. Writes, saves
+        and ``check`` use the engine itself (:meth:`_current`) and fail while it cannot answer."""
+        if self.gallery is None and self._write_through(settings):
+            return self._answering(settings)
+        gallery = self._current(settings)
+        self._drop_stand_in()
+        return gallery
+
+    def _answering(self, settings: Settings) -> Gallery:
+        """The engine's gallery if it opens within the query's wait (none while the stand-in answers: an attempt
+        still running is only looked at, a failed one repeated every ``RETRY_S``), else the stand-in."""
+        s = self.stand_in
+        if s is not None:
+            stamp = settings.index_stamp
+            if self._opening is None and time.monotonic() >= s.next_try and stamp is not None:
+                self._start_opening(self.backend(str(stamp.get("kind"))), stamp, settings.dim)
+            opening = self._opening
+            if opening is None or not opening.done():  # no query waits for the engine meanwhile
+                return self._level_stand_in(s, settings)
+            if opening.error is not None:  # it failed: no store read to find that out
+                self._opening = None
+                if not cannot_answer(opening.error):
+                    raise opening.error
+                s.next_try = time.monotonic() + RETRY_S
+                return self._level_stand_in(s, settings)
+        try:
+            gallery = self._current(settings, 0.0 if s is not None else after_s())
+        except IndexUnavailableError as exc:
+            counts = self.store.counts()
+            if not cannot_answer(exc) or not StandIn.fits(counts["templates"] + counts["mean_templates"],
+                                                           settings.dim, self.vector_budget):
+                raise
+            if s is None:
+                s = self.stand_in = StandIn.build(self.store, settings.dim, self.place, exc)
+            s.next_try = time.monotonic() + RETRY_S
+            return self._level_stand_in(s, settings)
+        self._drop_stand_in()
+        return gallery
+
+    def _level_stand_in(self, s: StandIn, settings: Settings) -> Gallery:
+        """The stand-in caught up with the store (an acknowledged removal is gone before the answer)."""
+        return s.level(self.store, settings, self._catch_up, self.place)
+
+    def _drop_stand_in(self, engine_back: bool = True) -> None:
+        if self.stand_in is not None:
+            self.stand_in.close(engine_back)
+            self.stand_in = None
+
+    def _current(self, settings: Settings, wait_s: float = OPEN_WAIT_S) -> Gallery:
+        """The engine's (or the file's) gallery, caught up with the store's generation in ``settings`` (rebuilt
+        when it must be); a remote engine that does not open within ``wait_s`` seconds is an error."""
         if self.gallery is None:
-            self.gallery = self._load(settings) or self._build(settings)
+            self.gallery = self._load(settings, wait_s) or self._build(settings)
         elif self.gallery.generation != settings.generation and not self._catch_up(self.gallery):
             # the log no longer reaches back: a shared engine is levelled by a diff of ids, not rebuilt
             assert self._backend is not None
-            self._replace((self._backend.write_through and self._load(settings)) or self._build(settings))
+            self._replace((self._backend.write_through and self._load(settings, wait_s)) or self._build(settings))
         if self.rebuild_reason(self.gallery, settings):
             self._replace(self._build(settings))
         if self._holds_removed and not self.readonly and not self._locked:
@@ -144,8 +202,10 @@ class IndexKeeper:
         return self.gallery
 
     def forget(self) -> None:
-        """Drop the gallery in memory (the next query loads or rebuilds it)."""
+        """Drop the gallery in memory, and any stand-in (the next query loads or rebuilds it)."""
         self._replace(None)
+        self._drop_stand_in(engine_back=False)
+        self._opening = None
 
     def _replace(self, gallery: Gallery | None) -> None:
         """Put ``gallery`` in place of the current one, whose background work (a vector fill) is stopped."""
@@ -162,7 +222,7 @@ class IndexKeeper:
         if self.gallery is None and not self._write_through(settings):
             return
         try:
-            gallery = self.current(settings)
+            gallery = self._current(settings)
         except IndexUnavailableError as exc:
             self._replace(None)  # reconnect and catch up on the next query
             warnings.warn(f"stored, but the index engine is behind until it can be reached: {exc}",
@@ -217,10 +277,12 @@ class IndexKeeper:
         return bool(stamp) and stamp.get("model_id") == settings.model_id and stamp.get("dim") == settings.dim \
             and stamp.get("params_of") == settings.index_params_raw
 
-    def _load(self, settings: Settings) -> Gallery | None:
+    def _load(self, settings: Settings, wait_s: float = OPEN_WAIT_S) -> Gallery | None:
         """The persisted copy, if its stamp matches, brought level with the store: from the map (and re-scoring
         vectors) saved in it by the change log since its generation, else by a full diff of ids against the
-        store's map (so any staleness is repaired, however old the copy)."""
+        store's map (so any staleness is repaired, however old the copy). A remote engine is opened on a thread
+        of its own and waited for ``wait_s`` seconds at most (IndexLoadingError after that; the attempt goes on,
+        and the next call takes its result)."""
         stamp = settings.index_stamp
         if stamp is None or not self._stamp_matches(stamp, settings):
             return None
@@ -244,7 +306,8 @@ class IndexKeeper:
         # templates that takes the open from 6 s to under 5.
         with ThreadPoolExecutor(max_workers=1) as pool:
             mapping = pool.submit(self.store.template_map)
-            index = backend.load(self.place, stamp, settings.dim)
+            index = self._open_engine(backend, stamp, settings.dim, wait_s) if backend.write_through \
+                else backend.load(self.place, stamp, settings.dim)
             gen, ids, pids = mapping.result()
         if index is None or (not backend.write_through and len(index) != stamp.get("count")):
             return None
@@ -266,6 +329,24 @@ class IndexKeeper:
             self.from_file = True
             return gallery
         return self._level(backend, index, stamp, settings, gen, ids, pids)
+
+    def _open_engine(self, backend: IndexBackend, stamp: dict[str, Any], dim: int, wait_s: float
+                     ) -> VectorIndex | None:
+        """A remote engine's index, opened by an :class:`EngineOpening` (the one still running from an earlier
+        call, if any), waited for ``wait_s`` seconds at most."""
+        opening = self._start_opening(backend, stamp, dim)
+        try:
+            return opening.result(wait_s)
+        finally:
+            if opening.done():
+                self._opening = None
+
+    def _start_opening(self, backend: IndexBackend, stamp: dict[str, Any], dim: int) -> EngineOpening:
+        """The attempt at opening the engine: the one under way (or finished and not yet read), else a new one."""
+        if self._opening is None or self._opening.place != self.place:
+            place = self.place
+            self._opening = EngineOpening(lambda: backend.load(place, stamp, dim), place)
+        return self._opening
 
     def _from_saved(self, backend: IndexBackend, index: VectorIndex, saved: SavedMap | None,
                     stamp: dict[str, Any], settings: Settings) -> Gallery | None:
@@ -475,7 +556,7 @@ class IndexKeeper:
     def _save_locked(self, settings: Settings, also: dict[str, str] | None = None) -> None:
         """Write the file and its stamp (with the ``also`` meta rows, in the same transaction); the caller holds
         the index lock and passes settings read under it."""
-        gallery = self.current(settings)
+        gallery = self._current(settings)
         assert self._backend is not None
         remove_stale_temporaries(self.root, "index")  # a killed writer's half-written file may hold templates
         fields = self._save_fields(gallery, self.place)
@@ -537,7 +618,7 @@ class IndexKeeper:
     def save_to(self, place: IndexPlace, settings: Settings) -> str:
         """Write the current gallery to another place (a staging directory, under another cipher) without
         touching this database's file; returns the stamp (JSON) to record with it. For key conversions."""
-        gallery = self.current(settings)
+        gallery = self._current(settings)
         assert self._backend is not None
         return self._stamp(self._save_fields(gallery, place), gallery, settings)
 
@@ -586,103 +667,20 @@ class IndexKeeper:
     # ------------------------------------------------------------------------------------------ inspection
     def verify(self, settings: Settings) -> tuple[list[str], list[str]]:
         """(checks, problems): the persisted copy matches its stamp (else it is rebuilt and saved, when
-        writable), and the index holds exactly the stored templates, mapped to the right people."""
-        checks: list[str] = []
-        problems: list[str] = []
-        gallery = self.current(settings)
-        stamp = settings.index_stamp
-        ok = False
-        if stamp is not None:
-            try:
-                ok = self.backend(str(stamp.get("kind"))).verify(self.place, stamp, settings.dim)
-            except Exception:
-                ok = False
-        if ok:
-            checks.append("persisted index matches its stamp (SHA-256 for files)")
-        elif not self.readonly:
-            # The persisted copy is a cache: a missing or damaged one is healed, not a problem of the data.
-            if self._backend is not None and self._backend.write_through:
-                gallery = self.rebuild(settings)  # the engine's copy is the index itself: refill it
-            else:
-                self.save(settings, force=True)
-            checks.append("persisted index was missing or did not match its stamp: rebuilt from the store and saved")
-        gen, ids, pids = self.store.template_map()
-        checks.append("index holds exactly the stored templates, mapped to the right people")
-        held = gallery.index.ids()
-        probe = getattr(gallery.index, "still_held", None)
-        if probe is not None:  # a remote engine: did every removal's erasure reach it? (asked before any repair)
-            gone = self.store.removed_template_ids()
-            back = probe(gone) if len(gone) else np.zeros(0, dtype=np.int64)
-            checks.append(f"no removed template is still returned by the index engine ({len(gone)} removed ids "
-                          "queried by id)")
-            listed = f"{', '.join(map(str, back[:10].tolist()))}{' ...' if len(back) > 10 else ''}"
-            if len(back) and self.readonly:  # a copy of the store ahead of the writer's engine writes
-                checks.append(f"the index engine still returns {len(back)} templates this copy of the store removed "
-                              f"(ids {listed}): they map to no one here; the writer's next open deletes them")
-            elif len(back):
-                problems.append(f"{len(back)} removed templates are still returned by the index engine (ids "
-                                f"{listed}); deleted again now: run check again")
-        if self._backend is not None and self._backend.write_through and gallery.generation == gen:
-            held = self._level_engine(gallery, held, ids, checks)
-        if gallery.generation == gen:
-            live = gallery.live_ids()
-            if len(live) != len(ids) or not np.array_equal(live, ids) or not np.isin(ids, held).all():
-                problems.append(f"index holds {len(live)} live templates, the store {len(ids)}")
-            elif len(ids) and not np.array_equal(gallery.person_of(ids), pids):
-                problems.append("index maps some templates to the wrong person")
-            if gallery.dead():
-                checks.append(f"{gallery.dead()} removed templates await compaction (HNSW tombstones)")
-        return checks, problems
+        writable), and the index holds exactly the stored templates, mapped to the right people
+        (``index_check.verify``)."""
+        return index_check.verify(self, settings)
 
-    def _level_engine(self, gallery: Gallery, held: np.ndarray, ids: np.ndarray, checks: list[str]) -> np.ndarray:
-        """Write-through engines (``check``): entries the store no longer holds, and stored templates the engine
-        lacks (a write that never reached it), are deleted and written now by a writable process (the engine is
-        a cache, as a damaged index file is); a read-only one only reports them. Returns the ids held after."""
-        stray = held[~np.isin(held, ids)]
-        missing = ids[~np.isin(ids, held)]
-        if self.readonly:
-            if len(stray):
-                checks.append(f"the index engine holds {len(stray)} templates this copy of the store does not have "
-                              "(newer writes, or removals not yet copied here); they map to no one")
-            return held
-        if len(stray):
-            gallery.index.remove(stray)
-            erase = getattr(gallery.index, "erase", None)
-            if erase is not None:
-                erase()  # deleted rows leave the engine's storage at its compaction: ask for it
-            checks.append(f"{len(stray)} index engine entries the store no longer holds were deleted")
-        if len(missing):
-            m_ids, m_pids, vectors = self.store.templates(missing)
-            gallery.index.add(m_ids, vectors, m_pids)
-            checks.append(f"{len(m_ids)} stored templates missing from the index engine were written to it")
-        return np.union1d(held[np.isin(held, ids)], missing) if len(stray) or len(missing) else held
+    def engine_gallery(self, settings: Settings) -> Gallery:
+        """The engine's (or the file's) own gallery, never the stand-in: IndexUnavailableError while a remote
+        engine cannot answer (``check``, saves)."""
+        return self._current(settings)
+
+    @property
+    def backend_in_use(self) -> IndexBackend | None:
+        """The backend of the gallery loaded or built last (None before one is)."""
+        return self._backend
 
     def describe(self, settings: Settings) -> IndexState:
-        """What the index holds now, without loading it (``loaded`` False when no query has needed it yet)."""
-        stamp = settings.index_stamp or {}
-        g = self.gallery
-        persisted = 0
-        if stamp.get("kind"):
-            try:
-                persisted = self.backend(str(stamp["kind"])).persisted_bytes(self.place)
-            except Exception:
-                persisted = 0
-        vectors = g.vectors if g is not None else None
-        rescore = None if g is None or g.index.exact else "index" if g.index.keeps_vectors else \
-            "store" if vectors is None or vectors.error is not None else "loading" if vectors.loading else "memory"
-        return IndexState(
-            kind=settings.index_kind,
-            built=g.index.kind if g is not None else stamp.get("kind"),
-            params=g.index.params if g is not None else stamp.get("params"),
-            generation=g.generation if g is not None else None,
-            entries=len(g.index) if g is not None else int(stamp.get("count", 0)),
-            live=len(g) if g is not None else int(stamp.get("count", 0)),
-            tombstones=g.dead() if g is not None else 0,
-            loaded=g is not None,
-            from_file=self.from_file,
-            persisted_generation=stamp.get("generation"),
-            persisted_bytes=persisted,
-            backend=(self._backend.name if self._backend is not None else str(stamp.get("backend", "faiss"))),
-            rescore_from=rescore,
-            rescore_bytes=vectors.nbytes if vectors is not None else 0,
-        )
+        """What the index holds now, without loading it (``index_check.describe``)."""
+        return index_check.describe(self, settings)

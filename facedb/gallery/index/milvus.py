@@ -71,6 +71,7 @@ from ...errors import (
     IndexCredentialsError,
     IndexLoadingError,
     IndexUnavailableError,
+    IndexUnreachableError,
     InvalidInputError,
     ModelMismatchError,
 )
@@ -178,10 +179,28 @@ def _refused(exc: BaseException) -> bool:
     return False
 
 
+def _unreachable(exc: BaseException) -> bool:
+    """Whether the failure is the server not answering (down, restarting, too slow): a gRPC UNAVAILABLE or
+    DEADLINE_EXCEEDED in the chain, pymilvus's "Fail connecting" (code 2), or a dropped connection; not a refusal
+    (a wrong token, a missing collection), which a stand-in must not hide."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:  # the chain loops back on itself (pymilvus's retries)
+        seen.add(id(cur))
+        code = getattr(cur, "code", None)
+        if isinstance(cur, grpc.RpcError) and callable(code) and code() in (grpc.StatusCode.UNAVAILABLE,
+                                                                            grpc.StatusCode.DEADLINE_EXCEEDED):
+            return True
+        if (isinstance(cur, MilvusException) and code == 2) or isinstance(cur, ConnectionError):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
 @contextmanager
 def _engine(uri: str, what: str) -> Iterator[None]:
     """Milvus and gRPC failures as IndexUnavailableError naming the server and the step (IndexCredentialsError
-    when the server refused the token)."""
+    when the server refused the token, IndexUnreachableError when it did not answer)."""
     try:
         yield
     except (MilvusException, grpc.RpcError, ConnectionError) as exc:
@@ -189,6 +208,8 @@ def _engine(uri: str, what: str) -> Iterator[None]:
             raise IndexCredentialsError(
                 f"Milvus at {uri}: {what} failed: the server refused the credentials (wrong or missing token: set "
                 f"{TOKEN_ENV} to 'user:password' or an API key)") from None
+        if not uri.endswith(".db") and _unreachable(exc):
+            raise IndexUnreachableError(_explain(uri, what, exc)) from None
         raise IndexUnavailableError(_explain(uri, what, exc)) from None
 
 
@@ -485,6 +506,20 @@ def _load_quietly(client: MilvusClient, physical: str) -> None:
         logging.getLogger(__name__).debug("loading %s failed", physical, exc_info=True)
 
 
+def _orphans(client: MilvusClient, uri: str, alias: str, physical: str) -> list[str]:
+    """The collections named ``<alias>__<8 hex>`` of the same facedb database as ``physical`` (its property
+    ``facedb.database``), other than ``physical``: collections of another database or not facedb's are never
+    listed."""
+    mine = ((_describe(client, uri, physical) or {}).get("properties") or {}).get(_P + "database")
+    if not mine:
+        return []
+    with _engine(uri, "listing collections"):
+        names = client.list_collections(timeout=TIMEOUT_S)
+    pattern = re.compile(re.escape(alias) + r"__[0-9a-f]{8}")
+    return sorted(name for name in names if name != physical and pattern.fullmatch(name)
+                  and ((_describe(client, uri, name) or {}).get("properties") or {}).get(_P + "database") == mine)
+
+
 def _sorted_has(sorted_ids: np.ndarray, i: int) -> bool:
     pos = int(np.searchsorted(sorted_ids, i))
     return pos < len(sorted_ids) and int(sorted_ids[pos]) == i
@@ -583,18 +618,18 @@ class MilvusBackend:
         killed before it swung the alias left behind (found by scripts/milvus_drill.py). They hold copies of
         templates, which must not outlive an erasure. Called after a rebuild is published (one writer host at a
         time, and a rebuild holds the database's index lock, so none of them is another rebuild in progress)."""
-        client, uri = index._client, index.uri
-        mine = ((_describe(client, uri, index.physical) or {}).get("properties") or {}).get(_P + "database")
-        if not mine:
-            return
-        with _engine(uri, "listing collections"):
-            names = client.list_collections(timeout=TIMEOUT_S)
-        pattern = re.compile(re.escape(index.alias) + r"__[0-9a-f]{8}")
-        for name in names:
-            if name != index.physical and pattern.fullmatch(name):
-                info = _describe(client, uri, name) or {}
-                if (info.get("properties") or {}).get(_P + "database") == mine:
-                    self._drop(client, uri, name)
+        for name in _orphans(index._client, index.uri, index.alias, index.physical):
+            self._drop(index._client, index.uri, name)
+
+    def leftovers(self, place: IndexPlace) -> list[str]:
+        """This database's collections on the server that its alias does not point to (a killed rebuild's, or
+        one under way in another process), for ``check``; [] when the alias points to none."""
+        uri, token, alias = _target(place)
+        client = _client(uri, token)
+        info = _describe(client, uri, alias)
+        if info is None or info.get("collection_name") == alias:
+            return []
+        return _orphans(client, uri, alias, str(info["collection_name"]))
 
     @staticmethod
     def _drop(client: MilvusClient, uri: str, physical: str) -> None:

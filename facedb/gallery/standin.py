@@ -1,0 +1,172 @@
+"""While a remote index engine cannot answer, queries are answered by an exact search of the store's templates.
+
+A Milvus 2.3 server restarted moments ago answers ``/healthz`` but serves facedb's collection only ~30 s later
+(its query coordinator waits for the previous query node's session to expire), and a server that is down does
+not answer at all; a door cannot wait that long, and must never answer from a stale or partial engine. The store
+is the truth and holds every template's vector, so an exact search over them gives the answers exact search
+gives (the engine only ever proposes candidates; decisions are exact either way). Two pieces:
+
+* :class:`EngineOpening`: one attempt at opening the engine's index (connect, find the collection, wait for the
+  server to load it, count it) on a thread of its own, so that the caller waits a bounded time whatever call the
+  server holds. (Measured on a 2.3.5 server: after a restart it reported the collection "Loaded" at once, and
+  then held the first count query ~30 s.) An attempt still running when the wait ends carries on; the next
+  call takes its result.
+* :class:`StandIn`: an exact in-memory gallery (FAISS flat, keyed by template id) of every stored template,
+  built from the store when the engine first cannot answer, caught up with the store's change log before every
+  query like any gallery (so an acknowledged removal is never returned), and dropped as soon as the engine
+  answers again. Only where the vectors fit the re-scoring memory budget (``FACEDB_RESCORE_MEMORY_MB``); past
+  it, queries fail closed as before (IndexLoadingError / IndexUnreachableError).
+
+The keeper (``upkeep.py``) decides when to use them; while the stand-in answers, ``FaceDB.index_state()``
+says so (``stand_in``: why) and the ``facedb`` logger warns once when it starts and notes when it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from ..errors import IndexLoadingError, IndexUnavailableError, IndexUnreachableError
+from .index import IndexPlace, VectorIndex, backend_for
+from .indexed import Gallery
+from .settings import Settings
+from .store import Store
+from .vectors import bytes_for
+
+log = logging.getLogger(__name__)
+
+#: Seconds a query waits for the engine to open before the stand-in answers (FACEDB_STAND_IN_AFTER_S): an open of
+#: a healthy server (connect, describe, load state, count) took ~10-50 ms here, so a second is a sick engine.
+AFTER_ENV = "FACEDB_STAND_IN_AFTER_S"
+AFTER_S = 1.0
+#: Seconds other calls (writes, ``check``, saves) wait for the engine to open before they fail: longer than the
+#: engine's own bounded wait for a collection being loaded (milvus: FACEDB_MILVUS_LOAD_WAIT_S, 5 s), so that its
+#: error, which names the progress, is the one raised.
+OPEN_WAIT_S = 8.0
+#: While the stand-in answers, a failed attempt at opening the engine is repeated at most this often (seconds).
+RETRY_S = 1.0
+#: Templates read from the store at a time when building the stand-in (64 MiB of 512-d float32).
+BATCH = 32768
+
+
+def cannot_answer(exc: BaseException) -> bool:
+    """Whether ``exc`` says the engine cannot answer *yet* (still loading, not reachable): what the stand-in
+    covers. Not a refused token, a foreign collection or a missing client library: those are for a person to
+    fix, and stay errors."""
+    return isinstance(exc, (IndexLoadingError, IndexUnreachableError))
+
+
+def after_s() -> float:
+    """The query's wait for the engine (FACEDB_STAND_IN_AFTER_S, default 1 s; a bad value is the default)."""
+    try:
+        return max(0.0, float(os.environ.get(AFTER_ENV) or AFTER_S))
+    except ValueError:
+        return AFTER_S
+
+
+class EngineOpening:
+    """One attempt at opening a remote engine's index, on a daemon thread: ``open_`` runs there (it must not
+    touch the store or the keeper: only the engine), and :meth:`result` waits for it a bounded time."""
+
+    def __init__(self, open_: Callable[[], VectorIndex | None], place: IndexPlace) -> None:
+        self.place = place  # where it opens: an attempt for another place (after a reindex) is not taken
+        self.started = time.monotonic()
+        self._done = threading.Event()
+        self._index: VectorIndex | None = None
+        self._error: BaseException | None = None
+        self._open = open_
+        threading.Thread(target=self._run, daemon=True, name="facedb-engine-open").start()
+
+    def _run(self) -> None:
+        try:
+            self._index = self._open()
+        except BaseException as exc:  # handed to the caller by result()
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def error(self) -> BaseException | None:
+        """What the finished attempt raised (None: it opened, or it is still running)."""
+        return self._error if self._done.is_set() else None
+
+    def result(self, wait_s: float) -> VectorIndex | None:
+        """The opened index (None: the engine has no collection for it), waiting ``wait_s`` seconds at most;
+        the attempt's own error; or IndexLoadingError when it is still running (it carries on)."""
+        if not self._done.wait(max(0.0, wait_s)):
+            raise IndexLoadingError(
+                f"the index engine has not answered within {wait_s:g} s (a server restarted moments ago serves its "
+                f"collections only after ~30 s; still trying for {time.monotonic() - self.started:.0f} s): "
+                "retry shortly")
+        if self._error is not None:
+            raise self._error
+        return self._index
+
+
+def exact_gallery(store: Store, dim: int, place: IndexPlace) -> Gallery:
+    """Every stored template in an exact in-memory index (FAISS flat: it keeps the vectors themselves), mapped to
+    its person, at the generation of the snapshot it was read from. Reads the whole store once: ~0.3 s per 100k
+    128-d templates here (README "Scale-out")."""
+    index = backend_for("flat").new("flat", dim, {}, None, place)
+    gen = None
+    ids: list[np.ndarray] = []
+    pids: list[np.ndarray] = []
+    for batch in store.stream_templates(BATCH):
+        gen, b_ids, b_pids, vectors = batch  # the snapshot's generation, the same in every batch
+        index.add(b_ids, vectors, b_pids)
+        ids.append(b_ids)
+        pids.append(b_pids)
+    gallery = Gallery(index, store.generation() if gen is None else gen)
+    if ids:
+        gallery.set_map(np.concatenate(ids), np.concatenate(pids))
+    return gallery
+
+
+class StandIn:
+    """The exact gallery that answers queries while the engine cannot, and why (see the module docstring)."""
+
+    def __init__(self, gallery: Gallery, reason: str) -> None:
+        self.gallery = gallery
+        self.reason = reason
+        self.since = time.time()
+        self.next_try = time.monotonic() + RETRY_S
+
+    @staticmethod
+    def fits(templates: int, dim: int, budget: int) -> bool:
+        """Whether a stand-in of ``templates`` vectors fits the memory budget (bytes) re-scoring vectors get."""
+        return bytes_for(max(templates, 1), dim) <= budget
+
+    @classmethod
+    def build(cls, store: Store, dim: int, place: IndexPlace, exc: IndexUnavailableError) -> StandIn:
+        """Build one from the store, warning (``facedb`` logger) that queries are answered from the store."""
+        t = time.perf_counter()
+        gallery = exact_gallery(store, dim, place)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        log.warning("the index engine cannot answer (%s): queries are answered by an exact search of the store's "
+                    "%d templates (built in %.2f s) until it can", reason, len(gallery), time.perf_counter() - t)
+        return cls(gallery, reason)
+
+    def level(self, store: Store, settings: Settings, catch_up: Callable[[Gallery], bool], place: IndexPlace
+              ) -> Gallery:
+        """The gallery caught up with the store's generation in ``settings`` by ``catch_up`` (the keeper's
+        change-log replay), or read again when the log no longer reaches back: an acknowledged removal is gone
+        before the answer."""
+        if self.gallery.generation != settings.generation and not catch_up(self.gallery):
+            self.gallery.close()
+            self.gallery = exact_gallery(store, settings.dim, place)
+        return self.gallery
+
+    def close(self, engine_back: bool) -> None:
+        """Let the gallery go: the engine answers again (``engine_back``: logged), or the keeper forgets both."""
+        if engine_back:
+            log.warning("the index engine answers again: queries go to it (the store answered for %.1f s)",
+                        time.time() - self.since)
+        self.gallery.close()
