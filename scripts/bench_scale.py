@@ -6,7 +6,8 @@
     python scripts/bench_scale.py --n 1000000 --workdir /tmp/scale1m                      # the same at 1M
     python scripts/bench_scale.py --workdir /big/disk/scale10m --step query               # re-measure only
 
-Steps (each resumable: what is done is recorded in ``WORKDIR/state.json``; ``--step`` runs one):
+Steps (each resumable: what is done is recorded in ``WORKDIR/state.json``, the import chunk by chunk in
+``WORKDIR/import-progress.npz``: run the same command again; ``--step`` runs one):
 
 1. ``import``: a database created with index kind ``--kind``, filled in chunks of ``--chunk`` identities (``--per``
    templates each) generated with the statistics of ``bench_search.py`` (identity centres over ~110 dominant
@@ -124,28 +125,58 @@ def step_import(args: argparse.Namespace, work: Path, state: dict) -> None:
     probes = np.concatenate([genuine, impostor])
     best_sim = np.full(len(probes), -2.0, dtype=np.float32)
     best_id = np.full(len(probes), -1, dtype=np.int64)
+
+    def score(c: int, x: np.ndarray) -> None:
+        """Fold chunk c's templates into the exact answers (the best person of every probe so far)."""
+        sims = (probes @ x.reshape(-1, dim).T).reshape(len(probes), len(x), args.per).max(axis=2)
+        top = sims.argmax(axis=1)
+        s = sims[np.arange(len(probes)), top]
+        better = s > best_sim
+        best_sim[better], best_id[better] = s[better], c * args.chunk + top[better]
+
     root = work / "db"
+    progress = work / "import-progress.npz"  # the exact answers and the chunks they cover, after every chunk
+    start, spent = 0, 0.0
     if root.exists():
-        raise SystemExit(f"{root} exists but the import is not recorded as done: remove it and start again")
-    t = time.perf_counter()
-    db = FaceDB.create(root, model_id="synthetic", dim=dim, threshold=THRESHOLD, index=args.kind)
+        # resume: every chunk is one transaction, so the store holds whole chunks; the progress file may lag
+        # the store (by the chunk committed just before a kill, or wholly where a store was filled without
+        # one: write one with chunks=0 and the seconds spent), and the lagging chunks' exact answers are
+        # computed again here from their seeds
+        if not progress.exists():
+            raise SystemExit(f"{root} exists without {progress.name}: remove it and start again")
+        saved = np.load(progress)
+        best_sim[:], best_id[:], start, spent = saved["best_sim"], saved["best_id"], int(saved["chunks"]), \
+            float(saved["seconds"])
+        db = FaceDB.open(root)
+        committed = -(-db.count_people() // args.chunk)
+        if committed < start:
+            db.close(save_index=False)
+            raise SystemExit(f"{root} holds {committed} chunks, {progress.name} {start}: remove both and start again")
+        for c in range(start, committed):
+            score(c, data.templates(c))
+        start = committed
+        print(f"  resuming after {start} chunks ({min(people, start * args.chunk) * args.per:,} templates, "
+              f"{spent:.0f} s so far)", flush=True)
+    else:
+        db = FaceDB.create(root, model_id="synthetic", dim=dim, threshold=THRESHOLD, index=args.kind)
+    t = time.perf_counter() - spent
     try:
-        for c in data.chunks():
+        for c in data.chunks()[start:]:
             x = data.templates(c)
             first = c * args.chunk
             db.add_templates_many([(f"id{first + i}", x[i]) for i in range(len(x))])
-            sims = (probes @ x.reshape(-1, dim).T).reshape(len(probes), len(x), args.per).max(axis=2)
-            top = sims.argmax(axis=1)
-            s = sims[np.arange(len(probes)), top]
-            better = s > best_sim
-            best_sim[better], best_id[better] = s[better], first + top[better]
+            score(c, x)
+            tmp = work / "import-progress.tmp.npz"
+            np.savez(tmp, best_sim=best_sim, best_id=best_id, chunks=c + 1, seconds=time.perf_counter() - t)
+            os.replace(tmp, progress)
             if c % 10 == 0:
                 done = min(people, first + len(x)) * args.per
                 print(f"  imported {done:,} templates in {time.perf_counter() - t:.0f} s "
-                      f"(RSS {status_mb('VmRSS'):.0f} MB)", flush=True)
+                      f"(RSS {status_mb('VmRSS'):.0f} MB, load {os.getloadavg()[0]:.1f})", flush=True)
         np.savez(work / "probes.npz", truth=truth, genuine=genuine, impostor=impostor, exact_id=best_id,
                  exact_sim=best_sim)
-        state.update(import_s=time.perf_counter() - t, n=args.n, per=args.per, dim=dim, people=people,
+        state.update(import_s=time.perf_counter() - t, import_resumed_at_chunk=start or None, n=args.n,
+                     per=args.per, dim=dim, people=people,
                      queries=args.queries, import_peak_rss_mb=status_mb("VmHWM"), load_average_import=os.getloadavg())
         save_state(work, state)  # from here a killed run resumes at the index step
         print(f"  import done in {state['import_s']:.0f} s; closing (builds and saves the {args.kind} index)",
