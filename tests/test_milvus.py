@@ -228,7 +228,8 @@ def test_a_removal_is_flushed_and_compacted_and_check_finds_removed_ids_still_he
 
 def test_a_rebuild_drops_the_collection_a_killed_rebuild_left_behind(tmp_path, uri):
     """A rebuild killed before it swung the alias leaves its half-filled collection (copies of templates) on the
-    server (scripts/milvus_drill.py found it); the next rebuild drops it, and leaves other collections alone."""
+    server (scripts/milvus_drill.py found it); `check` lists it as a problem (exit 1) naming the command that drops
+    it; the next rebuild drops it, and leaves other collections alone."""
     x, pids = gallery()
     with make(tmp_path / "db", uri) as db:
         enrol(db, x, pids)
@@ -239,6 +240,12 @@ def test_a_rebuild_drops_the_collection_a_killed_rebuild_left_behind(tmp_path, u
         client = MilvusClient(uri)
         client.create_collection("faces__other", dimension=DIM)  # not facedb's: never touched
         assert orphan.physical in client.list_collections()
+        report = db.check()  # lists it, and says how to drop it
+        assert not report.ok and any(orphan.physical in p and "`facedb rebuild-index` drops them" in p
+                                     for p in report.problems), report.problems
+        assert not any("faces__other" in p for p in report.problems)
+        res = CliRunner().invoke(app, ["--db", str(tmp_path / "db"), "check"])
+        assert res.exit_code == 1 and orphan.physical in res.output, res.output
         assert settings is not None and db.rebuild_index() == len(x)
         names = client.list_collections()
         assert orphan.physical not in names and "faces__other" in names
