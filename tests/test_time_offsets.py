@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 import facedb.gallery.store
+import facedb.gallery.store.visitors
 from facedb import FaceDB, InvalidInputError
 from facedb.cli import app
 from facedb.gallery.store import utc_time
@@ -152,7 +153,7 @@ def seed_visitors(path: Path, monkeypatch) -> None:
         db.configure_visitors(enabled=True, retention_days=3650)
         for when, axis in ((A, 0), (B, 0), (C, 1), ("2026-03-02T05:01:00.000+00:00", 1)):
             v = e[axis] + 0.01 * e[axis + 2]
-            m.setattr(facedb.gallery.store, "utcnow", lambda when=when: when)
+            m.setattr(facedb.gallery.store.visitors, "utcnow", lambda when=when: when)  # the clock visitors stamp with
             db.store.append_unassigned([{"vector": v / np.linalg.norm(v), "actor": "door"}], 3650)
 
 

@@ -2,7 +2,7 @@
 plain one (``facedb encrypt``), rotating its key (``facedb rotate-key``, ``--reencrypt``), finishing or rolling
 back one of those that was interrupted, and finding plain-text files.
 
-Keys and ciphers are ``protect.py``'s; SQL is ``store.py``'s; the index is the keeper's. This module only puts
+Keys and ciphers are ``protect.py``'s; SQL is ``gallery/store``'s; the index is the keeper's. This module only puts
 them in order, so that every step can be killed and the database still opens with the old key or the new one,
 with nothing lost.
 
