@@ -1,6 +1,6 @@
-"""The package's layers (README "Code layout"): a module imports only from layers below its own, or from its own
-folder. Read from the source with ``ast`` (module-level and lazy imports alike), so a new upward import fails here
-before it becomes an import circle."""
+"""The package's layers (docs/architecture.md, "The folders"): a module imports only from layers below its own, or
+from its own folder. Read from the source with ``ast`` (module-level and lazy imports alike), so a new upward
+import fails here before it becomes an import circle."""
 
 from __future__ import annotations
 

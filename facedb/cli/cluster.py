@@ -24,7 +24,7 @@ class Rule(str, Enum):
 
 ClusterThresholdOpt = Annotated[
     float | None, typer.Option(help="Cosine similarity for grouping, in [-1, 1] (higher = stricter); default: "
-                                    "derived from the database's threshold (see README Clustering).")]
+                                    "derived from the database's threshold (see docs/clustering.md).")]
 RuleOpt = Annotated[Rule, typer.Option(help="average (linkage; the default: keeps precision), chinese-whispers, "
                                             "or components (single linkage on the k-NN graph).")]
 

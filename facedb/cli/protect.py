@@ -1,4 +1,4 @@
-"""Commands that protect templates at rest: genkey, encrypt, rotate-key (README "Protecting templates").
+"""Commands that protect templates at rest: genkey, encrypt, rotate-key (docs/protection.md).
 
 The key-encryption key comes from ``--key-file``, ``--key-command`` or ``$FACEDB_KEY`` (options of every
 command); a new one for ``rotate-key`` from ``--new-key-file``, ``--new-key-command`` or ``$FACEDB_NEW_KEY``.

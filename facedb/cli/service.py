@@ -185,7 +185,7 @@ def hooks_add(
     secret_file: Annotated[Path | None, typer.Option(help="Read the signing secret from this file instead of "
                                                           "making one.")] = None,
 ) -> None:
-    """Register a webhook. Prints its signing secret once (HMAC-SHA256; see README "Service")."""
+    """Register a webhook. Prints its signing secret once (HMAC-SHA256; see docs/service.md)."""
     secret = None
     if secret_file is not None:
         try:

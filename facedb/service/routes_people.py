@@ -59,7 +59,7 @@ class NothingEnrolled(NoFaceError):
 
 
 @router.get("/people", summary="List people in name order, paged; 'query' keeps names or external ids "
-            "containing it, case- and accent-insensitively (README: names' order and search).")
+            "containing it, case- and accent-insensitively (docs/cli.md: names' order and search).")
 def list_people(caller: Annotated[Caller, Depends(ENROLL)], query: str | None = None,
                 limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
                 offset: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:

