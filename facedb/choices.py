@@ -23,7 +23,7 @@ class ThumbnailMode(str, Enum):
 
 
 class DetectorKind(str, Enum):
-    """The face detector a database's photos go through (facedb/faces/pipeline.py; README "Models and weights")."""
+    """The face detector a database's photos go through (facedb/faces/pipeline.py; docs/models.md)."""
 
     mtcnn = "mtcnn"
     yunet = "yunet"

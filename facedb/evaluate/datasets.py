@@ -100,7 +100,8 @@ def labelled_folder(folder: Path, people: set[str] | None = None) -> tuple[list[
 
 #: LFW folders whose photos show a person enrolled under another folder: scored as "strangers" they are false
 #: positives of the labels, not of the model. Found by reading the highest-scoring strangers of the open-set protocol
-#: (scripts/open_set_report.py, sface and dlib-resnet agree) and checking each photo by eye; README "Accuracy".
+#: (scripts/open_set_report.py, sface and dlib-resnet agree) and checking each photo by eye
+#: (docs/thresholds-and-accuracy.md).
 #: Identical twins (Ashley/Mary-Kate Olsen, Isabela/Carolina Moraes) and sisters are different people and stay.
 LFW_NOT_STRANGERS: dict[str, tuple[str, str]] = {
     "Sung_Hong_Choi": ("Choi_Sung-hong", "the same name, Korean order"),

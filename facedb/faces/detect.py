@@ -1,6 +1,6 @@
 """Face detection: the :class:`Detector` protocol every detector meets, and facenet-pytorch's MTCNN (its wheel
 ships the weights, so this runs offline). The other detector, YuNet (OpenCV), is in facedb/faces/yunet.py; which one
-a database uses is its ``detector`` setting (``facedb init --detector``; README "Models and weights").
+a database uses is its ``detector`` setting (``facedb init --detector``; docs/models.md).
 
 Returns every face with its box, score and 5 landmarks (left eye, right eye, nose, left and right mouth
 corner), all in the original image's pixel coordinates. Large photos are downscaled before detection

@@ -49,7 +49,7 @@ def _default_device() -> str:
 
 #: Each detector's default ``min_score``: its scores are on different scales. MTCNN's 0.90 is facedb's long-standing
 #: floor; YuNet scores a clear frontal face 0.92-0.95 and at 0.90 missed 5.3% of ORL's faces and 1.1% of 1,000
-#: LFW photos, at 0.70 none (scripts/bench_detect.py; README "Models and weights", "Detectors").
+#: LFW photos, at 0.70 none (scripts/bench_detect.py; docs/models.md, "Detectors").
 DEFAULT_MIN_SCORE = {"mtcnn": 0.90, "yunet": 0.70}
 
 
@@ -321,11 +321,11 @@ def _label(src: PhotoSource) -> str | None:
 
 
 #: Crop mode pads a photo by this share of its longer side on every side before detection: a tight face crop
-#: leaves the detector no margin to find the face in (README "Accuracy": faces that are already cropped).
+#: leaves the detector no margin to find the face in (docs/thresholds-and-accuracy.md: faces that are already cropped).
 CROP_PAD = 0.35
 
 #: How crop mode fills the padding: ``constant`` (the photo's median grey) or ``reflect`` (the photo mirrored
-#: at its edges). Constant, by measurement (README "Accuracy", bench-results/crop-landmarks-*.json).
+#: at its edges). Constant, by measurement (docs/thresholds-and-accuracy.md, bench-results/crop-landmarks-*.json).
 CROP_PAD_MODE = "constant"
 
 #: In crop mode the photo is known to hold one face: when none reaches the detector's ``min_score`` in the

@@ -4,8 +4,8 @@ is usable for a decision at all.
 Pure numpy on what the pipeline already has (the face's box, detector score and 5 landmarks in the photo's
 frame; the aligned crop the embedder reads). Every measure is named in the units it is computed in, so that a
 refusal can say why ("face 24 px wide, at least 40 needed"). The floors in :data:`FLOORS` were chosen by
-measurement (``scripts/quality_report.py``; README "Accuracy"): each one removes wrong accepts on LFW and on
-Yale's directional-light photos at a stated cost in genuine probes turned away.
+measurement (``scripts/quality_report.py``; docs/thresholds-and-accuracy.md): each one removes wrong accepts on
+LFW and on Yale's directional-light photos at a stated cost in genuine probes turned away.
 """
 
 from __future__ import annotations

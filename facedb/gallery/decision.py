@@ -11,14 +11,14 @@ above it, so the false-positive identification rate (FPIR) grows with the galler
   usually resembles the runner-up too, so the score's impostor distribution hardly moves as the gallery grows:
   measured on LFW, one margin threshold (calibrated on the peopleDevTrain people) held FPIR at 1.0-1.1% on the
   disjoint peopleDevTest people from 30 to 496 enrolled, where a fixed threshold's FPIR grows from 3% to 52%
-  between 30 and 1,678 people (README "Accuracy"). With one person enrolled there is no runner-up: the 1:1
+  between 30 and 1,678 people (docs/thresholds-and-accuracy.md). With one person enrolled there is no runner-up: the 1:1
   threshold alone decides.
 * ``gallery`` (when the model ships an impostor model): the threshold follows the gallery, chosen
   so that a stranger is accepted as *someone* with probability ``target`` (default 1%) at the gallery's current
   number of templates: ``FPIR(t) = 1 - (1 - FAR(t))^M``, so ``t = FAR^-1(1 - (1 - target)^(1/M))``, where
   ``FAR(t)`` is the model's 1:1 impostor score tail (:class:`ImpostorModel`). Treating every template as an
   independent chance is conservative (a person's templates resemble each other), and was checked on LFW at
-  gallery sizes 30 to 1,680 (README "Accuracy").
+  gallery sizes 30 to 1,680 (docs/thresholds-and-accuracy.md).
 
 Every answer carries the threshold it was held to and the rule, so a decision can be explained afterwards.
 """

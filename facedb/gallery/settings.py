@@ -230,7 +230,7 @@ class AuditSettings:
 
 @dataclass(frozen=True)
 class VisitorSettings:
-    """Unknown visitors (README "Clustering"): whether faces answered *unknown* are kept, to be grouped and
+    """Unknown visitors (docs/clustering.md): whether faces answered *unknown* are kept, to be grouped and
     enrolled or forgotten later (off by default: it keeps biometric data of people who did not enrol), and how
     many days they are kept (default 30; purged on every write and by ``vacuum``)."""
 

@@ -114,7 +114,7 @@ class EngineOpening:
 def exact_gallery(store: Store, dim: int, place: IndexPlace) -> Gallery:
     """Every stored template in an exact in-memory index (FAISS flat: it keeps the vectors themselves), mapped to
     its person, at the generation of the snapshot it was read from. Reads the whole store once: ~0.3 s per 100k
-    128-d templates here (README "Scale-out")."""
+    128-d templates here (docs/milvus.md)."""
     index = backend_for("flat").new("flat", dim, {}, None, place)
     gen = None
     ids: list[np.ndarray] = []

@@ -479,7 +479,7 @@ class IndexKeeper:
         stamp = settings.index_stamp
         if self.gallery is None:
             # A writer that changed the gallery without querying it (a bulk import) leaves the index it would
-            # have made the next process build (README "Performance": ready after a restart).
+            # have made the next process build (docs/performance-and-scale.md: ready after a restart).
             if not self._unsettled(settings):
                 return
         elif not force and self.from_file and stamp is not None and not (self._saves_map() and _outdated(stamp)):

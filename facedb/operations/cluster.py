@@ -59,7 +59,7 @@ DENSE_MAX = 4096
 #: Chinese whispers: most rounds (each face updated once a round); it usually settles in under 20.
 CW_ROUNDS = 50
 #: How far above the database's 1:1 threshold each rule's default sits (see default_threshold; measured on LFW's
-#: peopleDevTrain people in scripts/bench_cluster.py, README "Clustering").
+#: peopleDevTrain people in scripts/bench_cluster.py, docs/clustering.md).
 RULE_OFFSET = {"average": 0.006, "chinese-whispers": 0.016, "components": 0.021}
 
 #: (query vectors (m, d), k) -> (similarities (m, k'), row indices (m, k'), -1 = none), best first.
@@ -154,7 +154,7 @@ def default_threshold(db_threshold: float, rule: str = DEFAULT_RULE) -> float:
     pairs up strangers seen once. Each rule's default is the database's threshold raised by
     :data:`RULE_OFFSET`, the best pairwise + BCubed F on LFW's peopleDevTrain people for dlib-resnet (0.929 ->
     0.935 average, 0.945 Chinese whispers, 0.950 components; measured in ``scripts/bench_cluster.py``).
-    Measured on LFW in ``scripts/bench_cluster.py`` (README "Clustering").
+    Measured on LFW in ``scripts/bench_cluster.py`` (docs/clustering.md).
     """
     t = check_threshold(db_threshold) + RULE_OFFSET[check_rule(rule)]
     return float(min(1.0, max(-1.0, t)))

@@ -68,7 +68,8 @@ def client_address(scope: Any) -> str:
 
 
 async def check_key(state: ServiceState, presented: str | None, address: str, where: dict[str, Any]) -> ApiKey:
-    """The live key ``presented`` is, with the failed-authentication throttle (README "Threat model", finding 6):
+    """The live key ``presented`` is, with the failed-authentication throttle (docs/service.md, "Threat model",
+    finding 6):
 
     * an address that used up its allowance of failures (``auth_failures`` a minute) is refused before its key
       is looked at: TooManyRequestsError (429, ``Retry-After``);

@@ -1,4 +1,4 @@
-"""Unknown visitors (README "Clustering"): the groups of faces answered *unknown* that the database keeps when
+"""Unknown visitors (docs/clustering.md): the groups of faces answered *unknown* that the database keeps when
 told to, each enrolled as a new or existing person, or forgotten. Scope ``enroll`` (what the people routes need:
 enrolling a group makes or changes a person). Switching the keeping on or off is a setting (``PATCH
 /v1/settings``, admin)."""

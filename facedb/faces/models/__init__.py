@@ -272,7 +272,7 @@ def _load_facenet(model_id: str, weights: Path | None, device: str) -> Embedder:
 # Calibrated here for FAR 1e-3 (1:1) on 1.99M impostor pairs of LFW's peopleDevTrain.txt people, through
 # facedb's own pipeline (MTCNN, dlib 5-point chip); on the disjoint peopleDevTest people it gave FAR 9.0e-4
 # and TAR 93.0% (`python scripts/accuracy_report.py`). With flip augmentation, as new databases embed:
-# 0.929, FAR 8.6e-4 and TAR 94.7% there (`... --flip`). See README "Accuracy".
+# 0.929, FAR 8.6e-4 and TAR 94.7% there (`... --flip`). See docs/thresholds-and-accuracy.md.
 register(ModelSpec(
     "dlib-resnet", 128, 0.926, "calibrated: FAR 1e-3 (1:1) on LFW peopleDevTrain, MTCNN + dlib chip",
     0.929, "calibrated: FAR 1e-3 (1:1) on LFW peopleDevTrain, MTCNN + dlib chip, flip", impostors=True,
@@ -280,7 +280,7 @@ register(ModelSpec(
     # people (one photo each, 1,182 people, 2,856 strangers), a little under the 1% it is meant to hold because FPIR
     # varies by +-0.3 points between galleries: with flip, on the disjoint peopleDevTest people it held FPIR at
     # 0.53-0.71% from 30 to 496 enrolled, and on all of LFW at 0.56-0.95% from 30 to 1,678
-    # (`python scripts/open_set_report.py --margin-fpir 0.006 [--no-flip]`; README "Accuracy").
+    # (`python scripts/open_set_report.py --margin-fpir 0.006 [--no-flip]`; docs/thresholds-and-accuracy.md).
     margins=(0.4860, 0.4867),
 ), _load_dlib)
 # SFace (OpenCV Zoo 2021dec, ONNX; facedb/faces/models/sface.py), calibrated as dlib-resnet was: FAR 1e-3 (1:1) on 2M

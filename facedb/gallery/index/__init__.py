@@ -217,7 +217,7 @@ def auto_kind(n: int, dim: int) -> str:
     candidates re-scored exactly from float32 vectors kept in memory up to the re-scoring budget, then from
     the store: ``facedb/gallery/vectors.py``). Before the in-memory vectors existed, ``auto`` picked IVF-Flat up to
     8 GiB of vectors; at the same memory IVF-PQ with exact re-scoring gives the same answers several times
-    faster (README "Performance"). An ``auto`` index already built as ivf is kept until its next rebuild."""
+    faster (docs/performance-and-scale.md). An ``auto`` index already built as ivf is kept until its next rebuild."""
     if n < 50_000:
         return "flat"
     return "ivfpq"

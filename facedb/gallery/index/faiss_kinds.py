@@ -282,7 +282,7 @@ class IVFIndex(_Faiss):
         gallery = n if total is None else max(int(total), n)  # train may be a sample of the gallery
         nlist = int(params.get("nlist", _nlist_for(gallery)))
         # nprobe: 1/256 of the lists, at least 16 (16 of 4,096 at 1M): the recall / speed trade measured in
-        # scripts/bench_search.py (README "Performance"); raise it with `facedb reindex --index ivf --nprobe N`
+        # scripts/bench_search.py (docs/performance-and-scale.md); raise it with `facedb reindex --index ivf --nprobe N`
         params = {"nlist": nlist, "nprobe": max(16, nlist // 256), **params}
         if train is None or len(train) < nlist:
             nlist = max(1, min(nlist, 0 if train is None else len(train)))

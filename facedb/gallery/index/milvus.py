@@ -378,7 +378,7 @@ class MilvusIndex:
         the deletes into the segments' delta logs (without it they wait in the growing segment and the message
         queue); the compaction request then rewrites the segments without the deleted rows. The compaction runs
         on the server, in the background (its job id is kept in ``compaction_job``); the files it replaces are
-        removed by the server's garbage collection later (see README "Scale-out", Erasure). Called once per
+        removed by the server's garbage collection later (see docs/milvus.md, Erasure). Called once per
         removal, by the process that made it (``FaceDB``'s erasure step) and by ``check`` after deleting strays:
         not by ``remove``, which other processes' catch-ups repeat before a query (a removal with its flush took
         ~1 s on a 2.3 server, and a door must not pay it); a manual compaction covers every segment of the
