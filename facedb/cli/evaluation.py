@@ -296,7 +296,7 @@ def convert_facenet(
     try:
         from ..faces.models.facenet_graph import convert_graph
     except ImportError as exc:  # torch / facenet-pytorch missing
-        raise ModelUnavailableError(f"converting needs torch and facenet-pytorch ({exc}); see README 'Install'"
+        raise ModelUnavailableError(f"converting needs torch and facenet-pytorch ({exc}); see docs/install.md"
                                     ) from None
     convert_graph(graph, out)
     from ..faces.models.weights import sha256_file

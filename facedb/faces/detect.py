@@ -113,7 +113,7 @@ class MTCNNDetector:
             from facenet_pytorch import MTCNN
         except ImportError as exc:
             raise ModelUnavailableError(
-                f"face detection needs torch, torchvision and facenet-pytorch ({exc}); see README 'Install'"
+                f"face detection needs torch, torchvision and facenet-pytorch ({exc}); see docs/install.md"
             ) from None
         self.min_face_size = min_face_size
         self.min_score = min_score

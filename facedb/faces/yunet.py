@@ -98,7 +98,7 @@ def _cv2() -> Any:
         import cv2
     except ImportError:
         raise ModelUnavailableError("the YuNet detector needs OpenCV: pip install 'facedb[opencv]' "
-                                    "(opencv-python-headless; README 'Install'), or use --detector mtcnn") from None
+                                    "(opencv-python-headless; docs/install.md), or use --detector mtcnn") from None
     return cv2
 
 

@@ -103,7 +103,7 @@ class FaceNet:
             import torch
             from facenet_pytorch import InceptionResnetV1
         except ImportError as exc:
-            msg = f"FaceNet needs torch and facenet-pytorch ({exc}); see README 'Install'"
+            msg = f"FaceNet needs torch and facenet-pytorch ({exc}); see docs/install.md"
             raise ModelUnavailableError(msg) from None
         requested = "facenet-vggface2" if model_id.startswith("facenet-custom-") else model_id
         if model_id.startswith("facenet-custom-") and weights is None:

@@ -93,7 +93,7 @@ def _session(path: Path, device: str) -> object:
     try:
         import onnxruntime as ort
     except ImportError:
-        raise ModelUnavailableError("sface needs onnxruntime: pip install 'facedb[sface]' (README 'Install')"
+        raise ModelUnavailableError("sface needs onnxruntime: pip install 'facedb[sface]' (docs/install.md)"
                                     ) from None
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # the published graph lists its weights as inputs: one warning per tensor
