@@ -100,3 +100,49 @@ def test_readme_links_resolve():
         assert target.exists(), f"README links to {path}, which does not exist"
         if anchor:
             assert target.suffix == ".md" and anchor in heading_anchors(target), f"README: {path}#{anchor}"
+
+
+# ------------------------------------------------------------------------------------------ the architecture page
+ARCHITECTURE = DOCS / "architecture.md"
+
+
+def test_the_folder_map_is_the_layering_tests_order():
+    """The page's map of the folders lists the layers tests/test_layers.py enforces, in its order."""
+    from .test_layers import ORDER
+
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    section = text.split("## The folders\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    layers = [row.split("|")[1].strip() for row in rows[1:]]  # after the header
+    assert layers == ORDER
+
+
+def test_the_architecture_page_names_only_files_and_names_that_exist():
+    """Every path (facedb/, tests/, scripts/, with an optional ::name) and every dotted facedb.* name the page
+    gives in backticks exists: code moves (db.py into operations/, store.py into gallery/store/), and "where to
+    change what" must move with it."""
+    import importlib
+
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    spans = set(re.findall(r"`([^`\n]+)`", text))
+    paths = [s for s in spans if re.fullmatch(r"(facedb|tests|scripts)/[\w/.-]+(::\w+)?", s)]
+    dotted = [s for s in spans if re.fullmatch(r"facedb(\.\w+)+", s)]
+    assert len(paths) >= 30 and dotted, (paths, dotted)
+    for span in paths:
+        path, _, name = span.partition("::")
+        assert (REPO / path).exists(), f"architecture.md names {path}, which does not exist"
+        if name:
+            source = (REPO / path).read_text(encoding="utf-8")
+            assert re.search(rf"^(def |class )?{name}\b", source, flags=re.MULTILINE), f"{span}: no {name} there"
+    for name in dotted:
+        parts = name.split(".")
+        for cut in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:cut]))
+            except ImportError:
+                continue
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)  # AttributeError: the name moved
+            break
+        else:
+            raise AssertionError(f"architecture.md names {name}, which cannot be imported")
