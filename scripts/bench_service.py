@@ -31,11 +31,13 @@ import json
 import os
 import platform
 import random
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -157,7 +159,8 @@ async def http_load(base: str, clients: int, total: int, request: Callable[[http
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - start
     return {"clients": clients, "requests": len(latencies), "errors": len(errors), "error_samples": errors[:3],
-            "p50_ms": pct(latencies, 50), "p99_ms": pct(latencies, 99), "rps": len(latencies) / wall}
+            "p50_ms": pct(latencies, 50), "p99_ms": pct(latencies, 99), "rps": len(latencies) / wall,
+            "call_s": sum(latencies)}
 
 
 def local_load(clients: int, total: int, call: Callable[[int], Any]) -> dict[str, Any]:
@@ -174,11 +177,62 @@ def local_load(clients: int, total: int, call: Callable[[int], Any]) -> dict[str
         list(pool.map(one, range(total)))
     wall = time.perf_counter() - start
     return {"clients": clients, "requests": total, "errors": 0, "p50_ms": pct(latencies, 50),
-            "p99_ms": pct(latencies, 99), "rps": total / wall}
+            "p99_ms": pct(latencies, 99), "rps": total / wall, "call_s": sum(latencies)}
 
 
 def make_key(db: FaceDB, scope: str) -> str:
     return db.create_api_key(scope, f"bench-{scope}-{time.time_ns()}")[1]
+
+
+class StageClock:
+    """The core's stage timings (detect, embed, search, decide: ``facedb.timings``) of this process's queries,
+    added up, so that a call's time splits into its stages and the rest (the API around them)."""
+
+    def __init__(self) -> None:
+        from facedb import timings
+
+        self.totals: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self.stop = timings.observe(self._add)
+
+    def _add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            key = f"stage:{stage}"  # named as scrape() names the service's
+            self.totals[key] = self.totals.get(key, 0.0) + seconds
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self.totals)
+
+
+def scrape(base: str, key: str, route: str) -> dict[str, float]:
+    """The service's own sums from ``GET /metrics`` (all workers): each stage's seconds (``stage:NAME``), and
+    the seconds and count of ``route``'s requests (``requests_s``, ``requests``)."""
+    text = httpx.get(f"{base}/metrics", headers={"X-API-Key": key}, timeout=30, trust_env=False).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r'(facedb_stage_seconds|facedb_http_request_duration_seconds)_(sum|count)\{(.*)\} (\S+)$',
+                     line)
+        if not m:
+            continue
+        name, what, labels, value = m.groups()
+        tags = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if name == "facedb_stage_seconds" and what == "sum":
+            out[f"stage:{tags['stage']}"] = out.get(f"stage:{tags['stage']}", 0.0) + float(value)
+        elif name.startswith("facedb_http") and tags.get("route") == route and tags.get("method") == "POST":
+            k = "requests_s" if what == "sum" else "requests"
+            out[k] = out.get(k, 0.0) + float(value)
+    return out
+
+
+def split(before: dict[str, float], after: dict[str, float], calls: int, call_s: float) -> dict[str, Any]:
+    """Mean ms per call of each stage and of the rest (``outside_stages_ms``: the call's time that no stage
+    accounts for), from two snapshots of stage sums around ``calls`` calls that took ``call_s`` in all."""
+    stages = {k.split(":", 1)[1]: (after.get(k, 0.0) - before.get(k, 0.0)) * 1e3 / max(calls, 1)
+              for k in after if k.startswith("stage:")}
+    call_ms = call_s * 1e3 / max(calls, 1)
+    return {"calls": calls, "call_ms": call_ms, "stages_ms": stages,
+            "outside_stages_ms": call_ms - sum(stages.values())}
 
 
 # ------------------------------------------------------------------------------------------------ photos
@@ -207,6 +261,7 @@ def bench_photos(args: argparse.Namespace, tmp: Path, rows: list[dict[str, Any]]
             vecs = unit_rows(np.random.default_rng(1), fill, db.dim)
             db.add_templates_many([(f"synthetic-{i:06d}", vecs[i]) for i in range(fill)])
         keys = [make_key(db, "identify") for _ in range(max(args.clients))]  # one per door
+        metrics_key = make_key(db, "metrics")
         people = db.count_people()
         s = db.settings()
         setup = {"model": model, "dim": db.dim, "flip": db.flip, "detector": s.detector, "rule": s.rule.kind,
@@ -222,6 +277,8 @@ def bench_photos(args: argparse.Namespace, tmp: Path, rows: list[dict[str, Any]]
     with FaceDB.open(root) as db, Server(root, args.workers, access_log=True) as server:
         db.search(probes[0], k=1)  # load the index and warm the model
         inside: dict[int, list[float]] = {}
+        clock = StageClock()
+        parts: dict[str, Any] = {}
 
         def send(client: httpx.AsyncClient, i: int, tag: str = "warm") -> Any:
             return client.post("/v1/identify", files={"photo": ("probe.jpg", probes[i % len(probes)])},
@@ -236,6 +293,7 @@ def bench_photos(args: argparse.Namespace, tmp: Path, rows: list[dict[str, Any]]
                 with httpx.Client(base_url=server.base, timeout=120, trust_env=False) as client:
                     for i in range(2):
                         client.post("/v1/identify", files={"photo": ("probe.jpg", probes[i])}, headers=headers)
+                    mine, theirs = clock.snapshot(), scrape(server.base, metrics_key, "/v1/identify")
                     for i in range(n):
                         probe = probes[i % len(probes)]
                         start = time.perf_counter()
@@ -252,16 +310,35 @@ def bench_photos(args: argparse.Namespace, tmp: Path, rows: list[dict[str, Any]]
                                                                         errors)):
                     rows.append({"scenario": f"photo identify, {label}", "clients": 1, "requests": n, "errors": errs,
                                  "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "rps": n / sum(lat)})
+                mine_after, theirs_after = clock.snapshot(), scrape(server.base, metrics_key, "/v1/identify")
+                parts["1"] = {"in_process": split(mine, mine_after, n, sum(local)),
+                              "service": split(theirs, theirs_after, int(theirs_after.get("requests", 0) -
+                                                                         theirs.get("requests", 0)),
+                                               theirs_after.get("requests_s", 0) - theirs.get("requests_s", 0)),
+                              "http_client_ms": sum(remote) * 1e3 / n}
                 res["photo"]["paired_overhead_p50_ms"] = pct([b - a for a, b in zip(local, remote)], 50)
                 res["photo"]["same_decisions_http_vs_in_process"] = same / n
                 inside[1] = server.durations("c1-")
                 continue
+            mine = clock.snapshot()
             r = local_load(c, n, lambda i: db.search(probes[i % len(probes)], k=1))
+            part = {"in_process": split(mine, clock.snapshot(), n, r.pop("call_s"))}
             rows.append({"scenario": "photo identify, in-process API", **r})
             asyncio.run(http_load(server.base, c, 2, send))  # warm each worker's connection
+            theirs = scrape(server.base, metrics_key, "/v1/identify")
             r = asyncio.run(http_load(server.base, c, n, lambda client, i, tag=f"c{c}": send(client, i, tag)))
+            theirs_after = scrape(server.base, metrics_key, "/v1/identify")
+            part["service"] = split(theirs, theirs_after, int(theirs_after.get("requests", 0) -
+                                                              theirs.get("requests", 0)),
+                                    theirs_after.get("requests_s", 0) - theirs.get("requests_s", 0))
+            part["http_client_ms"] = r.pop("call_s") * 1e3 / max(r["requests"], 1)
+            parts[str(c)] = part
             rows.append({"scenario": f"photo identify, HTTP ({args.workers} workers)", **r})
             inside[c] = server.durations(f"c{c}-")
+        clock.stop()
+        # each call's mean time split into the core's stages (detect, embed, search, decide) and the rest: in
+        # the service the rest is multipart parsing, auth, the thread-pool hop, JSON and the access log
+        res["photo"]["stages"] = parts
         # where the HTTP time goes: inside the service (multipart, auth, the search, JSON, audit) vs outside it
         # (the client, loopback, uvicorn's parsing, the scheduler)
         res["photo"]["inside_service"] = {str(c): {"requests": len(v), "p50_ms": pct(v, 50), "p99_ms": pct(v, 99)}
