@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,6 +153,93 @@ def _save_atomic(obj: Any, path: Path) -> None:
     write_atomic(path, lambda f: torch.save(obj, f))
 
 
+@dataclass
+class _Objective:
+    """What a batch's loss is computed with: triplet loss on the unit embeddings, or softmax cross-entropy
+    through a class ``head`` (``classes``: label -> output index) with optional centre loss (``centers``, one
+    row per class, moved toward each class's mean as it trains)."""
+
+    cfg: TrainConfig
+    head: torch.nn.Module | None = None
+    classes: dict[int, int] = field(default_factory=dict)
+    centers: torch.Tensor | None = None
+
+    def loss(self, out_t: torch.Tensor, batch_labels: np.ndarray, device: str) -> tuple[torch.Tensor, float]:
+        """(loss, active) for one batch's network outputs ``out_t`` (b, d): ``active`` is the share of active
+        triplets (triplet) or the batch's train accuracy (softmax)."""
+        cfg = self.cfg
+        if cfg.loss == "triplet":
+            y = torch.as_tensor(batch_labels, device=device)
+            loss, active, _ = triplet_loss(F.normalize(out_t, dim=1), y, cfg.margin, cfg.mining)
+            return loss, active
+        assert self.head is not None
+        target = torch.as_tensor([self.classes[int(v)] for v in batch_labels], device=device)
+        loss = F.cross_entropy(self.head(out_t), target)
+        active = float((self.head(out_t).argmax(1) == target).float().mean())  # train accuracy
+        if self.centers is not None:
+            diff = out_t - self.centers[target]
+            loss = loss + cfg.center_loss * (diff**2).sum(1).mean() / 2
+            with torch.no_grad():  # centres follow their class means (alpha = 0.5)
+                self.centers.index_add_(0, target, -0.5 * diff.detach() / len(target))
+        return loss, active
+
+
+def _objective(net: torch.nn.Module, cfg: TrainConfig, train_y: np.ndarray, device: str) -> _Objective:
+    """The loss ``cfg.loss`` names, set up on ``net`` (softmax: the network's own logits made an identity and a
+    class head added); FaceDBError for an unknown loss."""
+    classes = {int(y): i for i, y in enumerate(np.unique(train_y))}
+    if cfg.loss == "triplet":
+        return _Objective(cfg, classes=classes)
+    if cfg.loss != "softmax":
+        raise FaceDBError(f"loss is triplet or softmax, not {cfg.loss!r}")
+    net.classify = True  # InceptionResnetV1 then returns self.logits(prelogits): make that identity
+    net.logits = torch.nn.Identity()
+    head = torch.nn.Linear(cfg.embedding_size, len(classes))
+    centers = torch.zeros(len(classes), cfg.embedding_size, device=device) if cfg.center_loss > 0 else None
+    return _Objective(cfg, head, classes, centers)
+
+
+def _resume(ckpt: Path, net: torch.nn.Module, opt: torch.optim.Optimizer, head: torch.nn.Module | None,
+            device: str, log: Callable[[str], None]) -> tuple[int, list[dict[str, float]]]:
+    """Load the checkpoint ``ckpt`` into ``net``, ``opt`` and ``head``; returns (epochs done, history).
+    FaceDBError when it is not a checkpoint for this network."""
+    try:
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        net.load_state_dict(state["net"])
+    except Exception as exc:  # torch's own message would suggest loading unsafely
+        raise FaceDBError(f"{ckpt} is not a facedb training checkpoint for this network "
+                          f"({type(exc).__name__}); remove it or train without --resume") from None
+    opt.load_state_dict(state["opt"])
+    if head is not None and state.get("head"):
+        head.load_state_dict(state["head"])
+    log(f"resumed from {ckpt} at epoch {int(state['epoch'])}")
+    return int(state["epoch"]), json.loads(state["history"])
+
+
+def _out_of_time(cfg: TrainConfig, started: float) -> bool:
+    return cfg.minutes is not None and time.monotonic() - started > cfg.minutes * 60
+
+
+def _epoch(net: torch.nn.Module, opt: torch.optim.Optimizer, objective: _Objective, crops: np.ndarray,
+           labels: np.ndarray, batch_indices: Iterator[np.ndarray], rng: np.random.Generator, device: str,
+           started: float) -> tuple[float, float]:
+    """One epoch of ``cfg.steps_per_epoch`` steps (fewer when the time budget runs out): each an augmented batch,
+    its loss, a step of ``opt``. Returns the epoch's mean (loss, active)."""
+    cfg = objective.cfg
+    losses, actives = [], []
+    for _ in range(cfg.steps_per_epoch):
+        idx = next(batch_indices)
+        loss, active = objective.loss(net(_tensor(augment(crops[idx], rng), device)), labels[idx], device)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        actives.append(active)
+        if _out_of_time(cfg, started):
+            break
+    return float(np.mean(losses)), float(np.mean(actives))
+
+
 def train(
     crops: np.ndarray,
     labels: np.ndarray,
@@ -174,21 +261,9 @@ def train(
     device = cfg.device
     net = net if net is not None else build_model(cfg)
     train_idx = np.flatnonzero(~val_mask)
-    train_y = labels[train_idx]
-    classes = {int(y): i for i, y in enumerate(np.unique(train_y))}
-    head = None
-    centers = None
-    params = list(net.parameters())
-    emb_size = cfg.embedding_size
-    if cfg.loss == "softmax":
-        net.classify = True  # InceptionResnetV1 then returns self.logits(prelogits): make that identity
-        net.logits = torch.nn.Identity()
-        head = torch.nn.Linear(emb_size, len(classes))
-        params += list(head.parameters())
-        if cfg.center_loss > 0:
-            centers = torch.zeros(len(classes), emb_size, device=device)
-    elif cfg.loss != "triplet":
-        raise FaceDBError(f"loss is triplet or softmax, not {cfg.loss!r}")
+    objective = _objective(net, cfg, labels[train_idx], device)
+    head = objective.head
+    params = list(net.parameters()) + (list(head.parameters()) if head is not None else [])
     freeze_bn = cfg.freeze_bn if cfg.freeze_bn is not None else folded_batch_norms(net)
     if freeze_bn:
         log("batch norms frozen (eval mode): the starting weights hold folded statistics" if cfg.freeze_bn is None
@@ -198,22 +273,8 @@ def train(
         head.to(device)
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt = out.with_suffix(out.suffix + ".ckpt")
-    start_epoch = 0
-    history: list[dict[str, float]] = []
-    if resume and ckpt.is_file():
-        try:
-            state = torch.load(ckpt, map_location=device, weights_only=True)
-            net.load_state_dict(state["net"])
-        except Exception as exc:  # torch's own message would suggest loading unsafely
-            raise FaceDBError(f"{ckpt} is not a facedb training checkpoint for this network "
-                              f"({type(exc).__name__}); remove it or train without --resume") from None
-        opt.load_state_dict(state["opt"])
-        if head is not None and state.get("head"):
-            head.load_state_dict(state["head"])
-        start_epoch = int(state["epoch"])
-        history = json.loads(state["history"])
-        log(f"resumed from {ckpt} at epoch {start_epoch}")
-    batches = pk_batches(train_y, cfg.people_per_batch, cfg.faces_per_person, rng)
+    start_epoch, history = _resume(ckpt, net, opt, head, device, log) if resume and ckpt.is_file() else (0, [])
+    batches = pk_batches(labels[train_idx], cfg.people_per_batch, cfg.faces_per_person, rng)
     val_rng = np.random.default_rng(cfg.seed + 1)
     started = time.monotonic()
 
@@ -225,33 +286,10 @@ def train(
                         "seconds": 0.0})
         log(f"epoch 0: validation accuracy {history[0]['val_acc']:.4f}")
     for epoch in range(start_epoch, cfg.epochs):
-        losses, actives = [], []
-        for _ in range(cfg.steps_per_epoch):
-            idx = train_idx[next(batches)]
-            x = _tensor(augment(crops[idx], rng), device)
-            y = torch.as_tensor(labels[idx], device=device)
-            out_t = net(x)
-            if cfg.loss == "triplet":
-                loss, active, _ = triplet_loss(F.normalize(out_t, dim=1), y, cfg.margin, cfg.mining)
-            else:
-                assert head is not None
-                target = torch.as_tensor([classes[int(v)] for v in labels[idx]], device=device)
-                loss = F.cross_entropy(head(out_t), target)
-                active = float((head(out_t).argmax(1) == target).float().mean())  # train accuracy
-                if centers is not None:
-                    diff = out_t - centers[target]
-                    loss = loss + cfg.center_loss * (diff**2).sum(1).mean() / 2
-                    with torch.no_grad():  # centres follow their class means (alpha = 0.5)
-                        centers.index_add_(0, target, -0.5 * diff.detach() / len(target))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            actives.append(active)
-            if cfg.minutes is not None and time.monotonic() - started > cfg.minutes * 60:
-                break
-        row = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "active": float(np.mean(actives)),
-               "val_acc": validate(), "seconds": time.monotonic() - started}
+        loss, active = _epoch(net, opt, objective, crops, labels, (train_idx[b] for b in batches), rng, device,
+                              started)
+        row = {"epoch": epoch + 1, "loss": loss, "active": active, "val_acc": validate(),
+               "seconds": time.monotonic() - started}
         history.append(row)
         label = "active triplets" if cfg.loss == "triplet" else "train accuracy"
         log(f"epoch {epoch + 1}: loss {row['loss']:.4f}, {label} {row['active']:.3f}, "
@@ -259,7 +297,7 @@ def train(
         _save_atomic({"net": net.state_dict(), "opt": opt.state_dict(),
                       "head": head.state_dict() if head is not None else {}, "epoch": epoch + 1,
                       "history": json.dumps(history), "config": json.dumps({**asdict(cfg), "history": []})}, ckpt)
-        if cfg.minutes is not None and time.monotonic() - started > cfg.minutes * 60:
+        if _out_of_time(cfg, started):
             break
     weights = {k: v for k, v in net.state_dict().items() if not k.startswith("logits.")}
     _save_atomic(weights, out)
