@@ -11,6 +11,7 @@ import typer
 
 from ..choices import DetectorKind, OnMultiple, OnOtherMatch
 from ..errors import FaceDBError, IndexUnavailableError, InvalidInputError
+from ..records import EnrollReport
 from . import EXIT_ERROR, EXIT_NO, Progress, command, open_db, parse_meta, state
 from .admin import WeightsOpt
 
@@ -93,29 +94,9 @@ def enroll(
     it. Ctrl-C stops promptly and prints what was stored (each photo is its own transaction).
     """
     from ..faces.images import display_name
-    from ..faces.pipeline import list_folder
-    from ..gallery.store import check_name, normalise_name
+    from ..gallery.store import normalise_name
 
-    problems: list[str] = []
-    if folder is not None:
-        if name is not None or photos:
-            raise InvalidInputError("give either NAME PHOTO... or --folder DIR, not both")
-        layout = list_folder(folder)
-        problems = layout.problems
-        batches = []
-        for person, files in layout.people:
-            try:
-                check_name(person)
-            except InvalidInputError as exc:  # one badly named folder does not stop the others
-                problems.append(f"{display_name(person)}/: not used as a person's name ({exc}); skipped")
-                continue
-            batches.append((person, list(files)))
-        if not batches:
-            raise InvalidInputError(f"no folder in {display_name(folder)} can be enrolled: {'; '.join(problems)}")
-    else:
-        if name is None or not photos:
-            raise InvalidInputError("give NAME and at least one PHOTO, or --folder DIR")
-        batches = [(name, list(photos))]
+    batches, problems = _enrol_batches(name, photos, folder)
     per_person = read_people_meta(people_meta) if people_meta else {}
     unknown = set(per_person) - {normalise_name(n) for n, _ in batches}
     if unknown:
@@ -144,23 +125,59 @@ def enroll(
                    interrupted=interrupted)
         typer.echo(json.dumps(out, ensure_ascii=False))
     else:
-        for sk in report.skipped:
-            typer.echo(f"skipped  {sk.image}: {sk.reason}")
-        for w in report.warnings:
-            typer.echo(f"warning  {w.image}: {w.reason}")
-        for q in report.quality:
-            typer.echo(f"quality  {q.image}: {q.reason}")
-        if empty and folder is not None and not interrupted:  # interrupted: the rest was never tried
-            typer.echo(f"no photo stored for {len(empty)} people: {', '.join(empty[:10])}"
-                       f"{' ...' if len(empty) > 10 else ''}")
-        typer.echo(
-            f"{'interrupted: ' if interrupted else ''}people {len(report.people)}  photos {report.photos}  "
-            f"faces stored {report.faces_stored}  skipped {len(report.skipped)}  warnings {len(report.warnings)}"
-        )
+        _print_enrol_report(report, empty if folder is not None else [], interrupted)
     if interrupted:
         raise typer.Exit(130)
     if report.failed:  # the others were still enrolled; "already enrolled" is not a failure
         raise typer.Exit(EXIT_ERROR)
+
+
+def _enrol_batches(name: str | None, photos: list[Path] | None,
+                   folder: Path | None) -> tuple[list[tuple[str, list[Path]]], list[str]]:
+    """``enroll``'s work as (person name, photo paths) batches, and the problems found laying it out (sub-folders
+    whose name cannot be a person's are skipped and listed). InvalidInputError when the arguments do not name
+    one person's photos or a folder, or when no sub-folder of the folder can be enrolled."""
+    from ..faces.images import display_name
+    from ..faces.pipeline import list_folder
+    from ..gallery.store import check_name
+
+    if folder is None:
+        if name is None or not photos:
+            raise InvalidInputError("give NAME and at least one PHOTO, or --folder DIR")
+        return [(name, list(photos))], []
+    if name is not None or photos:
+        raise InvalidInputError("give either NAME PHOTO... or --folder DIR, not both")
+    layout = list_folder(folder)
+    problems = layout.problems
+    batches = []
+    for person, files in layout.people:
+        try:
+            check_name(person)
+        except InvalidInputError as exc:  # one badly named folder does not stop the others
+            problems.append(f"{display_name(person)}/: not used as a person's name ({exc}); skipped")
+            continue
+        batches.append((person, list(files)))
+    if not batches:
+        raise InvalidInputError(f"no folder in {display_name(folder)} can be enrolled: {'; '.join(problems)}")
+    return batches, problems
+
+
+def _print_enrol_report(report: EnrollReport, empty: list[str], interrupted: bool) -> None:
+    """``enroll``'s text summary: each skipped, warned and low-quality photo, the people of a folder left with
+    no photo stored (``empty``; not listed when interrupted: the rest was never tried), then the totals."""
+    for sk in report.skipped:
+        typer.echo(f"skipped  {sk.image}: {sk.reason}")
+    for w in report.warnings:
+        typer.echo(f"warning  {w.image}: {w.reason}")
+    for q in report.quality:
+        typer.echo(f"quality  {q.image}: {q.reason}")
+    if empty and not interrupted:
+        typer.echo(f"no photo stored for {len(empty)} people: {', '.join(empty[:10])}"
+                   f"{' ...' if len(empty) > 10 else ''}")
+    typer.echo(
+        f"{'interrupted: ' if interrupted else ''}people {len(report.people)}  photos {report.photos}  "
+        f"faces stored {report.faces_stored}  skipped {len(report.skipped)}  warnings {len(report.warnings)}"
+    )
 
 
 @command()
