@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -57,6 +57,39 @@ def milvus_options(index: IndexKind, uri: str | None, collection: str | None, to
     return {k: v for k, v in given.items() if v}
 
 
+def _initial_decision(spec: Any, flip: bool, rule: RuleKind | None, threshold: float | None
+                      ) -> tuple[RuleKind, float, str, float | None, Any]:
+    """(rule, threshold, its source, margin, impostor model) a new database of model ``spec`` starts with: the
+    rule given, else the one the model's calibration supports (margin, else gallery, else fixed); the threshold
+    given, else the model's default. InvalidInputError when the rule given needs calibration the model lacks."""
+    margin = spec.margin_threshold(flip)
+    impostors = spec.impostor_model(flip)
+    if rule is None:
+        rule = RuleKind.margin if margin is not None else RuleKind.gallery if impostors is not None else RuleKind.fixed
+    thr, source = spec.default_threshold(flip)
+    if threshold is not None:
+        thr, source = threshold, "given at init"
+    if rule is RuleKind.gallery and impostors is None:
+        raise InvalidInputError(f"{spec.id} ships no impostor model for the gallery rule: use --rule fixed and "
+                                "calibrate (`facedb calibrate --far ... --folder DIR` builds one from your photos)")
+    if rule is RuleKind.margin and margin is None:
+        raise InvalidInputError(f"{spec.id} ships no margin threshold for the margin rule: use --rule fixed and "
+                                "calibrate (`facedb calibrate --fpir 0.01 --folder DIR`)")
+    return rule, thr, source, margin, impostors
+
+
+def _encryption_key(ctx: typer.Context) -> Any:
+    """The source of the key ``init --encrypt`` encrypts under (--key-file, --key-command or $FACEDB_KEY: a
+    ``KeySource``); KeyMissingError when none is given."""
+    key = state(ctx).key()
+    if key is None:
+        from ..errors import KeyMissingError
+
+        raise KeyMissingError("--encrypt needs a key: --key-file, --key-command or $FACEDB_KEY (`facedb genkey` "
+                              "makes one)")
+    return key
+
+
 @command()
 def init(
     ctx: typer.Context,
@@ -105,29 +138,12 @@ def init(
 
     options = milvus_options(index, milvus_uri, milvus_collection, milvus_token)
     spec, note = resolve_model(model, weights=weights, dim=dim, check_weights=not force)
-    margin = spec.margin_threshold(flip)
-    impostors = spec.impostor_model(flip)
-    if rule is None:
-        rule = RuleKind.margin if margin is not None else RuleKind.gallery if impostors is not None else RuleKind.fixed
-    thr, source = spec.default_threshold(flip)
-    if threshold is not None:
-        thr, source = threshold, "given at init"
-    if rule is RuleKind.gallery and impostors is None:
-        raise InvalidInputError(f"{spec.id} ships no impostor model for the gallery rule: use --rule fixed and "
-                                "calibrate (`facedb calibrate --far ... --folder DIR` builds one from your photos)")
-    if rule is RuleKind.margin and margin is None:
-        raise InvalidInputError(f"{spec.id} ships no margin threshold for the margin rule: use --rule fixed and "
-                                "calibrate (`facedb calibrate --fpir 0.01 --folder DIR`)")
+    rule, thr, source, margin, impostors = _initial_decision(spec, flip, rule, threshold)
     if detector is DetectorKind.yunet and not force:  # OpenCV and the weights now, not at the first enrolment
         from ..faces.yunet import check_available
 
         check_available()
-    key = state(ctx).key() if encrypt else None
-    if encrypt and key is None:
-        from ..errors import KeyMissingError
-
-        raise KeyMissingError("--encrypt needs a key: --key-file, --key-command or $FACEDB_KEY (`facedb genkey` "
-                              "makes one)")
+    key = _encryption_key(ctx) if encrypt else None
     with FaceDB.create(state(ctx).db, model_id=spec.id, dim=spec.dim, threshold=thr, threshold_source=source,
                        index=index.value, flip=flip, impostors=impostors, margin=margin, rule=rule.value,
                        mean_templates=mean_templates,
