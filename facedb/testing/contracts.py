@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import ModelMismatchError
 from ..gallery import engine
-from ..gallery.index import IndexBackend, IndexPlace
+from ..gallery.index import IndexBackend, IndexPlace, VectorIndex
 from ..gallery.indexed import Gallery
 
 if TYPE_CHECKING:
@@ -45,60 +45,42 @@ def _oracle_top(x: np.ndarray, ids: np.ndarray, q: np.ndarray, k: int) -> tuple[
     return np.take_along_axis(sims, order, axis=1), ids[order]
 
 
-def check_index_backend(backend: IndexBackend, kind: str, root: Path, *, dim: int = 32, n: int = 600,
-                        seed: int = 0, min_recall: float | None = None, place: IndexPlace | None = None) -> None:
-    """The :class:`~facedb.gallery.index.IndexBackend` / :class:`~facedb.gallery.index.VectorIndex` contract for one
-    kind.
-
-    Checks: search against a numpy oracle (exact kinds: the same ids and scores; approximate ones: for probes
-    near a stored vector, the true nearest among the 10 returned for at least ``min_recall`` of them, default
-    0.9, which is what the engine's exact re-scoring needs; their scores may be coarse); removal (no
-    removed id is ever returned, by search or range search); range search against the oracle; ``ids`` and
-    ``exact_vectors`` (bit for bit where ``keeps_vectors``); save, verify and load give the same answers;
-    a tampered or missing persisted copy is not loaded, nor one checked against another dimension; ``discard``
-    removes it. ``place``: where it persists (default: ``root``, no options; a remote engine needs its
-    address in ``options``). Write-through backends are also held to :func:`check_write_through`.
-    """
-    rng = np.random.default_rng(seed)
-    x, _ = clustered(rng, n // 6, 6, dim)
-    ids = np.arange(1000, 1000 + len(x), dtype=np.int64) * 3  # sparse, large ids: never positions
+def _probes(rng: np.random.Generator, x: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(probes, near): 12 random unit probes, then 12 near-copies of stored vectors (``near`` marks them: the
+    probes with a clear nearest, on which approximate kinds are judged)."""
     q = unit_rows(rng, 12, dim)
     q = np.concatenate([q, x[:: len(x) // 12][:12] + 0.05 * unit_rows(rng, 12, dim)])
     q /= np.linalg.norm(q, axis=1, keepdims=True)
-    near = np.arange(len(q)) >= 12
-    place = place or IndexPlace(root)
-    index = backend.new(kind, dim, {}, x, place)
-    assert index.kind == kind and index.dim == dim, "kind and dim are what was asked"
-    assert len(index) == 0, "a new index is empty"
-    index.add(ids, x)
-    assert len(index) == len(ids), "len counts what was added"
-    assert np.array_equal(np.sort(index.ids()), np.sort(ids)), "ids() returns every id added"
-    floor = 0.9 if min_recall is None else min_recall
+    return q, np.arange(len(q)) >= 12
 
-    def check_search(index: object, live: np.ndarray, xs: np.ndarray, what: str) -> None:
-        sims, got = index.search(q, 10)  # type: ignore[attr-defined]
-        assert sims.shape == got.shape == (len(q), min(10, len(index))), f"{what}: search shape"  # type: ignore[arg-type]
-        want_s, want = _oracle_top(xs, live, q, 10)
-        assert np.all(np.diff(sims, axis=1) <= 1e-6), f"{what}: results come best first"
-        valid = got >= 0
-        if index.tombstones:  # type: ignore[attr-defined]  # removed ids may come back; the engine drops them
-            valid &= np.isin(got, live)
-            sims, got = np.where(valid, sims, -2.0), np.where(valid, got, -1)
-        assert np.isin(got[valid], live).all(), f"{what}: only live ids are returned"
-        if index.exact:  # type: ignore[attr-defined]
-            assert np.array_equal(got, want) or np.allclose(sims, want_s, atol=1e-5), f"{what}: exact top-10"
-            np.testing.assert_allclose(sims, want_s, atol=1e-5, err_msg=f"{what}: exact scores")
-        else:  # judged on the probes that have a clear nearest (near-copies), the engine's real case
-            recall = np.mean([w[0] in g for g, w in zip(got[near], want[near])])
-            assert recall >= floor, f"{what}: the true nearest is among 10 candidates for {recall:.0%} of probes"
-            assert np.isfinite(sims[valid]).all(), f"{what}: finite scores"
 
-    check_search(index, ids, x, "fresh")
-    gone = ids[::7]
-    index.remove(gone)
-    keep = ~np.isin(ids, gone)
-    live, xl = ids[keep], x[keep]
-    check_search(index, live, xl, "after removal")
+def _check_search(index: VectorIndex, q: np.ndarray, near: np.ndarray, floor: float, live: np.ndarray,
+                  xs: np.ndarray, what: str) -> None:
+    """``index.search`` of the probes ``q`` against the oracle over ``live`` ids (vectors ``xs``): exact kinds
+    give its ids and scores; approximate ones have the true nearest among 10 for at least ``floor`` of the
+    ``near`` probes. Only live ids come back (tombstoned ones are dropped first, as the engine does)."""
+    sims, got = index.search(q, 10)
+    assert sims.shape == got.shape == (len(q), min(10, len(index))), f"{what}: search shape"
+    want_s, want = _oracle_top(xs, live, q, 10)
+    assert np.all(np.diff(sims, axis=1) <= 1e-6), f"{what}: results come best first"
+    valid = got >= 0
+    if index.tombstones:  # removed ids may come back; the engine drops them
+        valid &= np.isin(got, live)
+        sims, got = np.where(valid, sims, -2.0), np.where(valid, got, -1)
+    assert np.isin(got[valid], live).all(), f"{what}: only live ids are returned"
+    if index.exact:
+        assert np.array_equal(got, want) or np.allclose(sims, want_s, atol=1e-5), f"{what}: exact top-10"
+        np.testing.assert_allclose(sims, want_s, atol=1e-5, err_msg=f"{what}: exact scores")
+    else:  # judged on the probes that have a clear nearest (near-copies), the engine's real case
+        recall = np.mean([w[0] in g for g, w in zip(got[near], want[near])])
+        assert recall >= floor, f"{what}: the true nearest is among 10 candidates for {recall:.0%} of probes"
+        assert np.isfinite(sims[valid]).all(), f"{what}: finite scores"
+
+
+def _check_range_and_vectors(index: VectorIndex, q: np.ndarray, gone: np.ndarray, live: np.ndarray,
+                             xl: np.ndarray) -> None:
+    """After ``gone`` was removed: range search at 0.5 keeps the threshold and returns no removed id (exact
+    kinds: every live one above it); ``exact_vectors`` are the added ones bit for bit, or None."""
     for (rid, rs), qq in zip(index.range_search(q, 0.5), q):
         assert not np.isin(rid, gone).any() or index.tombstones, "range search returns no removed id"
         rid_live = rid[np.isin(rid, live)]
@@ -111,6 +93,13 @@ def check_index_backend(backend: IndexBackend, kind: str, root: Path, *, dim: in
         assert got is not None and got.tobytes() == xl[:50].tobytes(), "exact_vectors are the added ones, bit for bit"
     else:
         assert index.exact_vectors(live[:5]) is None, "an index without exact vectors says so"
+
+
+def _check_saved_copy(backend: IndexBackend, kind: str, place: IndexPlace, index: VectorIndex, q: np.ndarray,
+                      live: np.ndarray, dim: int) -> tuple[dict[str, object], VectorIndex]:
+    """Save ``index``, then: the copy verifies against its stamp and loads answering as the saved one; a copy
+    whose stamp does not match, or checked against another dimension, is not trusted. Returns (stamp, the
+    loaded copy)."""
     fields = backend.save(index, place)
     stamp = {**fields, "kind": kind, "params": index.params, "count": len(index)}
     assert backend.verify(place, stamp, dim), "a saved copy verifies against its stamp"
@@ -133,6 +122,43 @@ def check_index_backend(backend: IndexBackend, kind: str, root: Path, *, dim: in
     except ModelMismatchError:
         other_dim = None
     assert other_dim is None, "a copy of another dimension is never loaded"
+    return stamp, loaded
+
+
+def check_index_backend(backend: IndexBackend, kind: str, root: Path, *, dim: int = 32, n: int = 600,
+                        seed: int = 0, min_recall: float | None = None, place: IndexPlace | None = None) -> None:
+    """The :class:`~facedb.gallery.index.IndexBackend` / :class:`~facedb.gallery.index.VectorIndex` contract for one
+    kind.
+
+    Checks: search against a numpy oracle (exact kinds: the same ids and scores; approximate ones: for probes
+    near a stored vector, the true nearest among the 10 returned for at least ``min_recall`` of them, default
+    0.9, which is what the engine's exact re-scoring needs; their scores may be coarse); removal (no
+    removed id is ever returned, by search or range search); range search against the oracle; ``ids`` and
+    ``exact_vectors`` (bit for bit where ``keeps_vectors``); save, verify and load give the same answers;
+    a tampered or missing persisted copy is not loaded, nor one checked against another dimension; ``discard``
+    removes it. ``place``: where it persists (default: ``root``, no options; a remote engine needs its
+    address in ``options``). Write-through backends are also held to :func:`check_write_through`.
+    """
+    rng = np.random.default_rng(seed)
+    x, _ = clustered(rng, n // 6, 6, dim)
+    ids = np.arange(1000, 1000 + len(x), dtype=np.int64) * 3  # sparse, large ids: never positions
+    q, near = _probes(rng, x, dim)
+    place = place or IndexPlace(root)
+    index = backend.new(kind, dim, {}, x, place)
+    assert index.kind == kind and index.dim == dim, "kind and dim are what was asked"
+    assert len(index) == 0, "a new index is empty"
+    index.add(ids, x)
+    assert len(index) == len(ids), "len counts what was added"
+    assert np.array_equal(np.sort(index.ids()), np.sort(ids)), "ids() returns every id added"
+    floor = 0.9 if min_recall is None else min_recall
+    _check_search(index, q, near, floor, ids, x, "fresh")
+    gone = ids[::7]
+    index.remove(gone)
+    keep = ~np.isin(ids, gone)
+    live, xl = ids[keep], x[keep]
+    _check_search(index, q, near, floor, live, xl, "after removal")
+    _check_range_and_vectors(index, q, gone, live, xl)
+    stamp, loaded = _check_saved_copy(backend, kind, place, index, q, live, dim)
     if backend.write_through:
         check_write_through(backend, place, stamp, loaded, live, xl, dim, rng)
     backend.discard(place)
