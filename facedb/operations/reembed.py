@@ -49,6 +49,7 @@ from ..records import _Record
 if TYPE_CHECKING:
     from ..db import FaceDB
     from ..faces.pipeline import FacePipeline
+    from ..gallery.settings import Settings
 
 #: Faces re-made per embedding call (one progress step).
 BATCH = 32
@@ -302,14 +303,11 @@ def compute(db: FaceDB, pipe: FacePipeline, todo: Sequence[_Source], *, use_crop
 
 
 # ------------------------------------------------------------------------------------------------------ move
-def move(db: FaceDB, model_id: str, *, photos: Path | None = None, use_crops: bool = True,
-         drop_unembeddable: bool = False, dry_run: bool = False, weights: Path | None = None,
-         model: FacePipeline | None = None, progress: Callable[[int, int], None] | None = None) -> ReembedReport:
-    """Move ``db`` to ``model_id``: see the module's docstring and :meth:`facedb.FaceDB.reembed`."""
-    from ..gallery import thumbnails
+def _movable(db: FaceDB, model_id: str, photos: Path | None, use_crops: bool) -> Settings:
+    """The database's settings, once it is known that ``db`` can be moved to ``model_id``: DatabaseError /
+    InvalidInputError, before anything is embedded, when it is read-only, already there, cancellable, on a
+    shared index, or has nothing to re-embed from."""
     from ..gallery.index import backend_for
-    from ..gallery.settings import Settings
-    from ..protection.encryption import failpoint
 
     if db.readonly:
         raise DatabaseError(f"{db.root} is open read-only: the gallery cannot be moved to another model")
@@ -325,27 +323,87 @@ def move(db: FaceDB, model_id: str, *, photos: Path | None = None, use_crops: bo
     if not use_crops and photos is None:
         raise InvalidInputError("nothing to re-embed from: give the photos (--photos DIR), or allow the kept face "
                                 "crops")
+    return s
+
+
+def _refuse_hopeless(db: FaceDB, todo: Sequence[_Source], use_crops: bool) -> None:
+    """UnembeddableError at once for the templates that have neither a photo given nor a kept face crop: the
+    cheap part already shows them, before hours of embedding."""
+    with db._lock:
+        kept = db.store.thumbnail_owners("template", [t.template_id for t in todo]) if use_crops else set()
+    hopeless = [Unembeddable(t.template_id, t.person, "vector added without a photo" if t.sha256 is None else
+                             "no photo given" + (" and no face crop kept" if use_crops else ""))
+                for t in todo if t.photo is None and t.template_id not in kept]
+    if hopeless:
+        raise UnembeddableError(hopeless)
+
+
+def _new_rule(spec: Any, s: Settings) -> tuple[float, str, str, Any, float | None]:
+    """(threshold, its source, rule, impostor model, margin) the new model ``spec`` starts with: its default
+    threshold, and the rule its calibration supports (margin, else gallery, else fixed)."""
+    margin = spec.margin_threshold(s.flip)
+    impostors = spec.impostor_model(s.flip)
+    threshold, source = spec.default_threshold(s.flip)
+    rule = "margin" if margin is not None else "gallery" if impostors is not None else "fixed"
+    return threshold, source, rule, impostors, margin
+
+
+def _catch_up(db: FaceDB, pipe: FacePipeline, given: dict[str, Path], vectors: dict[int, np.ndarray],
+              crops: dict[int, np.ndarray], failed: list[Unembeddable], *, use_crops: bool, flip: bool,
+              drop_unembeddable: bool, report: ReembedReport) -> tuple[dict[int, np.ndarray], set[int]]:
+    """Under the write lock: embed the templates enrolled while the others were computed (``crops`` and
+    ``failed`` grow in place), and leave out those removed meanwhile. Returns (the vectors of the templates
+    held now, their ids)."""
+    now = sources(db, given)
+    held = {t.template_id for t in now}
+    late = [t for t in now if t.template_id not in vectors and t.template_id not in {u.template_id
+                                                                                    for u in failed}]
+    if late:
+        more, more_crops, more_failed = compute(db, pipe, late, use_crops=use_crops, flip=flip, report=report)
+        if more_failed and not drop_unembeddable:
+            raise UnembeddableError(more_failed)
+        vectors.update(more)
+        crops.update(more_crops)
+        failed += more_failed
+    return {i: v for i, v in vectors.items() if i in held}, held
+
+
+def _report_moved(db: FaceDB, report: ReembedReport, done: dict[str, int], failed: list[Unembeddable],
+                  held: set[int]) -> None:
+    """Fill ``report`` from the committed move (``done``: the store's counts) and record it in the audit trail."""
+    settings = db.settings()
+    report.templates, report.dropped = done["templates"], done["dropped"]
+    report.mean_templates, report.visitors_forgotten = done["mean_templates"], done["visitors_forgotten"]
+    report.unembeddable = [u for u in failed if u.template_id in held]
+    report.people_without_templates = sorted(p.name for p in db.people() if p.templates == 0)
+    report.moved = True
+    db.trail.record("reembed", [{"detail": {
+        "from": report.from_model, "to": report.to_model, "templates": report.templates,
+        "from_photos": report.from_photos, "from_crops": report.from_crops, "dropped": report.dropped,
+        "visitors_forgotten": report.visitors_forgotten}}], settings)
+
+
+def move(db: FaceDB, model_id: str, *, photos: Path | None = None, use_crops: bool = True,
+         drop_unembeddable: bool = False, dry_run: bool = False, weights: Path | None = None,
+         model: FacePipeline | None = None, progress: Callable[[int, int], None] | None = None) -> ReembedReport:
+    """Move ``db`` to ``model_id``: see the module's docstring and :meth:`facedb.FaceDB.reembed`."""
+    from ..gallery import thumbnails
+    from ..gallery.settings import Settings
+    from ..protection.encryption import failpoint
+
+    s = _movable(db, model_id, photos, use_crops)
     spec, pipe = target_pipeline(db, model_id, weights=weights, model=model)
     report = ReembedReport(from_model=s.model_id, to_model=spec.id, dim=spec.dim, dry_run=dry_run)
     given = photo_map(db, photos, report) if photos is not None else {}
     todo = sources(db, given)
-    if not drop_unembeddable:  # refused at once when the cheap part already shows it, before hours of embedding
-        with db._lock:
-            kept = db.store.thumbnail_owners("template", [t.template_id for t in todo]) if use_crops else set()
-        hopeless = [Unembeddable(t.template_id, t.person, "vector added without a photo" if t.sha256 is None else
-                                 "no photo given" + (" and no face crop kept" if use_crops else ""))
-                    for t in todo if t.photo is None and t.template_id not in kept]
-        if hopeless:
-            raise UnembeddableError(hopeless)
+    if not drop_unembeddable:
+        _refuse_hopeless(db, todo, use_crops)
     total = len(todo)
     vectors, crops, failed = compute(db, pipe, todo, use_crops=use_crops, flip=s.flip, report=report,
                                      progress=None if progress is None else (lambda n: progress(n, total)))
     if failed and not drop_unembeddable:
         raise UnembeddableError(failed)
-    margin = spec.margin_threshold(s.flip)
-    impostors = spec.impostor_model(s.flip)
-    threshold, source = spec.default_threshold(s.flip)
-    rule = "margin" if margin is not None else "gallery" if impostors is not None else "fixed"
+    threshold, source, rule, impostors, margin = _new_rule(spec, s)
     report.threshold, report.decision_rule = threshold, rule
     report.unembeddable = failed
     if dry_run:
@@ -359,19 +417,8 @@ def move(db: FaceDB, model_id: str, *, photos: Path | None = None, use_crops: bo
         with db._erasing():
             # Under the write lock: templates enrolled while the others were computed are made now, and those
             # removed meanwhile are left out (the store refuses any other difference).
-            now = sources(db, given)
-            held = {t.template_id for t in now}
-            late = [t for t in now if t.template_id not in vectors and t.template_id not in {u.template_id
-                                                                                            for u in failed}]
-            if late:
-                more, more_crops, more_failed = compute(db, pipe, late, use_crops=use_crops, flip=s.flip,
-                                                        report=report)
-                if more_failed and not drop_unembeddable:
-                    raise UnembeddableError(more_failed)
-                vectors.update(more)
-                crops.update(more_crops)
-                failed += more_failed
-            vectors = {i: v for i, v in vectors.items() if i in held}
+            vectors, held = _catch_up(db, pipe, given, vectors, crops, failed, use_crops=use_crops, flip=s.flip,
+                                      drop_unembeddable=drop_unembeddable, report=report)
             drop = [u.template_id for u in failed if u.template_id in held]
             thumbs = {i: (thumbnails.encode(crops[i]) if keep_thumbs else None) for i in vectors}
             done = db.store.replace_all_templates(vectors, thumbs, drop, meta, unset)
@@ -379,16 +426,7 @@ def move(db: FaceDB, model_id: str, *, photos: Path | None = None, use_crops: bo
         db._model = model  # the pipeline given (or none: the process-wide one of the new model)
         if weights is not None:
             db._weights = weights  # the new model's weights file, for this object's later photos
-        settings = db.settings()
-        report.templates, report.dropped = done["templates"], done["dropped"]
-        report.mean_templates, report.visitors_forgotten = done["mean_templates"], done["visitors_forgotten"]
-        report.unembeddable = [u for u in failed if u.template_id in held]
-        report.people_without_templates = sorted(p.name for p in db.people() if p.templates == 0)
-        report.moved = True
-        db.trail.record("reembed", [{"detail": {
-            "from": report.from_model, "to": report.to_model, "templates": report.templates,
-            "from_photos": report.from_photos, "from_crops": report.from_crops, "dropped": report.dropped,
-            "visitors_forgotten": report.visitors_forgotten}}], settings)
+        _report_moved(db, report, done, failed, held)
     return report
 
 
