@@ -52,20 +52,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 #: (label, "module:qualified.name") of each step wrapped; nesting shown by the label's indentation.
 STEPS = [
     ("identify (whole call)", "facedb.db:FaceDB.identify"),
-    ("  settings()", "facedb.db:FaceDB.settings"),
-    ("  keeper.current", "facedb.gallery.upkeep:IndexKeeper.current"),
-    ("  decision rule threshold", "facedb.gallery.decision:Rule.threshold"),
-    ("  engine.identify", "facedb.gallery.engine:identify"),
-    ("    candidate_people", "facedb.gallery.engine:candidate_people"),
-    ("      index search (FAISS)", "index.search"),
-    ("      template -> person", "facedb.gallery.indexed:Gallery.person_of"),
-    ("    rescore", "facedb.gallery.engine:rescore"),
-    ("      scores from memory (slices)", "facedb.gallery.indexed:Gallery.person_scores"),
-    ("      vectors from the index", "facedb.gallery.indexed:Gallery.person_vectors"),
-    ("      vectors from SQLite", "facedb.gallery.store:Store.person_vectors"),
-    ("    names (cache)", "facedb.gallery.settings_cache:NameCache.lookup"),
-    ("    names (SQLite)", "facedb.gallery.store:Store.names"),
+    ("  probe checks (as_unit_rows)", "facedb.operations.recognition:as_unit_rows"),
+    ("  query (lock, settings, index, engine)", "facedb.gallery.query:Query.identify"),
+    ("    settings()", "facedb.db:FaceDB.settings"),
+    ("    settings (memo)", "facedb.gallery.settings_cache:SettingsMemo.current"),
+    ("    keeper.current", "facedb.gallery.upkeep:IndexKeeper.current"),
+    ("    decision rule threshold", "facedb.gallery.decision:Rule.threshold"),
+    ("    decision rule policy", "facedb.gallery.decision:Rule.policy"),
+    ("    engine.identify", "facedb.gallery.engine:identify"),
+    ("      rank_people", "facedb.gallery.engine:rank_people"),
+    ("        candidate_people", "facedb.gallery.engine:candidate_people"),
+    ("          index search (FAISS)", "index.search"),
+    ("          template -> person", "facedb.gallery.indexed:Gallery.person_of"),
+    ("        rescore", "facedb.gallery.engine:rescore"),
+    ("          scores from memory (slices)", "facedb.gallery.indexed:Gallery.person_scores"),
+    ("          vectors from the index", "facedb.gallery.indexed:Gallery.person_vectors"),
+    ("          vectors from SQLite", "facedb.gallery.store:Store.person_vectors"),
+    ("      names (cache)", "facedb.gallery.settings_cache:NameCache.lookup"),
+    ("      names (SQLite)", "facedb.gallery.store:Store.names"),
     ("  audit record", "facedb.operations.audit:AuditTrail.record"),
+    ("  visitor log", "facedb.operations.visitors:VisitorLog.keep"),
 ]
 
 
@@ -147,8 +153,12 @@ def ready(db: object) -> None:
 def profile(args: argparse.Namespace) -> dict[str, object]:
     from facedb import FaceDB
 
-    data = np.load(args.db / "probes.npz")
-    probes = np.concatenate([data["genuine"], data["impostor"]])[: args.queries]
+    if (args.db / "probes.npz").exists():
+        data = np.load(args.db / "probes.npz")
+        probes = np.concatenate([data["genuine"], data["impostor"]])[: args.queries]
+    else:  # a database built by --ready --build: its probes are beside it
+        data = np.load(probes_path(args.db))
+        probes = data["probes"][: args.queries]
     t = time.perf_counter()
     db = FaceDB.open(args.db)
     db.identify(probes[0], k=5)
@@ -156,23 +166,30 @@ def profile(args: argparse.Namespace) -> dict[str, object]:
     ready(db)
     for w in data["warmup"]:
         db.identify(w, k=5)
-    plain = []
-    for p in probes:
-        t = time.perf_counter()
-        db.identify(p, k=5)
-        plain.append(time.perf_counter() - t)
+    plain, cpu = [], []
+    for _ in range(args.rounds):  # CPU time per query: on a shared machine the wall time stretches with others' jobs
+        for p in probes:
+            t, c = time.perf_counter(), time.thread_time()
+            db.identify(p, k=5)
+            cpu.append(time.thread_time() - c)
+            plain.append(time.perf_counter() - t)
     spent, undo = instrument(db)
-    for p in probes:
-        db.identify(p, k=5)
+    for _ in range(args.rounds):
+        for p in probes:
+            db.identify(p, k=5)
     for owner, attr, original in reversed(undo):
         setattr(owner, attr, original)
     state = db.index_state()
     db.close()
-    n = len(probes)
+    n = len(probes) * args.rounds
     steps = {label: float(np.sum(spent[label]) / n * 1e6) for label, _ in STEPS if label in spent}
     p50, p99 = np.percentile(np.array(plain) * 1e3, [50, 99])
+    c50, c99 = np.percentile(np.array(cpu) * 1e3, [50, 99])
     return {"db": str(args.db), "kind": state.built, "templates": state.live, "open_s": open_s,
-            "p50_ms": float(p50), "p99_ms": float(p99), "steps_us_per_query": steps,
+            "queries": len(plain), "p50_ms": float(p50), "p99_ms": float(p99),
+            "thread_cpu_p50_ms": float(c50), "thread_cpu_p99_ms": float(c99),
+            "thread_cpu_mean_ms": float(np.mean(cpu) * 1e3),
+            "steps_us_per_query": steps,
             "load_average": os.getloadavg(), "facedb": __import__("facedb").__file__}
 
 
@@ -343,6 +360,7 @@ def main() -> None:
     ap.add_argument("--kind", default="ivfpq")
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--rounds", type=int, default=1, help="profile: times each probe is asked (timed and profiled)")
     ap.add_argument("--ready", action="store_true", help="measure open-to-first-answer (see above)")
     ap.add_argument("--dim", type=int, default=128, help="--ready: template dimension")
     ap.add_argument("--before", type=Path, default=None, help="--ready: also measure this checkout's code")
@@ -360,7 +378,8 @@ def main() -> None:
         build(args)
     res = profile(args)
     print(f"{res['kind']} at {res['templates']:,} templates: open + first answer {res['open_s']:.2f} s, "
-          f"p50 {res['p50_ms']:.3f} ms, p99 {res['p99_ms']:.3f} ms (load average {res['load_average'][0]:.1f})")
+          f"p50 {res['p50_ms']:.3f} ms, p99 {res['p99_ms']:.3f} ms, thread CPU p50 {res['thread_cpu_p50_ms']:.3f} ms "
+          f"mean {res['thread_cpu_mean_ms']:.3f} ms (load average {res['load_average'][0]:.1f})")
     print("mean us per query (inclusive):")
     for label, us in res["steps_us_per_query"].items():  # type: ignore[union-attr]
         print(f"  {label:44} {us:8.1f}")

@@ -139,8 +139,10 @@ class Gallery:
         dense = self._dense
         if dense is not None:
             ids = np.asarray(ids)
-            inside = (ids >= 0) & (ids < len(dense))
-            return np.where(inside, dense[np.where(inside, ids, 0)], -1).astype(np.int64, copy=False)
+            out = dense.take(ids, mode="clip").astype(np.int64)
+            if ids.size and (ids.min() < 0 or ids.max() >= len(dense)):  # FAISS's -1 padding, or an unknown id
+                out[(ids < 0) | (ids >= len(dense))] = -1
+            return out
         pos = np.searchsorted(self._ids, ids)
         pos = np.clip(pos, 0, len(self._ids) - 1)
         found = self._ids[pos] == ids
@@ -172,8 +174,10 @@ class Gallery:
         """Every live template of the given people: (person id of each, sorted; template ids)."""
         keys = self._person_order()
         wanted = np.unique(np.asarray(person_ids, dtype=np.int64))
-        wanted = wanted[(wanted >= 0) & (wanted < 2**31)]
-        lo, hi = np.searchsorted(keys, wanted << 32), np.searchsorted(keys, (wanted + 1) << 32)
+        if len(wanted) and (wanted[0] < 0 or wanted[-1] >= 2**31):
+            wanted = wanted[(wanted >= 0) & (wanted < 2**31)]
+        bounds = np.searchsorted(keys, np.concatenate((wanted << 32, (wanted + 1) << 32)))  # one call: lo, hi
+        lo, hi = bounds[:len(wanted)], bounds[len(wanted):]
         counts = hi - lo
         # the rows lo[i] .. hi[i] - 1 of every wanted person, concatenated, without a Python loop
         rows = np.arange(int(counts.sum())) + np.repeat(lo - (np.cumsum(counts) - counts), counts)
