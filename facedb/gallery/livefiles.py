@@ -37,6 +37,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from ..errors import DatabaseError
 
@@ -114,7 +115,9 @@ def connect(driver: Any, path: Path, *, readonly: bool = False, **kwargs: Any) -
     DatabaseError if this process already has the file open through the other SQLite library (closing either
     would drop the other's locks); the driver's own errors otherwise."""
     path = Path(path)
-    target = f"file:{path}?mode=ro" if readonly else str(path)
+    # A read-only open is a URI, where '#' starts a fragment and '?' a query: a folder named "door#3" would
+    # open (and create) the file "door" beside it. Percent-encoding keeps the path whole ('/' stays as it is).
+    target = f"file:{quote(str(path))}?mode=ro" if readonly else str(path)
     name = driver.__name__
     with _lock:
         before = _inode(path)
