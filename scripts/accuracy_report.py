@@ -1,4 +1,4 @@
-"""Every accuracy figure in the README, through facedb's own pipeline, for one model.
+"""Every accuracy figure in docs/thresholds-and-accuracy.md, through facedb's own pipeline, for one model.
 
     python scripts/accuracy_report.py [--model dlib-resnet] [--flip] [--out bench-results/accuracy-dlib-flip.json]
 

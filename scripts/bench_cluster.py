@@ -46,7 +46,7 @@ from facedb.faces.pipeline import source_sha256
 from facedb.operations import cluster as clustering
 
 HERE = Path(__file__).resolve().parent
-DB_THRESHOLD = 0.929  # dlib-resnet with flip: FAR 1e-3 on LFW peopleDevTrain (README "Accuracy")
+DB_THRESHOLD = 0.929  # dlib-resnet with flip: FAR 1e-3 on LFW peopleDevTrain (docs/thresholds-and-accuracy.md)
 SYNTH_THRESHOLD = 0.5
 
 

@@ -15,7 +15,8 @@ Steps (each resumable: what is done is recorded in ``WORKDIR/state.json``, the i
    probes (``--queries`` genuine, half as many impostors) are made first, and the exact answer for each (the best
    person by brute force over every template, and the decision at threshold 0.5) is accumulated chunk by chunk while
    importing. Then the importing writer closes the database, and its close builds and saves the index the next
-   process opens (a bulk writer leaves the index it would have made the next process build: README "Performance");
+   process opens (a bulk writer leaves the index it would have made the next process build:
+   docs/performance-and-scale.md);
    that close is timed on its own (``close_build_s``) with the process's peak resident memory.
 2. ``index``: ``FaceDB.reindex(--kind)`` in a process of its own: the streamed build (trained on a sample, filled
    in batches from one snapshot of the store); wall time and peak resident memory. Skipped when the import's

@@ -1,6 +1,6 @@
 """How large the face is in each model's aligned crop, and in the 96x96 thumbnail kept of it: whether a kept crop
-has the resolution another model needs when a database moves to it (``facedb reembed``; README "Moving a
-database to another model").
+has the resolution another model needs when a database moves to it (``facedb reembed``; docs/models.md,
+"Moving a database to another model").
 
     python scripts/crop_geometry.py [--photos 60] [--out bench-results/crop-geometry.json]
 

@@ -221,7 +221,8 @@ def main() -> int:
     test = OpenSet(X, labels, dev_test)
     out["devtest_sizes"] = sizes_table(test, [30, 100, 300, len(test.names)], 8, policies)
     out.update(all_of_lfw(X, labels, policies))
-    # The same with the strangers who are enrolled people filed under another name left out (README "Accuracy")
+    # The same with the strangers who are enrolled people filed under another name left out
+    # (docs/thresholds-and-accuracy.md)
     out["label_corrected"] = {"left_out": {k: list(v) for k, v in LFW_NOT_STRANGERS.items()},
                               **all_of_lfw(X, labels, policies, LFW_NOT_STRANGERS)}
     out["seconds"] = round(time.time() - t0, 1)
