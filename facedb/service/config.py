@@ -29,7 +29,7 @@ class ServiceSettings:
     ``log_format``: ``text`` (uvicorn's lines) or ``json`` (one JSON object per line and per request, see
     ``logs.py``).
 
-    Threat model (README): ``body_timeout``: seconds a request body may take to arrive (408 after, the
+    Threat model (docs/service.md): ``body_timeout``: seconds a request body may take to arrive (408 after, the
     connection closed); ``auth_failures``: failed authentications per minute allowed per client address and
     per key id before 429; ``door_rate``: requests per second for an identify key without the candidates grant
     (0 = unlimited); ``uploads_per_client``: request bodies read at once per client address;

@@ -17,7 +17,7 @@ at the end, with the server stopped: every acknowledged creation and change is p
 removal and revocation absent and never identified again (also by a process that starts from the index file
 saved before the removals), ``facedb check`` passes, and the audit trail holds at least one record for each
 acknowledged decision and administrative change (the database runs with ``audit-settings --sync``, the setting
-under which the README promises that no decision is answered without its record).
+under which docs/guarantees.md promises that no decision is answered without its record).
 
 Vectors are synthetic unit vectors (model ``vec-test``): the drill tests the database, not a model.
 """
@@ -420,7 +420,7 @@ class Drill:
         from ..db import FaceDB
 
         with FaceDB.create(self.db, model_id=MODEL, dim=DIM, threshold=0.9) as db:
-            db.configure_audit(sync=True)  # the README's promise: no decision answered without its record
+            db.configure_audit(sync=True)  # docs/guarantees.md's promise: no decision answered without its record
             _, self.admin_key = db.create_api_key("admin", "drill-admin")
         receiver = Receiver().__enter__()
         port = _free_port()
