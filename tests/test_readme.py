@@ -1,19 +1,20 @@
-"""The README's code runs (field report item 19): every ```python block against a real temporary database,
-every ```bash line that is a facedb command through the CLI, in a temporary directory holding files with the
-very names the README uses (``ada1.jpg``, ``staff/``, ``labelled/`` ...).
+"""The README's and the docs pages' code runs (field report item 19; docs/ since #29): every ```python block
+against a real temporary database, every ```bash line that is a facedb command through the CLI, each page in a
+temporary directory of its own holding files with the very names the pages use (``ada1.jpg``, ``staff/``,
+``labelled/`` ...), and what each page's lines did to the database is checked (``PAGE_EFFECTS``).
 
 What is not taken literally is listed here, explicitly, so that the test cannot pass on nothing:
 
-* ``PLACEHOLDERS``: words in the README that stand for a value (``NAME``, ``ID``...) and what they become;
+* ``PLACEHOLDERS``: words in the pages that stand for a value (``NAME``, ``ID``...) and what they become;
 * ``PY_NAMES``: the Python block's free variables (``ann_photos``, ``vectors``...) and their values;
-* ``SKIPPED``: README lines not run, each with the reason (installation lines; a resource this machine lacks);
-* ``EXTRA_ARGS``: arguments appended to a README line, with the reason.
+* ``SKIPPED``: bash lines not run, each with the reason (installation lines; a resource this machine lacks);
+* ``EXTRA_ARGS``: arguments appended to a line, with the reason;
+* ``NOT_RUN``: every ```sh and ```py block, with why it is not run and the test file that exercises it.
 
 Each table entry must be used, and every line must be either run or skipped by an entry. Two variants: with
 the deterministic test-double pipeline (fast, default) and with real LFW photos, MTCNN and dlib-resnet
-(``slow``; skipped where the photos are absent). A wrong option, command or API name in the README fails both.
+(``slow``; skipped where the photos are absent). A wrong option, command or API name in a page fails both.
 """
-
 from __future__ import annotations
 
 import csv
