@@ -163,13 +163,38 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": float(np.median(values)), "min": float(np.min(values)), "max": float(np.max(values))}
 
 
-def measure(root: Path, probes: np.ndarray, warmup: np.ndarray) -> dict[str, object]:
-    """One run: open, first answer, ready, warm-up, timed single probes and batches."""
+def server_rss_mb(name: str | None) -> float | None:
+    """Resident memory of a scripts/milvus_server.sh instance's milvus process (MILVUS_RUN, default .milvus-run),
+    or None without one."""
+    if not name:
+        return None
+    run = Path(os.environ.get("MILVUS_RUN", ".milvus-run")) / name
+    wrapper = (run / "wrapper.pid").read_text().strip()
+    for child in Path(f"/proc/{wrapper}/task/{wrapper}/children").read_text().split():
+        if Path(f"/proc/{child}/comm").read_text().strip() == "milvus":
+            for line in Path(f"/proc/{child}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    return None
+
+
+def measure(root: Path, probes: np.ndarray, warmup: np.ndarray, stand_in: bool = False) -> dict[str, object]:
+    """One run: open, first answer, ready, warm-up, timed single probes and batches. ``stand_in``: the milvus
+    kind with its server unreachable (FACEDB_MILVUS_URI pointed at a port nothing listens on), so that the store
+    answers by an exact search (facedb/gallery/standin.py); its open includes reading every template."""
+    if stand_in:  # for the whole run: the keeper keeps trying the server, and would go back to it
+        os.environ["FACEDB_MILVUS_URI"] = "http://127.0.0.1:9"
+        try:
+            return measure(root, probes, warmup)
+        finally:
+            os.environ.pop("FACEDB_MILVUS_URI", None)
     t = time.perf_counter()
     db = FaceDB.open(root)
     db.identify(probes[0], k=5)
     open_s = time.perf_counter() - t
-    assert db.index_state().from_file, "opened without a rebuild"
+    state = db.index_state()
+    assert state.stand_in is not None if os.environ.get("FACEDB_MILVUS_URI") else state.from_file, \
+        "opened without a rebuild (stand-in: answered by the store)"
     db.load_index(wait=True)
     ready_s = time.perf_counter() - t
     for w in warmup:  # steady state, as a running service would be: caches filled, code paths hot
@@ -201,6 +226,11 @@ def main() -> None:
     ap.add_argument("--milvus-uri", default=None,
                     help="milvus: a server (http://host:19530; token from FACEDB_MILVUS_TOKEN) or a .db path for "
                          "Milvus Lite (default: Lite in the work directory)")
+    ap.add_argument("--milvus-server", default=None, metavar="NAME",
+                    help="a scripts/milvus_server.sh instance on this machine serving --milvus-uri: its resident "
+                         "memory is recorded after the milvus runs")
+    ap.add_argument("--stand-in", action="store_true",
+                    help="milvus: also measure queries answered by the store while the server cannot answer")
     ap.add_argument("--peers", action="store_true", help="also time the peers' search loops")
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--queries", type=int, default=1000, help="genuine probes (and half as many impostors)")
@@ -279,6 +309,8 @@ def run_size(args: argparse.Namespace, n: int, per: int, header: str, results: d
             index_file = root / "index.faiss"
             size = index_file.stat().st_size if kind != "milvus" else 0  # Milvus keeps it server-side
             runs = [measure(root, probes, warmup) for _ in range(args.runs)]
+            if kind == "milvus":
+                server_rss = server_rss_mb(args.milvus_server)
             answers = runs[-1]["answers"]
             top1 = [a.candidates[0].name if a.candidates else None for a in answers]
             g = len(genuine)  # recall@1 on genuine probes: impostors have no meaningful nearest person
@@ -296,6 +328,7 @@ def run_size(args: argparse.Namespace, n: int, per: int, header: str, results: d
             if kind == "milvus":
                 row["engine"] = "Milvus Lite (in process)" if not (args.milvus_uri or "").startswith(
                     ("http", "tcp", "unix")) else f"Milvus at {args.milvus_uri}"
+                row["server_rss_mb"] = server_rss
             results["runs"].append(row)  # type: ignore[union-attr]
             measured[str(runs[0]["built"])] = row
 
@@ -309,6 +342,8 @@ def run_size(args: argparse.Namespace, n: int, per: int, header: str, results: d
                   f"{same_dec:8.4f} {row['load_average']['median']:5.1f}", flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2))
+        if "milvus" in args.kinds and args.stand_in:
+            stand_in_row(args, root, probes, warmup, exact_top, exact_dec, truth, n, per, genuine, results)
         if "milvus" in args.kinds:  # leave nothing in the engine: a last reindex drops the collection
             with FaceDB.open(root) as db:
                 db.reindex("flat")
@@ -319,6 +354,33 @@ def run_size(args: argparse.Namespace, n: int, per: int, header: str, results: d
         print(f"{'':>8} peers per probe: deepface loop {pr['deepface_loop_ms']:.1f} ms, "
               f"face_recognition face_distance {pr['face_recognition_face_distance_ms']:.1f} ms")
     results["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+
+
+def stand_in_row(args: argparse.Namespace, root: Path, probes: np.ndarray, warmup: np.ndarray, exact_top: list,
+                 exact_dec: list, truth: np.ndarray, n: int, per: int, genuine: np.ndarray,
+                 results: dict[str, object]) -> None:
+    """The milvus kind's queries while its server cannot answer: the store's exact stand-in, measured as a kind."""
+    runs = [measure(root, probes, warmup, stand_in=True) for _ in range(args.runs)]
+    answers = runs[-1]["answers"]
+    top1 = [a.candidates[0].name if a.candidates else None for a in answers]
+    g = len(genuine)
+    row = {"n": n, "per": per, "kind": "milvus-stand-in", "built": "flat (store, exact)", "build_s": None,
+           "recall_at_1": float(np.mean([a == b for a, b in zip(top1[:g], exact_top[:g])])),
+           "identity_correct_at_1": float(np.mean([top1[i] == f"id{truth[i]}" for i in range(g)])),
+           "same_decision_as_exact": float(np.mean([a == b for a, b in zip(decisions(answers), exact_dec)])),
+           "decisions": len(probes), "runs": args.runs,
+           "note": "milvus kind, server unreachable: queries answered by an exact search of the store's templates; "
+                   "open = open + reading every template + the first answer"}
+    for key in ("open_s", "ready_s", "p50_ms", "p99_ms", "batch64_qps", "rss_mb", "load_average"):
+        row[key] = spread([r[key] for r in runs])
+    results["runs"].append(row)  # type: ignore[union-attr]
+    print(f"{n:>8} {per:>3} {'stand-in':12} {'':>7} {'':>6} {row['open_s']['median']:6.2f} "
+          f"{row['ready_s']['median']:7.2f} {row['p50_ms']['median']:18.3f} {row['p99_ms']['median']:18.3f} "
+          f"{row['batch64_qps']['median']:7.0f} {row['rss_mb']['median']:7.0f} {row['recall_at_1']:6.3f} "
+          f"{row['identity_correct_at_1']:6.3f} {row['same_decision_as_exact']:8.4f} "
+          f"{row['load_average']['median']:5.1f}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
 

@@ -23,9 +23,15 @@ shift 2
 dir=$RUN/$name
 
 running() { [ -f "$dir/wrapper.pid" ] && kill -0 "$(cat "$dir/wrapper.pid")" 2>/dev/null; }
+# A process that exists and is not a zombie: a killed server stays its wrapper's zombie child until the wrapper
+# reaps it, and `kill -0` succeeds on a zombie (waiting for one to go took each restart after a kill 60 s).
+alive() { [ -n "$1" ] && [ -r "/proc/$1/status" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status" 2>/dev/null; }
 # The milvus binary the wrapper started (its only child): its environment holds the health port the wrapper chose
 # (the first free one from 9091 up, so a second instance gets another).
-server_pid() { pgrep -P "$(cat "$dir/wrapper.pid")" -x milvus 2>/dev/null | head -1; }
+server_pid() {
+  local p
+  for p in $(pgrep -P "$(cat "$dir/wrapper.pid")" -x milvus 2>/dev/null); do alive "$p" && { echo "$p"; return; }; done
+}
 health_port() { tr '\0' '\n' <"/proc/$1/environ" 2>/dev/null | sed -n 's/^METRICS_PORT=//p'; }
 # The wrapper also moves a taken port to the next free one, so the proxy's port is read from the config it wrote.
 proxy_port() { awk '/^proxy:/{p=1; next} /^[^ #]/{p=0} p && /^  port:/{print $2; exit}' "$dir/data/configs/milvus.yaml"; }
@@ -47,13 +53,14 @@ start|restart)
     [ $# -eq 0 ] || printf '%s\n' "$@" >"$dir/args"
     touch "$dir/args"
   fi
-  # The wrapper moves a port it cannot bind (it binds without SO_REUSEADDR, so connections a previous server left
-  # in TIME_WAIT count) to the next free one, and the server would serve elsewhere: wait them out (Linux: 60 s).
+  # The wrapper moves a port it cannot bind to the next free one, and the server would serve elsewhere. It probes
+  # through scripts/milvus_wrapper.py, with SO_REUSEADDR, so connections a previous server left in TIME_WAIT do
+  # not count (without it a restart waited ~60 s for them); wait only for a previous server still listening.
   want=19530
   prev=""
   for a in "$@"; do [ "$prev" = --proxy-port ] && want=$a; prev=$a; done
   for _ in $(seq 1 150); do
-    ss -Htan "( sport = :$want )" 2>/dev/null | grep -q . || break
+    ss -Htln "( sport = :$want )" 2>/dev/null | grep -q . || break
     sleep 0.5
   done
   # The embedded etcd's peer port (2380) is not a milvus-server option: with --etcd-port P, the etcd gets a config
@@ -72,7 +79,7 @@ initial-cluster: $name=http://127.0.0.1:$((etcd_port + 1))
 EOF
     export ETCD_CONFIG_PATH=$(realpath "$dir/etcd.yaml")  # MILVUS_RUN may be absolute
   fi
-  "$VENV/bin/milvus-server" --data "$dir/data" "$@" >"$dir/wrapper.log" 2>&1 </dev/null &
+  "$VENV/bin/python" scripts/milvus_wrapper.py --data "$dir/data" "$@" >"$dir/wrapper.log" 2>&1 </dev/null &
   echo $! >"$dir/wrapper.pid"
   t0=$(date +%s)
   while :; do
@@ -105,15 +112,15 @@ stop)
   # waits that long before it serves (measured: healthy 48 s after such a restart).
   if [ -n "$spid" ]; then
     kill -TERM "$spid" 2>/dev/null || true
-    for _ in $(seq 1 120); do kill -0 "$spid" 2>/dev/null || break; sleep 0.5; done
+    for _ in $(seq 1 120); do alive "$spid" || break; sleep 0.5; done
   fi
   kill -INT "$wpid" 2>/dev/null || true  # the wrapper then exits (it stops its server, if still there, too)
   for _ in $(seq 1 120); do
-    kill -0 "$wpid" 2>/dev/null || { [ -n "$spid" ] && kill -0 "$spid" 2>/dev/null; } || break
+    alive "$wpid" || alive "$spid" || break
     sleep 0.5
   done
-  if kill -0 "$wpid" 2>/dev/null; then kill -KILL "$wpid"; fi
-  if [ -n "$spid" ] && kill -0 "$spid" 2>/dev/null; then kill -KILL "$spid"; fi
+  if alive "$wpid"; then kill -KILL "$wpid"; fi
+  if alive "$spid"; then kill -KILL "$spid"; fi
   rm -f "$dir/wrapper.pid"
   echo "milvus $name stopped" >&2
   ;;

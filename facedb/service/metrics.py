@@ -100,6 +100,9 @@ class Metrics:
                           ["model", "index_kind"], registry=r, multiprocess_mode="livemax")
         self.ready = Gauge("facedb_workers_ready", "Workers with their model and index loaded.", registry=r,
                            multiprocess_mode="livesum")
+        self.stand_in = Gauge("facedb_index_stand_in", "Workers whose queries are answered by an exact search of "
+                              "the store's templates because the index engine cannot answer (a Milvus server "
+                              "loading after a restart, or unreachable).", registry=r, multiprocess_mode="livesum")
         # every label value exported from the start (at 0), so a rate() has a series before its first event
         for outcome in OUTCOMES.values():
             self.decisions.labels(outcome)
@@ -188,6 +191,7 @@ class Metrics:
             return
         stored = keys.generation()
         self.generation.set(stored)
+        self.stand_in.set(0 if db.keeper.stand_in is None else 1)  # a snapshot, no lock: as loaded_index()
         loaded = db.loaded_index()
         if loaded is None:
             return
