@@ -39,13 +39,14 @@ Ranked = list[list[tuple[int, float]]]
 RESCORE_BLOCK = 256
 
 
-def candidate_people(gallery: Gallery, queries: np.ndarray, k: int, max_rounds: int | None = None) -> Ranked:
+def candidate_people(gallery: Gallery, queries: np.ndarray, k: int, max_rounds: int | None = None,
+                     wide: bool = False) -> Ranked:
     """For each query row, up to k (person id, best similarity found) pairs, best first, from the index.
 
     Searches the index for more templates than k, and widens the search for the queries whose templates
     came from fewer than k distinct people, until k people are found or the gallery is exhausted (or
     ``max_rounds`` widenings, for approximate indexes); so on an exact index the result is exactly the
-    top-k people.
+    top-k people. ``wide``: through the index's wider search (``search_wide``, IVF kinds), for close calls.
     """
     m = len(queries)
     results: Ranked = [[] for _ in range(m)]
@@ -53,12 +54,11 @@ def candidate_people(gallery: Gallery, queries: np.ndarray, k: int, max_rounds: 
     if total == 0 or m == 0:
         return results
     pending = np.arange(m)
-    # Enough templates for k people at the gallery's templates per person (a person's templates cluster
-    # together, so fewer would mostly come back from k/t people and need a second search).
-    kk = min(total, max(4 * k, 16, k * gallery.templates_per_person()))
+    kk = min(total, shortlist(k, gallery.templates_per_person()))
+    search = gallery.index.search_wide if wide else gallery.index.search  # type: ignore[attr-defined]
     rounds = 0
     while len(pending):
-        sims, ids = gallery.index.search(queries[pending], kk)
+        sims, ids = search(queries if len(pending) == m else queries[pending], kk)
         pids = gallery.person_of(ids)
         still: list[int] = []
         for row, q in enumerate(pending):
@@ -71,6 +71,24 @@ def candidate_people(gallery: Gallery, queries: np.ndarray, k: int, max_rounds: 
         kk = min(total, kk * 4)
         rounds += 1
     return results
+
+
+#: Templates per person counted in the first search's shortlist, at most (see :func:`shortlist`).
+SHORTLIST_PER_PERSON = 16
+
+
+def shortlist(people: int, per_person: int) -> int:
+    """Templates the first index search asks for to find ``people`` distinct people in a gallery of
+    ``per_person`` templates a person (rounded up): ``people x per_person`` up to 16 a person, at least
+    ``4 x people`` and 16. A probe's own person's templates come first, clustered, so a shortlist must hold
+    them and still reach ``people - 1`` others; it need not hold every template of every candidate, because
+    the index's results are in order: the first ``people`` distinct people of a shorter list are those of a
+    longer one, and a list that holds fewer is searched again, wider (:func:`candidate_people`). Measured at
+    1M templates, 50 a person, 300 probes (the ready databases of scripts/profile_query.py, 512-d;
+    bench-results/shortlist-1m50-512.json): 100 templates held at least 9 people (median 21; 2 probes fewer
+    than 10), 160 at least 15 (median 32), the 500 asked for before (10 people x 50) at least 42 (median 70),
+    at more cost in the index search and in finding the people."""
+    return max(4 * people, 16, people * min(per_person, SHORTLIST_PER_PERSON))
 
 
 def first_people(pids: np.ndarray, sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -102,7 +120,9 @@ def rescore(queries: np.ndarray, ranked: Ranked, k: int, fetch: VectorFetch, sco
         pids, sims = got
     if not len(pids):
         return [[] for _ in ranked]
-    people, starts = np.unique(pids, return_index=True)  # rows come grouped by person, sorted
+    # rows come grouped by person, sorted: each person's first row is where the id changes (no sort needed)
+    starts = np.flatnonzero(np.concatenate(([True], pids[1:] != pids[:-1])))
+    people = pids[starts]
     best = np.maximum.reduceat(sims, starts, axis=0)  # (people, queries): best template each
     out = []
     for j, pairs in enumerate(ranked):
@@ -115,14 +135,70 @@ def rescore(queries: np.ndarray, ranked: Ranked, k: int, fetch: VectorFetch, sco
     return out
 
 
-def rank_people(gallery: Gallery, queries: np.ndarray, k: int, fetch: VectorFetch) -> Ranked:
+def rank_people(gallery: Gallery, queries: np.ndarray, k: int, fetch: VectorFetch, wide: bool = False) -> Ranked:
     """The top-k people for each query with exact scores: straight from an exact index, else from a wider
-    candidate list (k + max(5, k) people) re-scored exactly (from the gallery's in-memory vectors where it
-    holds them, else through ``fetch``)."""
+    candidate list (k + max(5, k) people; ``wide``: from the index's wider search, see :func:`wide_candidates`)
+    re-scored exactly (from the gallery's in-memory vectors where it holds them, else through ``fetch``)."""
     if gallery.index.exact:
         return candidate_people(gallery, queries, k)
-    return rescore(queries, candidate_people(gallery, queries, k + max(5, k), max_rounds=2), k, fetch,
-                   gallery.person_scores)
+    people = k + max(5, k)
+    found = wide_candidates(gallery, queries, people) if wide else \
+        candidate_people(gallery, queries, people, max_rounds=2)
+    return rescore(queries, found, k, fetch, gallery.person_scores)
+
+
+#: Templates a close call's wider search proposes; each is scored exactly where the vectors are in memory.
+WIDE_SHORTLIST = 256
+
+
+def wide_candidates(gallery: Gallery, queries: np.ndarray, people: int) -> Ranked:
+    """Up to ``people`` candidates for each query from the index's wider search (``search_wide``): its
+    :data:`WIDE_SHORTLIST` best-coded templates scored exactly (where the gallery holds their vectors in
+    memory, else as coded), people in the order of their best template. Exact scores order a stranger's
+    nearest templates, near-ties that coarse codes cannot (at 1M 128-d, 64-byte codes, 1,024 lists: the exact
+    nearest among the 200 best-coded for 99.5% of near-threshold probes, among the 50 best for 98.4%),
+    without re-scoring every template of every person proposed."""
+    sims, ids = gallery.index.search_wide(queries, min(len(gallery.index), WIDE_SHORTLIST))  # type: ignore[attr-defined]
+    out: Ranked = []
+    for row in range(len(queries)):
+        tids, coded = ids[row], sims[row]
+        exact = gallery.template_scores(tids[tids >= 0], queries[row:row + 1])
+        if exact is not None:
+            tids = tids[tids >= 0]
+            order = np.argsort(-exact[:, 0], kind="stable")
+            tids, coded = tids[order], exact[order, 0]
+        found, best = first_people(gallery.person_of(tids), coded, people)
+        out.append(list(zip(found.tolist(), best.tolist())))
+    return out
+
+
+#: A decision whose best exact score lies within this much (cosine) of its threshold is a close call: the
+#: probe is searched again through the index's wider search (IVF kinds: ``search_wide``, 32 x nprobe, see
+#: :func:`wide_candidates`), and the two candidate lists are merged (every score exact either way). Such a
+#: probe (a stranger who resembles someone, or a poor photo of an enrolled person) is far from every
+#: template, and its nearest ones lie in lists the default search does not reach: at 1M 128-d templates
+#: (scripts/bench_search.py's data, threshold 0.5), 26 of 100 strangers of the ready probes got another
+#: decision than exact search's; with 64-byte codes and this search none of 300 probes did, 4 of 1,000
+#: (scripts/exact_agreement.py, bench-results/exact-agreement-1m5-128-*.json). Probes outside the band
+#: (genuine ones well above the threshold, clear strangers) pay nothing; a close call pays a second search.
+CLOSE_CALL = 0.15
+
+def settle_close_calls(gallery: Gallery, queries: np.ndarray, ranked: Ranked, k: int, threshold: float,
+                       fetch: VectorFetch) -> Ranked:
+    """``ranked`` (exact scores, best first, per query) with its close calls (best score within
+    :data:`CLOSE_CALL` of ``threshold``) searched again wider and merged: the same people or better ones,
+    with the same exact scores. Unchanged for exact indexes and kinds without a wider search."""
+    if gallery.index.exact or not hasattr(gallery.index, "search_wide"):
+        return ranked
+    close = [i for i, pairs in enumerate(ranked) if pairs and abs(pairs[0][1] - threshold) < CLOSE_CALL]
+    if not close:
+        return ranked
+    out = list(ranked)
+    for i, wider in zip(close, rank_people(gallery, queries[close], k, fetch, wide=True)):
+        merged = dict(ranked[i])
+        merged.update(wider)  # a person found by both has the same exact score in both
+        out[i] = sorted(merged.items(), key=lambda pair: -pair[1])[:k]
+    return out
 
 
 def candidates(pairs: list[tuple[int, float]], names: dict[int, tuple[str, str | None]]) -> list[Candidate]:
@@ -166,7 +242,9 @@ def identify(gallery: Gallery, queries: np.ndarray, k: int, policy: Policy | flo
     if not isinstance(policy, Policy):
         policy = Policy("given", float(policy), explanation="given")
     with timings.stage("search"):  # the index's candidates and their exact re-scoring
-        ranked = rank_people(gallery, queries, max(k, 2) if policy.needs_runner_up else k, fetch)
+        kq = max(k, 2) if policy.needs_runner_up else k
+        ranked = settle_close_calls(gallery, queries, rank_people(gallery, queries, kq, fetch), kq,
+                                    policy.threshold, fetch)
     with timings.stage("decide"):
         lookup = names([pid for pairs in ranked for pid, _ in pairs])
         return [decide(candidates(pairs, lookup), policy, k) for pairs in ranked]

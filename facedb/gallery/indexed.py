@@ -193,6 +193,14 @@ class Gallery:
         sims = self.vectors.scores(ids, queries)
         return (pids, sims) if sims is not None else None
 
+    def template_scores(self, ids: np.ndarray, queries: np.ndarray) -> np.ndarray | None:
+        """Exact similarities ``(len(ids), len(queries))`` of these templates (live ids), from the index's own
+        float32 vectors or the in-memory ones; None when neither holds them all (not read from the store)."""
+        if self.index.keeps_vectors:
+            vectors = self.index.exact_vectors(np.asarray(ids, dtype=np.int64))
+            return None if vectors is None else vectors @ np.asarray(queries, dtype=np.float32).T
+        return self.vectors.scores(ids, queries) if self.vectors is not None else None
+
     def person_vectors(self, person_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray] | None:
         """Every live template vector of the given people, grouped by person: (person id of each row, sorted;
         vectors), from the index itself or the in-memory vectors; None when neither holds them all (the caller

@@ -97,15 +97,15 @@ class _Faiss:
         if len(ids):
             self._index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
 
-    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search(self, queries: np.ndarray, k: int, params: Any = None) -> tuple[np.ndarray, np.ndarray]:
         q = np.ascontiguousarray(queries, dtype=np.float32)
-        if len(q) > 1:
-            return self._index.search(q, k)
+        if len(q) > 1 or _OMP_THREADS == 1:
+            return self._index.search(q, k, params=params)
         # One probe: FAISS's OpenMP split of a single scan costs more than it gains (5.4 ms against 0.7 ms
         # for 10k x 512 here, worse when other processes are busy), so scan on one thread.
         faiss.omp_set_num_threads(1)
         try:
-            return self._index.search(q, k)
+            return self._index.search(q, k, params=params)
         finally:
             faiss.omp_set_num_threads(_OMP_THREADS)
 
@@ -263,6 +263,16 @@ def _pca_dim(dim: int) -> int:
 MAX_DEFAULT_NLIST = 8192
 
 
+#: How many times its nprobe a close call's wider search reads (engine.CLOSE_CALL): 512 of 4,096 lists at 1M
+#: templates. A stranger's nearest template near the threshold lies far from every enrolled person, in a list
+#: the probe's own centroids rank low: at 1M 128-d templates (800 probes whose exact best score is at most
+#: 0.03 below the threshold) its list ranked 12th at the median, 114th for 90%, 425th for 99%, 1,175th at worst.
+#: Decisions against exact search's there (64-byte codes, 300 ready probes / 1,000 with 700 more strangers):
+#: without the wider search 93.7% / 81.1%; with 16 x nprobe 100% / 98.8%; 32 x 100% / 99.6%; 64 x no better
+#: (100% / 99.6%) at 1.4 x the cost of 32 x (bench-results/exact-agreement-1m5-128-codes64.json).
+WIDE_NPROBE = 32
+
+
 def _nlist_for(n: int) -> int:
     """About 4 sqrt(n) lists (a power of two): 4,096 at 1M templates, at most MAX_DEFAULT_NLIST; at most n / 39
     (FAISS's k-means wants 39 training points per centroid), at least 1."""
@@ -366,6 +376,18 @@ class IVFIndex(_Faiss):
         self._index.train(sample)
         self.params["trained_on"] = n if gallery is None else gallery  # the gallery the sample stands for
 
+    def search_wide(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` over ``nprobe_wide`` lists (default :data:`WIDE_NPROBE` x nprobe, at most all of
+        them), for the engine's close calls (``engine.CLOSE_CALL``): a probe whose best match sits near the
+        threshold is far from every enrolled template, and its nearest ones lie in lists the default nprobe
+        does not reach (see WIDE_NPROBE). The index's own nprobe is not touched (FAISS's per-call parameters)."""
+        k = min(k, len(self))
+        if k == 0:
+            return self.search(queries, k)
+        nprobe = int(self.params.get("nprobe", 16))
+        wide = int(self.params.get("nprobe_wide", WIDE_NPROBE * nprobe))
+        return self._search(queries, k, faiss.SearchParametersIVF(nprobe=max(nprobe, min(wide, self._index.nlist))))
+
     def configure(self) -> None:
         self._index.nprobe = int(self.params.get("nprobe", 16))
         if self.params.get("quantizer") == "hnsw":
@@ -403,9 +425,21 @@ class IVFPQIndex(IVFIndex):
         return faiss.IndexIVFPQFastScan(quantizer, dim, int(params["nlist"]), m, 4, faiss.METRIC_INNER_PRODUCT)
 
 
+#: Sub-quantizers of a new ivfpq index: at most this many (4 bits each: codes of PQ_M_MAX / 2 = 64 bytes).
+PQ_M_MAX = 128
+
+
 def _pq_m(dim: int) -> int:
-    """Sub-quantizers: the largest divisor of ``dim`` up to dim/4, so a code is ~dim/8 bytes (64 B at 512-d)."""
-    return next(m for m in range(max(1, dim // 4), 0, -1) if dim % m == 0)
+    """Sub-quantizers: the largest divisor of ``dim`` up to 128, so a code is at most 64 bytes (4 bits each),
+    whatever the dimension: 512-d as before (128 of 4 dimensions), 128-d with one dimension each (it was 32
+    of 4, 16-byte codes). At 128-d the coarse codes could not order a stranger's nearest templates, which
+    sit a few thousandths apart near the threshold: at 1M templates, 1,024 lists read, the exact nearest
+    template of 800 near-threshold probes was among the 200 best-coded for 66.1% of them with 16-byte codes,
+    99.5% with 64-byte ones (bench-results/exact-agreement-1m5-128-codes16.json, on the loaded machine: that
+    search 1.2 ms against 0.6 ms, which only close calls pay; the default one, 16 lists and 50 templates,
+    63 us against 44 us, which every query pays). Indexes built before keep their
+    sub-quantizers (FAISS's file holds them) until they are rebuilt."""
+    return next(m for m in range(max(1, min(dim, PQ_M_MAX)), 0, -1) if dim % m == 0)
 
 
 INDEX_KINDS: dict[str, type[_Faiss]] = {
@@ -451,68 +485,88 @@ def load_index(path: Path, kind: str, dim: int, sha256: str, params: dict[str, A
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
-    saved: SavedMap | None = None
     split = bool(with_map and digests and digests.get("head_sha256") and digests.get("vectors_sha256"))
     try:
-        digest = hashlib.sha256()
-        size = os.fstat(fd).st_size
-        section = parse_footer(os.pread(fd, FOOTER.size, max(0, size - FOOTER.size)), size) if with_map else None
-        pos = 0
-        vectors_at: list[int] = []
-
-        def read(n: int) -> bytes:  # hashes what it hands out: one pass over the file
-            nonlocal pos
-            chunk = os.pread(fd, n, pos)
-            pos += len(chunk)
-            digest.update(chunk)
-            return chunk
-
-        def readinto(view: memoryview) -> int:  # straight into the arrays, hashed while in cache
-            nonlocal pos
-            got = os.preadv(fd, [view[:max(0, section[0] + section[1] - pos)]], pos)  # type: ignore[index]
-            digest.update(view[:got])
-            pos += got
-            return got
-
-        def mapped(nbytes: int) -> np.ndarray | None:  # the file's pages, copy-on-write
-            nonlocal pos
-            if pos + nbytes > section[0] + section[1]:  # type: ignore[index]
-                return None
-            pages = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)  # stays open as long as the array uses it
-            vectors_at.append(pos)
-            if not split:
-                _hash_into(digest, pages, pos, nbytes)
-            out = np.frombuffer(pages, dtype=np.uint8, count=nbytes, offset=pos)
-            pos += nbytes
-            return out
-
-        if section is not None:
-            while pos < section[0]:
-                read(min(1 << 24, section[0] - pos))
-            saved = read_map(lambda n: read(min(n, section[0] + section[1] - pos)), dim, readinto, mapped)
+        file = _HashedFile(fd, with_map, hash_vectors=not split)
+        saved = file.read_section(dim)
         if split and saved is not None and saved.vectors is not None:
-            if digest.hexdigest() != digests["head_sha256"]:  # type: ignore[index]
+            if file.digest.hexdigest() != digests["head_sha256"]:  # type: ignore[index]
                 return None
             saved.check = _vectors_check(saved.vectors, str(digests["vectors_sha256"]))  # type: ignore[index]
-        else:
-            while read(1 << 24):
-                pass
-            if digest.hexdigest() != sha256:
-                return None
+        elif file.rest_hexdigest() != sha256:
+            return None
         via_fd = f"/proc/self/fd/{fd}"
         raw = faiss.read_index(via_fd if os.path.exists(via_fd) else str(path))
     except Exception:  # unreadable, or a file FAISS cannot parse: a stale cache, not an error
         return None
     finally:
         os.close(fd)
-    if raw.d != dim:
-        return None
-    if kind in TRAINED_KINDS and not isinstance(raw, faiss.IndexIVF):
+    return _wrap(raw, kind, dim, params, saved)
+
+
+def _wrap(raw: faiss.Index, kind: str, dim: int, params: dict[str, Any] | None, saved: SavedMap | None
+          ) -> VectorIndex | None:
+    """The loaded FAISS index ``raw`` as facedb's ``kind`` (None when it is not one: another dimension, or an
+    untrained structure for a trained kind), configured, with the gallery section ``saved`` read after it."""
+    if raw.d != dim or (kind in TRAINED_KINDS and not isinstance(raw, faiss.IndexIVF)):
         return None
     index = INDEX_KINDS[kind](dim, raw, dict(params or {}))
     index.configure()
     index.saved_map = saved
     return index
+
+
+class _HashedFile:
+    """One pass over an index file's descriptor ``fd`` that hashes every byte it hands out (``digest``): FAISS's
+    part, then the gallery section (``saved_map``) read straight into its arrays, its vectors memory-mapped
+    (hashed with the rest unless ``hash_vectors`` is False: they are then checked on their own, later)."""
+
+    def __init__(self, fd: int, with_map: bool, hash_vectors: bool = True) -> None:
+        self.fd, self.pos, self.hash_vectors = fd, 0, hash_vectors
+        self.digest = hashlib.sha256()
+        size = os.fstat(fd).st_size
+        self.section = parse_footer(os.pread(fd, FOOTER.size, max(0, size - FOOTER.size)), size) if with_map \
+            else None
+
+    def read(self, n: int) -> bytes:
+        chunk = os.pread(self.fd, n, self.pos)
+        self.pos += len(chunk)
+        self.digest.update(chunk)
+        return chunk
+
+    def _end(self) -> int:
+        return self.section[0] + self.section[1]  # type: ignore[index]
+
+    def _readinto(self, view: memoryview) -> int:  # straight into the arrays, hashed while in cache
+        got = os.preadv(self.fd, [view[:max(0, self._end() - self.pos)]], self.pos)
+        self.digest.update(view[:got])
+        self.pos += got
+        return got
+
+    def _mapped(self, nbytes: int) -> np.ndarray | None:  # the file's pages, copy-on-write
+        if self.pos + nbytes > self._end():
+            return None
+        pages = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)  # stays open as long as the array uses it
+        if self.hash_vectors:
+            _hash_into(self.digest, pages, self.pos, nbytes)
+        out = np.frombuffer(pages, dtype=np.uint8, count=nbytes, offset=self.pos)
+        self.pos += nbytes
+        return out
+
+    def read_section(self, dim: int) -> SavedMap | None:
+        """Hash FAISS's part and read the gallery section after it (None without one, or when it does not
+        parse)."""
+        if self.section is None:
+            return None
+        while self.pos < self.section[0]:
+            self.read(min(1 << 24, self.section[0] - self.pos))
+        return read_map(lambda n: self.read(min(n, self._end() - self.pos)), dim, self._readinto, self._mapped)
+
+    def rest_hexdigest(self) -> str:
+        """Hash the rest of the file; the whole file's SHA-256."""
+        while self.read(1 << 24):
+            pass
+        return self.digest.hexdigest()
 
 
 def _hash_into(digest: Any, pages: Any, start: int, nbytes: int) -> None:
@@ -591,12 +645,7 @@ def _load_sealed(path: Path, kind: str, dim: int, file_id: str, cipher: Any, par
         reader.finish()  # every chunk authenticates, including any FAISS did not need
     finally:
         f.close()
-    if raw.d != dim or (kind in TRAINED_KINDS and not isinstance(raw, faiss.IndexIVF)):
-        return None
-    index = INDEX_KINDS[kind](dim, raw, dict(params or {}))
-    index.configure()
-    index.saved_map = saved
-    return index
+    return _wrap(raw, kind, dim, params, saved)
 
 
 class FaissBackend:
