@@ -20,6 +20,7 @@ face. It is biometric data (a picture of a face, unlike a template, which is not
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -70,3 +71,10 @@ def encode(crop: np.ndarray, size: int = SIZE) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=QUALITY, optimize=True)
     return buf.getvalue()
+
+
+def of_crops(crops: Sequence[np.ndarray], mode: str, *kinds: str) -> list[bytes | None]:
+    """A JPEG thumbnail of each aligned crop when the setting ``mode`` keeps any of ``kinds``, else Nones."""
+    if not any(keeps(mode, k) for k in kinds):
+        return [None] * len(crops)
+    return [encode(c) for c in crops]

@@ -39,6 +39,7 @@ from typing import Any
 from ..errors import (
     DatabaseError,
     DatabaseExistsError,
+    IndexUnavailableError,
     InvalidInputError,
     KeyMissingError,
     TamperedError,
@@ -364,3 +365,36 @@ def _held(root: Path) -> Any:
         for store in _stores_under(root):
             stack.enter_context(livefiles.hold_unopened(store))
         yield
+
+
+# ------------------------------------------------------------------------------------ FaceDB's backup glue
+def backup_recorded(db: Any, dest: Path, with_index: bool) -> BackupReport:
+    """:meth:`facedb.FaceDB.backup`: :func:`backup`, then recorded in the audit trail (``backup``)."""
+    report = backup(db, dest, with_index=with_index)
+    with db._lock:
+        db.trail.record("backup", [{"detail": {"to": report.path, "people": report.people,
+                                               "templates": report.templates}}], db.settings())
+    return report
+
+
+def restore_checked(facade: Any, src: str | os.PathLike[str], path: str | os.PathLike[str], *, key: object,
+                    replace: bool) -> RestoreReport:
+    """:meth:`facedb.FaceDB.restore`: :func:`restore`, then the restored database (opened with ``facade``, the
+    FaceDB class) records the restore and must pass ``check`` (DatabaseError otherwise; IndexUnavailableError,
+    saying what to do, when its shared index engine is not usable as it is)."""
+    root = Path(path).resolve()  # "." would name the directory moved aside (the process's cwd goes with it)
+    report = restore(Path(src), root, key=key, replace=replace)
+    with facade.open(root, key=key) as db:  # recorded first: the files are in place whatever the check says
+        db.trail.record("restore", [{"detail": {"from": str(src), "backup_created_at": report.created_at}}],
+                        db.settings())
+        try:
+            result = db.check()
+        except IndexUnavailableError as exc:
+            raise IndexUnavailableError(
+                f"{path}: restored (the backup's files are in place), but its index is not usable as it is: "
+                f"{exc}. To replace the original, `facedb --db {path} rebuild-index`; to run beside it, give "
+                f"it a collection of its own: `facedb --db {path} reindex --index milvus --milvus-collection "
+                "NAME`") from None
+        if not result.ok:
+            raise DatabaseError(f"{path}: the restored database fails its check: {result.problems[0]}")
+    return report

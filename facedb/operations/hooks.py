@@ -52,11 +52,14 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ..errors import InvalidInputError
 from ..records import _Record
+
+if TYPE_CHECKING:
+    from ..db import FaceDB
 
 log = logging.getLogger("facedb.operations.hooks")
 
@@ -172,6 +175,28 @@ def verify_signature(secret: str, timestamp: str | int, body: bytes, signature: 
     if abs((time.time() if now is None else now) - ts) > tolerance:
         return False
     return hmac.compare_digest(sign(secret, ts, body), str(signature))
+
+
+def add_recorded(db: FaceDB, url: str, events: str | Sequence[str], key_id: str | None,
+                 secret: str | None) -> Webhook:
+    """Register a webhook in ``db``'s store (:meth:`facedb.FaceDB.add_webhook`), recorded as ``hook-add``;
+    InvalidInputError (TargetRefusedError for a private address) for a bad URL, event or secret. Under the
+    facade's lock."""
+    url, names = check_url(url), check_events(events)
+    if secret is not None and (not isinstance(secret, str) or len(secret) < 16):
+        raise InvalidInputError("a webhook secret is at least 16 characters")
+    with db._lock:
+        hook = Webhook.from_row(db.store.add_webhook(url, names, secret or new_secret(), key_id))
+        db.trail.record("hook-add", [{"detail": {"hook": hook.id, "url": url, "events": names,
+                                                 "key": key_id}}], db.settings())
+        return hook
+
+
+def remove_recorded(db: FaceDB, hook_id: int) -> Webhook:
+    """Remove a webhook (NotFoundError if none), recorded as ``hook-remove``. The caller holds the lock."""
+    hook = Webhook.from_row(db.store.remove_webhook(hook_id))
+    db.trail.record("hook-remove", [{"detail": {"hook": hook.id, "url": hook.url}}], db.settings())
+    return hook
 
 
 def _iso(t: float) -> str:

@@ -28,10 +28,14 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from ..errors import AuthenticationError, InvalidInputError, PermissionDeniedError
 from ..gallery.store import Store
 from ..records import _Record
+
+if TYPE_CHECKING:
+    from ..db import FaceDB
 
 PREFIX = "fdb"
 _KEY = re.compile(rf"^{PREFIX}_([0-9a-f]{{12}})_([A-Za-z0-9_-]{{43}})$")
@@ -192,3 +196,36 @@ def authorise(key: ApiKey, needed: Scope) -> None:
     if not Scope(key.scope).allows(needed):
         raise PermissionDeniedError(f"this key's scope ({key.scope}) does not allow this operation "
                                     f"(it needs {needed.value})")
+
+
+# ------------------------------------------------------------------ FaceDB's key and console-session glue
+# Called by FaceDB under its lock: the store keeps the rows, the audit trail records who changed them.
+
+def create_recorded(db: FaceDB, scope: str, name: str | None, grants: object) -> tuple[ApiKey, str]:
+    """:func:`create` on ``db``'s store, recorded as ``key-create`` (never the key itself)."""
+    key, secret = create(db.store, scope, name, grants)
+    db.trail.record("key-create", [{"detail": {"key": key.id, "scope": key.scope, "name": key.name,
+                                                 "grants": list(key.grants)}}], db.settings())
+    return key, secret
+
+
+def revoke_recorded(db: FaceDB, ref: str) -> ApiKey:
+    """Revoke a key by id or name (NotFoundError if none), recorded as ``key-revoke``."""
+    key = ApiKey.from_row(db.store.revoke_api_key(ref))
+    db.trail.record("key-revoke", [{"detail": {"key": key.id, "name": key.name}}], db.settings())
+    return key
+
+
+def start_session(db: FaceDB, token_hash: str, key_id: str, now: float, idle_s: float, absolute_s: float) -> None:
+    """Store a console session (the SHA-256 of its token) for ``key_id``, forgetting sessions past their idle or
+    absolute expiry (seconds before ``now``, Unix seconds); recorded as ``console-sign-in``."""
+    db.store.add_console_session(token_hash, key_id, now, now - absolute_s, now - idle_s)
+    db.trail.record("console-sign-in", [{"detail": {"key": key_id}}], db.settings())
+
+
+def end_session(db: FaceDB, token_hash: str, reason: str) -> bool:
+    """End a console session, recorded as ``reason`` (none when empty) if there was one; whether there was."""
+    ended = db.store.remove_console_session(token_hash)
+    if ended and reason:
+        db.trail.record(reason, [{}], db.settings())
+    return ended

@@ -13,16 +13,21 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import InvalidInputError
+from ..errors import DatabaseError, InvalidInputError
 from ..faces.images import PHOTO_SUFFIXES, PhotoSource, display_name, is_photo_name
 from ..faces.pipeline import FaceChoice, FacePipeline, PreparedFaces, prepared_chunks
+from ..gallery.scores import as_unit_rows
+from ..gallery.settings import check_threshold
 from ..gallery.store import Store
 from ..records import Cluster, ClusterFace, ClusterReport, Skipped
 from . import cluster as clustering
+
+if TYPE_CHECKING:
+    from ..db import FaceDB
 
 
 def list_photos(folder: Path) -> list[Path]:
@@ -152,3 +157,48 @@ def enroll_clusters(store: Store, report: ClusterReport, prefix: str = "cluster-
             row += c.size
             out.append((name, ids))
     return out
+
+
+# ---------------------------------------------------------------------------------- FaceDB's clustering glue
+def threshold_for(db: FaceDB, rule: str | None) -> tuple[float, str]:
+    """:meth:`facedb.FaceDB.cluster_threshold`: the default clustering threshold (cosine similarity) for ``rule``,
+    derived from the database's threshold (:func:`facedb.operations.cluster.default_threshold`), and its source."""
+    s = db.settings()
+    rule = rule or clustering.DEFAULT_RULE
+    value = clustering.default_threshold(s.threshold, rule)
+    return value, f"{rule} default from the database's threshold {s.threshold:.4f} ({s.threshold_source})"
+
+
+def cluster_for(db: FaceDB, photos: Sequence[PhotoSource], *, threshold: float | None, rule: str, k: int,
+                min_size: int, seed: int, model: FacePipeline | None, workers: int | None,
+                progress: Any) -> ClusterReport:
+    """:meth:`facedb.FaceDB.cluster`: group every face in ``photos`` by identity (nobody needs to be enrolled): a
+    ClusterReport with the clusters (largest first, each with its central face), the faces left unclustered and
+    the photos that gave no face. Faces are embedded as ``db`` embeds (its model and flip setting); ``threshold``
+    (cosine similarity) defaults to :func:`threshold_for`; ``rule``, ``k``, ``min_size``, ``seed``: see
+    :mod:`facedb.operations.cluster`. Reads nothing from and writes nothing to the gallery;
+    :func:`enroll_report` stores the result on request."""
+    if threshold is None:
+        threshold, source = threshold_for(db, rule)
+    else:
+        threshold, source = check_threshold(threshold), "given"
+    return cluster_photos(db.pipeline(model), photos, flip=db.flip, threshold=threshold,
+                          threshold_source=source, rule=rule, k=k, min_size=min_size, seed=seed,
+                          workers=workers, progress=progress)
+
+
+def enroll_report(db: FaceDB, report: ClusterReport, prefix: str) -> list[tuple[str, list[int]]]:
+    """:meth:`facedb.FaceDB.enroll_clusters`: :func:`enroll_clusters` on ``db``'s store, the index brought level,
+    each new person recorded as ``enroll``. DatabaseError read-only; ModelMismatchError for another model's
+    report (nothing stored)."""
+    if db.readonly:
+        raise DatabaseError(f"{db.root} is open read-only: cannot enrol")
+    if report.vectors is not None and len(report.vectors):
+        as_unit_rows(report.vectors, db.dim)  # another model's report: ModelMismatchError, nothing stored
+    with db._lock:
+        created = enroll_clusters(db.store, report, prefix)
+        settings = db.settings()
+        db.keeper.after_write(settings)
+        db.trail.record("enroll", [{"identity": name, "detail": {"templates": len(ids), "from": "cluster"}}
+                                   for name, ids in created], settings)
+        return created

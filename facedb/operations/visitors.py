@@ -24,17 +24,21 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import InvalidInputError
+from ..errors import DatabaseError, InvalidInputError
 from ..gallery import thumbnails
 from ..gallery.settings import Settings, check_threshold
-from ..gallery.store import Store, utc_time
+from ..gallery.store import Store, check_name, utc_time
 from ..records import VisitorGroup
 from . import cluster as clustering
 from .audit import current_actor
+
+if TYPE_CHECKING:
+    from ..db import FaceDB
+    from ..records import Person
 
 
 class VisitorLog:
@@ -120,3 +124,50 @@ def central_vectors(store: Store, settings: Settings, found: Sequence[VisitorGro
     rows, vectors = store.unassigned(settings.visitors.retention_days)
     pos = {r[0]: i for i, r in enumerate(rows)}
     return vectors[[pos[g.central_face] for g in found if g.central_face in pos]]
+
+
+# ------------------------------------------------------------------------------------- FaceDB's visitor glue
+def listed(db: FaceDB, since: str | datetime | None, min_size: int, threshold: float | None,
+           rule: str | None) -> list[VisitorGroup]:
+    """:meth:`facedb.FaceDB.visitors`: expired faces purged, then the groups of kept unknown faces (at least
+    ``min_size`` faces), most faces first, last seen at or after ``since`` (as ``FaceDB.audit`` takes it: any
+    offset, naive = UTC, a ``datetime`` or an age). Each group's ``id`` is stable while its faces stay the same.
+    InvalidInputError for a bad ``since`` or ``min_size``, before anything is purged."""
+    min_size = clustering._check_positive(min_size, "min_size")
+    since = utc_time(since, "since")  # refused before expired faces are purged: bad input changes nothing
+    with db._lock:
+        settings = db.settings()
+        db.store.purge_unassigned(settings.visitors.retention_days)
+        found = groups(db.store, settings, threshold=threshold, rule=rule, min_size=min_size)
+        return since_filter(found, since)
+
+
+def enroll_group(db: FaceDB, group: str, name: str, threshold: float | None, rule: str | None) -> Person:
+    """:meth:`facedb.FaceDB.enroll_visitors`: the group's faces become templates of ``name`` in one transaction,
+    the index brought level, recorded as ``enroll``. InvalidInputError (a bad name, a group that changed),
+    DatabaseError read-only: nothing changed."""
+    check_name(name)
+    if db.readonly:
+        raise DatabaseError(f"{db.root} is open read-only: cannot enrol")
+    with db._lock:
+        found = find(db.store, db.settings(), group, threshold=threshold, rule=rule)
+        ids = db.store.enroll_unassigned(found.face_ids, name)
+        settings = db.settings()
+        db.keeper.after_write(settings)
+        person = db.store.person(name)
+        db.trail.record("enroll", [{"identity": person.name, "detail": {"visitors": group,
+                                                                        "templates": len(ids)}}], settings)
+        return person
+
+
+def forget_group(db: FaceDB, group: str, threshold: float | None, rule: str | None) -> int:
+    """:meth:`facedb.FaceDB.forget_visitors`: erase the group's faces (and the audit trail's copies of their
+    vectors), recorded as ``forget-visitors``; returns how many. DatabaseError read-only."""
+    if db.readonly:
+        raise DatabaseError(f"{db.root} is open read-only: cannot forget")
+    with db._lock:
+        settings = db.settings()
+        found = find(db.store, settings, group, threshold=threshold, rule=rule)
+        n = db.store.forget_unassigned(found.face_ids)
+        db.trail.record("forget-visitors", [{"detail": {"visitors": group, "faces": n}}], settings)
+        return n

@@ -47,3 +47,9 @@ class Projection:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray((np.asarray(x, dtype=np.float64) @ self._q.T).astype(np.float32))
+
+
+def for_seed(seed: str | None, dim: int) -> Projection | bool:
+    """The projection of a database whose stored ``projection_seed`` is ``seed``, or False for a database that is
+    not cancellable (no seed): what ``FaceDB`` keeps, so that it looks the seed up once."""
+    return Projection(seed, dim) if seed else False
