@@ -22,6 +22,7 @@ from .errors import (
     NoFaceError,
     PersonNotFoundError,
 )
+from .moved import install as _install_old_paths
 from .records import (
     AuditRecord,
     Candidate,
@@ -46,6 +47,8 @@ from .records import (
 
 if TYPE_CHECKING:
     from .db import FaceDB
+
+_install_old_paths()  # `import facedb.store` and the other paths before the folders-by-layer move, for one release
 
 __version__ = "0.2.0"
 
