@@ -34,7 +34,7 @@ The issue #17 tables (1M templates, 5 and 50 per person, auto's kind and the fas
 
     python scripts/bench_search.py --final
 
-Milvus (``--index milvus``, README "Scale-out"): the same protocol through facedb's milvus kind. By default it
+Milvus (``--index milvus``, docs/milvus.md): the same protocol through facedb's milvus kind. By default it
 runs against **Milvus Lite** (in this process, a .db directory in the work directory): a test double for the
 client protocol, **not a measure of a Milvus server or cluster**, whose searches run in its own processes
 (and machines) behind gRPC. To measure a server, point it there:

@@ -274,7 +274,7 @@ def test_visitors_expire_and_forget_leaves_no_bytes_after_vacuum(tmp_path, fake_
     assert not any(files_hold(b) for i, b in blobs.items() if i not in old)
     with FaceDB.open(db) as d:
         # the expired faces left unassigned_faces; the audit trail, told to store probes, keeps its own copy of
-        # every probe for its own retention (README "Clustering")
+        # every probe for its own retention (docs/clustering.md)
         assert d.store.conn.execute("SELECT COUNT(*) FROM unassigned_faces").fetchone()[0] == 0
         assert d.visitors(min_size=1) == [] and d.check().ok and d.person("red").templates == 1
         assert [r.operation for r in d.audit(operation="forget-visitors")] == ["forget-visitors"]
@@ -327,7 +327,7 @@ def test_check_duplicates_reports_and_changes_nothing(tmp_path):
 @pytest.mark.slow
 def test_a_small_lfw_subset_through_facedb_cluster(tmp_path):
     """12 people x 4 photos + 12 people seen once, through `facedb cluster` with dlib: pairwise F >= 0.85 (the
-    floor stated in README "Clustering"; all of LFW is in scripts/bench_cluster.py)."""
+    floor stated in docs/clustering.md; all of LFW is in scripts/bench_cluster.py)."""
     pytest.importorskip("dlib")
     lfw = conftest.test_data_dir() / "lfw_deepfunneled"
     if not lfw.is_dir():

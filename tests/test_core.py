@@ -30,7 +30,7 @@ DIM = 64
 
 @pytest.fixture(autouse=True, params=["plain", "encrypted"])
 def storage(request, monkeypatch):
-    """Every behaviour here holds for a plain and for an encrypted database (README "Protecting templates"): the
+    """Every behaviour here holds for a plain and for an encrypted database (docs/protection.md): the
     encrypted run sets $FACEDB_KEY, which make_db encrypts with and every FaceDB.open reads."""
     if request.param == "encrypted":
         pytest.importorskip("sqlcipher3", reason="the crypto extra is not installed")

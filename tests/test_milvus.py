@@ -847,7 +847,7 @@ def test_fault_drill_server_killed_mid_removal(tmp_path):
     in flight. After the restart nothing acknowledged is lost, nothing removed comes back, the collection holds
     exactly the store's templates and `check` passes; the first answer came from the store (exact search) while
     the restarted server could not answer, right, and Milvus answered again. The script runs all three kills
-    (enrolment, removal, rebuild: README "Fault drill"); the rebuild's leftover and the write-through catch-up it
+    (enrolment, removal, rebuild: docs/milvus.md); the rebuild's leftover and the write-through catch-up it
     relies on have tests of their own above. Bounded by work (writes before the kill); only the server's restart
     and reload are waited for (its session TTL lowered to 10 s, so the reload comes ~10 s after the restart, not
     30). Runs where a real server is available (FACEDB_TEST_MILVUS_URI set: the milvus==2.3.5 venv is there)."""

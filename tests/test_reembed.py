@@ -519,7 +519,7 @@ def test_every_faiss_index_kind_is_rebuilt_for_the_new_model(tmp_path, pipes, in
 
 def test_a_move_opens_no_live_file_outside_livefiles(tmp_path, pipes, guard):  # noqa: F811 (the imported fixture)
     """The move on a database another connection holds open: no file of the live database is opened other than
-    through its SQLite connection (README "Guarantees": POSIX would drop that connection's locks)."""
+    through its SQLite connection (docs/guarantees.md: POSIX would drop that connection's locks)."""
     root = make_db(tmp_path / "db", tmp_path / "photos")
     other = FaceDB.open(root, readonly=True)
     try:

@@ -1,5 +1,6 @@
-"""The service under its threat model (README "Threat model", issue #25): what a stolen door key (scope identify)
-can no longer do, and the input bounds every route holds. Each test here failed on the code before #25's fixes.
+"""The service under its threat model (docs/service.md, "Threat model", issue #25): what a stolen door key (scope
+identify) can no longer do, and the input bounds every route holds. Each test here failed on the code before
+#25's fixes.
 """
 
 from __future__ import annotations
@@ -225,7 +226,7 @@ def test_the_identity_matrix_extraction_rebuilds_no_template_with_a_door_key(tmp
     axis per call) rebuilds no template through a door key (best cosine <= 0.5), where a key told similarities
     rebuilds every one; and the attempt is in the audit trail under the door's key. At 128 dimensions, as the
     issue's (dlib-resnet's); at 32 a random template's largest component can pass the threshold on its own axis,
-    and the identity named there alone leaks a direction (cosine ~0.55: README "Threat model")."""
+    and the identity named there alone leaks a direction (cosine ~0.55: docs/service.md, "Threat model")."""
     attack = _attack_module()
     path = tmp_path / "db"
     dim = 128

@@ -33,7 +33,7 @@ def test_enrol_identify_verify_detect_real_lfw_photos(tmp_path, facedata):
 
     db = tmp_path / "db"
     keys = make_db(db, model_id="dlib-resnet", dim=128, threshold=0.929)
-    with FaceDB.open(db) as d:  # a door key told candidates (README "Threat model"); the plain one below
+    with FaceDB.open(db) as d:  # a door key told candidates (docs/service.md, "Threat model"); the plain one below
         granted = d.create_api_key("identify", "door-full", ["candidates"])[1]
     app = create_app(ServiceSettings(db=db), sender=lambda *a: 200)
     with TestClient(app) as client:

@@ -120,17 +120,17 @@ def init(
                                                        "its calibration), gallery (the 1:N threshold follows the "
                                                        "gallery size), or fixed.")] = None,
     encrypt: Annotated[bool, typer.Option(help="Encrypt it at rest under the key from --key-file, --key-command or "
-                                                "$FACEDB_KEY (README \"Protecting templates\").")] = False,
+                                                "$FACEDB_KEY (docs/protection.md).")] = False,
     cancellable: Annotated[bool, typer.Option(help="Store templates under a keyed random orthogonal projection of "
                                                     "this database (same scores; unlinkable across databases).")
                            ] = False,
     thumbnails: Annotated[ThumbnailMode, typer.Option(help="Face thumbnails kept in the store (biometric data): off, "
                                                         "enrolled (templates' faces) or all (also decisions' and "
-                                                        "unknown visitors' faces). See README \"Console\".")
+                                                        "unknown visitors' faces). See docs/console.md.")
                           ] = ThumbnailMode.enrolled,
     detector: Annotated[DetectorKind, typer.Option(help="Face detector: mtcnn (the default) or yunet (OpenCV's "
-                                                        "YuNet: needs the opencv extra). See README \"Models and "
-                                                        "weights\".")] = DetectorKind.mtcnn,
+                                                        "YuNet: needs the opencv extra). See docs/models.md, "
+                                                        "\"Detectors\".")] = DetectorKind.mtcnn,
 ) -> None:
     """Create a new, empty database."""
     from ..db import FaceDB
@@ -184,7 +184,7 @@ def mean_templates_cmd(
     state_: Annotated[OnOff | None, typer.Argument(metavar="[on|off]", help="on: keep (and recompute now) each "
                                                    "person's mean template; off: drop them; none: show.")] = None,
 ) -> None:
-    """Each person's mean template, searched beside their photo templates (README "Scores and thresholds"):
+    """Each person's mean template, searched beside their photo templates (docs/thresholds-and-accuracy.md):
     show, switch on (every mean recomputed from the photo templates: also the repair when `check` finds one
     stale) or off."""
     with open_db(ctx, readonly=state_ is None) as db:
@@ -373,7 +373,8 @@ def audit(
     offset: Annotated[int, typer.Option(min=0, help="Skip this many records first.")] = 0,
 ) -> None:
     """Read the audit trail of decisions (identity '-' / null = unknown), oldest first."""
-    from ..gallery.store import utc_time  # the one parser of times (README "Times"); here so errors name the option
+    # the one parser of times (docs/cli.md, "Times"); here so errors name the option
+    from ..gallery.store import utc_time
 
     with open_db(ctx, readonly=True) as db:
         rows = [r.to_dict() for r in db.audit(utc_time(since, "--since"), limit, until=utc_time(until, "--until"),
@@ -395,7 +396,7 @@ def audit_settings(
         bool | None,
         typer.Option("--sync/--async", help="--sync: each decision's record is committed before its answer; "
                                             "--async (new databases): by a background writer within 20 ms after it "
-                                            "(README 'Guarantees'). Gallery changes are always synchronous."),
+                                            "(docs/guarantees.md). Gallery changes are always synchronous."),
     ] = None,
 ) -> None:
     """Show or change the audit trail's settings."""
@@ -414,7 +415,7 @@ def rule_cmd(
                                                       "stored one, else the model's).")] = None,
 ) -> None:
     """Show or choose the open-set decision rule: a fixed threshold, the margin rule, or a threshold that follows
-    the gallery size (README "Scores and thresholds")."""
+    the gallery size (docs/thresholds-and-accuracy.md)."""
     from ..gallery.decision import predicted_fpir
 
     with open_db(ctx, readonly=kind is None) as db:

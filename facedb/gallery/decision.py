@@ -37,9 +37,10 @@ from ..errors import InvalidInputError
 
 RULES = ("fixed", "gallery", "margin")
 
-#: The margin rule's weight of the runner-up: ``score = s1 - MARGIN_WEIGHT * s2``. Chosen on LFW (README
-#: "Accuracy"): 0.5 made the score's FPIR-1% threshold the same from 30 to 1,678 people (0.484-0.488), where
-#: smaller weights let it drift with the gallery size and larger ones cost identification rate.
+#: The margin rule's weight of the runner-up: ``score = s1 - MARGIN_WEIGHT * s2``. Chosen on LFW
+#: (docs/thresholds-and-accuracy.md): 0.5 made the score's FPIR-1% threshold the same from 30 to 1,678 people
+#: (0.484-0.488), where smaller weights let it drift with the gallery size and larger ones cost identification
+#: rate.
 MARGIN_WEIGHT = 0.5
 
 

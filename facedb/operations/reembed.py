@@ -11,7 +11,7 @@ again by the new one. They are made from what the database keeps, or from the ph
   which holds no landmarks. The crop is padded and detected again (:func:`facedb.faces.pipeline.find_faces` in crop
   mode: MTCNN in a frame padded around it, the whole crop with an average face's landmarks if even that finds
   none) and aligned from those landmarks for the new model; the crop is smaller than every model's input
-  (112, 150, 160 px), so it is upsampled: README "Moving a database to another model" gives what that costs.
+  (112, 150, 160 px), so it is upsampled: docs/models.md, "Moving a database to another model" gives what that costs.
 
 Who can be made from neither (a vector added through the API, a database that keeps no thumbnails and whose
 photos were not given, a photo or crop in which no face is found again) is **unembeddable**: the move is

