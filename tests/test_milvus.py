@@ -281,7 +281,7 @@ def test_while_the_server_loads_the_store_answers_exactly_then_milvus_again(tmp_
     acknowledged removal is never returned; writes, saves and `check` still fail closed (CLI: one line, exit 2);
     and queries go back to Milvus as soon as it has loaded, with the removal replayed into the collection."""
     import facedb.gallery.index.milvus as mv
-    import facedb.gallery.upkeep as upkeep
+    import facedb.gallery.standin as standin
 
     x, pids = gallery()
     with make(tmp_path / "db", uri) as db:
@@ -291,7 +291,7 @@ def test_while_the_server_loads_the_store_answers_exactly_then_milvus_again(tmp_
     monkeypatch.setattr(mv._client(uri, ""), "get_load_state", lambda *a, **k: dict(state))
     monkeypatch.setenv("FACEDB_MILVUS_LOAD_WAIT_S", "0.3")
     monkeypatch.setenv("FACEDB_STAND_IN_AFTER_S", "0.5")
-    monkeypatch.setattr(upkeep, "RETRY_S", 0.0)
+    monkeypatch.setattr(standin, "RETRY_S", 0.0)
     q = probes(x)
     with FaceDB.open(tmp_path / "db") as db:
         same_answers(db.identify(q, k=3), twin.identify(q, k=3))
@@ -331,7 +331,7 @@ def test_a_server_call_held_after_a_restart_does_not_hold_the_answer(tmp_path, u
     import threading
 
     import facedb.gallery.index.milvus as mv
-    import facedb.gallery.upkeep as upkeep
+    import facedb.gallery.standin as standin
 
     x, pids = gallery()
     with make(tmp_path / "db", uri) as db:
@@ -350,7 +350,7 @@ def test_a_server_call_held_after_a_restart_does_not_hold_the_answer(tmp_path, u
 
     monkeypatch.setattr(client, "query", query)
     monkeypatch.setenv("FACEDB_STAND_IN_AFTER_S", "0.3")
-    monkeypatch.setattr(upkeep, "RETRY_S", 0.0)
+    monkeypatch.setattr(standin, "RETRY_S", 0.0)
     q = probes(x)
     with FaceDB.open(tmp_path / "db") as db:
         answers = db.identify(q, k=3)
@@ -376,7 +376,7 @@ def test_a_service_starts_and_answers_from_the_store_while_milvus_cannot(tmp_pat
     from fastapi.testclient import TestClient
     from prometheus_client.parser import text_string_to_metric_families
 
-    import facedb.gallery.upkeep as upkeep
+    import facedb.gallery.standin as standin
     from facedb.service.app import create_app
     from facedb.service.config import ServiceSettings
 
@@ -394,7 +394,7 @@ def test_a_service_starts_and_answers_from_the_store_while_milvus_cannot(tmp_pat
         db.reindex("milvus", index_options={"milvus_uri": uri, "milvus_collection": "faces"})
         enrol(db, x, pids)
     monkeypatch.setenv("FACEDB_MILVUS_URI", "http://127.0.0.1:9")  # nothing listens there
-    monkeypatch.setattr(upkeep, "RETRY_S", 0.0)
+    monkeypatch.setattr(standin, "RETRY_S", 0.0)
     app = create_app(ServiceSettings(db=path), model=fake_pipeline)
     with TestClient(app, raise_server_exceptions=False) as client:
         wait_ready(client)
@@ -416,13 +416,13 @@ def test_an_unreachable_server_is_stood_in_for_and_a_refused_token_is_not(tmp_pa
     exactly, within FACEDB_STAND_IN_AFTER_S, and go back to Milvus once it answers. A wrong token is not an
     engine that cannot answer yet: it stays an error."""
     import facedb.gallery.index.milvus as mv
-    import facedb.gallery.upkeep as upkeep
+    import facedb.gallery.standin as standin
 
     x, pids = gallery()
     with make(tmp_path / "db", uri) as db:
         enrol(db, x, pids)
     twin = flat_twin(tmp_path / "flat", x, pids)
-    monkeypatch.setattr(upkeep, "RETRY_S", 0.0)
+    monkeypatch.setattr(standin, "RETRY_S", 0.0)
     q = probes(x)
     monkeypatch.setenv("FACEDB_MILVUS_URI", "http://127.0.0.1:9")  # nothing listens there
     with FaceDB.open(tmp_path / "db") as db:

@@ -28,15 +28,19 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import IndexLoadingError, IndexUnavailableError, IndexUnreachableError
-from .index import IndexPlace, VectorIndex, backend_for
+from .index import IndexPlace, backend_for
 from .indexed import Gallery
 from .settings import Settings
 from .store import Store
 from .vectors import bytes_for
+
+if TYPE_CHECKING:
+    from .upkeep import IndexKeeper
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,10 @@ log = logging.getLogger(__name__)
 #: a healthy server (connect, describe, load state, count) took ~10-50 ms here, so a second is a sick engine.
 AFTER_ENV = "FACEDB_STAND_IN_AFTER_S"
 AFTER_S = 1.0
+#: Seconds into that wait when the stand-in starts being read from the store, on a thread of its own, in case it
+#: is needed (100k 128-d templates took 1.8 s to read at a load of 10 here: read after the wait, the first answer
+#: after a restart came at ~2.9 s); an engine that opens by then costs nothing, one that opens later the read.
+PREPARE_S = 0.25
 #: Seconds other calls (writes, ``check``, saves) wait for the engine to open before they fail: longer than the
 #: engine's own bounded wait for a collection being loaded (milvus: FACEDB_MILVUS_LOAD_WAIT_S, 5 s), so that its
 #: error, which names the progress, is the one raised.
@@ -71,16 +79,18 @@ def after_s() -> float:
 
 class EngineOpening:
     """One attempt at opening a remote engine's index, on a daemon thread: ``open_`` runs there (it must not
-    touch the store or the keeper: only the engine), and :meth:`result` waits for it a bounded time."""
+    touch the keeper: only the engine), and :meth:`result` waits for it a bounded time. Also reads the stand-in
+    from the store in the background (``open_`` returns a Gallery then, and gives up when ``stop`` is set)."""
 
-    def __init__(self, open_: Callable[[], VectorIndex | None], place: IndexPlace) -> None:
+    def __init__(self, open_: Callable[[], Any], place: IndexPlace, name: str = "facedb-engine-open") -> None:
         self.place = place  # where it opens: an attempt for another place (after a reindex) is not taken
         self.started = time.monotonic()
+        self.stop = threading.Event()
         self._done = threading.Event()
-        self._index: VectorIndex | None = None
+        self._index: Any = None
         self._error: BaseException | None = None
         self._open = open_
-        threading.Thread(target=self._run, daemon=True, name="facedb-engine-open").start()
+        threading.Thread(target=self._run, daemon=True, name=name).start()
 
     def _run(self) -> None:
         try:
@@ -98,7 +108,7 @@ class EngineOpening:
         """What the finished attempt raised (None: it opened, or it is still running)."""
         return self._error if self._done.is_set() else None
 
-    def result(self, wait_s: float) -> VectorIndex | None:
+    def result(self, wait_s: float) -> Any:
         """The opened index (None: the engine has no collection for it), waiting ``wait_s`` seconds at most;
         the attempt's own error; or IndexLoadingError when it is still running (it carries on)."""
         if not self._done.wait(max(0.0, wait_s)):
@@ -111,15 +121,19 @@ class EngineOpening:
         return self._index
 
 
-def exact_gallery(store: Store, dim: int, place: IndexPlace) -> Gallery:
+def exact_gallery(store: Store, dim: int, place: IndexPlace, stop: threading.Event | None = None
+                  ) -> Gallery | None:
     """Every stored template in an exact in-memory index (FAISS flat: it keeps the vectors themselves), mapped to
-    its person, at the generation of the snapshot it was read from. Reads the whole store once: ~0.3 s per 100k
-    128-d templates here (docs/milvus.md)."""
+    its person, at the generation of the snapshot it was read from (through a connection of its own: any thread).
+    Reads the whole store once (100k 128-d templates: 1.8 s at a load of 10 here, docs/milvus.md). None when
+    ``stop`` was set before it finished."""
     index = backend_for("flat").new("flat", dim, {}, None, place)
     gen = None
     ids: list[np.ndarray] = []
     pids: list[np.ndarray] = []
     for batch in store.stream_templates(BATCH):
+        if stop is not None and stop.is_set():
+            return None
         gen, b_ids, b_pids, vectors = batch  # the snapshot's generation, the same in every batch
         index.add(b_ids, vectors, b_pids)
         ids.append(b_ids)
@@ -145,13 +159,12 @@ class StandIn:
         return bytes_for(max(templates, 1), dim) <= budget
 
     @classmethod
-    def build(cls, store: Store, dim: int, place: IndexPlace, exc: IndexUnavailableError) -> StandIn:
-        """Build one from the store, warning (``facedb`` logger) that queries are answered from the store."""
-        t = time.perf_counter()
-        gallery = exact_gallery(store, dim, place)
+    def start(cls, gallery: Gallery, exc: IndexUnavailableError, read_s: float) -> StandIn:
+        """The stand-in for ``gallery`` (read from the store in ``read_s`` seconds), warning (``facedb`` logger)
+        that queries are answered from the store."""
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         log.warning("the index engine cannot answer (%s): queries are answered by an exact search of the store's "
-                    "%d templates (built in %.2f s) until it can", reason, len(gallery), time.perf_counter() - t)
+                    "%d templates (read in %.2f s) until it can", reason, len(gallery), read_s)
         return cls(gallery, reason)
 
     def level(self, store: Store, settings: Settings, catch_up: Callable[[Gallery], bool], place: IndexPlace
@@ -161,7 +174,7 @@ class StandIn:
         before the answer."""
         if self.gallery.generation != settings.generation and not catch_up(self.gallery):
             self.gallery.close()
-            self.gallery = exact_gallery(store, settings.dim, place)
+            self.gallery = exact_gallery(store, settings.dim, place) or self.gallery
         return self.gallery
 
     def close(self, engine_back: bool) -> None:
@@ -170,3 +183,64 @@ class StandIn:
             log.warning("the index engine answers again: queries go to it (the store answered for %.1f s)",
                         time.time() - self.since)
         self.gallery.close()
+
+
+# ------------------------------------------------------------------------------------ the keeper's query path
+def answer(keeper: IndexKeeper, settings: Settings) -> Gallery:
+    """For ``IndexKeeper.current`` with a write-through engine and no gallery loaded: the engine's gallery if it
+    opens within the query's wait (FACEDB_STAND_IN_AFTER_S; the stand-in is read from the store meanwhile, from
+    PREPARE_S on), else the stand-in. While the stand-in answers no query waits for the engine: an attempt still
+    running is only looked at, a failed one repeated every ``RETRY_S``."""
+    s = keeper.stand_in
+    if s is not None:
+        stamp = settings.index_stamp
+        if keeper.opening is None and time.monotonic() >= s.next_try and stamp is not None:
+            keeper.start_opening(keeper.backend(str(stamp.get("kind"))), stamp, settings.dim)
+        opening = keeper.opening
+        if opening is None or not opening.done():
+            return s.level(keeper.store, settings, keeper.catch_up, keeper.place)
+        if opening.error is not None:  # it failed: no store read to find that out
+            keeper.opening = None
+            if not cannot_answer(opening.error):
+                raise opening.error
+            s.next_try = time.monotonic() + RETRY_S
+            return s.level(keeper.store, settings, keeper.catch_up, keeper.place)
+    reading: EngineOpening | None = None
+    try:
+        try:
+            gallery = keeper.engine_gallery(settings, 0.0 if s is not None else min(PREPARE_S, after_s()))
+        except IndexUnavailableError as exc:
+            if s is not None or not _may(keeper, exc, settings):
+                raise
+            stop = threading.Event()
+            reading = EngineOpening(lambda: exact_gallery(keeper.store, settings.dim, keeper.place, stop),
+                                    keeper.place, "facedb-stand-in-read")
+            reading.stop = stop
+            gallery = keeper.engine_gallery(settings, max(0.0, after_s() - PREPARE_S))
+    except IndexUnavailableError as exc:
+        if not _may(keeper, exc, settings):
+            raise
+        if s is None:
+            assert reading is not None
+            s = keeper.stand_in = StandIn.start(reading.result(1e9), exc, time.monotonic() - reading.started)
+        s.next_try = time.monotonic() + RETRY_S
+        return s.level(keeper.store, settings, keeper.catch_up, keeper.place)
+    finally:
+        if reading is not None and keeper.stand_in is None:
+            reading.stop.set()  # the engine opened first (or the error is not one to stand in for)
+    drop(keeper)
+    return gallery
+
+
+def _may(keeper: IndexKeeper, exc: IndexUnavailableError, settings: Settings) -> bool:
+    """Whether the stand-in may answer for this error: the engine cannot answer yet, and the vectors fit."""
+    counts = keeper.store.counts()
+    return cannot_answer(exc) and StandIn.fits(counts["templates"] + counts["mean_templates"], settings.dim,
+                                               keeper.vector_budget)
+
+
+def drop(keeper: IndexKeeper, engine_back: bool = True) -> None:
+    """Let the stand-in go (``engine_back``: because the engine answers again, which is logged)."""
+    if keeper.stand_in is not None:
+        keeper.stand_in.close(engine_back)
+        keeper.stand_in = None

@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -42,12 +41,12 @@ import numpy as np
 from ..errors import IndexBehindWarning, IndexUnavailableError
 from ..fsio import locked, remove_stale_temporaries
 from ..records import IndexState
-from . import index_check
+from . import index_check, standin
 from .index import IndexBackend, IndexPlace, VectorIndex, auto_kind, backend_for
 from .index.saved_map import MapSource, SavedMap
 from .indexed import Gallery
 from .settings import Settings
-from .standin import OPEN_WAIT_S, RETRY_S, EngineOpening, StandIn, after_s, cannot_answer
+from .standin import OPEN_WAIT_S, EngineOpening, StandIn
 from .store import Store
 from .vectors import TemplateVectors, budget_bytes, bytes_for
 
@@ -104,7 +103,7 @@ class IndexKeeper:
         self._holds_removed = False  # the persisted copy just loaded holds removed templates: rewrite it
         self._locked = False  # this keeper holds the index lock now (its methods do not take it again)
         self.stand_in: StandIn | None = None  # answers queries while a remote engine cannot (standin.py)
-        self._opening: EngineOpening | None = None  # an attempt at opening the engine: running, or not yet read
+        self.opening: EngineOpening | None = None  # an attempt at opening the engine: running, or not yet read
 
     # ------------------------------------------------------------------------------------------------ policy
     @staticmethod
@@ -139,57 +138,17 @@ class IndexKeeper:
         an exact search of the store's templates (``standin.py``), until the engine opens again. Writes, saves
         and ``check`` use the engine itself (:meth:`_current`) and fail while it cannot answer."""
         if self.gallery is None and self._write_through(settings):
-            return self._answering(settings)
+            return standin.answer(self, settings)
         gallery = self._current(settings)
-        self._drop_stand_in()
+        standin.drop(self)
         return gallery
-
-    def _answering(self, settings: Settings) -> Gallery:
-        """The engine's gallery if it opens within the query's wait (none while the stand-in answers: an attempt
-        still running is only looked at, a failed one repeated every ``RETRY_S``), else the stand-in."""
-        s = self.stand_in
-        if s is not None:
-            stamp = settings.index_stamp
-            if self._opening is None and time.monotonic() >= s.next_try and stamp is not None:
-                self._start_opening(self.backend(str(stamp.get("kind"))), stamp, settings.dim)
-            opening = self._opening
-            if opening is None or not opening.done():  # no query waits for the engine meanwhile
-                return self._level_stand_in(s, settings)
-            if opening.error is not None:  # it failed: no store read to find that out
-                self._opening = None
-                if not cannot_answer(opening.error):
-                    raise opening.error
-                s.next_try = time.monotonic() + RETRY_S
-                return self._level_stand_in(s, settings)
-        try:
-            gallery = self._current(settings, 0.0 if s is not None else after_s())
-        except IndexUnavailableError as exc:
-            counts = self.store.counts()
-            if not cannot_answer(exc) or not StandIn.fits(counts["templates"] + counts["mean_templates"],
-                                                           settings.dim, self.vector_budget):
-                raise
-            if s is None:
-                s = self.stand_in = StandIn.build(self.store, settings.dim, self.place, exc)
-            s.next_try = time.monotonic() + RETRY_S
-            return self._level_stand_in(s, settings)
-        self._drop_stand_in()
-        return gallery
-
-    def _level_stand_in(self, s: StandIn, settings: Settings) -> Gallery:
-        """The stand-in caught up with the store (an acknowledged removal is gone before the answer)."""
-        return s.level(self.store, settings, self._catch_up, self.place)
-
-    def _drop_stand_in(self, engine_back: bool = True) -> None:
-        if self.stand_in is not None:
-            self.stand_in.close(engine_back)
-            self.stand_in = None
 
     def _current(self, settings: Settings, wait_s: float = OPEN_WAIT_S) -> Gallery:
         """The engine's (or the file's) gallery, caught up with the store's generation in ``settings`` (rebuilt
         when it must be); a remote engine that does not open within ``wait_s`` seconds is an error."""
         if self.gallery is None:
             self.gallery = self._load(settings, wait_s) or self._build(settings)
-        elif self.gallery.generation != settings.generation and not self._catch_up(self.gallery):
+        elif self.gallery.generation != settings.generation and not self.catch_up(self.gallery):
             # the log no longer reaches back: a shared engine is levelled by a diff of ids, not rebuilt
             assert self._backend is not None
             self._replace((self._backend.write_through and self._load(settings, wait_s)) or self._build(settings))
@@ -204,8 +163,8 @@ class IndexKeeper:
     def forget(self) -> None:
         """Drop the gallery in memory, and any stand-in (the next query loads or rebuilds it)."""
         self._replace(None)
-        self._drop_stand_in(engine_back=False)
-        self._opening = None
+        standin.drop(self, engine_back=False)
+        self.opening = None
 
     def _replace(self, gallery: Gallery | None) -> None:
         """Put ``gallery`` in place of the current one, whose background work (a vector fill) is stopped."""
@@ -258,11 +217,13 @@ class IndexKeeper:
         first = self._published is None or self._published[0] is not gallery
         backend.publish(gallery.index, self.place, gallery.generation)
         self._published = (gallery, gallery.generation)
-        if first and self._catch_up(gallery) and gallery.generation != self._published[1]:
+        if first and self.catch_up(gallery) and gallery.generation != self._published[1]:
             backend.publish(gallery.index, self.place, gallery.generation)
             self._published = (gallery, gallery.generation)
 
-    def _catch_up(self, gallery: Gallery) -> bool:
+    def catch_up(self, gallery: Gallery) -> bool:
+        """Apply the store's change log since ``gallery``'s generation to it (False: the log no longer reaches
+        back that far)."""
         changes = self.store.changes_since(gallery.generation)
         if changes is None:
             return False
@@ -334,19 +295,19 @@ class IndexKeeper:
                      ) -> VectorIndex | None:
         """A remote engine's index, opened by an :class:`EngineOpening` (the one still running from an earlier
         call, if any), waited for ``wait_s`` seconds at most."""
-        opening = self._start_opening(backend, stamp, dim)
+        opening = self.start_opening(backend, stamp, dim)
         try:
             return opening.result(wait_s)
         finally:
             if opening.done():
-                self._opening = None
+                self.opening = None
 
-    def _start_opening(self, backend: IndexBackend, stamp: dict[str, Any], dim: int) -> EngineOpening:
+    def start_opening(self, backend: IndexBackend, stamp: dict[str, Any], dim: int) -> EngineOpening:
         """The attempt at opening the engine: the one under way (or finished and not yet read), else a new one."""
-        if self._opening is None or self._opening.place != self.place:
+        if self.opening is None or self.opening.place != self.place:
             place = self.place
-            self._opening = EngineOpening(lambda: backend.load(place, stamp, dim), place)
-        return self._opening
+            self.opening = EngineOpening(lambda: backend.load(place, stamp, dim), place)
+        return self.opening
 
     def _from_saved(self, backend: IndexBackend, index: VectorIndex, saved: SavedMap | None,
                     stamp: dict[str, Any], settings: Settings) -> Gallery | None:
@@ -464,7 +425,7 @@ class IndexKeeper:
             gallery.set_map(np.concatenate(all_ids), np.concatenate(all_pids))
         if vectors is not None:
             gallery.keep_vectors(vectors, self.vector_budget)
-        self._catch_up(gallery)  # writes that landed while we read
+        self.catch_up(gallery)  # writes that landed while we read
         self._backend = backend
         self.from_file = False
         return gallery
@@ -671,10 +632,10 @@ class IndexKeeper:
         (``index_check.verify``)."""
         return index_check.verify(self, settings)
 
-    def engine_gallery(self, settings: Settings) -> Gallery:
+    def engine_gallery(self, settings: Settings, wait_s: float = OPEN_WAIT_S) -> Gallery:
         """The engine's (or the file's) own gallery, never the stand-in: IndexUnavailableError while a remote
-        engine cannot answer (``check``, saves)."""
-        return self._current(settings)
+        engine cannot answer (``check``, saves; ``standin.answer``, which waits ``wait_s`` for it to open)."""
+        return self._current(settings, wait_s)
 
     @property
     def backend_in_use(self) -> IndexBackend | None:
