@@ -532,6 +532,50 @@ def _process_pool(workers: int, pipe: FacePipeline) -> ProcessPoolExecutor:
     )
 
 
+#: One chunk in flight: its slots in order (None = being prepared) and the future preparing the rest.
+_Pending = tuple[list["Outcome | None"], "Future[list[Outcome]] | None"]
+_Run = Callable[[list[tuple[Any, PhotoSource]]], "Future[list[Outcome]]"]
+
+
+def _resolve_workers(pipe: FacePipeline, workers: int | None, n_photos: int) -> int:
+    """The detection processes to start: checked, ``None`` resolved by :func:`auto_workers`, and 0 for a
+    pipeline that cannot be rebuilt in a spawned process."""
+    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
+        raise InvalidInputError("workers must be an integer >= 0")
+    if workers is None:
+        workers = auto_workers(n_photos, pipe.settings.device, getattr(pipe.embedder, "holds_gil", False))
+    return workers if pipe.spawnable else 0
+
+
+def _detection_pool(pipe: FacePipeline, workers: int, choice: FaceChoice, cropped: bool,
+                    stop: threading.Event) -> tuple[Executor, _Run, int]:
+    """The executor that prepares chunks, how to submit one, and how many chunks to keep in flight."""
+    if workers:
+        pool: Executor = _process_pool(workers, pipe)
+        # 2 chunks a worker keeps every worker busy and bounds memory
+        return pool, lambda items: pool.submit(_worker_prepare, items, choice, cropped), 2 * workers
+    # A thread decodes and detects the next chunk while this one embeds and stores (torch and numpy
+    # release the GIL; dlib does not, hence the processes above).
+    thread = ThreadPoolExecutor(max_workers=1)
+    return thread, lambda items: thread.submit(pipe.prepare, items, choice, cropped, stop), 1
+
+
+def _submit_chunk(chunk: list[tuple[Any, PhotoSource]], known: Callable[[str], str | None] | None,
+                  run: _Run) -> _Pending:
+    """Skip known photos now (from the file's hash, before any detection); send the rest to ``run``."""
+    slots: list[Outcome | None] = []
+    todo = []
+    for key, src in chunk:
+        sha = source_sha256(src) if known is not None else None
+        reason = known(sha) if known is not None and sha is not None else None
+        if reason is not None:
+            slots.append(Unprepared(key, Skipped(_label(src) or "<photo>", reason), sha))
+        else:
+            slots.append(None)
+            todo.append((key, src))
+    return slots, (run(todo) if todo else None)
+
+
 def prepared_chunks(
     pipe: FacePipeline,
     work: Sequence[tuple[Any, PhotoSource]],
@@ -557,41 +601,15 @@ def prepared_chunks(
     Interrupting the consumer (KeyboardInterrupt) cancels the work not started and does not wait for the
     work running: processes are terminated, and the detection thread stops after the photo it is on.
     """
-    if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 0):
-        raise InvalidInputError("workers must be an integer >= 0")
-    if workers is None:
-        workers = auto_workers(len(work), pipe.settings.device, getattr(pipe.embedder, "holds_gil", False))
-    if not pipe.spawnable:
-        workers = 0
+    workers = _resolve_workers(pipe, workers, len(work))
     chunks = [list(work[i:i + batch_size]) for i in range(0, len(work), batch_size)]
     stop = threading.Event()
-    pool: Executor
-    if workers:
-        pool = _process_pool(workers, pipe)
-        run = lambda items: pool.submit(_worker_prepare, items, choice, cropped)  # noqa: E731
-        ahead = 2 * workers  # chunks in flight: keeps every worker busy, bounds memory
-    else:
-        # A thread decodes and detects the next chunk while this one embeds and stores (torch and numpy
-        # release the GIL; dlib does not, hence the processes above).
-        pool = ThreadPoolExecutor(max_workers=1)
-        run = lambda items: pool.submit(pipe.prepare, items, choice, cropped, stop)  # noqa: E731
-        ahead = 1
+    pool, run, ahead = _detection_pool(pipe, workers, choice, cropped, stop)
 
-    def submit(chunk: list[tuple[Any, PhotoSource]]) -> tuple[list[Outcome | None], Future[list[Outcome]] | None]:
-        """Skip known photos now; send the rest to the pool. Returns the chunk's slots (None = pending)."""
-        slots: list[Outcome | None] = []
-        todo = []
-        for key, src in chunk:
-            sha = source_sha256(src) if known is not None else None
-            reason = known(sha) if known is not None and sha is not None else None
-            if reason is not None:
-                slots.append(Unprepared(key, Skipped(_label(src) or "<photo>", reason), sha))
-            else:
-                slots.append(None)
-                todo.append((key, src))
-        return slots, (run(todo) if todo else None)
+    def submit(chunk: list[tuple[Any, PhotoSource]]) -> _Pending:
+        return _submit_chunk(chunk, known, run)
 
-    pending: list[tuple[list[Outcome | None], Future[list[Outcome]] | None]] = []
+    pending: list[_Pending] = []
     try:
         pending = [submit(c) for c in chunks[:ahead]]
         for i in range(len(chunks)):
