@@ -58,8 +58,7 @@ if TYPE_CHECKING:
     from .protection.encryption import ConversionReport
     from .protection.keyring import FileCipher, Protection
 
-STORE_FILE = lifecycle.STORE_FILE  # "facedb.sqlite3"
-INDEX_FILE = "index.faiss"  # the FAISS backend's file (facedb.gallery.index.faiss_kinds.INDEX_FILE)
+STORE_FILE, INDEX_FILE = lifecycle.STORE_FILE, "index.faiss"  # the store's file, the FAISS backend's index file
 
 
 class FaceDB:
@@ -321,9 +320,8 @@ class FaceDB:
     # ------------------------------------------------------------------------------------------------ queries
     def identify(self, vectors: object, k: int = 5,
                  threshold: float | None = None) -> records.Identification | list[records.Identification]:
-        """Who is this? For a unit vector ``(dim,)`` one Identification, for ``(n, dim)`` a list (one search): the
-        top-k people by best template similarity (cosine, higher is more alike) and the decision: the best person
-        if they pass the rule in force (or ``threshold``), else unknown (``identity`` None)."""
+        """Who is this? One Identification per unit vector (``(dim,)``: one, ``(n, dim)``: a list): the top-k people
+        by cosine similarity (higher is more alike) and the decision (``identity`` None: unknown): ``recognition``."""
         return recognition.identify(self, vectors, k, threshold)
 
     def verify(self, probe: object, name: str, threshold: float | None = None, *,
@@ -367,10 +365,13 @@ class FaceDB:
                     batch_size: int = 16, workers: int | None = 0, cropped: bool = False) -> records.EnrollReport:
         """Enrol several people, ``[(name, photos), ...]``: one face per photo, one transaction per photo; a photo
         that fails is skipped with its reason. The options: :func:`facedb.operations.enrolment.enroll_many`."""
-        return enrolment.enroll_many(self, batches, model=model, on_multiple=on_multiple,
-                                     on_other_match=on_other_match, metadata=metadata,
-                                     people_metadata=people_metadata, progress=progress, batch_size=batch_size,
-                                     workers=workers, cropped=cropped)
+        return enrolment.enroll_many(self, batches, model=model, on_multiple=on_multiple, on_other_match=on_other_match,
+                                     metadata=metadata, people_metadata=people_metadata, progress=progress,
+                                     batch_size=batch_size, workers=workers, cropped=cropped)
+
+    def _known_photo(self, sha256: str) -> str | None:
+        """Why a photo with these bytes (SHA-256) is not enrolled again, or None: :mod:`.operations.enrolment`."""
+        return enrolment.known_photo(self, sha256)
 
     # -------------------------------------------------------------------------------------------------- audit
     def configure_audit(self, *, enabled: bool | None = None, retention_days: float | None = None,

@@ -46,8 +46,12 @@ def pipeline_for(db: FaceDB, model: FacePipeline | None, weights: Path | None) -
 
 
 def identify(db: FaceDB, vectors: object, k: int, threshold: float | None) -> Identification | list[Identification]:
-    """:meth:`facedb.FaceDB.identify`: the top-``k`` people for each probe ``(dim,)`` or ``(n, dim)`` (unit vectors;
-    InvalidVectorError otherwise) and the decision, each recorded (``identify``) with the rule that decided."""
+    """:meth:`facedb.FaceDB.identify`: who is this? For a unit vector ``(dim,)`` one Identification, for ``(n, dim)``
+    a list (InvalidVectorError for anything else). Each holds the top-``k`` people by their best template
+    similarity (cosine; higher is more similar; fewer than ``k`` when fewer people exist) and the decision: the
+    best person if they pass the rule in force (with ``threshold`` given: similarity ``>= threshold``), else
+    unknown (``identity is None``). The whole batch goes to the index as one search; each decision is recorded
+    (``identify``) with the rule that decided, and unknown faces are kept for the visitor log when it is on."""
     single = np.ndim(vectors) == 1
     x = db._protect(as_unit_rows(vectors, db.dim))
     out, settings = db.query.identify(x, k, threshold)
