@@ -79,18 +79,16 @@ def after_s() -> float:
 
 class EngineOpening:
     """One attempt at opening a remote engine's index, on a daemon thread: ``open_`` runs there (it must not
-    touch the keeper: only the engine), and :meth:`result` waits for it a bounded time. Also reads the stand-in
-    from the store in the background (``open_`` returns a Gallery then, and gives up when ``stop`` is set)."""
+    touch the keeper or the store: only the engine), and :meth:`result` waits for it a bounded time."""
 
-    def __init__(self, open_: Callable[[], Any], place: IndexPlace, name: str = "facedb-engine-open") -> None:
+    def __init__(self, open_: Callable[[], Any], place: IndexPlace) -> None:
         self.place = place  # where it opens: an attempt for another place (after a reindex) is not taken
         self.started = time.monotonic()
-        self.stop = threading.Event()
         self._done = threading.Event()
         self._index: Any = None
         self._error: BaseException | None = None
         self._open = open_
-        threading.Thread(target=self._run, daemon=True, name=name).start()
+        threading.Thread(target=self._run, daemon=True, name="facedb-engine-open").start()
 
     def _run(self) -> None:
         try:
@@ -142,6 +140,54 @@ def exact_gallery(store: Store, dim: int, place: IndexPlace, stop: threading.Eve
     if ids:
         gallery.set_map(np.concatenate(ids), np.concatenate(pids))
     return gallery
+
+
+class Reading:
+    """The stand-in read from the store on a thread of its own, starting ``delay`` seconds from now unless it is
+    cancelled first; :meth:`result` takes it (reading it on the caller's thread if it has not started)."""
+
+    def __init__(self, store: Store, dim: int, place: IndexPlace, delay: float) -> None:
+        self._read = lambda: exact_gallery(store, dim, place, self._stop)
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._claimed = False
+        self._gallery: Gallery | None = None
+        self._error: BaseException | None = None
+        self._seconds = 0.0
+        self._timer = threading.Timer(delay, self._run)
+        self._timer.daemon = True
+        self._timer.name = "facedb-stand-in-read"
+        self._timer.start()
+
+    def _run(self) -> None:
+        with self._lock:
+            if self._claimed:
+                return
+            self._claimed = True
+        t = time.monotonic()
+        try:
+            self._gallery = self._read()
+        except BaseException as exc:  # handed to the caller by result()
+            self._error = exc
+        finally:
+            self._seconds = time.monotonic() - t
+            self._done.set()
+
+    def result(self) -> tuple[Gallery, float]:
+        """(the gallery, seconds its read took); the read's error if it failed."""
+        self._timer.cancel()
+        self._run()  # reads here if the thread has not started; else returns at once
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._gallery is not None
+        return self._gallery, self._seconds
+
+    def cancel(self) -> None:
+        """Not needed: no read starts, one under way gives up at its next batch."""
+        self._timer.cancel()
+        self._stop.set()
 
 
 class StandIn:
@@ -205,29 +251,23 @@ def answer(keeper: IndexKeeper, settings: Settings) -> Gallery:
                 raise opening.error
             s.next_try = time.monotonic() + RETRY_S
             return s.level(keeper.store, settings, keeper.catch_up, keeper.place)
-    reading: EngineOpening | None = None
+    # The stand-in is read from PREPARE_S on, on a thread of its own, in case the engine does not open in time
+    # (one wait, so the store's id map that the engine's open reads beside it is read once).
+    reading = None if s is not None else Reading(keeper.store, settings.dim, keeper.place, min(PREPARE_S, after_s()))
     try:
-        try:
-            gallery = keeper.engine_gallery(settings, 0.0 if s is not None else min(PREPARE_S, after_s()))
-        except IndexUnavailableError as exc:
-            if s is not None or not _may(keeper, exc, settings):
-                raise
-            stop = threading.Event()
-            reading = EngineOpening(lambda: exact_gallery(keeper.store, settings.dim, keeper.place, stop),
-                                    keeper.place, "facedb-stand-in-read")
-            reading.stop = stop
-            gallery = keeper.engine_gallery(settings, max(0.0, after_s() - PREPARE_S))
+        gallery = keeper.engine_gallery(settings, 0.0 if s is not None else after_s())
     except IndexUnavailableError as exc:
         if not _may(keeper, exc, settings):
             raise
         if s is None:
             assert reading is not None
-            s = keeper.stand_in = StandIn.start(reading.result(1e9), exc, time.monotonic() - reading.started)
+            got, read_s = reading.result()
+            s = keeper.stand_in = StandIn.start(got, exc, read_s)
         s.next_try = time.monotonic() + RETRY_S
         return s.level(keeper.store, settings, keeper.catch_up, keeper.place)
     finally:
         if reading is not None and keeper.stand_in is None:
-            reading.stop.set()  # the engine opened first (or the error is not one to stand in for)
+            reading.cancel()  # the engine opened first (or the error is not one to stand in for)
     drop(keeper)
     return gallery
 
