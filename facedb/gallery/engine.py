@@ -148,9 +148,10 @@ def rank_people(gallery: Gallery, queries: np.ndarray, k: int, fetch: VectorFetc
 
 
 #: Templates a close call's wider search proposes; each is scored exactly where the vectors are in memory. At
-#: 50 templates a person a stranger's nearest people each bring many of them: at 1M 128-d one ready probe's
-#: nearest template (0.532, the runner-up 0.517) was not among the 256 best-coded even over every list, and
-#: was among the 512 best over 512 lists (scripts/exact_agreement.py on the 50-a-person database).
+#: 50 templates a person a stranger's nearest people each bring many of them: at 1M 128-d, 50 a person, with
+#: 256 (over 512 lists) one ready stranger of 300 still got another decision than exact search's
+#: (scripts/profile_query.py --ready), with 512 none of 300 and none of 600 over 256 or 512 lists
+#: (bench-results/exact-agreement-1m50-128-codes64.json).
 WIDE_SHORTLIST = 512
 
 
@@ -176,15 +177,17 @@ def wide_candidates(gallery: Gallery, queries: np.ndarray, people: int) -> Ranke
 
 
 #: A decision whose best exact score lies within this much (cosine) of its threshold is a close call: the
-#: probe is searched again through the index's wider search (IVF kinds: ``search_wide``, 32 x nprobe, see
+#: probe is searched again through the index's wider search (IVF kinds: ``search_wide``, 16 x nprobe, see
 #: :func:`wide_candidates`), and the two candidate lists are merged (every score exact either way). Such a
 #: probe (a stranger who resembles someone, or a poor photo of an enrolled person) is far from every
 #: template, and its nearest ones lie in lists the default search does not reach: at 1M 128-d templates
 #: (scripts/bench_search.py's data, threshold 0.5), 26 of 100 strangers of the ready probes got another
-#: decision than exact search's; with 64-byte codes and this search none of 300 probes did, 4 of 1,000
-#: (scripts/exact_agreement.py, bench-results/exact-agreement-1m5-128-*.json). Probes outside the band
+#: decision than exact search's; with 64-byte codes and this search none of the 300 ready probes did, 9 of
+#: 1,000 with more strangers (at 50 a person: none of 300, none of 600; scripts/exact_agreement.py,
+#: bench-results/exact-agreement-1m*-128-*.json). Probes outside the band
 #: (genuine ones well above the threshold, clear strangers) pay nothing; a close call pays a second search.
 CLOSE_CALL = 0.15
+
 
 def settle_close_calls(gallery: Gallery, queries: np.ndarray, ranked: Ranked, k: int, threshold: float,
                        fetch: VectorFetch) -> Ranked:

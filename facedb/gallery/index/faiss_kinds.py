@@ -263,14 +263,15 @@ def _pca_dim(dim: int) -> int:
 MAX_DEFAULT_NLIST = 8192
 
 
-#: How many times its nprobe a close call's wider search reads (engine.CLOSE_CALL): 512 of 4,096 lists at 1M
+#: How many times its nprobe a close call's wider search reads (engine.CLOSE_CALL): 256 of 4,096 lists at 1M
 #: templates. A stranger's nearest template near the threshold lies far from every enrolled person, in a list
-#: the probe's own centroids rank low: at 1M 128-d templates (800 probes whose exact best score is at most
-#: 0.03 below the threshold) its list ranked 12th at the median, 114th for 90%, 425th for 99%, 1,175th at worst.
-#: Decisions against exact search's there (64-byte codes, 300 ready probes / 1,000 with 700 more strangers):
-#: without the wider search 93.7% / 81.1%; with 16 x nprobe 100% / 98.8%; 32 x 100% / 99.6%; 64 x no better
-#: (100% / 99.6%) at 1.4 x the cost of 32 x (bench-results/exact-agreement-1m5-128-codes64.json).
-WIDE_NPROBE = 32
+#: the probe's own centroids rank low: at 1M 128-d templates, 5 a person (800 probes whose exact best score is
+#: at most 0.03 below the threshold) its list ranked 12th at the median, 114th for 90%, 425th for 99%, 1,175th
+#: at worst. Decisions equal to exact search's there (64-byte codes; the 300 ready probes / with 700 more
+#: strangers): without the wider search 93.7% / 81.1%, 16 x nprobe 100% / 99.1%, 32 x 100% / 99.9%; at 50 a
+#: person (with 300 more): 94.7% / 92.8%, 8 x 100% / 99.7%, 16 x and 32 x 100% / 100%. A close call's engine
+#: time (CPU, load average 7-10): 1.8-2.2 ms at 16 x, 4.4-4.5 ms at 32 x (bench-results/exact-agreement-*).
+WIDE_NPROBE = 16
 
 
 def _nlist_for(n: int) -> int:
