@@ -15,7 +15,8 @@ the evidence in one JSON, all with flip (the ``facedb init`` default) and facedb
    are as alike as ORL's worst.
 3. ``variants`` (ORL re-embedded, not cached, about a minute each here): the pair and the stranger rate under
    other crops of the same photos: YuNet instead of MTCNN, the photo upscaled 2x before detection, no flip,
-   and crop mode (the photo padded with its median grey: alignment's border is then grey, not black).
+   and crop mode (the photo padded with its median grey: alignment's border is then grey, not black; and the
+   same landmarks with the crop cut from the photo itself, black past its edges).
 4. ``controlled``: the same 1,444 LFW photos (``peopleDevTest.txt`` people with >= 2 photos, 4 each at most;
    disjoint from the calibration people) in colour, turned grey, and grey and downscaled so that the eyes are as
    far apart as in ORL (median inter-ocular distance of 40 photos each, by MTCNN): impostor and genuine scores.
@@ -103,10 +104,13 @@ def pair_block(X: np.ndarray, labels: list[str] | np.ndarray, a: str, b: str, th
 
 def embed_transformed(paths: list[Path], pipe: object, detector: object, transform: Callable[[np.ndarray], np.ndarray],
                       flip: bool, cropped: bool = False, cache: EmbeddingCache | None = None,
-                      crops: dict[int, np.ndarray] | None = None) -> np.ndarray:
+                      crops: dict[int, np.ndarray] | None = None, photo_frame: bool = False) -> np.ndarray:
     """(n, d) embeddings of the photos after ``transform`` (pixels -> pixels), NaN rows where no face was
     found; the central face, as the evaluation does. ``cache``: keyed by the source file's SHA-256 (the cache's
-    variant must name the transform)."""
+    variant must name the transform). ``photo_frame`` (with ``cropped``): landmarks found in crop mode's padded
+    frame, but the crop cut from the photo itself (black past its edges, as outside crop mode)."""
+    if photo_frame:
+        return _crop_mode_from_photo(paths, pipe, detector, transform, flip)
     dim = pipe.embedder.dim  # type: ignore[attr-defined]
     X = np.full((len(paths), dim), np.nan, dtype=np.float32)
     todo = []
@@ -130,6 +134,30 @@ def embed_transformed(paths: list[Path], pipe: object, detector: object, transfo
             for i in part:
                 cache.put(source_sha256(paths[i]) or "", X[i], bool(np.isfinite(X[i]).all()))
             cache.save()
+    return X
+
+
+def _crop_mode_from_photo(paths: list[Path], pipe: object, detector: object,
+                          transform: Callable[[np.ndarray], np.ndarray], flip: bool) -> np.ndarray:
+    from dataclasses import replace
+
+    from facedb.faces.pipeline import CROP_PAD, choose_face, find_faces
+
+    dim = pipe.embedder.dim  # type: ignore[attr-defined]
+    X = np.full((len(paths), dim), np.nan, dtype=np.float32)
+    keys, crops = [], []
+    for i, p in enumerate(paths):
+        px = transform(load_photo(p).pixels)
+        faces, _ = find_faces(detector, px, cropped=True)
+        face = choose_face(faces, FaceChoice.CENTRAL, px.shape[1], px.shape[0])
+        if isinstance(face, str):
+            continue
+        pad = int(round(CROP_PAD * max(px.shape[:2])))  # the padded frame's offset (pipeline._padded)
+        face = replace(face, raw_box=tuple(c - pad for c in face.align_box), raw_landmarks=face.align_landmarks - pad)
+        keys.append(i)
+        crops.append(pipe.embedder.align(px, face))  # type: ignore[attr-defined]
+    if crops:
+        X[keys] = pipe.embed_crops(crops, flip)  # type: ignore[attr-defined]
     return X
 
 
@@ -241,12 +269,13 @@ def main() -> int:
         for name, det, transform, vflip, cropped in [
                 ("mtcnn (as shipped)", mtcnn, None, True, False), ("no flip", mtcnn, None, False, False),
                 ("yunet", yunet, None, True, False), ("upscaled 2x before detection", mtcnn, 2.0, True, False),
-                ("crop mode (median-grey padding)", mtcnn, None, True, True)]:
+                ("crop mode (median-grey padding)", mtcnn, None, True, True),
+                ("crop mode, cut from the photo (black border)", mtcnn, None, True, True)]:
             t = time.time()
             crops: dict[int, np.ndarray] = {}
             tf = (lambda px: px) if transform is None else (lambda px, k=transform: scaled(px, k))
             X = embed_transformed(orl_paths, pipe, det, tf, vflip, cropped,
-                                  crops=crops if name.startswith("mtcnn") else None)
+                                  crops=crops if name.startswith("mtcnn") else None, photo_frame="black" in name)
             ok = np.isfinite(X).all(1)
             Xo, Lo = X[ok], [lab for lab, good in zip(orl_labels, ok) if good]
             thr = spec.default_threshold(vflip)[0]
