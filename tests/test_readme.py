@@ -128,6 +128,12 @@ NOT_RUN = {
                                                          "tests/test_reembed.py"),
     ("docs/performance-and-scale.md", "git worktree add /tmp/wt-before"): (
         "a benchmark of an old commit against this one: its figures are in bench-results/", None),
+    ("docs/performance-and-scale.md", "git worktree add /tmp/wt-b 183cc40"): (
+        "a benchmark of the query path before and after #27's second pass on 1M-template databases: its figures "
+        "are in bench-results/", None),
+    ("docs/performance-and-scale.md", "python scripts/exact_agreement.py --db /tmp/h6ready/m1p5d128"): (
+        "exact search over 1M templates against the index on the ready databases (minutes each): its figures are "
+        "in bench-results/", "tests/test_close_calls.py"),
     ("docs/service.md", "pip install 'facedb[service]'"): ("installation, then `facedb serve` runs until stopped",
                                                            "tests/test_service_server.py"),
     ("docs/service.md", "K=fdb_"): (SERVER, "tests/test_service.py"),
