@@ -6,6 +6,28 @@ HTTP status of its class. Anything else escaping is a bug.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import warnings
+from pathlib import Path
+
+_PACKAGE = str(Path(__file__).resolve().parent)
+#: Frames passed over as well: a facedb ``with`` block's exit runs inside contextlib.
+_PASSED_OVER = (_PACKAGE, str(Path(contextlib.__file__).resolve()))
+
+
+def warn_caller(message: str | Warning, category: type[Warning] | None = None) -> None:
+    """``warnings.warn`` attributed to the first frame outside facedb: the user's line that called the API.
+
+    A fixed ``stacklevel`` is right for one call path only, and the same warning is raised from several (a removal,
+    or the open that finishes a removal a crash interrupted), so the depth is counted here instead (Python 3.12's
+    ``skip_file_prefixes`` does the same; facedb supports 3.10).
+    """
+    level, frame = 2, sys._getframe(1)  # stacklevel 1 is this function, 2 its caller
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(_PASSED_OVER):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, category, stacklevel=level)
+
 
 class FaceDBError(Exception):
     """Base class of every error facedb raises on purpose."""

@@ -299,8 +299,9 @@ def test_while_the_server_loads_the_store_answers_exactly_then_milvus_again(tmp_
         assert state_now.stand_in and "exact search of the store's 36 templates" in state_now.stand_in
         assert "still loading" in state_now.stand_in and not state_now.loaded
         removed = [t.id for t in db.templates("p2")]
-        with pytest.warns(IndexBehindWarning, match="still loading"):  # stored; the engine is behind
+        with pytest.warns(IndexBehindWarning, match="still loading") as behind:  # stored; the engine is behind
             db.remove_person("p2")
+        assert behind[0].filename == __file__, "the warning names the caller's line, not facedb's"
         twin.remove_person("p2")
         assert all(c.name != "p2" for c in db.identify(x[3:6], k=5)[0].candidates), "the removal holds at once"
         same_answers(db.identify(q, k=3), twin.identify(q, k=3))

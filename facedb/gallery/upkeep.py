@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import IndexBehindWarning, IndexUnavailableError
+from ..errors import IndexBehindWarning, IndexUnavailableError, warn_caller
 from ..fsio import locked, remove_stale_temporaries
 from ..records import IndexState
 from . import index_check, standin
@@ -184,8 +183,8 @@ class IndexKeeper:
             gallery = self._current(settings)
         except IndexUnavailableError as exc:
             self._replace(None)  # reconnect and catch up on the next query
-            warnings.warn(f"stored, but the index engine is behind until it can be reached: {exc}",
-                          IndexBehindWarning, stacklevel=3)
+            warn_caller(f"stored, but the index engine is behind until it can be reached: {exc}",
+                        IndexBehindWarning)
             return
         # A process that holds its gallery (a service) and has just taken a bulk write saves before the call
         # returns, so that a restart (or a crash) does not leave the next open to add it to the old copy.
@@ -573,8 +572,8 @@ class IndexKeeper:
         try:
             erase()
         except IndexUnavailableError as exc:
-            warnings.warn(f"removed, but the index engine was not asked to compact its storage: {exc}",
-                          IndexBehindWarning, stacklevel=4)
+            warn_caller(f"removed, but the index engine was not asked to compact its storage: {exc}",
+                        IndexBehindWarning)
 
     def save_to(self, place: IndexPlace, settings: Settings) -> str:
         """Write the current gallery to another place (a staging directory, under another cipher) without

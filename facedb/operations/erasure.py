@@ -11,11 +11,10 @@ debt (:func:`erase`) before it answers, and ``check`` tells a debt from an erasu
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from ..errors import ErasureWarning
+from ..errors import ErasureWarning, warn_caller
 from ..protection import encryption
 
 if TYPE_CHECKING:
@@ -54,7 +53,6 @@ def erase(db: FaceDB) -> None:
     ErasureWarning when other processes' readers kept it from being truncated)."""
     db.keeper.erase(db.settings())
     if not db.store.truncate_wal():
-        warnings.warn(ErasureWarning(
+        warn_caller(ErasureWarning(
             f"{db.root}: other processes kept reading old snapshots, so the write-ahead log still holds the "
-            "removed rows (encrypted if the database is); the next removal or `facedb vacuum` truncates it"),
-            stacklevel=3)
+            "removed rows (encrypted if the database is); the next removal or `facedb vacuum` truncates it"))

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import secrets
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DatabaseError, DatabaseExistsError, InvalidInputError, ModelMismatchError
+from ..errors import DatabaseError, DatabaseExistsError, InvalidInputError, ModelMismatchError, warn_caller
 from ..gallery.decision import ImpostorModel
 from ..gallery.index import backend_for, check_kind
 from ..gallery.settings import Settings, check_index_options, check_threshold
@@ -266,7 +265,7 @@ def close(db: FaceDB, save_index: bool) -> None:
         if save_index and not db.readonly:
             db.keeper.save(db.settings())
     except DatabaseError as exc:  # the index is a cache: the next open catches up from the store
-        warnings.warn(f"{db.root}: the index was not saved on close ({exc})", RuntimeWarning, stacklevel=3)
+        warn_caller(f"{db.root}: the index was not saved on close ({exc})", RuntimeWarning)
     finally:
         db.keeper.forget()
         db.store.close()

@@ -9,13 +9,12 @@ these under its lock; moved out of ``db.py`` as they were.
 from __future__ import annotations
 
 import secrets
-import warnings
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import DatabaseError, IndexUnavailableError
+from ..errors import DatabaseError, IndexUnavailableError, warn_caller
 from ..gallery import engine
 from ..gallery.index import backend_for, check_index_params
 from ..gallery.settings import Settings
@@ -72,8 +71,7 @@ def drop_moved(db: FaceDB, old_kind: str | None, old_place: Any, kind: str) -> N
     try:
         backend_for(old_kind).discard(old_place)
     except IndexUnavailableError as exc:
-        warnings.warn(f"the index moved, but its former collection could not be dropped (drop it by hand): {exc}",
-                      stacklevel=4)
+        warn_caller(f"the index moved, but its former collection could not be dropped (drop it by hand): {exc}")
 
 
 def load_index(db: FaceDB, wait: bool) -> IndexState:
