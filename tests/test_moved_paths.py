@@ -53,6 +53,10 @@ def test_from_old_path_import_name_and_submodules_of_a_moved_package(forget_old_
     assert any("facedb.index.saved_map has moved to facedb.gallery.index.saved_map" in m for m in said), said
     import facedb.gallery.index.saved_map as saved_map
     assert old_saved_map is saved_map  # not a second copy loaded from the new folder under the old name
+    with pytest.warns(DeprecationWarning, match="facedb.models has moved to facedb.faces.models"):
+        from facedb.models import DEFAULT_THREADS  # moved beside threads_setting; still found at its old home
+    from facedb.gallery.settings import DEFAULT_THREADS as now
+    assert DEFAULT_THREADS == now
 
 
 def test_the_old_gallery_modules_names_resolve_from_the_gallery_package():

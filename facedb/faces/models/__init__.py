@@ -20,7 +20,7 @@ import numpy as np
 
 from ...errors import InvalidInputError, ModelUnavailableError
 from ...gallery.decision import ImpostorModel
-from ...gallery.settings import threads_setting
+from ...gallery.settings import DEFAULT_THREADS, threads_setting  # noqa: F401 (DEFAULT_THREADS: its old home)
 
 
 @dataclass(frozen=True)
