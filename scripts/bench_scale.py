@@ -239,7 +239,20 @@ def step_query(args: argparse.Namespace, work: Path, state: dict) -> None:
     db.close()
     p50, p99 = np.percentile(np.array(times) * 1e3, [50, 99])
     top = [a.candidates[0].name if a.candidates else None for a in answers]
+    ms = np.array(times) * 1e3
+    best = np.array([a.candidates[0].similarity if a.candidates else -2.0 for a in answers])
+    try:  # a close call (best score near the threshold) is searched again wider where the engine does so
+        from facedb.gallery.engine import CLOSE_CALL
+    except ImportError:
+        CLOSE_CALL = None  # the engine constant, absent from older code
     run = {"open_s": open_s, "ready_s": ready_s, "p50_ms": float(p50), "p99_ms": float(p99),
+           "p50_ms_genuine": float(np.percentile(ms[:g], 50)), "p99_ms_genuine": float(np.percentile(ms[:g], 99)),
+           "p50_ms_impostor": float(np.percentile(ms[g:], 50)), "p99_ms_impostor": float(np.percentile(ms[g:], 99)),
+           "close_call_margin": CLOSE_CALL,
+           "close_calls_genuine": None if CLOSE_CALL is None else float(np.mean(np.abs(best[:g] - THRESHOLD)
+                                                                                 < CLOSE_CALL)),
+           "close_calls_impostor": None if CLOSE_CALL is None else float(np.mean(np.abs(best[g:] - THRESHOLD)
+                                                                                  < CLOSE_CALL)),
            "identity_at_1": float(np.mean([top[i] == f"id{data['truth'][i]}" for i in range(g)])),
            "same_top1_as_exact": float(np.mean([top[i] == f"id{data['exact_id'][i]}" for i in range(g)])),
            "same_decision_as_exact": float(np.mean([a.identity == e for a, e in zip(answers, exact_dec)])),
