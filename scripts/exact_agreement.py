@@ -79,21 +79,23 @@ def list_of_rows(ivf: object, ids: np.ndarray) -> np.ndarray:
 
 
 def decisions(gallery: object, probes: np.ndarray, threshold: float, close_call: float
-              ) -> tuple[list[int | None], list[float]]:
-    """The engine's decision (person id or None) for each probe asked alone, and its CPU seconds."""
+              ) -> tuple[list[int | None], list[float], list[float]]:
+    """The engine's decision (person id or None) for each probe asked alone, its CPU seconds and the best score
+    it found."""
     from facedb.gallery import engine
 
     saved = engine.CLOSE_CALL
     engine.CLOSE_CALL = close_call
     try:
-        out, cpu = [], []
+        out, cpu, found = [], [], []
         names = lambda pids: {int(p): (str(int(p)), None) for p in pids}  # noqa: E731
         for p in probes:
             t = time.thread_time()
             answer = engine.identify(gallery, p[None, :], 5, threshold, None, names)[0]  # type: ignore[arg-type]
             cpu.append(time.thread_time() - t)
             out.append(None if answer.identity is None else int(answer.identity))
-        return out, cpu
+            found.append(float("nan") if answer.similarity is None else float(answer.similarity))
+        return out, cpu, found
     finally:
         engine.CLOSE_CALL = saved
 
@@ -165,13 +167,20 @@ def main() -> None:
     for label, close_call, wide in modes:
         if wide is not None:
             gallery.index.params["nprobe_wide"] = wide * nprobe
-        got, cpu = decisions(gallery, probes, threshold, close_call)
+        got, cpu, found = decisions(gallery, probes, threshold, close_call)
         gallery.index.params.pop("nprobe_wide", None)
         same = np.array([g == e for g, e in zip(got, exact)])
         run = {"mode": label, "same_decision_ready": float(same[:len(ready)].mean()),
                "same_decision_all": float(same.mean()), "differ_ready": int((~same[:len(ready)]).sum()),
                "differ_all": int((~same).sum()), "engine_cpu_p50_us": float(np.median(cpu) * 1e6),
                "engine_cpu_p99_us": float(np.percentile(cpu, 99) * 1e6)}
+        if close_call == 0.0:  # the first search's best scores: how many probes the close-call band takes
+            gap = np.array(found) - threshold
+            run["close_calls"] = int(((gap > -min(engine.CLOSE_CALL, engine.CLOSE_CALL_BELOW))
+                                      & (gap < engine.CLOSE_CALL)).sum())
+        if (~same).any():  # how far from the threshold the differing decisions' best found scores were
+            off = np.array(found)[~same] - threshold
+            run["differing_found_minus_threshold"] = [float(off.min()), float(off.max())]
         res["runs"].append(run)  # type: ignore[attr-defined]
         print(json.dumps(run), flush=True)
     near = best_sim >= threshold - 0.03

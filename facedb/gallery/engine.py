@@ -187,16 +187,23 @@ def wide_candidates(gallery: Gallery, queries: np.ndarray, people: int) -> Ranke
 #: bench-results/exact-agreement-1m*-128-*.json). Probes outside the band
 #: (genuine ones well above the threshold, clear strangers) pay nothing; a close call pays a second search.
 CLOSE_CALL = 0.15
+#: The band below the threshold is narrower: with 64-byte codes the decisions that differed from exact
+#: search's had found best scores from 0.063 below the threshold to 0.105 above it (1,000 probes at 1M 128-d,
+#: bench-results/exact-agreement-1m5-128-codes64-band.json), and strangers 0.08-0.15 below it (most of the
+#: 512-d close calls, which found nothing better) are spared the second search.
+CLOSE_CALL_BELOW = 0.08
 
 
 def settle_close_calls(gallery: Gallery, queries: np.ndarray, ranked: Ranked, k: int, threshold: float,
                        fetch: VectorFetch) -> Ranked:
-    """``ranked`` (exact scores, best first, per query) with its close calls (best score within
-    :data:`CLOSE_CALL` of ``threshold``) searched again wider and merged: the same people or better ones,
+    """``ranked`` (exact scores, best first, per query) with its close calls (best score less than
+    :data:`CLOSE_CALL` above ``threshold``, or less than :data:`CLOSE_CALL_BELOW` below it) searched again wider
+    and merged: the same people or better ones,
     with the same exact scores. Unchanged for exact indexes and kinds without a wider search."""
     if gallery.index.exact or not hasattr(gallery.index, "search_wide"):
         return ranked
-    close = [i for i, pairs in enumerate(ranked) if pairs and abs(pairs[0][1] - threshold) < CLOSE_CALL]
+    below = min(CLOSE_CALL, CLOSE_CALL_BELOW)
+    close = [i for i, pairs in enumerate(ranked) if pairs and -below < pairs[0][1] - threshold < CLOSE_CALL]
     if not close:
         return ranked
     out = list(ranked)
