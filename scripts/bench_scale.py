@@ -249,6 +249,7 @@ def step_query(args: argparse.Namespace, work: Path, state: dict) -> None:
            "p50_ms_genuine": float(np.percentile(ms[:g], 50)), "p99_ms_genuine": float(np.percentile(ms[:g], 99)),
            "p50_ms_impostor": float(np.percentile(ms[g:], 50)), "p99_ms_impostor": float(np.percentile(ms[g:], 99)),
            "close_call_margin": CLOSE_CALL,
+           "close_calls_env": os.environ.get("FACEDB_CLOSE_CALLS", "unset (on)"),
            "close_calls_genuine": None if CLOSE_CALL is None else float(np.mean(np.abs(best[:g] - THRESHOLD)
                                                                                  < CLOSE_CALL)),
            "close_calls_impostor": None if CLOSE_CALL is None else float(np.mean(np.abs(best[g:] - THRESHOLD)
@@ -319,6 +320,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--step", choices=["all", "import", "index", "query"], default="all")
     ap.add_argument("--rebuild", action="store_true", help="time a reindex even where the import's close left one")
+    ap.add_argument("--out", type=Path, default=None, help="the JSON (default bench-results/scale-<N>[-<dim>].json)")
     args = ap.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -348,7 +350,8 @@ def main() -> None:
     for key in ("open_s", "ready_s", "p50_ms", "p99_ms", "rss_mb", "peak_rss_mb", "load_average"):
         values = [r[key] for r in runs]
         summary[key] = {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values))}
-    out = Path("bench-results") / (f"scale-{args.n}.json" if args.dim == DIM else f"scale-{args.n}-{args.dim}.json")
+    out = args.out or Path("bench-results") / (f"scale-{args.n}.json" if args.dim == DIM
+                                               else f"scale-{args.n}-{args.dim}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
     r = runs[-1]

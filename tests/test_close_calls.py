@@ -59,9 +59,17 @@ def test_close_calls_decide_as_exact_search(db, shape, monkeypatch):
     assert state.built == "ivfpq" and state.params["pq_m"] == DIM  # 64-byte codes: one dimension a sub-quantizer
     assert _decisions(db, probes) == exact
     # the shape fails without the close-call search: strangers' nearest templates lie in lists nprobe misses
+    band = engine.CLOSE_CALL
+    monkeypatch.setenv("FACEDB_CLOSE_CALLS", "off")  # the operator's switch: the first search alone
+    switched_off = _decisions(db, probes)
+    monkeypatch.delenv("FACEDB_CLOSE_CALLS")
     monkeypatch.setattr(engine, "CLOSE_CALL", 0.0)
     missed = sum(g != e for g, e in zip(_decisions(db, probes), exact))
     assert missed >= 5  # 15 of 400 when written
+    assert switched_off == _decisions(db, probes)
+    monkeypatch.setenv("FACEDB_CLOSE_CALLS", "on")
+    monkeypatch.setattr(engine, "CLOSE_CALL", band)
+    assert _decisions(db, probes) == exact
 
 
 def test_only_close_calls_search_wider(db, shape, monkeypatch):

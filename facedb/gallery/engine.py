@@ -17,6 +17,7 @@ vectors) and a ``names`` function (person ids -> names).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -194,6 +195,19 @@ CLOSE_CALL = 0.15
 CLOSE_CALL_BELOW = 0.08
 
 
+#: ``FACEDB_CLOSE_CALLS=off`` skips the close calls' second search: decisions then come from the first search alone
+#: (approximate near the threshold), for a door that puts its tail latency first. On by default: where most
+#: strangers resemble someone (a very large gallery, or a threshold set low) nearly every stranger is a close
+#: call and pays the wider search (measured at 10M 128-d in docs/performance-and-scale.md, both ways).
+CLOSE_CALLS_ENV = "FACEDB_CLOSE_CALLS"
+
+
+def close_calls_on() -> bool:
+    """Whether close calls are searched again (``FACEDB_CLOSE_CALLS``: ``off``/``0``/``false``/``no`` turn it off;
+    anything else, or unset, leaves it on). Read at each close call, so a clear decision pays nothing for it."""
+    return os.environ.get(CLOSE_CALLS_ENV, "on").strip().lower() not in {"off", "0", "false", "no"}
+
+
 def settle_close_calls(gallery: Gallery, queries: np.ndarray, ranked: Ranked, k: int, threshold: float,
                        fetch: VectorFetch) -> Ranked:
     """``ranked`` (exact scores, best first, per query) with its close calls (best score less than
@@ -204,7 +218,7 @@ def settle_close_calls(gallery: Gallery, queries: np.ndarray, ranked: Ranked, k:
         return ranked
     below = min(CLOSE_CALL, CLOSE_CALL_BELOW)
     close = [i for i, pairs in enumerate(ranked) if pairs and -below < pairs[0][1] - threshold < CLOSE_CALL]
-    if not close:
+    if not close or not close_calls_on():
         return ranked
     out = list(ranked)
     for i, wider in zip(close, rank_people(gallery, queries[close], k, fetch, wide=True)):
