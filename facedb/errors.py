@@ -170,7 +170,7 @@ class KeyMissingError(ProtectionError):
 
 
 class WrongKeyError(ProtectionError):
-    """The key given does not open this database (or its keyring, facedb.operations.keys, was altered)."""
+    """The key given does not open this database (or its keyring, facedb.keys, was altered)."""
 
 
 class TamperedError(ProtectionError):

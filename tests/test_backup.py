@@ -508,7 +508,7 @@ def test_replace_moves_a_damaged_database_aside(source, tmp_path):
 
 def test_an_encrypted_database_whose_keyring_is_gone_or_whose_key_was_rotated_is_replaced(tmp_path):
     """After `rotate-key` (A to C), an older backup (under A) could not be restored in place with either key:
-    the replace step opened the live database with the backup's key. Neither can a database whose facedb.operations.keys
+    the replace step opened the live database with the backup's key. Neither can a database whose facedb.keys
     is gone. The backup's key opens the backup; the database replaced needs no key; a wrong key names the
     backup and the key it needs."""
     pytest.importorskip("sqlcipher3")
@@ -527,10 +527,10 @@ def test_an_encrypted_database_whose_keyring_is_gone_or_whose_key_was_rotated_is
     report = FaceDB.restore(tmp_path / "bk", root, key=key_a, replace=True)
     assert sorted(contents(root, key=key_a)["people"]) == ["Ann"]
     assert "Later" in contents(Path(report.replaced), key=key_c)["people"]
-    (root / "facedb.operations.keys").unlink()  # the keyring lost: the database is unreadable, and still replaced
+    (root / "facedb.keys").unlink()  # the keyring lost: the database is unreadable, and still replaced
     report = FaceDB.restore(tmp_path / "bk", root, key=key_a, replace=True)
     assert sorted(contents(root, key=key_a)["people"]) == ["Ann"]
-    assert not (Path(report.replaced) / "facedb.operations.keys").exists()
+    assert not (Path(report.replaced) / "facedb.keys").exists()
 
 
 def test_restore_replace_of_the_current_directory(source, tmp_path):

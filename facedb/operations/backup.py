@@ -6,7 +6,7 @@ A backup is a directory holding:
   (never a file copy of a live file: see ``livefiles.py``), while the service keeps answering and writing. The
   store holds everything that is the truth: people, templates, settings, calibration, API keys, webhooks and
   the audit trail. An encrypted store's copy stays encrypted under the same data key.
-* ``facedb.operations.keys`` for an encrypted database: its keyring (data keys wrapped under the KEK; the KEK itself is
+* ``facedb.keys`` for an encrypted database: its keyring (data keys wrapped under the KEK; the KEK itself is
   never written anywhere). The manifest says which KEK the copy needs.
 * ``index.faiss`` only when asked (``--with-index``): the index is derived, and a restored database rebuilds
   or loads it as any database does (a file that does not match the store's stamp is never trusted).
@@ -49,7 +49,7 @@ from ..fsio import fsync_dir, write_atomic
 from ..gallery import livefiles
 from ..gallery.store import SCHEMA_VERSION, Store
 from ..protection import encryption
-from ..protection.keyring import KEYRING_FILE
+from ..protection.keyring import KEYRING_FILE, keyring_file
 
 MANIFEST = "backup.json"
 FORMAT = "facedb-backup/1"
@@ -252,7 +252,7 @@ def verify(src: Path, key: object = None) -> BackupReport:
         raise DatabaseError(f"{src}: the backup has no {STORE_FILE}")
     if _sha256(store_path) != manifest.store_sha256:
         raise TamperedError(f"{store_path}: its SHA-256 differs from the manifest's (altered or damaged)")
-    if manifest.encrypted != (src / KEYRING_FILE).is_file():
+    if manifest.encrypted != keyring_file(src).is_file():
         raise DatabaseError(f"{src}: the manifest and the keyring disagree on whether the copy is encrypted")
     protection = _unlock_backup(src, key, manifest)
     store = Store.open(store_path, readonly=True, key=protection.store_key() if protection else None)
@@ -337,6 +337,7 @@ def restore(src: Path, dest: Path, *, key: object = None, replace: bool = False)
             copy.backup_to(staging / STORE_FILE)  # through SQLite, not a file copy: the result is checked below
         finally:
             copy.close()
+        keyring_file(src)  # a misnamed keyring under its own name first
         for name in (KEYRING_FILE, INDEX_FILE):
             if (src / name).is_file():
                 shutil.copy2(src / name, staging / name)

@@ -8,7 +8,7 @@ Threat model: a stolen disk, a copied database directory or backup. Not a root a
   (``--key-command``, for a KMS or a secrets manager). A KEK is 32 random bytes (64 hex digits, base64, or a
   32-byte binary file: what ``facedb genkey`` prints), stretched with HKDF-SHA256; anything else is a
   passphrase (at least 16 characters), stretched with scrypt (n=2^15, r=8, p=1: ~0.1-0.2 s per open).
-* **The data key (DEK)**, 32 random bytes, encrypts the data. It is kept in the keyring file ``facedb.operations.keys``
+* **The data key (DEK)**, 32 random bytes, encrypts the data. It is kept in the keyring file ``facedb.keys``
   in the database directory, *wrapped* (AES-256-GCM) by the KEK, with a version. Rotating the KEK re-wraps the
   DEK (fast: one small file rewritten); ``--reencrypt`` makes a new DEK and re-encrypts everything.
   Sub-keys are derived from the DEK with HKDF-SHA256, one per use (the SQLCipher store, the index file,
@@ -19,7 +19,7 @@ Threat model: a stolen disk, a copied database directory or backup. Not a root a
   altered file fails authentication (:class:`~facedb.errors.TamperedError`); a file from another save
   (another file id) does not decrypt as this one, so the store's stamp of the file id also proves freshness.
 
-Keyring format (JSON, ``facedb.operations.keys``; nothing in it is secret without the KEK)::
+Keyring format (JSON, ``facedb.keys``; nothing in it is secret without the KEK)::
 
     {"format": "facedb-keyring", "version": 1, "database_id": hex, "state": "active" | "encrypting" |
      "reencrypting", "key_version": N, "store_cipher": "...", "rotated_at": ISO time,
@@ -54,9 +54,13 @@ from ..errors import (
     TamperedError,
     WrongKeyError,
 )
-from ..fsio import write_atomic
+from ..fsio import fsync_dir, write_atomic
 
-KEYRING_FILE = "facedb.operations.keys"
+#: The keyring's file name on disk: a format, not a module path (it must never follow a module rename).
+KEYRING_FILE = "facedb.keys"
+#: The name development builds between the folder move (cdbc5f2) and its fix gave the keyring, when a
+#: search-and-replace of module paths also rewrote this file name: such a keyring is renamed back when found.
+MISNAMED_KEYRING_FILE = "facedb.operations.keys"
 KEYRING_FORMAT = "facedb-keyring"
 KEYRING_VERSION = 1
 #: How the store is encrypted (recorded in the keyring so that a later release can migrate it).
@@ -337,6 +341,24 @@ def unwrap(material: bytes, entry: dict[str, Any], database_id: str) -> DataKey 
 
 
 # --------------------------------------------------------------------------------------------- the keyring
+def keyring_file(root: Path) -> Path:
+    """The keyring of the database (or backup) folder ``root``: ``facedb.keys``. A keyring found under the name
+    development builds misnamed it (:data:`MISNAMED_KEYRING_FILE`) and none under its own is renamed back first
+    (``os.replace``: atomic; another process doing the same at once is harmless), so every reader, backup and
+    restore finds it where every release looks."""
+    root = Path(root)
+    path, misnamed = root / KEYRING_FILE, root / MISNAMED_KEYRING_FILE
+    if not path.exists() and misnamed.is_file():
+        try:
+            os.replace(misnamed, path)
+            fsync_dir(root)
+        except FileNotFoundError:  # another process renamed it first
+            pass
+        except OSError:  # a read-only folder (a mounted backup): read it where it is
+            return misnamed
+    return path
+
+
 @dataclass
 class Keyring:
     """The keyring file's content. :meth:`read` / :meth:`write` (atomic); :meth:`unlock` unwraps."""
@@ -350,7 +372,8 @@ class Keyring:
 
     @staticmethod
     def path(root: Path) -> Path:
-        return Path(root) / KEYRING_FILE
+        """``root``'s keyring file (renaming a keyring a development build misnamed, once, atomically)."""
+        return keyring_file(root)
 
     @classmethod
     def exists(cls, root: Path) -> bool:
