@@ -71,8 +71,11 @@ def new_name(old: str) -> str | None:
 
 
 def warn_moved(old: str, new: str, stacklevel: int) -> None:
-    """The DeprecationWarning for a use of an old path (``stacklevel`` as :func:`warnings.warn` counts it)."""
-    warnings.warn(f"{old} has moved to {new}; the old path works until the next release: import {new}",
+    """The DeprecationWarning for a use of an old path (``stacklevel`` as :func:`warnings.warn` counts it); ``new``
+    a module path, or ``module:name`` for a name that moved to another module."""
+    module, _, name = new.partition(":")
+    where, how = (f"{module}.{name}", f"from {module} import {name}") if name else (module, f"import {module}")
+    warnings.warn(f"{old} has moved to {where}; the old path works until the next release: {how}",
                   DeprecationWarning, stacklevel=stacklevel + 1)
 
 

@@ -120,6 +120,8 @@ def test_calibrating_fpir_under_the_margin_rule_sets_the_margin_threshold(tmp_pa
     folder = labelled(tmp_path / "calib", 12, 3)
     rec = jlines(cli(db, "--json", "calibrate", "--fpir", "0.1", "--folder", folder, "--gallery-size", 3))[0]
     assert rec["margin_floor"] == 0.5 and "margin_threshold" in rec
+    # the output says what was stored: the margin, not the fixed-rule threshold it also prints
+    assert rec["applied"].startswith(f"margin rule: s1 - 0.5 s2 >= {rec['margin_threshold']:.4f}, with s1 >= 0.5000")
     with FaceDB.open(db) as d:
         s = d.settings()
         assert s.rule.kind == "margin" and s.rule.margin == pytest.approx(rec["margin_threshold"])

@@ -107,6 +107,7 @@ def test_fr01_calibrate_far_folder_stores_the_threshold(tmp_path, fake):
     before = audit_rows(db)
     rec = jlines(cli(db, "--json", "calibrate", "--far", "0.01", "--folder", folder))[0]
     assert rec["stored"] is True and rec["impostor_pairs"] == 594  # C(36,2) - 12 * C(3,2)
+    assert rec["applied"] == f"threshold {rec['threshold']:.4f}"  # what was stored, said in words
     with FaceDB.open(db) as d:
         s = d.stats()
         assert s.threshold == pytest.approx(rec["threshold"]) and s.threshold != 0.8

@@ -63,8 +63,14 @@ def test_the_old_gallery_modules_names_resolve_from_the_gallery_package():
     import facedb.gallery
     from facedb.gallery.indexed import Gallery
 
-    with pytest.warns(DeprecationWarning, match="facedb.gallery.Gallery has moved to facedb.gallery.indexed.Gallery"):
+    vars(facedb.gallery).pop("Gallery", None)  # a use earlier in this process has warned already
+    with pytest.warns(DeprecationWarning, match="facedb.gallery.Gallery has moved to facedb.gallery.indexed.Gallery"
+                      ) as caught:
         assert facedb.gallery.Gallery is Gallery
+    assert len(caught) == 1 and "from facedb.gallery.indexed import Gallery" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert facedb.gallery.Gallery is Gallery  # warned once, not at every use
     with pytest.raises(AttributeError):
         facedb.gallery.NoSuchName  # noqa: B018
 

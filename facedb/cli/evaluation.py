@@ -217,7 +217,11 @@ def calibrate(
             db.set_rule("margin", margin=float(rec["margin_threshold"]))  # type: ignore[arg-type]
             s = db.settings()
             db.set_threshold(s.threshold, s.threshold_source, calibration=rec)
+            rec["applied"] = (f"margin rule: s1 - 0.5 s2 >= {rec['margin_threshold']:.4f}, with s1 >= "
+                              f"{s.threshold:.4f} (the 1:1 threshold, unchanged; 'threshold' above is what a fixed "
+                              "rule would need)")
         elif not dry_run:
+            rec["applied"] = f"threshold {float(rec['threshold']):.4f}"
             db.set_threshold(float(rec["threshold"]), f"calibrated: {rec['target']} {rate:g} on {rec['source']}",
                              calibration=rec)
         rec["stored"] = not dry_run

@@ -8,8 +8,9 @@ def __getattr__(name: str) -> Any:
     from ..moved import OLD_GALLERY_NAMES, warn_moved
 
     if name in OLD_GALLERY_NAMES:
-        warn_moved(f"facedb.gallery.{name}", f"facedb.gallery.indexed.{name}", stacklevel=2)
+        warn_moved(f"facedb.gallery.{name}", f"facedb.gallery.indexed:{name}", stacklevel=2)
         from . import indexed
 
-        return getattr(indexed, name)
+        value = globals()[name] = getattr(indexed, name)  # warned once: later lookups find it here
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
