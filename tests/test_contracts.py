@@ -65,3 +65,11 @@ def test_write_through_contract_can_fail(tmp_path):
 
     with pytest.raises(AssertionError, match="read-only"):
         contracts.check_index_backend(Leaky(), "milvus", tmp_path, place=place_for("milvus", tmp_path))
+
+
+def test_the_cli_offers_every_registered_index_kind():
+    """`facedb init --index` / `reindex --index` take their choices from IndexKind: a backend registered without
+    its kind there would be usable from Python and refused by the CLI, silently."""
+    from facedb.cli.admin import IndexKind
+
+    assert {k.value for k in IndexKind} == set(index_kinds()) | {"auto"}

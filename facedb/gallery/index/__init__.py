@@ -14,8 +14,9 @@ An index is a cache derived from the store: keyed by template id, searched by in
 
 Backends register here by name with the kinds they provide and a factory that imports them on first use, so
 importing this module imports neither faiss nor any client library. To add one: implement both protocols in
-its own module (the only one importing its engine), call :func:`register_backend`, and run the contract
-tests in ``tests/test_index_contract.py`` against it.
+its own module (the only one importing its engine), call :func:`register_backend`, add its kind to the
+CLI's ``IndexKind``, and ``tests/test_contracts.py`` runs the contracts against it (docs/architecture.md,
+"Where to change what").
 """
 
 from __future__ import annotations
