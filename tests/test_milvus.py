@@ -875,31 +875,3 @@ def test_fault_drill_server_killed_mid_removal(tmp_path):
     assert after["first_answer_right"] and after["first_from_store"] and after["all_right"], after
     assert after.get("milvus_answers_s") is not None, "Milvus answered again after the restart"
     assert result["passed"] and got.returncode == 0
-
-
-def test_close_calls_search_milvus_wider_and_decide_as_exact_search(tmp_path, uri, monkeypatch):
-    """A decision near the threshold is searched again through Milvus's wider search (ef x4 / nprobe x16, at
-    least 512 results), as with the FAISS IVF kinds; every probe a close call here: answers equal exact search's."""
-    from facedb.gallery import engine
-    from facedb.gallery.index import milvus as mv
-
-    x, pids = gallery()
-    with make(tmp_path / "db", uri) as db:
-        enrol(db, x, pids)
-    twin = flat_twin(tmp_path / "flat", x, pids)
-    wide_params = []
-    real = mv.MilvusIndex._search_params
-
-    def spy(self, limit, wide=False):
-        if wide:
-            wide_params.append(real(self, limit, wide))
-        return real(self, limit, wide)
-
-    monkeypatch.setattr(mv.MilvusIndex, "_search_params", spy)
-    monkeypatch.setattr(engine, "CLOSE_CALL", 2.0)  # every decision a close call
-    q = probes(x)
-    with FaceDB.open(tmp_path / "db") as db:
-        same_answers(db.identify(q, k=3), twin.identify(q, k=3))
-    assert wide_params, "the close calls went through Milvus's wider search"
-    ef = [p["params"].get("ef") for p in wide_params if "ef" in p["params"]]
-    assert all(e >= 512 for e in ef)

@@ -264,13 +264,6 @@ def _check_owner(info: dict[str, Any], place: IndexPlace, dim: int, uri: str, al
             f"{dim}-d {model!r}")
 
 
-#: How many times further a close call's second search reads, which only close calls pay: IVF_FLAT's nprobe as
-#: the FAISS IVF kinds' wider search (faiss_kinds.WIDE_NPROBE); HNSW's ef 4x (and at least the 512 templates
-#: the engine asks for: engine.WIDE_SHORTLIST), a graph search already reaching far past its ef's results.
-WIDE_NPROBE = 16
-WIDE_EF = 4
-
-
 def _nlist(n: int) -> int:
     """About 4 sqrt(n) lists, a power of two, at most 65,536 (as the FAISS ivf kind)."""
     return int(min(65536, 2 ** round(math.log2(max(1.0, 4 * math.sqrt(max(n, 1)))))))
@@ -401,26 +394,15 @@ class MilvusIndex:
         return self._present(np.asarray(ids, dtype=np.int64))
 
     # -------------------------------------------------------------------------------------------- searches
-    def _search_params(self, limit: int, wide: bool = False) -> dict[str, Any]:
-        """The server's search parameters; ``wide`` (a close call's second search) reads :data:`WIDE` times
-        further: HNSW's ef, IVF_FLAT's nprobe (at most every list)."""
+    def _search_params(self, limit: int) -> dict[str, Any]:
         p = self.params
         if p.get("index_type") == "HNSW":  # Milvus wants ef >= the number of results asked for
-            ef = (WIDE_EF if wide else 1) * int(p.get("ef_search", 128))
-            return {"metric_type": "COSINE", "params": {"ef": max(ef, limit)}}
+            return {"metric_type": "COSINE", "params": {"ef": max(int(p.get("ef_search", 128)), limit)}}
         if p.get("index_type") == "IVF_FLAT":
-            nprobe = (WIDE_NPROBE if wide else 1) * int(p.get("nprobe", 16))
-            return {"metric_type": "COSINE", "params": {"nprobe": min(nprobe, int(p.get("nlist", nprobe)))}}
+            return {"metric_type": "COSINE", "params": {"nprobe": int(p.get("nprobe", 16))}}
         return {"metric_type": "COSINE", "params": {}}
 
-    def search_wide(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`search` reading further (:meth:`_search_params` ``wide``), for the engine's close calls
-        (``engine.CLOSE_CALL``): a probe whose best exact score sits near the threshold, whose deciding
-        template HNSW at its own ef may not propose (at 100k on a 2.3.5 server, 2 of 1,500 decisions differed
-        from exact search's at ef 128; docs/milvus.md)."""
-        return self.search(queries, k, wide=True)
-
-    def search(self, queries: np.ndarray, k: int, wide: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = np.ascontiguousarray(queries, dtype=np.float32)
         k = min(k, len(self), MAX_TOPK)
         sims = np.full((len(q), max(k, 0)), _FLOAT_MIN, dtype=np.float32)
@@ -431,7 +413,7 @@ class MilvusIndex:
         hits = []
         if self._count:
             hits = self._call("searching", self._client.search, self.name, data=list(q), limit=limit,
-                              search_params=self._search_params(limit, wide), output_fields=["person_id"],
+                              search_params=self._search_params(limit), output_fields=["person_id"],
                               consistency_level=SEARCH_CONSISTENCY)
         extra = q @ self._overlay.T if len(self._overlay_ids) else None
         for row in range(len(q)):
