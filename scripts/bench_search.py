@@ -229,6 +229,8 @@ def main() -> None:
     ap.add_argument("--milvus-server", default=None, metavar="NAME",
                     help="a scripts/milvus_server.sh instance on this machine serving --milvus-uri: its resident "
                          "memory is recorded after the milvus runs")
+    ap.add_argument("--milvus-params", type=json.loads, default=None, metavar="JSON",
+                    help='the milvus kind\'s index parameters, e.g. \'{"ef_search": 256}\' (default: facedb\'s)')
     ap.add_argument("--stand-in", action="store_true",
                     help="milvus: also measure queries answered by the store while the server cannot answer")
     ap.add_argument("--peers", action="store_true", help="also time the peers' search loops")
@@ -300,7 +302,7 @@ def run_size(args: argparse.Namespace, n: int, per: int, header: str, results: d
                            "milvus_collection": f"facedb_bench_{n}"}
             with FaceDB.open(root) as db:
                 t = time.perf_counter()
-                db.reindex(kind, index_options=options)
+                db.reindex(kind, params=args.milvus_params if kind == "milvus" else None, index_options=options)
                 build_s = time.perf_counter() - t
             if kind == "milvus" and options["milvus_uri"].endswith(".db"):
                 from pymilvus import MilvusClient  # only to release it, as a new Lite process finds it
