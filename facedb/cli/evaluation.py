@@ -303,7 +303,7 @@ def convert_facenet(
         raise ModelUnavailableError(f"converting needs torch and facenet-pytorch ({exc}); see docs/install.md"
                                     ) from None
     convert_graph(graph, out)
-    from ..faces.models.weights import sha256_file
+    from ..fsio import sha256_file
 
     model_id = model_id_for(out, "facenet-casia-tf")
     emit_kv(ctx, {"weights": str(out), "sha256": sha256_file(out), "model_id": model_id,

@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import timings
 from ..errors import FaceDBError, InvalidInputError
+from ..fsio import sha256_file
 from ..records import Skipped
 from . import quality
 from .detect import DETECTORS, Detector, Face, MTCNNDetector, in_frame
@@ -485,11 +486,7 @@ def source_sha256(src: PhotoSource) -> str | None:
         try:
             if os.path.getsize(src) > MAX_FILE_BYTES:
                 return None
-            h = hashlib.sha256()
-            with open(src, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-            return h.hexdigest()
+            return sha256_file(src)
         except OSError:
             return None
     return None

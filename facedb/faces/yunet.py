@@ -24,8 +24,9 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ModelUnavailableError, WeightsHashError
+from ..fsio import sha256_file
 from .detect import Face, in_frame
-from .models.weights import WeightsFile, cache_dir, carried_file, download, sha256_file
+from .models.weights import WeightsFile, cache_dir, carried_file, download
 
 #: OpenCV Zoo's directory of YuNet (the file is kept in Git LFS; GitHub's raw URL redirects to it).
 YUNET_URL = "https://github.com/opencv/opencv_zoo/raw/main/models/face_detection_yunet/"

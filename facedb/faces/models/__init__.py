@@ -179,7 +179,8 @@ def resolve_model(model_id: str | None, *, weights: Path | None = None, dim: int
 
 
 def _is_sface_file(weights: Path) -> bool:
-    from .weights import WEIGHTS, sha256_file
+    from ...fsio import sha256_file
+    from .weights import WEIGHTS
 
     path = Path(weights).expanduser()
     try:

@@ -21,7 +21,8 @@ import numpy as np
 from PIL import Image
 
 from ...errors import ModelMismatchError, ModelUnavailableError
-from .weights import WEIGHTS, resolve_weights, sha256_file
+from ...fsio import sha256_file
+from .weights import WEIGHTS, resolve_weights
 
 IMAGE_SIZE = 160
 MARGIN = 32

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ...errors import ModelUnavailableError, WeightsHashError
-from ...fsio import write_atomic
+from ...fsio import sha256_file, write_atomic
 
 RELEASE_URL = "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/"
 
@@ -85,14 +85,6 @@ WEIGHTS: dict[str, WeightsFile] = {
 def cache_dir() -> Path:
     torch_home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "torch")
     return Path(torch_home).expanduser() / "checkpoints"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def download(url: str, dest: Path, sha256: str, *, timeout: float = 30.0, progress: bool = True) -> Path:

@@ -47,7 +47,7 @@ import faiss
 import numpy as np
 
 from ...errors import TamperedError, TamperedFileWarning
-from ...fsio import write_atomic
+from ...fsio import sha256_file, write_atomic
 from ..settings import threads_setting
 from . import IndexPlace, VectorIndex
 from .saved_map import FOOTER, MapSource, SavedMap, footer, parse_footer, read_map, write_map
@@ -790,10 +790,6 @@ class FaissBackend:
 
 def _sha256_of(path: Path) -> str | None:
     try:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-        return h.hexdigest()
+        return sha256_file(path, chunk=1 << 24)
     except OSError:
         return None
