@@ -40,7 +40,7 @@ client protocol, **not a measure of a Milvus server or cluster**, whose searches
 (and machines) behind gRPC. To measure a server, point it there:
 
     FACEDB_MILVUS_TOKEN=root:Milvus python scripts/bench_search.py --index ivf ivfpq milvus \
-        --sizes 10000 100000 --milvus-uri http://milvus-host:19530 --no-peers
+        --sizes 10000 100000 --milvus-uri http://milvus-host:19530
 
 Open time for milvus is what a facedb process pays with the engine running: connect, describe, load the
 collection if the engine holds it released, read the store's id map. With Milvus Lite the collection is

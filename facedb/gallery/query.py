@@ -82,16 +82,29 @@ class Query:
             settings = self.memo.current()
             check_made_by(made_by, settings.model_id)
             try:
-                gallery = self.keeper.current(settings)
-                policy = Policy("given", threshold, explanation="given") if threshold is not None else \
-                    settings.rule.policy(settings.threshold, len(gallery))
-                answers = engine.identify(gallery, x, k, policy, self.fetch(gallery), self.lookup_names)
-                if made_by is not None:  # one small read: a move that committed while the answer was made
-                    check_made_by(made_by, self.store.get_meta("model_id") or "")
-                return answers, settings
+                return self._identify_once(x, k, threshold, made_by, settings)
             except IndexUnavailableError:
                 self.keeper.forget()  # a remote engine failed (or its collection was dropped): reopen next time
+                if not self.keeper.stands_in_for(settings):
+                    raise
+            # Once more, for the query that was in flight when the engine failed (a server killed mid-search):
+            # the keeper now reopens the engine for at most FACEDB_STAND_IN_AFTER_S, then answers from the
+            # store (standin.py), so this door gets its answer instead of an error. A second failure is raised.
+            try:
+                return self._identify_once(x, k, threshold, made_by, settings)
+            except IndexUnavailableError:
+                self.keeper.forget()
                 raise
+
+    def _identify_once(self, x: np.ndarray, k: int, threshold: float | None, made_by: str | None,
+                       settings: Settings) -> tuple[list[Identification], Settings]:
+        gallery = self.keeper.current(settings)
+        policy = Policy("given", threshold, explanation="given") if threshold is not None else \
+            settings.rule.policy(settings.threshold, len(gallery))
+        answers = engine.identify(gallery, x, k, policy, self.fetch(gallery), self.lookup_names)
+        if made_by is not None:  # one small read: a move that committed while the answer was made
+            check_made_by(made_by, self.store.get_meta("model_id") or "")
+        return answers, settings
 
     def lookup_names(self, person_ids: Sequence[int]) -> dict[int, tuple[str, str | None]]:
         """Names of people, from memory while no one was renamed or removed (the query just read the people

@@ -159,6 +159,11 @@ class IndexKeeper:
         self._publish(self.gallery)
         return self.gallery
 
+    def stands_in_for(self, settings: Settings) -> bool:
+        """Whether a query this keeper cannot answer from its engine may be answered by the stand-in (a remote,
+        write-through engine: standin.py decides, by the memory budget, when it is asked)."""
+        return self._write_through(settings)
+
     def forget(self) -> None:
         """Drop the gallery in memory, and any stand-in (the next query loads or rebuilds it)."""
         self._replace(None)

@@ -99,12 +99,25 @@ WRITE_ROWS = 4096
 #: (which waits for its index) may take minutes on a large gallery.
 TIMEOUT_S = 60.0
 SLOW_TIMEOUT_S = 1800.0
+#: Seconds a search may take (FACEDB_MILVUS_SEARCH_TIMEOUT_S) before it is an IndexUnavailableError: pymilvus
+#: retries a dead server's refused connections until the call's timeout, and a door's query in flight when the
+#: server died waited the whole TIMEOUT_S for its error. With this, it fails in seconds and is asked again of the
+#: stand-in (gallery/query.py). Searches took at most ~0.1 s here (1M, load 13), so 5 s is never a slow one.
+SEARCH_TIMEOUT_ENV = "FACEDB_MILVUS_SEARCH_TIMEOUT_S"
+SEARCH_TIMEOUT_S = 5.0
 #: Seconds an open waits for a collection the server is already loading (FACEDB_MILVUS_LOAD_WAIT_S) before it says
 #: so with IndexLoadingError (retry shortly) instead of holding the caller: a 2.3 server restarted moments ago
 #: reassigns a collection only once its previous query node's session expires (common.session.ttl, 30 s), and a
 #: door must not hang for that.
 LOAD_WAIT_ENV = "FACEDB_MILVUS_LOAD_WAIT_S"
 LOAD_WAIT_S = 5.0
+#: Seconds a rebuild waits for the server to serve what it wrote from the index (``_wait_served_from_index``):
+#: building HNSW over 1M x 128-d took minutes on this machine's two cores.
+INDEX_WAIT_ENV = "FACEDB_MILVUS_INDEX_WAIT_S"
+INDEX_WAIT_S = 900.0
+#: Segments under this many rows are never indexed (the server's indexCoord.segment.minSegmentNumRowsToEnableIndex,
+#: default 1,024): searched whole, they are not waited for.
+UNINDEXED_ROWS = 1024
 #: Galleries built at this size or more get IVF_FLAT instead of HNSW (cheaper to build, less memory).
 HNSW_UP_TO = 2_000_000
 FORMAT = "facedb-templates-1"
@@ -264,6 +277,13 @@ def _check_owner(info: dict[str, Any], place: IndexPlace, dim: int, uri: str, al
             f"{dim}-d {model!r}")
 
 
+#: How many times further a close call's second search reads, which only close calls pay: IVF_FLAT's nprobe as
+#: the FAISS IVF kinds' wider search (faiss_kinds.WIDE_NPROBE); HNSW's ef 4x (and at least the 512 templates
+#: the engine asks for: engine.WIDE_SHORTLIST), a graph search already reaching far past its ef's results.
+WIDE_NPROBE = 16
+WIDE_EF = 4
+
+
 def _nlist(n: int) -> int:
     """About 4 sqrt(n) lists, a power of two, at most 65,536 (as the FAISS ivf kind)."""
     return int(min(65536, 2 ** round(math.log2(max(1.0, 4 * math.sqrt(max(n, 1)))))))
@@ -313,9 +333,9 @@ class MilvusIndex:
         self._hidden = np.zeros(0, dtype=np.int64)  # read-only: held by the collection, gone from the store
         self.compaction_job: int | None = None  # the last compaction asked for after a removal (server job id)
 
-    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    def _call(self, what: str, fn: Any, *args: Any, timeout: float = TIMEOUT_S, **kwargs: Any) -> Any:
         with _engine(self.uri, what):
-            return fn(*args, timeout=TIMEOUT_S, **kwargs)
+            return fn(*args, timeout=timeout, **kwargs)
 
     # ---------------------------------------------------------------------------------------------- counts
     def refresh(self, consistency: str = SEARCH_CONSISTENCY) -> None:
@@ -394,15 +414,26 @@ class MilvusIndex:
         return self._present(np.asarray(ids, dtype=np.int64))
 
     # -------------------------------------------------------------------------------------------- searches
-    def _search_params(self, limit: int) -> dict[str, Any]:
+    def _search_params(self, limit: int, wide: bool = False) -> dict[str, Any]:
+        """The server's search parameters; ``wide`` (a close call's second search) reads :data:`WIDE` times
+        further: HNSW's ef, IVF_FLAT's nprobe (at most every list)."""
         p = self.params
         if p.get("index_type") == "HNSW":  # Milvus wants ef >= the number of results asked for
-            return {"metric_type": "COSINE", "params": {"ef": max(int(p.get("ef_search", 128)), limit)}}
+            ef = (WIDE_EF if wide else 1) * int(p.get("ef_search", 128))
+            return {"metric_type": "COSINE", "params": {"ef": max(ef, limit)}}
         if p.get("index_type") == "IVF_FLAT":
-            return {"metric_type": "COSINE", "params": {"nprobe": int(p.get("nprobe", 16))}}
+            nprobe = (WIDE_NPROBE if wide else 1) * int(p.get("nprobe", 16))
+            return {"metric_type": "COSINE", "params": {"nprobe": min(nprobe, int(p.get("nlist", nprobe)))}}
         return {"metric_type": "COSINE", "params": {}}
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search_wide(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`search` reading further (:meth:`_search_params` ``wide``), for the engine's close calls
+        (``engine.CLOSE_CALL``): a probe whose best exact score sits near the threshold, whose deciding
+        template HNSW at its own ef may not propose (at 100k x 128-d on a 2.3.5 server, one stranger of 1,500
+        got another decision than exact search's at ef 128 without it, none with it; docs/milvus.md)."""
+        return self.search(queries, k, wide=True)
+
+    def search(self, queries: np.ndarray, k: int, wide: bool = False) -> tuple[np.ndarray, np.ndarray]:
         q = np.ascontiguousarray(queries, dtype=np.float32)
         k = min(k, len(self), MAX_TOPK)
         sims = np.full((len(q), max(k, 0)), _FLOAT_MIN, dtype=np.float32)
@@ -413,7 +444,8 @@ class MilvusIndex:
         hits = []
         if self._count:
             hits = self._call("searching", self._client.search, self.name, data=list(q), limit=limit,
-                              search_params=self._search_params(limit), output_fields=["person_id"],
+                              timeout=search_timeout() * math.ceil(len(q) / 64),  # per 64 probes
+                              search_params=self._search_params(limit, wide), output_fields=["person_id"],
                               consistency_level=SEARCH_CONSISTENCY)
         extra = q @ self._overlay.T if len(self._overlay_ids) else None
         for row in range(len(q)):
@@ -496,6 +528,41 @@ def _ensure_loaded(client: MilvusClient, uri: str, physical: str) -> None:
                     f"{wait:g} s; a server restarted moments ago serves it once its previous query node's session "
                     "expires, ~30 s): retry shortly")
             time.sleep(0.2)
+
+
+def search_timeout() -> float:
+    """The seconds one search may take (FACEDB_MILVUS_SEARCH_TIMEOUT_S, default SEARCH_TIMEOUT_S)."""
+    return float(os.environ.get(SEARCH_TIMEOUT_ENV) or SEARCH_TIMEOUT_S)
+
+
+def _wait_served_from_index(client: MilvusClient, uri: str, physical: str, rows: int) -> bool:
+    """Wait (FACEDB_MILVUS_INDEX_WAIT_S seconds at most) until the server serves all ``rows`` of a collection a
+    rebuild just sealed from segments that carry its vector index (or are too small for one: UNINDEXED_ROWS);
+    False (and a warning) when the wait ran out.
+
+    Why: a 2.3 server goes on answering from the rows as it received them until the sealed segments' index is
+    built and handed to the query node, and those answers ignore ``ef`` and miss near neighbours (measured at
+    100k x 128-d: recall@50 ~0.7 for ~30 s after the flush, 2 of 1,500 decisions unlike exact search's that
+    no ef fixed; then HNSW, where ef works; docs/milvus.md). A rebuild's alias is swung only after this, so no
+    door answers from an index that is not there yet. Milvus Lite indexes what it seals at once: not asked."""
+    if uri.endswith(".db") or rows <= 0:
+        return True
+    wait = float(os.environ.get(INDEX_WAIT_ENV) or INDEX_WAIT_S)
+    deadline = time.monotonic() + wait
+    while True:
+        with _engine(uri, f"reading the segments of {physical!r}"):
+            segments = client.list_loaded_segments(physical, timeout=TIMEOUT_S)
+        served = sum(int(s.num_rows) for s in segments)
+        indexed = sum(int(s.num_rows) for s in segments if s.index_name or s.num_rows < UNINDEXED_ROWS)
+        if served >= rows and indexed == served:
+            return True
+        if time.monotonic() >= deadline:
+            logging.getLogger(__name__).warning(
+                "Milvus at %s: %d of %d rows of %r are served from its index after %g s; the rest are searched "
+                "without it (approximately, ef ignored) until the server has indexed them", uri, indexed, rows,
+                physical, wait)
+            return False
+        time.sleep(0.5)
 
 
 def _load_quietly(client: MilvusClient, physical: str) -> None:
@@ -601,6 +668,7 @@ class MilvusBackend:
             # its unsealed rows at ~1 s a query at 10k x 512 here, its sealed HNSW segments at ~10 ms). Once per
             # rebuild; ordinary writes are never flushed (Milvus advises against frequent flushes).
             client.flush(index.physical, timeout=SLOW_TIMEOUT_S)
+        _wait_served_from_index(client, uri, index.physical, index._count)
         info = _describe(client, uri, index.alias)
         old = None if info is None else str(info["collection_name"])
         with _engine(uri, f"pointing alias {index.alias!r} at {index.physical!r}"):
