@@ -545,7 +545,7 @@ def _wait_served_from_index(client: MilvusClient, uri: str, physical: str, rows:
     100k x 128-d: recall@50 ~0.7 for ~30 s after the flush, 2 of 1,500 decisions unlike exact search's that
     no ef fixed; then HNSW, where ef works; docs/milvus.md). A rebuild's alias is swung only after this, so no
     door answers from an index that is not there yet. Milvus Lite indexes what it seals at once: not asked."""
-    if uri.endswith(".db") or rows <= 0:
+    if uri.endswith(".db") or rows < UNINDEXED_ROWS:  # no segment of it can get an index: searched whole
         return True
     wait = float(os.environ.get(INDEX_WAIT_ENV) or INDEX_WAIT_S)
     deadline = time.monotonic() + wait
