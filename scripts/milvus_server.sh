@@ -11,7 +11,8 @@
 #                                                                 # `restart NAME` brings it back on the same data
 #
 # e.g. `start auth --authorization-enabled true --proxy-port 19630`: a second instance with authorisation on
-# (user root, password Milvus). State lives in .milvus-run/NAME/ (git-ignored): data, logs, the wrapper's pid.
+# (user root, password Milvus); a second instance gets free etcd ports by itself (or give --etcd-port P).
+# State lives in .milvus-run/NAME/ (git-ignored): data, logs, the wrapper's pid.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${MILVUS_VENV:-.milvus-venv}
@@ -32,6 +33,7 @@ server_pid() {
   local p
   for p in $(pgrep -P "$(cat "$dir/wrapper.pid")" -x milvus 2>/dev/null); do alive "$p" && { echo "$p"; return; }; done
 }
+listening() { ss -Htln "( sport = :$1 )" 2>/dev/null | grep -q .; }
 health_port() { tr '\0' '\n' <"/proc/$1/environ" 2>/dev/null | sed -n 's/^METRICS_PORT=//p'; }
 # The wrapper also moves a taken port to the next free one, so the proxy's port is read from the config it wrote.
 proxy_port() { awk '/^proxy:/{p=1; next} /^[^ #]/{p=0} p && /^  port:/{print $2; exit}' "$dir/data/configs/milvus.yaml"; }
@@ -50,6 +52,14 @@ start|restart)
       "$VENV/bin/pip" install -q milvus==2.3.5
     fi
     rm -rf "$dir" && mkdir -p "$dir"
+    # A second instance needs an etcd of its own: the wrapper moves every other taken port, but not etcd's
+    # (2379, peer 2380), and the server then dies at start ("bind: address already in use"). Unless given,
+    # the first free pair from 2479 (step 100) is chosen when the defaults are taken, and kept for restarts.
+    if ! printf '%s\n' "$@" | grep -qx -- --etcd-port && { listening 2379 || listening 2380; }; then
+      p=2479
+      while listening "$p" || listening $((p + 1)); do p=$((p + 100)); done
+      set -- "$@" --etcd-port "$p"
+    fi
     [ $# -eq 0 ] || printf '%s\n' "$@" >"$dir/args"
     touch "$dir/args"
   fi
@@ -85,6 +95,12 @@ EOF
   while :; do
     if ! running; then echo "milvus $name exited while starting; see $dir/" >&2; tail -5 "$dir/wrapper.log" >&2; exit 1; fi
     pid=$(server_pid || true)
+    if [ -z "$pid" ] && pgrep -P "$(cat "$dir/wrapper.pid")" -x milvus >/dev/null 2>&1; then  # only a zombie left
+      echo "milvus $name died while starting; see $dir/data/logs/" >&2
+      grep -h '\[ERROR\]' "$dir/data/logs/milvus-stdout.log" 2>/dev/null | sed 's/ \[stack=.*//' | head -3 >&2
+      "$0" stop "$name" || true
+      exit 1
+    fi
     port=${pid:+$(health_port "$pid")}
     if [ -n "${port:-}" ] && curl -fsS "http://127.0.0.1:$port/healthz" 2>/dev/null | grep -q OK; then break; fi
     if [ $(( $(date +%s) - t0 )) -ge "$WAIT_S" ]; then
