@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import IndexUnavailableError, ModelChangedError, NoTemplatesError
+from ..errors import IndexCredentialsError, IndexUnavailableError, ModelChangedError, NoTemplatesError
 from ..records import Identification, Verification
 from . import engine
 from .decision import Policy
@@ -83,10 +83,10 @@ class Query:
             check_made_by(made_by, settings.model_id)
             try:
                 return self._identify_once(x, k, threshold, made_by, settings)
-            except IndexUnavailableError:
+            except IndexUnavailableError as exc:
                 self.keeper.forget()  # a remote engine failed (or its collection was dropped): reopen next time
-                if not self.keeper.stands_in_for(settings):
-                    raise
+                if isinstance(exc, IndexCredentialsError) or not self.keeper.stands_in_for(settings):
+                    raise  # a refused token is not an engine that cannot answer yet: never stood in for
             # Once more, for the query that was in flight when the engine failed (a server killed mid-search):
             # the keeper now reopens the engine for at most FACEDB_STAND_IN_AFTER_S, then answers from the
             # store (standin.py), so this door gets its answer instead of an error. A second failure is raised.
