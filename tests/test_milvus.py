@@ -984,3 +984,31 @@ def test_a_query_in_flight_when_the_server_dies_is_answered_from_the_store(tmp_p
         assert timeouts == [mv.SEARCH_TIMEOUT_S]
         monkeypatch.setattr(mv.MilvusClient, "search", real_search)
     twin.close()
+
+
+def test_a_move_off_milvus_that_cannot_drop_the_collection_changes_nothing(tmp_path, uri, monkeypatch):
+    """Found by a newcomer: `reindex --index flat` with a wrong token failed (rc 2) but had already recorded the
+    move, so the next `reindex --index hnsw` "succeeded" and left every template in the collection, where no
+    removal reached it. A move that cannot drop the old collection now fails whole, as often as it is tried."""
+    import facedb.gallery.index.milvus as mv
+
+    x, pids = gallery()
+    with make(tmp_path / "db", uri) as db:
+        enrol(db, x, pids)
+        before = {k: v for k, v in db.store.all_meta().items() if k.startswith("index")}
+
+        def refused(self, place):
+            raise IndexCredentialsError("Milvus at ...: the server refused the credentials")
+
+        monkeypatch.setattr(mv.MilvusBackend, "discard", refused)
+        for kind in ("flat", "hnsw", "ivf"):
+            with pytest.raises(IndexCredentialsError):
+                db.reindex(kind)
+            assert {k: v for k, v in db.store.all_meta().items() if k.startswith("index")} == before, kind
+            assert not (tmp_path / "db" / "index.faiss").exists(), "the copy just written is not left behind"
+        assert db.index_state().built == "milvus" and db.identify(x[0], k=1).identity == "p1"
+        monkeypatch.undo()
+        db.remove_person("p2")
+        db.reindex("flat")
+        assert not MilvusClient(uri).has_collection("faces"), "with the server answering, the move drops it"
+        assert db.identify(x[4], k=1).identity != "p2"

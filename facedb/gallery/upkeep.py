@@ -527,9 +527,18 @@ class IndexKeeper:
         fields = self._save_fields(gallery, self.place)
         stamp = settings.index_stamp
         old_kind = stamp.get("kind") if stamp else None
-        self.store.set_meta({"index_stamp": self._stamp(fields, gallery, settings), **(also or {})})
         if old_kind and old_kind != gallery.index.kind:
-            self._discard_other(str(old_kind))
+            # The copy the former backend keeps is dropped before the stamp moves: when it cannot be (a server
+            # that refuses the token or cannot be reached), the move fails and the database stays where it was,
+            # stamp and all, with the copy just written removed. Recording the move first left every template
+            # in the old collection with nothing pointing at it: no later removal reached it, and the next
+            # reindex, reading the new stamp, never tried to drop it (found by a newcomer's wrong token).
+            try:
+                self._discard_other(str(old_kind))
+            except BaseException:
+                self._backend.discard(self.place)
+                raise
+        self.store.set_meta({"index_stamp": self._stamp(fields, gallery, settings), **(also or {})})
         self.from_file = True
         self._holds_removed = False
         self.store.prune_changes(gallery.generation)

@@ -49,7 +49,7 @@ def reindex(db: FaceDB, kind: str, params: dict[str, Any] | None,
     try:
         gallery = db.keeper.rebuild(db.settings())
     except BaseException:
-        db.store.set_meta({k: before.get(k, "") for k in rows})
+        db.store.restore_meta(before, rows)
         db.keeper.place = replace(db.keeper.place, options=lifecycle.index_options(db))
         db.keeper.forget()
         raise

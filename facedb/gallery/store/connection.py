@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
 
@@ -362,6 +362,17 @@ class StoreBase:
 
     def all_meta(self) -> dict[str, str]:
         return dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
+
+    def restore_meta(self, before: dict[str, str], keys: Iterable[str]) -> None:
+        """Put the settings rows ``keys`` back as ``before`` had them (a row it lacked is deleted, not left
+        empty: an empty row reads as a setting), with the ``settings_version`` bump of :meth:`set_meta`."""
+        keys = list(keys)
+        with self.write():
+            self.db["meta"].upsert_all([{"key": k, "value": before[k]} for k in keys if k in before], pk="key")
+            gone = [k for k in keys if k not in before]
+            if gone:
+                self.conn.execute(f"DELETE FROM meta WHERE key IN ({','.join('?' * len(gone))})", gone)
+            self._bump("settings_version")
 
     def set_meta(self, items: dict[str, str]) -> None:
         """Write settings rows, and bump ``settings_version`` in the same transaction, so that every process
