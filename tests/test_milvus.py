@@ -1012,3 +1012,22 @@ def test_a_move_off_milvus_that_cannot_drop_the_collection_changes_nothing(tmp_p
         db.reindex("flat")
         assert not MilvusClient(uri).has_collection("faces"), "with the server answering, the move drops it"
         assert db.identify(x[4], k=1).identity != "p2"
+
+
+def test_the_cli_reports_a_write_the_engine_missed_in_one_warning_line(tmp_path, uri):
+    """Found by a newcomer: `remove` while the server cannot be reached printed Python's two-line warning
+    (naming typer's `return callback(**use_params)`); the write is kept (exit 0) and said in one line."""
+    import subprocess
+    import sys
+
+    x, pids = gallery()
+    with make(tmp_path / "db", uri) as db:
+        enrol(db, x, pids)
+    env = {**os.environ, "FACEDB_MILVUS_URI": "http://127.0.0.1:9"}
+    got = subprocess.run([sys.executable, "-m", "facedb.cli", "--db", str(tmp_path / "db"), "remove", "p1"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert got.returncode == 0, got.stderr
+    lines = [line for line in got.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: stored, but the index engine is behind"), lines
+    with FaceDB.open(tmp_path / "db") as db:
+        assert "p1" not in {p.name for p in db.people()}

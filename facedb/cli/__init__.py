@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -339,8 +340,16 @@ def _usage_error(exc: Any) -> SystemExit:
     return SystemExit(exc.exit_code)
 
 
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """Warnings as one line on stderr (``warning: ...``): Python's own format names the CLI's source line (typer's
+    ``return callback(**use_params)``), which says nothing to someone at a terminal."""
+    click.echo(f"warning: {message}", err=True)
+
+
 def main() -> None:
     was_devnull = _stdout_is_devnull()
+    warnings.showwarning = _warning_line
     try:
         rv = app(standalone_mode=False)
         raise SystemExit(rv if isinstance(rv, int) else 0)
