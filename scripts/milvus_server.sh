@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A real Milvus server on this machine, for CI and benchmarks: the standalone server (etcd and RocksMQ built in)
 # that the PyPI package milvus==2.3.5 carries, in a venv of its own (.milvus-venv: it needs nothing from facedb's
-# and its [client] extra pins an old pymilvus, so it is left out). Talks to 127.0.0.1 only.
+# and its [client] extra pins an old pymilvus, so it is left out). It listens on all interfaces (the
+# wrapper's choice); facedb's tests and benchmarks connect to 127.0.0.1.
 #
 #   scripts/milvus_server.sh start NAME [milvus-server options]   # fresh data dir, waits for /healthz, prints the URI
 #   scripts/milvus_server.sh stop NAME                            # SIGINT to the wrapper, waits for the server to go
