@@ -1031,3 +1031,69 @@ def test_the_cli_reports_a_write_the_engine_missed_in_one_warning_line(tmp_path,
     assert len(lines) == 1 and lines[0].startswith("warning: stored, but the index engine is behind"), lines
     with FaceDB.open(tmp_path / "db") as db:
         assert "p1" not in {p.name for p in db.people()}
+
+
+def test_an_engine_that_fails_again_soon_after_it_came_back_is_stood_in_for_at_once(tmp_path, uri, monkeypatch):
+    """A server shutting down gracefully still opens the collection but no longer searches: the keeper goes back
+    to it, the search fails, and each time a query waited FACEDB_STAND_IN_AFTER_S and the store was read again
+    (a newcomer measured ten 1.0 s answers in one stop). The stand-in is kept as a spare for SPARE_S after the
+    engine comes back and taken up at once, levelled with what changed meanwhile."""
+    import facedb.gallery.index.milvus as mv
+    import facedb.gallery.standin as standin
+
+    x, pids = gallery()
+    with make(tmp_path / "db", uri) as db:
+        enrol(db, x, pids)
+    twin = flat_twin(tmp_path / "flat", x, pids)
+    monkeypatch.setattr(standin, "RETRY_S", 0.0)
+    q = probes(x)
+    monkeypatch.setenv("FACEDB_MILVUS_URI", "http://127.0.0.1:9")
+    with FaceDB.open(tmp_path / "db") as db:
+        same_answers(db.identify(q, k=3), twin.identify(q, k=3))
+        assert db.index_state().stand_in is not None
+        monkeypatch.delenv("FACEDB_MILVUS_URI")
+        for _ in range(200):
+            db.identify(q, k=3)
+            if db.index_state().stand_in is None:
+                break
+            time.sleep(0.05)
+        assert db.index_state().built == "milvus" and db.keeper.stand_in_spare is not None
+        db.remove_person("p2")  # while the engine answers: the spare must not bring p2 back
+        twin.remove_person("p2")
+        reads = []
+        monkeypatch.setattr(standin, "Reading", lambda *a, **kw: reads.append(a) or pytest.fail("store read again"))
+        monkeypatch.setenv("FACEDB_STAND_IN_AFTER_S", "60")  # were it waited for, this test would take minutes
+
+        def dies(self, *args, **kwargs):
+            monkeypatch.setenv("FACEDB_MILVUS_URI", "http://127.0.0.1:9")
+            raise MilvusException(code=2, message="Fail connecting to server, illegal connection params")
+
+        monkeypatch.setattr(mv.MilvusClient, "search", dies)
+        same_answers(db.identify(q, k=3), twin.identify(q, k=3))
+        assert db.index_state().stand_in is not None and not reads
+        assert all(a.identity != "p2" for a in db.identify(x[3:6], k=1))
+    assert db.keeper.stand_in_spare is None and db.keeper.stand_in is None  # closing lets them go
+    twin.close()
+
+
+def test_a_spare_stand_in_is_let_go_after_its_time(tmp_path, uri, monkeypatch):
+    import facedb.gallery.standin as standin
+
+    x, pids = gallery()
+    with make(tmp_path / "db", uri) as db:
+        enrol(db, x, pids)
+    monkeypatch.setattr(standin, "RETRY_S", 0.0)
+    monkeypatch.setenv("FACEDB_MILVUS_URI", "http://127.0.0.1:9")
+    with FaceDB.open(tmp_path / "db") as db:
+        db.identify(x[0], k=1)
+        monkeypatch.delenv("FACEDB_MILVUS_URI")
+        for _ in range(200):
+            db.identify(x[0], k=1)
+            if db.index_state().stand_in is None:
+                break
+            time.sleep(0.05)
+        spare = db.keeper.stand_in_spare
+        assert spare is not None
+        db.keeper.stand_in_spare = (spare[0], time.monotonic() - 1)  # its time is up
+        assert db.identify(x[0], k=1).identity == "p1"
+        assert db.keeper.stand_in_spare is None

@@ -60,6 +60,11 @@ OPEN_WAIT_S = 8.0
 RETRY_S = 1.0
 #: Templates read from the store at a time when building the stand-in (64 MiB of 512-d float32).
 BATCH = 32768
+#: After the engine answers again, its stand-in is kept this long (seconds; a *spare*), levelled with the change
+#: log like any gallery when it is taken up again: a server shutting down gracefully (30-61 s for a 2.3 server)
+#: still opens the collection but no longer searches, and each query that found it failed waited
+#: FACEDB_STAND_IN_AFTER_S for it and read the store again (a newcomer measured ten 1.0 s answers in one stop).
+SPARE_S = 60.0
 
 
 def cannot_answer(exc: BaseException) -> bool:
@@ -226,9 +231,12 @@ class StandIn:
     def close(self, engine_back: bool) -> None:
         """Let the gallery go: the engine answers again (``engine_back``: logged), or the keeper forgets both."""
         if engine_back:
-            log.warning("the index engine answers again: queries go to it (the store answered for %.1f s)",
-                        time.time() - self.since)
+            self.announce_back()
         self.gallery.close()
+
+    def announce_back(self) -> None:
+        log.warning("the index engine answers again: queries go to it (the store answered for %.1f s)",
+                    time.time() - self.since)
 
 
 # ------------------------------------------------------------------------------------ the keeper's query path
@@ -237,7 +245,7 @@ def answer(keeper: IndexKeeper, settings: Settings) -> Gallery:
     opens within the query's wait (FACEDB_STAND_IN_AFTER_S; the stand-in is read from the store meanwhile, from
     PREPARE_S on), else the stand-in. While the stand-in answers no query waits for the engine: an attempt still
     running is only looked at, a failed one repeated every ``RETRY_S``."""
-    s = keeper.stand_in
+    s = keeper.stand_in or _take_spare(keeper)
     if s is not None:
         stamp = settings.index_stamp
         if keeper.opening is None and time.monotonic() >= s.next_try and stamp is not None:
@@ -280,7 +288,42 @@ def _may(keeper: IndexKeeper, exc: IndexUnavailableError, settings: Settings) ->
 
 
 def drop(keeper: IndexKeeper, engine_back: bool = True) -> None:
-    """Let the stand-in go (``engine_back``: because the engine answers again, which is logged)."""
+    """Let the stand-in go (``engine_back``: because the engine answers again, which is logged, and the stand-in
+    is kept as the keeper's spare for :data:`SPARE_S`); a spare past its time is let go here too (every query
+    the engine answers passes through)."""
+    spare = keeper.stand_in_spare
+    if spare is not None and (time.monotonic() >= spare[1] or (engine_back and keeper.stand_in is not None)):
+        spare[0].close(engine_back=False)
+        keeper.stand_in_spare = None
     if keeper.stand_in is not None:
-        keeper.stand_in.close(engine_back)
+        if engine_back:
+            keeper.stand_in.announce_back()
+            keeper.stand_in_spare = (keeper.stand_in, time.monotonic() + SPARE_S)
+        else:
+            keeper.stand_in.close(engine_back=False)
         keeper.stand_in = None
+
+
+def drop_spare(keeper: IndexKeeper) -> None:
+    """Let the spare go now (the database is closing)."""
+    if keeper.stand_in_spare is not None:
+        keeper.stand_in_spare[0].close(engine_back=False)
+        keeper.stand_in_spare = None
+
+
+def _take_spare(keeper: IndexKeeper) -> StandIn | None:
+    """The spare, made the stand-in again, if it is within its time: the engine failed soon after it came back,
+    and the query is answered from it at once (levelled with the change log by the caller); the engine is tried
+    again in the background after :data:`RETRY_S`."""
+    spare, keeper.stand_in_spare = keeper.stand_in_spare, None
+    if spare is None:
+        return None
+    s, until = spare
+    if time.monotonic() >= until:
+        s.close(engine_back=False)
+        return None
+    s.since, s.next_try = time.time(), time.monotonic() + RETRY_S
+    log.warning("the index engine cannot answer again: queries are answered by an exact search of the store's "
+                "templates (kept from %.0f s ago) until it can", SPARE_S - (until - time.monotonic()))
+    keeper.stand_in = s
+    return s

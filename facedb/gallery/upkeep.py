@@ -102,6 +102,7 @@ class IndexKeeper:
         self._holds_removed = False  # the persisted copy just loaded holds removed templates: rewrite it
         self._locked = False  # this keeper holds the index lock now (its methods do not take it again)
         self.stand_in: StandIn | None = None  # answers queries while a remote engine cannot (standin.py)
+        self.stand_in_spare: tuple[StandIn, float] | None = None  # the last one, until (monotonic) (standin.py)
         self.opening: EngineOpening | None = None  # an attempt at opening the engine: running, or not yet read
 
     # ------------------------------------------------------------------------------------------------ policy
@@ -163,6 +164,11 @@ class IndexKeeper:
         """Whether a query this keeper cannot answer from its engine may be answered by the stand-in (a remote,
         write-through engine: standin.py decides, by the memory budget, when it is asked)."""
         return self._write_through(settings)
+
+    def close(self) -> None:
+        """Let everything in memory go: the gallery, any stand-in and its spare (the database is closing)."""
+        self.forget()
+        standin.drop_spare(self)
 
     def forget(self) -> None:
         """Drop the gallery in memory, and any stand-in (the next query loads or rebuilds it)."""

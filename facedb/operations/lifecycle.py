@@ -267,7 +267,7 @@ def close(db: FaceDB, save_index: bool) -> None:
     except DatabaseError as exc:  # the index is a cache: the next open catches up from the store
         warn_caller(f"{db.root}: the index was not saved on close ({exc})", RuntimeWarning)
     finally:
-        db.keeper.forget()
+        db.keeper.close()
         db.store.close()
         db.store = None  # type: ignore[assignment]
     if failed is not None:
