@@ -96,7 +96,13 @@ EOF
   while :; do
     if ! running; then echo "milvus $name exited while starting; see $dir/" >&2; tail -5 "$dir/wrapper.log" >&2; exit 1; fi
     pid=$(server_pid || true)
-    if [ -z "$pid" ] && pgrep -P "$(cat "$dir/wrapper.pid")" -x milvus >/dev/null 2>&1; then  # only a zombie left
+    # Only a zombie child left, for 3 s: the server died (a zombie seen once may be a short-lived child)
+    if [ -z "$pid" ] && pgrep -P "$(cat "$dir/wrapper.pid")" -x milvus >/dev/null 2>&1; then
+      dead=$((${dead:-0} + 1))
+    else
+      dead=0
+    fi
+    if [ "$dead" -ge 6 ]; then
       echo "milvus $name died while starting; see $dir/data/logs/" >&2
       grep -h '\[ERROR\]' "$dir/data/logs/milvus-stdout.log" 2>/dev/null | sed 's/ \[stack=.*//' | head -3 >&2
       "$0" stop "$name" || true

@@ -1097,3 +1097,18 @@ def test_a_spare_stand_in_is_let_go_after_its_time(tmp_path, uri, monkeypatch):
         db.keeper.stand_in_spare = (spare[0], time.monotonic() - 1)  # its time is up
         assert db.identify(x[0], k=1).identity == "p1"
         assert db.keeper.stand_in_spare is None
+
+
+@pytest.mark.parametrize("message, down", [
+    ('empty grpc client: failed to connect 192.0.2.2:53102, reason: connection error', True),
+    ("empty grpc client: find no available rootcoord, check rootcoord state", True),
+    ("collection not found[collection=faces]", False),
+    ("auth check failure, please check username and password", False),
+])
+def test_a_server_whose_components_are_gone_counts_as_down(message, down):
+    """Measured during a graceful stop of a 2.3.5 server: its proxy still answers, with these; they were taken
+    for errors to report, so each query waited a second and read the store again (scripts/milvus_kill_under_queries.py
+    --graceful). A missing collection or a refused token still is not a server that is down."""
+    from facedb.gallery.index import milvus as mv
+
+    assert mv._unreachable(MilvusException(code=65535, message=message)) is down

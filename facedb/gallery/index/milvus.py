@@ -192,10 +192,18 @@ def _refused(exc: BaseException) -> bool:
     return False
 
 
+#: What a 2.3 server's proxy answers while its other components are gone (measured during a graceful stop:
+#: "empty grpc client: failed to connect ...", "find no available rootcoord, check rootcoord state"): a
+#: server that cannot answer yet, like one that is down.
+_PARTLY_DOWN = ("empty grpc client", "no available rootcoord", "no available querynode", "service not ready",
+                "is not ready", "stopping")
+
+
 def _unreachable(exc: BaseException) -> bool:
-    """Whether the failure is the server not answering (down, restarting, too slow): a gRPC UNAVAILABLE or
-    DEADLINE_EXCEEDED in the chain, pymilvus's "Fail connecting" (code 2), or a dropped connection; not a refusal
-    (a wrong token, a missing collection), which a stand-in must not hide."""
+    """Whether the failure is the server not answering (down, restarting, stopping, too slow): a gRPC
+    UNAVAILABLE or DEADLINE_EXCEEDED in the chain, pymilvus's "Fail connecting" (code 2), a dropped connection,
+    or a proxy whose other components are gone (:data:`_PARTLY_DOWN`); not a refusal (a wrong token, a missing
+    collection), which a stand-in must not hide."""
     seen: set[int] = set()
     cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:  # the chain loops back on itself (pymilvus's retries)
@@ -205,6 +213,9 @@ def _unreachable(exc: BaseException) -> bool:
                                                                             grpc.StatusCode.DEADLINE_EXCEEDED):
             return True
         if (isinstance(cur, MilvusException) and code == 2) or isinstance(cur, ConnectionError):
+            return True
+        if isinstance(cur, MilvusException) and any(p in str(getattr(cur, "message", cur)).lower()
+                                                    for p in _PARTLY_DOWN):
             return True
         cur = cur.__cause__ or cur.__context__
     return False
