@@ -1112,3 +1112,24 @@ def test_a_server_whose_components_are_gone_counts_as_down(message, down):
     from facedb.gallery.index import milvus as mv
 
     assert mv._unreachable(MilvusException(code=65535, message=message)) is down
+
+
+def test_a_move_off_milvus_is_refused_before_any_setting_is_written(tmp_path, uri, monkeypatch):
+    """Found by a second newcomer: a reindex off Milvus with a wrong token wrote the new kind, failed, and put it
+    back, so another process could read 'flat' meanwhile (and settings_version moved by two each time). The
+    collection it must drop is reached first; a refusal writes nothing."""
+    import facedb.gallery.index.milvus as mv
+
+    x, pids = gallery()
+    with make(tmp_path / "db", uri) as db:
+        enrol(db, x, pids)
+        before = db.store.all_meta()
+
+        def refused(self, place, stamp, dim):
+            raise IndexCredentialsError("Milvus at ...: the server refused the credentials")
+
+        monkeypatch.setattr(mv.MilvusBackend, "load", refused)
+        for kind in ("flat", "ivf"):
+            with pytest.raises(IndexCredentialsError):
+                db.reindex(kind)
+            assert db.store.all_meta() == before, kind

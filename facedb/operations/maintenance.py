@@ -43,7 +43,9 @@ def reindex(db: FaceDB, kind: str, params: dict[str, Any] | None,
     if not before.get("database_id"):
         rows["database_id"] = secrets.token_hex(16)  # a database made before remote indexes existed
     db._given_options.update(secrets_of(options))
-    old_place, old_kind = db.keeper.place, (db.settings().index_stamp or {}).get("kind")
+    stamp = db.settings().index_stamp
+    old_place, old_kind = db.keeper.place, (stamp or {}).get("kind")
+    leaving_remote(db, old_kind, kind, stamp)
     db.store.set_meta(rows)
     db.keeper.place = replace(db.keeper.place, options=lifecycle.index_options(db))
     try:
@@ -58,6 +60,19 @@ def reindex(db: FaceDB, kind: str, params: dict[str, Any] | None,
                            indexed=len(gallery.index))
     db.trail.record("reindex", [{"detail": {"kind": kind, "params": params}}], db.settings())
     return report
+
+
+def leaving_remote(db: FaceDB, old_kind: str | None, kind: str, stamp: dict[str, Any] | None) -> None:
+    """Before a move off a write-through engine (Milvus to a FAISS kind) writes any setting: the collection it
+    must drop has to be reachable with the credentials given, else IndexUnavailableError (a refused token: its
+    subclass) and nothing is written, not even for the moment a failed move takes to put them back (a newcomer
+    saw other processes read the new kind meanwhile). The drop itself can still fail later (the keeper then
+    puts everything back)."""
+    if old_kind is None or stamp is None or old_kind == kind:
+        return
+    old = backend_for(old_kind)
+    if old.write_through and backend_for(kind).name != old.name:
+        old.load(db.keeper.place, stamp, db.dim)
 
 
 def drop_moved(db: FaceDB, old_kind: str | None, old_place: Any, kind: str) -> None:
