@@ -265,3 +265,34 @@ def test_narrowing_erases_the_thumbnails_of_decisions_still_waiting(tmp_path, fa
         assert db.trail._pending
         db.configure_thumbnails("enrolled")
         assert db.count_thumbnails()["probe"] == 0
+
+
+def test_unknown_faces_are_kept_under_the_audit_writers_lock(tmp_path):
+    """The audit trail's background writer and the unknown-visitor log share one connection: a visitor's face
+    written inside the writer's open transaction took the audit row's id for its own, and its thumbnail failed
+    its FOREIGN KEY (seen once in CI at a load of ~3). The log now waits for the writer's lock."""
+    import threading
+
+    with new_db(tmp_path) as db:
+        db.configure_visitors(enabled=True)
+        store = db.store
+        v = np.zeros(32, dtype=np.float32)
+        v[0] = 1.0
+        row = {"vector": v, "similarity": 0.1, "thumbnail": _jpeg()}
+        store._audit_lock.acquire()
+        try:
+            t = threading.Thread(target=store.append_unassigned, args=([row], 30.0))
+            t.start()
+            t.join(0.5)
+            assert t.is_alive(), "the face was written while the audit writer held its transaction"
+        finally:
+            store._audit_lock.release()
+        t.join(30)
+        assert not t.is_alive()
+        assert db.count_thumbnails()["visitor"] == 1
+
+
+def _jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, format="JPEG")
+    return buf.getvalue()

@@ -37,6 +37,13 @@ class VisitorRows(StoreBase):
         per search (they survive a process crash; a power cut can lose the last few, as for the audit trail)."""
         if not rows:
             return
+        # The audit trail's background writer uses this connection too: under its lock, one transaction at a
+        # time. Without it this transaction could join the writer's (``_transaction`` joins an open one) and read
+        # the audit row's id as the face's (a thumbnail's FOREIGN KEY failed in CI, at a load of ~3).
+        with self._audit_lock:  # type: ignore[attr-defined]
+            self._append_unassigned(rows, retention_days)
+
+    def _append_unassigned(self, rows: Sequence[dict[str, Any]], retention_days: float) -> None:
         conn = self._audit_connection()
         if not self._has_unassigned(conn):
             return
