@@ -262,6 +262,30 @@ def flat_twin(root: Path, x: np.ndarray, pids: np.ndarray) -> FaceDB:
     return twin
 
 
+def stood_in_gallery(tmp_path: Path, uri: str, monkeypatch) -> tuple[np.ndarray, np.ndarray, FaceDB]:
+    """An enrolled database at ``tmp_path / "db"`` on ``uri``, its exact twin and probes (x, probes, twin),
+    with the stand-in's failed openings retried at once (the tests of a server that cannot answer)."""
+    import facedb.gallery.standin as standin
+
+    x, pids = gallery()
+    with make(tmp_path / "db", uri) as db:
+        enrol(db, x, pids)
+    monkeypatch.setattr(standin, "RETRY_S", 0.0)
+    return x, probes(x), flat_twin(tmp_path / "flat", x, pids)
+
+
+def until_engine_back(db: FaceDB, q: np.ndarray) -> list:
+    """Identify ``q`` until Milvus answers again (the next attempt at opening runs in the background: a query
+    never waits for it); the last answers."""
+    answers: list = []
+    for _ in range(200):
+        answers = db.identify(q, k=3)
+        if db.index_state().stand_in is None:
+            break
+        time.sleep(0.05)
+    return answers
+
+
 def same_answers(got, want) -> None:
     """Identity, every candidate and every score as exact search gives them."""
     for a, b in zip(got, want, strict=True):
@@ -359,11 +383,7 @@ def test_a_server_call_held_after_a_restart_does_not_hold_the_answer(tmp_path, u
         same_answers(answers, twin.identify(q, k=3))
         assert db.index_state().stand_in
         release.set()
-        for _ in range(200):
-            answers = db.identify(q, k=3)
-            if db.index_state().stand_in is None:
-                break
-            time.sleep(0.05)
+        answers = until_engine_back(db, q)
         assert db.index_state().stand_in is None and db.index_state().built == "milvus"
         same_answers(answers, twin.identify(q, k=3))
     twin.close()
@@ -417,24 +437,14 @@ def test_an_unreachable_server_is_stood_in_for_and_a_refused_token_is_not(tmp_pa
     exactly, within FACEDB_STAND_IN_AFTER_S, and go back to Milvus once it answers. A wrong token is not an
     engine that cannot answer yet: it stays an error."""
     import facedb.gallery.index.milvus as mv
-    import facedb.gallery.standin as standin
 
-    x, pids = gallery()
-    with make(tmp_path / "db", uri) as db:
-        enrol(db, x, pids)
-    twin = flat_twin(tmp_path / "flat", x, pids)
-    monkeypatch.setattr(standin, "RETRY_S", 0.0)
-    q = probes(x)
+    _, q, twin = stood_in_gallery(tmp_path, uri, monkeypatch)
     monkeypatch.setenv("FACEDB_MILVUS_URI", "http://127.0.0.1:9")  # nothing listens there
     with FaceDB.open(tmp_path / "db") as db:
         same_answers(db.identify(q, k=3), twin.identify(q, k=3))
         assert "127.0.0.1:9" in (db.index_state().stand_in or "")
         monkeypatch.delenv("FACEDB_MILVUS_URI")
-        for _ in range(200):
-            answers = db.identify(q, k=3)
-            if db.index_state().stand_in is None:
-                break
-            time.sleep(0.05)
+        answers = until_engine_back(db, q)
         assert db.index_state().stand_in is None and db.index_state().built == "milvus"
         same_answers(answers, twin.identify(q, k=3))
 
@@ -959,14 +969,8 @@ def test_a_query_in_flight_when_the_server_dies_is_answered_from_the_store(tmp_p
     server is then unreachable): that query is asked again of the keeper, which stands the store in, and the
     door gets the exact answer, not an error. A refused search waits FACEDB_MILVUS_SEARCH_TIMEOUT_S at most."""
     import facedb.gallery.index.milvus as mv
-    import facedb.gallery.standin as standin
 
-    x, pids = gallery()
-    with make(tmp_path / "db", uri) as db:
-        enrol(db, x, pids)
-    twin = flat_twin(tmp_path / "flat", x, pids)
-    monkeypatch.setattr(standin, "RETRY_S", 0.0)
-    q = probes(x)
+    _, q, twin = stood_in_gallery(tmp_path, uri, monkeypatch)
     timeouts = []
     real_search = mv.MilvusClient.search
 
@@ -1041,22 +1045,13 @@ def test_an_engine_that_fails_again_soon_after_it_came_back_is_stood_in_for_at_o
     import facedb.gallery.index.milvus as mv
     import facedb.gallery.standin as standin
 
-    x, pids = gallery()
-    with make(tmp_path / "db", uri) as db:
-        enrol(db, x, pids)
-    twin = flat_twin(tmp_path / "flat", x, pids)
-    monkeypatch.setattr(standin, "RETRY_S", 0.0)
-    q = probes(x)
+    x, q, twin = stood_in_gallery(tmp_path, uri, monkeypatch)
     monkeypatch.setenv("FACEDB_MILVUS_URI", "http://127.0.0.1:9")
     with FaceDB.open(tmp_path / "db") as db:
         same_answers(db.identify(q, k=3), twin.identify(q, k=3))
         assert db.index_state().stand_in is not None
         monkeypatch.delenv("FACEDB_MILVUS_URI")
-        for _ in range(200):
-            db.identify(q, k=3)
-            if db.index_state().stand_in is None:
-                break
-            time.sleep(0.05)
+        until_engine_back(db, q)
         assert db.index_state().built == "milvus" and db.keeper.stand_in_spare is not None
         db.remove_person("p2")  # while the engine answers: the spare must not bring p2 back
         twin.remove_person("p2")
