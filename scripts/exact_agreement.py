@@ -4,6 +4,7 @@ search (``facedb.gallery.engine.CLOSE_CALL``) changes, on a database built by ``
     python scripts/exact_agreement.py --db /tmp/ready/m1p5d128 --extra 700 \
         --out bench-results/exact-agreement-1m5-128.json
     python scripts/exact_agreement.py --db /tmp/ready/m1p5d128 --extra 700 --codes 32 128   # also the PQ code sizes
+    python scripts/exact_agreement.py --db /tmp/ready/m1p5d128 --wide-shortlist 128 256     # shorter close-call lists
 
 The database is opened with facedb (nothing is written but the audit trail's table, untouched here: the engine
 is called directly) and its index loaded with its re-scoring vectors. Probes: the ready probes beside the
@@ -12,7 +13,8 @@ database (200 genuine, 100 strangers) and ``--extra`` more strangers drawn the s
 
 * decisions (the accepted person, or none) equal to exact search's, for the ready probes and for all, with the
   close-call search off (``CLOSE_CALL`` 0) and on (and, with ``--wide W ...``, reading W x nprobe lists), and
-  the engine's CPU time per probe (``time.thread_time``; names and the audit trail are not included);
+  the engine's CPU time per probe (``time.thread_time``; names and the audit trail are not included); with
+  ``--wide-shortlist N ...`` also with the close call's shortlist (``engine.WIDE_SHORTLIST``) at N templates;
 * for the probes whose exact best score is within 0.03 below the threshold or above it ("near-threshold"),
   the rank of the list holding their exact nearest template among the lists the index's coarse quantizer
   orders for them (how many lists an IVF search must read to see it);
@@ -133,6 +135,8 @@ def main() -> None:
     ap.add_argument("--extra", type=int, default=700, help="strangers added to the ready probes")
     ap.add_argument("--codes", type=int, nargs="*", default=[], help="PQ sub-quantizer counts to compare")
     ap.add_argument("--wide", type=int, nargs="*", default=[], help="close-call nprobe multiples to compare")
+    ap.add_argument("--wide-shortlist", type=int, nargs="*", default=[],
+                    help="close calls' shortlists (engine.WIDE_SHORTLIST) to compare")
     ap.add_argument("--shortlist", type=int, nargs="*", default=[],
                     help="templates asked of the index: how many distinct people they hold")
     ap.add_argument("--no-runs", action="store_true", help="skip the decision runs")
@@ -160,15 +164,22 @@ def main() -> None:
         "exact_search_s_per_probe": exact_s / len(probes), "load_average_at_start": os.getloadavg(), "runs": []}
     from facedb.gallery import engine
 
-    modes = [("close-call search off", 0.0, None), ("close-call search on (default)", engine.CLOSE_CALL, None)]
+    modes = [("close-call search off", 0.0, None, None),
+             ("close-call search on (default)", engine.CLOSE_CALL, None, None)]
     modes = [] if args.no_runs else modes
-    modes += [(f"close-call search on, {w} x nprobe", engine.CLOSE_CALL, w) for w in args.wide if not args.no_runs]
+    modes += [(f"close-call search on, {w} x nprobe", engine.CLOSE_CALL, w, None)
+              for w in args.wide if not args.no_runs]
+    modes += [(f"close-call search on, shortlist {n}", engine.CLOSE_CALL, None, n)
+              for n in args.wide_shortlist if not args.no_runs]
     nprobe = int(gallery.index.params.get("nprobe", 16))
-    for label, close_call, wide in modes:
+    default_shortlist = engine.WIDE_SHORTLIST
+    for label, close_call, wide, shortlist in modes:
         if wide is not None:
             gallery.index.params["nprobe_wide"] = wide * nprobe
+        engine.WIDE_SHORTLIST = shortlist or default_shortlist
         got, cpu, found = decisions(gallery, probes, threshold, close_call)
         gallery.index.params.pop("nprobe_wide", None)
+        engine.WIDE_SHORTLIST = default_shortlist
         same = np.array([g == e for g, e in zip(got, exact)])
         run = {"mode": label, "same_decision_ready": float(same[:len(ready)].mean()),
                "same_decision_all": float(same.mean()), "differ_ready": int((~same[:len(ready)]).sum()),
