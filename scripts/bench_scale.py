@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_search import SAME_COS, THRESHOLD
+from bench_search import SAME_COS, THRESHOLD, server_rss_mb
 
 DIM = 512
 SEED = 17
@@ -205,7 +205,7 @@ def step_index(args: argparse.Namespace, work: Path, state: dict) -> None:
         return
     t = time.perf_counter()
     with FaceDB.open(work / "db") as db:
-        report = db.reindex(args.kind)
+        report = db.reindex(args.kind, index_options={"milvus_uri": args.milvus_uri} if args.milvus_uri else None)
     state.update(index_s=time.perf_counter() - t, index_peak_rss_mb=status_mb("VmHWM"), kind=args.kind,
                  built=report.built, params=report.params, index_left_by="reindex",
                  load_average_index=os.getloadavg())
@@ -273,7 +273,10 @@ def step_query(args: argparse.Namespace, work: Path, state: dict) -> None:
            "rss_mb": status_mb("VmRSS"), "peak_rss_mb": status_mb("VmHWM"), "rss_before_open_mb": rss_before,
            "rescore_from": state_now.rescore_from, "load_average": os.getloadavg()[0],
            "store_bytes": (work / "db" / "facedb.sqlite3").stat().st_size,
-           "index_bytes": (work / "db" / "index.faiss").stat().st_size}
+           # --kind milvus: no index file here; the collection lives on the server (its memory, where
+           # --milvus-server names a scripts/milvus_server.sh instance on this machine)
+           "index_bytes": (work / "db" / "index.faiss").stat().st_size if (work / "db" / "index.faiss").exists()
+           else None, "index_kind": state_now.built, "milvus_server_rss_mb": server_rss_mb(args.milvus_server)}
     out = work / "query-run.json"
     out.write_text(json.dumps(run, indent=2))
 
@@ -319,6 +322,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="query step repetitions")
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--step", choices=["all", "import", "index", "query"], default="all")
+    ap.add_argument("--milvus-uri", default=None,
+                    help="--kind milvus: the server (http://host:19530) the index step fills")
+    ap.add_argument("--milvus-server", default=None, metavar="NAME",
+                    help="the scripts/milvus_server.sh instance serving --milvus-uri: its memory is reported")
     ap.add_argument("--rebuild", action="store_true", help="time a reindex even where the import's close left one")
     ap.add_argument("--out", type=Path, default=None, help="the JSON (default bench-results/scale-<N>[-<dim>].json)")
     args = ap.parse_args()

@@ -296,20 +296,37 @@ WIDE_NPROBE = 16
 WIDE_EF = 4
 
 
+#: A Milvus server builds one index per sealed segment, never one over the collection, and searches the segments'
+#: indexes one by one. A segment holds at most ``dataCoord.segment.maxSize`` (512 MB by default; sealed at
+#: ``sealProportion`` of it, ~262k rows of 128-d on a 2.3.5 server here, and merged up to it by compaction), so
+#: an IVF's lists are sized for a full segment's rows, not the collection's: 4 sqrt(10M) = 16,384 lists had each
+#: ~262k-row segment trained apart into lists of 16 rows, 7.7 min a segment on this machine (~5 h for 10M x
+#: 128-d), where Milvus's own guidance sizes nlist by a segment's rows.
+SEGMENT_BYTES = 512 * 2**20
+
+
+def segment_rows(dim: int) -> int:
+    """The rows of ``dim``-d templates a full segment holds (:data:`SEGMENT_BYTES`; a row is the float32
+    vector and two int64 fields): 1,016,800 at 128-d, 260,111 at 512-d."""
+    return SEGMENT_BYTES // (4 * dim + 16)
+
+
 def _nlist(n: int) -> int:
     """About 4 sqrt(n) lists, a power of two, at most 65,536 (as the FAISS ivf kind)."""
     return int(min(65536, 2 ** round(math.log2(max(1.0, 4 * math.sqrt(max(n, 1)))))))
 
 
-def index_params(n: int, given: dict[str, Any]) -> dict[str, Any]:
-    """The index a collection of ``n`` templates gets, with the user's settings (``facedb reindex`` options:
-    M, ef_construction, ef_search, nlist, nprobe; or ``index_type`` HNSW / IVF_FLAT / FLAT) over the defaults."""
+def index_params(n: int, given: dict[str, Any], dim: int) -> dict[str, Any]:
+    """The index a collection of ``n`` ``dim``-d templates gets, with the user's settings (``facedb reindex``
+    options: M, ef_construction, ef_search, nlist, nprobe; or ``index_type`` HNSW / IVF_FLAT / FLAT) over the
+    defaults. IVF_FLAT's lists: about 4 sqrt of the rows of one segment (:func:`segment_rows`) where the
+    collection fills more than one: 4,096 at 128-d, 2,048 at 512-d, from 2M templates up."""
     given = {k: v for k, v in given.items() if v is not None}
     kind = str(given.get("index_type") or ("HNSW" if n < HNSW_UP_TO else "IVF_FLAT")).upper()
     if kind == "HNSW":
         return {"M": 32, "ef_construction": 200, "ef_search": 128, **given, "index_type": kind}
     if kind == "IVF_FLAT":
-        nlist = int(given.get("nlist") or _nlist(n))
+        nlist = int(given.get("nlist") or _nlist(min(n, segment_rows(dim))))
         return {"nlist": nlist, "nprobe": max(16, nlist // 256), **given, "index_type": kind}
     if kind == "FLAT":
         return {**given, "index_type": kind}
@@ -623,7 +640,7 @@ class MilvusBackend:
         info = _describe(client, uri, alias)
         if info is not None:  # what the alias points to now must be this database's before it is replaced
             _check_owner(info, place, dim, uri, alias)
-        chosen = index_params(total if total is not None else 0 if train is None else len(train), params)
+        chosen = index_params(total if total is not None else 0 if train is None else len(train), params, dim)
         physical = f"{alias}__{secrets.token_hex(4)}"
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.INT64, is_primary=True)
