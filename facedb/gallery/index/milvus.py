@@ -13,7 +13,8 @@ a physical collection ``<name>__<8 hex>`` with
   collection; facedb itself maps ids to people through the store, which is the authority);
 * ``vector`` FLOAT_VECTOR(dim), metric COSINE (= inner product on unit vectors: higher is more similar);
 * an index chosen by size when built: HNSW (M 32, efConstruction 200, ef 128) below 2M templates, IVF_FLAT
-  (~4 sqrt(n) lists, nprobe max(16, nlist / 256)) above; ``facedb reindex --index milvus --ef-search N`` etc.;
+  (~4 sqrt of one full segment's rows lists, see :func:`segment_rows`; nprobe max(16, nlist / 256)) above;
+  ``facedb reindex --index milvus --ef-search N`` etc.;
 * properties ``facedb.format``, ``facedb.database`` (the store's random id: two databases never share one
   collection), ``facedb.model_id``, ``facedb.dim``, ``facedb.params`` and ``facedb.generation``, the store
   generation the collection reflects.
@@ -301,7 +302,9 @@ WIDE_EF = 4
 #: ``sealProportion`` of it, ~262k rows of 128-d on a 2.3.5 server here, and merged up to it by compaction), so
 #: an IVF's lists are sized for a full segment's rows, not the collection's: 4 sqrt(10M) = 16,384 lists had each
 #: ~262k-row segment trained apart into lists of 16 rows, 7.7 min a segment on this machine (~5 h for 10M x
-#: 128-d), where Milvus's own guidance sizes nlist by a segment's rows.
+#: 128-d), where Milvus's own guidance sizes nlist by a segment's rows. A freshly sealed segment (about a quarter
+#: of a full one) gets fewer rows a list (~64 at 128-d, ~30 at 512-d) until compaction merges it into a full one,
+#: which is indexed again (measured at 10M x 128-d: bench-results/scale-10000000-128-milvus-server.json).
 SEGMENT_BYTES = 512 * 2**20
 
 
