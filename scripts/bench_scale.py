@@ -245,6 +245,7 @@ def step_query(args: argparse.Namespace, work: Path, state: dict) -> None:
         from facedb.gallery.engine import CLOSE_CALL
     except ImportError:
         CLOSE_CALL = None  # the engine constant, absent from older code
+    index_file = work / "db" / "index.faiss"
     run = {"open_s": open_s, "ready_s": ready_s, "p50_ms": float(p50), "p99_ms": float(p99),
            "p50_ms_genuine": float(np.percentile(ms[:g], 50)), "p99_ms_genuine": float(np.percentile(ms[:g], 99)),
            "p50_ms_impostor": float(np.percentile(ms[g:], 50)), "p99_ms_impostor": float(np.percentile(ms[g:], 99)),
@@ -275,8 +276,8 @@ def step_query(args: argparse.Namespace, work: Path, state: dict) -> None:
            "store_bytes": (work / "db" / "facedb.sqlite3").stat().st_size,
            # --kind milvus: no index file here; the collection lives on the server (its memory, where
            # --milvus-server names a scripts/milvus_server.sh instance on this machine)
-           "index_bytes": (work / "db" / "index.faiss").stat().st_size if (work / "db" / "index.faiss").exists()
-           else None, "index_kind": state_now.built, "milvus_server_rss_mb": server_rss_mb(args.milvus_server)}
+           "index_bytes": index_file.stat().st_size if index_file.exists() else None,
+           "index_kind": state_now.built, "milvus_server_rss_mb": server_rss_mb(args.milvus_server)}
     out = work / "query-run.json"
     out.write_text(json.dumps(run, indent=2))
 

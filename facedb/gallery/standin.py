@@ -293,8 +293,7 @@ def drop(keeper: IndexKeeper, engine_back: bool = True) -> None:
     the engine answers passes through)."""
     spare = keeper.stand_in_spare
     if spare is not None and (time.monotonic() >= spare[1] or (engine_back and keeper.stand_in is not None)):
-        spare[0].close(engine_back=False)
-        keeper.stand_in_spare = None
+        drop_spare(keeper)
     if keeper.stand_in is not None:
         if engine_back:
             keeper.stand_in.announce_back()
