@@ -101,3 +101,30 @@ def test_an_index_with_the_older_code_size_still_loads_and_answers(tmp_path, sha
         state = db.index_state()
         assert state.from_file and state.params["pq_m"] == 32  # loaded as saved, not rebuilt
         assert genuine == exact[:100]
+
+
+def test_close_calls_read_from_the_store_decide_as_from_memory(db, shape, monkeypatch):
+    """Where the gallery's vectors are not in memory (past FACEDB_RESCORE_MEMORY_MB, or while they load after an
+    open) a close call's shortlist is scored exactly from the store: the same answers as from memory. The wider
+    search is made to hand its templates back in a scrambled coded order, so that only exact scores can find
+    the right people in it (found by a newcomer: at 100k with the budget 0, 3 of 300 answers differed, one of
+    them another person accepted)."""
+    _, probes, _, exact, _ = shape
+    root = db.root
+    with FaceDB.open(root, rescore_memory_mb=0) as from_store:
+        from_store.identify(probes[0])
+        assert from_store.index_state().rescore_from == "store"
+        for handle in (db, from_store):
+            index = handle.keeper.gallery.index
+            real = index.search_wide
+
+            def scrambled(q, k, real=real):
+                sims, ids = real(q, k)
+                return sims, ids[:, ::-1].copy()  # the worst-coded templates first, under the best codes' scores
+            monkeypatch.setattr(index, "search_wide", scrambled)
+        memory_answers = [db.identify(p, k=3) for p in probes]
+        store_answers = [from_store.identify(p, k=3) for p in probes]
+    assert [a.identity for a in store_answers] == [a.identity for a in memory_answers] == exact
+    for m, s in zip(memory_answers, store_answers):
+        assert [c.name for c in s.candidates] == [c.name for c in m.candidates]
+        assert np.allclose([c.similarity for c in s.candidates], [c.similarity for c in m.candidates], atol=1e-6)

@@ -294,3 +294,36 @@ def test_altered_vectors_are_never_used(tmp_path, data):
             assert db.check().ok  # the check heals the file (rebuilt from the store, saved)
     agrees_with_exact(got, items, probes)
     agrees_with_exact(got_after, items, probes)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivfpq"])
+def test_a_running_process_left_behind_by_a_bulk_import_loads_the_writers_copy(tmp_path, data, kind, monkeypatch):
+    """A door's process holds its gallery while another process (the CLI, an import) adds more people than the
+    change log keeps behind the copy it saves: the door's next query takes that copy and levels it with the
+    store, never rebuilds the index (a rebuild inside a query: minutes at 1M). Found by a newcomer: 1,200
+    people imported beside a running service made its next identify take 12.9 s (ivfpq, ~150k templates)."""
+    items, probes = data
+    root = tmp_path / "db"
+    monkeypatch.setattr("facedb.gallery.store.changes.CHANGES_KEPT", 20)  # 1,000 by default
+    monkeypatch.setattr("facedb.gallery.upkeep.SETTLE_TEMPLATES", 100)
+    with FaceDB.create(root, model_id="m", dim=DIM, threshold=0.5, index=kind) as db:
+        if kind == "ivfpq":
+            db.reindex("ivfpq", {"nlist": 8, "nprobe": 8})
+        db.add_templates_many(items[:20])
+    door = FaceDB.open(root)
+    try:
+        door.identify(probes[0])  # loaded, as a service's is
+        behind = door.keeper.gallery.generation
+        with FaceDB.open(root) as writer:  # another process: 130 people, each its own generation
+            writer.add_templates_many(items[20:])
+        with FaceDB.open(root) as other:
+            assert other.store.changes_since(behind) is None  # the log no longer reaches the door's copy
+        builds = []
+        real_build = type(door.keeper)._build
+        monkeypatch.setattr(type(door.keeper), "_build", lambda self, s: builds.append(1) or real_build(self, s))
+        got = door.identify(probes, k=3)
+        door.load_index(wait=True)
+        assert builds == [] and door.index_state().from_file
+    finally:
+        door.close()
+    agrees_with_exact(got, items, probes)

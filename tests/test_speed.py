@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facedb import DatabaseError, FaceDB
+from facedb import DatabaseError, FaceDB, InvalidInputError
 from facedb.db import STORE_FILE
 from facedb.gallery.indexed import Gallery
 from facedb.gallery.settings import Settings
@@ -174,6 +174,41 @@ def test_budget_comes_from_the_environment(monkeypatch):
     monkeypatch.delenv("FACEDB_RESCORE_MEMORY_MB")
     assert budget_bytes() == 8192 * 2**20
     assert budget_bytes(0) == 0
+
+
+@pytest.mark.parametrize("variable,value", [("FACEDB_RESCORE_MEMORY_MB", "abc"), ("FACEDB_RESCORE_MEMORY_MB", "-5"),
+                                            ("FACEDB_RESCORE_MEMORY_MB", "nan"), ("FACEDB_CLOSE_CALLS", "bogus")])
+def test_a_query_setting_the_environment_gets_wrong_is_refused_at_open(tmp_path, rng, monkeypatch, variable, value):
+    """A typo in a query setting (found by a newcomer: ``abc`` meant the 8 GiB default, ``-5`` meant 0, ``bogus``
+    left close calls on) is refused when the database is opened or created, by the API with
+    InvalidInputError and by the CLI with one line and exit 2, before anything is read or written."""
+    from typer.testing import CliRunner
+
+    from facedb.cli import app
+
+    root = tmp_path / "db"
+    with make(root) as db:
+        db.add_templates_many(people(rng, 5, per=2))
+    before = (root / STORE_FILE).read_bytes()
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(InvalidInputError, match=variable):
+        FaceDB.open(root)
+    with pytest.raises(InvalidInputError, match=variable):
+        make(tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+    out = CliRunner().invoke(app, ["--db", str(root), "stats"])
+    assert out.exit_code == 2 and variable in out.output and len(out.output.strip().splitlines()) == 1, out.output
+    assert (root / STORE_FILE).read_bytes() == before
+    monkeypatch.delenv(variable)
+    with FaceDB.open(root) as db:
+        assert db.count_people() == 5
+
+
+def test_the_budget_given_to_open_is_checked_as_the_environments_is(tmp_path):
+    for bad in (-1, float("nan"), float("inf"), "lots"):
+        with pytest.raises(InvalidInputError, match="rescore_memory_mb"):
+            FaceDB.open(tmp_path / "absent", rescore_memory_mb=bad)
+    assert budget_bytes(0.5) == 2**19
 
 
 def test_template_vectors_remove_zeroes_and_reuses_rows(rng):

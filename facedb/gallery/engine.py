@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .. import timings
+from ..errors import InvalidInputError
 from ..records import Candidate, Identification, Verification
 from .decision import Policy
 from .indexed import Gallery
@@ -32,6 +33,9 @@ from .scores import similarity_to_distance
 VectorFetch = Callable[[Sequence[int]], tuple[np.ndarray, np.ndarray]]
 #: (person ids, probes (m, dim)) -> (person id of each row, sorted; similarities (rows, m)), or None (use fetch)
 ScoreFetch = Callable[[Sequence[int], np.ndarray], "tuple[np.ndarray, np.ndarray] | None"]
+#: template ids -> (the ids among them still stored; their vectors (rows, dim) float32): the store's read of a close
+#: call's shortlist where the gallery does not hold its vectors in memory
+TemplateFetch = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 #: person ids -> {person id: (name, external id or None)}
 NameLookup = Callable[[Sequence[int]], dict[int, tuple[str, str | None]]]
 Ranked = list[list[tuple[int, float]]]
@@ -136,14 +140,16 @@ def rescore(queries: np.ndarray, ranked: Ranked, k: int, fetch: VectorFetch, sco
     return out
 
 
-def rank_people(gallery: Gallery, queries: np.ndarray, k: int, fetch: VectorFetch, wide: bool = False) -> Ranked:
+def rank_people(gallery: Gallery, queries: np.ndarray, k: int, fetch: VectorFetch, wide: bool = False,
+                templates: TemplateFetch | None = None) -> Ranked:
     """The top-k people for each query with exact scores: straight from an exact index, else from a wider
-    candidate list (k + max(5, k) people; ``wide``: from the index's wider search, see :func:`wide_candidates`)
-    re-scored exactly (from the gallery's in-memory vectors where it holds them, else through ``fetch``)."""
+    candidate list (k + max(5, k) people; ``wide``: from the index's wider search, see :func:`wide_candidates`,
+    whose shortlist ``templates`` reads where memory does not hold it) re-scored exactly (from the gallery's
+    in-memory vectors where it holds them, else through ``fetch``)."""
     if gallery.index.exact:
         return candidate_people(gallery, queries, k)
     people = k + max(5, k)
-    found = wide_candidates(gallery, queries, people) if wide else \
+    found = wide_candidates(gallery, queries, people, templates) if wide else \
         candidate_people(gallery, queries, people, max_rounds=2)
     return rescore(queries, found, k, fetch, gallery.person_scores)
 
@@ -156,10 +162,13 @@ def rank_people(gallery: Gallery, queries: np.ndarray, k: int, fetch: VectorFetc
 WIDE_SHORTLIST = 512
 
 
-def wide_candidates(gallery: Gallery, queries: np.ndarray, people: int) -> Ranked:
+def wide_candidates(gallery: Gallery, queries: np.ndarray, people: int, templates: TemplateFetch | None = None
+                    ) -> Ranked:
     """Up to ``people`` candidates for each query from the index's wider search (``search_wide``): its
-    :data:`WIDE_SHORTLIST` best-coded templates scored exactly (where the gallery holds their vectors in
-    memory, else as coded), people in the order of their best template. Exact scores order a stranger's
+    :data:`WIDE_SHORTLIST` best-coded templates scored exactly (from the gallery's vectors where it holds them in
+    memory, else read through ``templates``, the store: the same answers either way, a close call then costs
+    up to 512 row reads; only a caller that gives neither gets the coded order), people in the order of their
+    best template. Exact scores order a stranger's
     nearest templates, near-ties that coarse codes cannot (at 1M 128-d, 64-byte codes, 1,024 lists: the exact
     nearest among the 200 best-coded for 99.5% of near-threshold probes, among the 50 best for 98.4%),
     without re-scoring every template of every person proposed."""
@@ -168,8 +177,13 @@ def wide_candidates(gallery: Gallery, queries: np.ndarray, people: int) -> Ranke
     for row in range(len(queries)):
         tids, coded = ids[row], sims[row]
         exact = gallery.template_scores(tids[tids >= 0], queries[row:row + 1])
-        if exact is not None:
+        if exact is None and templates is not None:
+            # the store's rows, in id order (ids removed since the index proposed them are not among them)
+            tids, vectors = templates(tids[tids >= 0])
+            exact = vectors @ queries[row:row + 1].T
+        elif exact is not None:
             tids = tids[tids >= 0]
+        if exact is not None:
             order = np.argsort(-exact[:, 0], kind="stable")
             tids, coded = tids[order], exact[order, 0]
         found, best = first_people(gallery.person_of(tids), coded, people)
@@ -203,13 +217,19 @@ CLOSE_CALLS_ENV = "FACEDB_CLOSE_CALLS"
 
 
 def close_calls_on() -> bool:
-    """Whether close calls are searched again (``FACEDB_CLOSE_CALLS``: ``off``/``0``/``false``/``no`` turn it off;
-    anything else, or unset, leaves it on). Read at each close call, so a clear decision pays nothing for it."""
-    return os.environ.get(CLOSE_CALLS_ENV, "on").strip().lower() not in {"off", "0", "false", "no"}
+    """Whether close calls are searched again (``FACEDB_CLOSE_CALLS``: ``off``/``0``/``false``/``no`` turn it off,
+    ``on``/``1``/``true``/``yes`` or unset leave it on; InvalidInputError for anything else, checked when a
+    database is opened). Read at each close call, so a clear decision pays nothing for it."""
+    raw = os.environ.get(CLOSE_CALLS_ENV, "on")
+    if raw.strip().lower() in {"off", "0", "false", "no"}:
+        return False
+    if raw.strip().lower() in {"on", "1", "true", "yes", ""}:
+        return True
+    raise InvalidInputError(f"{CLOSE_CALLS_ENV} must be on or off, got {raw!r}")
 
 
 def settle_close_calls(gallery: Gallery, queries: np.ndarray, ranked: Ranked, k: int, threshold: float,
-                       fetch: VectorFetch) -> Ranked:
+                       fetch: VectorFetch, templates: TemplateFetch | None = None) -> Ranked:
     """``ranked`` (exact scores, best first, per query) with its close calls (best score less than
     :data:`CLOSE_CALL` above ``threshold``, or less than :data:`CLOSE_CALL_BELOW` below it) searched again wider
     and merged: the same people or better ones,
@@ -221,7 +241,7 @@ def settle_close_calls(gallery: Gallery, queries: np.ndarray, ranked: Ranked, k:
     if not close or not close_calls_on():
         return ranked
     out = list(ranked)
-    for i, wider in zip(close, rank_people(gallery, queries[close], k, fetch, wide=True)):
+    for i, wider in zip(close, rank_people(gallery, queries[close], k, fetch, wide=True, templates=templates)):
         merged = dict(ranked[i])
         merged.update(wider)  # a person found by both has the same exact score in both
         out[i] = sorted(merged.items(), key=lambda pair: -pair[1])[:k]
@@ -264,14 +284,16 @@ def decide(cands: list[Candidate], policy: Policy | float, k: int | None = None)
 
 
 def identify(gallery: Gallery, queries: np.ndarray, k: int, policy: Policy | float, fetch: VectorFetch,
-             names: NameLookup) -> list[Identification]:
-    """The whole 1:N query for unit probe rows ``queries`` (m, dim): one Identification per row."""
+             names: NameLookup, templates: TemplateFetch | None = None) -> list[Identification]:
+    """The whole 1:N query for unit probe rows ``queries`` (m, dim): one Identification per row. ``fetch``
+    reads candidates' vectors and ``templates`` a close call's shortlist where the gallery does not hold them in
+    memory (both from the store, for the same answers as from memory)."""
     if not isinstance(policy, Policy):
         policy = Policy("given", float(policy), explanation="given")
     with timings.stage("search"):  # the index's candidates and their exact re-scoring
         kq = max(k, 2) if policy.needs_runner_up else k
         ranked = settle_close_calls(gallery, queries, rank_people(gallery, queries, kq, fetch), kq,
-                                    policy.threshold, fetch)
+                                    policy.threshold, fetch, templates)
     with timings.stage("decide"):
         lookup = names([pid for pairs in ranked for pid, _ in pairs])
         return [decide(candidates(pairs, lookup), policy, k) for pairs in ranked]

@@ -26,6 +26,7 @@ from .settings import Settings, check_k, check_threshold
 from .settings_cache import NameCache, SettingsMemo
 from .store import Store
 from .upkeep import IndexKeeper
+from .vectors import budget_bytes
 
 
 def verify_rule(threshold: float | None) -> str:
@@ -49,6 +50,15 @@ def policy_for(s: Settings, counts: dict[str, int]) -> tuple[Policy, int]:
     return s.rule.policy(s.threshold, templates), templates
 
 
+def check_query_environment(rescore_memory_mb: float | None = None) -> None:
+    """The query settings a process takes from its environment (``FACEDB_RESCORE_MEMORY_MB`` or the
+    ``rescore_memory_mb`` given, ``FACEDB_CLOSE_CALLS``), checked when a database is opened or created, before
+    anything is read: InvalidInputError for a value they do not accept, rather than a typo quietly meaning the
+    default (or a failure at the first close call)."""
+    budget_bytes(rescore_memory_mb)
+    engine.close_calls_on()
+
+
 class Query:
     """Answers over one open store: identify (1:N, open set) and verify (1:1). ``lock`` is the facade's: one
     connection is used by one thread at a time."""
@@ -67,6 +77,12 @@ class Query:
             return gallery.person_vectors(person_ids) or self.store.person_vectors(person_ids)
 
         return fetch
+
+    def templates(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Templates' exact vectors from the store (a close call's shortlist where memory does not hold it): (the
+        ids still stored, in id order; their vectors)."""
+        held, _, vectors = self.store.templates(ids)
+        return held, vectors
 
     def identify(self, x: np.ndarray, k: int, threshold: float | None, made_by: str | None = None
                  ) -> tuple[list[Identification], Settings]:
@@ -101,7 +117,7 @@ class Query:
         gallery = self.keeper.current(settings)
         policy = Policy("given", threshold, explanation="given") if threshold is not None else \
             settings.rule.policy(settings.threshold, len(gallery))
-        answers = engine.identify(gallery, x, k, policy, self.fetch(gallery), self.lookup_names)
+        answers = engine.identify(gallery, x, k, policy, self.fetch(gallery), self.lookup_names, self.templates)
         if made_by is not None:  # one small read: a move that committed while the answer was made
             check_made_by(made_by, self.store.get_meta("model_id") or "")
         return answers, settings

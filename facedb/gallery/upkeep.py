@@ -149,9 +149,10 @@ class IndexKeeper:
         if self.gallery is None:
             self.gallery = self._load(settings, wait_s) or self._build(settings)
         elif self.gallery.generation != settings.generation and not self.catch_up(self.gallery):
-            # the log no longer reaches back: a shared engine is levelled by a diff of ids, not rebuilt
-            assert self._backend is not None
-            self._replace((self._backend.write_through and self._load(settings, wait_s)) or self._build(settings))
+            # The log no longer reaches back (another process wrote more than CHANGES_KEPT generations, and the
+            # copy it saved let it trim the log): take that copy, levelled with the store (a shared engine by a
+            # diff of ids), as a restart would; only without a usable copy rebuild (minutes at 1M, in a query).
+            self._replace(self._load(settings, wait_s) or self._build(settings))
         if self.rebuild_reason(self.gallery, settings):
             self._replace(self._build(settings))
         if self._holds_removed and not self.readonly and not self._locked:

@@ -31,12 +31,15 @@ rows with one numpy indexing operation.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
+
+from ..errors import InvalidInputError
 
 #: Memory the re-scoring vectors may take, in MiB, when neither the caller nor FACEDB_RESCORE_MEMORY_MB says.
 DEFAULT_BUDGET_MB = 8192
@@ -48,14 +51,22 @@ _MAX_ID = 2**31 - 1  # the id -> row table is int32-indexed; larger ids (never m
 
 def budget_bytes(mb: float | None = None) -> int:
     """The re-scoring memory budget in bytes: ``mb`` if given, else ``$FACEDB_RESCORE_MEMORY_MB``, else 8,192
-    MiB; 0 keeps no vectors in memory (re-scoring reads the store)."""
+    MiB; 0 keeps no vectors in memory (re-scoring reads the store). InvalidInputError for anything but a finite
+    number >= 0 (a typo must not quietly become the default, or 0)."""
+    source: object = mb
+    name = "rescore_memory_mb"
     if mb is None:
-        raw = os.environ.get(ENV_BUDGET, "").strip()
-        try:
-            mb = float(raw) if raw else DEFAULT_BUDGET_MB
-        except ValueError:
-            mb = DEFAULT_BUDGET_MB
-    return max(0, int(float(mb) * 2**20))
+        source = os.environ.get(ENV_BUDGET, "").strip()
+        name = ENV_BUDGET
+    if source == "":
+        return DEFAULT_BUDGET_MB * 2**20
+    try:
+        value = float(source)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise InvalidInputError(f"{name} must be a number of MiB >= 0 (0: re-score from the store), got {source!r}")
+    return int(value * 2**20)
 
 
 def bytes_for(templates: int, dim: int) -> int:
