@@ -455,6 +455,9 @@ def test_stats_check_audit_and_settings(svc):
     stats = client.get("/v1/stats", headers=h).json()
     assert (stats["people"], stats["templates"], stats["model_id"]) == (1, 1, "fake-colour")
     assert stats["worker_pid"] > 0 and stats["webhooks"]["dropped"] == 0
+    held = stats["worker_index"]  # the index this worker answers from: loaded by the enrolment, level with the store
+    assert held["loaded"] is True and held["generation"] == stats["generation"] and held["stand_in"] is None
+    assert set(held) == {"loaded", "built", "generation", "from_file", "rescore_from", "stand_in"}
     assert client.get("/v1/check", headers=h).json()["ok"] is True
     audit = client.get("/v1/audit", params={"operation": "enroll"}, headers=h).json()["records"]
     assert [r["identity"] for r in audit] == ["Ann"] and audit[0]["actor"].startswith("key:")

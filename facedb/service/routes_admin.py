@@ -62,10 +62,19 @@ class SettingsUpdate(BaseModel):
                                                             "model's).")
 
 
-@router.get("/stats", summary="Model, threshold and its provenance, counts, index state; this worker's pid.")
+#: What ``/stats`` says of the index this worker holds in memory (``FaceDB.index_state``): whether it came from
+#: the saved file or was built, the generation it answers at, and where re-scoring reads (``loading`` for the
+#: seconds after an open, ``store`` past the memory budget: slower answers), so an operator can see it.
+WORKER_INDEX_FIELDS = ("loaded", "built", "generation", "from_file", "rescore_from", "stand_in")
+
+
+@router.get("/stats", summary="Model, threshold and its provenance, counts, index state (the stored one, and this "
+                              "worker's in memory); this worker's pid.")
 def stats(caller: Annotated[Caller, Depends(ADMIN)]) -> dict[str, Any]:
     with caller as db:
         out = db.stats().to_dict()
+        held = db.index_state().to_dict()
+        out["worker_index"] = {k: held[k] for k in WORKER_INDEX_FIELDS}
         db.note("read-stats")
     dispatcher = caller.state.dispatcher
     out.update(version=__version__, worker_pid=caller.state.pid,
