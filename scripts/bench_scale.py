@@ -194,7 +194,11 @@ def step_import(args: argparse.Namespace, work: Path, state: dict) -> None:
     except BaseException:
         db.close(save_index=False)
         raise
-    reset_peak()
+    try:
+        reset_peak()
+        state["close_peak_is_its_own"] = True
+    except OSError:  # a kernel or sandbox that refuses it: the close's peak is then the process's
+        state["close_peak_is_its_own"] = False
     t = time.perf_counter()
     db.close()  # the bulk writer leaves the index it built (what a door opens after a restart)
     state.update(close_build_s=time.perf_counter() - t, close_peak_rss_mb=status_mb("VmHWM"),

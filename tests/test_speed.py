@@ -205,7 +205,7 @@ def test_a_query_setting_the_environment_gets_wrong_is_refused_at_open(tmp_path,
 
 
 def test_the_budget_given_to_open_is_checked_as_the_environments_is(tmp_path):
-    for bad in (-1, float("nan"), float("inf"), "lots"):
+    for bad in (-1, float("nan"), float("inf"), "lots", "", True):
         with pytest.raises(InvalidInputError, match="rescore_memory_mb"):
             FaceDB.open(tmp_path / "absent", rescore_memory_mb=bad)
     assert budget_bytes(0.5) == 2**19

@@ -165,28 +165,39 @@ WIDE_SHORTLIST = 512
 def wide_candidates(gallery: Gallery, queries: np.ndarray, people: int, templates: TemplateFetch | None = None
                     ) -> Ranked:
     """Up to ``people`` candidates for each query from the index's wider search (``search_wide``): its
-    :data:`WIDE_SHORTLIST` best-coded templates scored exactly (from the gallery's vectors where it holds them in
-    memory, else read through ``templates``, the store: the same answers either way, a close call then costs
-    up to 512 row reads; only a caller that gives neither gets the coded order), people in the order of their
-    best template. Exact scores order a stranger's
-    nearest templates, near-ties that coarse codes cannot (at 1M 128-d, 64-byte codes, 1,024 lists: the exact
-    nearest among the 200 best-coded for 99.5% of near-threshold probes, among the 50 best for 98.4%),
-    without re-scoring every template of every person proposed."""
+    :data:`WIDE_SHORTLIST` best templates in the order of their exact scores, people in the order of their best
+    template. Kinds whose search scores are exact (``scores_exact``: Milvus) are taken as they come; coded
+    scores (ivfpq) are replaced by exact ones from the gallery's vectors where it holds them in memory, else
+    from the store through ``templates`` (one read for the batch: the same answers, a close call then costs up
+    to 512 row reads). Exact scores order a stranger's nearest templates, near-ties that coarse codes cannot
+    (at 1M 128-d, 64-byte codes, 1,024 lists: the exact nearest among the 200 best-coded for 99.5% of
+    near-threshold probes, among the 50 best for 98.4%), without re-scoring every template of every person
+    proposed. InvalidInputError where coded scores would have to stand (no vectors and no ``templates``)."""
     sims, ids = gallery.index.search_wide(queries, min(len(gallery.index), WIDE_SHORTLIST))  # type: ignore[attr-defined]
-    out: Ranked = []
+    rows: list[tuple[np.ndarray, np.ndarray | None]] = []
     for row in range(len(queries)):
-        tids, coded = ids[row], sims[row]
-        exact = gallery.template_scores(tids[tids >= 0], queries[row:row + 1])
-        if exact is None and templates is not None:
-            # the store's rows, in id order (ids removed since the index proposed them are not among them)
-            tids, vectors = templates(tids[tids >= 0])
-            exact = vectors @ queries[row:row + 1].T
-        elif exact is not None:
-            tids = tids[tids >= 0]
-        if exact is not None:
-            order = np.argsort(-exact[:, 0], kind="stable")
-            tids, coded = tids[order], exact[order, 0]
-        found, best = first_people(gallery.person_of(tids), coded, people)
+        live = gallery.person_of(ids[row]) >= 0  # FAISS padding, and ids this gallery does not map (yet)
+        tids, scores = ids[row][live], sims[row][live]
+        if not gallery.index.scores_exact:
+            exact = gallery.template_scores(tids, queries[row:row + 1])
+            scores = None if exact is None else exact[:, 0]
+        rows.append((tids, scores))
+    missing = [row for row, (_, scores) in enumerate(rows) if scores is None]
+    if missing:
+        if templates is None:
+            raise InvalidInputError("a close call's shortlist has no exact scores: its vectors are not in memory "
+                                    "and no store read was given")
+        held, vectors = templates(np.unique(np.concatenate([rows[row][0] for row in missing])))
+        for row in missing:  # the store's rows, in id order; ids removed since the index proposed them are gone
+            tids = rows[row][0]
+            at = np.minimum(np.searchsorted(held, tids), max(len(held) - 1, 0))
+            kept = (held[at] == tids) if len(held) else np.zeros(len(tids), dtype=bool)
+            rows[row] = (tids[kept], vectors[at[kept]] @ queries[row])
+    out: Ranked = []
+    for tids, scores in rows:
+        assert scores is not None
+        order = np.argsort(-scores, kind="stable")
+        found, best = first_people(gallery.person_of(tids[order]), scores[order], people)
         out.append(list(zip(found.tolist(), best.tolist())))
     return out
 
@@ -221,9 +232,10 @@ def close_calls_on() -> bool:
     ``on``/``1``/``true``/``yes`` or unset leave it on; InvalidInputError for anything else, checked when a
     database is opened). Read at each close call, so a clear decision pays nothing for it."""
     raw = os.environ.get(CLOSE_CALLS_ENV, "on")
-    if raw.strip().lower() in {"off", "0", "false", "no"}:
+    value = raw.strip().lower()
+    if value in {"off", "0", "false", "no"}:
         return False
-    if raw.strip().lower() in {"on", "1", "true", "yes", ""}:
+    if value in {"on", "1", "true", "yes", ""}:
         return True
     raise InvalidInputError(f"{CLOSE_CALLS_ENV} must be on or off, got {raw!r}")
 

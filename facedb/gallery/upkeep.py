@@ -152,7 +152,9 @@ class IndexKeeper:
             # The log no longer reaches back (another process wrote more than CHANGES_KEPT generations, and the
             # copy it saved let it trim the log): take that copy, levelled with the store (a shared engine by a
             # diff of ids), as a restart would; only without a usable copy rebuild (minutes at 1M, in a query).
-            self._replace(self._load(settings, wait_s) or self._build(settings))
+            # The old gallery goes first (it cannot be caught up): not two indexes in memory at once.
+            self._replace(None)
+            self.gallery = self._load(settings, wait_s) or self._build(settings)
         if self.rebuild_reason(self.gallery, settings):
             self._replace(self._build(settings))
         if self._holds_removed and not self.readonly and not self._locked:

@@ -58,10 +58,10 @@ def budget_bytes(mb: float | None = None) -> int:
     if mb is None:
         source = os.environ.get(ENV_BUDGET, "").strip()
         name = ENV_BUDGET
-    if source == "":
-        return DEFAULT_BUDGET_MB * 2**20
+        if not source:  # unset or empty: the default
+            return DEFAULT_BUDGET_MB * 2**20
     try:
-        value = float(source)  # type: ignore[arg-type]
+        value = math.nan if isinstance(source, bool) else float(source)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         value = math.nan
     if not math.isfinite(value) or value < 0:

@@ -74,7 +74,9 @@ def stats(caller: Annotated[Caller, Depends(ADMIN)]) -> dict[str, Any]:
     with caller as db:
         out = db.stats().to_dict()
         held = db.index_state().to_dict()
-        out["worker_index"] = {k: held[k] for k in WORKER_INDEX_FIELDS}
+        # nothing held (not loaded yet, or let go after an engine failure): no kind, origin or re-scoring to report
+        out["worker_index"] = {k: held[k] if held["loaded"] or k in ("loaded", "stand_in") else None
+                               for k in WORKER_INDEX_FIELDS}
         db.note("read-stats")
     dispatcher = caller.state.dispatcher
     out.update(version=__version__, worker_pid=caller.state.pid,

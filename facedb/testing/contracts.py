@@ -88,6 +88,13 @@ def _check_range_and_vectors(index: VectorIndex, q: np.ndarray, gone: np.ndarray
         assert np.all(rs >= 0.5 - 1e-6), "range search keeps the threshold"
         if index.exact:  # approximate kinds may miss some, as their search does (with coarse scores, many)
             assert set(rid_live.tolist()) == set(truth.tolist()), "exact range search finds all of them"
+    sims, ids = index.search(q, 10)
+    held = np.isin(ids, live)  # a tombstoned (HNSW) or padding id has no vector to compare with
+    if index.scores_exact:  # what wide_candidates relies on to skip re-scoring a close call's shortlist
+        lookup = {int(i): row for i, row in zip(live, xl)}
+        for s, i, qq in zip(sims[held], ids[held], np.repeat(q, held.sum(axis=1), axis=0)):
+            assert int(i) in lookup and abs(float(s) - float(lookup[int(i)] @ qq)) < 1e-5, \
+                "an index whose scores are exact returns each template's exact similarity"
     if index.keeps_vectors:
         got = index.exact_vectors(live[:50])
         assert got is not None and got.tobytes() == xl[:50].tobytes(), "exact_vectors are the added ones, bit for bit"
@@ -240,6 +247,10 @@ def check_engine(backend: IndexBackend, kind: str, root: Path, *, dim: int = 32,
     def fetch(people: object) -> tuple[np.ndarray, np.ndarray]:
         return gallery.person_vectors(people) or from_store(people)  # type: ignore[arg-type]
 
+    def templates(wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # the store's read of a shortlist
+        rows = np.flatnonzero(np.isin(ids, wanted))
+        return ids[rows], x[rows]
+
     if in_memory:
         held, want = gallery.person_vectors(np.unique(pids)), from_store(np.unique(pids))
         assert held is not None, "the in-memory vectors hold every live template"
@@ -249,7 +260,7 @@ def check_engine(backend: IndexBackend, kind: str, root: Path, *, dim: int = 32,
     q = x[rng.choice(len(x), 30, replace=False)] + 0.02 * rng.standard_normal((30, dim)).astype(np.float32)
     q = np.concatenate([q, unit_rows(rng, 10, dim)])
     q /= np.linalg.norm(q, axis=1, keepdims=True)
-    answers = engine.identify(gallery, q, 5, 0.8, fetch, lambda p: {i: names[int(i)] for i in p})
+    answers = engine.identify(gallery, q, 5, 0.8, fetch, lambda p: {i: names[int(i)] for i in p}, templates)
     sims = q @ x.T
     for row, ans in enumerate(answers):
         best: dict[int, float] = {}
@@ -266,7 +277,7 @@ def check_engine(backend: IndexBackend, kind: str, root: Path, *, dim: int = 32,
             top = ans.candidates[0]
             assert (ans.identity == top.name) == (top.similarity >= 0.8), "accepted iff at or above the threshold"
     gallery.remove(ids[pids == pids[0]])
-    after = engine.identify(gallery, x[:1], 5, 0.8, fetch, lambda p: {i: names[int(i)] for i in p})[0]
+    after = engine.identify(gallery, x[:1], 5, 0.8, fetch, lambda p: {i: names[int(i)] for i in p}, templates)[0]
     assert all(c.person_id != pids[0] for c in after.candidates), "a removed person is never a candidate"
     found = engine.neighbours(gallery, x[10:11], 0.99)[0]
     assert 11 in found[0].tolist() or not gallery.index.exact, "range search finds a template's own copy"

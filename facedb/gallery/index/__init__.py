@@ -39,6 +39,9 @@ class VectorIndex(Protocol):
     dim: int
     exact: bool  # scores are exact and nothing is missed
     keeps_vectors: bool  # holds the float32 vectors themselves, bit for bit (see exact_vectors)
+    # the similarities its searches return are the templates' exact ones (full float32 vectors compared), though
+    # a search may miss templates; False where they come from codes (ivfpq, flat16) and must be re-scored
+    scores_exact: bool
     params: dict[str, Any]
     tombstones: int  # removed entries still held (HNSW), filtered by the engine
 

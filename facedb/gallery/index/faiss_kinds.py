@@ -75,6 +75,7 @@ class _Faiss:
     kind = "?"
     exact = False
     keeps_vectors = False
+    scores_exact = False  # scores from codes (flat16, ivfpq): re-scored exactly by the engine
 
     def __init__(self, dim: int, index: faiss.Index, params: dict[str, Any]) -> None:
         self.dim = dim
@@ -167,6 +168,7 @@ class FlatIndex(_Faiss):
     kind = "flat"
     exact = True
     keeps_vectors = True
+    scores_exact = True
 
     @classmethod
     def new(cls, dim: int, params: dict[str, Any]) -> FlatIndex:
@@ -209,6 +211,7 @@ class Flat16Index(_Faiss):
 class HNSWIndex(_Faiss):
     kind = "hnsw"
     keeps_vectors = True  # HNSWFlat stores the float32 vectors
+    scores_exact = True
 
     @classmethod
     def new(cls, dim: int, params: dict[str, Any]) -> HNSWIndex:
@@ -285,6 +288,7 @@ def _nlist_for(n: int) -> int:
 class IVFIndex(_Faiss):
     kind = "ivf"
     keeps_vectors = True  # IVFFlat lists hold the float32 vectors themselves
+    scores_exact = True
 
     @classmethod
     def new(cls, dim: int, params: dict[str, Any], train: np.ndarray | None = None,
@@ -414,6 +418,7 @@ class IVFIndex(_Faiss):
 class IVFPQIndex(IVFIndex):
     kind = "ivfpq"
     keeps_vectors = False  # PQ codes only: exact scores come from the store
+    scores_exact = False
 
     @staticmethod
     def _make(dim: int, quantizer: faiss.Index, params: dict[str, Any]) -> faiss.Index:

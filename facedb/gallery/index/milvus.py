@@ -344,6 +344,7 @@ class MilvusIndex:
     kind = KIND
     exact = False
     keeps_vectors = False
+    scores_exact = True  # HNSW / IVF_FLAT / FLAT over the float32 vectors: a close call's shortlist needs no store read
     tombstones = 0  # deletes are real: nothing removed is held
 
     def __init__(self, client: MilvusClient, uri: str, alias: str, physical: str, dim: int, params: dict[str, Any],
