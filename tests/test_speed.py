@@ -177,7 +177,8 @@ def test_budget_comes_from_the_environment(monkeypatch):
 
 
 @pytest.mark.parametrize("variable,value", [("FACEDB_RESCORE_MEMORY_MB", "abc"), ("FACEDB_RESCORE_MEMORY_MB", "-5"),
-                                            ("FACEDB_RESCORE_MEMORY_MB", "nan"), ("FACEDB_CLOSE_CALLS", "bogus")])
+                                            ("FACEDB_RESCORE_MEMORY_MB", "nan"), ("FACEDB_CLOSE_CALLS", "bogus"),
+                                            ("FACEDB_STAND_IN_AFTER_S", "soon"), ("FACEDB_STAND_IN_AFTER_S", "-1")])
 def test_a_query_setting_the_environment_gets_wrong_is_refused_at_open(tmp_path, rng, monkeypatch, variable, value):
     """A typo in a query setting (found by a newcomer: ``abc`` meant the 8 GiB default, ``-5`` meant 0, ``bogus``
     left close calls on) is refused when the database is opened or created, by the API with
@@ -202,6 +203,36 @@ def test_a_query_setting_the_environment_gets_wrong_is_refused_at_open(tmp_path,
     monkeypatch.delenv(variable)
     with FaceDB.open(root) as db:
         assert db.count_people() == 5
+
+
+@pytest.mark.parametrize("value", ["lots", "nan", "inf", "-3", "1e400"])
+def test_every_number_read_from_the_environment_goes_through_one_strict_parser(monkeypatch, value):
+    """The whole kind of fault: no FACEDB_* number is read with a quiet fall back. Each reader refuses a bad
+    value with InvalidInputError naming its variable, and nothing in the package parses os.environ by hand."""
+    import re
+
+    from facedb.faces.images import max_pixels
+    from facedb.gallery import standin
+    from facedb.gallery.settings import threads_setting
+
+    readers = {"FACEDB_MAX_PIXELS": max_pixels, "FACEDB_STAND_IN_AFTER_S": standin.after_s,
+               "FACEDB_THREADS": threads_setting, "FACEDB_RESCORE_MEMORY_MB": budget_bytes}
+    try:
+        from facedb.gallery.index import milvus
+    except ImportError:  # the milvus extra is not installed
+        milvus = None
+    if milvus is not None:
+        readers[milvus.SEARCH_TIMEOUT_ENV] = milvus.search_timeout
+    for variable, read in readers.items():
+        monkeypatch.setenv(variable, value)
+        with pytest.raises(InvalidInputError, match=variable):
+            read()
+        monkeypatch.delenv(variable)
+        read()  # unset: the default
+    package = Path(__file__).resolve().parents[1] / "facedb"
+    by_hand = [f"{path.name}: {line.strip()}" for path in package.rglob("*.py")
+               for line in path.read_text().splitlines() if re.search(r"\b(float|int)\(os\.(environ|getenv)", line)]
+    assert by_hand == []
 
 
 def test_the_budget_given_to_open_is_checked_as_the_environments_is(tmp_path):

@@ -24,6 +24,7 @@ from typing import BinaryIO, Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..environment import number
 from ..errors import ImageError
 
 #: Default pixel cap (width x height); the FACEDB_MAX_PIXELS setting overrides it.
@@ -63,10 +64,9 @@ class Photo:
 
 
 def max_pixels() -> int:
-    try:
-        return int(os.environ.get("FACEDB_MAX_PIXELS", DEFAULT_MAX_PIXELS))
-    except ValueError:
-        return DEFAULT_MAX_PIXELS
+    """The largest photo decoded, in pixels (FACEDB_MAX_PIXELS; InvalidInputError for a value that is not a
+    whole number >= 1)."""
+    return int(number("FACEDB_MAX_PIXELS", DEFAULT_MAX_PIXELS, minimum=1, integer=True))
 
 
 def display_name(path: str | os.PathLike[str]) -> str:

@@ -75,16 +75,9 @@ def threads_setting() -> int:
     """The thread count for torch and FAISS from ``FACEDB_THREADS`` (default
     :data:`DEFAULT_THREADS`, chosen from measurements; 0 = leave each engine's own default);
     InvalidInputError for a value that is not a whole number >= 0."""
-    import os
+    from ..environment import number
 
-    raw = os.environ.get("FACEDB_THREADS", "").strip()
-    try:
-        n = int(raw) if raw else DEFAULT_THREADS
-    except ValueError:
-        raise InvalidInputError(f"FACEDB_THREADS must be a whole number, got {raw!r}") from None
-    if n < 0:
-        raise InvalidInputError("FACEDB_THREADS must be >= 0 (0: each engine's own default)")
-    return n
+    return int(number("FACEDB_THREADS", DEFAULT_THREADS, integer=True, hint=" (0: each engine's own default)"))
 
 
 def check_margin(value: object) -> float:

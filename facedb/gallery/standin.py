@@ -24,7 +24,6 @@ says so (``stand_in``: why) and the ``facedb`` logger warns once when it starts 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..environment import number
 from ..errors import IndexLoadingError, IndexUnavailableError, IndexUnreachableError
 from .index import IndexPlace, backend_for
 from .indexed import Gallery
@@ -75,11 +75,9 @@ def cannot_answer(exc: BaseException) -> bool:
 
 
 def after_s() -> float:
-    """The query's wait for the engine (FACEDB_STAND_IN_AFTER_S, default 1 s; a bad value is the default)."""
-    try:
-        return max(0.0, float(os.environ.get(AFTER_ENV) or AFTER_S))
-    except ValueError:
-        return AFTER_S
+    """The query's wait for the engine (FACEDB_STAND_IN_AFTER_S, default 1 s; InvalidInputError for a value
+    that is not a number >= 0, checked when a database is opened)."""
+    return number(AFTER_ENV, AFTER_S)
 
 
 class EngineOpening:

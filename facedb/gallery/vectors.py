@@ -32,13 +32,13 @@ rows with one numpy indexing operation.
 from __future__ import annotations
 
 import math
-import os
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
+from ..environment import number
 from ..errors import InvalidInputError
 
 #: Memory the re-scoring vectors may take, in MiB, when neither the caller nor FACEDB_RESCORE_MEMORY_MB says.
@@ -53,19 +53,15 @@ def budget_bytes(mb: float | None = None) -> int:
     """The re-scoring memory budget in bytes: ``mb`` if given, else ``$FACEDB_RESCORE_MEMORY_MB``, else 8,192
     MiB; 0 keeps no vectors in memory (re-scoring reads the store). InvalidInputError for anything but a finite
     number >= 0 (a typo must not quietly become the default, or 0)."""
-    source: object = mb
-    name = "rescore_memory_mb"
     if mb is None:
-        source = os.environ.get(ENV_BUDGET, "").strip()
-        name = ENV_BUDGET
-        if not source:  # unset or empty: the default
-            return DEFAULT_BUDGET_MB * 2**20
+        return int(number(ENV_BUDGET, DEFAULT_BUDGET_MB, hint=" MiB (0: re-score from the store)") * 2**20)
     try:
-        value = math.nan if isinstance(source, bool) else float(source)  # type: ignore[arg-type]
+        value = math.nan if isinstance(mb, bool) else float(mb)
     except (TypeError, ValueError):
         value = math.nan
     if not math.isfinite(value) or value < 0:
-        raise InvalidInputError(f"{name} must be a number of MiB >= 0 (0: re-score from the store), got {source!r}")
+        raise InvalidInputError(f"rescore_memory_mb must be a number of MiB >= 0 (0: re-score from the store), "
+                                f"got {mb!r}")
     return int(value * 2**20)
 
 

@@ -68,6 +68,7 @@ import grpc
 import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
 
+from ...environment import number
 from ...errors import (
     IndexCredentialsError,
     IndexLoadingError,
@@ -536,7 +537,7 @@ def _ensure_loaded(client: MilvusClient, uri: str, physical: str) -> None:
     one (a restarted server reports its collections released, then reloads them by itself) is asked to load,
     without blocking on it; one still loading after the wait is an IndexLoadingError naming the progress, and the
     next query checks again. Milvus Lite loads in process, as long as that takes."""
-    wait = float(os.environ.get(LOAD_WAIT_ENV) or LOAD_WAIT_S)
+    wait = number(LOAD_WAIT_ENV, LOAD_WAIT_S)
     deadline = time.monotonic() + wait
     asked = False
     with _engine(uri, f"loading collection {physical!r}"):
@@ -565,7 +566,7 @@ def _ensure_loaded(client: MilvusClient, uri: str, physical: str) -> None:
 
 def search_timeout() -> float:
     """The seconds one search may take (FACEDB_MILVUS_SEARCH_TIMEOUT_S, default SEARCH_TIMEOUT_S)."""
-    return float(os.environ.get(SEARCH_TIMEOUT_ENV) or SEARCH_TIMEOUT_S)
+    return number(SEARCH_TIMEOUT_ENV, SEARCH_TIMEOUT_S, positive=True)
 
 
 def _wait_served_from_index(client: MilvusClient, uri: str, physical: str, rows: int) -> bool:
@@ -580,7 +581,7 @@ def _wait_served_from_index(client: MilvusClient, uri: str, physical: str, rows:
     door answers from an index that is not there yet. Milvus Lite indexes what it seals at once: not asked."""
     if uri.endswith(".db") or rows < UNINDEXED_ROWS:  # no segment of it can get an index: searched whole
         return True
-    wait = float(os.environ.get(INDEX_WAIT_ENV) or INDEX_WAIT_S)
+    wait = number(INDEX_WAIT_ENV, INDEX_WAIT_S)
     deadline = time.monotonic() + wait
     while True:
         with _engine(uri, f"reading the segments of {physical!r}"):
