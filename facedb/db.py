@@ -20,7 +20,7 @@ import numpy as np
 
 from . import records
 from .gallery.decision import ImpostorModel, Policy
-from .gallery.query import Query, check_query_environment
+from .gallery.query import Query
 from .gallery.query import verify_rule as verify_rule  # its old place, for the service and scripts
 from .gallery.settings import AuditSettings, Calibration, Settings, VisitorSettings
 from .gallery.settings_cache import NameCache, SettingsMemo
@@ -99,10 +99,9 @@ class FaceDB:
         1:1 decision threshold (cosine similarity, higher is stricter). The options: ``operations/lifecycle.py``
         (``Identity``, ``create_store``). InvalidInputError, DatabaseExistsError, IndexUnavailableError,
         ModelMismatchError (a remote index), KeyMissingError: nothing is left behind then."""
-        check_query_environment(rescore_memory_mb)
         ident = lifecycle.Identity(model_id, dim, threshold, threshold_source, index, flip, impostors, margin, rule,
                                    mean_templates, thumbnails, detector, cancellable)
-        made = lifecycle.create_store(Path(path), ident, index_options, encrypt, key)
+        made = lifecycle.create_store(Path(path), ident, index_options, encrypt, key, rescore_memory_mb)
         db = cls(Path(path), made.store, actor=actor, index_options=made.given_options, protection=made.protection,
                  rescore_memory_mb=rescore_memory_mb)
         lifecycle.first_index(db, index, made.made)
@@ -117,7 +116,6 @@ class FaceDB:
         ``readonly``: nothing in the gallery can be changed (decisions are still audited). ``key``: an encrypted
         database's key (default ``$FACEDB_KEY``): KeyMissingError, WrongKeyError, TamperedError; nothing changed.
         The other options: :func:`facedb.operations.lifecycle.opened`."""
-        check_query_environment(rescore_memory_mb)
         return lifecycle.open_database(cls, Path(path), model_id=model_id, readonly=readonly, weights=weights,
                                        model=model, actor=actor, index_options=index_options, key=key,
                                        rescore_memory_mb=rescore_memory_mb)

@@ -15,6 +15,7 @@ ROOT = Path(facedb.__file__).resolve().parent
 LAYERS: list[tuple[str, str]] = [
     ("errors.py", "foundation"), ("fsio.py", "foundation"), ("timings.py", "foundation"),
     ("choices.py", "foundation"), ("records.py", "foundation"),
+    ("environment.py", "foundation"),  # FACEDB_* numbers, one strict parser
     ("moved.py", "foundation"),  # old import paths, for one release: it imports the new ones by name, lazily
     ("protection/keyring.py", "ciphers"), ("protection/projection.py", "ciphers"),
     ("gallery/", "gallery"),

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import DatabaseError, DatabaseExistsError, InvalidInputError, ModelMismatchError, warn_caller
 from ..gallery.decision import ImpostorModel
 from ..gallery.index import backend_for, check_kind
+from ..gallery.query import check_query_environment
 from ..gallery.settings import Settings, check_index_options, check_threshold
 from ..gallery.store import Store
 from ..protection import encryption
@@ -83,8 +84,9 @@ class Created:
 
 
 def create_store(root: Path, ident: Identity, index_options: dict[str, Any] | None, encrypt: bool,
-                 key: object) -> Created:
-    """Check ``ident`` and the options (InvalidInputError), refuse an existing database (DatabaseExistsError) or a
+                 key: object, rescore_memory_mb: float | None = None) -> Created:
+    """Check ``ident``, the options and the query settings of the environment (InvalidInputError:
+    ``check_query_environment``), refuse an existing database (DatabaseExistsError) or a
     file in the way (DatabaseError), then make the directory (0700), the keyring and the store with its first
     settings. Nothing is left behind on failure.
 
@@ -97,6 +99,7 @@ def create_store(root: Path, ident: Identity, index_options: dict[str, Any] | No
     KeyMissingError when there is none). ``rescore_memory_mb`` (``FaceDB.create``): see :func:`opened`."""
     from ..faces.pipeline import check_detector
 
+    check_query_environment(rescore_memory_mb)
     if not ident.model_id:
         raise InvalidInputError("model_id must be given")
     if isinstance(ident.dim, bool) or not isinstance(ident.dim, int) or ident.dim < 1:
@@ -180,8 +183,10 @@ def secrets_of(options: dict[str, Any], uri_too: bool = False) -> dict[str, Any]
 def open_database(facade: Any, root: Path, *, model_id: str | None, readonly: bool, weights: Any, model: Any,
                   actor: str | None, index_options: dict[str, Any] | None, key: object,
                   rescore_memory_mb: float | None) -> FaceDB:
-    """``FaceDB.open`` (``facade``: the class): unlock (encrypted), open the store, make the FaceDB, then
-    :func:`opened`. DatabaseError when ``root`` holds no database."""
+    """``FaceDB.open`` (``facade``: the class): check the query settings of the environment (InvalidInputError,
+    before anything is read), unlock (encrypted), open the store, make the FaceDB, then :func:`opened`.
+    DatabaseError when ``root`` holds no database."""
+    check_query_environment(rescore_memory_mb)
     if not (root / STORE_FILE).is_file():
         raise DatabaseError(f"no facedb database at {root / STORE_FILE} (create one with `facedb init`)")
     protection = encryption.unlock(root, key, readonly)
