@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 
 from .errors import InvalidInputError
 
 
 def number(name: str, default: float, *, minimum: float = 0.0, integer: bool = False, positive: bool = False,
-           hint: str = "") -> float:
-    """``$name`` as a number: ``default`` when unset or empty; a whole number with ``integer``; at least
-    ``minimum`` (above 0 with ``positive``); finite. InvalidInputError otherwise (``hint`` says what the
-    bound means, e.g. `` (0: always the store)``)."""
-    raw = os.environ.get(name, "").strip()
+           hint: str = "", environ: Mapping[str, str] | None = None) -> float:
+    """``$name`` (in ``environ``, default ``os.environ``) as a number: ``default`` when unset or empty; a whole
+    number with ``integer``; at least ``minimum`` (above 0 with ``positive``); finite. InvalidInputError
+    otherwise (``hint`` says what the bound means, e.g. `` (0: always the store)``)."""
+    raw = (os.environ if environ is None else environ).get(name, "").strip()
     if not raw:
         return default
     try:

@@ -107,6 +107,24 @@ def locked(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def held_elsewhere(path: Path) -> bool:
+    """Whether another open file (another process, or another :func:`locked` block) holds the lock on ``path``
+    now: tried without waiting and let go at once. False when ``path`` does not exist."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
 def remove_stale_temporaries(directory: Path, prefix: str) -> int:
     """Delete the temporary files that :func:`write_atomic` left behind in ``directory`` for files named
     ``prefix...`` when its process was killed mid-write (they may hold a copy of the data being written);

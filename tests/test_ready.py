@@ -319,11 +319,70 @@ def test_a_running_process_left_behind_by_a_bulk_import_loads_the_writers_copy(t
         with FaceDB.open(root) as other:
             assert other.store.changes_since(behind) is None  # the log no longer reaches the door's copy
         builds = []
-        real_build = type(door.keeper)._build
-        monkeypatch.setattr(type(door.keeper), "_build", lambda self, s: builds.append(1) or real_build(self, s))
+        real_build = door.keeper._build  # the door's own builds only (the writer's close builds its copy)
+        monkeypatch.setattr(door.keeper, "_build", lambda s: builds.append(1) or real_build(s))
         got = door.identify(probes, k=3)
         door.load_index(wait=True)
         assert builds == [] and door.index_state().from_file
     finally:
         door.close()
     agrees_with_exact(got, items, probes)
+
+
+def test_a_door_keeps_answering_while_an_import_moves_auto_to_another_kind(tmp_path, data, monkeypatch):
+    """An import by another process takes an ``auto`` gallery past the size where ``auto`` picks another kind:
+    the door's queries meanwhile answer from the gallery they have (level with the store, exact here) instead of
+    rebuilding inside a query (found by a newcomer: 5.6-9.9 s stalls of every door at 50,000 templates), then
+    take the copy the writer saved at its close; the door's own close leaves that copy alone."""
+    items, probes = data
+    root = tmp_path / "db"
+    monkeypatch.setattr("facedb.gallery.upkeep.auto_kind", lambda n, dim: "flat" if n < 300 else "ivfpq")
+    with FaceDB.create(root, model_id="m", dim=DIM, threshold=0.5, index="auto") as db:
+        db.add_templates_many(items[:60])  # 240 templates: flat
+    door = FaceDB.open(root)
+    try:
+        door.identify(probes[0])
+        assert door.index_state().built == "flat"
+        builds = []
+        real_build = door.keeper._build  # the door's own builds only (the writer's close builds its copy)
+        monkeypatch.setattr(door.keeper, "_build", lambda s: builds.append(1) or real_build(s))
+        writer = FaceDB.open(root)
+        writer.add_templates_many(items[60:])  # 600 templates: auto now wants ivfpq; the writer has not closed
+        during = door.identify(probes, k=3)
+        assert builds == [] and door.index_state().built == "flat"
+        writer.close()  # builds and saves the ivfpq copy the next open would otherwise build
+        saved = door.settings().index_stamp
+        assert saved["kind"] == "ivfpq"
+        after = door.identify(probes, k=3)
+        state = door.index_state()
+        assert builds == [] and state.built == "ivfpq" and state.from_file
+    finally:
+        door.close()
+    assert FaceDB.open(root).settings().index_stamp == saved  # not written over by the door's close
+    agrees_with_exact(during, items, probes)
+    agrees_with_exact(after, items, probes)
+
+
+def test_a_close_never_writes_its_gallery_over_a_newer_saved_copy(tmp_path, data):
+    """A process that built its own gallery (no copy was saved when it opened) closes after another process
+    added people and saved a copy of its own: the newer copy stays, not the closing process's (trained on
+    fewer templates), caught up and written over it (found by a newcomer: stopping a service replaced the
+    writer's freshly saved index with the service's own)."""
+    items, probes = data
+    root = tmp_path / "db"
+    with FaceDB.create(root, model_id="m", dim=DIM, threshold=0.5, index="ivfpq") as db:
+        db.reindex("ivfpq", {"nlist": 8, "nprobe": 8})
+        db.add_templates_many(items[:100])
+    (root / "index.faiss").unlink()  # so the next process builds its own
+    door = FaceDB.open(root)
+    door.identify(probes[0])
+    assert not door.index_state().from_file and door.index_state().params["trained_on"] == 400
+    with FaceDB.open(root) as other:
+        other.add_templates_many(items[100:])
+        other.rebuild_index()  # a copy of all 600, saved
+        saved = other.settings().index_stamp
+    assert saved["params"]["trained_on"] == 600
+    door.close()
+    with FaceDB.open(root) as db:
+        assert db.settings().index_stamp == saved
+        agrees_with_exact(db.identify(probes, k=3), items, probes)

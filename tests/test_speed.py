@@ -178,7 +178,8 @@ def test_budget_comes_from_the_environment(monkeypatch):
 
 @pytest.mark.parametrize("variable,value", [("FACEDB_RESCORE_MEMORY_MB", "abc"), ("FACEDB_RESCORE_MEMORY_MB", "-5"),
                                             ("FACEDB_RESCORE_MEMORY_MB", "nan"), ("FACEDB_CLOSE_CALLS", "bogus"),
-                                            ("FACEDB_STAND_IN_AFTER_S", "soon"), ("FACEDB_STAND_IN_AFTER_S", "-1")])
+                                            ("FACEDB_STAND_IN_AFTER_S", "soon"), ("FACEDB_STAND_IN_AFTER_S", "-1"),
+                                            ("FACEDB_THREADS", "lots"), ("FACEDB_MAX_PIXELS", "0")])
 def test_a_query_setting_the_environment_gets_wrong_is_refused_at_open(tmp_path, rng, monkeypatch, variable, value):
     """A typo in a query setting (found by a newcomer: ``abc`` meant the 8 GiB default, ``-5`` meant 0, ``bogus``
     left close calls on) is refused when the database is opened or created, by the API with
@@ -223,6 +224,10 @@ def test_every_number_read_from_the_environment_goes_through_one_strict_parser(m
         milvus = None
     if milvus is not None:
         readers[milvus.SEARCH_TIMEOUT_ENV] = milvus.search_timeout
+    from facedb.service.config import ServiceSettings
+
+    for variable in ("FACEDB_DOOR_RATE", "FACEDB_HOOK_ATTEMPTS", "FACEDB_BODY_TIMEOUT"):
+        readers[variable] = ServiceSettings.from_env  # the service's own settings: the same parser
     for variable, read in readers.items():
         monkeypatch.setenv(variable, value)
         with pytest.raises(InvalidInputError, match=variable):

@@ -22,7 +22,7 @@ from ..errors import IndexCredentialsError, IndexUnavailableError, ModelChangedE
 from ..records import Identification, Verification
 from . import engine, standin
 from .decision import Policy
-from .settings import Settings, check_k, check_threshold
+from .settings import Settings, check_k, check_threshold, threads_setting
 from .settings_cache import NameCache, SettingsMemo
 from .store import Store
 from .upkeep import IndexKeeper
@@ -52,12 +52,14 @@ def policy_for(s: Settings, counts: dict[str, int]) -> tuple[Policy, int]:
 
 def check_query_environment(rescore_memory_mb: float | None = None) -> None:
     """The query settings a process takes from its environment (``FACEDB_RESCORE_MEMORY_MB`` or the
-    ``rescore_memory_mb`` given, ``FACEDB_CLOSE_CALLS``, ``FACEDB_STAND_IN_AFTER_S``), checked when a database
+    ``rescore_memory_mb`` given, ``FACEDB_CLOSE_CALLS``, ``FACEDB_STAND_IN_AFTER_S``, ``FACEDB_THREADS``; and
+    ``FACEDB_MAX_PIXELS`` where set, by ``operations/lifecycle.py``), checked when a database
     is opened or created, before anything is read: InvalidInputError for a value they do not accept, rather
     than a typo quietly meaning the default (or a failure at the first close call)."""
     budget_bytes(rescore_memory_mb)
     engine.close_calls_on()
     standin.after_s()
+    threads_setting()  # FAISS's threads, set at a query's first search
 
 
 class Query:

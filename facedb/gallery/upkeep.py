@@ -40,7 +40,7 @@ import numpy as np
 from ..errors import IndexBehindWarning, IndexUnavailableError, warn_caller
 from ..fsio import locked, remove_stale_temporaries
 from ..records import IndexState
-from . import index_check, standin
+from . import index_check, rebuilds, standin
 from .index import IndexBackend, IndexPlace, VectorIndex, auto_kind, backend_for
 from .index.saved_map import MapSource, SavedMap
 from .indexed import Gallery
@@ -104,6 +104,11 @@ class IndexKeeper:
         self.stand_in: StandIn | None = None  # answers queries while a remote engine cannot (standin.py)
         self.stand_in_spare: tuple[StandIn, float] | None = None  # the last one, until (monotonic) (standin.py)
         self.opening: EngineOpening | None = None  # an attempt at opening the engine: running, or not yet read
+        # rebuilds.py: the generation a query's rebuild was put off at, the saved copy tried in its place; a copy
+        # that failed to load here (a close may write over it)
+        self._put_off_at: int | None = None
+        self._tried_stamp: tuple[Any, ...] | None = None
+        self._unusable: tuple[Any, ...] | None = None
 
     # ------------------------------------------------------------------------------------------------ policy
     @staticmethod
@@ -139,29 +144,37 @@ class IndexKeeper:
         and ``check`` use the engine itself (:meth:`_current`) and fail while it cannot answer."""
         if self.gallery is None and self._write_through(settings):
             return standin.answer(self, settings)
-        gallery = self._current(settings)
+        gallery = self._current(settings, query=True)
         standin.drop(self)
         return gallery
 
-    def _current(self, settings: Settings, wait_s: float = OPEN_WAIT_S) -> Gallery:
+    def _current(self, settings: Settings, wait_s: float = OPEN_WAIT_S, query: bool = False) -> Gallery:
         """The engine's (or the file's) gallery, caught up with the store's generation in ``settings`` (rebuilt
-        when it must be); a remote engine that does not open within ``wait_s`` seconds is an error."""
+        when it must be: for a ``query`` see ``rebuilds.py``); a remote engine that does not open within
+        ``wait_s`` seconds is an error."""
         if self.gallery is None:
-            self.gallery = self._load(settings, wait_s) or self._build(settings)
+            self.gallery = self._load_noted(settings, wait_s) or self._build(settings)
         elif self.gallery.generation != settings.generation and not self.catch_up(self.gallery):
             # The log no longer reaches back (another process wrote more than CHANGES_KEPT generations, and the
             # copy it saved let it trim the log): take that copy, levelled with the store (a shared engine by a
             # diff of ids), as a restart would; only without a usable copy rebuild (minutes at 1M, in a query).
             # The old gallery goes first (it cannot be caught up): not two indexes in memory at once.
             self._replace(None)
-            self.gallery = self._load(settings, wait_s) or self._build(settings)
+            self.gallery = self._load_noted(settings, wait_s) or self._build(settings)
         if self.rebuild_reason(self.gallery, settings):
-            self._replace(self._build(settings))
+            rebuilds.improve(self, settings, wait_s, query, self.root / LOCK_FILE)
         if self._holds_removed and not self.readonly and not self._locked:
             self._holds_removed = False
             self.erase(settings)  # the file holds templates removed since it was saved: erase them now
         self._publish(self.gallery)
         return self.gallery
+
+    def _load_noted(self, settings: Settings, wait_s: float) -> Gallery | None:
+        """:meth:`_load`, remembering a saved copy that could not be used (a close may then write over it)."""
+        gallery = self._load(settings, wait_s)
+        if gallery is None and settings.index_stamp:
+            self._unusable = rebuilds.stamp_key(settings.index_stamp)
+        return gallery
 
     def stands_in_for(self, settings: Settings) -> bool:
         """Whether a query this keeper cannot answer from its engine may be answered by the stand-in (a remote,
@@ -456,8 +469,12 @@ class IndexKeeper:
             # have made the next process build (docs/performance-and-scale.md: ready after a restart).
             if not self._unsettled(settings):
                 return
-        elif not force and self.from_file and stamp is not None and not (self._saves_map() and _outdated(stamp)):
-            if 0 <= self.gallery.generation - int(stamp.get("generation", -1)) < SAVE_EVERY:
+        elif not force and stamp is not None and not (self._saves_map() and _outdated(stamp)):
+            behind = self.gallery.generation - int(stamp.get("generation", -1))
+            if self.from_file and 0 <= behind < SAVE_EVERY:
+                return
+            # a copy as new or newer, saved by another process, is never written over (a stopped service did that)
+            if behind <= 0 and self._stamp_matches(stamp, settings) and rebuilds.stamp_key(stamp) != self._unusable:
                 return
         try:
             with self._lock():

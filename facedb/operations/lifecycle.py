@@ -9,6 +9,7 @@ token, an URI override: :func:`secrets_of`). Moved out of ``db.py`` as it was.
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 from dataclasses import dataclass
@@ -83,6 +84,17 @@ class Created:
     given_options: dict[str, Any]
 
 
+def check_photo_environment(rescore_memory_mb: float | None) -> None:
+    """The settings of the environment a database's queries and photos use, checked before it is opened or
+    created (InvalidInputError naming the variable): ``check_query_environment``, and ``FACEDB_MAX_PIXELS``
+    where it is set (read from ``faces/images.py`` only then: no image library for a database of vectors)."""
+    check_query_environment(rescore_memory_mb)
+    if os.environ.get("FACEDB_MAX_PIXELS", "").strip():
+        from ..faces.images import max_pixels
+
+        max_pixels()
+
+
 def create_store(root: Path, ident: Identity, index_options: dict[str, Any] | None, encrypt: bool,
                  key: object, rescore_memory_mb: float | None = None) -> Created:
     """Check ``ident``, the options and the query settings of the environment (InvalidInputError:
@@ -99,7 +111,7 @@ def create_store(root: Path, ident: Identity, index_options: dict[str, Any] | No
     KeyMissingError when there is none). ``rescore_memory_mb`` (``FaceDB.create``): see :func:`opened`."""
     from ..faces.pipeline import check_detector
 
-    check_query_environment(rescore_memory_mb)
+    check_photo_environment(rescore_memory_mb)
     if not ident.model_id:
         raise InvalidInputError("model_id must be given")
     if isinstance(ident.dim, bool) or not isinstance(ident.dim, int) or ident.dim < 1:
@@ -186,7 +198,7 @@ def open_database(facade: Any, root: Path, *, model_id: str | None, readonly: bo
     """``FaceDB.open`` (``facade``: the class): check the query settings of the environment (InvalidInputError,
     before anything is read), unlock (encrypted), open the store, make the FaceDB, then :func:`opened`.
     DatabaseError when ``root`` holds no database."""
-    check_query_environment(rescore_memory_mb)
+    check_photo_environment(rescore_memory_mb)
     if not (root / STORE_FILE).is_file():
         raise DatabaseError(f"no facedb database at {root / STORE_FILE} (create one with `facedb init`)")
     protection = encryption.unlock(root, key, readonly)

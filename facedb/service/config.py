@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
+from ..environment import number
 from ..errors import InvalidInputError
 
 #: ``log_format``: uvicorn's text lines, or one JSON object per line (facedb/service/logs.py).
@@ -119,36 +120,37 @@ class ServiceSettings:
         """Settings from ``FACEDB_*`` variables (see ``_ENV``), defaults for those unset."""
         env = os.environ if environ is None else environ
         raw = {name: env[var] for name, var in cls._ENV.items() if env.get(var, "").strip()}
-        try:
-            return cls(
-                db=Path(raw.get("db", "facedb-data")),
-                host=raw.get("host", "127.0.0.1"),
-                port=int(raw.get("port", 8000)),
-                workers=int(raw.get("workers", 1)),
-                max_upload_mb=float(raw.get("max_upload_mb", DEFAULT_MAX_UPLOAD_MB)),
-                cors_origins=tuple(o.strip() for o in raw.get("cors_origins", "").split(",") if o.strip()),
-                fold_window=float(raw.get("fold_window", 10.0)),
-                hook_attempts=int(raw.get("hook_attempts", 6)),
-                hook_backoff=float(raw.get("hook_backoff", 0.5)),
-                hook_timeout=float(raw.get("hook_timeout", 5.0)),
-                weights=Path(raw["weights"]) if raw.get("weights") else None,
-                console=_flag(raw.get("console", "1"), "FACEDB_CONSOLE"),
-                log_format=raw.get("log_format", "text").strip().lower(),
-                body_timeout=float(raw.get("body_timeout", 30.0)),
-                auth_failures=int(raw.get("auth_failures", 20)),
-                door_rate=float(raw.get("door_rate", 10.0)),
-                uploads_per_client=int(raw.get("uploads_per_client", 8)),
-                allow_private_hooks=_flag(raw.get("allow_private_hooks", "0"), "FACEDB_ALLOW_PRIVATE_HOOKS"),
-                docs=_flag(raw.get("docs", "0"), "FACEDB_DOCS"),
-                decision_max_pixels=int(raw.get("decision_max_pixels", 16_000_000)),
-                header_timeout=float(raw.get("header_timeout", 10.0)),
-                max_header_kb=float(raw.get("max_header_kb", 32.0)),
-                connections_per_client=int(raw.get("connections_per_client", 32)),
-                forwarded_allow_ips=",".join(a.strip() for a in raw.get("forwarded_allow_ips", "").split(",")
-                                             if a.strip()),
-            )
-        except ValueError as exc:
-            raise InvalidInputError(f"a FACEDB_* service setting is not a number: {exc}") from None
+
+        def num(name: str, default: float, **kw: Any) -> float:  # one strict parser: environment.py
+            return number(cls._ENV[name], default, environ=env, **kw)
+
+        return cls(
+            db=Path(raw.get("db", "facedb-data")),
+            host=raw.get("host", "127.0.0.1"),
+            port=int(num("port", 8000, integer=True)),
+            workers=int(num("workers", 1, integer=True)),
+            max_upload_mb=num("max_upload_mb", DEFAULT_MAX_UPLOAD_MB),
+            cors_origins=tuple(o.strip() for o in raw.get("cors_origins", "").split(",") if o.strip()),
+            fold_window=num("fold_window", 10.0),
+            hook_attempts=int(num("hook_attempts", 6, integer=True)),
+            hook_backoff=num("hook_backoff", 0.5),
+            hook_timeout=num("hook_timeout", 5.0),
+            weights=Path(raw["weights"]) if raw.get("weights") else None,
+            console=_flag(raw.get("console", "1"), "FACEDB_CONSOLE"),
+            log_format=raw.get("log_format", "text").strip().lower(),
+            body_timeout=num("body_timeout", 30.0),
+            auth_failures=int(num("auth_failures", 20, integer=True)),
+            door_rate=num("door_rate", 10.0),
+            uploads_per_client=int(num("uploads_per_client", 8, integer=True)),
+            allow_private_hooks=_flag(raw.get("allow_private_hooks", "0"), "FACEDB_ALLOW_PRIVATE_HOOKS"),
+            docs=_flag(raw.get("docs", "0"), "FACEDB_DOCS"),
+            decision_max_pixels=int(num("decision_max_pixels", 16_000_000, integer=True)),
+            header_timeout=num("header_timeout", 10.0),
+            max_header_kb=num("max_header_kb", 32.0),
+            connections_per_client=int(num("connections_per_client", 32, integer=True)),
+            forwarded_allow_ips=",".join(a.strip() for a in raw.get("forwarded_allow_ips", "").split(",")
+                                         if a.strip()),
+        )
 
     def to_env(self) -> dict[str, str]:
         """The ``FACEDB_*`` variables that give these settings back through :meth:`from_env`."""
