@@ -109,13 +109,13 @@ def locked(path: Path) -> Iterator[None]:
 
 def held_elsewhere(path: Path) -> bool:
     """Whether another open file (another process, or another :func:`locked` block) holds the lock on ``path``
-    now: tried without waiting and let go at once. False when ``path`` does not exist."""
+    now: a shared lock tried without waiting and let go at once. False when ``path`` does not exist."""
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDONLY)  # a read-only replica can look too
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # conflicts with a holder of the lock, not with other lookers
     except BlockingIOError:
         return True
     else:

@@ -386,3 +386,48 @@ def test_a_close_never_writes_its_gallery_over_a_newer_saved_copy(tmp_path, data
     with FaceDB.open(root) as db:
         assert db.settings().index_stamp == saved
         agrees_with_exact(db.identify(probes, k=3), items, probes)
+
+
+def test_load_index_rebuilds_at_start_up_so_no_query_pays_for_it(tmp_path, data, monkeypatch):
+    """A service's start-up (``load_index``) does what a query would put off: a writer killed after taking an
+    ``auto`` gallery past its kind's size left only the old copy, and the door's first query must not build
+    (found by a reviewer: the put-off applied to ``load_index`` too)."""
+    items, probes = data
+    root = tmp_path / "db"
+    monkeypatch.setattr("facedb.gallery.upkeep.auto_kind", lambda n, dim: "flat" if n < 300 else "ivfpq")
+    with FaceDB.create(root, model_id="m", dim=DIM, threshold=0.5, index="auto") as db:
+        db.add_templates_many(items[:60])
+    writer = FaceDB.open(root)
+    writer.add_templates_many(items[60:])
+    writer.close(save_index=False)  # as if killed: the saved copy is the flat one
+    with FaceDB.open(root) as door:
+        assert door.load_index(wait=True).built == "ivfpq"
+        builds = []
+        real_build = door.keeper._build
+        monkeypatch.setattr(door.keeper, "_build", lambda s: builds.append(1) or real_build(s))
+        got = door.identify(probes, k=3)
+        assert builds == []
+    agrees_with_exact(got, items, probes)
+
+
+def test_a_saved_copy_that_fails_to_load_leaves_the_door_answering(tmp_path, data, monkeypatch):
+    """Loading the writer's copy raises (a busy or damaged store read): the query answers from the gallery it
+    had, level with the store, rather than failing the door's request (found by a reviewer)."""
+    items, probes = data
+    root = tmp_path / "db"
+    monkeypatch.setattr("facedb.gallery.upkeep.auto_kind", lambda n, dim: "flat" if n < 300 else "ivfpq")
+    with FaceDB.create(root, model_id="m", dim=DIM, threshold=0.5, index="auto") as db:
+        db.add_templates_many(items[:60])
+    door = FaceDB.open(root)
+    try:
+        door.identify(probes[0])
+        with FaceDB.open(root) as writer:
+            writer.add_templates_many(items[60:])
+        def broken(settings, wait_s):
+            raise OSError("the store is busy")
+        monkeypatch.setattr(door.keeper, "_load_noted", broken)
+        got = door.identify(probes, k=3)
+        assert door.index_state().built == "flat" and door.keeper.gallery is not None
+    finally:
+        door.close(save_index=False)
+    agrees_with_exact(got, items, probes)

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import IndexBehindWarning, IndexUnavailableError, warn_caller
-from ..fsio import locked, remove_stale_temporaries
+from ..fsio import held_elsewhere, locked, remove_stale_temporaries
 from ..records import IndexState
 from . import index_check, rebuilds, standin
 from .index import IndexBackend, IndexPlace, VectorIndex, auto_kind, backend_for
@@ -104,11 +104,8 @@ class IndexKeeper:
         self.stand_in: StandIn | None = None  # answers queries while a remote engine cannot (standin.py)
         self.stand_in_spare: tuple[StandIn, float] | None = None  # the last one, until (monotonic) (standin.py)
         self.opening: EngineOpening | None = None  # an attempt at opening the engine: running, or not yet read
-        # rebuilds.py: the generation a query's rebuild was put off at, the saved copy tried in its place; a copy
-        # that failed to load here (a close may write over it)
-        self._put_off_at: int | None = None
-        self._tried_stamp: tuple[Any, ...] | None = None
-        self._unusable: tuple[Any, ...] | None = None
+        self._tried_stamp: tuple[Any, ...] | None = None  # rebuilds.py: the copy tried instead of a rebuild
+        self._unusable: tuple[Any, ...] | None = None  # a copy that failed to load here
 
     # ------------------------------------------------------------------------------------------------ policy
     @staticmethod
@@ -136,7 +133,7 @@ class IndexKeeper:
         return None
 
     # ------------------------------------------------------------------------------------------- freshness
-    def current(self, settings: Settings) -> Gallery:
+    def current(self, settings: Settings, rebuild_now: bool = False) -> Gallery:
         """The gallery queries answer from, caught up with the store's generation in ``settings`` (rebuilt when
         it must be). While a remote engine cannot answer (loading after a restart, unreachable: it did not open
         within FACEDB_STAND_IN_AFTER_S) and the store's vectors fit the memory budget, that is the **stand-in**,
@@ -144,7 +141,7 @@ class IndexKeeper:
         and ``check`` use the engine itself (:meth:`_current`) and fail while it cannot answer."""
         if self.gallery is None and self._write_through(settings):
             return standin.answer(self, settings)
-        gallery = self._current(settings, query=True)
+        gallery = self._current(settings, query=not rebuild_now)  # load_index: rebuild now, not in a query
         standin.drop(self)
         return gallery
 
@@ -152,6 +149,8 @@ class IndexKeeper:
         """The engine's (or the file's) gallery, caught up with the store's generation in ``settings`` (rebuilt
         when it must be: for a ``query`` see ``rebuilds.py``); a remote engine that does not open within
         ``wait_s`` seconds is an error."""
+        # a query that finds writes it did not make (another process's) puts a rebuild off (rebuilds.py)
+        elsewhere = query and (self.gallery is None or self.gallery.generation != settings.generation)
         if self.gallery is None:
             self.gallery = self._load_noted(settings, wait_s) or self._build(settings)
         elif self.gallery.generation != settings.generation and not self.catch_up(self.gallery):
@@ -162,7 +161,7 @@ class IndexKeeper:
             self._replace(None)
             self.gallery = self._load_noted(settings, wait_s) or self._build(settings)
         if self.rebuild_reason(self.gallery, settings):
-            rebuilds.improve(self, settings, wait_s, query, self.root / LOCK_FILE)
+            rebuilds.improve(self, settings, wait_s, query and (elsewhere or held_elsewhere(self.root / LOCK_FILE)))
         if self._holds_removed and not self.readonly and not self._locked:
             self._holds_removed = False
             self.erase(settings)  # the file holds templates removed since it was saved: erase them now
@@ -474,7 +473,8 @@ class IndexKeeper:
             if self.from_file and 0 <= behind < SAVE_EVERY:
                 return
             # a copy as new or newer, saved by another process, is never written over (a stopped service did that)
-            if behind <= 0 and self._stamp_matches(stamp, settings) and rebuilds.stamp_key(stamp) != self._unusable:
+            if behind <= 0 and self._stamp_matches(stamp, settings) and rebuilds.stamp_key(stamp) != self._unusable \
+                    and self.backend(str(stamp.get("kind"))).persisted_bytes(self.place) > 0:
                 return
         try:
             with self._lock():

@@ -94,7 +94,7 @@ def load_index(db: FaceDB, wait: bool) -> IndexState:
     at start-up, so that its first query does not pay for it). ``wait``: also wait until the exact re-scoring
     vectors are in memory (kinds that do not keep them read the store until then; ``gallery/vectors.py``)."""
     with db._lock:
-        vectors = db.keeper.current(db.settings()).vectors
+        vectors = db.keeper.current(db.settings(), rebuild_now=True).vectors
     if wait and vectors is not None:
         vectors.wait()
     return db.index_state()
