@@ -79,6 +79,22 @@ def no_store_reads(monkeypatch):
     monkeypatch.setattr(Store, "stream_templates", refuse)
 
 
+def auto_gallery_of_240(root, items, monkeypatch):
+    """An ``auto`` database of 60 people (240 templates), with ``auto`` picking flat below 300 templates and
+    ivfpq from there (50,000 in the product), so that a few more people move it to another kind."""
+    monkeypatch.setattr("facedb.gallery.upkeep.auto_kind", lambda n, dim: "flat" if n < 300 else "ivfpq")
+    with FaceDB.create(root, model_id="m", dim=DIM, threshold=0.5, index="auto") as db:
+        db.add_templates_many(items[:60])
+
+
+def count_builds(door, monkeypatch) -> list[int]:
+    """A list that grows by one at each index build of ``door``'s own (not of another process's close)."""
+    builds: list[int] = []
+    real_build = door.keeper._build
+    monkeypatch.setattr(door.keeper, "_build", lambda s: builds.append(1) or real_build(s))
+    return builds
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_writer_leaves_index_and_reopen_answers_as_rebuilt_and_exact(tmp_path, data, kind, monkeypatch):
     items, probes = data
@@ -318,9 +334,7 @@ def test_a_running_process_left_behind_by_a_bulk_import_loads_the_writers_copy(t
             writer.add_templates_many(items[20:])
         with FaceDB.open(root) as other:
             assert other.store.changes_since(behind) is None  # the log no longer reaches the door's copy
-        builds = []
-        real_build = door.keeper._build  # the door's own builds only (the writer's close builds its copy)
-        monkeypatch.setattr(door.keeper, "_build", lambda s: builds.append(1) or real_build(s))
+        builds = count_builds(door, monkeypatch)
         got = door.identify(probes, k=3)
         door.load_index(wait=True)
         assert builds == [] and door.index_state().from_file
@@ -336,16 +350,12 @@ def test_a_door_keeps_answering_while_an_import_moves_auto_to_another_kind(tmp_p
     take the copy the writer saved at its close; the door's own close leaves that copy alone."""
     items, probes = data
     root = tmp_path / "db"
-    monkeypatch.setattr("facedb.gallery.upkeep.auto_kind", lambda n, dim: "flat" if n < 300 else "ivfpq")
-    with FaceDB.create(root, model_id="m", dim=DIM, threshold=0.5, index="auto") as db:
-        db.add_templates_many(items[:60])  # 240 templates: flat
+    auto_gallery_of_240(root, items, monkeypatch)
     door = FaceDB.open(root)
     try:
         door.identify(probes[0])
         assert door.index_state().built == "flat"
-        builds = []
-        real_build = door.keeper._build  # the door's own builds only (the writer's close builds its copy)
-        monkeypatch.setattr(door.keeper, "_build", lambda s: builds.append(1) or real_build(s))
+        builds = count_builds(door, monkeypatch)
         writer = FaceDB.open(root)
         writer.add_templates_many(items[60:])  # 600 templates: auto now wants ivfpq; the writer has not closed
         during = door.identify(probes, k=3)
@@ -394,17 +404,13 @@ def test_load_index_rebuilds_at_start_up_so_no_query_pays_for_it(tmp_path, data,
     (found by a reviewer: the put-off applied to ``load_index`` too)."""
     items, probes = data
     root = tmp_path / "db"
-    monkeypatch.setattr("facedb.gallery.upkeep.auto_kind", lambda n, dim: "flat" if n < 300 else "ivfpq")
-    with FaceDB.create(root, model_id="m", dim=DIM, threshold=0.5, index="auto") as db:
-        db.add_templates_many(items[:60])
+    auto_gallery_of_240(root, items, monkeypatch)
     writer = FaceDB.open(root)
     writer.add_templates_many(items[60:])
     writer.close(save_index=False)  # as if killed: the saved copy is the flat one
     with FaceDB.open(root) as door:
         assert door.load_index(wait=True).built == "ivfpq"
-        builds = []
-        real_build = door.keeper._build
-        monkeypatch.setattr(door.keeper, "_build", lambda s: builds.append(1) or real_build(s))
+        builds = count_builds(door, monkeypatch)
         got = door.identify(probes, k=3)
         assert builds == []
     agrees_with_exact(got, items, probes)
@@ -415,9 +421,7 @@ def test_a_saved_copy_that_fails_to_load_leaves_the_door_answering(tmp_path, dat
     had, level with the store, rather than failing the door's request (found by a reviewer)."""
     items, probes = data
     root = tmp_path / "db"
-    monkeypatch.setattr("facedb.gallery.upkeep.auto_kind", lambda n, dim: "flat" if n < 300 else "ivfpq")
-    with FaceDB.create(root, model_id="m", dim=DIM, threshold=0.5, index="auto") as db:
-        db.add_templates_many(items[:60])
+    auto_gallery_of_240(root, items, monkeypatch)
     door = FaceDB.open(root)
     try:
         door.identify(probes[0])
