@@ -27,16 +27,29 @@ def stamp_key(stamp: dict[str, Any] | None) -> tuple[Any, ...] | None:
     return (stamp.get("kind"), stamp.get("generation"), stamp.get("sha256"), stamp.get("file_id"), stamp.get("count"))
 
 
-def improve(keeper: IndexKeeper, settings: Settings, wait_s: float, put_off: bool) -> None:
-    """``keeper``'s gallery should be rebuilt: a saved copy that would not be (the one a writer saved at its
-    close, after the writes that caused this) is taken instead, once; else, with ``put_off`` (a query that
-    found another process's writes, or the index lock held elsewhere), the rebuild waits; else it is made."""
+def outgrown(kind: str, trained: object, n: int, wanted: str) -> str | None:
+    """Why an index of ``kind`` (trained on ``trained`` templates, or None) no longer suits a gallery of ``n``
+    for which ``wanted`` is the kind to build: ``retrain`` (an IVF past 4x its training), ``kind``, or None.
+    The one rule for the index in memory (``IndexKeeper.rebuild_reason``) and a saved copy's stamp."""
+    if trained is not None and n > 4 * max(int(trained), 256):  # type: ignore[call-overload]
+        return "retrain"
+    # auto's ivf (its choice in earlier releases) and ivfpq are equally good: no rebuild for that alone
+    if wanted != kind and {wanted, kind} != {"ivf", "ivfpq"}:
+        return "kind"
+    return None
+
+
+def improve(keeper: IndexKeeper, settings: Settings, wait_s: float, reason: str, put_off: bool) -> None:
+    """``keeper``'s gallery should be rebuilt (``reason``: ``rebuild_reason``'s): a saved copy that would not be
+    (the one a writer saved at its close, after the writes that caused this) is taken instead, once; else, with
+    ``put_off`` (a query that found another process's writes, or the index lock held elsewhere), the rebuild
+    waits; else it is made."""
     stamp = settings.index_stamp
     key = stamp_key(stamp)
     held = keeper.gallery
     assert held is not None
     # a stamp tells a copy's kind and training, not its tombstones: for those, a rebuild
-    wants_other = keeper.rebuild_reason(held, settings) in ("kind", "retrain")
+    wants_other = reason in ("kind", "retrain")
     if wants_other and key is not None and key != keeper._tried_stamp and saved_copy_fits(keeper, stamp, settings):
         keeper._tried_stamp = key
         # The gallery held answers on if the copy cannot be used (both are in memory while it loads), with the
@@ -65,8 +78,5 @@ def saved_copy_fits(keeper: IndexKeeper, stamp: dict[str, Any] | None, settings:
     if not stamp or not keeper._stamp_matches(stamp, settings) or keeper.gallery is None:
         return False
     n = int(stamp.get("live", len(keeper.gallery)))
-    kind, wanted = str(stamp.get("kind")), keeper.kind_for(settings, n)
-    if kind != wanted and {kind, wanted} != {"ivf", "ivfpq"}:
-        return False
     trained = (stamp.get("params") or {}).get("trained_on")
-    return trained is None or n <= 4 * max(int(trained), 256)
+    return outgrown(str(stamp.get("kind")), trained, n, keeper.kind_for(settings, n)) is None

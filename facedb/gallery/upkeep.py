@@ -123,14 +123,8 @@ class IndexKeeper:
         dead = gallery.index.tombstones
         if dead and dead > max(64, TOMBSTONE_LIMIT * len(gallery.index)):
             return "tombstones"
-        trained = gallery.index.params.get("trained_on")
-        if trained is not None and n > 4 * max(int(trained), 256):
-            return "retrain"
-        wanted = self.kind_for(settings, n)
-        # auto's ivf (its choice in earlier releases) and ivfpq are equally good: no rebuild for that alone
-        if wanted != gallery.index.kind and {wanted, gallery.index.kind} != {"ivf", "ivfpq"}:
-            return "kind"
-        return None
+        return rebuilds.outgrown(gallery.index.kind, gallery.index.params.get("trained_on"), n,
+                                 self.kind_for(settings, n))
 
     # ------------------------------------------------------------------------------------------- freshness
     def current(self, settings: Settings, rebuild_now: bool = False) -> Gallery:
@@ -160,8 +154,10 @@ class IndexKeeper:
             # The old gallery goes first (it cannot be caught up): not two indexes in memory at once.
             self._replace(None)
             self.gallery = self._load_noted(settings, wait_s) or self._build(settings)
-        if self.rebuild_reason(self.gallery, settings):
-            rebuilds.improve(self, settings, wait_s, query and (elsewhere or held_elsewhere(self.root / LOCK_FILE)))
+        reason = self.rebuild_reason(self.gallery, settings)
+        if reason:
+            rebuilds.improve(self, settings, wait_s, reason,
+                             query and (elsewhere or held_elsewhere(self.root / LOCK_FILE)))
         if self._holds_removed and not self.readonly and not self._locked:
             self._holds_removed = False
             self.erase(settings)  # the file holds templates removed since it was saved: erase them now
